@@ -1,0 +1,261 @@
+"""The node's YAML configuration: read and validated once, at start.
+
+Every key, its type and its default live here and in ``config/node.yaml``, which
+documents them for admins. The key names are the admin-facing interface: never
+rename one. Loading returns typed, frozen objects; an unknown key, a wrong type
+or a bad value raises :class:`ConfigError` with the key path and the value.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names key and value."""
+
+
+def _check_ae_title(value: str) -> str:
+    # PS3.5 6.2: AE is 16 characters at most, no backslash or control characters,
+    # and leading/trailing spaces are not significant.
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("an AE title must not be empty")
+    if len(stripped) > 16:
+        raise ValueError(f"an AE title has at most 16 characters, this one has {len(stripped)}")
+    if "\\" in stripped or any(ord(c) < 32 or ord(c) > 126 for c in stripped):
+        raise ValueError("an AE title holds printable ASCII characters only, no backslash")
+    return stripped
+
+
+def _check_pattern(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from exc
+    return value
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Pattern = Annotated[str, AfterValidator(_check_pattern)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Section(BaseModel):
+    # strict: "8" is not an int and 1 is not a string; extra="forbid": typos fail loudly.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class NodeSection(_Section):
+    """``node``: how the node presents itself on the network."""
+
+    ae_title: AETitle = "ICH_NODE"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    max_associations: Annotated[int, Field(ge=1, le=1000)] = 8
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+
+
+class Caller(_Section):
+    """One entry of ``callers``: a modality or PACS allowed to send to the node."""
+
+    ae_title: AETitle
+    host: str | None = None
+
+
+class Destination(_Section):
+    """One entry of ``destinations``: where results are sent (C-STORE SCU)."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    ae_title: AETitle
+    host: Annotated[str, Field(min_length=1)]
+    port: Port
+
+
+class SeriesSection(_Section):
+    """``series``: when a series is complete and which series are read."""
+
+    stable_seconds: Annotated[float, Field(ge=0, le=86400)] = 30.0
+    min_slices: Annotated[int, Field(ge=1)] = 10
+    max_tilt_degrees: Annotated[float, Field(ge=0, le=45)] = 30.0
+    modalities: tuple[str, ...] = ("CT",)
+    # Empty pattern lists accept everything: real head CTs often lack BodyPartExamined.
+    body_part_patterns: tuple[Pattern, ...] = ()
+    study_description_patterns: tuple[Pattern, ...] = ()
+    series_description_patterns: tuple[Pattern, ...] = ()
+    exclude_description_patterns: tuple[Pattern, ...] = (
+        r"(?i)\b(scout|localizer|topogram|surview|dose report)\b",
+    )
+
+
+class ModelSection(_Section):
+    """``model``: the bundle the worker serves and where it runs."""
+
+    bundle: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: Annotated[int, Field(ge=1, le=1024)] = 16
+
+    @field_validator("bundle", mode="before")
+    @classmethod
+    def _path(cls, value: Any) -> Any:
+        return Path(value) if isinstance(value, str) else value
+
+
+class ResultsSection(_Section):
+    """``results``: which DICOM objects the node sends back."""
+
+    heatmaps: Literal["positive", "all", "none"] = "positive"
+    negative_top_slices: Annotated[int, Field(ge=0, le=50)] = 0
+    parametric_map: bool = False
+
+
+class QueueSection(_Section):
+    """``queue``: leases and retries of reading jobs."""
+
+    lease_seconds: Annotated[float, Field(gt=0)] = 600.0
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    retry_base_seconds: Annotated[float, Field(ge=0)] = 10.0
+
+
+class SenderSection(_Section):
+    """``sender``: delivery of results to the destinations."""
+
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 8
+    backoff_base_seconds: Annotated[float, Field(ge=0)] = 5.0
+    backoff_max_seconds: Annotated[float, Field(ge=0)] = 600.0
+    timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+
+
+class StorageSection(_Section):
+    """``storage``: the spool, the SQLite store and the outbox."""
+
+    dir: Path = Path("/var/lib/ich-node")
+    keep_hours: Annotated[float, Field(gt=0)] = 168.0
+    min_free_mb: Annotated[int, Field(ge=0)] = 1024
+
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _path(cls, value: Any) -> Any:
+        return Path(value) if isinstance(value, str) else value
+
+
+class LoggingSection(_Section):
+    """``logging``: structlog output."""
+
+    format: Literal["json", "console"] = "json"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class NodeConfig(_Section):
+    """The whole configuration file; each part of the node receives its own section."""
+
+    node: NodeSection = NodeSection()
+    callers: tuple[Caller, ...] = ()
+    destinations: tuple[Destination, ...] = ()
+    series: SeriesSection = SeriesSection()
+    model: ModelSection = ModelSection()
+    results: ResultsSection = ResultsSection()
+    queue: QueueSection = QueueSection()
+    sender: SenderSection = SenderSection()
+    storage: StorageSection = StorageSection()
+    logging: LoggingSection = LoggingSection()
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, value: tuple[Destination, ...]) -> tuple[Destination, ...]:
+        names = [d.name for d in value]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"destination name {name!r} is used more than once")
+        return value
+
+
+def _describe(error: dict[str, Any]) -> str:
+    path = ""
+    for part in error["loc"]:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    path = path or "(top level)"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        return f"{path}: unknown key (value {error['input']!r}); see config/node.yaml for the keys"
+    if error["type"] == "missing":
+        return f"{path}: required key is missing"
+    return f"{path}: {message} (got {error['input']!r})"
+
+
+def parse_config(data: Any, *, source: str = "<config>") -> NodeConfig:
+    """Validate an already-parsed YAML document.
+
+    Parameters
+    ----------
+    data
+        The mapping read from YAML (``None`` for an empty file gives the defaults).
+    source
+        Where it came from, for the error message.
+
+    Raises
+    ------
+    ConfigError
+        Naming each offending key path and its value.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {data!r}")
+    # YAML lists arrive as lists; the frozen model keeps tuples (strict mode accepts only
+    # tuples for them), so convert before validating.
+    try:
+        return NodeConfig.model_validate(_lists_to_tuples(data))
+    except ValidationError as exc:
+        lines = [_describe(dict(err)) for err in exc.errors()]
+        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def _lists_to_tuples(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _lists_to_tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_lists_to_tuples(v) for v in value)
+    return value
+
+
+def load_config(path: Path | str) -> NodeConfig:
+    """Read and validate a YAML configuration file.
+
+    Relative paths in ``model.bundle`` and ``storage.dir`` are resolved against the
+    file's folder, so a config works from any working directory.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    config = parse_config(data, source=str(path))
+    base = path.resolve().parent
+    updates: dict[str, Any] = {}
+    if config.model.bundle is not None and not config.model.bundle.is_absolute():
+        updates["model"] = config.model.model_copy(update={"bundle": base / config.model.bundle})
+    if not config.storage.dir.is_absolute():
+        updates["storage"] = config.storage.model_copy(update={"dir": base / config.storage.dir})
+    return config.model_copy(update=updates) if updates else config

@@ -1,0 +1,197 @@
+"""Findings of one series: the numbers every output (JSON, SR, heatmaps) is built from.
+
+``findings.json`` is a stable interface (scripts and the SR depend on it)::
+
+    {
+      "study_instance_uid": "...", "series_instance_uid": "...", "n_slices": 32,
+      "model": {"name", "version", "arch", "sha256", "demo"},
+      "notice": "AI result for triage support, not a diagnosis. ...",
+      "series": {"any": {"probability": 0.97, "positive": true, "threshold": 0.5}, ...},
+      "slices": [{"sop_instance_uid", "position_mm", "probabilities": {"any": ...}}, ...]
+    }
+
+Slices are in spatial order, inferior to superior. A series-level probability is the
+maximum over slices (a bleed on any slice makes the series positive).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from ich_node.labels import LABELS
+
+NOTICE: Final = "AI result for triage support, not a diagnosis."
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """The model that produced a finding."""
+
+    name: str
+    version: str
+    arch: str
+    sha256: str
+    demo: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LabelFinding:
+    """Series-level result for one label."""
+
+    probability: float
+    positive: bool
+    threshold: float
+
+
+@dataclass(frozen=True, slots=True)
+class SliceFinding:
+    """Per-slice probabilities, keyed by label."""
+
+    sop_instance_uid: str
+    position_mm: float
+    probabilities: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesFindings:
+    """Everything the classifier says about one series."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    model: ModelInfo
+    series: dict[str, LabelFinding]
+    slices: tuple[SliceFinding, ...]
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.slices)
+
+    @property
+    def positive_labels(self) -> tuple[str, ...]:
+        return tuple(label for label in LABELS if self.series[label].positive)
+
+    @property
+    def notice(self) -> str:
+        if self.model.demo:
+            return f"{NOTICE} DEMO model trained on synthetic data - not for clinical use."
+        return NOTICE
+
+    def slice_probabilities(self) -> np.ndarray:
+        """(S, 6) float32 per-slice probabilities in :data:`LABELS` order."""
+        return np.array(
+            [[s.probabilities[label] for label in LABELS] for s in self.slices], dtype=np.float32
+        ).reshape(len(self.slices), len(LABELS))
+
+    def positive_slices(self, label: str) -> tuple[int, ...]:
+        """Indices of slices whose probability for ``label`` reaches the threshold."""
+        threshold = self.series[label].threshold
+        return tuple(
+            i for i, s in enumerate(self.slices) if s.probabilities[label] >= threshold
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "study_instance_uid": self.study_instance_uid,
+            "series_instance_uid": self.series_instance_uid,
+            "n_slices": self.n_slices,
+            "model": {
+                "name": self.model.name,
+                "version": self.model.version,
+                "arch": self.model.arch,
+                "sha256": self.model.sha256,
+                "demo": self.model.demo,
+            },
+            "notice": self.notice,
+            "series": {
+                label: {
+                    "probability": self.series[label].probability,
+                    "positive": self.series[label].positive,
+                    "threshold": self.series[label].threshold,
+                }
+                for label in LABELS
+            },
+            "slices": [
+                {
+                    "sop_instance_uid": s.sop_instance_uid,
+                    "position_mm": s.position_mm,
+                    "probabilities": {label: s.probabilities[label] for label in LABELS},
+                }
+                for s in self.slices
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SeriesFindings:
+        return cls(
+            study_instance_uid=data["study_instance_uid"],
+            series_instance_uid=data["series_instance_uid"],
+            model=ModelInfo(**data["model"]),
+            series={label: LabelFinding(**data["series"][label]) for label in LABELS},
+            slices=tuple(
+                SliceFinding(
+                    sop_instance_uid=s["sop_instance_uid"],
+                    position_mm=float(s["position_mm"]),
+                    probabilities={k: float(v) for k, v in s["probabilities"].items()},
+                )
+                for s in data["slices"]
+            ),
+        )
+
+
+def summarise(
+    *,
+    study_instance_uid: str,
+    series_instance_uid: str,
+    sop_instance_uids: tuple[str, ...],
+    positions_mm: tuple[float, ...],
+    probabilities: np.ndarray,
+    thresholds: dict[str, float],
+    model: ModelInfo,
+) -> SeriesFindings:
+    """Build findings from (S, 6) float per-slice probabilities in :data:`LABELS` order."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if probabilities.shape != (len(sop_instance_uids), len(LABELS)):
+        raise ValueError(
+            f"probabilities must have shape ({len(sop_instance_uids)}, {len(LABELS)}), "
+            f"got {probabilities.shape}"
+        )
+    series: dict[str, LabelFinding] = {}
+    for j, label in enumerate(LABELS):
+        # Rounded once, here, so JSON, SR and heatmaps all show the very same number.
+        p = round(float(probabilities[:, j].max()), 6) if len(probabilities) else 0.0
+        series[label] = LabelFinding(
+            probability=p, positive=p >= thresholds[label], threshold=thresholds[label]
+        )
+    slices = tuple(
+        SliceFinding(
+            sop_instance_uid=uid,
+            position_mm=round(float(pos), 3),
+            probabilities={label: round(float(row[j]), 6) for j, label in enumerate(LABELS)},
+        )
+        for uid, pos, row in zip(sop_instance_uids, positions_mm, probabilities, strict=True)
+    )
+    return SeriesFindings(study_instance_uid, series_instance_uid, model, series, slices)
+
+
+def write_findings(path: Path, findings: SeriesFindings) -> None:
+    """Write ``findings.json`` atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(findings.to_dict(), handle, indent=2)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def read_findings(path: Path) -> SeriesFindings:
+    """Read a ``findings.json`` written by :func:`write_findings`."""
+    return SeriesFindings.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
