@@ -91,9 +91,7 @@ class SeriesFindings:
     def positive_slices(self, label: str) -> tuple[int, ...]:
         """Indices of slices whose probability for ``label`` reaches the threshold."""
         threshold = self.series[label].threshold
-        return tuple(
-            i for i, s in enumerate(self.slices) if s.probabilities[label] >= threshold
-        )
+        return tuple(i for i, s in enumerate(self.slices) if s.probabilities[label] >= threshold)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -31,4 +31,6 @@ RSNA_ORDER: Final[tuple[str, ...]] = (
 )
 
 #: RSNA 2019 weighted log loss: ``any`` counts double.
-RSNA_WEIGHTS: Final[dict[str, float]] = {label: (2.0 if label == "any" else 1.0) for label in LABELS}
+RSNA_WEIGHTS: Final[dict[str, float]] = {
+    label: (2.0 if label == "any" else 1.0) for label in LABELS
+}

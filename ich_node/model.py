@@ -47,7 +47,7 @@ def pretrained_help(arch: str) -> str:
     name = _WEIGHTS_HELP.get(arch, f"the torchvision ImageNet weights of {arch}")
     return (
         f"ich-node never downloads weights. On a machine with internet, save {name} as a "
-        "file, e.g. `python -c \"import torch, torchvision; m = torchvision.models."
+        'file, e.g. `python -c "import torch, torchvision; m = torchvision.models.'
         f"{arch}(weights='DEFAULT'); torch.save(m.state_dict(), '{arch}-imagenet.pth')\"`, "
         "copy the file here and pass it with --pretrained PATH."
     )
@@ -71,9 +71,12 @@ class ICHClassifier(nn.Module):
                 f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}",
             )
         self.arch = arch
-        self.backbone = ARCHITECTURES[arch](weights=None)
-        in_features = self.backbone.fc.in_features
-        self.backbone.fc = nn.Linear(in_features, num_labels)
+        self.backbone: torchvision.models.ResNet = ARCHITECTURES[arch](weights=None)
+        head = self.backbone.fc
+        assert isinstance(head, nn.Linear)
+        self.backbone.fc = nn.Linear(head.in_features, num_labels)
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1))
 
@@ -84,7 +87,8 @@ class ICHClassifier(nn.Module):
     @property
     def target_layer(self) -> nn.Module:
         """The last convolutional stage, where Grad-CAM looks (all ResNet-family nets)."""
-        return self.backbone.layer4[-1]
+        layer: nn.Module = self.backbone.layer4[-1]
+        return layer
 
 
 def load_imagenet_weights(model: ICHClassifier, path: Path) -> None:
@@ -114,12 +118,19 @@ def load_imagenet_weights(model: ICHClassifier, path: Path) -> None:
     if not isinstance(state, dict):
         raise PretrainedWeightsError(f"--pretrained {path}: not a state dict")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even when strict=False
+        detail = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        raise PretrainedWeightsError(
+            f"--pretrained {path}: does not fit {model.arch} ({detail}). "
+            f"{pretrained_help(model.arch)}"
+        ) from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise PretrainedWeightsError(
             f"--pretrained {path}: does not fit {model.arch} "
-            f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...). "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}). "
             f"{pretrained_help(model.arch)}"
         )
 

@@ -1,0 +1,245 @@
+"""``ich-node``: the node's command line.
+
+Commands and flags are a stable interface (admins' scripts call them)::
+
+    ich-node check-config PATH
+    ich-node predict --bundle B --out DIR [--device D] [--batch-size N] [--heatmaps H] INPUT...
+    ich-node serve   --config PATH
+    ich-node status  --config PATH [--json]
+    ich-node health  --config PATH
+    ich-node resend  --config PATH JOB
+    ich-node bundle-info BUNDLE
+
+Exit codes: 0 success, 1 a run that failed for some inputs, 2 bad usage or
+configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ich_node import __version__
+from ich_node.config import ConfigError, NodeConfig, load_config
+from ich_node.labels import LABELS
+
+if TYPE_CHECKING:
+    from ich_node.findings import SeriesFindings
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _config_or_exit(path: Path) -> NodeConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"ich-node: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate a configuration file; 0 when valid, 2 with the reason otherwise."""
+    try:
+        config = load_config(args.path)
+    except ConfigError as exc:
+        print(f"ich-node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    bundle = config.model.bundle
+    print(f"{args.path}: OK (node {config.node.ae_title} on {config.node.host}:{config.node.port},")
+    print(f"  {len(config.callers)} caller(s), {len(config.destinations)} destination(s),")
+    print(f"  model bundle {bundle if bundle else '(not set: serve needs model.bundle)'})")
+    return EXIT_OK
+
+
+def _safe_name(uid: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", uid) or "series"
+
+
+def format_findings_table(rows: Sequence[SeriesFindings]) -> str:
+    """A plain-text table: one row per series, the probability of each label (* = positive)."""
+    header = ["series", "slices", *LABELS]
+    lines = [header]
+    for findings in rows:
+        uid = findings.series_instance_uid
+        short = uid if len(uid) <= 24 else "..." + uid[-21:]
+        cells = [short, str(findings.n_slices)]
+        for label in LABELS:
+            result = findings.series[label]
+            cells.append(f"{result.probability:.2f}{'*' if result.positive else ' '}")
+        lines.append(cells)
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in lines
+    )
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Classify every CT series found under the inputs; write findings (and DICOM results)."""
+    from tqdm import tqdm
+
+    from ich_node.bundle import BundleError, load_bundle
+    from ich_node.findings import write_findings
+    from ich_node.imaging import ImagingError, group_series, read_series
+    from ich_node.inference import Classifier
+    from ich_node.results import ResultOptions, ResultsSkipped, build_results, write_results
+
+    try:
+        bundle = load_bundle(args.bundle)
+        classifier = Classifier(bundle, device=args.device, batch_size=args.batch_size)
+    except (BundleError, ValueError) as exc:
+        print(f"ich-node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        groups = group_series(args.inputs)
+    except ImagingError as exc:
+        print(f"ich-node: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if not groups:
+        print("ich-node: no DICOM files found in the inputs", file=sys.stderr)
+        return EXIT_FAILED
+    if bundle.card.demo:
+        print(f"NOTE: {bundle.card.display_name}", file=sys.stderr)
+    options = ResultOptions(heatmaps=args.heatmaps)
+    done: list[SeriesFindings] = []
+    failures = 0
+    progress = tqdm(groups.items(), unit="series", disable=not sys.stderr.isatty())
+    for uid, paths in progress:
+        try:
+            series = read_series(paths)
+            prediction = classifier.predict_series(series)
+        except ImagingError as exc:
+            failures += 1
+            tqdm.write(f"ich-node: series {uid}: {exc}", file=sys.stderr)
+            continue
+        out_dir = Path(args.out) / _safe_name(series.series_instance_uid)
+        write_findings(out_dir / "findings.json", prediction.findings)
+        done.append(prediction.findings)
+        if not args.no_dicom:
+            try:
+                results = build_results(prediction, classifier, options)
+            except ResultsSkipped as exc:
+                tqdm.write(
+                    f"ich-node: series {uid}: findings.json written; DICOM results skipped: "
+                    f"{exc.reason}",
+                    file=sys.stderr,
+                )
+                continue
+            write_results(results, out_dir)
+    if done:
+        print(format_findings_table(done))
+        print(f"(* = positive at the bundle's threshold; {done[0].notice})")
+        print(f"Results in {args.out}")
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def cmd_bundle_info(args: argparse.Namespace) -> int:
+    """Print a bundle's model card after verifying the weights."""
+    from ich_node.bundle import BundleError, load_bundle
+
+    try:
+        bundle = load_bundle(args.bundle)
+    except BundleError as exc:
+        print(f"ich-node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(json.loads(bundle.card.to_json()), indent=2))
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _config_or_exit(args.config)
+    from ich_node.log import configure_logging
+    from ich_node.service import serve
+
+    configure_logging(config.logging.format, config.logging.level)
+    return serve(config)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _config_or_exit(args.config)
+    from ich_node.ops import status
+
+    return status(config, as_json=args.json)
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    config = _config_or_exit(args.config)
+    from ich_node.ops import health
+
+    return health(config)
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    config = _config_or_exit(args.config)
+    from ich_node.ops import resend
+
+    return resend(config, args.job)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ich-node",
+        description="AI DICOM node that flags intracranial hemorrhage on head CT. "
+        "Its results are AI results for triage support, not a diagnosis.",
+    )
+    parser.add_argument("--version", action="version", version=f"ich-node {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check-config", help="validate a node configuration file")
+    p.add_argument("path", type=Path, metavar="PATH")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("predict", help="classify CT series from files or folders, offline")
+    p.add_argument("--bundle", type=Path, required=True, help="model bundle (.safetensors)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--heatmaps",
+        choices=("positive", "all", "none"),
+        default="positive",
+        help="which slices get a heatmap image (default: positive)",
+    )
+    p.add_argument(
+        "--no-dicom", action="store_true", help="write findings.json only, no SR or heatmaps"
+    )
+    p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="DICOM files or folders")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bundle-info", help="verify a model bundle and print its model card")
+    p.add_argument("bundle", type=Path, metavar="BUNDLE")
+    p.set_defaults(func=cmd_bundle_info)
+
+    for name, func, text in (
+        ("serve", cmd_serve, "run the DICOM node until SIGTERM/SIGINT"),
+        ("status", cmd_status, "counts per state, oldest waiting job, recent failures"),
+        ("health", cmd_health, "exit 0 when the listener answers C-ECHO and workers live"),
+        ("resend", cmd_resend, "send a parked job's results again"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", type=Path, required=True, metavar="PATH")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "resend":
+            p.add_argument("job", metavar="JOB", help="job id (see `ich-node status`)")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "batch_size", 1) < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Shared fixtures: free ports, tiny bundles, phantom series, real scanner files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _real_ct_dir() -> Path:
+    env = os.environ.get("ICH_REAL_CT")
+    return Path(env) if env else REPO.parent / "shared" / "real-ct"
+
+
+@pytest.fixture(scope="session")
+def real_ct() -> Path:
+    """The folder of real head-CT files (``../shared/real-ct``); skips when absent."""
+    path = _real_ct_dir()
+    if not path.is_dir():
+        pytest.skip(f"real CT files not present at {path}")
+    return path
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def dcmtk(tool: str) -> str:
+    """Path of a DCMTK/dicom3tools binary, skipping the test when it is not installed.
+
+    pynetdicom installs apps named like DCMTK's (``storescu``...) into the venv's bin;
+    the real DCMTK lives in the system folders, so look there first.
+    """
+    for folder in ("/usr/bin", "/usr/local/bin"):
+        candidate = Path(folder) / tool
+        if candidate.is_file():
+            return str(candidate)
+    found = shutil.which(tool)
+    if found is None or ".venv" in found:
+        pytest.skip(f"{tool} is not installed (apt-get install dcmtk dicom3tools)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised resnet18 bundle at 64x64 input (fast on a CPU)."""
+    import torch
+
+    from ich_node.bundle import ModelCard, save_bundle
+    from ich_node.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18")
+    card = ModelCard(
+        name="ich-node test model",
+        version="0.0.0-test",
+        arch="resnet18",
+        input_size=64,
+        demo=True,
+        training_data="none: random weights for tests",
+    )
+    path = tmp_path_factory.mktemp("bundle") / "model.safetensors"
+    save_bundle(path, model, card)
+    return path
+
+
+@pytest.fixture
+def phantom_series(tmp_path: Path) -> Iterator[object]:
+    """One small phantom head CT series (16 slices, 256x256) with a subdural hematoma."""
+    from training.phantom import write_series
+
+    yield write_series(tmp_path / "series", seed=7, subtypes=("subdural",), n_slices=16, matrix=256)

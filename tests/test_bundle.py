@@ -1,0 +1,148 @@
+"""Model factory and bundle: architectures, local ImageNet weights, verification."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ich_node.bundle import BundleError, ModelCard, load_bundle, read_card, save_bundle
+from ich_node.cli import main
+from ich_node.imaging import DEFAULT_WINDOWS
+from ich_node.labels import LABELS
+from ich_node.model import PretrainedWeightsError, build_model
+
+
+def _card(**changes: object) -> ModelCard:
+    card = ModelCard(name="test", version="1.2.3", arch="resnet18", input_size=64)
+    return replace(card, **changes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnext101_32x8d"])
+def test_architectures_give_six_logits(arch: str) -> None:
+    model = build_model(arch).eval()
+    with torch.inference_mode():
+        out = model(torch.rand(2, 3, 64, 64))
+    assert out.shape == (2, len(LABELS))
+    assert model.target_layer is model.backbone.layer4[-1]
+
+
+def test_unknown_architecture_is_refused() -> None:
+    with pytest.raises(ValueError, match="arch must be one of"):
+        build_model("vgg16")
+
+
+def test_pretrained_weights_from_a_local_torchvision_file(tmp_path: Path) -> None:
+    import torchvision
+
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model("resnet18", pretrained=path)
+    assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
+    assert torch.equal(model.backbone.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    assert model.backbone.fc.out_features == len(LABELS)
+
+
+def test_missing_or_wrong_pretrained_file_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(PretrainedWeightsError, match="never downloads weights") as info:
+        build_model("resnext101_32x8d", pretrained=tmp_path / "absent.pth")
+    assert "--pretrained" in str(info.value) and "resnext101_32x8d" in str(info.value)
+    import torchvision
+
+    other = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), other)
+    with pytest.raises(PretrainedWeightsError, match="does not fit resnet18"):
+        build_model("resnet18", pretrained=other)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a state dict")
+    with pytest.raises(PretrainedWeightsError, match="cannot read"):
+        build_model("resnet18", pretrained=junk)
+
+
+def test_bundle_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = build_model("resnet18").eval()
+    thresholds = {label: 0.3 + 0.05 * i for i, label in enumerate(LABELS)}
+    card = save_bundle(
+        tmp_path / "m.safetensors",
+        model,
+        _card(thresholds=thresholds, demo=True, metrics={"auc": {"any": 0.9}}),
+    )
+    assert len(card.sha256) == 64
+    bundle = load_bundle(tmp_path / "m.safetensors")
+    assert bundle.card == card
+    assert bundle.card.windows == DEFAULT_WINDOWS
+    assert bundle.card.thresholds == thresholds
+    assert "DEMO" in bundle.card.display_name
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(bundle.model(x), model(x))
+    assert read_card(tmp_path / "m.safetensors") == card
+
+
+def _tamper(path: Path) -> None:
+    """Flip one byte of the tensor data (after the JSON header)."""
+    data = bytearray(path.read_bytes())
+    (header_len,) = struct.unpack("<Q", data[:8])
+    data[8 + header_len + 1000] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_tampered_weights_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_bundle(path, build_model("resnet18"), _card())
+    _tamper(path)
+    with pytest.raises(BundleError, match=r"SHA-256 .* does not match"):
+        load_bundle(path)
+
+
+def test_tampered_card_is_refused(tmp_path: Path) -> None:
+    """Editing the card's thresholds or architecture cannot pass for the real model."""
+    path = tmp_path / "m.safetensors"
+    save_bundle(path, build_model("resnet18"), _card())
+    data = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    card = json.loads(header["__metadata__"]["ich_node.model_card"])
+    card["arch"] = "resnext101_32x8d"
+    header["__metadata__"]["ich_node.model_card"] = json.dumps(card)
+    new_header = json.dumps(header).encode()
+    new_header += b" " * (-len(new_header) % 8)
+    path.write_bytes(struct.pack("<Q", len(new_header)) + new_header + data[8 + header_len :])
+    with pytest.raises(BundleError, match="do not fit resnext101_32x8d"):
+        load_bundle(path)
+
+
+def test_not_a_bundle(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="no such model bundle"):
+        load_bundle(tmp_path / "absent.safetensors")
+    pickled = tmp_path / "model.pth"
+    torch.save(build_model("resnet18").state_dict(), pickled)
+    with pytest.raises(BundleError, match="not a safetensors model bundle"):
+        load_bundle(pickled)
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file({"x": torch.zeros(2)}, str(bare))
+    with pytest.raises(BundleError, match="has no ich-node model card"):
+        load_bundle(bare)
+
+
+def test_save_refuses_inconsistent_card(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"card\.arch"):
+        save_bundle(tmp_path / "m.safetensors", build_model("resnet18"), _card(arch="resnet50"))
+
+
+def test_bundle_info_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "m.safetensors"
+    save_bundle(path, build_model("resnet18"), _card())
+    assert main(["bundle-info", str(path)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["arch"] == "resnet18" and printed["labels"] == list(LABELS)
+    _tamper(path)
+    assert main(["bundle-info", str(path)]) == 2

@@ -1,0 +1,135 @@
+"""The YAML configuration: defaults, documentation and precise error messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from ich_node.cli import main
+from ich_node.config import ConfigError, NodeConfig, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "config" / "node.yaml"
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        keys.append(path)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_keys(annotation, path + "."))
+    return keys
+
+
+def test_shipped_file_holds_exactly_the_defaults() -> None:
+    assert load_config(SHIPPED).model_dump(exclude={"storage"}) == NodeConfig().model_dump(
+        exclude={"storage"}
+    )
+    assert load_config(SHIPPED).storage.dir == Path("/var/lib/ich-node")
+
+
+def test_shipped_file_documents_every_key() -> None:
+    text = SHIPPED.read_text()
+    for key in _keys(NodeConfig):
+        leaf = key.split(".")[-1]
+        assert f"{leaf}:" in text, f"config/node.yaml does not document {key}"
+
+
+def test_admin_facing_keys_exist() -> None:
+    keys = set(_keys(NodeConfig))
+    for key in (
+        "node.ae_title", "node.host", "node.port", "node.max_associations", "callers",
+        "destinations", "series.stable_seconds", "model.bundle", "model.device",
+        "model.batch_size", "storage.dir", "logging.format", "logging.level",
+    ):  # fmt: skip
+        assert key in keys
+
+
+def test_loading_gives_typed_frozen_objects(tmp_path: Path) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "node": {"ae_title": "ICH", "port": 11112},
+                "callers": [{"ae_title": "PACS", "host": "127.0.0.1"}, {"ae_title": "CT1"}],
+                "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "h", "port": 104}],
+                "model": {"bundle": "models/m.safetensors", "device": "cpu"},
+                "storage": {"dir": "spool"},
+                "logging": {"level": "debug"},
+            }
+        )
+    )
+    config = load_config(path)
+    assert config.callers[0].host == "127.0.0.1" and config.callers[1].host is None
+    assert config.destinations[0].port == 104
+    assert config.model.bundle == tmp_path / "models" / "m.safetensors"
+    assert config.storage.dir == tmp_path / "spool"
+    assert config.logging.level == "DEBUG"
+    with pytest.raises(ValueError):
+        config.node.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"node": {"port": 70000}}, "node.port: Input should be less than or equal to 65535 (got 70000)"),
+        ({"node": {"port": "104"}}, "node.port: Input should be a valid integer (got '104')"),
+        ({"node": {"prot": 104}}, "node.prot: unknown key (value 104)"),
+        ({"nodes": {}}, "nodes: unknown key"),
+        ({"model": {"device": "tpu"}}, "model.device: Input should be 'auto', 'cpu' or 'cuda' (got 'tpu')"),
+        ({"callers": [{"host": "x"}]}, "callers[0].ae_title: required key is missing"),
+        ({"callers": [{"ae_title": "A_TITLE_LONGER_THAN_16"}]}, "callers[0].ae_title: Value error, an AE title has at most 16 characters"),
+        ({"series": {"stable_seconds": -1}}, "series.stable_seconds: Input should be greater than or equal to 0 (got -1)"),
+        ({"series": {"body_part_patterns": ["("]}}, "series.body_part_patterns[0]: Value error, not a valid regular expression"),
+        ({"logging": {"format": "xml"}}, "logging.format: Input should be 'json' or 'console' (got 'xml')"),
+        ({"model": {"batch_size": 0}}, "model.batch_size: Input should be greater than or equal to 1 (got 0)"),
+        ({"destinations": [{"name": "a", "ae_title": "A", "host": "h", "port": 1}] * 2}, "destination name 'a' is used more than once"),
+        ([1, 2], "the top level must be a mapping"),
+    ],
+)  # fmt: skip
+def test_bad_values_name_the_key_and_the_value(data: object, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, source="node.yaml")
+    assert expected in str(info.value)
+    assert str(info.value).startswith("node.yaml:")
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config(path).node == NodeConfig().node
+
+
+def test_check_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(SHIPPED)]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node:\n  port: 0\n")
+    assert main(["check-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "node.port" in err and "(got 0)" in err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("node: [unclosed\n")
+    assert main(["check-config", str(broken)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["check-config", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_check_config_console_script(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  device: gpu\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "ich_node.cli", "check-config", str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 2
+    assert "model.device" in run.stderr and "'gpu'" in run.stderr
