@@ -31,6 +31,7 @@ from typing import Any, Final
 
 import numpy as np
 import pydicom
+import pydicom.datadict
 import structlog
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -202,6 +203,8 @@ def _looks_like_dicom(path: Path) -> bool:
         return False
     if path.suffix.lower() in _NOT_DICOM_SUFFIXES:
         return False
+    if path.suffix.lower() in {".dcm", ".dicom", ".ima"}:
+        return True  # claims to be DICOM: kept, so that a broken one is reported
     try:
         with path.open("rb") as fh:
             head = fh.read(132)
@@ -258,7 +261,7 @@ def _read_header(path: Path) -> Dataset:
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
         # force=True "parses" anything; insist on the tags every image has.
-        if "SOPInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
+        if not _uid(ds, "SOPInstanceUID") or not _uid(ds, "SeriesInstanceUID"):
             raise ValueError("no SOP/Series Instance UID")
     except Exception as exc:
         raise ImagingError(f"{path}: not a DICOM file ({exc})", path) from exc
@@ -286,9 +289,7 @@ def group_series(inputs: Iterable[Path]) -> dict[str, list[Path]]:
     for path in iter_dicom_files(inputs):
         try:
             ds = _read_header(path)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # invalid UIDs (RSNA)
-                uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+            uid = _uid(ds, "SeriesInstanceUID")
         except ImagingError as exc:
             log.warning("imaging.unreadable", path=str(path), reason=str(exc))
             bad.append(path)
@@ -352,29 +353,41 @@ def _optional_int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
+def _uid(ds: Dataset, keyword: str) -> str:
+    """A UID's text without pydicom's validation (RSNA's ``ID_...`` values would warn)."""
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return ""
+    elem = ds.get_item(tag)
+    value = elem.value if elem is not None else None
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").strip("\x00 ")
+    return str(value or "").strip()
+
+
 def _header(path: Path) -> _Header:
     ds = _read_header(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # invalid UIDs (RSNA)
         meta = getattr(ds, "file_meta", None)
-        sop_class = str(ds.get("SOPClassUID", "") or "")
+        sop_class = _uid(ds, "SOPClassUID")
         if not sop_class and meta is not None:
-            sop_class = str(meta.get("MediaStorageSOPClassUID", "") or "")
-        sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+            sop_class = _uid(meta, "MediaStorageSOPClassUID")
+        sop_uid = _uid(ds, "SOPInstanceUID")
         if not sop_uid and meta is not None:
-            sop_uid = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
+            sop_uid = _uid(meta, "MediaStorageSOPInstanceUID")
         image_type = ds.get("ImageType", [])
         if isinstance(image_type, str):
             image_type = image_type.split("\\")
-        frame_uid = str(ds.get("FrameOfReferenceUID", "") or "") or None
+        frame_uid = _uid(ds, "FrameOfReferenceUID") or None
         position = _floats(ds, "ImagePositionPatient", 3, path)
         orientation = _floats(ds, "ImageOrientationPatient", 6, path)
         spacing = _floats(ds, "PixelSpacing", 2, path)
         tilt = _floats(ds, "GantryDetectorTilt", 1, path)
         return _Header(
             path=path,
-            study_uid=str(ds.get("StudyInstanceUID", "") or ""),
-            series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+            study_uid=_uid(ds, "StudyInstanceUID"),
+            series_uid=_uid(ds, "SeriesInstanceUID"),
             frame_uid=frame_uid,
             sop_uid=sop_uid,
             sop_class=sop_class,
