@@ -88,7 +88,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ich_node.findings import write_findings
     from ich_node.imaging import ImagingError, group_series, read_series
     from ich_node.inference import Classifier
-    from ich_node.results import ResultOptions, ResultsSkipped, build_results, write_results
 
     try:
         bundle = load_bundle(args.bundle)
@@ -106,7 +105,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if bundle.card.demo:
         print(f"NOTE: {bundle.card.display_name}", file=sys.stderr)
-    options = ResultOptions(heatmaps=args.heatmaps)
     done: list[SeriesFindings] = []
     failures = 0
     progress = tqdm(groups.items(), unit="series", disable=not sys.stderr.isatty())
@@ -122,8 +120,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         write_findings(out_dir / "findings.json", prediction.findings)
         done.append(prediction.findings)
         if not args.no_dicom:
+            from ich_node.results import ResultOptions, ResultsSkipped, build_results, write_results
+
             try:
-                results = build_results(prediction, classifier, options)
+                results = build_results(
+                    prediction, classifier, ResultOptions(heatmaps=args.heatmaps)
+                )
             except ResultsSkipped as exc:
                 tqdm.write(
                     f"ich-node: series {uid}: findings.json written; DICOM results skipped: "
