@@ -326,6 +326,7 @@ class _Header:
     columns: int | None
     instance_number: int | None
     gantry_tilt: float | None
+    geometry_error: str | None  # a malformed geometry value; raised only if the image is kept
 
 
 def _floats(ds: Dataset, keyword: str, n: int, path: Path) -> tuple[float, ...] | None:
@@ -380,10 +381,18 @@ def _header(path: Path) -> _Header:
         if isinstance(image_type, str):
             image_type = image_type.split("\\")
         frame_uid = _uid(ds, "FrameOfReferenceUID") or None
-        position = _floats(ds, "ImagePositionPatient", 3, path)
-        orientation = _floats(ds, "ImageOrientationPatient", 6, path)
-        spacing = _floats(ds, "PixelSpacing", 2, path)
-        tilt = _floats(ds, "GantryDetectorTilt", 1, path)
+        geometry_error = None
+        try:
+            position = _floats(ds, "ImagePositionPatient", 3, path)
+            orientation = _floats(ds, "ImageOrientationPatient", 6, path)
+            spacing = _floats(ds, "PixelSpacing", 2, path)
+        except ImagingError as exc:
+            geometry_error = str(exc)
+            position = orientation = spacing = None
+        try:
+            tilt = _floats(ds, "GantryDetectorTilt", 1, path)
+        except ImagingError:
+            tilt = None  # informative only
         return _Header(
             path=path,
             study_uid=_uid(ds, "StudyInstanceUID"),
@@ -400,6 +409,7 @@ def _header(path: Path) -> _Header:
             columns=_optional_int(ds, "Columns"),
             instance_number=_optional_int(ds, "InstanceNumber"),
             gantry_tilt=tilt[0] if tilt else None,
+            geometry_error=geometry_error,
         )
 
 
@@ -520,6 +530,8 @@ def read_series(paths: Sequence[Path], *, max_tilt_deg: float = 30.0) -> CTSerie
             )
             if value is None
         ]
+        if h.geometry_error is not None:
+            raise ImagingError(h.geometry_error, h.path)
         if missing:
             raise ImagingError(f"{h.path}: missing {', '.join(missing)}", h.path)
         assert h.orientation is not None  # checked above; for mypy

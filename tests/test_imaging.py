@@ -110,6 +110,26 @@ def test_order_ignores_file_order_names_and_instance_numbers(tmp_path: Path) -> 
     assert [s.instance_number for s in series.slices] == list(range(len(copies), 0, -1))
 
 
+def test_inferior_pointing_normal_still_orders_inferior_to_superior(
+    small: PhantomSeries, tmp_path: Path
+) -> None:
+    paths = _copy(small, tmp_path)
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.ImageOrientationPatient = [-1, 0, 0, 0, 1, 0]  # row x col = -z
+        ds.save_as(p)
+    series = read_series(paths[::-1])
+    assert [s.path for s in series.slices] == paths
+    assert series.normal == pytest.approx((0.0, 0.0, 1.0))
+
+
+def test_rsna_named_phantom_reads_in_spatial_order(tmp_path: Path) -> None:
+    phantom = write_series(tmp_path / "r", seed=2, n_slices=6, matrix=64, file_names="rsna")
+    series = read_series(sorted(phantom.paths))
+    assert [s.path for s in series.slices] == list(phantom.paths)
+    assert [s.sop_instance_uid for s in series.slices] == list(phantom.sop_instance_uids)
+
+
 # ------------------------------------------------------------- compression
 
 
@@ -182,6 +202,18 @@ def test_gantry_tilted_series_orders_and_reports_tilt(tmp_path: Path) -> None:
     assert abs(series.gantry_tilt_deg) == pytest.approx(20.0, abs=0.1)
     assert abs(series.normal[2]) == pytest.approx(np.cos(np.radians(20.0)), abs=1e-3)
     np.testing.assert_allclose(load_series_hu(series), _expected_hu(phantom), atol=0.5)
+
+
+def test_tilt_reported_only_by_the_tag_is_used(small: PhantomSeries, tmp_path: Path) -> None:
+    # Some scanners keep an axial orientation and report the tilt in (0018,1120) only.
+    paths = _copy(small, tmp_path)
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.GantryDetectorTilt = -12.0
+        ds.save_as(p)
+    series = read_series(paths)
+    assert series.gantry_tilt_deg == pytest.approx(-12.0)
+    assert [s.path for s in series.slices] == paths
 
 
 def _add_scouts(phantom: PhantomSeries, folder: Path) -> tuple[Path, Path]:
@@ -355,6 +387,13 @@ def test_missing_or_conflicting_geometry_raises(small: PhantomSeries, tmp_path: 
     with pytest.raises(ImagingError, match=rf"{paths[4].name}.*ImagePositionPatient"):
         read_series(paths)
 
+    paths = _copy(small, tmp_path / "m")
+    ds = pydicom.dcmread(paths[3])
+    ds.PixelSpacing = [0.5, 0.5, 0.5]
+    ds.save_as(paths[3])
+    with pytest.raises(ImagingError, match=rf"{paths[3].name}: PixelSpacing must hold 2"):
+        read_series(paths)
+
     paths = _copy(small, tmp_path / "b")
     ds = pydicom.dcmread(paths[1])
     ds.SOPInstanceUID = generate_uid()  # a second image at slice 1's position
@@ -362,6 +401,15 @@ def test_missing_or_conflicting_geometry_raises(small: PhantomSeries, tmp_path: 
     ds.save_as(twin)
     with pytest.raises(ImagingError, match="same position"):
         read_series([*paths, twin])
+
+    paths = _copy(small, tmp_path / "c")
+    ds = pydicom.dcmread(paths[2])
+    ds.Rows = ds.Columns = 64
+    ds.PixelData = np.zeros((64, 64), np.uint16).tobytes()
+    ds.save_as(paths[2])
+    series = read_series(paths)
+    with pytest.raises(ImagingError, match=rf"{paths[2].name}.*matrix 64x64"):
+        load_series_hu(series)
 
 
 def test_group_series_reports_unreadable_files(small: PhantomSeries, tmp_path: Path) -> None:
