@@ -31,6 +31,7 @@ import csv
 import datetime as dt
 import hashlib
 import math
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,6 @@ from pydicom.uid import (
     UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
-    generate_uid,
 )
 
 from ich_node.labels import LABELS, RSNA_ORDER, SUBTYPES
@@ -339,7 +339,7 @@ def _draw_head(rng: np.random.Generator) -> _Head:
         SCALP: float(rng.uniform(28, 50)),
         BONE: float(rng.uniform(1050, 1250)),
         DIPLOE: float(rng.uniform(600, 780)),
-        BRAIN_GM: float(rng.uniform(37, 43)),
+        BRAIN_GM: float(rng.uniform(39, 44)),
         BRAIN_WM: float(rng.uniform(23, 28)),
         CSF_VENTRICLE: float(rng.uniform(3, 10)),
         CSF_SULCI: float(rng.uniform(3, 10)),
@@ -763,8 +763,14 @@ def make_volume(
 
 
 def _uid(*parts: object) -> str:
-    """A ``2.25.`` UID that is a pure function of ``parts`` (PS3.5 B.2)."""
-    return str(generate_uid(prefix=None, entropy_srcs=[_UID_TAG, *map(str, parts)]))
+    """A ``2.25.`` UID that is a pure function of ``parts``.
+
+    PS3.5 B.2: ``2.25.`` followed by a UUID as a decimal integer; here a name-based
+    (SHA-1, version 5) UUID of the parts. pydicom's ``generate_uid(prefix=None)``
+    ignores ``entropy_srcs`` and returns a random UUID, so it cannot be used.
+    """
+    name = "/".join(map(str, (_UID_TAG, *parts)))
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
 
 
 def _rsna_id(*parts: object) -> str:
@@ -871,6 +877,8 @@ def write_series(
     if file_names not in ("instance", "rsna"):
         raise ValueError(f"file_names must be 'instance' or 'rsna', got {file_names!r}")
     seed = int(seed)
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed!r}")
     wanted = tuple(dict.fromkeys(subtypes))
     rng = np.random.default_rng(seed)
     vol = make_volume(rng, subtypes=wanted, n_slices=n_slices, matrix=matrix, tilt_deg=tilt_deg)
@@ -884,7 +892,7 @@ def write_series(
     day = dt.date(2024, 1, 1) + dt.timedelta(days=int(meta_rng.integers(0, 365)))
     secs = int(meta_rng.integers(7 * 3600, 23 * 3600))
     birth = dt.date(int(meta_rng.integers(1930, 2005)), int(meta_rng.integers(1, 13)), 1)
-    patient_id = f"PHANTOM-{seed:010d}"[-16:] if seed >= 0 else f"PHANTOM-N{-seed}"[-16:]
+    patient_id = f"PHANTOM-{seed:010d}"  # LO: up to 64 characters
     common: dict[str, object] = {
         "StudyDate": day.strftime("%Y%m%d"),
         "SeriesDate": day.strftime("%Y%m%d"),
