@@ -86,7 +86,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from ich_node.bundle import BundleError, load_bundle
     from ich_node.findings import write_findings
-    from ich_node.imaging import ImagingError, group_series, read_series
+    from ich_node.imaging import UNREADABLE, ImagingError, group_series, read_series
     from ich_node.inference import Classifier
 
     try:
@@ -100,13 +100,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except ImagingError as exc:
         print(f"ich-node: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    unreadable = groups.pop(UNREADABLE, [])
+    for path in unreadable:
+        print(f"ich-node: {path}: not a readable DICOM image, left out", file=sys.stderr)
     if not groups:
-        print("ich-node: no DICOM files found in the inputs", file=sys.stderr)
+        print("ich-node: no readable DICOM series found in the inputs", file=sys.stderr)
         return EXIT_FAILED
     if bundle.card.demo:
         print(f"NOTE: {bundle.card.display_name}", file=sys.stderr)
     done: list[SeriesFindings] = []
-    failures = 0
+    failures = len(unreadable)
     progress = tqdm(groups.items(), unit="series", disable=not sys.stderr.isatty())
     for uid, paths in progress:
         try:

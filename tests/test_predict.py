@@ -158,6 +158,11 @@ def test_several_series_and_a_bad_file(
     )
     err = capsys.readouterr().err
     assert broken.name in err
+    # A file that is not DICOM at all beside a good series: named, the series still read.
+    (tmp_path / "in" / "notes.dcm").write_text("not dicom")
+    assert main(["predict", "--bundle", str(tiny_bundle), "--out", str(tmp_path / "out3"), "--no-dicom", str(tmp_path / "in")]) == 1
+    assert "notes.dcm: not a readable DICOM image" in capsys.readouterr().err
+    assert (tmp_path / "out3" / a.series_instance_uid / "findings.json").is_file()
 
 
 def test_predict_refuses_a_missing_bundle(
