@@ -1,0 +1,134 @@
+"""Series assembly: when a series is complete, and whether the node reads it.
+
+A series is complete ``series.stable_seconds`` after its last instance, or as
+soon as every image its header announces (ImagesInAcquisition) has come. The
+selection rules of the ``series`` section then decide: modality, optional
+patterns on body part and descriptions, exclusion patterns on the series
+description, then the headers themselves (:func:`ich_node.imaging.read_series`:
+axial within the tilt tolerance, localizers dropped) and the slice count. A
+series the node does not read is recorded as ``skipped`` with the reason. An
+instance arriving after a series was read puts it back to ``receiving``; the next
+read queues a new version (a new job, a new set of results).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import structlog
+
+from ich_node.config import SeriesSection
+from ich_node.imaging import ImagingError, read_series
+from ich_node.jobs import job_id_for
+from ich_node.store import SeriesRecord, Store
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the assembler did with one complete series."""
+
+    series_instance_uid: str
+    queued: bool
+    job_id: str | None
+    version: int
+    reason: str  # why it was skipped; empty when queued
+
+
+def _search(patterns: tuple[str, ...], value: str) -> bool:
+    return any(re.search(p, value) for p in patterns)
+
+
+def select_headers(record: SeriesRecord, config: SeriesSection) -> str | None:
+    """Why the recorded header fields rule the series out, or ``None``."""
+    if record.modality.upper() not in {m.upper() for m in config.modalities}:
+        return f"modality {record.modality or '(none)'!r} is not in series.modalities"
+    # An empty BodyPartExamined passes: many real head CTs lack it.
+    if (
+        config.body_part_patterns
+        and record.body_part
+        and not _search(config.body_part_patterns, record.body_part)
+    ):
+        return f"body part {record.body_part!r} matches no series.body_part_patterns"
+    if config.study_description_patterns and not _search(
+        config.study_description_patterns, record.study_description
+    ):
+        return "study description matches no series.study_description_patterns"
+    if config.series_description_patterns and not _search(
+        config.series_description_patterns, record.series_description
+    ):
+        return "series description matches no series.series_description_patterns"
+    if _search(config.exclude_description_patterns, record.series_description):
+        return "series description matches series.exclude_description_patterns"
+    return None
+
+
+class Assembler:
+    """Decide complete series and queue their jobs.
+
+    Parameters
+    ----------
+    store : Store
+        The node's store.
+    config : SeriesSection
+        ``series`` section.
+    """
+
+    def __init__(self, store: Store, config: SeriesSection) -> None:
+        self.store = store
+        self.config = config
+
+    def is_complete(self, record: SeriesRecord, now: float) -> bool:
+        if record.expected is not None and record.n_instances >= record.expected:
+            return True
+        return now - record.last_at >= self.config.stable_seconds
+
+    def decide(self, record: SeriesRecord, now: float) -> Decision:
+        """Read the headers of a complete series and queue it or skip it."""
+        uid = record.series_instance_uid
+        n = record.n_instances
+        reason = select_headers(record, self.config)
+        if reason is None:
+            try:
+                series = read_series(
+                    self.store.instance_paths(uid), max_tilt_deg=self.config.max_tilt_degrees
+                )
+            except ImagingError as exc:
+                reason = f"not readable as an axial CT series: {exc}"
+            else:
+                if len(series.slices) < self.config.min_slices:
+                    reason = (
+                        f"{len(series.slices)} usable axial slices, "
+                        f"series.min_slices is {self.config.min_slices}"
+                    )
+        if reason is not None:
+            self.store.skip_series(uid, n, reason)
+            log.info("series.skipped", series_instance_uid=uid, instances=n, reason=reason)
+            return Decision(uid, False, None, record.version, reason)
+        job = self.store.queue_series(uid, n, job_id_for, now)
+        log.info(
+            "series.queued",
+            series_instance_uid=uid,
+            instances=n,
+            version=job.version,
+            job_id=job.job_id,
+        )
+        return Decision(uid, True, job.job_id, job.version, "")
+
+    def run_once(self, now: float) -> list[Decision]:
+        """One pass: decide every series that is complete at ``now``."""
+        decisions = []
+        for record in self.store.receiving_series():
+            if not self.is_complete(record, now):
+                continue
+            try:
+                decisions.append(self.decide(record, now))
+            except Exception as exc:  # log and go on; the series stays receiving
+                log.error(
+                    "series.assemble_failed",
+                    series_instance_uid=record.series_instance_uid,
+                    error=type(exc).__name__,
+                )
+        return decisions

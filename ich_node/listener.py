@@ -1,0 +1,233 @@
+"""The listener: C-ECHO and C-STORE SCP for CT images (pynetdicom).
+
+Only the calling AE titles in ``callers`` (and, where an entry names a host, only
+from that host) may associate; any other association is rejected at association
+time with A-ASSOCIATE-RJ (rejected-permanent, source service-user, reason 0x03
+"calling AE title not recognised", PS3.8 9.3.4). The node's own AE title is
+accepted from the loopback address so that ``ich-node health`` can echo it.
+
+This module never imports torch: the process that accepts images must keep
+accepting them when a worker runs out of memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Final
+
+import structlog
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pydicom.uid import JPEGLossless as JPEGLosslessP14
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from ich_node.config import Caller, NodeConfig
+from ich_node.spool import Spool, SpoolError, instance_record
+
+log = structlog.get_logger(__name__)
+
+#: The storage SOP classes the node accepts (PS3.4 B.5).
+STORAGE_CLASSES: Final = (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+)
+
+#: Transfer syntaxes a PACS or scanner commonly sends; the files are spooled as
+#: received and decoded by the worker.
+TRANSFER_SYNTAXES: Final = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessP14,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+
+_LOOPBACK: Final = frozenset({"127.0.0.1", "::1", "localhost"})
+
+# C-STORE statuses (PS3.4 B.2.3)
+SUCCESS: Final = 0x0000
+OUT_OF_RESOURCES: Final = 0xA700
+CANNOT_UNDERSTAND: Final = 0xC210
+
+
+def _addresses(host: str) -> frozenset[str]:
+    """The IP addresses a configured host stands for (resolved once, at start)."""
+    found = {host}
+    try:
+        for info in socket.getaddrinfo(host, None):
+            found.add(str(info[4][0]))
+    except OSError:
+        pass
+    return frozenset(found)
+
+
+class CallerAllowList:
+    """The calling AE titles allowed for the peer of the association being negotiated.
+
+    pynetdicom checks ``ae.require_calling_aet`` while negotiating, in the
+    association's own thread; iterating this object yields the titles allowed
+    for that thread's peer address, so a caller bound to a host is rejected from
+    any other host with the same A-ASSOCIATE-RJ reason as an unknown title.
+    """
+
+    def __init__(self, callers: Sequence[Caller], own_ae_title: str) -> None:
+        self._rules: list[tuple[str, frozenset[str] | None]] = [
+            (c.ae_title, None if c.host is None else _addresses(c.host)) for c in callers
+        ]
+        self._rules.append((own_ae_title, _LOOPBACK))
+
+    def allowed(self, address: str | None) -> list[str]:
+        return [
+            title
+            for title, hosts in self._rules
+            if hosts is None or (address is not None and address in hosts)
+        ]
+
+    def __iter__(self) -> Iterator[str]:
+        thread = threading.current_thread()
+        requestor = getattr(thread, "requestor", None)
+        address = getattr(requestor, "address", None) if requestor is not None else None
+        return iter(self.allowed(address))
+
+    def __bool__(self) -> bool:
+        return True  # never "no restriction"
+
+    def __len__(self) -> int:
+        return len(self._rules)
+
+
+def handle_echo(event: evt.Event) -> int:
+    """C-ECHO: always Success (PS3.7 9.3.5)."""
+    return SUCCESS
+
+
+def handle_store(event: evt.Event, spool: Spool, clock: Callable[[], float]) -> int:
+    """C-STORE: spool durably, then answer; never raises.
+
+    Returns 0x0000 once the instance is written, fsync'ed, renamed and recorded
+    (or was already); 0xA700 when it could not be made durable (disk full, low
+    free space, I/O error); 0xC210 when the dataset cannot be decoded or lacks
+    its UIDs.
+    """
+    started = time.perf_counter()
+    request: Any = event.request
+    try:
+        try:
+            record = instance_record(
+                event.dataset,
+                str(request.AffectedSOPClassUID or ""),
+                str(request.AffectedSOPInstanceUID or ""),
+            )
+        except Exception as exc:  # undecodable dataset or missing UIDs
+            log.warning(
+                "store.rejected",
+                status="0xC210",
+                error=type(exc).__name__,
+                calling_ae=event.assoc.requestor.ae_title,
+            )
+            return CANNOT_UNDERSTAND
+        try:
+            # The bytes exactly as received with their file meta: no re-encoding.
+            data = event.encoded_dataset(include_meta=True)
+            spooled = spool.save(data, record, clock())
+        except SpoolError as exc:
+            log.error(
+                "store.failed",
+                status="0xA700",
+                error=type(exc.__cause__ or exc).__name__,
+                detail=str(exc) if exc.__cause__ is None else None,
+                sop_instance_uid=record.sop_instance_uid,
+            )
+            return OUT_OF_RESOURCES
+        log.debug(
+            "store.ok",
+            sop_instance_uid=record.sop_instance_uid,
+            series_instance_uid=record.series_instance_uid,
+            new=spooled.new,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        return SUCCESS
+    except Exception as exc:  # anything else: the instance is not durable
+        log.error("store.failed", status="0xA700", error=type(exc).__name__)
+        return OUT_OF_RESOURCES
+
+
+def _nodelay(event: evt.Event) -> None:
+    # Small PDUs (C-STORE-RSP) should not wait for Nagle's algorithm.
+    with contextlib.suppress(Exception):
+        event.assoc.dul.socket.socket.setsockopt(  # type: ignore[union-attr]
+            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
+        )
+
+
+def build_ae(config: NodeConfig) -> AE:
+    """The node's application entity, with its contexts, limits and allow-list."""
+    ae = AE(ae_title=config.node.ae_title)
+    ae.maximum_associations = config.node.max_associations
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 60
+    ae.network_timeout = 60
+    ae.add_supported_context(Verification)
+    for sop_class in STORAGE_CLASSES:
+        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+    # Set the private list directly: the public setter copies into a plain list.
+    ae._require_calling_aet = CallerAllowList(  # type: ignore[assignment]
+        config.callers, config.node.ae_title
+    )
+    return ae
+
+
+def start_listener(
+    config: NodeConfig, spool: Spool, clock: Callable[[], float] = time.time
+) -> ThreadedAssociationServer:
+    """Start the SCP on ``node.host:node.port`` in the background; returns the server."""
+    ae = build_ae(config)
+    handlers: list[Any] = [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [spool, clock]),
+        (evt.EVT_CONN_OPEN, _nodelay),
+    ]
+    server = ae.start_server(
+        (config.node.host, config.node.port), block=False, evt_handlers=handlers
+    )
+    assert server is not None
+    log.info(
+        "listener.started",
+        ae_title=config.node.ae_title,
+        host=config.node.host,
+        port=config.node.port,
+        callers=len(config.callers),
+    )
+    return server

@@ -1,0 +1,186 @@
+"""Operations: ``ich-node status``, ``health`` and ``resend``.
+
+They read (and for ``resend`` update) the node's store under ``storage.dir``;
+they work whether the node is running or not. ``health`` also opens a real
+association to the listener (C-ECHO, calling AE = the node's own AE title, which
+the listener accepts from the loopback address).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Final
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from ich_node.config import NodeConfig
+from ich_node.jobs import JobQueue
+from ich_node.store import DB_NAME, Store
+
+#: A worker whose last heartbeat is older than this is not alive.
+HEARTBEAT_STALE_SECONDS: Final = 15.0
+#: How many recent failures ``status`` lists.
+RECENT_FAILURES: Final = 10
+
+
+def _open(config: NodeConfig) -> Store | None:
+    path = config.storage.dir / DB_NAME
+    return Store(path) if path.is_file() else None
+
+
+def collect_status(store: Store, now: float) -> dict[str, Any]:
+    """Counts per state, the oldest waiting job and recent failures."""
+    waiting = [j for j in store.jobs() if j.state in ("queued", "retry", "leased")]
+    oldest = min(waiting, key=lambda j: j.created_at) if waiting else None
+    failures: list[dict[str, Any]] = []
+    for job in store.jobs():
+        if job.reason and job.state in ("retry", "parked"):
+            failures.append(
+                {
+                    "kind": "job",
+                    "job_id": job.job_id,
+                    "state": job.state,
+                    "reason": job.reason,
+                    "at": job.updated_at,
+                }
+            )
+    for d in store.deliveries():
+        if d.reason and d.state in ("retry", "parked"):
+            failures.append(
+                {
+                    "kind": "delivery",
+                    "job_id": d.job_id,
+                    "destination": d.destination,
+                    "state": d.state,
+                    "reason": d.reason,
+                    "at": d.updated_at,
+                }
+            )
+    failures.sort(key=lambda f: f["at"], reverse=True)
+    return {
+        "instances": store.n_instances(),
+        "series": store.counts("series"),
+        "jobs": store.counts("jobs"),
+        "deliveries": store.counts("deliveries"),
+        "oldest_waiting_job": None
+        if oldest is None
+        else {
+            "job_id": oldest.job_id,
+            "state": oldest.state,
+            "age_s": round(now - oldest.created_at, 1),
+        },
+        "recent_failures": failures[:RECENT_FAILURES],
+        "heartbeats": {
+            name: {"pid": pid, "age_s": round(now - at, 1)}
+            for name, (pid, at) in sorted(store.heartbeats().items())
+        },
+    }
+
+
+def status(config: NodeConfig, as_json: bool) -> int:
+    """Print the node's state; 0, or 1 when there is no store yet."""
+    store = _open(config)
+    if store is None:
+        print(f"no node store under {config.storage.dir} (has the node ever run?)")
+        return 1
+    try:
+        report = collect_status(store, time.time())
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    print(f"instances: {report['instances']}")
+    for table in ("series", "jobs", "deliveries"):
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(report[table].items())) or "none"
+        print(f"{table}: {counts}")
+    oldest = report["oldest_waiting_job"]
+    print(
+        "oldest waiting job: "
+        + (
+            "none"
+            if oldest is None
+            else f"{oldest['job_id']} ({oldest['state']}, {oldest['age_s']} s)"
+        )
+    )
+    for name, beat in report["heartbeats"].items():
+        print(f"heartbeat {name}: pid {beat['pid']}, {beat['age_s']} s ago")
+    print(f"recent failures: {len(report['recent_failures'])}")
+    for f in report["recent_failures"]:
+        where = f" -> {f['destination']}" if f["kind"] == "delivery" else ""
+        print(f"  {f['kind']} {f['job_id']}{where} [{f['state']}]: {f['reason']}")
+    return 0
+
+
+def echo(config: NodeConfig, timeout: float = 10.0) -> bool:
+    """C-ECHO the node's own listener with its own AE title."""
+    host = config.node.host
+    if host in ("0.0.0.0", "", "::"):
+        host = "127.0.0.1"
+    ae = AE(ae_title=config.node.ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, config.node.port, ae_title=config.node.ae_title)
+    if not assoc.is_established:
+        return False
+    try:
+        result = assoc.send_c_echo()
+        return getattr(result, "Status", None) == 0x0000
+    finally:
+        assoc.release()
+
+
+def health(config: NodeConfig) -> int:
+    """0 when the listener answers C-ECHO and ``node.workers`` workers beat recently."""
+    ok_echo = echo(config)
+    store = _open(config)
+    alive = 0
+    if store is not None:
+        try:
+            now = time.time()
+            alive = sum(
+                1
+                for name, (_, at) in store.heartbeats().items()
+                if name.startswith("worker-") and now - at <= HEARTBEAT_STALE_SECONDS
+            )
+        finally:
+            store.close()
+    ok_workers = alive >= config.node.workers
+    print(
+        f"listener: {'ok' if ok_echo else 'no C-ECHO answer'}; "
+        f"workers alive: {alive}/{config.node.workers}"
+    )
+    return 0 if ok_echo and ok_workers else 1
+
+
+def resend(config: NodeConfig, job_id: str) -> int:
+    """Re-queue a parked job and its parked deliveries; the running node does the rest.
+
+    Returns 0 when something was re-queued, 1 when the job is unknown or nothing
+    of it is parked.
+    """
+    store = _open(config)
+    if store is None:
+        print(f"no node store under {config.storage.dir}")
+        return 1
+    try:
+        job = store.job(job_id)
+        if job is None:
+            print(f"no job {job_id!r}")
+            return 1
+        now = time.time()
+        job_requeued = JobQueue(store, config.queue).requeue(job_id, now)
+        n = store.requeue_deliveries(job_id, now)
+    finally:
+        store.close()
+    if not job_requeued and n == 0:
+        print(f"job {job_id}: nothing parked (job {job.state})")
+        return 1
+    print(
+        f"job {job_id}: "
+        + ("job re-queued; " if job_requeued else "")
+        + f"{n} deliveries re-queued; the running node sends them"
+    )
+    return 0

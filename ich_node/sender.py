@@ -1,0 +1,158 @@
+"""The sender: C-STORE SCU of each job's outbox to every destination.
+
+A delivery (one job, one destination) is ``pending`` until every object of the
+outbox was accepted in one association; a failure goes to ``retry`` with an
+exponential backoff (``sender.backoff_base_seconds`` doubling, capped at
+``sender.backoff_max_seconds``) and, after ``sender.max_attempts`` attempts, to
+``parked`` with the reason. ``ich-node resend`` puts parked deliveries back to
+``pending`` and the running node's sender picks them up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE
+
+from ich_node.config import Destination, SenderSection
+from ich_node.store import DeliveryRecord, Store
+from ich_node.worker import outbox_files
+
+log = structlog.get_logger(__name__)
+
+
+class DeliveryError(RuntimeError):
+    """A destination did not accept every object."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryOutcome:
+    job_id: str
+    destination: str
+    state: str  # done | retry | parked
+    reason: str
+
+
+def send_files(
+    files: Sequence[Path], destination: Destination, calling_ae: str, timeout: float
+) -> None:
+    """C-STORE every file to ``destination`` in one association.
+
+    Raises
+    ------
+    DeliveryError
+        Naming the first problem: no association, or a status that is neither
+        Success nor a warning (PS3.4 B.2.3: 0xB000, 0xB007, 0xB006 are stored).
+    """
+    metas = [read_file_meta_info(f) for f in files]
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    contexts = sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas})
+    for sop_class, syntax in contexts:
+        ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        reason = "association rejected" if assoc.is_rejected else "no association"
+        raise DeliveryError(
+            f"{reason} by {destination.name} ({destination.host}:{destination.port})"
+        )
+    try:
+        for path in files:
+            # A path: pynetdicom sends the encoded dataset as stored, without decoding.
+            status = assoc.send_c_store(path)
+            code = getattr(status, "Status", None)
+            if code is None:
+                raise DeliveryError(f"no C-STORE response from {destination.name}")
+            if code != 0x0000 and code not in (0xB000, 0xB007, 0xB006):
+                raise DeliveryError(f"{destination.name} answered status 0x{code:04X}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+class Sender:
+    """Deliver due outbox entries.
+
+    Parameters
+    ----------
+    store : Store
+        The node's store.
+    destinations : sequence of Destination
+        ``destinations`` section.
+    config : SenderSection
+        ``sender`` section.
+    storage_dir : pathlib.Path
+        ``storage.dir`` (the outbox is under ``results/<job_id>/outbox``).
+    calling_ae : str
+        The node's AE title.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        destinations: Sequence[Destination],
+        config: SenderSection,
+        storage_dir: Path,
+        calling_ae: str,
+    ) -> None:
+        self.store = store
+        self.destinations = {d.name: d for d in destinations}
+        self.config = config
+        self.storage_dir = Path(storage_dir)
+        self.calling_ae = calling_ae
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds before attempt ``attempts + 1``."""
+        delay = self.config.backoff_base_seconds * 2.0 ** max(attempts - 1, 0)
+        return float(min(delay, self.config.backoff_max_seconds))
+
+    def deliver(self, delivery: DeliveryRecord, now: float) -> DeliveryOutcome:
+        """Attempt one delivery and record its new state; never raises."""
+        started = time.perf_counter()
+        attempt = delivery.attempts + 1
+        try:
+            destination = self.destinations.get(delivery.destination)
+            if destination is None:
+                raise DeliveryError(f"destination {delivery.destination!r} is not configured")
+            files = outbox_files(self.storage_dir, delivery.job_id)
+            if len(files) != delivery.n_files:
+                raise DeliveryError(
+                    f"outbox holds {len(files)} files, the job wrote {delivery.n_files}"
+                )
+            send_files(files, destination, self.calling_ae, self.config.timeout_seconds)
+            state, reason, next_at = "done", "", now
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            if attempt >= self.config.max_attempts:
+                state, next_at = "parked", now
+                reason = f"after {attempt} attempts: {reason}"
+            else:
+                state, next_at = "retry", now + self.backoff(attempt)
+        try:
+            self.store.finish_delivery(
+                delivery.job_id, delivery.destination, state, reason, next_at, time.time()
+            )
+        except Exception as exc:  # stays due; tried again on the next pass
+            log.error("delivery.record_failed", job_id=delivery.job_id, error=type(exc).__name__)
+        log.info(
+            "delivery.finished",
+            job_id=delivery.job_id,
+            destination=delivery.destination,
+            attempt=attempt,
+            state=state,
+            n_files=delivery.n_files,
+            send_s=round(time.perf_counter() - started, 3),
+            reason=reason or None,
+        )
+        return DeliveryOutcome(delivery.job_id, delivery.destination, state, reason)
+
+    def run_once(self, now: float) -> list[DeliveryOutcome]:
+        """Attempt every delivery due at ``now``."""
+        return [self.deliver(d, now) for d in self.store.due_deliveries(now)]

@@ -1,0 +1,393 @@
+"""The node's durable state: one SQLite database (WAL) under ``storage.dir``.
+
+Instances, series, reading jobs, deliveries (the outbox) and worker heartbeats
+live here. Every part of the node (listener threads, the assembler, the sender
+thread, worker processes) opens its own :class:`Store`; SQLite's WAL mode lets
+readers run beside the one writer, and ``BEGIN IMMEDIATE`` serialises writers
+across processes. The interface is small on purpose: a server database can
+replace it later without touching the stages.
+
+All times are seconds since the epoch (``time.time()``), passed in by callers so
+that tests drive time.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+#: The database file inside ``storage.dir``.
+DB_NAME: Final = "node.sqlite3"
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    series_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_instance_uid);
+CREATE TABLE IF NOT EXISTS series (
+    series_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    body_part TEXT NOT NULL,
+    study_description TEXT NOT NULL,
+    series_description TEXT NOT NULL,
+    expected INTEGER,
+    n_instances INTEGER NOT NULL,
+    n_read INTEGER NOT NULL DEFAULT 0,
+    first_at REAL NOT NULL,
+    last_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    series_instance_uid TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL,
+    lease_until REAL,
+    worker TEXT,
+    reason TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, not_before);
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    n_files INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (job_id, destination)
+);
+CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_at);
+CREATE TABLE IF NOT EXISTS heartbeats (
+    name TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """The header fields of one received instance the node records."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str
+    body_part: str
+    study_description: str
+    series_description: str
+    expected: int | None  # ImagesInAcquisition, when the header says it
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesRecord:
+    """One series as the store knows it."""
+
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str
+    body_part: str
+    study_description: str
+    series_description: str
+    expected: int | None
+    n_instances: int
+    n_read: int
+    first_at: float
+    last_at: float
+    state: str  # receiving | queued | skipped
+    version: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """One reading job: a series version to classify."""
+
+    job_id: str
+    series_instance_uid: str
+    version: int
+    state: str  # queued | leased | retry | done | parked
+    attempts: int
+    not_before: float
+    lease_until: float | None
+    worker: str | None
+    reason: str
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    """The outbox entry of one job's results for one destination."""
+
+    job_id: str
+    destination: str
+    state: str  # pending | retry | done | parked
+    attempts: int
+    next_at: float
+    reason: str
+    n_files: int
+    created_at: float
+    updated_at: float
+
+
+class Store:
+    """A connection to the node's SQLite database.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The database file (created with its schema when absent).
+    timeout : float
+        Seconds to wait for another writer (SQLite busy timeout).
+
+    Notes
+    -----
+    One instance may be shared by the threads of a process (calls are
+    serialised by a lock); each process opens its own.
+    """
+
+    def __init__(self, path: Path, *, timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            str(self.path), timeout=timeout, isolation_level=None, check_same_thread=False
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed transaction survives a power cut, which is what a
+        # Success status to the PACS promises.
+        self._db.execute("PRAGMA synchronous=FULL")
+        with self.transaction() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+
+    @classmethod
+    def open(cls, storage_dir: Path) -> Store:
+        """The store of the node whose ``storage.dir`` is ``storage_dir``."""
+        return cls(Path(storage_dir) / DB_NAME)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``), committed on success."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._db.execute(sql, params))
+
+    # -- instances and series -------------------------------------------------
+
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        rows = self._query(
+            "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+        )
+        return bool(rows)
+
+    def add_instance(self, record: InstanceRecord, path: Path, size: int, now: float) -> bool:
+        """Record a spooled instance; ``False`` when its SOP Instance UID was known."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    record.sop_instance_uid,
+                    record.series_instance_uid,
+                    record.sop_class_uid,
+                    str(path),
+                    size,
+                    now,
+                ),
+            )
+            if cur.rowcount == 0:
+                return False
+            db.execute(
+                """INSERT INTO series (series_instance_uid, study_instance_uid, modality,
+                    body_part, study_description, series_description, expected,
+                    n_instances, first_at, last_at, state)
+                VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?, 'receiving')
+                ON CONFLICT(series_instance_uid) DO UPDATE SET
+                    n_instances = n_instances + 1, last_at = excluded.last_at,
+                    expected = COALESCE(excluded.expected, expected), state = 'receiving'""",
+                (
+                    record.series_instance_uid,
+                    record.study_instance_uid,
+                    record.modality,
+                    record.body_part,
+                    record.study_description,
+                    record.series_description,
+                    record.expected,
+                    now,
+                    now,
+                ),
+            )
+            return True
+
+    def instance_paths(self, series_instance_uid: str) -> list[Path]:
+        rows = self._query(
+            "SELECT path FROM instances WHERE series_instance_uid = ? ORDER BY path",
+            (series_instance_uid,),
+        )
+        return [Path(r["path"]) for r in rows]
+
+    def series(self, series_instance_uid: str) -> SeriesRecord | None:
+        rows = self._query(
+            "SELECT * FROM series WHERE series_instance_uid = ?", (series_instance_uid,)
+        )
+        return SeriesRecord(**dict(rows[0])) if rows else None
+
+    def receiving_series(self) -> list[SeriesRecord]:
+        """Series with instances that no read has covered yet."""
+        rows = self._query("SELECT * FROM series WHERE state = 'receiving' ORDER BY last_at")
+        return [SeriesRecord(**dict(r)) for r in rows]
+
+    def skip_series(self, series_instance_uid: str, n_read: int, reason: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                """UPDATE series SET state = CASE WHEN n_instances > ? THEN 'receiving'
+                    ELSE 'skipped' END, n_read = ?, reason = ?
+                WHERE series_instance_uid = ?""",
+                (n_read, n_read, reason, series_instance_uid),
+            )
+
+    def queue_series(
+        self,
+        series_instance_uid: str,
+        n_read: int,
+        job_id_for: Callable[[str, int], str],
+        now: float,
+    ) -> JobRecord:
+        """Bump the series version and enqueue its job, in one transaction.
+
+        ``job_id_for`` is called with (series UID, version) and returns the job id.
+        """
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT version FROM series WHERE series_instance_uid = ?",
+                (series_instance_uid,),
+            ).fetchone()
+            version = int(row["version"]) + 1
+            job_id = job_id_for(series_instance_uid, version)
+            db.execute(
+                """UPDATE series SET state = CASE WHEN n_instances > ? THEN 'receiving'
+                    ELSE 'queued' END, n_read = ?, version = ?, reason = ''
+                WHERE series_instance_uid = ?""",
+                (n_read, n_read, version, series_instance_uid),
+            )
+            db.execute(
+                """INSERT OR IGNORE INTO jobs (job_id, series_instance_uid, version, state,
+                    not_before, created_at, updated_at) VALUES (?, ?, ?, 'queued', ?, ?, ?)""",
+                (job_id, series_instance_uid, version, now, now, now),
+            )
+            job = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            return JobRecord(**dict(job))
+
+    # -- jobs -------------------------------------------------------------------
+
+    def job(self, job_id: str) -> JobRecord | None:
+        rows = self._query("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
+        return JobRecord(**dict(rows[0])) if rows else None
+
+    def jobs(self, state: str | None = None) -> list[JobRecord]:
+        if state is None:
+            rows = self._query("SELECT * FROM jobs ORDER BY created_at")
+        else:
+            rows = self._query("SELECT * FROM jobs WHERE state = ? ORDER BY created_at", (state,))
+        return [JobRecord(**dict(r)) for r in rows]
+
+    # -- deliveries ---------------------------------------------------------------
+
+    def deliveries(self, job_id: str | None = None) -> list[DeliveryRecord]:
+        if job_id is None:
+            rows = self._query("SELECT * FROM deliveries ORDER BY created_at")
+        else:
+            rows = self._query(
+                "SELECT * FROM deliveries WHERE job_id = ? ORDER BY destination", (job_id,)
+            )
+        return [DeliveryRecord(**dict(r)) for r in rows]
+
+    def due_deliveries(self, now: float) -> list[DeliveryRecord]:
+        rows = self._query(
+            """SELECT * FROM deliveries WHERE state IN ('pending', 'retry') AND next_at <= ?
+            ORDER BY next_at""",
+            (now,),
+        )
+        return [DeliveryRecord(**dict(r)) for r in rows]
+
+    def finish_delivery(
+        self, job_id: str, destination: str, state: str, reason: str, next_at: float, now: float
+    ) -> None:
+        with self.transaction() as db:
+            db.execute(
+                """UPDATE deliveries SET state = ?, attempts = attempts + 1, reason = ?,
+                    next_at = ?, updated_at = ? WHERE job_id = ? AND destination = ?""",
+                (state, reason, next_at, now, job_id, destination),
+            )
+
+    def requeue_deliveries(self, job_id: str, now: float) -> int:
+        """Parked deliveries of ``job_id`` back to pending with fresh attempts."""
+        with self.transaction() as db:
+            cur = db.execute(
+                """UPDATE deliveries SET state = 'pending', attempts = 0, next_at = ?,
+                    updated_at = ? WHERE job_id = ? AND state = 'parked'""",
+                (now, now, job_id),
+            )
+            return cur.rowcount
+
+    # -- heartbeats and counts ---------------------------------------------------
+
+    def heartbeat(self, name: str, pid: int, now: float) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO heartbeats (name, pid, at) VALUES (?, ?, ?)",
+                (name, pid, now),
+            )
+
+    def heartbeats(self) -> dict[str, tuple[int, float]]:
+        return {
+            r["name"]: (int(r["pid"]), float(r["at"]))
+            for r in self._query("SELECT * FROM heartbeats")
+        }
+
+    def counts(self, table: str) -> dict[str, int]:
+        """Rows per state of ``series``, ``jobs`` or ``deliveries``."""
+        if table not in ("series", "jobs", "deliveries"):
+            raise ValueError(f"table must be series, jobs or deliveries, got {table!r}")
+        rows = self._query(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")
+        return {r["state"]: int(r["n"]) for r in rows}
+
+    def n_instances(self) -> int:
+        return int(self._query("SELECT COUNT(*) AS n FROM instances")[0]["n"])
