@@ -847,6 +847,7 @@ def write_series(
     tilt_deg: float = 0.0,
     file_names: Literal["instance", "rsna"] = "instance",
     shuffle_instance_numbers: bool = False,
+    taken_ids: set[str] | None = None,
 ) -> PhantomSeries:
     """Write one phantom study (one axial CT series) as DICOM files.
 
@@ -866,6 +867,10 @@ def write_series(
     shuffle_instance_numbers : bool
         Give InstanceNumbers in a random order, unrelated to position, to check that a
         reader orders slices by position.
+    taken_ids : set of str, optional
+        With ``file_names="rsna"``: image ids already used in ``out_dir``, updated in
+        place. 9 hex digits collide (birthday bound) in large datasets; a taken id is
+        re-derived with a counter, deterministically for a given writing order.
 
     Returns
     -------
@@ -956,7 +961,13 @@ def write_series(
         if file_names == "instance":
             name = f"IM_{int(numbers[k]):04d}.dcm"
         else:
-            name = _rsna_id(*key, k) + ".dcm"
+            taken = taken_ids if taken_ids is not None else set()
+            image_id, salt = _rsna_id(*key, k), 0
+            while image_id in taken:
+                salt += 1
+                image_id = _rsna_id(*key, k, salt)
+            taken.add(image_id)
+            name = image_id + ".dcm"
         path = out_dir / name
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -1044,6 +1055,7 @@ def write_dataset(
     label_counts = dict.fromkeys(LABELS, 0)
     n_images = n_positive = 0
     truth_rows: list[list[object]] = []
+    taken_ids: set[str] = set()
     csv_path = out / "stage_2_train.csv"
     with csv_path.open("w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
@@ -1063,6 +1075,7 @@ def write_dataset(
                 matrix=matrix,
                 tilt_deg=tilt,
                 file_names="rsna",
+                taken_ids=taken_ids,
             )
             labels = series.volume.slice_labels()
             for path, row in zip(series.paths, labels, strict=True):
