@@ -1,0 +1,471 @@
+"""Grad-CAM heatmaps as a Secondary Capture series a radiologist opens in any viewer.
+
+Each image is the source slice at its own resolution in the brain window, with the
+Grad-CAM map blended in a turbo-like colour scale where it is strong, a colour
+legend and burned-in text: the suspected subtype(s) with their probability on that
+slice, the model's name and version, and "AI result - not for diagnosis". Built with
+highdicom's :class:`highdicom.sc.SCImage` (PS3.3 A.8.1 Secondary Capture Image IOD),
+which writes the modules the IOD needs and validates pixel encodings.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.sr.coding import Code
+
+from ich_node.bundle import ModelCard
+from ich_node.explain import SliceExplanation
+from ich_node.imaging import CTSlice, Window
+from ich_node.inference import Prediction
+
+#: The window the overlay's grey background is shown in.
+BRAIN_WINDOW = Window("brain", 40, 80)
+SERIES_DESCRIPTION = "ICH AI heatmaps"
+NOT_FOR_DIAGNOSIS = "AI result - not for diagnosis"
+DEMO_LINE = "DEMO - synthetic training data"
+MANUFACTURER = "ich-node"
+#: PS3.16 CID 7005 "Contributing Equipment Purposes of Reference": DCM 109103.
+PROCESSING_ALGORITHM = Code("109103", "DCM", "Processing Algorithm")
+
+#: Cam values below this are not coloured at all; alpha ramps up to ``_ALPHA_MAX``.
+_CAM_FLOOR = 0.25
+_CAM_FULL = 0.6
+_ALPHA_MAX = 0.55
+
+
+@dataclass(frozen=True, slots=True)
+class HeatmapImage:
+    """One rendered heatmap and the slice it was drawn on.
+
+    Attributes
+    ----------
+    index : int
+        Slice index in series order.
+    rgb : numpy.ndarray
+        (rows, columns, 3) uint8 RGB at the source slice's resolution.
+    labels : tuple of str
+        Labels explained on this slice (empty when no overlay was drawn).
+    """
+
+    index: int
+    rgb: np.ndarray
+    labels: tuple[str, ...]
+
+
+def turbo(x: np.ndarray) -> np.ndarray:
+    """Turbo-like colour map (Mikhailov's polynomial fit of Google's Turbo).
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        (...) float values in [0, 1] (clipped).
+
+    Returns
+    -------
+    numpy.ndarray
+        (..., 3) float32 RGB in [0, 1].
+    """
+    t = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
+    r = 0.13572138 + t * (
+        4.61539260 + t * (-42.66032258 + t * (132.13108234 + t * (-152.94239396 + t * 59.28637943)))
+    )
+    g = 0.09140261 + t * (
+        2.19418839 + t * (4.84296658 + t * (-14.18503333 + t * (4.27729857 + t * 2.82956604)))
+    )
+    b = 0.10667330 + t * (
+        12.64194608 + t * (-60.58204836 + t * (110.36276771 + t * (-89.90310912 + t * 27.34824973)))
+    )
+    return np.clip(np.stack([r, g, b], axis=-1), 0.0, 1.0).astype(np.float32)
+
+
+def cam_to_source(cam: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """Map a model-input-sized cam back onto the source slice's pixel grid.
+
+    Undoes :func:`ich_node.imaging.resize`: the slice was centred in a
+    ``max(rows, columns)`` square, then resized to the model input size.
+
+    Parameters
+    ----------
+    cam : numpy.ndarray
+        (size, size) float32 in [0, 1].
+    rows, columns : int
+        Source matrix.
+
+    Returns
+    -------
+    numpy.ndarray
+        (rows, columns) float32 in [0, 1].
+    """
+    cam = np.asarray(cam, dtype=np.float32)
+    if cam.ndim != 2 or cam.shape[0] != cam.shape[1]:
+        raise ValueError(f"cam must have shape (size, size), got {cam.shape}")
+    side = max(rows, columns)
+    square = np.asarray(Image.fromarray(cam).resize((side, side), Image.Resampling.BILINEAR))
+    top, left = (side - rows) // 2, (side - columns) // 2
+    return np.clip(square[top : top + rows, left : left + columns], 0.0, 1.0).astype(np.float32)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow built without FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(
+    draw: ImageDraw.ImageDraw,
+    text: str,
+    font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+    width: int,
+) -> list[str]:
+    """Split ``text`` into lines no wider than ``width`` pixels."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        trial = f"{current} {word}".strip()
+        if current and draw.textlength(trial, font=font) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = trial
+    if current:
+        lines.append(current)
+    return lines
+
+
+def render_overlay(
+    hu: np.ndarray,
+    cam: np.ndarray | None,
+    text: Sequence[str],
+) -> np.ndarray:
+    """Draw one heatmap image.
+
+    Parameters
+    ----------
+    hu : numpy.ndarray
+        (rows, columns) float32 HU of the source slice.
+    cam : numpy.ndarray or None
+        (rows, columns) float32 in [0, 1] on the same grid (see
+        :func:`cam_to_source`); None draws the brain window and text only.
+    text : sequence of str
+        Lines burned in at the top left (wrapped to the image width).
+
+    Returns
+    -------
+    numpy.ndarray
+        (rows, columns, 3) uint8 RGB.
+    """
+    hu = np.asarray(hu, dtype=np.float32)
+    rows, columns = hu.shape
+    low = BRAIN_WINDOW.center - BRAIN_WINDOW.width / 2
+    grey = np.clip((hu - low) / BRAIN_WINDOW.width, 0.0, 1.0)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    if cam is not None:
+        if cam.shape != hu.shape:
+            raise ValueError(f"cam shape {cam.shape} differs from the slice's {hu.shape}")
+        alpha = _ALPHA_MAX * np.clip((cam - _CAM_FLOOR) / (_CAM_FULL - _CAM_FLOOR), 0.0, 1.0)
+        rgb = (1.0 - alpha[..., None]) * rgb + alpha[..., None] * turbo(cam)
+    image = Image.fromarray(np.round(rgb * 255.0).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    font_size = max(9, min(rows, columns) // 36)
+    font = _font(font_size)
+    margin = max(2, font_size // 3)
+    # Colour legend: a vertical bar at the right edge, 1 at the top.
+    bar_w = max(4, columns // 48)
+    bar_h = rows // 3
+    x0, y0 = columns - bar_w - margin, margin + font_size + 2
+    ramp = turbo(np.linspace(1.0, 0.0, bar_h))[:, None, :].repeat(bar_w, axis=1)
+    image.paste(Image.fromarray(np.round(ramp * 255).astype(np.uint8)), (x0, y0))
+    draw.rectangle((x0 - 1, y0 - 1, x0 + bar_w, y0 + bar_h), outline=(255, 255, 255))
+    for label, y in (("high", y0 - font_size - 1), ("low", y0 + bar_h + 2)):
+        w = draw.textlength(label, font=font)
+        draw.text((columns - margin - w, y), label, fill=(255, 255, 255), font=font)
+    # Burned-in text with a dark outline so it reads on any background.
+    y = margin
+    width = columns - bar_w - 3 * margin - int(draw.textlength("high", font=font))
+    for line in text:
+        for part in _wrap(draw, line, font, max(width, 40)):
+            draw.text(
+                (margin, y),
+                part,
+                fill=(255, 255, 0),
+                font=font,
+                stroke_width=1,
+                stroke_fill=(0, 0, 0),
+            )
+            y += font_size + 2
+    return np.asarray(image, dtype=np.uint8)
+
+
+def slice_text(
+    prediction: Prediction, card: ModelCard, index: int, labels: Sequence[str]
+) -> list[str]:
+    """The lines burned into the heatmap of slice ``index``."""
+    probabilities = prediction.findings.slices[index].probabilities
+    if labels:
+        found = ", ".join(f"{label} p={probabilities[label]:.2f}" for label in labels)
+        head = f"Suspected: {found}"
+    else:
+        head = f"No positive label on this slice (any p={probabilities['any']:.2f})"
+    lines = [head, f"{card.name} {card.version}", NOT_FOR_DIAGNOSIS]
+    if card.demo:
+        lines.append(DEMO_LINE)
+    return lines
+
+
+def render_heatmaps(
+    prediction: Prediction,
+    explanations: Sequence[SliceExplanation],
+    card: ModelCard,
+    *,
+    which: str = "positive",
+) -> tuple[HeatmapImage, ...]:
+    """Render the images of the heatmap series, in series order.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        ``prediction.hu`` (S, rows, columns) float32 HU gives the background.
+    explanations : sequence of SliceExplanation
+        From :func:`ich_node.explain.explain`.
+    card : ModelCard
+        Names the model in the burned-in text.
+    which : {"positive", "all", "none"}
+        ``positive``: one image per explained slice; ``all``: one per slice
+        (slices without an explanation get no overlay); ``none``: no images.
+    """
+    if which not in ("positive", "all", "none"):
+        raise ValueError(f"which must be 'positive', 'all' or 'none', got {which!r}")
+    if which == "none":
+        return ()
+    by_index = {e.index: e for e in explanations}
+    indices = range(len(prediction.hu)) if which == "all" else sorted(by_index)
+    out: list[HeatmapImage] = []
+    for i in indices:
+        hu = prediction.hu[i]
+        e = by_index.get(i)
+        cam = cam_to_source(e.cam, *hu.shape) if e is not None else None
+        labels = e.labels if e is not None else ()
+        rgb = render_overlay(hu, cam, slice_text(prediction, card, i, labels))
+        out.append(HeatmapImage(index=i, rgb=rgb, labels=labels))
+    return tuple(out)
+
+
+def _patient_orientation(src: CTSlice) -> tuple[str, str]:
+    """PatientOrientation (0020,0020) letters of the row and column directions.
+
+    PS3.3 C.7.6.1.1.1: the main (largest) component of each direction cosine.
+    """
+    letters = (("L", "R"), ("P", "A"), ("H", "F"))
+    out = []
+    for cosines in (src.image_orientation[:3], src.image_orientation[3:]):
+        axis = int(np.argmax(np.abs(cosines)))
+        out.append(letters[axis][0] if cosines[axis] > 0 else letters[axis][1])
+    return out[0], out[1]
+
+
+def contributing_equipment(card: ModelCard) -> hd.ContributingEquipment:
+    """ich-node and its model as the processing algorithm (PS3.3 C.12.1.1.7)."""
+    return hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=PROCESSING_ALGORITHM,
+        manufacturer_model_name=card.name[:64],
+        software_versions=card.version[:64],
+        contribution_description=f"Grad-CAM of {card.display_name}"[:1024],
+    )
+
+
+def build_heatmap_series(
+    prediction: Prediction,
+    images: Sequence[HeatmapImage],
+    card: ModelCard,
+    study: pydicom.Dataset,
+    *,
+    series_instance_uid: str,
+    sop_instance_uids: Sequence[str],
+    series_number: int = 9901,
+) -> tuple[pydicom.Dataset, ...]:
+    """Encode rendered heatmaps as Secondary Capture images of the source study.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        Gives the source slices (UIDs, pixel spacing, orientation).
+    images : sequence of HeatmapImage
+        From :func:`render_heatmaps`, in series order; InstanceNumber follows it.
+    card : ModelCard
+        The model, named in Manufacturer's Model Name and Contributing Equipment.
+    study : pydicom.Dataset
+        The patient and study attributes to copy (and nothing else of the
+        patient): PatientName, PatientID, PatientBirthDate, PatientSex,
+        StudyInstanceUID, StudyDate, StudyTime, StudyID, AccessionNumber,
+        ReferringPhysicianName.
+    series_instance_uid : str
+        New series UID.
+    sop_instance_uids : sequence of str
+        One new SOP Instance UID per image.
+    series_number : int
+        SeriesNumber (0020,0011).
+
+    Returns
+    -------
+    tuple of pydicom.Dataset
+        Secondary Capture Image Storage instances.
+    """
+    if len(sop_instance_uids) != len(images):
+        raise ValueError(
+            f"sop_instance_uids has {len(sop_instance_uids)} UIDs for {len(images)} images"
+        )
+    out: list[pydicom.Dataset] = []
+    for number, (image, uid) in enumerate(zip(images, sop_instance_uids, strict=True), start=1):
+        src = prediction.series.slices[image.index]
+        sc = hd.sc.SCImage(
+            pixel_array=image.rgb,
+            photometric_interpretation="RGB",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            study_instance_uid=str(study.StudyInstanceUID),
+            series_instance_uid=series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=uid,
+            instance_number=number,
+            manufacturer=MANUFACTURER,
+            patient_id=study.get("PatientID"),
+            patient_name=study.get("PatientName"),
+            patient_birth_date=study.get("PatientBirthDate"),
+            patient_sex=study.get("PatientSex") or None,
+            accession_number=study.get("AccessionNumber"),
+            study_id=study.get("StudyID"),
+            study_date=study.get("StudyDate") or None,
+            study_time=study.get("StudyTime") or None,
+            referring_physician_name=study.get("ReferringPhysicianName"),
+            pixel_spacing=src.pixel_spacing,
+            patient_orientation=_patient_orientation(src),
+            series_description=SERIES_DESCRIPTION,
+            manufacturer_model_name=card.name[:64],
+            software_versions=card.version[:64],
+            contributing_equipment=[contributing_equipment(card)],
+        )
+        # General Image (PS3.3 C.7.6.1): the text and colours are part of the pixels.
+        sc.BurnedInAnnotation = "YES"
+        # General Series (PS3.3 C.7.3.1): Laterality is Type 2C, required only for a
+        # paired body part; naming the (unpaired) head says why it is absent.
+        sc.BodyPartExamined = "HEAD"
+        sc.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
+        sc.DerivationDescription = (
+            f"Grad-CAM of {card.name} {card.version} on the brain window "
+            f"(C{BRAIN_WINDOW.center:g}/W{BRAIN_WINDOW.width:g})"
+        )[:1024]
+        source = pydicom.Dataset()
+        source.ReferencedSOPClassUID = src.sop_class_uid
+        source.ReferencedSOPInstanceUID = src.sop_instance_uid
+        sc.SourceImageSequence = [source]
+        # SC Image module (PS3.3 C.8.6.2): the source pixel spacing, so measuring works.
+        sc.NominalScannedPixelSpacing = sc.PixelSpacing
+        sc.PixelSpacingCalibrationType = "GEOMETRY"
+        sc.PixelSpacingCalibrationDescription = "Pixel spacing of the source CT slice"
+        sc.ImageComments = ", ".join(image.labels) if image.labels else "no overlay"
+        out.append(sc)
+    return tuple(out)
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """(rows, columns, 3) uint8 RGB -> PNG file bytes (previews for non-DICOM users)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def build_parametric_map(
+    prediction: Prediction,
+    explanations: Sequence[SliceExplanation],
+    card: ModelCard,
+    evidence: Sequence[pydicom.Dataset],
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int = 9902,
+) -> pydicom.Dataset:
+    """The Grad-CAM values as a float Parametric Map (PS3.3 A.75), one frame per slice explained.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        Gives the source slices' geometry.
+    explanations : sequence of SliceExplanation
+        Non-empty, in slice order.
+    card : ModelCard
+        The model.
+    evidence : sequence of pydicom.Dataset
+        Reference datasets of every source slice (see
+        :func:`ich_node.results.source_evidence`), the first with the patient and
+        study attributes.
+    series_instance_uid, sop_instance_uid : str
+        New UIDs.
+    series_number : int
+        SeriesNumber (0020,0011).
+    """
+    if not explanations:
+        raise ValueError("explanations must not be empty")
+    slices = prediction.series.slices
+    rows, columns = prediction.hu.shape[1:]
+    frames = np.stack([cam_to_source(e.cam, rows, columns) for e in explanations]).astype(
+        np.float32
+    )  # (F, rows, columns) float32 in [0, 1]
+    first = slices[explanations[0].index]
+    spacing = prediction.series.slice_spacing_mm
+    thickness = float(np.median(spacing)) if spacing else 1.0
+    # The explained slices as source images; the rest of the series as further sources.
+    explained = {e.index for e in explanations}
+    sources = [evidence[0]] + [evidence[e.index] for e in explanations if e.index != 0]
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label="GRADCAM",
+        lut_explanation=f"Grad-CAM of {card.name} {card.version}"[:64],
+        unit=Code("1", "UCUM", "no units"),
+        value_range=(0.0, 1.0),
+        slope=1.0,
+        intercept=0.0,
+    )
+    pm = hd.pm.ParametricMap(
+        source_images=sources,
+        pixel_array=frames,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=card.name[:64],
+        software_versions=card.version[:64],
+        device_serial_number=card.sha256[:16] or "unknown",
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[mapping],
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
+        pixel_measures=hd.PixelMeasuresSequence(
+            pixel_spacing=first.pixel_spacing,
+            slice_thickness=thickness,
+        ),
+        plane_orientation=hd.PlaneOrientationSequence(
+            coordinate_system="PATIENT", image_orientation=first.image_orientation
+        ),
+        plane_positions=[
+            hd.PlanePositionSequence(
+                coordinate_system="PATIENT",
+                image_position=slices[e.index].image_position,
+            )
+            for e in explanations
+        ],
+        content_label="GRADCAM",
+        content_description=f"Grad-CAM of {card.name} {card.version}"[:64],
+        series_description="ICH AI Grad-CAM map",
+        contributing_equipment=[contributing_equipment(card)],
+        further_source_images=[ev for i, ev in enumerate(evidence) if i not in explained and i],
+    )
+    pm.BodyPartExamined = "HEAD"  # unpaired: Laterality (Type 2C) is not required
+    return pm

@@ -1,0 +1,337 @@
+"""Everything sent back to the PACS for one series: SR, heatmaps, parametric map.
+
+:func:`build_results` runs Grad-CAM on the positive slices, renders the heatmap
+series and encodes the TID 1500 SR from the same :class:`SeriesFindings` object
+that ``findings.json`` is written from, so the three always agree.
+
+UIDs are derived (PS3.5 B.2, ``2.25.<hash>``) from the source series' instances,
+the model's weights checksum and the options: running the same model on the same
+images again gives the same UIDs, so a job re-run after a crash replaces its
+earlier outputs in the PACS instead of duplicating them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Literal
+
+import pydicom
+import structlog
+from pydicom.uid import RE_VALID_UID, generate_uid
+
+from ich_node.explain import explain
+from ich_node.heatmaps import (
+    build_heatmap_series,
+    build_parametric_map,
+    png_bytes,
+    render_heatmaps,
+)
+from ich_node.inference import Classifier, Prediction
+from ich_node.labels import LABELS
+from ich_node.sr import build_sr
+
+log = structlog.get_logger(__name__)
+
+#: The patient and study attributes copied from the source into every output
+#: (Patient and General Study modules, PS3.3 C.7.1.1 and C.7.2.1); nothing else of
+#: the patient is copied.
+STUDY_KEYWORDS: Final[tuple[str, ...]] = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+#: Equipment of the source, kept so the SR's Contributing Equipment names the scanner.
+_EQUIPMENT_KEYWORDS: Final[tuple[str, ...]] = ("Manufacturer", "ManufacturerModelName")
+
+
+class ResultsSkipped(Exception):
+    """DICOM results cannot be built for this series; ``reason`` says why.
+
+    Parameters
+    ----------
+    reason : str
+        Why, for logs and the job record (never contains patient data).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ResultOptions:
+    """What to build besides the SR.
+
+    Attributes
+    ----------
+    heatmaps : {"positive", "all", "none"}
+        ``positive``: a heatmap image per explained slice; ``all``: one per slice
+        (overlay only where explained); ``none``: no heatmap series.
+    negative_top_slices : int
+        For a negative series, explain this many slices with the highest ``any``
+        probability (0: none).
+    parametric_map : bool
+        Also encode the Grad-CAM values as a Parametric Map (float32, one frame per
+        explained slice).
+    """
+
+    heatmaps: Literal["positive", "all", "none"] = "positive"
+    negative_top_slices: int = 0
+    parametric_map: bool = False
+
+    def __post_init__(self) -> None:
+        if self.heatmaps not in ("positive", "all", "none"):
+            raise ValueError(f"heatmaps must be 'positive', 'all' or 'none', got {self.heatmaps!r}")
+        if not isinstance(self.negative_top_slices, int) or self.negative_top_slices < 0:
+            raise ValueError(
+                f"negative_top_slices must be an int >= 0, got {self.negative_top_slices!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class ResultSet:
+    """The DICOM outputs of one series, and PNG previews of the heatmaps.
+
+    Attributes
+    ----------
+    sr : pydicom.Dataset
+        Comprehensive 3D SR (TID 1500).
+    heatmaps : tuple of pydicom.Dataset
+        Secondary Capture images, InstanceNumber 1..n in spatial order.
+    parametric_map : pydicom.Dataset or None
+        Grad-CAM Parametric Map when asked for and there was something to explain.
+    previews : tuple of (str, bytes)
+        (file name, PNG bytes), one per heatmap, same order and number.
+    """
+
+    sr: pydicom.Dataset
+    heatmaps: tuple[pydicom.Dataset, ...]
+    parametric_map: pydicom.Dataset | None
+    previews: tuple[tuple[str, bytes], ...] = field(default=())
+
+    def datasets(self) -> tuple[pydicom.Dataset, ...]:
+        """All instances in sending order: referenced images first, the SR last."""
+        pm = (self.parametric_map,) if self.parametric_map is not None else ()
+        return (*self.heatmaps, *pm, self.sr)
+
+
+def _valid_uid(uid: str) -> bool:
+    return bool(uid) and len(uid) <= 64 and RE_VALID_UID.match(uid) is not None
+
+
+def check_source(prediction: Prediction) -> None:
+    """Raise :class:`ResultsSkipped` when the source cannot be referenced in DICOM."""
+    series = prediction.series
+    if not series.uids_valid:
+        raise ResultsSkipped(
+            "the source's Study, Series or SOP Instance UIDs are not valid DICOM UIDs "
+            "(PS3.5 9.1), as in RSNA's anonymised research files; outputs in the same "
+            "study could not reference them"
+        )
+    uids = [series.study_instance_uid, series.series_instance_uid]
+    uids += [s.sop_instance_uid for s in series.slices]
+    uids += [s.sop_class_uid for s in series.slices]
+    bad = [u for u in uids if not _valid_uid(u)]
+    if bad:
+        raise ResultsSkipped(f"{len(bad)} source UIDs are not valid DICOM UIDs (PS3.5 9.1)")
+    if not series.slices:
+        raise ResultsSkipped("the series has no slices")
+
+
+def study_attributes(prediction: Prediction) -> pydicom.Dataset:
+    """The patient and study attributes (:data:`STUDY_KEYWORDS`) of the source.
+
+    Read from the first slice's header. Absent Type 2 attributes stay empty.
+    """
+    first = prediction.series.slices[0]
+    header = pydicom.dcmread(first.path, stop_before_pixels=True)
+    study = pydicom.Dataset()
+    for keyword in STUDY_KEYWORDS:  # all Type 2 or 1: present, empty when unknown
+        setattr(study, keyword, header.get(keyword, ""))
+    for keyword in _EQUIPMENT_KEYWORDS:
+        if header.get(keyword):
+            setattr(study, keyword, header.get(keyword))
+    study.StudyInstanceUID = prediction.series.study_instance_uid
+    return study
+
+
+def source_evidence(prediction: Prediction, study: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """One reference dataset per source slice, the first also holding ``study``.
+
+    highdicom copies the patient and study modules from the first evidence item,
+    so it is built from :data:`STUDY_KEYWORDS` only.
+    """
+    gaps = prediction.series.slice_spacing_mm
+    # The thickness a frame of the parametric map stands for: the slice spacing.
+    thickness = float(sorted(gaps)[len(gaps) // 2]) if gaps else 1.0
+    out = []
+    for i, s in enumerate(prediction.series.slices):
+        ds = pydicom.Dataset()
+        if i == 0:
+            ds.update(study)
+        ds.StudyInstanceUID = prediction.series.study_instance_uid
+        ds.SeriesInstanceUID = prediction.series.series_instance_uid
+        ds.SOPClassUID = s.sop_class_uid
+        ds.SOPInstanceUID = s.sop_instance_uid
+        ds.Modality = "CT"
+        # Geometry, for the parametric map's frame references.
+        ds.Rows, ds.Columns = s.rows, s.columns
+        if prediction.series.frame_of_reference_uid:
+            ds.FrameOfReferenceUID = prediction.series.frame_of_reference_uid
+        ds.ImagePositionPatient = list(s.image_position)
+        ds.ImageOrientationPatient = list(s.image_orientation)
+        ds.PixelSpacing = list(s.pixel_spacing)
+        ds.SliceThickness = round(thickness, 4)
+        out.append(ds)
+    return out
+
+
+class _Uids:
+    """Derived UIDs: the same inputs always give the same UIDs."""
+
+    def __init__(self, prediction: Prediction, classifier: Classifier, options: ResultOptions):
+        digest = hashlib.sha256()
+        for s in prediction.series.slices:
+            digest.update(s.sop_instance_uid.encode())
+        self._key = [
+            "ich-node results v1",
+            prediction.series.series_instance_uid,
+            digest.hexdigest(),
+            classifier.card.sha256,
+            repr(options),
+        ]
+
+    def __call__(self, *role: object) -> str:
+        return str(generate_uid(prefix=None, entropy_srcs=[*self._key, *map(str, role)]))
+
+
+def build_results(
+    prediction: Prediction,
+    classifier: Classifier,
+    options: ResultOptions = ResultOptions(),
+) -> ResultSet:
+    """Build the SR, the heatmap series and (optionally) the parametric map.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        From ``classifier.predict_series``.
+    classifier : Classifier
+        The classifier that made ``prediction`` (Grad-CAM runs on its device).
+    options : ResultOptions
+        What to build besides the SR.
+
+    Returns
+    -------
+    ResultSet
+
+    Raises
+    ------
+    ResultsSkipped
+        When the source cannot be referenced in DICOM (invalid UIDs).
+    """
+    check_source(prediction)
+    card = classifier.card
+    uid = _Uids(prediction, classifier, options)
+    study = study_attributes(prediction)
+    evidence = source_evidence(prediction, study)
+
+    need_cams = options.heatmaps != "none" or options.parametric_map
+    explanations = (
+        explain(prediction, classifier, negative_top_slices=options.negative_top_slices)
+        if need_cams
+        else ()
+    )
+    images = render_heatmaps(prediction, explanations, card, which=options.heatmaps)
+    heatmaps = build_heatmap_series(
+        prediction,
+        images,
+        card,
+        study,
+        series_instance_uid=uid("heatmap series"),
+        sop_instance_uids=[uid("heatmap", image.index) for image in images],
+    )
+    previews = tuple((f"{n}.png", png_bytes(image.rgb)) for n, image in enumerate(images, 1))
+
+    parametric_map = None
+    if options.parametric_map and explanations:
+        parametric_map = build_parametric_map(
+            prediction,
+            explanations,
+            card,
+            evidence,
+            series_instance_uid=uid("parametric map series"),
+            sop_instance_uid=uid("parametric map"),
+        )
+    pm = [parametric_map] if parametric_map is not None else []
+    sr = build_sr(
+        prediction.findings,
+        prediction.series,
+        card,
+        [*evidence, *heatmaps, *pm],
+        series_instance_uid=uid("sr series"),
+        sop_instance_uid=uid("sr"),
+        device_uid=str(generate_uid(prefix=None, entropy_srcs=["ich-node device", card.sha256])),
+        tracking_uids=[uid("tracking", label) for label in LABELS],
+    )
+    log.info(
+        "results.built",
+        series_uid=prediction.series.series_instance_uid,
+        positive=list(prediction.findings.positive_labels),
+        heatmaps=len(heatmaps),
+        parametric_map=parametric_map is not None,
+    )
+    return ResultSet(sr=sr, heatmaps=heatmaps, parametric_map=parametric_map, previews=previews)
+
+
+def _write_atomic(path: Path, data: bytes | pydicom.Dataset) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        data.save_as(tmp, enforce_file_format=True)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def write_results(results: ResultSet, out_dir: Path) -> list[Path]:
+    """Write the results as files.
+
+    Layout: ``out_dir/sr.dcm``, ``out_dir/heatmaps/<n>.dcm`` with ``<n>.png``
+    previews (n = InstanceNumber), ``out_dir/parametric_map.dcm``.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    if results.heatmaps:
+        folder = out_dir / "heatmaps"
+        folder.mkdir(exist_ok=True)
+        for ds, (name, png) in zip(results.heatmaps, results.previews, strict=True):
+            path = folder / f"{int(ds.InstanceNumber)}.dcm"
+            _write_atomic(path, ds)
+            _write_atomic(folder / name, png)
+            written += [path, folder / name]
+    if results.parametric_map is not None:
+        path = out_dir / "parametric_map.dcm"
+        _write_atomic(path, results.parametric_map)
+        written.append(path)
+    path = out_dir / "sr.dcm"
+    _write_atomic(path, results.sr)
+    written.append(path)
+    return written

@@ -1,0 +1,269 @@
+"""The AI result as a DICOM Structured Report: TID 1500 in the IHE AI Results shape.
+
+One Comprehensive 3D SR (PS3.3 A.35.13) per series, built with highdicom::
+
+    Imaging Measurement Report (TID 1500)
+      Language, Observer Context: device "ich-node" (TID 1004), Procedure: CT head
+      Imaging Measurements
+        Measurement Group (TID 1501), one per label (any + five subtypes)
+          Tracking Identifier / UID, Finding: <hemorrhage code>
+          Algorithm Name / Version / Parameters (TID 4019)
+          Probability (DCM 122157) = p {probability}
+          <hemorrhage code> = Present | Absent
+          Source image (one per slice the finding rests on; positive findings only)
+      Qualitative Evaluations
+        Comment: plain-text summary ("AI triage result, not a diagnosis. ...")
+
+The probabilities and the Present/Absent values are those of
+:class:`ich_node.findings.SeriesFindings`, the very object ``findings.json`` is
+written from. Codes and their sources are listed in ``docs/results.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+import highdicom as hd
+import pydicom
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from ich_node.bundle import ModelCard
+from ich_node.findings import SeriesFindings
+from ich_node.heatmaps import MANUFACTURER, contributing_equipment
+from ich_node.imaging import CTSeries
+from ich_node.labels import LABELS
+
+SERIES_DESCRIPTION: Final = "ICH AI results"
+
+#: Finding codes per label. SNOMED CT where the concept ID is certain; the private
+#: scheme 99ICH (PS3.16 8.1: "99" prefix) where it is not (see docs/results.md).
+FINDING_CODES: Final[dict[str, Code]] = {
+    "any": Code("1386000", "SCT", "Intracranial hemorrhage"),
+    "epidural": Code("EDH", "99ICH", "Epidural hemorrhage"),
+    "intraparenchymal": Code("274100004", "SCT", "Cerebral hemorrhage"),
+    "intraventricular": Code("IVH", "99ICH", "Intraventricular hemorrhage"),
+    "subarachnoid": Code("21454007", "SCT", "Subarachnoid hemorrhage"),
+    "subdural": Code("35486000", "SCT", "Subdural hemorrhage"),
+}
+PRESENT: Final = Code("52101004", "SCT", "Present")
+ABSENT: Final = Code("2667000", "SCT", "Absent")
+PROBABILITY: Final = Code("122157", "DCM", "Probability")
+#: UCUM annotation: a dimensionless probability in [0, 1].
+PROBABILITY_UNIT: Final = Code("{probability}", "UCUM", "probability")
+#: LOINC 24725-4 "CT Head" (PS3.16 CID 100 lists LOINC procedure codes).
+PROCEDURE_CT_HEAD: Final = Code("24725-4", "LN", "CT Head")
+QUALITATIVE_EVALUATIONS: Final = Code("C0034375", "UMLS", "Qualitative Evaluations")
+COMMENT: Final = Code("121106", "DCM", "Comment")
+
+#: PS3.16 8.1: a private coding scheme is identified in the Coding Scheme
+#: Identification Sequence (0008,0110) of the SOP Common module.
+_PRIVATE_SCHEME = CodingSchemeIdentificationItem(
+    designator="99ICH",
+    name="ich-node private codes",
+    responsible_organization="ich-node project",
+)
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """1-based slice numbers as compact ranges: [11, 12, 13, 15] -> '12-14, 16'."""
+    numbers = sorted(i + 1 for i in indices)
+    parts: list[str] = []
+    start = prev = None
+    for n in [*numbers, None]:
+        if start is None:
+            start = prev = n
+            continue
+        if n is not None and prev is not None and n == prev + 1:
+            prev = n
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        start = prev = n
+    return ", ".join(parts)
+
+
+def summary_text(findings: SeriesFindings, card: ModelCard) -> str:
+    """The plain-text summary a radiologist reads in any viewer.
+
+    Slice numbers count from 1 in the series' spatial order (inferior to superior);
+    the text says so, because the source's InstanceNumbers may count otherwise.
+    """
+    head = f"AI triage result, not a diagnosis. Model {card.name} {card.version}."
+    if findings.series["any"].positive:
+        parts = []
+        subtypes = [label for label in LABELS[1:] if findings.series[label].positive]
+        for label in subtypes or ["any"]:
+            name = "hemorrhage (type unspecified)" if label == "any" else label
+            p = findings.series[label].probability
+            where = _ranges(findings.positive_slices(label))
+            parts.append(f"{name} (p={p:.2f}) on slices {where}")
+        body = (
+            "Suspected intracranial hemorrhage: "
+            + "; ".join(parts)
+            + f" (slices numbered 1-{findings.n_slices} inferior to superior)."
+        )
+    else:
+        p = findings.series["any"].probability
+        t = findings.series["any"].threshold
+        body = f"No hemorrhage detected (highest p={p:.2f}, threshold {t:.2f})."
+    text = f"{head} {body}"
+    if card.demo:
+        text += " DEMO model trained on synthetic data - not for clinical use."
+    return text
+
+
+def algorithm_identification(card: ModelCard) -> hd.sr.AlgorithmIdentification:
+    """TID 4019: the model's name, version and the parameters that shape its output."""
+    parameters = [
+        f"architecture={card.arch}",
+        f"input_size={card.input_size}",
+        "windows=" + ";".join(f"{w.name}:{w.center:g}/{w.width:g}" for w in card.windows),
+        "thresholds=" + ";".join(f"{label}:{card.thresholds[label]:g}" for label in LABELS),
+        f"weights_sha256={card.sha256}",
+    ]
+    if card.demo:
+        parameters.append("demo=true (trained on synthetic phantoms)")
+    return hd.sr.AlgorithmIdentification(
+        name=card.name[:64], version=card.version[:64], parameters=parameters
+    )
+
+
+def measurement_groups(
+    findings: SeriesFindings,
+    series: CTSeries,
+    card: ModelCard,
+    *,
+    tracking_uids: Sequence[str],
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """One TID 1501 group per label, in :data:`LABELS` order."""
+    if len(tracking_uids) != len(LABELS):
+        raise ValueError(f"tracking_uids must hold {len(LABELS)} UIDs, got {len(tracking_uids)}")
+    algorithm = algorithm_identification(card)
+    groups = []
+    for label, uid in zip(LABELS, tracking_uids, strict=True):
+        result = findings.series[label]
+        code = FINDING_CODES[label]
+        sources = None
+        if result.positive:
+            sources = [
+                hd.sr.SourceImageForMeasurementGroup(
+                    referenced_sop_class_uid=series.slices[i].sop_class_uid,
+                    referenced_sop_instance_uid=series.slices[i].sop_instance_uid,
+                )
+                for i in findings.positive_slices(label)
+            ]
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=f"ICH AI {label}"),
+                finding_type=code,
+                algorithm_id=algorithm,
+                measurements=[
+                    hd.sr.Measurement(
+                        name=PROBABILITY,
+                        value=result.probability,
+                        unit=PROBABILITY_UNIT,
+                    )
+                ],
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(
+                        name=code, value=PRESENT if result.positive else ABSENT
+                    )
+                ],
+                source_images=sources,
+            )
+        )
+    return groups
+
+
+def build_sr(
+    findings: SeriesFindings,
+    series: CTSeries,
+    card: ModelCard,
+    evidence: Sequence[pydicom.Dataset],
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    device_uid: str,
+    tracking_uids: Sequence[str],
+    series_number: int = 9900,
+) -> hd.sr.Comprehensive3DSR:
+    """Build the SR of one series.
+
+    Parameters
+    ----------
+    findings : SeriesFindings
+        The numbers reported (also written to ``findings.json``).
+    series : CTSeries
+        The source series (slice SOP Class/Instance UIDs, spatial order).
+    card : ModelCard
+        The model.
+    evidence : sequence of pydicom.Dataset
+        Every instance the SR rests on or points to, first the source slices
+        (whose first item gives the patient and study attributes, and should hold
+        nothing else of the patient), then heatmaps and the parametric map. All go
+        to the Current Requested Procedure Evidence Sequence (PS3.3 C.17.2.2).
+    series_instance_uid, sop_instance_uid : str
+        New UIDs of the SR.
+    device_uid : str
+        Device Observer UID (TID 1004) of this node and model.
+    tracking_uids : sequence of str
+        One Tracking Unique Identifier per label.
+    series_number : int
+        SeriesNumber (0020,0011).
+    """
+    if not evidence:
+        raise ValueError("evidence must hold at least the source slices")
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=device_uid,
+        name=MANUFACTURER,
+        manufacturer_name=f"{MANUFACTURER} project",
+        model_name=card.name[:64],
+        serial_number=card.version[:64],
+    )
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=device,
+        )
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=context,
+        procedure_reported=PROCEDURE_CT_HEAD,
+        imaging_measurements=measurement_groups(
+            findings, series, card, tracking_uids=tracking_uids
+        ),
+    )
+    # TID 1500 row 12: "Qualitative Evaluations" container; its TEXT item is the
+    # summary any viewer shows, even one that does not understand TID 1501.
+    evaluations = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    evaluations.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=COMMENT,
+                value=summary_text(findings, card),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        ]
+    )
+    report[0].ContentSequence.append(evaluations)
+    return hd.sr.Comprehensive3DSR(
+        evidence=list(evidence),
+        content=report[0],
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,  # an AI triage result is never the final report
+        series_description=SERIES_DESCRIPTION,
+        manufacturer_model_name=card.name[:64],
+        software_versions=card.version[:64],
+        coding_schemes=[_PRIVATE_SCHEME],
+        contributing_equipment=[contributing_equipment(card)],
+    )
