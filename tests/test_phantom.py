@@ -408,3 +408,11 @@ def test_dataset_summary_counts(tmp_path: Path) -> None:
             int(r[1]) for r in rows if r[0].endswith(f"_{name}")
         )
     assert summary.n_positive_studies <= 3
+
+
+def test_rsna_ids_never_overwrite_within_a_dataset(tmp_path: Path) -> None:
+    taken: set[str] = set()
+    a = write_series(tmp_path, seed=9, n_slices=3, matrix=64, file_names="rsna", taken_ids=taken)
+    b = write_series(tmp_path, seed=9, n_slices=3, matrix=64, file_names="rsna", taken_ids=taken)
+    assert not {p.name for p in a.paths} & {p.name for p in b.paths}
+    assert len(list(tmp_path.glob("ID_*.dcm"))) == 6 == len(taken)
