@@ -6,11 +6,14 @@ Conventions (also in ``docs/training.md``):
   labels in :data:`ich_node.labels.LABELS` order.
 * **macro**: the metric per label, then the unweighted mean over labels.
 * **micro**: TP, FP, FN, TN pooled over all (sample, label) cells, then the metric.
-* **samples**: the metric per sample (over its labels), then the mean over samples;
-  a sample with no true and no predicted positive scores 1 for precision,
-  recall, F1 and Jaccard (nothing to find, nothing wrongly found).
-* A ratio with a zero denominator in the macro/micro forms is 0 (as
-  scikit-learn's ``zero_division=0``), except as stated for samples.
+* **samples**: the metric per sample (over its labels), then the mean over samples.
+  Here a ratio with a zero denominator is 1 (scikit-learn's ``zero_division=1``):
+  an image with no true and no predicted positive scores 1 on all four metrics
+  (nothing to find, nothing wrongly found); one with a false positive only has
+  precision 0, recall 1, F1 and Jaccard 0.
+* In the macro and micro forms a ratio with a zero denominator is 0
+  (scikit-learn's ``zero_division=0``): a label without positives and without
+  predictions scores 0 in the macro mean.
 * **accuracy** (headline) is label-wise: the fraction of correct (sample, label)
   cells, i.e. 1 - Hamming loss; ``exact_match`` is the fraction of samples with
   all labels right.
