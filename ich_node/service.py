@@ -70,6 +70,11 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.slots = [_Slot(f"worker-{i}") for i in range(config.node.workers)]
 
+    def release_all(self, reason: str, now: float) -> None:
+        """Give back leases held under this node's worker names (a previous run's)."""
+        for slot in self.slots:
+            self.queue.release_worker(slot.name, reason, now)
+
     def _start(self, slot: _Slot, now: float) -> None:
         from ich_node.worker import _process_entry
 
@@ -165,6 +170,9 @@ def serve(config: NodeConfig, *, clock: Callable[[], float] = time.time) -> int:
         store, config.destinations, config.sender, config.storage.dir, config.node.ae_title
     )
     supervisor = Supervisor(config, queue)
+    # Workers of a previous run (killed with the node) exit when their parent is
+    # gone; what they held runs again.
+    supervisor.release_all("the node restarted during the job", clock())
     try:
         server = start_listener(config, spool, clock)
     except OSError as exc:

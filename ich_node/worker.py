@@ -180,14 +180,23 @@ class Worker:
 
 
 class _Heartbeat(threading.Thread):
+    """Beat in the store; end the process when the node that started it is gone.
+
+    An orphan must not go on: the restarted node gives its leases to new workers.
+    """
+
     def __init__(self, store: Store, name: str) -> None:
         super().__init__(name=f"heartbeat-{name}", daemon=True)
         self.store = store
         self.worker = name
+        self.parent = os.getppid()
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
+            if os.getppid() != self.parent:
+                log.error("worker.orphaned", worker=self.worker)
+                os._exit(3)
             try:
                 self.store.heartbeat(self.worker, os.getpid(), time.time())
             except Exception as exc:  # a busy database must not kill the worker

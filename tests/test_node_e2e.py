@@ -130,15 +130,14 @@ class Node:
         return Store.open(self.config.storage.dir)
 
 
-@pytest.fixture
-def node(tmp_path: Path, tiny_bundle: Path, pacs: Pacs) -> Iterator[Node]:
+def _node_yaml(tmp_path: Path, tiny_bundle: Path, pacs: Pacs, stable_seconds: float) -> Path:
     data = {
         "node": {"ae_title": "ICH_NODE", "host": "127.0.0.1", "port": _port(), "workers": 1},
         "callers": [{"ae_title": CALLER}, {"ae_title": "FAR_AWAY", "host": "10.255.255.1"}],
         "destinations": [
             {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}
         ],
-        "series": {"stable_seconds": 0.5, "min_slices": 8},
+        "series": {"stable_seconds": stable_seconds, "min_slices": 8},
         "model": {"bundle": str(tiny_bundle), "device": "cpu", "batch_size": 8},
         "results": {"heatmaps": "all"},
         "queue": {"lease_seconds": 120.0, "max_attempts": 3, "retry_base_seconds": 0.2},
@@ -153,13 +152,25 @@ def node(tmp_path: Path, tiny_bundle: Path, pacs: Pacs) -> Iterator[Node]:
     }
     path = tmp_path / "node.yaml"
     path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def node(
+    tmp_path: Path, tiny_bundle: Path, pacs: Pacs, request: pytest.FixtureRequest
+) -> Iterator[Node]:
+    """A node (not started) with a small ``stable_seconds`` (``indirect`` param overrides)."""
+    stable = float(getattr(request, "param", 0.5))
+    path = _node_yaml(tmp_path, tiny_bundle, pacs, stable)
     running = Node(path, load_config(path))
     yield running
     if running.process is not None:
         running.kill()
 
 
-def storescu(node: Node, files: list[Path], calling: str = CALLER) -> subprocess.CompletedProcess[str]:
+def storescu(
+    node: Node, files: list[Path], calling: str = CALLER
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             dcmtk("storescu"),
@@ -235,3 +246,59 @@ def test_series_roundtrip_with_late_destination(
     assert findings.is_file()
     assert node.stop() == 0
     assert health(node.config) == 1  # nothing answers C-ECHO any more
+
+
+def _delivered_once(pacs: Pacs, node: Node, study: str) -> list[pydicom.Dataset]:
+    received = wait_for("the results at the destination", lambda: _delivered(pacs, study))
+    store = node.store()
+    wait_for("the delivery done", lambda: store.counts("deliveries") == {"done": 1})
+    assert isinstance(received, list)
+    received = _delivered(pacs, study)
+    sops = [ds.SOPInstanceUID for ds in received]
+    assert len(sops) == len(set(sops)), "an object arrived twice"
+    assert [ds.Modality for ds in received].count("SR") == 1
+    assert store.counts("jobs") == {"done": 1}
+    return received
+
+
+def test_worker_killed_mid_job_is_restarted_and_job_completes_once(
+    node: Node, pacs: Pacs, tmp_path: Path
+) -> None:
+    from training.phantom import write_series
+
+    series = write_series(tmp_path / "big", seed=3, subtypes=("epidural",), n_slices=28, matrix=384)
+    pacs.start()
+    node.start()
+    store = node.store()
+    wait_for("a worker heartbeat", lambda: "worker-0" in store.heartbeats())
+    assert storescu(node, list(series.paths)).returncode == 0
+    leased = wait_for("the job leased", lambda: store.jobs("leased"))
+    assert isinstance(leased, list)
+    pid = store.heartbeats()["worker-0"][0]
+    os.kill(pid, signal.SIGKILL)
+    wait_for("a new worker", lambda: store.heartbeats().get("worker-0", (pid, 0))[0] != pid)
+    _delivered_once(pacs, node, series.study_instance_uid)
+    job = store.jobs()[0]
+    assert job.job_id == leased[0].job_id
+    assert job.attempts == 2, "the killed attempt and the one that completed"
+    assert node.stop() == 0
+
+
+@pytest.mark.parametrize("node", [3.0], indirect=True)
+def test_node_killed_after_ack_reads_series_after_restart(
+    node: Node, pacs: Pacs, phantom_series: object
+) -> None:
+    series = phantom_series
+    pacs.start()
+    node.start()
+    assert storescu(node, list(series.paths)).returncode == 0  # type: ignore[attr-defined]
+    node.kill()  # SIGKILL within stable_seconds of the last acknowledged instance
+    store = node.store()
+    uid = series.series_instance_uid  # type: ignore[attr-defined]
+    record = store.series(uid)
+    assert record is not None and record.state == "receiving"
+    assert record.n_instances == len(series.paths)  # type: ignore[attr-defined]
+    assert store.jobs() == []
+    node.start()
+    _delivered_once(pacs, node, series.study_instance_uid)  # type: ignore[attr-defined]
+    assert node.stop() == 0
