@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
 import pydicom
 import structlog
-from pydicom.uid import RE_VALID_UID, generate_uid
+from pydicom.uid import RE_VALID_UID
 
 from ich_node.explain import explain
 from ich_node.heatmaps import (
@@ -52,6 +53,8 @@ STUDY_KEYWORDS: Final[tuple[str, ...]] = (
 )
 #: Equipment of the source, kept so the SR's Contributing Equipment names the scanner.
 _EQUIPMENT_KEYWORDS: Final[tuple[str, ...]] = ("Manufacturer", "ManufacturerModelName")
+#: Namespace of the name-based UUIDs behind the output UIDs (fixed forever).
+_UID_NAMESPACE: Final = uuid.UUID("5d4cbd6e-2f57-4a3c-9b1e-1c2f0a7e4e11")
 
 
 class ResultsSkipped(Exception):
@@ -212,7 +215,16 @@ class _Uids:
         ]
 
     def __call__(self, *role: object) -> str:
-        return str(generate_uid(prefix=None, entropy_srcs=[*self._key, *map(str, role)]))
+        return name_uid(*self._key, *map(str, role))
+
+
+def name_uid(*parts: str) -> str:
+    """A ``2.25.<UUID>`` UID (PS3.5 B.2) from a name-based (SHA-1, version 5) UUID.
+
+    pydicom's ``generate_uid(prefix=None)`` ignores its entropy sources and returns
+    a random UUID, so the name-based UUID is made here.
+    """
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(0).join(parts)).int}"
 
 
 def build_results(
@@ -281,7 +293,7 @@ def build_results(
         [*evidence, *heatmaps, *pm],
         series_instance_uid=uid("sr series"),
         sop_instance_uid=uid("sr"),
-        device_uid=str(generate_uid(prefix=None, entropy_srcs=["ich-node device", card.sha256])),
+        device_uid=name_uid("ich-node device", card.name, card.version, card.sha256),
         tracking_uids=[uid("tracking", label) for label in LABELS],
     )
     log.info(

@@ -1,0 +1,285 @@
+"""build_results / write_results on phantom series: files that validate and agree with findings."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import RE_VALID_UID
+
+from ich_node.bundle import Bundle, load_bundle
+from ich_node.imaging import read_series
+from ich_node.inference import Classifier, Prediction
+from ich_node.labels import LABELS
+from ich_node.results import (
+    STUDY_KEYWORDS,
+    ResultOptions,
+    ResultSet,
+    ResultsSkipped,
+    build_results,
+    write_results,
+)
+from ich_node.sr import FINDING_CODES
+from tests.conftest import dcmtk
+
+#: Patient-module keywords a CT header may carry that outputs must not copy.
+_OTHER_PATIENT_KEYWORDS = (
+    "PatientAge",
+    "PatientWeight",
+    "PatientSize",
+    "OtherPatientIDs",
+    "PatientAddress",
+    "EthnicGroup",
+    "PatientComments",
+)
+
+
+def _classifier(path: Path, thresholds: dict[str, float]) -> Classifier:
+    """The tiny bundle with chosen decision thresholds (the card's own parameter)."""
+    bundle = load_bundle(path)
+    card = replace(bundle.card, thresholds=thresholds)
+    return Classifier(Bundle(bundle.path, card, bundle.model), device="cpu", batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from training.phantom import write_series
+
+    out = tmp_path_factory.mktemp("results-phantom")
+    return write_series(out, seed=11, subtypes=("subdural",), n_slices=12, matrix=256)
+
+
+@pytest.fixture(scope="module")
+def positive(tiny_bundle: Path, phantom: Any) -> tuple[Classifier, Prediction]:
+    # any and subdural decide at 0 (always present); the other subtypes never.
+    thresholds = {label: 1.01 for label in LABELS} | {"any": 0.0, "subdural": 0.0}
+    classifier = _classifier(tiny_bundle, thresholds)
+    return classifier, classifier.predict_series(read_series(list(phantom.paths)))
+
+
+@pytest.fixture(scope="module")
+def negative(tiny_bundle: Path, phantom: Any) -> tuple[Classifier, Prediction]:
+    classifier = _classifier(tiny_bundle, dict.fromkeys(LABELS, 1.01))
+    return classifier, classifier.predict_series(read_series(list(phantom.paths)))
+
+
+@pytest.fixture(scope="module")
+def written(
+    positive: tuple[Classifier, Prediction], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[ResultSet, list[Path]]:
+    classifier, prediction = positive
+    results = build_results(prediction, classifier, ResultOptions(parametric_map=True))
+    return results, write_results(results, tmp_path_factory.mktemp("results-out"))
+
+
+def _strict_read(path: Path) -> pydicom.Dataset:
+    with pydicom.config.strict_reading():
+        ds = pydicom.dcmread(path)
+        for elem in ds.iterall():  # values are parsed (and validated) lazily
+            _ = elem.value
+    return ds
+
+
+def test_files_written_and_valid_dicom(written: tuple[ResultSet, list[Path]]) -> None:
+    results, files = written
+    names = sorted(p.relative_to(files[0].parents[1]).as_posix() for p in files)
+    n = len(results.heatmaps)
+    assert n == 12  # subdural positive on every slice at threshold 0
+    assert "sr.dcm" in names and "parametric_map.dcm" in names
+    assert all(
+        f"heatmaps/{i}.dcm" in names and f"heatmaps/{i}.png" in names for i in range(1, n + 1)
+    )
+    for path in files:
+        if path.suffix == ".dcm":
+            ds = _strict_read(path)
+            assert ds.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID  # readable
+            assert ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID
+        else:
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert results.datasets()[-1] is results.sr  # referenced instances go first
+
+
+def test_dciodvfy_reports_no_errors(written: tuple[ResultSet, list[Path]]) -> None:
+    dciodvfy = dcmtk("dciodvfy")
+    _, files = written
+    checked = [p for p in files if p.suffix == ".dcm"]
+    for path in checked:
+        run = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, check=False)
+        errors = [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
+        assert errors == [], f"{path.name}: {errors}"
+
+
+def test_dsrdump_renders_every_finding(written: tuple[ResultSet, list[Path]]) -> None:
+    dsrdump = dcmtk("dsrdump")
+    sr_path = next(p for p in written[1] if p.name == "sr.dcm")
+    run = subprocess.run(
+        [dsrdump, "+Pl", "+Pc", str(sr_path)], capture_output=True, text=True, check=True
+    )
+    text = run.stdout
+    for label in LABELS:
+        assert f'"{FINDING_CODES[label].meaning}")=(' in text
+    assert text.count('(52101004,SCT,"Present")') == 2  # any, subdural
+    assert text.count('(2667000,SCT,"Absent")') == 4
+    assert "Suspected intracranial hemorrhage: subdural" in text
+    assert "DEMO" in text
+
+
+def _sr_probabilities(sr: pydicom.Dataset) -> dict[str, tuple[float, str]]:
+    """label -> (probability, Present/Absent code) read back from the SR tree."""
+    by_code = {code.value: label for label, code in FINDING_CODES.items()}
+    out: dict[str, tuple[float, str]] = {}
+    (measurements,) = [
+        item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"
+    ]
+    for group in measurements.ContentSequence:
+        label, p, presence = None, None, None
+        for item in group.ContentSequence:
+            name = item.ConceptNameCodeSequence[0]
+            if name.CodeValue == "121071":  # Finding
+                label = by_code[item.ConceptCodeSequence[0].CodeValue]
+            elif item.ValueType == "NUM":
+                p = float(item.MeasuredValueSequence[0].NumericValue)
+            elif item.ValueType == "CODE" and name.CodeValue in by_code:
+                presence = item.ConceptCodeSequence[0].CodeValue
+        assert label is not None and p is not None and presence is not None
+        out[label] = (p, presence)
+    return out
+
+
+def test_sr_numbers_equal_findings_json(
+    written: tuple[ResultSet, list[Path]], positive: tuple[Classifier, Prediction]
+) -> None:
+    _, prediction = positive
+    expected = prediction.findings.to_dict()["series"]
+    sr = _strict_read(next(p for p in written[1] if p.name == "sr.dcm"))
+    got = _sr_probabilities(sr)
+    assert set(got) == set(LABELS)
+    for label in LABELS:
+        p, presence = got[label]
+        assert p == expected[label]["probability"]
+        assert presence == ("52101004" if expected[label]["positive"] else "2667000")
+
+
+def test_uids_new_valid_and_study_kept(
+    written: tuple[ResultSet, list[Path]], positive: tuple[Classifier, Prediction]
+) -> None:
+    results, _ = written
+    _, prediction = positive
+    source = pydicom.dcmread(prediction.series.slices[0].path, stop_before_pixels=True)
+    source_uids = {s.sop_instance_uid for s in prediction.series.slices}
+    source_uids |= {prediction.series.series_instance_uid}
+    seen: set[str] = set()
+    for ds in results.datasets():
+        for uid in (ds.SOPInstanceUID, ds.SeriesInstanceUID):
+            assert RE_VALID_UID.match(uid) and len(uid) <= 64
+            assert uid not in source_uids
+        assert ds.SOPInstanceUID not in seen
+        seen.add(ds.SOPInstanceUID)
+        assert ds.StudyInstanceUID == prediction.series.study_instance_uid
+        for keyword in STUDY_KEYWORDS:
+            assert str(ds.get(keyword, "")) == str(source.get(keyword, "")), keyword
+        for keyword in _OTHER_PATIENT_KEYWORDS:
+            assert keyword not in ds, keyword
+    series_uids = {ds.SeriesInstanceUID for ds in results.datasets()}
+    assert len(series_uids) == 3  # heatmaps, parametric map, SR: each its own series
+
+
+def test_uids_are_stable_across_runs(positive: tuple[Classifier, Prediction]) -> None:
+    classifier, prediction = positive
+    options = ResultOptions(heatmaps="none")
+    first = build_results(prediction, classifier, options)
+    again = build_results(prediction, classifier, options)
+    assert first.sr.SOPInstanceUID == again.sr.SOPInstanceUID
+    other = build_results(prediction, classifier, ResultOptions(heatmaps="positive"))
+    assert other.sr.SOPInstanceUID != first.sr.SOPInstanceUID
+
+
+def test_heatmaps_reference_sources_in_spatial_order(
+    written: tuple[ResultSet, list[Path]], positive: tuple[Classifier, Prediction]
+) -> None:
+    results, _ = written
+    _, prediction = positive
+    slices = prediction.series.slices
+    assert [int(ds.InstanceNumber) for ds in results.heatmaps] == list(range(1, 13))
+    for ds, src in zip(results.heatmaps, slices, strict=True):
+        (ref,) = ds.SourceImageSequence
+        assert ref.ReferencedSOPInstanceUID == src.sop_instance_uid
+        assert ref.ReferencedSOPClassUID == src.sop_class_uid
+        assert [float(v) for v in ds.PixelSpacing] == pytest.approx(src.pixel_spacing)
+        assert (ds.Rows, ds.Columns) == (src.rows, src.columns)
+        assert ds.BurnedInAnnotation == "YES"
+        assert ds.SeriesDescription == "ICH AI heatmaps"
+        (node,) = [e for e in ds.ContributingEquipmentSequence if e.Manufacturer == "ich-node"]
+        assert node.PurposeOfReferenceCodeSequence[0].CodeValue == "109103"
+        assert node.ManufacturerModelName == prediction.findings.model.name
+    evidence = {
+        ref.ReferencedSOPInstanceUID
+        for study in results.sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert {s.sop_instance_uid for s in slices} <= evidence
+    assert {ds.SOPInstanceUID for ds in results.heatmaps} <= evidence
+    assert results.parametric_map is not None
+    assert results.parametric_map.SOPInstanceUID in evidence
+
+
+def test_negative_series(negative: tuple[Classifier, Prediction]) -> None:
+    classifier, prediction = negative
+    results = build_results(prediction, classifier)
+    assert results.heatmaps == () and results.previews == ()
+    assert results.parametric_map is None
+    presence = {label: code for label, (_, code) in _sr_probabilities(results.sr).items()}
+    assert set(presence.values()) == {"2667000"}
+    text = results.sr.ContentSequence[-1].ContentSequence[0].TextValue
+    assert text.startswith("AI triage result, not a diagnosis.")
+    assert "No hemorrhage detected" in text
+
+    top = build_results(prediction, classifier, ResultOptions(negative_top_slices=2))
+    assert len(top.heatmaps) == 2
+
+
+def test_invalid_source_uids_are_skipped(tiny_bundle: Path, tmp_path: Path, phantom: Any) -> None:
+    # RSNA's anonymised files carry "ID_..." strings where UIDs belong.
+    paths = []
+    for i, path in enumerate(phantom.paths[:4]):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = "ID_0a1b2c3d4e"
+        ds.SeriesInstanceUID = "ID_5f6a7b8c9d"
+        ds.SOPInstanceUID = f"ID_{i:010d}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        out = tmp_path / f"ID_{i}.dcm"
+        ds.save_as(out)
+        paths.append(out)
+    classifier = _classifier(tiny_bundle, dict.fromkeys(LABELS, 0.0))
+    prediction = classifier.predict_series(read_series(paths))
+    with pytest.raises(ResultsSkipped) as info:
+        build_results(prediction, classifier)
+    assert "not valid DICOM UIDs" in info.value.reason
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="heatmaps"):
+        ResultOptions(heatmaps="some")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="negative_top_slices"):
+        ResultOptions(negative_top_slices=-1)
+
+
+def test_real_scanner_series(real_ct: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+    folder = real_ct / "neurolabusc+dcm_qa_ct" / "In" / "GE"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not present")
+    classifier = _classifier(tiny_bundle, {label: 1.01 for label in LABELS} | {"any": 0.0})
+    prediction = classifier.predict_series(read_series(sorted(folder.rglob("*"))))
+    results = build_results(prediction, classifier, ResultOptions(negative_top_slices=0))
+    files = write_results(results, tmp_path)
+    dciodvfy = dcmtk("dciodvfy")
+    for path in (files[0], files[-1]):  # a heatmap and the SR
+        run = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, check=False)
+        errors = [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
+        assert errors == [], f"{path.name}: {errors}"
+    assert results.heatmaps[0].Rows == prediction.series.slices[0].rows
