@@ -1,0 +1,92 @@
+"""Series assembly on real phantom files spooled into a real store, time injected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+
+from ich_node.assemble import Assembler
+from ich_node.config import SeriesSection
+from ich_node.spool import Spool, instance_record
+from ich_node.store import Store
+
+
+def _spool_files(spool: Spool, paths: list[Path], now: float, **override: str | None) -> None:
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for key, value in override.items():
+            if value is None:
+                ds.pop(key, None)
+            else:
+                setattr(ds, key, value)
+        record = instance_record(ds, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+        spool.save(path.read_bytes(), record, now)
+
+
+def _setup(tmp_path: Path, **series: object) -> tuple[Store, Spool, Assembler]:
+    store = Store.open(tmp_path / "node")
+    spool = Spool(tmp_path / "node", store, min_free_mb=0)
+    settings: dict[str, object] = {"stable_seconds": 5.0, "min_slices": 8, **series}
+    config = SeriesSection(**settings)  # type: ignore[arg-type]
+    return store, spool, Assembler(store, config)
+
+
+def test_series_complete_after_quiet_period_and_versioned_on_late_instance(
+    tmp_path: Path, phantom_series: object
+) -> None:
+    store, spool, assembler = _setup(tmp_path)
+    paths = list(phantom_series.paths)  # type: ignore[attr-defined]
+    _spool_files(spool, paths[:-1], now=100.0, ImagesInAcquisition=None)
+    assert assembler.run_once(now=104.9) == []
+    (decision,) = assembler.run_once(now=105.0)
+    assert decision.queued and decision.version == 1
+    assert assembler.run_once(now=200.0) == []  # read once
+    _spool_files(spool, paths[-1:], now=300.0, ImagesInAcquisition=None)  # a late slice
+    assert assembler.run_once(now=301.0) == []
+    (late,) = assembler.run_once(now=305.0)
+    assert late.queued and late.version == 2 and late.job_id != decision.job_id
+    assert [j.state for j in store.jobs()] == ["queued", "queued"]
+
+
+def test_series_complete_early_when_all_expected_images_arrived(
+    tmp_path: Path, phantom_series: object
+) -> None:
+    _store, spool, assembler = _setup(tmp_path)
+    paths = list(phantom_series.paths)  # type: ignore[attr-defined]
+    _spool_files(spool, paths, now=100.0, ImagesInAcquisition=str(len(paths)))
+    (decision,) = assembler.run_once(now=100.1)
+    assert decision.queued
+
+
+def test_skipped_series_are_recorded_with_reason(tmp_path: Path, phantom_series: object) -> None:
+    paths = list(phantom_series.paths)  # type: ignore[attr-defined]
+    store, spool, assembler = _setup(tmp_path, series_description_patterns=(r"(?i)brain",))
+    _spool_files(spool, paths, now=0.0, SeriesDescription="AX SOFT TISSUE NECK")
+    (decision,) = assembler.run_once(now=10.0)
+    assert not decision.queued
+    assert "series_description_patterns" in decision.reason
+    record = store.series(decision.series_instance_uid)
+    assert record is not None and record.state == "skipped" and record.reason == decision.reason
+
+    store, spool, assembler = _setup(tmp_path / "few", min_slices=100)
+    _spool_files(spool, paths, now=0.0)
+    (decision,) = assembler.run_once(now=10.0)
+    assert "series.min_slices is 100" in decision.reason
+
+    store, spool, assembler = _setup(tmp_path / "mr")
+    _spool_files(spool, paths, now=0.0, Modality="MR")
+    (decision,) = assembler.run_once(now=10.0)
+    assert decision.reason.startswith("modality 'MR'")
+    assert store.jobs() == []
+
+
+def test_tilted_series_beyond_tolerance_is_skipped(tmp_path: Path) -> None:
+    from training.phantom import write_series
+
+    tilted = write_series(tmp_path / "tilted", seed=2, n_slices=10, matrix=64, tilt_deg=20.0)
+    _store, spool, assembler = _setup(tmp_path, max_tilt_degrees=10.0)
+    _spool_files(spool, list(tilted.paths), now=0.0)
+    (decision,) = assembler.run_once(now=10.0)
+    assert not decision.queued
+    assert "axial" in decision.reason

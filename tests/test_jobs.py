@@ -1,0 +1,96 @@
+"""The job queue on a real SQLite store, time driven by the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ich_node.config import QueueSection
+from ich_node.jobs import JobQueue, LeaseLost, job_id_for
+from ich_node.store import InstanceRecord, JobRecord, Store
+
+
+def _queue(tmp_path: Path, **kw: float) -> JobQueue:
+    config = QueueSection(lease_seconds=10.0, max_attempts=3, retry_base_seconds=2.0, **kw)
+    return JobQueue(Store.open(tmp_path), config)
+
+
+def _enqueue(queue: JobQueue, series: str = "1.2.3", now: float = 0.0) -> JobRecord:
+    record = InstanceRecord(
+        "1.2.3.1", "1.2.840.10008.5.1.4.1.1.2", "1.2", series, "CT", "", "", "", None
+    )
+    queue.store.add_instance(record, Path("/x.dcm"), 1, now)
+    return queue.store.queue_series(series, 1, job_id_for, now)
+
+
+def test_job_ids_are_deterministic_per_series_version() -> None:
+    assert job_id_for("1.2.3", 1) == job_id_for("1.2.3", 1)
+    assert job_id_for("1.2.3", 1) != job_id_for("1.2.3", 2)
+
+
+def test_lease_then_complete_writes_outbox_in_the_same_step(tmp_path: Path) -> None:
+    queue = _queue(tmp_path)
+    job = _enqueue(queue)
+    leased = queue.lease("w", now=1.0)
+    assert leased is not None and leased.state == "leased" and leased.attempts == 1
+    assert leased.lease_until == 11.0
+    assert queue.lease("other", now=2.0) is None  # not taken twice
+    queue.complete(leased, ["a", "b"], n_files=3, now=3.0)
+    assert queue.store.job(job.job_id).state == "done"  # type: ignore[union-attr]
+    deliveries = queue.store.deliveries(job.job_id)
+    assert [(d.destination, d.state, d.n_files) for d in deliveries] == [
+        ("a", "pending", 3),
+        ("b", "pending", 3),
+    ]
+
+
+def test_expired_lease_runs_again_and_stale_worker_cannot_complete(tmp_path: Path) -> None:
+    queue = _queue(tmp_path)
+    _enqueue(queue)
+    first = queue.lease("w1", now=0.0)
+    assert first is not None
+    assert queue.lease("w2", now=9.0) is None
+    second = queue.lease("w2", now=10.5)  # the first worker's lease expired
+    assert second is not None and second.attempts == 2 and second.worker == "w2"
+    with pytest.raises(LeaseLost):
+        queue.complete(first, ["a"], 1, now=11.0)
+    queue.complete(second, ["a"], 1, now=11.0)
+    assert len(queue.store.deliveries()) == 1
+
+
+def test_failures_back_off_then_park_with_reason(tmp_path: Path) -> None:
+    queue = _queue(tmp_path)
+    job = _enqueue(queue)
+    leased = queue.lease("w", now=0.0)
+    assert leased is not None
+    assert queue.fail(leased, "ImagingError: bad", now=1.0) == "retry"
+    assert queue.lease("w", now=2.9) is None  # backoff 2 s after attempt 1
+    leased = queue.lease("w", now=3.0)
+    assert leased is not None
+    assert queue.fail(leased, "ImagingError: bad", now=3.0) == "retry"
+    assert queue.lease("w", now=6.9) is None  # 4 s after attempt 2
+    leased = queue.lease("w", now=7.0)
+    assert leased is not None
+    assert queue.fail(leased, "ImagingError: bad", now=7.0) == "parked"
+    parked = queue.store.job(job.job_id)
+    assert parked is not None and parked.state == "parked"
+    assert parked.reason == "after 3 attempts: ImagingError: bad"
+    assert queue.lease("w", now=1000.0) is None
+    assert queue.requeue(job.job_id, now=1000.0)
+    again = queue.lease("w", now=1000.0)
+    assert again is not None and again.attempts == 1
+
+
+def test_released_worker_job_reruns_and_parks_after_max_attempts(tmp_path: Path) -> None:
+    queue = _queue(tmp_path)
+    job = _enqueue(queue)
+    for attempt in range(1, 4):
+        leased = queue.lease("w", now=float(attempt))
+        assert leased is not None and leased.attempts == attempt
+        assert queue.release_worker("w", "worker exited with code -9", now=float(attempt)) == [
+            job.job_id
+        ]
+    parked = queue.store.job(job.job_id)
+    assert parked is not None and parked.state == "parked"
+    assert "worker exited with code -9" in parked.reason
