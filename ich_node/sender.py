@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE
+from pynetdicom import AE, _config
 
 from ich_node.config import Destination, SenderSection
 from ich_node.store import DeliveryRecord, Store
@@ -49,6 +49,9 @@ def send_files(
         Naming the first problem: no association, or a status that is neither
         Success nor a warning (PS3.4 B.2.3: 0xB000, 0xB007, 0xB006 are stored).
     """
+    # Send each file's encoded dataset as stored, without decoding it (the
+    # contexts below propose exactly each file's transfer syntax).
+    _config.STORE_SEND_CHUNKED_DATASET = True
     metas = [read_file_meta_info(f) for f in files]
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeout
@@ -65,7 +68,6 @@ def send_files(
         )
     try:
         for path in files:
-            # A path: pynetdicom sends the encoded dataset as stored, without decoding.
             status = assoc.send_c_store(path)
             code = getattr(status, "Status", None)
             if code is None:
