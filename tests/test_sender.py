@@ -1,0 +1,111 @@
+"""The sender against a real DCMTK storescp; backoff, parking and resend, time injected."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+
+from ich_node.config import Destination, QueueSection, SenderSection, parse_config
+from ich_node.jobs import JobQueue, job_id_for
+from ich_node.ops import resend
+from ich_node.sender import Sender
+from ich_node.store import InstanceRecord, Store
+from ich_node.worker import results_dir
+from tests.conftest import dcmtk
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _job_with_outbox(storage: Path, phantom_series: object, n: int = 3) -> str:
+    """A done job whose outbox holds ``n`` CT files (real DICOM objects to send)."""
+    store = Store.open(storage)
+    queue = JobQueue(store, QueueSection())
+    uid = "1.2.3.4"
+    store.add_instance(
+        InstanceRecord("1.2.3.4.1", "1.2", "1.2", uid, "CT", "", "", "", None), storage, 1, 0.0
+    )
+    job = store.queue_series(uid, 1, job_id_for, now=0.0)
+    outbox = results_dir(storage, job.job_id) / "outbox"
+    outbox.mkdir(parents=True)
+    for i, path in enumerate(phantom_series.paths[:n]):  # type: ignore[attr-defined]
+        (outbox / f"{i}.dcm").write_bytes(Path(path).read_bytes())
+    leased = queue.lease("w", now=0.0)
+    assert leased is not None
+    queue.complete(leased, ["pacs"], n, now=0.0)
+    store.close()
+    return job.job_id
+
+
+def test_delivery_retries_with_backoff_then_parks_and_resend_delivers(
+    tmp_path: Path, phantom_series: object
+) -> None:
+    storage = tmp_path / "node"
+    job_id = _job_with_outbox(storage, phantom_series)
+    port = _port()
+    destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+    config = SenderSection(
+        max_attempts=3, backoff_base_seconds=10.0, backoff_max_seconds=15.0, timeout_seconds=5.0
+    )
+    store = Store.open(storage)
+    sender = Sender(store, [destination], config, storage, "ICH_NODE")
+    assert [sender.backoff(n) for n in (1, 2, 3)] == [10.0, 15.0, 15.0]
+
+    (outcome,) = sender.run_once(now=100.0)  # nobody listens on the port
+    assert outcome.state == "retry" and "association" in outcome.reason
+    assert sender.run_once(now=109.9) == []  # backoff 10 s
+    (outcome,) = sender.run_once(now=110.0)
+    assert outcome.state == "retry"
+    assert sender.run_once(now=124.9) == []  # capped at 15 s
+    (outcome,) = sender.run_once(now=125.0)
+    assert outcome.state == "parked" and outcome.reason.startswith("after 3 attempts")
+    assert sender.run_once(now=10_000.0) == []
+
+    node_config = parse_config({"storage": {"dir": str(storage)}})
+    assert resend(node_config, job_id) == 0
+    assert resend(node_config, "no-such-job") == 1
+    received = tmp_path / "pacs"
+    received.mkdir()
+    pacs = subprocess.Popen(
+        [dcmtk("storescp"), "-aet", "PACS", "-od", str(received), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        outcomes = sender.run_once(now=time.time())
+        while outcomes and outcomes[0].state != "done" and time.monotonic() < deadline:
+            time.sleep(0.2)  # storescp still starting
+            outcomes = sender.run_once(now=time.time() + 1000)
+        assert [o.state for o in outcomes] == ["done"]
+    finally:
+        pacs.terminate()
+        pacs.wait(10)
+    files = sorted(received.iterdir())
+    assert len(files) == 3
+    sops = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
+    assert sops == {
+        pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+        for p in phantom_series.paths[:3]  # type: ignore[attr-defined]
+    }
+    (delivery,) = store.deliveries(job_id)
+    assert delivery.state == "done"
+
+
+def test_missing_outbox_file_is_a_recorded_failure(tmp_path: Path, phantom_series: object) -> None:
+    storage = tmp_path / "node"
+    job_id = _job_with_outbox(storage, phantom_series)
+    (results_dir(storage, job_id) / "outbox" / "0.dcm").unlink()
+    store = Store.open(storage)
+    destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=_port())
+    sender = Sender(store, [destination], SenderSection(max_attempts=1), storage, "ICH_NODE")
+    (outcome,) = sender.run_once(now=1.0)
+    assert outcome.state == "parked"
+    assert "outbox holds 2 files, the job wrote 3" in outcome.reason
