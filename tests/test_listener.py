@@ -165,3 +165,28 @@ def test_listener_modules_do_not_import_torch() -> None:
     started = time.monotonic()
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
     assert time.monotonic() - started < 120
+
+
+def test_max_associations_is_honoured(tmp_path: Path, free_port: int) -> None:
+    config = parse_config(
+        {
+            "node": {"ae_title": "ICH_NODE", "host": "127.0.0.1", "port": free_port,
+                     "max_associations": 1},
+            "callers": ({"ae_title": "MODALITY"},),
+            "storage": {"dir": str(tmp_path / "node"), "min_free_mb": 0},
+        }
+    )  # fmt: skip
+    store = Store.open(config.storage.dir)
+    server = start_listener(config, Spool(config.storage.dir, store, 0))
+    try:
+        first = _associate(free_port, "MODALITY", [(Verification, None)])
+        assert first.is_established
+        second = _associate(free_port, "MODALITY", [(Verification, None)])
+        assert second.is_rejected
+        # rejected-transient, service-provider (presentation), local limit exceeded
+        rj = second.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
+        first.release()
+    finally:
+        server.shutdown()
+        store.close()
