@@ -21,6 +21,7 @@ import structlog
 from ich_node.config import SeriesSection
 from ich_node.imaging import ImagingError, read_series
 from ich_node.jobs import job_id_for
+from ich_node.metrics import Metrics
 from ich_node.store import SeriesRecord, Store
 
 log = structlog.get_logger(__name__)
@@ -76,9 +77,10 @@ class Assembler:
         ``series`` section.
     """
 
-    def __init__(self, store: Store, config: SeriesSection) -> None:
+    def __init__(self, store: Store, config: SeriesSection, metrics: Metrics | None = None) -> None:
         self.store = store
         self.config = config
+        self.metrics = metrics
 
     def is_complete(self, record: SeriesRecord, now: float) -> bool:
         if record.expected is not None and record.n_instances >= record.expected:
@@ -97,6 +99,8 @@ class Assembler:
                 )
             except ImagingError as exc:
                 reason = f"not readable as an axial CT series: {exc}"
+            except Exception as exc:  # a reader bug must not leave the series undecided
+                reason = f"not readable as an axial CT series: {type(exc).__name__}: {exc}"[:500]
             else:
                 if len(series.slices) < self.config.min_slices:
                     reason = (
@@ -124,7 +128,10 @@ class Assembler:
             if not self.is_complete(record, now):
                 continue
             try:
-                decisions.append(self.decide(record, now))
+                decision = self.decide(record, now)
+                decisions.append(decision)
+                if self.metrics is not None:
+                    self.metrics.series.labels("queued" if decision.queued else "skipped").inc()
             except Exception as exc:  # log and go on; the series stays receiving
                 log.error(
                     "series.assemble_failed",

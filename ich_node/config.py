@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 
@@ -58,6 +59,53 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+_T = TypeVar("_T", bound=BaseModel)
+
+
+def _path(value: Any) -> Any:
+    return Path(value) if isinstance(value, str) else value
+
+
+class ServerTLS(_Section):
+    """``node.tls``: DICOM TLS on the listener (PS3.15 B.1, TLS secure transport)."""
+
+    cert: Path  # the node's certificate (PEM), chain included
+    key: Path  # its private key (PEM)
+    ca: Path | None = None  # CA certificates (PEM) that sign the callers' certificates
+    require_client_cert: bool = False  # reject callers without a certificate signed by `ca`
+
+    @field_validator("cert", "key", "ca", mode="before")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        return _path(value)
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> ServerTLS:
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("require_client_cert needs `ca` (the CA of the callers' certificates)")
+        return self
+
+
+class ClientTLS(_Section):
+    """``destinations[].tls``: TLS to one destination."""
+
+    ca: Path  # CA certificates (PEM) that sign the destination's certificate
+    cert: Path | None = None  # the node's client certificate, when the destination asks
+    key: Path | None = None
+    check_hostname: bool = True  # the certificate must name `host`
+
+    @field_validator("ca", "cert", "key", mode="before")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        return _path(value)
+
+    @model_validator(mode="after")
+    def _pair(self) -> ClientTLS:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("give both `cert` and `key` for a client certificate, or neither")
+        return self
+
+
 class NodeSection(_Section):
     """``node``: how the node presents itself on the network."""
 
@@ -66,6 +114,7 @@ class NodeSection(_Section):
     port: Port = 11112
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 8
     workers: Annotated[int, Field(ge=1, le=64)] = 1
+    tls: ServerTLS | None = None
 
 
 class Caller(_Section):
@@ -82,6 +131,7 @@ class Destination(_Section):
     ae_title: AETitle
     host: Annotated[str, Field(min_length=1)]
     port: Port
+    tls: ClientTLS | None = None
 
 
 class SeriesSection(_Section):
@@ -163,6 +213,12 @@ class LoggingSection(_Section):
         return value.upper() if isinstance(value, str) else value
 
 
+class MetricsSection(_Section):
+    """``metrics``: the Prometheus endpoint of the serving process."""
+
+    address: Annotated[str, Field(pattern=r"^[^\s:]*:[0-9]{1,5}$")] | None = None
+
+
 class NodeConfig(_Section):
     """The whole configuration file; each part of the node receives its own section."""
 
@@ -176,6 +232,7 @@ class NodeConfig(_Section):
     sender: SenderSection = SenderSection()
     storage: StorageSection = StorageSection()
     logging: LoggingSection = LoggingSection()
+    metrics: MetricsSection = MetricsSection()
 
     @field_validator("destinations")
     @classmethod
@@ -258,4 +315,24 @@ def load_config(path: Path | str) -> NodeConfig:
         updates["model"] = config.model.model_copy(update={"bundle": base / config.model.bundle})
     if not config.storage.dir.is_absolute():
         updates["storage"] = config.storage.model_copy(update={"dir": base / config.storage.dir})
+    if config.node.tls is not None:
+        updates["node"] = config.node.model_copy(
+            update={"tls": _resolve_paths(config.node.tls, base, ("cert", "key", "ca"))}
+        )
+    if any(d.tls is not None for d in config.destinations):
+        updates["destinations"] = tuple(
+            d
+            if d.tls is None
+            else d.model_copy(update={"tls": _resolve_paths(d.tls, base, ("ca", "cert", "key"))})
+            for d in config.destinations
+        )
     return config.model_copy(update=updates) if updates else config
+
+
+def _resolve_paths(section: _T, base: Path, keys: tuple[str, ...]) -> _T:
+    updates = {}
+    for key in keys:
+        value = getattr(section, key)
+        if isinstance(value, Path) and not value.is_absolute():
+            updates[key] = base / value
+    return section.model_copy(update=updates) if updates else section

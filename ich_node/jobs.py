@@ -112,6 +112,26 @@ class JobQueue:
                     (job.job_id, name, now, n_files, now, now),
                 )
 
+    def extend(self, job: JobRecord, now: float) -> float:
+        """Push the lease of a job this worker still holds to ``now + lease_seconds``.
+
+        A worker calls it while a long job runs, so that the lease only expires
+        when the worker stops beating (dead or hung), not when a job is slow.
+
+        Raises
+        ------
+        LeaseLost
+            When the lease is no longer this worker's (released or taken over).
+        """
+        until = now + self.config.lease_seconds
+        with self.store.transaction() as db:
+            self._check_lease(db, job)
+            db.execute(
+                "UPDATE jobs SET lease_until = ?, updated_at = ? WHERE job_id = ?",
+                (until, now, job.job_id),
+            )
+        return until
+
     def fail(self, job: JobRecord, reason: str, now: float) -> str:
         """Record a failed attempt: ``retry`` with backoff, or ``parked``; returns the state."""
         with self.store.transaction() as db:

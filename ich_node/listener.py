@@ -45,7 +45,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ich_node.config import Caller, NodeConfig
+from ich_node.metrics import Metrics
 from ich_node.spool import Spool, SpoolError, instance_record
+from ich_node.tls import server_context
 
 log = structlog.get_logger(__name__)
 
@@ -133,7 +135,12 @@ def handle_echo(event: evt.Event) -> int:
     return SUCCESS
 
 
-def handle_store(event: evt.Event, spool: Spool, clock: Callable[[], float]) -> int:
+def handle_store(
+    event: evt.Event,
+    spool: Spool,
+    clock: Callable[[], float],
+    metrics: Metrics | None = None,
+) -> int:
     """C-STORE: spool durably, then answer; never raises.
 
     Returns 0x0000 once the instance is written, fsync'ed, renamed and recorded
@@ -142,6 +149,17 @@ def handle_store(event: evt.Event, spool: Spool, clock: Callable[[], float]) -> 
     its UIDs.
     """
     started = time.perf_counter()
+    status = _store(event, spool, clock, started)
+    if metrics is not None:
+        with contextlib.suppress(Exception):  # metrics never change the answer
+            metrics.instances.labels(status[1]).inc()
+            metrics.store_seconds.observe(time.perf_counter() - started)
+    return status[0]
+
+
+def _store(
+    event: evt.Event, spool: Spool, clock: Callable[[], float], started: float
+) -> tuple[int, str]:
     request: Any = event.request
     try:
         try:
@@ -157,7 +175,7 @@ def handle_store(event: evt.Event, spool: Spool, clock: Callable[[], float]) -> 
                 error=type(exc).__name__,
                 calling_ae=event.assoc.requestor.ae_title,
             )
-            return CANNOT_UNDERSTAND
+            return CANNOT_UNDERSTAND, "rejected"
         try:
             # The bytes exactly as received with their file meta: no re-encoding.
             data = event.encoded_dataset(include_meta=True)
@@ -170,7 +188,7 @@ def handle_store(event: evt.Event, spool: Spool, clock: Callable[[], float]) -> 
                 detail=str(exc) if exc.__cause__ is None else None,
                 sop_instance_uid=record.sop_instance_uid,
             )
-            return OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES, "out_of_resources"
         log.debug(
             "store.ok",
             sop_instance_uid=record.sop_instance_uid,
@@ -178,10 +196,10 @@ def handle_store(event: evt.Event, spool: Spool, clock: Callable[[], float]) -> 
             new=spooled.new,
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
-        return SUCCESS
+        return SUCCESS, "stored" if spooled.new else "duplicate"
     except Exception as exc:  # anything else: the instance is not durable
         log.error("store.failed", status="0xA700", error=type(exc).__name__)
-        return OUT_OF_RESOURCES
+        return OUT_OF_RESOURCES, "out_of_resources"
 
 
 def _nodelay(event: evt.Event) -> None:
@@ -210,17 +228,34 @@ def build_ae(config: NodeConfig) -> AE:
 
 
 def start_listener(
-    config: NodeConfig, spool: Spool, clock: Callable[[], float] = time.time
+    config: NodeConfig,
+    spool: Spool,
+    clock: Callable[[], float] = time.time,
+    metrics: Metrics | None = None,
 ) -> ThreadedAssociationServer:
-    """Start the SCP on ``node.host:node.port`` in the background; returns the server."""
+    """Start the SCP on ``node.host:node.port`` in the background; returns the server.
+
+    With ``node.tls`` the port speaks DICOM TLS only (PS3.15 B.1).
+
+    Raises
+    ------
+    OSError
+        When the port cannot be bound.
+    ValueError
+        When the TLS files cannot be loaded.
+    """
     ae = build_ae(config)
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [spool, clock]),
+        (evt.EVT_C_STORE, handle_store, [spool, clock, metrics]),
         (evt.EVT_CONN_OPEN, _nodelay),
     ]
+    tls = config.node.tls
     server = ae.start_server(
-        (config.node.host, config.node.port), block=False, evt_handlers=handlers
+        (config.node.host, config.node.port),
+        block=False,
+        evt_handlers=handlers,
+        ssl_context=None if tls is None else server_context(tls),
     )
     assert server is not None
     log.info(
@@ -229,5 +264,7 @@ def start_listener(
         host=config.node.host,
         port=config.node.port,
         callers=len(config.callers),
+        tls=tls is not None,
+        client_cert_required=bool(tls and tls.require_client_cert),
     )
     return server

@@ -20,7 +20,9 @@ from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config
 
 from ich_node.config import Destination, SenderSection
+from ich_node.metrics import Metrics
 from ich_node.store import DeliveryRecord, Store
+from ich_node.tls import client_context
 from ich_node.worker import outbox_files
 
 log = structlog.get_logger(__name__)
@@ -60,7 +62,12 @@ def send_files(
     contexts = sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas})
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = None
+    if destination.tls is not None:
+        tls_args = (client_context(destination.tls, destination.name), destination.host)
+    assoc = ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+    )
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "no association"
         raise DeliveryError(
@@ -103,7 +110,9 @@ class Sender:
         config: SenderSection,
         storage_dir: Path,
         calling_ae: str,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.store = store
         self.destinations = {d.name: d for d in destinations}
         self.config = config
@@ -153,6 +162,14 @@ class Sender:
             send_s=round(time.perf_counter() - started, 3),
             reason=reason or None,
         )
+        if self.metrics is not None:
+            try:
+                self.metrics.deliveries.labels(delivery.destination, state).inc()
+                self.metrics.stage_seconds.labels("send").observe(time.perf_counter() - started)
+                if state != "done":
+                    self.metrics.send_failures.labels(delivery.destination).inc()
+            except Exception:  # metrics never change a delivery
+                pass
         return DeliveryOutcome(delivery.job_id, delivery.destination, state, reason)
 
     def run_once(self, now: float) -> list[DeliveryOutcome]:

@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -97,6 +98,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def free_bytes(path: Path) -> int:
+    """Bytes free for unprivileged writers on the file system holding ``path``."""
+    return int(shutil.disk_usage(path).free)
+
+
+def _is_temp(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What :meth:`Spool.recover` cleaned up after an unclean stop."""
+
+    temp_files: int  # half-written files of C-STOREs that were never acknowledged
+    unrecorded_files: int  # renamed but not committed: never acknowledged either
+    missing_files: int  # recorded but absent (should never happen; logged as an error)
+
+
 class Spool:
     """Instance files under ``<storage.dir>/spool/<study>/<series>/<sop>.dcm``.
 
@@ -108,13 +127,62 @@ class Spool:
         Where instances are recorded.
     min_free_mb : int
         Refuse instances (out of resources) when less space than this is free.
+    free_space : callable, optional
+        ``free_space(folder) -> bytes``; :func:`free_bytes` by default. Tests pass
+        their own probe to drive the low-disk path through real associations.
+
+    Notes
+    -----
+    Folders are created 0700 and files 0600: the spool holds patient data.
     """
 
-    def __init__(self, storage_dir: Path, store: Store, min_free_mb: int) -> None:
+    def __init__(
+        self,
+        storage_dir: Path,
+        store: Store,
+        min_free_mb: int,
+        free_space: Callable[[Path], int] = free_bytes,
+    ) -> None:
         self.root = Path(storage_dir) / "spool"
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
         self.store = store
         self.min_free_bytes = min_free_mb * 1024 * 1024
+        self.free_space = free_space
+
+    def recover(self) -> Recovery:
+        """Bring the spool and the store back in line after a crash; run before listening.
+
+        Only the listener writes the spool, so with no listener running every
+        temporary file is a half-written instance whose C-STORE got no Success,
+        and every file missing from the store was renamed but never committed
+        (no Success either): both are removed, the sender retries them.
+        """
+        # Compared by the path under spool/ (<study>/<series>/<sop>.dcm), so a
+        # storage.dir that was moved never makes recorded files look unrecorded.
+        recorded = {
+            Path(*Path(name).parts[-3:]): sop for name, sop in self.store.instance_files().items()
+        }
+        temp = unrecorded = 0
+        present: set[Path] = set()
+        for path in self.root.rglob("*"):
+            if not path.is_file():
+                continue
+            key = path.relative_to(self.root)
+            if _is_temp(path):
+                path.unlink(missing_ok=True)
+                temp += 1
+            elif key not in recorded:
+                path.unlink(missing_ok=True)
+                unrecorded += 1
+            else:
+                present.add(key)
+        missing = 0
+        for key, sop in recorded.items():
+            if key not in present:
+                missing += 1
+                self.store.forget_instance(sop)
+        return Recovery(temp, unrecorded, missing)
 
     def path_for(self, record: InstanceRecord) -> Path:
         return (
@@ -139,11 +207,13 @@ class Spool:
             return Spooled(final, new=False)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{id(data):x}.tmp")
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(final.parent).free
+            final.parent.parent.mkdir(mode=0o700, exist_ok=True)
+            final.parent.mkdir(mode=0o700, exist_ok=True)
+            free = self.free_space(final.parent)
             if free - len(data) < self.min_free_bytes:
                 raise SpoolError(f"{free // 2**20} MiB free, storage.min_free_mb not met")
-            with open(tmp, "wb") as fh:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())

@@ -13,6 +13,7 @@ that tests drive time.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -82,6 +83,13 @@ CREATE TABLE IF NOT EXISTS heartbeats (
     pid INTEGER NOT NULL,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS stage_times (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    seconds REAL NOT NULL,
+    at REAL NOT NULL
+);
 """
 
 
@@ -115,7 +123,7 @@ class SeriesRecord:
     n_read: int
     first_at: float
     last_at: float
-    state: str  # receiving | queued | skipped
+    state: str  # receiving | queued | skipped | purged (retention removed its images)
     version: int
     reason: str
 
@@ -170,7 +178,11 @@ class Store:
 
     def __init__(self, path: Path, *, timeout: float = 30.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The store holds UIDs, states and timings only, but the folder beside it
+        # holds images: owner-only (the database and its -wal/-shm files too).
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(
             str(self.path), timeout=timeout, isolation_level=None, check_same_thread=False
@@ -184,6 +196,10 @@ class Store:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+        for suffix in ("", "-wal", "-shm"):
+            side = self.path.with_name(self.path.name + suffix)
+            if side.exists():
+                os.chmod(side, 0o600)
 
     @classmethod
     def open(cls, storage_dir: Path) -> Store:
@@ -391,3 +407,84 @@ class Store:
 
     def n_instances(self) -> int:
         return int(self._query("SELECT COUNT(*) AS n FROM instances")[0]["n"])
+
+    # -- timings (metrics) and retention ------------------------------------------
+
+    def add_stage_times(self, job_id: str, times: dict[str, float], now: float) -> None:
+        """Record the seconds each stage of a job attempt took (for the metrics)."""
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO stage_times (job_id, stage, seconds, at) VALUES (?, ?, ?, ?)",
+                [(job_id, stage, float(sec), now) for stage, sec in times.items()],
+            )
+
+    def stage_times_after(self, last_id: int) -> list[tuple[int, str, float]]:
+        """``(id, stage, seconds)`` rows recorded after row ``last_id``."""
+        rows = self._query(
+            "SELECT id, stage, seconds FROM stage_times WHERE id > ? ORDER BY id LIMIT 10000",
+            (last_id,),
+        )
+        return [(int(r["id"]), str(r["stage"]), float(r["seconds"])) for r in rows]
+
+    def instance_files(self) -> dict[str, str]:
+        """Path → SOP Instance UID of every recorded instance (recovery checks)."""
+        return {
+            r["path"]: r["sop_instance_uid"]
+            for r in self._query("SELECT path, sop_instance_uid FROM instances")
+        }
+
+    def forget_instance(self, sop_instance_uid: str) -> None:
+        """Drop an instance row whose file is gone (recovery), keeping the counts right."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT series_instance_uid FROM instances WHERE sop_instance_uid = ?",
+                (sop_instance_uid,),
+            ).fetchone()
+            if row is None:
+                return
+            db.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
+            db.execute(
+                """UPDATE series SET n_instances = MAX(n_instances - 1, 0)
+                WHERE series_instance_uid = ?""",
+                (row["series_instance_uid"],),
+            )
+
+    def expired_series(self, cutoff: float) -> list[str]:
+        """Series last touched before ``cutoff`` whose every job and delivery is finished.
+
+        Finished: the series was skipped, or each of its jobs is ``done`` and each
+        delivery ``done``. Parked work is kept until an admin resends it.
+        """
+        rows = self._query(
+            """SELECT s.series_instance_uid FROM series s
+            WHERE s.state IN ('queued', 'skipped') AND s.last_at < ?
+            AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_instance_uid =
+                s.series_instance_uid AND j.state != 'done')
+            AND NOT EXISTS (SELECT 1 FROM deliveries d JOIN jobs j ON d.job_id = j.job_id
+                WHERE j.series_instance_uid = s.series_instance_uid AND d.state != 'done')""",
+            (cutoff,),
+        )
+        return [str(r["series_instance_uid"]) for r in rows]
+
+    def purge_series(self, series_instance_uid: str) -> None:
+        """Forget a purged series' instances; keep its UIDs, state and timings."""
+        with self.transaction() as db:
+            db.execute(
+                "DELETE FROM instances WHERE series_instance_uid = ?", (series_instance_uid,)
+            )
+            db.execute(
+                """UPDATE series SET state = 'purged', body_part = '', study_description = '',
+                    series_description = ''
+                WHERE series_instance_uid = ?""",
+                (series_instance_uid,),
+            )
+
+    def results_expired(self, job_id: str, cutoff: float) -> bool:
+        """Whether a job's results folder may go: done, delivered everywhere, old enough."""
+        rows = self._query(
+            """SELECT 1 FROM jobs j WHERE j.job_id = ? AND j.state = 'done' AND j.updated_at < ?
+            AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = j.job_id
+                AND (d.state != 'done' OR d.updated_at >= ?))""",
+            (job_id, cutoff, cutoff),
+        )
+        return bool(rows)

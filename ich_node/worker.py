@@ -90,6 +90,23 @@ class Worker:
         self.store = store
         self.queue = JobQueue(store, config.queue)
         self.classifier = classifier
+        #: The job being processed (read by the heartbeat thread to extend its lease).
+        self.current: JobRecord | None = None
+
+    def keep_lease(self, now: float) -> JobRecord | None:
+        """Extend the lease of the job in progress, if any; returns that job.
+
+        Called from the heartbeat thread; a lost lease is only logged here, the
+        job's own completion then finds it lost and records nothing.
+        """
+        job = self.current
+        if job is None:
+            return None
+        try:
+            self.queue.extend(job, now)
+        except LeaseLost:
+            log.warning("job.lease_lost", job_id=job.job_id, attempt=job.attempts)
+        return job
 
     def _build_outputs(self, job: JobRecord, folder: Path, times: dict[str, float]) -> int:
         from ich_node.findings import write_findings
@@ -131,6 +148,7 @@ class Worker:
         """Run one leased job to a recorded state; never raises."""
         started = time.perf_counter()
         times: dict[str, float] = {}
+        self.current = job
         final = results_dir(self.config.storage.dir, job.job_id)
         tmp = final.with_name(f".{job.job_id}.{os.getpid()}.tmp")
         try:
@@ -152,6 +170,19 @@ class Worker:
             except LeaseLost:
                 state = "lost"
             outcome = JobOutcome(job.job_id, state, 0, reason)
+        finally:
+            self.current = None
+        total_s = time.perf_counter() - started
+        try:  # stage latencies for the metrics (the serving process exports them)
+            stages: dict[str, float] = {
+                k: times[k] for k in ("read_s", "infer_s", "results_s") if k in times
+            }
+            if outcome.state == "done":
+                stages["job_s"] = total_s
+            if stages:
+                self.store.add_stage_times(job.job_id, stages, clock())
+        except Exception as exc:  # metrics must never fail a job
+            log.warning("job.timings_not_recorded", job_id=job.job_id, error=type(exc).__name__)
         # One summary line per job: times of each stage, UIDs and counts only.
         log.info(
             "job.finished",
@@ -166,7 +197,7 @@ class Worker:
             read_s=round(times.get("read_s", 0.0), 3),
             infer_s=round(times.get("infer_s", 0.0), 3),
             results_s=round(times.get("results_s", 0.0), 3),
-            total_s=round(time.perf_counter() - started, 3),
+            total_s=round(total_s, 3),
             reason=outcome.reason or None,
         )
         return outcome
@@ -179,26 +210,39 @@ class Worker:
         return self.process(job, clock)
 
 
+def lease_extend_seconds(lease_seconds: float) -> float:
+    """How often a running job's lease is extended: a quarter of the lease, at least 1 s."""
+    return max(HEARTBEAT_SECONDS, lease_seconds / 4.0)
+
+
 class _Heartbeat(threading.Thread):
-    """Beat in the store; end the process when the node that started it is gone.
+    """Beat in the store, extend the running job's lease, exit when orphaned.
 
     An orphan must not go on: the restarted node gives its leases to new workers.
     """
 
-    def __init__(self, store: Store, name: str) -> None:
+    def __init__(self, store: Store, name: str, worker: Worker | None = None) -> None:
         super().__init__(name=f"heartbeat-{name}", daemon=True)
         self.store = store
         self.worker = name
+        self.runner = worker
         self.parent = os.getppid()
         self.stop = threading.Event()
 
     def run(self) -> None:
+        extended_at = 0.0
         while not self.stop.is_set():
             if os.getppid() != self.parent:
                 log.error("worker.orphaned", worker=self.worker)
                 os._exit(3)
+            now = time.time()
             try:
-                self.store.heartbeat(self.worker, os.getpid(), time.time())
+                self.store.heartbeat(self.worker, os.getpid(), now)
+                if self.runner is not None and now - extended_at >= lease_extend_seconds(
+                    self.runner.config.queue.lease_seconds
+                ):
+                    self.runner.keep_lease(now)
+                    extended_at = now
             except Exception as exc:  # a busy database must not kill the worker
                 log.warning("worker.heartbeat_failed", error=type(exc).__name__)
             self.stop.wait(HEARTBEAT_SECONDS)
@@ -206,6 +250,7 @@ class _Heartbeat(threading.Thread):
 
 def worker_main(config: NodeConfig, name: str, poll_seconds: float = 0.2) -> int:
     """Entry point of a worker process: load the model, run jobs until SIGTERM/SIGINT."""
+    os.umask(0o077)  # results hold patient data: owner-only files and folders
     try:
         from ich_node.log import configure_logging
 
@@ -230,9 +275,9 @@ def worker_main(config: NodeConfig, name: str, poll_seconds: float = 0.2) -> int
     bundle = load_bundle(config.model.bundle)
     classifier = Classifier(bundle, device=config.model.device, batch_size=config.model.batch_size)
     store = Store.open(config.storage.dir)
-    heartbeat = _Heartbeat(store, name)
-    heartbeat.start()
     worker = Worker(config, name, store, classifier)
+    heartbeat = _Heartbeat(store, name, worker)
+    heartbeat.start()
     log.info("worker.ready", worker=name, model=bundle.card.name, version=bundle.card.version)
     while not stop.is_set():
         try:
