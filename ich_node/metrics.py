@@ -77,9 +77,11 @@ class Metrics:
             "ich_node_store_seconds", "C-STORE handling time", buckets=BUCKETS, registry=r
         )
         self.series = Counter(
-            "ich_node_series", "Series decisions by outcome (queued, skipped)", ["outcome"],
+            "ich_node_series_decisions",
+            "Series decisions by outcome (queued, skipped)",
+            ["outcome"],
             registry=r,
-        )  # fmt: skip
+        )
         self.stage_seconds = Histogram(
             "ich_node_stage_seconds",
             "Time per stage: read, infer, encode, job (whole job), send (per delivery)",

@@ -48,7 +48,8 @@ LEFTOVER_GRACE_SECONDS: Final = 5.0
 
 
 def _is_python(pid: int) -> bool:
-    # Guard against a recycled pid: only a python process can be our worker.
+    # Guard against a recycled pid: only a python process can be our worker (a
+    # zombie has an empty command line: it is gone).
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
             return b"python" in fh.read()
@@ -126,7 +127,10 @@ class Supervisor:
         from ich_node.worker import _process_entry
 
         process = self.context.Process(
-            target=_process_entry, args=(self.config, slot.name), name=slot.name, daemon=False
+            target=_process_entry,
+            args=(self.config, slot.name, os.getpid()),
+            name=slot.name,
+            daemon=False,
         )
         process.start()
         slot.process, slot.started_at = process, now

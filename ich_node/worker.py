@@ -216,17 +216,20 @@ def lease_extend_seconds(lease_seconds: float) -> float:
 
 
 class _Heartbeat(threading.Thread):
-    """Beat in the store, extend the running job's lease, exit when orphaned.
+    """Exit when orphaned; once the model is loaded, beat and extend the job's lease.
 
     An orphan must not go on: the restarted node gives its leases to new workers.
+    The check runs from the first moments of the process (``parent`` is the
+    node's pid, passed in, not read later), so a worker whose node died while
+    it was still loading the model exits too.
     """
 
-    def __init__(self, store: Store, name: str, worker: Worker | None = None) -> None:
+    def __init__(self, store: Store, name: str, parent: int) -> None:
         super().__init__(name=f"heartbeat-{name}", daemon=True)
         self.store = store
         self.worker = name
-        self.runner = worker
-        self.parent = os.getppid()
+        self.runner: Worker | None = None  # set once the model is loaded
+        self.parent = parent
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -236,19 +239,21 @@ class _Heartbeat(threading.Thread):
                 log.error("worker.orphaned", worker=self.worker)
                 os._exit(3)
             now = time.time()
+            runner = self.runner
             try:
-                self.store.heartbeat(self.worker, os.getpid(), now)
-                if self.runner is not None and now - extended_at >= lease_extend_seconds(
-                    self.runner.config.queue.lease_seconds
-                ):
-                    self.runner.keep_lease(now)
-                    extended_at = now
+                if runner is not None:
+                    self.store.heartbeat(self.worker, os.getpid(), now)
+                    if now - extended_at >= lease_extend_seconds(runner.config.queue.lease_seconds):
+                        runner.keep_lease(now)
+                        extended_at = now
             except Exception as exc:  # a busy database must not kill the worker
                 log.warning("worker.heartbeat_failed", error=type(exc).__name__)
-            self.stop.wait(HEARTBEAT_SECONDS)
+            self.stop.wait(HEARTBEAT_SECONDS / 4 if runner is None else HEARTBEAT_SECONDS)
 
 
-def worker_main(config: NodeConfig, name: str, poll_seconds: float = 0.2) -> int:
+def worker_main(
+    config: NodeConfig, name: str, poll_seconds: float = 0.2, parent: int | None = None
+) -> int:
     """Entry point of a worker process: load the model, run jobs until SIGTERM/SIGINT."""
     os.umask(0o077)  # results hold patient data: owner-only files and folders
     try:
@@ -265,6 +270,9 @@ def worker_main(config: NodeConfig, name: str, poll_seconds: float = 0.2) -> int
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     log.info("worker.starting", worker=name, pid=os.getpid())
+    store = Store.open(config.storage.dir)
+    heartbeat = _Heartbeat(store, name, os.getppid() if parent is None else parent)
+    heartbeat.start()
 
     from ich_node.bundle import load_bundle
     from ich_node.inference import Classifier
@@ -274,10 +282,8 @@ def worker_main(config: NodeConfig, name: str, poll_seconds: float = 0.2) -> int
         return 2
     bundle = load_bundle(config.model.bundle)
     classifier = Classifier(bundle, device=config.model.device, batch_size=config.model.batch_size)
-    store = Store.open(config.storage.dir)
     worker = Worker(config, name, store, classifier)
-    heartbeat = _Heartbeat(store, name, worker)
-    heartbeat.start()
+    heartbeat.runner = worker
     log.info("worker.ready", worker=name, model=bundle.card.name, version=bundle.card.version)
     while not stop.is_set():
         try:
@@ -292,6 +298,6 @@ def worker_main(config: NodeConfig, name: str, poll_seconds: float = 0.2) -> int
     return 0
 
 
-def _process_entry(config: NodeConfig, name: str) -> None:
+def _process_entry(config: NodeConfig, name: str, parent: int | None = None) -> None:
     """``multiprocessing`` target: exit with :func:`worker_main`'s code."""
-    raise SystemExit(worker_main(config, name))
+    raise SystemExit(worker_main(config, name, parent=parent))
