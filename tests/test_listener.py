@@ -190,3 +190,97 @@ def test_max_associations_is_honoured(tmp_path: Path, free_port: int) -> None:
     finally:
         server.shutdown()
         store.close()
+
+
+# (compressor command, storescu proposal flags, transfer syntax): DCMTK compresses, DCMTK sends.
+_COMPRESSED = {
+    "jpeg-lossless-sv1": (["dcmcjpeg", "+e1"], ["-xs"], "1.2.840.10008.1.2.4.70"),
+    # storescu has no flag for process 14: a config profile proposes it (see _p14_profile).
+    "jpeg-lossless-p14": (["dcmcjpeg", "+el"], ["-xf", "{cfg}", "P14"], "1.2.840.10008.1.2.4.57"),
+    "jpeg-ls-lossless": (["dcmcjpls", "+el"], ["-xt"], "1.2.840.10008.1.2.4.80"),
+    "rle": (["dcmcrle"], ["-xr"], "1.2.840.10008.1.2.5"),
+    # DCMTK's free edition has no JPEG 2000 encoder: pydicom (openjpeg) compresses.
+    "jpeg2000-lossless": (None, ["-xv"], "1.2.840.10008.1.2.4.90"),
+}
+
+
+_P14_PROFILE = """\
+[[TransferSyntaxes]]
+[P14]
+TransferSyntax1 = 1.2.840.10008.1.2.4.57
+[[PresentationContexts]]
+[P14]
+PresentationContext1 = 1.2.840.10008.5.1.4.1.1.2\\P14
+[[Profiles]]
+[P14]
+PresentationContexts = P14
+"""
+
+
+@pytest.mark.parametrize("kind", sorted(_COMPRESSED))
+def test_dcmtk_compressed_series_is_stored_as_received_and_read(
+    kind: str, free_port: int, listener, phantom_series, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from ich_node.imaging import load_series_hu, read_series
+
+    _, store, _ = listener
+    compressor, propose, syntax = _COMPRESSED[kind]
+    originals = list(phantom_series.paths)
+    sent = []
+    for i, path in enumerate(originals):
+        out = tmp_path / f"{kind}-{i}.dcm"
+        if compressor is None:
+            ds = pydicom.dcmread(path)
+            ds.compress(syntax)
+            ds.save_as(out, enforce_file_format=True)
+        else:
+            run = subprocess.run([dcmtk(compressor[0]), *compressor[1:], str(path), str(out)],
+                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert run.returncode == 0, run.stderr
+        sent.append(out)
+    assert pydicom.dcmread(sent[0]).file_meta.TransferSyntaxUID == syntax
+    cfg = tmp_path / "storescu.cfg"
+    cfg.write_text(_P14_PROFILE)
+    propose = [a.replace("{cfg}", str(cfg)) for a in propose]
+    run = subprocess.run(
+        [dcmtk("storescu"), *propose, "-aet", "MODALITY", "-aec", "ICH_NODE", "127.0.0.1",
+         str(free_port), *map(str, sent)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    stored = store.instance_paths(phantom_series.series_instance_uid)
+    assert len(stored) == len(sent)
+    by_uid = {pydicom.dcmread(p).SOPInstanceUID: p for p in sent}
+    for path in stored:
+        copy = pydicom.dcmread(path)
+        assert copy.file_meta.TransferSyntaxUID == syntax  # stored as received
+        assert copy.PixelData == pydicom.dcmread(by_uid[copy.SOPInstanceUID]).PixelData
+    # What the worker does first: read the series and decode it to HU (lossless: equal).
+    hu = load_series_hu(read_series(stored))
+    expected = load_series_hu(read_series(originals))
+    assert hu.shape == expected.shape and (hu == expected).all()
+
+
+def test_low_free_space_answers_0xA700_then_recovers_by_itself(
+    tmp_path: Path, free_port: int, phantom_series
+) -> None:  # type: ignore[no-untyped-def]
+    """The free-space probe is injected (no root needed for a tiny file system)."""
+    config = _node_config(free_port, tmp_path, min_free_mb=100)
+    free = {"bytes": 10 * 2**20}  # below storage.min_free_mb
+    store = Store.open(config.storage.dir)  # type: ignore[attr-defined]
+    spool = Spool(config.storage.dir, store, 100, free_space=lambda _: free["bytes"])  # type: ignore[attr-defined]
+    server = start_listener(config, spool)  # type: ignore[arg-type]
+    try:
+        assoc = _associate(free_port, "MODALITY", [(CTImageStorage, None)])
+        assert assoc.send_c_store(phantom_series.paths[0]).Status == 0xA700
+        assert store.n_instances() == 0
+        assert [p for p in spool.root.rglob("*") if p.is_file()] == []
+        free["bytes"] = 10 * 2**30  # space is back: the same association goes on
+        assert assoc.send_c_store(phantom_series.paths[0]).Status == 0x0000
+        assert assoc.send_c_store(phantom_series.paths[1]).Status == 0x0000
+        assoc.release()
+        assert store.n_instances() == 2
+        assert not list(spool.root.rglob("*.tmp"))
+    finally:
+        server.shutdown()
+        store.close()
