@@ -8,6 +8,7 @@ Nothing here is a stand-in: every call is an HTTP request to the running server.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import shutil
@@ -86,6 +87,7 @@ class Orthanc:
     dicom_port: int
     workdir: Path
     log_path: Path
+    auth: tuple[str, str] | None = None
     _log_file: Any = field(repr=False, default=None)
 
     @property
@@ -98,6 +100,9 @@ class Orthanc:
         req = urllib.request.Request(self.url + path, data=body, method=method)
         if content_type:
             req.add_header("Content-Type", content_type)
+        if self.auth is not None:
+            token = base64.b64encode(":".join(self.auth).encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(req, timeout=30) as response:
             data: bytes = response.read()
             return data
@@ -141,6 +146,16 @@ class Orthanc:
             self._log_file.close()
 
 
+EXAMPLE_CONFIG = REPO / "config" / "orthanc" / "orthanc.json"
+
+
+def read_orthanc_json(path: Path) -> dict[str, Any]:
+    """An Orthanc JSON configuration; full-line ``//`` comments (which Orthanc allows) removed."""
+    lines = [ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("//")]
+    config: dict[str, Any] = json.loads("\n".join(lines))
+    return config
+
+
 def orthanc_config(
     workdir: Path,
     *,
@@ -152,31 +167,38 @@ def orthanc_config(
     stable_age: int = 2,
     plugins: Sequence[Path] = (),
 ) -> dict[str, Any]:
-    """An Orthanc configuration for loopback use: storage in ``workdir``, no auth."""
-    return {
-        "Name": f"ich-node test {aet}",
-        "StorageDirectory": str(workdir / "db"),
-        "IndexDirectory": str(workdir / "db"),
-        "StorageCompression": False,
-        "HttpServerEnabled": True,
-        "HttpPort": http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomServerEnabled": True,
-        "DicomAet": aet,
-        "DicomPort": dicom_port,
-        "DicomCheckCalledAet": False,
-        "DicomModalities": {
-            name: {"AET": a, "Host": host, "Port": port}
-            for name, (a, host, port) in modalities.items()
-        },
-        "LuaScripts": [str(p) for p in lua_scripts],
-        "StableAge": stable_age,
-        "Plugins": [str(p) for p in plugins],
-        "HttpTimeout": 30,
-        "ConcurrentJobs": 2,
-        "WebViewer": {"CachePath": str(workdir / "webviewer-cache"), "Threads": 2},
-    }
+    """The shipped example ``config/orthanc/orthanc.json`` made fit for loopback tests.
+
+    Storage goes to ``workdir``, the ports and AE title are the given ones, HTTP
+    needs no login and listens on 127.0.0.1 only, and each modality keeps the
+    example's permissions with its AE title, host and port replaced.
+    """
+    config = read_orthanc_json(EXAMPLE_CONFIG)
+    template = next(iter(config["DicomModalities"].values()))
+    config.update(
+        {
+            "Name": f"ich-node test {aet}",
+            "StorageDirectory": str(workdir / "db"),
+            "IndexDirectory": str(workdir / "db"),
+            "StorageCompression": False,
+            "HttpPort": http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "RegisteredUsers": {},
+            "DicomAet": aet,
+            "DicomPort": dicom_port,
+            "DicomModalities": {
+                name: {**template, "AET": a, "Host": host, "Port": port}
+                for name, (a, host, port) in modalities.items()
+            },
+            "LuaScripts": [str(p) for p in lua_scripts],
+            "StableAge": stable_age,
+            "Plugins": [str(p) for p in plugins],
+            "ConcurrentJobs": 2,
+            "WebViewer": {"CachePath": str(workdir / "webviewer-cache"), "Threads": 2},
+        }
+    )
+    return config
 
 
 def start_orthanc(
@@ -192,9 +214,6 @@ def start_orthanc(
     timeout: float = 60.0,
 ) -> Orthanc:
     """Write a configuration into ``workdir``, start Orthanc and wait until REST answers."""
-    binary = orthanc_binary()
-    if binary is None:
-        raise FileNotFoundError("Orthanc is not installed (apt-get install orthanc)")
     workdir.mkdir(parents=True, exist_ok=True)
     config = orthanc_config(
         workdir,
@@ -208,12 +227,33 @@ def start_orthanc(
     )
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
+    return launch_orthanc(
+        config_path, workdir, aet=aet, http_port=http_port, dicom_port=dicom_port, timeout=timeout
+    )
+
+
+def launch_orthanc(
+    config_path: Path,
+    workdir: Path,
+    *,
+    aet: str,
+    http_port: int,
+    dicom_port: int,
+    auth: tuple[str, str] | None = None,
+    timeout: float = 60.0,
+) -> Orthanc:
+    """Start Orthanc on an existing configuration file and wait until REST answers."""
+    binary = orthanc_binary()
+    if binary is None:
+        raise FileNotFoundError("Orthanc is not installed (apt-get install orthanc)")
     log_path = workdir / "orthanc.log"
     log_file = log_path.open("wb")
     process = subprocess.Popen(
         [binary, "--verbose", str(config_path)], stdout=log_file, stderr=subprocess.STDOUT
     )
-    server = Orthanc(process, aet, http_port, dicom_port, workdir, log_path, log_file)
+    server = Orthanc(
+        process, aet, http_port, dicom_port, workdir, log_path, auth=auth, _log_file=log_file
+    )
 
     def ready() -> bool:
         if process.poll() is not None:

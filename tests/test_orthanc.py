@@ -25,9 +25,12 @@ from pydicom.uid import MRImageStorage, SecondaryCaptureImageStorage
 
 from tests.conftest import dcmtk
 from tests.orthanc_util import (
+    EXAMPLE_CONFIG,
     NODE_MODALITY,
+    ROUTING_RULE,
     Orthanc,
     free_ports,
+    launch_orthanc,
     orthanc_binary,
     running_orthanc,
     wait_for,
@@ -133,6 +136,41 @@ def _store_jobs(orthanc: Orthanc) -> list[dict]:
 
 
 # ------------------------------------------------------------------- rule vs storescp
+
+
+def test_example_orthanc_json_runs_as_written(tmp_path: Path) -> None:
+    """config/orthanc/orthanc.json, comments included, starts Orthanc with the node and the rule."""
+    http_port, dicom_port = free_ports(2)
+    text = EXAMPLE_CONFIG.read_text()
+    for old, new in (
+        ('"HttpPort": 8042', f'"HttpPort": {http_port}'),
+        ('"DicomPort": 4242', f'"DicomPort": {dicom_port}'),
+        ('"RemoteAccessAllowed": true', '"RemoteAccessAllowed": false'),
+        ("/var/lib/orthanc", str(tmp_path / "var")),
+        ("/etc/orthanc/ich-node/route-head-ct.lua", str(ROUTING_RULE)),
+        ('"Plugins": ["/usr/share/orthanc/plugins"]', '"Plugins": []'),
+    ):
+        assert old in text, old
+        text = text.replace(old, new)
+    config = tmp_path / "orthanc.json"
+    config.write_text(text)
+    orthanc = launch_orthanc(
+        config,
+        tmp_path,
+        aet=ORTHANC_AET,
+        http_port=http_port,
+        dicom_port=dicom_port,
+        auth=("admin", "change-me"),
+    )
+    try:
+        modalities = orthanc.get("/modalities?expand")
+        lua = orthanc.log()
+    finally:
+        orthanc.stop()
+    assert modalities[NODE_MODALITY]["AET"] == NODE_AET
+    assert modalities[NODE_MODALITY]["Port"] == 11112
+    assert modalities[NODE_MODALITY]["AllowStore"] is True
+    assert f"Installing the Lua scripts from: {ROUTING_RULE}" in lua
 
 
 def test_rule_sends_head_ct_only(tmp_path: Path, head_ct: PhantomSeries) -> None:
