@@ -272,11 +272,26 @@ class Store:
             )
             return True
 
-    def instance_paths(self, series_instance_uid: str) -> list[Path]:
-        rows = self._query(
-            "SELECT path FROM instances WHERE series_instance_uid = ? ORDER BY path",
-            (series_instance_uid,),
-        )
+    def instance_paths(
+        self, series_instance_uid: str, received_by: float | None = None
+    ) -> list[Path]:
+        """The spooled files of a series; with ``received_by``, only those received by then.
+
+        A job reads the instances its series version was queued with (received by
+        the job's creation): later ones belong to the next version, so each
+        version's results are its own, delivered once.
+        """
+        if received_by is None:
+            rows = self._query(
+                "SELECT path FROM instances WHERE series_instance_uid = ? ORDER BY path",
+                (series_instance_uid,),
+            )
+        else:
+            rows = self._query(
+                """SELECT path FROM instances WHERE series_instance_uid = ? AND received_at <= ?
+                ORDER BY path""",
+                (series_instance_uid, received_by),
+            )
         return [Path(r["path"]) for r in rows]
 
     def series(self, series_instance_uid: str) -> SeriesRecord | None:
@@ -317,6 +332,14 @@ class Store:
             ).fetchone()
             version = int(row["version"]) + 1
             job_id = job_id_for(series_instance_uid, version)
+            # The version holds the instances received by `now` (what its job reads,
+            # see instance_paths); any later one makes the series receiving again.
+            counted = db.execute(
+                """SELECT COUNT(*) AS n FROM instances WHERE series_instance_uid = ?
+                AND received_at <= ?""",
+                (series_instance_uid, now),
+            ).fetchone()
+            n_read = min(n_read, int(counted["n"])) if int(counted["n"]) else n_read
             db.execute(
                 """UPDATE series SET state = CASE WHEN n_instances > ? THEN 'receiving'
                     ELSE 'queued' END, n_read = ?, version = ?, reason = ''

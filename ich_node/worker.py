@@ -112,8 +112,11 @@ class Worker:
         from ich_node.findings import write_findings
 
         t = time.perf_counter()
+        uid = job.series_instance_uid
+        # This version's instances; all of them if clocks disagree (none by then).
+        paths = self.store.instance_paths(uid, received_by=job.created_at)
         series = read_series(
-            self.store.instance_paths(job.series_instance_uid),
+            paths or self.store.instance_paths(uid),
             max_tilt_deg=self.config.series.max_tilt_degrees,
         )
         times["read_s"] = time.perf_counter() - t

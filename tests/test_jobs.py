@@ -94,3 +94,47 @@ def test_released_worker_job_reruns_and_parks_after_max_attempts(tmp_path: Path)
     parked = queue.store.job(job.job_id)
     assert parked is not None and parked.state == "parked"
     assert "worker exited with code -9" in parked.reason
+
+
+def test_extend_pushes_the_lease_and_fails_once_it_is_lost(tmp_path: Path) -> None:
+    queue = _queue(tmp_path)
+    _enqueue(queue)
+    leased = queue.lease("w", now=1.0)
+    assert leased is not None
+    assert queue.extend(leased, now=9.0) == 19.0
+    assert queue.lease("other", now=15.0) is None  # the extended lease still holds
+    taken = queue.lease("other", now=19.5)  # expired: another worker takes the job
+    assert taken is not None and taken.attempts == 2
+    with pytest.raises(LeaseLost):
+        queue.extend(leased, now=20.0)
+
+
+def test_worker_heartbeat_extends_the_lease_of_a_long_job(tmp_path: Path) -> None:
+    """A real heartbeat thread keeps a 2 s lease alive for 4 s of work."""
+    import os
+    import time
+
+    from ich_node.config import parse_config
+    from ich_node.worker import Worker, _Heartbeat
+
+    config = parse_config({"queue": {"lease_seconds": 2.0}, "storage": {"dir": str(tmp_path)}})
+    store = Store.open(tmp_path)
+    worker = Worker(config, "worker-0", store, classifier=None)
+    _enqueue(worker.queue, now=time.time())
+    job = worker.queue.lease("worker-0", now=time.time())
+    assert job is not None
+    worker.current = job  # what Worker.process sets while the job runs
+    beat = _Heartbeat(store, "worker-0", os.getppid())
+    beat.runner = worker
+    beat.start()
+    try:
+        for _ in range(8):
+            time.sleep(0.5)
+            assert worker.queue.lease("thief", now=time.time()) is None
+        worker.current = None  # the job ended (or hung without beating): no more extension
+        time.sleep(2.5)
+        assert worker.queue.lease("thief", now=time.time()) is not None
+    finally:
+        beat.stop.set()
+        beat.join(5)
+    assert "worker-0" in store.heartbeats()
