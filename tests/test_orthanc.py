@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 import yaml
@@ -29,6 +30,7 @@ from tests.orthanc_util import (
     NODE_MODALITY,
     ROUTING_RULE,
     Orthanc,
+    find_plugin,
     free_ports,
     launch_orthanc,
     orthanc_binary,
@@ -473,3 +475,68 @@ def test_head_ct_round_trip(
             s["MainDicomTags"]["SeriesInstanceUID"]
             for s in _series_of_study(orthanc, upload.study_instance_uid)
         ] == [upload.series_instance_uid]
+
+
+# ------------------------------------------------------------------------- the viewer
+
+
+def test_web_viewer_shows_the_heatmaps(
+    tmp_path: Path, head_ct: PhantomSeries, tiny_bundle: Path
+) -> None:
+    """Orthanc Web Viewer draws the node's heatmap series (headless Chromium screenshot)."""
+    from PIL import Image
+
+    from scripts.orthanc_screenshot import chromium_binary, screenshot, viewer_url
+
+    plugin = find_plugin("libOrthancWebViewer.so")
+    if plugin is None:
+        pytest.skip("Orthanc Web Viewer is not installed (apt-get install orthanc-webviewer)")
+    if chromium_binary() is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    exe = Path(sys.executable).parent / "ich-node"
+    predicted = subprocess.run(
+        [
+            str(exe),
+            "predict",
+            "--bundle",
+            str(tiny_bundle),
+            "--out",
+            str(tmp_path / "results"),
+            "--device",
+            "cpu",
+            "--heatmaps",
+            "all",
+            str(head_ct.paths[0].parent),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert predicted.returncode == 0, predicted.stderr
+    http_port, dicom_port = free_ports(2)
+    with running_orthanc(
+        tmp_path / "orthanc",
+        aet=ORTHANC_AET,
+        http_port=http_port,
+        dicom_port=dicom_port,
+        modalities={},
+        lua_scripts=(),
+        plugins=[plugin],
+    ) as orthanc:
+        orthanc.upload(head_ct.paths)
+        orthanc.upload(sorted((tmp_path / "results").rglob("*.dcm")))
+        (sc,) = [
+            s
+            for s in orthanc.get("/series?expand")
+            if s["MainDicomTags"].get("SeriesDescription") == "ICH AI heatmaps"
+        ]
+        png = screenshot(viewer_url(orthanc, sc["ID"]), tmp_path / "viewer.png", size=(800, 600))
+    hsv = np.asarray(Image.open(png).convert("HSV"))
+    assert hsv.shape == (600, 800, 3)
+    hue, saturation, value = (hsv[..., i].astype(int) for i in range(3))
+    # The overlay's colours (a jet colour map over a grey brain window) are on screen:
+    colourful = (saturation > 128) & (value > 96)
+    grey = (saturation < 24) & (value > 64) & (value < 224)
+    assert colourful.mean() > 0.02, colourful.mean()
+    assert grey.mean() > 0.02, grey.mean()
+    assert len(np.unique(hue[colourful] // 32)) >= 3
