@@ -46,7 +46,7 @@ GUIDE = REPO / "docs" / "deployment.md"
 ORTHANC_AET = "ORTHANC"
 NODE_AET = "ICH_NODE"
 
-pytestmark = pytest.mark.skipif(
+needs_orthanc = pytest.mark.skipif(
     orthanc_binary() is None, reason="Orthanc is not installed (apt-get install orthanc)"
 )
 
@@ -140,6 +140,7 @@ def _store_jobs(orthanc: Orthanc) -> list[dict]:
 # ------------------------------------------------------------------- rule vs storescp
 
 
+@needs_orthanc
 def test_example_orthanc_json_runs_as_written(tmp_path: Path) -> None:
     """config/orthanc/orthanc.json, comments included, starts Orthanc with the node and the rule."""
     http_port, dicom_port = free_ports(2)
@@ -175,6 +176,7 @@ def test_example_orthanc_json_runs_as_written(tmp_path: Path) -> None:
     assert f"Installing the Lua scripts from: {ROUTING_RULE}" in lua
 
 
+@needs_orthanc
 def test_rule_sends_head_ct_only(tmp_path: Path, head_ct: PhantomSeries) -> None:
     """The shipped rule sends head CTs and nothing else; DCMTK storescp plays the node."""
     storescp = dcmtk("storescp")
@@ -394,6 +396,7 @@ def _tags(orthanc: Orthanc, instance: str) -> dict:
     return orthanc.get(f"/instances/{instance}/tags?simplify")
 
 
+@needs_orthanc
 def test_head_ct_round_trip(
     tmp_path: Path, head_ct: PhantomSeries, pacs_and_node: tuple[Orthanc, Node]
 ) -> None:
@@ -480,6 +483,7 @@ def test_head_ct_round_trip(
 # ------------------------------------------------------------------------- the viewer
 
 
+@needs_orthanc
 def test_web_viewer_shows_the_heatmaps(
     tmp_path: Path, head_ct: PhantomSeries, tiny_bundle: Path
 ) -> None:
@@ -540,3 +544,25 @@ def test_web_viewer_shows_the_heatmaps(
     assert colourful.mean() > 0.02, colourful.mean()
     assert grey.mean() > 0.02, grey.mean()
     assert len(np.unique(hue[colourful] // 32)) >= 3
+
+
+# ------------------------------------------------------------------------ the docs
+
+
+def _yaml_blocks(path: Path) -> list[str]:
+    return re.findall(r"```yaml\n(.*?)```", path.read_text(), re.S)
+
+
+@pytest.mark.parametrize("doc", ["routing.md", "deployment.md"])
+def test_node_yaml_in_the_docs_is_valid(tmp_path: Path, doc: str) -> None:
+    """Every node.yaml snippet of the routing and deployment guides passes check-config."""
+    exe = Path(sys.executable).parent / "ich-node"
+    blocks = _yaml_blocks(REPO / "docs" / doc)
+    assert blocks
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"{i}.yaml"
+        path.write_text(block)
+        done = subprocess.run(
+            [str(exe), "check-config", str(path)], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, f"{doc} block {i}:\n{block}\n{done.stderr}"
