@@ -1,27 +1,54 @@
-# ich-node: the DICOM node. Build: docker build -t ich-node .
-# Run:  docker run --gpus all -p 11112:11112 -v ich-spool:/var/lib/ich-node \
-#         -v $PWD/config:/etc/ich-node:ro -v $PWD/models:/models:ro ich-node
+# ich-node: the DICOM node (docs/deployment.md, "Install with Docker").
+#
+#   docker build -t ich-node .
+#   docker run -d --name ich-node --restart unless-stopped --stop-timeout 60 --gpus all \
+#     -p 11112:11112 -v ich-spool:/var/lib/ich-node -v /srv/ich-node:/etc/ich-node:ro ich-node
+#
+# /etc/ich-node holds node.yaml and the model bundle (model.bundle:
+# /etc/ich-node/model.safetensors, storage.dir: /var/lib/ich-node). GPU: the
+# PyTorch wheels bundle CUDA; the host needs the NVIDIA driver and the NVIDIA
+# Container Toolkit (`--gpus all`). Without a GPU, leave `--gpus` out.
 FROM python:3.11-slim
 
+LABEL org.opencontainers.image.title="ich-node" \
+      org.opencontainers.image.description="AI DICOM node that flags intracranial hemorrhage on head CT (triage support, not a diagnosis)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# tini: PID 1 that forwards SIGTERM to the node and reaps its worker processes.
+# dcmtk: echoscu/storescu for troubleshooting from inside the container.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends dcmtk \
+    && apt-get install -y --no-install-recommends tini dcmtk \
     && rm -rf /var/lib/apt/lists/*
 
-RUN useradd --system --create-home --home-dir /home/ich --uid 10001 ich
+# NVIDIA_*: read by the NVIDIA container runtime, which then exposes the GPUs for compute.
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+
+# An unprivileged user owns the state; the code stays root-owned (read-only to it).
+RUN groupadd --system --gid 10001 ich \
+    && useradd --system --uid 10001 --gid ich --home-dir /var/lib/ich-node \
+       --shell /usr/sbin/nologin ich
+
 WORKDIR /opt/ich-node
 COPY pyproject.toml README.md ./
 COPY ich_node ./ich_node
 COPY training ./training
 COPY config ./config
-RUN pip install --no-cache-dir . \
-    && mkdir -p /var/lib/ich-node /etc/ich-node \
-    && chown ich:ich /var/lib/ich-node \
-    && chmod 0700 /var/lib/ich-node
+COPY docs ./docs
+RUN pip install . \
+    && install -d -o ich -g ich -m 0700 /var/lib/ich-node \
+    && install -d -m 0755 /etc/ich-node
 
-USER ich
+USER ich:ich
 VOLUME ["/var/lib/ich-node"]
 EXPOSE 11112
-HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
+STOPSIGNAL SIGTERM
+# Healthy when the listener answers C-ECHO and the workers beat (ich-node health).
+HEALTHCHECK --interval=30s --timeout=15s --start-period=120s --retries=3 \
     CMD ["ich-node", "health", "--config", "/etc/ich-node/node.yaml"]
-ENTRYPOINT ["ich-node"]
+ENTRYPOINT ["tini", "--", "ich-node"]
 CMD ["serve", "--config", "/etc/ich-node/node.yaml"]
