@@ -3,7 +3,8 @@
 Commands and flags are a stable interface (admins' scripts call them)::
 
     ich-node check-config PATH
-    ich-node predict --bundle B --out DIR [--device D] [--batch-size N] [--heatmaps H] INPUT...
+    ich-node predict --bundle B --out DIR [--device D] [--batch-size N] [--heatmaps H]
+                     [--negative-top-slices N] [--parametric-map] [--no-dicom] INPUT...
     ich-node serve   --config PATH
     ich-node status  --config PATH [--json]
     ich-node health  --config PATH
@@ -125,10 +126,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if not args.no_dicom:
             from ich_node.results import ResultOptions, ResultsSkipped, build_results, write_results
 
+            options = ResultOptions(
+                heatmaps=args.heatmaps,
+                negative_top_slices=args.negative_top_slices,
+                parametric_map=args.parametric_map,
+            )
             try:
-                results = build_results(
-                    prediction, classifier, ResultOptions(heatmaps=args.heatmaps)
-                )
+                results = build_results(prediction, classifier, options)
             except ResultsSkipped as exc:
                 tqdm.write(
                     f"ich-node: series {uid}: findings.json written; DICOM results skipped: "
@@ -210,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("positive", "all", "none"),
         default="positive",
         help="which slices get a heatmap image (default: positive)",
+    )
+    p.add_argument(
+        "--negative-top-slices",
+        type=int,
+        default=0,
+        metavar="N",
+        help="for a negative series, explain its N most suspicious slices (default 0)",
+    )
+    p.add_argument(
+        "--parametric-map",
+        action="store_true",
+        help="also write a Parametric Map of the Grad-CAM values (parametric_map.dcm)",
     )
     p.add_argument(
         "--no-dicom", action="store_true", help="write findings.json only, no SR or heatmaps"

@@ -160,7 +160,20 @@ def test_several_series_and_a_bad_file(
     assert broken.name in err
     # A file that is not DICOM at all beside a good series: named, the series still read.
     (tmp_path / "in" / "notes.dcm").write_text("not dicom")
-    assert main(["predict", "--bundle", str(tiny_bundle), "--out", str(tmp_path / "out3"), "--no-dicom", str(tmp_path / "in")]) == 1
+    assert (
+        main(
+            [
+                "predict",
+                "--bundle",
+                str(tiny_bundle),
+                "--out",
+                str(tmp_path / "out3"),
+                "--no-dicom",
+                str(tmp_path / "in"),
+            ]
+        )
+        == 1
+    )
     assert "notes.dcm: not a readable DICOM image" in capsys.readouterr().err
     assert (tmp_path / "out3" / a.series_instance_uid / "findings.json").is_file()
 
@@ -238,3 +251,34 @@ def test_cuda_bf16_matches_cpu(tmp_path: Path, tiny_bundle: Path) -> None:
     cpu = Classifier(load_bundle(tiny_bundle), device="cpu").predict_series(series).findings
     gpu = Classifier(load_bundle(tiny_bundle), device="cuda").predict_series(series).findings
     np.testing.assert_allclose(gpu.slice_probabilities(), cpu.slice_probabilities(), atol=0.05)
+
+
+def test_predict_writes_dicom_results_next_to_findings(tmp_path: Path, tiny_bundle: Path) -> None:
+    import pydicom
+
+    phantom = write_series(tmp_path / "in", seed=9, subtypes=("subdural",), n_slices=6, matrix=128)
+    out = tmp_path / "out"
+    argv = [
+        "predict",
+        "--bundle",
+        str(tiny_bundle),
+        "--out",
+        str(out),
+        "--heatmaps",
+        "all",
+        "--parametric-map",
+        "--negative-top-slices",
+        "2",
+        str(tmp_path / "in"),
+    ]
+    assert main(argv) == 0
+    folder = out / phantom.series_instance_uid
+    findings = json.loads((folder / "findings.json").read_text())
+    sr = pydicom.dcmread(folder / "sr.dcm")
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == phantom.study_instance_uid
+    heatmaps = sorted((folder / "heatmaps").glob("*.dcm"))
+    assert len(heatmaps) == findings["n_slices"] == 6
+    assert len(list((folder / "heatmaps").glob("*.png"))) == 6
+    sources = [pydicom.dcmread(p).SourceImageSequence[0].ReferencedSOPInstanceUID for p in heatmaps]
+    assert sorted(sources) == sorted(phantom.sop_instance_uids)
+    assert pydicom.dcmread(folder / "parametric_map.dcm").Modality == "OT"
