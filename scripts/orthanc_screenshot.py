@@ -10,16 +10,23 @@ Orthanc Explorer and saves both pictures::
     python scripts/orthanc_screenshot.py --bundle B.safetensors --out-dir docs/img
 
 Needs Debian's ``orthanc``, ``orthanc-webviewer`` and ``chromium``. Writes
-``viewer_heatmap.png`` and ``viewer_study.png`` into ``--out-dir``.
+``viewer_heatmap.png`` (the heatmap of the most suspicious slice: the viewer
+is scrolled there with the mouse wheel over the DevTools protocol) and
+``viewer_study.png`` into ``--out-dir``.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
+import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -62,40 +69,138 @@ def chromium_binary() -> str | None:
     return None
 
 
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol on a pipe (no network port).
+
+    ``--remote-debugging-pipe`` makes Chromium read JSON commands from fd 3 and
+    write answers to fd 4, each message ending with a NUL byte.
+    """
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        binary = chromium_binary()
+        if binary is None:
+            raise RuntimeError("Chromium is not installed (apt-get install chromium)")
+        self.size = size
+        self._profile = tempfile.TemporaryDirectory(prefix="chromium-")
+        to_child, self._to_chromium = os.pipe()
+        self._from_chromium, from_child = os.pipe()
+
+        def wire_fds() -> None:  # in the child, before exec: the pipes become fds 3 and 4
+            r, w = os.dup(to_child), os.dup(from_child)
+            r, w = os.dup2(r, 50), os.dup2(w, 51)
+            os.dup2(r, 3)
+            os.dup2(w, 4)
+
+        self.process = subprocess.Popen(
+            [
+                binary,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={self._profile.name}",
+                f"--window-size={size[0]},{size[1]}",
+                "--remote-debugging-pipe",
+                "about:blank",
+            ],
+            preexec_fn=wire_fds,
+            pass_fds=(3, 4),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(to_child)
+        os.close(from_child)
+        self._next_id = 0
+        self._buffer = b""
+        self.session: str | None = None
+
+    def call(self, method: str, **params: object) -> dict:
+        """Send one command (to the attached page, when there is one) and return its result."""
+        self._next_id += 1
+        message: dict[str, object] = {"id": self._next_id, "method": method, "params": params}
+        if self.session is not None and not method.startswith(("Target.", "Browser.")):
+            message["sessionId"] = self.session
+        os.write(self._to_chromium, json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self._buffer:
+                chunk = os.read(self._from_chromium, 1 << 20)
+                if not chunk:
+                    raise RuntimeError(f"Chromium exited during {method}")
+                self._buffer += chunk
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return dict(reply["result"])
+
+    def open(self, url: str) -> None:
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)[
+            "sessionId"
+        ]
+        width, height = self.size
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
+        self.call("Page.navigate", url=url)
+
+    def wheel(self, steps: int) -> None:
+        """Turn the mouse wheel ``steps`` notches down over the middle of the page."""
+        for _ in range(steps):
+            self.call(
+                "Input.dispatchMouseEvent",
+                type="mouseWheel",
+                x=self.size[0] // 2,
+                y=self.size[1] // 2,
+                deltaX=0,
+                deltaY=120,
+            )
+            time.sleep(0.3)
+
+    def capture(self, out: Path) -> Path:
+        data = self.call("Page.captureScreenshot", format="png")["data"]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(base64.b64decode(data))
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(RuntimeError, OSError):
+            self.call("Browser.close")
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        os.close(self._to_chromium)
+        os.close(self._from_chromium)
+        self._profile.cleanup()
+
+
 def screenshot(
     url: str,
     out: Path,
     *,
     size: tuple[int, int] = (1280, 800),
-    budget_ms: int = 15000,
+    settle_s: float = 5.0,
+    wheel_steps: int = 0,
 ) -> Path:
-    """Open ``url`` in headless Chromium and save a PNG of the window to ``out``.
+    """Open ``url`` in headless Chromium, wait, optionally scroll, save a PNG to ``out``.
 
-    ``budget_ms`` of virtual time lets the page's scripts fetch and draw the images.
-    Raises RuntimeError when Chromium is missing or writes no picture.
+    ``settle_s`` lets the page's scripts fetch and draw the images; in the Orthanc
+    Web Viewer each wheel step shows the next image of the series.
     """
-    binary = chromium_binary()
-    if binary is None:
-        raise RuntimeError("Chromium is not installed (apt-get install chromium)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        done = subprocess.run(
-            [
-                binary,
-                *CHROMIUM_FLAGS,
-                f"--user-data-dir={profile}",
-                f"--window-size={size[0]},{size[1]}",
-                f"--virtual-time-budget={budget_ms}",
-                f"--screenshot={out}",
-                url,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    if done.returncode != 0 or not out.is_file():
-        raise RuntimeError(f"Chromium wrote no screenshot of {url}:\n{done.stderr[-2000:]}")
-    return out
+    browser = Chromium(size)
+    try:
+        browser.open(url)
+        time.sleep(settle_s)
+        if wheel_steps:
+            browser.wheel(wheel_steps)
+            time.sleep(2.0)
+        return browser.capture(out)
+    finally:
+        browser.close()
 
 
 def viewer_url(orthanc: Orthanc, series_id: str) -> str:
@@ -116,6 +221,42 @@ def heatmap_series(orthanc: Orthanc, study_id: str) -> dict | None:
         if has_sr and s["MainDicomTags"].get("SeriesDescription") == HEATMAPS:
             return dict(s)
     return None
+
+
+def _slice_probabilities(exe: Path, bundle: Path, series_dir: Path, work: Path) -> dict[str, float]:
+    """P(any) per source SOP Instance UID, from ``ich-node predict`` with the same bundle."""
+    out = work / "predict"
+    subprocess.run(
+        [
+            str(exe),
+            "predict",
+            "--no-dicom",
+            "--bundle",
+            str(bundle),
+            "--out",
+            str(out),
+            str(series_dir),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (findings,) = out.glob("*/findings.json")
+    data = json.loads(findings.read_text())
+    return {s["sop_instance_uid"]: float(s["probabilities"]["any"]) for s in data["slices"]}
+
+
+def most_suspicious_position(
+    orthanc: Orthanc, series: dict, probabilities: dict[str, float]
+) -> int:
+    """Position (0-based, in InstanceNumber order, as the viewer shows them) of the
+    heatmap whose source slice has the highest probability."""
+    ranked = []
+    for instance in series["Instances"]:
+        tags = orthanc.get(f"/instances/{instance}/tags?simplify")
+        source = tags["SourceImageSequence"][0]["ReferencedSOPInstanceUID"]
+        ranked.append((int(tags["InstanceNumber"]), probabilities.get(source, 0.0)))
+    ranked.sort()
+    return max(range(len(ranked)), key=lambda i: ranked[i][1])
 
 
 def _node_config(
@@ -188,13 +329,20 @@ def run_loop(args: argparse.Namespace, work: Path) -> None:
             )
             n = len(sc["Instances"])
             print(f"{n} heatmap image(s) arrived in series {sc['ID']}")
+            probabilities = _slice_probabilities(exe, args.bundle, series.paths[0].parent, work)
+            steps = most_suspicious_position(orthanc, sc, probabilities)
+            print(f"showing heatmap {steps + 1} of {n} (highest 'any' probability)")
             args.out_dir.mkdir(parents=True, exist_ok=True)
-            for name, url in (
-                ("viewer_heatmap.png", viewer_url(orthanc, sc["ID"])),
-                ("viewer_study.png", explorer_study_url(orthanc, study_id)),
-            ):
-                path = screenshot(url, args.out_dir / name)
-                print(f"wrote {path}")
+            path = screenshot(
+                viewer_url(orthanc, sc["ID"]),
+                args.out_dir / "viewer_heatmap.png",
+                wheel_steps=steps,
+            )
+            print(f"wrote {path}")
+            path = screenshot(
+                explorer_study_url(orthanc, study_id), args.out_dir / "viewer_study.png"
+            )
+            print(f"wrote {path}")
         finally:
             node.terminate()
             node.wait(timeout=60)

@@ -177,7 +177,6 @@ def orthanc_config(
     template = next(iter(config["DicomModalities"].values()))
     config.update(
         {
-            "Name": f"ich-node test {aet}",
             "StorageDirectory": str(workdir / "db"),
             "IndexDirectory": str(workdir / "db"),
             "StorageCompression": False,
