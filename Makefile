@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv system-deps test test-all lint demo clean
+.PHONY: venv system-deps test test-all lint demo faults clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,10 @@ lint: venv
 
 demo: venv
 	$(PY) scripts/demo.py
+
+# The full crash-consistency run (30 SIGKILLs while studies stream in); see docs/reliability.md.
+faults: venv system-deps
+	$(PY) benchmarks/faults.py --kills 30 --json benchmarks/results/faults.json
 
 clean:
 	rm -rf demo .pytest_cache .mypy_cache .ruff_cache
