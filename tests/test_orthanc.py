@@ -195,7 +195,7 @@ def test_rule_sends_head_ct_only(tmp_path: Path, head_ct: PhantomSeries) -> None
             http_port=http_port,
             dicom_port=dicom_port,
             modalities={NODE_MODALITY: (NODE_AET, "127.0.0.1", node_port)},
-            stable_age=1,
+            stable_age=2,
         ) as orthanc:
             src = head_ct.paths
             sent = [
@@ -351,7 +351,7 @@ def pacs_and_node(tmp_path: Path, tiny_bundle: Path) -> Iterator[tuple[Orthanc, 
         http_port=http_port,
         dicom_port=dicom_port,
         modalities={NODE_MODALITY: (NODE_AET, "127.0.0.1", node_port)},
-        stable_age=1,
+        stable_age=2,
     ) as orthanc:
         log_path = tmp_path / "node.log"
         with log_path.open("wb") as log_file:
