@@ -15,14 +15,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# DCMTK (storescu, storescp, echoscu, dcmcjpeg, dsrdump...) and dicom3tools (dciodvfy)
-# are real peers and validators for the tests. Installed when run as root; otherwise
-# the tests that need them skip and say so.
+# Real peers and validators for the tests: DCMTK (storescu, storescp, echoscu, dcmcjpeg,
+# dsrdump...), dicom3tools (dciodvfy), Orthanc with its web viewer (the PACS loop),
+# Chromium (viewer screenshots), openssl (TLS certificates). Installed when run as root;
+# otherwise the tests that need them skip and say so.
+SYSTEM_PACKAGES := dcmtk dicom3tools orthanc orthanc-webviewer chromium openssl
 system-deps:
-	@if command -v dciodvfy >/dev/null && [ -x /usr/bin/storescp ]; then :; \
+	@if command -v dciodvfy >/dev/null && [ -x /usr/bin/storescp ] && [ -x /usr/sbin/Orthanc ] \
+		&& command -v chromium >/dev/null && command -v openssl >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk dicom3tools >/dev/null; \
-	else echo "note: run as root or install dcmtk and dicom3tools for the full test suite"; fi
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			$(SYSTEM_PACKAGES) >/dev/null; \
+	else echo "note: run as root or install $(SYSTEM_PACKAGES) for the full test suite"; fi
 
 test: venv system-deps
 	$(PY) -m pytest -m "not slow and not gpu" -q
@@ -31,8 +35,8 @@ test-all: venv system-deps
 	$(PY) -m pytest -q
 
 lint: venv
-	$(VENV)/bin/ruff check ich_node training tests
-	$(VENV)/bin/ruff format --check ich_node training tests
+	$(VENV)/bin/ruff check ich_node training tests scripts benchmarks
+	$(VENV)/bin/ruff format --check ich_node training tests scripts benchmarks
 	$(VENV)/bin/mypy
 
 demo: venv
