@@ -9,13 +9,14 @@ the listener accepts from the loopback address).
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from typing import Any, Final
 
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from ich_node.config import NodeConfig
+from ich_node.config import NodeConfig, ServerTLS
 from ich_node.jobs import JobQueue
 from ich_node.store import DB_NAME, Store
 
@@ -122,7 +123,11 @@ def echo(config: NodeConfig, timeout: float = 10.0) -> bool:
     ae = AE(ae_title=config.node.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, config.node.port, ae_title=config.node.ae_title)
+    tls_args = None
+    if config.node.tls is not None:
+        # The name only goes into SNI: the host name is not checked (see below).
+        tls_args = (_self_check_context(config.node.tls), "localhost")
+    assoc = ae.associate(host, config.node.port, ae_title=config.node.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         return False
     try:
@@ -130,6 +135,25 @@ def echo(config: NodeConfig, timeout: float = 10.0) -> bool:
         return getattr(result, "Status", None) == 0x0000
     finally:
         assoc.release()
+
+
+def _self_check_context(tls: ServerTLS) -> ssl.SSLContext:
+    """A client context that trusts the node's own server certificate.
+
+    ``health`` talks to its own listener on the loopback address, so the host name
+    is not checked; the node's certificate itself is the trust anchor (partial
+    chains allowed). When client certificates are required it presents the node's
+    own certificate, which therefore must be signed by ``node.tls.ca``.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    context.load_verify_locations(cafile=str(tls.cert))
+    if tls.require_client_cert:
+        context.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
+    return context
 
 
 def health(config: NodeConfig) -> int:

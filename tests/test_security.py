@@ -254,3 +254,29 @@ def test_no_phi_in_logs_metrics_or_store_owner_only_files_and_retention(
     assert record is not None and record.state == "purged" and record.n_instances == 16
     assert store.n_instances() == 0 and store.job(job.job_id).state == "done"  # type: ignore[union-attr]
     store.close()
+
+
+@pytest.mark.parametrize("require", [False, True])
+def test_health_echo_speaks_tls(tmp_path: Path, free_port: int, pki: Path, require: bool) -> None:
+    """`ich-node health` reaches a TLS-only listener (with its own certificate when required)."""
+    from ich_node.ops import echo
+
+    config = parse_config(
+        {
+            "node": {
+                "ae_title": "ICH_NODE", "host": "127.0.0.1", "port": free_port,
+                "tls": {"cert": str(pki / "server.crt"), "key": str(pki / "server.key"),
+                        "ca": str(pki / "ca.crt"), "require_client_cert": require},
+            },
+            "storage": {"dir": str(tmp_path / "node"), "min_free_mb": 0},
+        }
+    )  # fmt: skip
+    store = Store.open(config.storage.dir)
+    server = start_listener(config, Spool(config.storage.dir, store, 0))
+    try:
+        assert echo(config, timeout=10) is True
+        plain = config.model_copy(update={"node": config.node.model_copy(update={"tls": None})})
+        assert echo(plain, timeout=5) is False
+    finally:
+        server.shutdown()
+        store.close()
