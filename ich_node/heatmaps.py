@@ -140,6 +140,10 @@ def _wrap(
     return lines
 
 
+#: Pixels above this HU are the head (soft tissue, bone, brain); below is air.
+_HEAD_MIN_HU = -300.0
+
+
 def render_overlay(
     hu: np.ndarray,
     cam: np.ndarray | None,
@@ -171,6 +175,9 @@ def render_overlay(
         if cam.shape != hu.shape:
             raise ValueError(f"cam shape {cam.shape} differs from the slice's {hu.shape}")
         alpha = _ALPHA_MAX * np.clip((cam - _CAM_FLOOR) / (_CAM_FULL - _CAM_FLOOR), 0.0, 1.0)
+        # Colour only the head: the upsampled map spills into the air around it,
+        # where it would suggest a finding outside the patient.
+        alpha = alpha * (hu > _HEAD_MIN_HU)
         rgb = (1.0 - alpha[..., None]) * rgb + alpha[..., None] * turbo(cam)
     image = Image.fromarray(np.round(rgb * 255.0).astype(np.uint8))
     draw = ImageDraw.Draw(image)

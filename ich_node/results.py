@@ -296,6 +296,11 @@ def build_results(
         device_uid=name_uid("ich-node device", card.name, card.version, card.sha256),
         tracking_uids=[uid("tracking", label) for label in LABELS],
     )
+    for ds in (sr, *heatmaps, *pm):
+        # General Series module: SeriesDate/Time are optional, but PACS and viewers
+        # (Orthanc Explorer among them) group and sort series by them.
+        if "SeriesDate" not in ds and "ContentDate" in ds:
+            ds.SeriesDate, ds.SeriesTime = ds.ContentDate, ds.ContentTime
     log.info(
         "results.built",
         series_uid=prediction.series.series_instance_uid,

@@ -48,3 +48,13 @@ def test_text_is_burned_in() -> None:
     changed = np.any(text != blank, axis=-1)
     rows = np.nonzero(changed.any(axis=1))[0]
     assert changed.sum() > 100 and rows.max() < 40  # text at the top left
+
+
+def test_overlay_stays_inside_the_head() -> None:
+    hu = np.full((128, 128), -1000.0, np.float32)  # air
+    hu[32:96, 32:96] = 40.0  # the head
+    cam = np.ones((128, 128), np.float32)  # a map that spills everywhere
+    hot = render_overlay(hu, cam, [])
+    plain = render_overlay(hu, None, [])
+    assert np.array_equal(hot[100:128, 0:100], plain[100:128, 0:100])  # air stays black
+    assert np.ptp(hot[40:90, 40:90].astype(int), axis=-1).min() > 30  # head coloured

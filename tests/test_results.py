@@ -184,6 +184,7 @@ def test_uids_new_valid_and_study_kept(
             assert str(ds.get(keyword, "")) == str(source.get(keyword, "")), keyword
         for keyword in _OTHER_PATIENT_KEYWORDS:
             assert keyword not in ds, keyword
+        assert ds.SeriesDate and ds.SeriesTime  # viewers group series by them
     series_uids = {ds.SeriesInstanceUID for ds in results.datasets()}
     assert len(series_uids) == 3  # heatmaps, parametric map, SR: each its own series
 
