@@ -2,16 +2,35 @@
 
 Grad-CAM (Selvaraju et al., 2017) weights the activations of the classifier's last
 convolutional stage (:attr:`ich_node.model.ICHClassifier.target_layer`) by the mean
-gradient of a label's logit. We use pytorch-grad-cam (``grad-cam`` on PyPI): it is
-maintained, handles the hooks and their release, batches several images per call and
-returns maps already scaled to [0, 1] at the input size.
+gradient of a label's logit, sums them and keeps the positive part.
+
+Two implementations give the same maps:
+
+- **CAM shortcut** (``method="cam"``, the default where it holds): our networks end
+  in global average pooling and one linear layer, so the mean gradient of logit k
+  with respect to feature channel c is ``W[k, c] / (h w)``, and Grad-CAM is the
+  class activation map ``ReLU(sum_c W[k, c] A_c)`` (Zhou et al., 2016) up to a
+  positive factor that the [0, 1] scaling removes. The classifier computes these
+  maps in the inference pass itself (:attr:`ich_node.inference.Prediction.cams`),
+  so explaining a slice costs a weighted sum of its maps and a resize: no second
+  forward pass, no backward pass. When a prediction does not carry them, one
+  forward pass over the explained slices computes them.
+- **pytorch-grad-cam** (``method="gradcam"``; ``grad-cam`` on PyPI): forward and
+  backward passes with hooks. The reference the tests compare the shortcut to
+  (correlation > 0.999), and the path for heads where the shortcut does not hold
+  (:func:`ich_node.inference.cam_head` is ``None``).
+
+Both scale each map as pytorch-grad-cam does: ReLU, minus its minimum, divided by
+its maximum (plus 1e-7), then a bilinear resize (OpenCV) to the input size.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
+import cv2
 import numpy as np
 import structlog
 import torch
@@ -99,36 +118,56 @@ def slices_to_explain(
     return sorted(chosen.items())
 
 
-def explain(
-    prediction: Prediction,
-    classifier: Classifier,
-    *,
-    negative_top_slices: int = 0,
-) -> tuple[SliceExplanation, ...]:
-    """Grad-CAM maps for the positive slices of a prediction.
+Method = Literal["auto", "cam", "gradcam"]
+
+
+def scale_maps(maps: np.ndarray, size: int) -> np.ndarray:
+    """pytorch-grad-cam's scaling: ReLU, min-max to [0, 1] per map, bilinear resize.
 
     Parameters
     ----------
-    prediction : Prediction
-        From :meth:`Classifier.predict_series`; ``prediction.images`` is the
-        (S, 3, size, size) float32 model input in [0, 1].
-    classifier : Classifier
-        The classifier that made the prediction; its device runs Grad-CAM, in
-        batches of ``classifier.batch_size`` slices.
-    negative_top_slices : int
-        See :func:`slices_to_explain`.
+    maps : numpy.ndarray
+        (N, h, w) float32 weighted sums of feature maps (any sign).
+    size : int
+        Output side, pixels (the model input size).
 
     Returns
     -------
-    tuple of SliceExplanation
-        One per explained slice, in slice order.
+    numpy.ndarray
+        (N, size, size) float32 in [0, 1].
     """
-    wanted = slices_to_explain(prediction.findings, negative_top_slices)
-    if not wanted:
-        return ()
+    out = np.empty((len(maps), size, size), dtype=np.float32)
+    for n, m in enumerate(np.maximum(np.asarray(maps, dtype=np.float32), 0.0)):
+        m = m - m.min()
+        m = m / (1e-7 + m.max())
+        out[n] = cv2.resize(m, (size, size))  # INTER_LINEAR, as pytorch-grad-cam
+    return np.clip(np.nan_to_num(out, nan=0.0), 0.0, 1.0)
+
+
+def _cam_maps(
+    cams: np.ndarray, wanted: Sequence[tuple[int, tuple[str, ...]]], size: int
+) -> np.ndarray:
+    """(S, L, h, w) CAMs -> (len(wanted), size, size) maps of each slice's label sum.
+
+    Grad-CAM of a sum of logits is the CAM of the summed weights: the sum of the
+    labels' maps (before the ReLU).
+    """
+    index_of = {label: j for j, label in enumerate(LABELS)}
+    summed = np.stack(
+        [cams[i, [index_of[label] for label in labels]].sum(axis=0) for i, labels in wanted]
+    )
+    return scale_maps(summed, size)
+
+
+def _gradcam_maps(
+    prediction: Prediction,
+    classifier: Classifier,
+    wanted: Sequence[tuple[int, tuple[str, ...]]],
+) -> list[np.ndarray]:
+    """pytorch-grad-cam's maps (forward and backward per batch), in ``wanted`` order."""
     model = classifier.model
     index_of = {label: j for j, label in enumerate(LABELS)}
-    out: list[SliceExplanation] = []
+    out: list[np.ndarray] = []
     # pytorch-grad-cam hooks the layer; the context manager removes the hooks again.
     with torch.enable_grad(), GradCAM(model=model, target_layers=[model.target_layer]) as cam:
         for start in range(0, len(wanted), classifier.batch_size):
@@ -143,10 +182,70 @@ def explain(
                 for _, labels in chunk
             ]
             maps = cam(input_tensor=batch, targets=targets)  # (B, H, W) float32 in [0, 1]
-            for (i, labels), m in zip(chunk, maps, strict=True):
+            for m in maps:
                 m = np.nan_to_num(np.asarray(m, dtype=np.float32), nan=0.0)
-                out.append(SliceExplanation(index=i, labels=labels, cam=np.clip(m, 0.0, 1.0)))
+                out.append(np.clip(m, 0.0, 1.0))
     # GradCAM leaves gradients on the weights; drop them so memory is not held.
     model.zero_grad(set_to_none=True)
-    log.debug("explain.done", slices=len(out))
-    return tuple(out)
+    return out
+
+
+def explain(
+    prediction: Prediction,
+    classifier: Classifier,
+    *,
+    negative_top_slices: int = 0,
+    method: Method = "auto",
+) -> tuple[SliceExplanation, ...]:
+    """Grad-CAM maps for the positive slices of a prediction.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        From :meth:`Classifier.predict_series`; ``prediction.images`` is the
+        (S, 3, size, size) float32 model input in [0, 1], ``prediction.cams`` the
+        class activation maps of the inference pass (or ``None``).
+    classifier : Classifier
+        The classifier that made the prediction; its device runs what is needed,
+        in batches of ``classifier.batch_size`` slices.
+    negative_top_slices : int
+        See :func:`slices_to_explain`.
+    method : {"auto", "cam", "gradcam"}
+        ``auto``: the CAM shortcut when the classifier's head allows it
+        (:attr:`Classifier.computes_cams`), else pytorch-grad-cam. ``cam`` insists
+        on the shortcut (``ValueError`` where it does not hold); ``gradcam`` always
+        runs pytorch-grad-cam (the reference).
+
+    Returns
+    -------
+    tuple of SliceExplanation
+        One per explained slice, in slice order.
+    """
+    if method not in ("auto", "cam", "gradcam"):
+        raise ValueError(f"method must be 'auto', 'cam' or 'gradcam', got {method!r}")
+    wanted = slices_to_explain(prediction.findings, negative_top_slices)
+    if not wanted:
+        return ()
+    shortcut = method != "gradcam" and (prediction.cams is not None or classifier.computes_cams)
+    if method == "cam" and not shortcut:
+        raise ValueError(
+            "method='cam' needs a network ending in global average pooling and one "
+            f"linear layer; {classifier.card.arch!r} as loaded does not (use 'auto')"
+        )
+    if shortcut:
+        cams = prediction.cams
+        if cams is None:  # e.g. a prediction made without CAMs: one forward pass
+            indices = [i for i, _ in wanted]
+            _, computed = classifier.predict_images_with_cams(prediction.images[indices])
+            assert computed is not None
+            cams = np.zeros((len(prediction.images), *computed.shape[1:]), np.float32)
+            cams[indices] = computed
+        maps = list(_cam_maps(cams, wanted, prediction.images.shape[-1]))
+    else:
+        maps = _gradcam_maps(prediction, classifier, wanted)
+    out = tuple(
+        SliceExplanation(index=i, labels=labels, cam=m)
+        for (i, labels), m in zip(wanted, maps, strict=True)
+    )
+    log.debug("explain.done", slices=len(out), method="cam" if shortcut else "gradcam")
+    return out

@@ -3,20 +3,48 @@
 Used by ``ich-node predict`` and by the node's worker alike. The images a series
 is classified on come from :func:`ich_node.imaging.preprocess_hu`, the same function
 training uses.
+
+Speed (measured in ``docs/performance.md``):
+
+- slices are classified in batches of ``batch_size``; while one batch runs on the
+  device, a background thread decodes and preprocesses the next one;
+- ``precision="auto"`` runs bf16 autocast on CUDA; ``precision="bf16"`` does the
+  same on CPUs with native bf16 (AVX512-BF16 or AMX), about twice as fast as fp32
+  there (opt-in: see :func:`resolve_precision`);
+- channels-last memory format on CUDA;
+- ``compile=True`` wraps the network in :func:`torch.compile`; :meth:`Classifier.warmup`
+  pays the compilation once at worker start, and batches are padded to
+  ``batch_size`` so that one graph serves every series;
+- for a network ending in global average pooling and a linear layer (the ResNet
+  family of :mod:`ich_node.model`), the same forward pass that gives the
+  probabilities also gives each label's class activation map (the label's ``fc``
+  weights applied to the last stage's feature maps). For such a head Grad-CAM
+  equals this CAM up to a positive factor, so :mod:`ich_node.explain` needs no
+  second pass (see :func:`cam_head`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import numpy as np
+import structlog
 import torch
+import torchvision
+from torch import nn
 
 from ich_node.bundle import Bundle
 from ich_node.findings import ModelInfo, SeriesFindings, summarise
-from ich_node.imaging import CTSeries, load_series_hu, preprocess_hu
+from ich_node.imaging import CTSeries, ImagingError, load_series_hu, preprocess_hu
+
+log = structlog.get_logger(__name__)
+
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -30,14 +58,99 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), per oneDNN."""
+    try:
+        return bool(torch.backends.mkldnn.is_available()) and bool(
+            torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(name: str, device: torch.device) -> Literal["fp32", "bf16"]:
+    """``auto``: bf16 on CUDA, fp32 on the CPU; ``fp32`` and ``bf16`` as named.
+
+    bf16 on the CPU is about twice as fast where the CPU computes bf16 natively
+    (:func:`cpu_has_native_bf16`; measured in ``docs/performance.md``) but moves
+    probabilities by about 1e-2 from the fp32 reference that evaluation and
+    ``ich-node predict`` use, so a CPU deployment opts in with ``bf16``. Without
+    native support bf16 is emulated and slower than fp32: a warning says so.
+    """
+    if name not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {name!r}")
+    if name == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16" if cuda_bf16 else "fp32"
+    if name == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning("classifier.bf16_emulated", detail="this CPU has no native bf16: slower")
+    return "bf16" if name == "bf16" else "fp32"
+
+
+def cam_head(model: nn.Module) -> nn.Linear | None:
+    """The linear head when the CAM shortcut holds for ``model``, else ``None``.
+
+    It holds when the network is ``fc(flatten(avgpool(layer4(...))))`` with a
+    global average pool and a single linear layer: then the gradient of logit k
+    with respect to the last stage's feature map c is ``W[k, c] / (h w)`` at every
+    position, so Grad-CAM's channel weights are the ``fc`` weights (up to the
+    positive factor ``1 / (h w)``, which the [0, 1] normalisation removes) and
+    Grad-CAM equals CAM (Zhou et al., 2016). Any other head (an MLP, attention
+    pooling) returns ``None`` and is explained with pytorch-grad-cam.
+    """
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, torchvision.models.ResNet):
+        return None
+    pool, fc = backbone.avgpool, backbone.fc
+    if not isinstance(pool, nn.AdaptiveAvgPool2d) or pool.output_size not in (1, (1, 1)):
+        return None
+    if not isinstance(fc, nn.Linear):
+        return None
+    if getattr(model, "target_layer", None) is not backbone.layer4[-1]:
+        return None
+    return fc
+
+
+class _LogitsAndCams(nn.Module):
+    """``ICHClassifier.forward``, also returning each label's class activation map.
+
+    The stages are torchvision's ``ResNet._forward_impl``, called one by one so
+    that the last stage's features stay at hand; written out rather than hooked
+    so that :func:`torch.compile` sees one plain graph.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, H, W) in [0, 1] -> (N, L) logits, (N, L, h, w) float32 CAMs."""
+        m: Any = self.model
+        b = m.backbone
+        x = (images - m.mean) / m.std
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        features = b.layer4(b.layer3(b.layer2(b.layer1(x))))  # (N, C, h, w)
+        logits = b.fc(torch.flatten(b.avgpool(features), 1))
+        # fp32 even under autocast: (L, C) x (N, C, h, w) is a few kFLOP per pixel.
+        cams = torch.einsum("lc,nchw->nlhw", b.fc.weight.float(), features.float())
+        return logits, cams
+
+
 @dataclass(frozen=True, slots=True)
 class Prediction:
-    """A series' findings with the arrays they came from (for explanations and rendering)."""
+    """A series' findings with the arrays they came from (for explanations and rendering).
+
+    ``cams`` holds, per slice and label, the class activation map computed in the
+    inference pass (``fc`` weights x last-stage features, before ReLU and scaling),
+    or ``None`` when the network's head does not allow the shortcut
+    (:func:`cam_head`); :func:`ich_node.explain.explain` then runs Grad-CAM.
+    """
 
     series: CTSeries
     findings: SeriesFindings
     hu: np.ndarray  # (S, H, W) float32 HU, series order
     images: np.ndarray  # (S, 3, size, size) float32 in [0, 1], model input
+    cams: np.ndarray | None = None  # (S, L, h, w) float32, h = w = size / 32 for ResNets
 
 
 class Classifier:
@@ -51,17 +164,53 @@ class Classifier:
         ``auto``, ``cpu`` or ``cuda``.
     batch_size
         Slices per forward pass.
+    precision
+        ``auto`` (bf16 autocast on CUDA, fp32 on the CPU), ``fp32`` or ``bf16``
+        (see :func:`resolve_precision`).
+    compile
+        Wrap the network in :func:`torch.compile`; call :meth:`warmup` at start so the
+        first study does not pay for the compilation.
+    cams
+        Compute class activation maps in the inference pass when the head allows
+        it (:func:`cam_head`).
+    prefetch
+        Decode the next batch's slices in a background thread during the forward pass.
+    channels_last
+        NHWC memory format; ``None``: on CUDA, and on the CPU with bf16 (oneDNN's
+        bf16 convolutions run fastest in it).
     """
 
-    def __init__(self, bundle: Bundle, *, device: str = "auto", batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        device: str = "auto",
+        batch_size: int = 16,
+        precision: str = "auto",
+        compile: bool = False,
+        cams: bool = True,
+        prefetch: bool = True,
+        channels_last: bool | None = None,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
         self.card = bundle.card
         self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.batch_size = batch_size
+        self.prefetch = prefetch
+        if channels_last is None:
+            channels_last = self.device.type == "cuda" or self.precision == "bf16"
+        self.channels_last = channels_last
         self.model = bundle.model.to(self.device).eval()
-        if self.device.type == "cuda":
+        if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels
+        self.cam_head = cam_head(self.model) if cams else None
+        net: nn.Module = _LogitsAndCams(self.model) if self.cam_head is not None else self.model
+        self.compiled = compile
+        self._net: Any = torch.compile(net) if compile else net
         self.info = ModelInfo(
             name=self.card.name,
             version=self.card.version,
@@ -70,42 +219,112 @@ class Classifier:
             demo=self.card.demo,
         )
 
+    @property
+    def computes_cams(self) -> bool:
+        """Whether predictions carry class activation maps (see :func:`cam_head`)."""
+        return self.cam_head is not None
+
     def _autocast(self) -> torch.autocast | nullcontext[None]:
-        # bf16 autocast on CUDA: same accuracy for this task, about twice the speed.
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        # bf16: same decisions for this task, about twice the speed (GPU and bf16 CPUs).
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     def batches(self, images: np.ndarray) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (start index, (B, 3, H, W) tensor on the device) batches."""
         for start in range(0, len(images), self.batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size]))
-            batch = batch.to(self.device, non_blocking=True)
-            if self.device.type == "cuda":
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            yield start, batch
+            yield start, self._to_device(images[start : start + self.batch_size])
+
+    def _to_device(self, images: np.ndarray) -> torch.Tensor:
+        batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
 
     @torch.inference_mode()
-    def predict_images(self, images: np.ndarray) -> np.ndarray:
-        """(S, 3, H, W) float32 in [0, 1] -> (S, 6) float32 probabilities."""
+    def _forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(B, 3, H, W) on the device -> (B, L) probabilities, (B, L, h, w) CAMs or None."""
+        n = len(batch)
+        if self.compiled and n < self.batch_size:  # one shape, one compiled graph
+            pad = batch.new_zeros((self.batch_size - n, *batch.shape[1:]))
+            batch = torch.cat([batch, pad])
+        with self._autocast():
+            out = self._net(batch)
+        logits, cams = out if isinstance(out, tuple) else (out, None)
+        probabilities = torch.sigmoid(logits[:n].float()).cpu().numpy()
+        return probabilities, None if cams is None else cams[:n].float().cpu().numpy()
+
+    def predict_images_with_cams(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(S, 3, H, W) float32 in [0, 1] -> (S, L) probabilities, (S, L, h, w) CAMs or None."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape (S, 3, H, W), got {images.shape}")
-        out = np.empty((len(images), len(self.card.labels)), dtype=np.float32)
-        for start, batch in self.batches(images):
-            with self._autocast():
-                logits = self.model(batch)
-            out[start : start + len(batch)] = torch.sigmoid(logits.float()).cpu().numpy()
-        return out
+        probs: list[np.ndarray] = []
+        cams: list[np.ndarray] = []
+        for _, batch in self.batches(images):
+            p, c = self._forward(batch)
+            probs.append(p)
+            if c is not None:
+                cams.append(c)
+        labels = len(self.card.labels)
+        if not probs:
+            return np.empty((0, labels), np.float32), None
+        return np.concatenate(probs), np.concatenate(cams) if cams else None
+
+    def predict_images(self, images: np.ndarray) -> np.ndarray:
+        """(S, 3, H, W) float32 in [0, 1] -> (S, 6) float32 probabilities."""
+        return self.predict_images_with_cams(images)[0]
 
     def prepare(self, series: CTSeries) -> tuple[np.ndarray, np.ndarray]:
         """Decode and preprocess a series: (S, H, W) HU and (S, 3, size, size) model input."""
         hu = load_series_hu(series)
         return hu, preprocess_hu(hu, self.card.windows, self.card.input_size)
 
+    def _prepare_chunk(self, series: CTSeries, start: int) -> tuple[np.ndarray, np.ndarray]:
+        part = replace(series, slices=series.slices[start : start + self.batch_size])
+        return self.prepare(part)
+
+    def _prepared_batches(self, series: CTSeries) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(HU, images) per batch of slices; the next batch decodes during this one's forward."""
+        starts = range(0, len(series.slices), self.batch_size)
+        if not self.prefetch or len(starts) < 2:
+            for start in starts:
+                yield self._prepare_chunk(series, start)
+            return
+        # numpy, pydicom's pixel copy and torch's resize release the GIL for most of
+        # their time, as does the forward pass: one thread overlaps the two.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+            pending: Future[tuple[np.ndarray, np.ndarray]] = pool.submit(
+                self._prepare_chunk, series, 0
+            )
+            for start in starts[1:]:
+                ready = pending.result()
+                pending = pool.submit(self._prepare_chunk, series, start)
+                yield ready
+            yield pending.result()
+
     def predict_series(self, series: CTSeries) -> Prediction:
         """Classify every slice of ``series`` and summarise the series."""
-        hu, images = self.prepare(series)
-        probabilities = self.predict_images(images)
+        if not series.slices:
+            raise ImagingError(f"series {series.series_instance_uid}: no slices")
+        hus: list[np.ndarray] = []
+        inputs: list[np.ndarray] = []
+        probs: list[np.ndarray] = []
+        cams: list[np.ndarray] = []
+        for hu, images in self._prepared_batches(series):
+            if hus and hu.shape[1:] != hus[0].shape[1:]:
+                raise ImagingError(
+                    f"series {series.series_instance_uid}: matrix {hu.shape[1:]} differs "
+                    f"from {hus[0].shape[1:]} in one series"
+                )
+            hus.append(hu)
+            inputs.append(images)
+            p, c = self._forward(self._to_device(images))
+            probs.append(p)
+            if c is not None:
+                cams.append(c)
+        probabilities = np.concatenate(probs)
         findings = summarise(
             study_instance_uid=series.study_instance_uid,
             series_instance_uid=series.series_instance_uid,
@@ -115,4 +334,30 @@ class Classifier:
             thresholds=self.card.thresholds,
             model=self.info,
         )
-        return Prediction(series=series, findings=findings, hu=hu, images=images)
+        return Prediction(
+            series=series,
+            findings=findings,
+            hu=np.concatenate(hus),
+            images=np.concatenate(inputs),
+            cams=np.concatenate(cams) if cams else None,
+        )
+
+    def warmup(self) -> float:
+        """Run one full batch of zeros (compiles the graph, picks kernels); returns seconds.
+
+        Call once when the worker starts so the first study is not slower than the rest.
+        On the CPU without ``compile`` it only costs time and is skipped.
+        """
+        if not self.compiled and self.device.type == "cpu":
+            return 0.0
+        import time
+
+        size = self.card.input_size
+        started = time.perf_counter()
+        zeros = np.zeros((self.batch_size, 3, size, size), np.float32)
+        self._forward(self._to_device(zeros))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        log.info("classifier.warm", seconds=round(seconds, 2), pid=os.getpid())
+        return seconds

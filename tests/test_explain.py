@@ -148,3 +148,82 @@ def test_trained_model_looks_at_the_lesion(tmp_path: Path) -> None:
         hits.append(bool((hot & grown).any()))
     assert hits, "the trained model found no positive subdural slice to explain"
     assert np.mean(hits) > 0.5, hits
+
+
+def _correlations(a: tuple[Any, ...], b: tuple[Any, ...]) -> list[float]:
+    assert [e.index for e in a] == [e.index for e in b]
+    assert [e.labels for e in a] == [e.labels for e in b]
+    return [
+        float(np.corrcoef(x.cam.ravel(), y.cam.ravel())[0, 1]) for x, y in zip(a, b, strict=True)
+    ]
+
+
+def _fit_briefly(model: torch.nn.Module, images: np.ndarray, steps: int) -> None:
+    """A few optimiser steps on phantom slices: weights no longer at initialisation."""
+    x = torch.from_numpy(images)
+    y = (x[:, 0].mean(dim=(1, 2)) > x[:, 0].mean()).float()[:, None].repeat(1, len(LABELS))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize(
+    ("arch", "trained"),
+    [("resnet18", False), ("resnet18", True), ("resnext101_32x8d", False)],
+)
+def test_cam_shortcut_equals_pytorch_grad_cam(phantom: Any, arch: str, trained: bool) -> None:
+    """The CAM of the inference pass and pytorch-grad-cam agree (correlation > 0.999)."""
+    torch.manual_seed(0)
+    model = build_model(arch)
+    # 128 px: a 4x4 last stage (at 64 px, 2x2 maps are often all zero after the ReLU).
+    card = ModelCard(name="cam test", version="0", arch=arch, input_size=128)
+    # Every slice explained for the sum of the five subtypes' logits.
+    classifier = _classifier(
+        Bundle(Path("in-memory"), card, model.eval()), dict.fromkeys(LABELS, 0.0)
+    )
+    classifier.precision = "fp32"
+    series = read_series(list(phantom.paths))
+    if trained:
+        _fit_briefly(model, classifier.prepare(series)[1], steps=8)
+    prediction = classifier.predict_series(series)
+    assert prediction.cams is not None and prediction.cams.shape == (8, len(LABELS), 4, 4)
+    shortcut = explain(prediction, classifier)  # auto: the CAM shortcut
+    reference = explain(prediction, classifier, method="gradcam")
+    assert len(shortcut) == 8 and all(e.labels == LABELS[1:] for e in shortcut)
+    assert min(_correlations(shortcut, reference)) > 0.999
+    for s, r in zip(shortcut, reference, strict=True):
+        assert s.cam.shape == r.cam.shape == (128, 128) and s.cam.dtype == np.float32
+        assert s.cam.max() > 0.5  # not a constant map: the correlation means something
+        np.testing.assert_allclose(s.cam, r.cam, atol=0.02)
+    # A prediction without CAMs gets them from one forward pass of the explained slices.
+    again = explain(replace(prediction, cams=None), classifier, method="cam")
+    for s, a in zip(shortcut, again, strict=True):
+        np.testing.assert_allclose(s.cam, a.cam, atol=1e-5)
+
+
+def test_head_without_shortcut_falls_back_to_pytorch_grad_cam(phantom: Any) -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18")
+    model.backbone.fc = torch.nn.Sequential(  # type: ignore[assignment]
+        torch.nn.Linear(512, 16), torch.nn.ReLU(), torch.nn.Linear(16, len(LABELS))
+    )
+    card = ModelCard(name="mlp head", version="0", arch="resnet18", input_size=64)
+    thresholds = {label: 1.01 for label in LABELS} | {"any": 0.0, "subdural": 0.0}
+    classifier = _classifier(Bundle(Path("in-memory"), card, model.eval()), thresholds)
+    prediction = classifier.predict_series(read_series(list(phantom.paths[:3])))
+    assert prediction.cams is None and not classifier.computes_cams
+    auto = explain(prediction, classifier)
+    reference = explain(prediction, classifier, method="gradcam")
+    assert [e.index for e in auto] == [0, 1, 2]
+    for a, r in zip(auto, reference, strict=True):
+        np.testing.assert_array_equal(a.cam, r.cam)
+    with pytest.raises(ValueError, match="global average pooling"):
+        explain(prediction, classifier, method="cam")
+    with pytest.raises(ValueError, match="method must be"):
+        explain(prediction, classifier, method="lime")  # type: ignore[arg-type]

@@ -1,0 +1,134 @@
+"""Classifier: batching with prefetch, precision, CAMs from the inference pass, compile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ich_node.bundle import Bundle, ModelCard, load_bundle
+from ich_node.imaging import read_series
+from ich_node.inference import (
+    Classifier,
+    cam_head,
+    resolve_device,
+    resolve_precision,
+)
+from ich_node.labels import LABELS
+from ich_node.model import build_model
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from training.phantom import write_series
+
+    out = tmp_path_factory.mktemp("inference-phantom")
+    return write_series(out, seed=3, subtypes=("intraparenchymal",), n_slices=7, matrix=96)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p.astype(np.float64), 1e-12, 1 - 1e-12)
+    return np.log(p / (1 - p))
+
+
+def test_resolve_device_and_precision() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device must be"):
+        resolve_device("tpu")
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", cpu) == "fp32"  # bf16 on a CPU is opt-in
+    with pytest.raises(ValueError, match="precision must be"):
+        resolve_precision("fp16", cpu)
+
+
+def test_series_in_batches_with_prefetch_matches_whole_series(
+    tiny_bundle: Path, phantom: Any
+) -> None:
+    series = read_series(list(phantom.paths))
+    bundle = load_bundle(tiny_bundle)
+    whole = Classifier(bundle, device="cpu", batch_size=16, precision="fp32", prefetch=False)
+    hu, images = whole.prepare(series)
+    expected = whole.predict_images(images)
+    for prefetch in (False, True):
+        c = Classifier(bundle, device="cpu", batch_size=3, precision="fp32", prefetch=prefetch)
+        prediction = c.predict_series(series)  # 3 batches: 3, 3, 1 slices
+        np.testing.assert_array_equal(prediction.hu, hu)
+        np.testing.assert_array_equal(prediction.images, images)
+        np.testing.assert_allclose(
+            prediction.findings.slice_probabilities(), expected, rtol=1e-4, atol=1e-5
+        )
+        assert prediction.cams is not None and prediction.cams.shape == (7, len(LABELS), 2, 2)
+
+
+def test_cams_average_to_the_logits(tiny_bundle: Path, phantom: Any) -> None:
+    """GAP + linear: the spatial mean of a label's CAM plus its bias is its logit."""
+    bundle = load_bundle(tiny_bundle)
+    c = Classifier(bundle, device="cpu", batch_size=4, precision="fp32")
+    assert c.computes_cams and cam_head(c.model) is c.model.backbone.fc
+    prediction = c.predict_series(read_series(list(phantom.paths)))
+    assert prediction.cams is not None
+    bias = c.model.backbone.fc.bias.detach().numpy()
+    from_cams = prediction.cams.mean(axis=(2, 3)) + bias
+    logits = _logit(prediction.findings.slice_probabilities())
+    np.testing.assert_allclose(from_cams, logits, rtol=1e-3, atol=1e-3)
+    # The model's own forward gives the same probabilities as the CAM-returning pass.
+    with torch.inference_mode():
+        direct = torch.sigmoid(c.model(torch.from_numpy(prediction.images))).numpy()
+    np.testing.assert_allclose(direct, prediction.findings.slice_probabilities(), atol=1e-5)
+
+
+def test_head_without_the_shortcut_gives_no_cams(phantom: Any) -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18")
+    model.backbone.fc = nn.Sequential(nn.Linear(512, 32), nn.ReLU(), nn.Linear(32, 6))  # type: ignore[assignment]
+    card = ModelCard(name="mlp head", version="0", arch="resnet18", input_size=64)
+    c = Classifier(Bundle(Path("in-memory"), card, model.eval()), device="cpu", batch_size=4)
+    assert cam_head(c.model) is None and not c.computes_cams
+    prediction = c.predict_series(read_series(list(phantom.paths)))
+    assert prediction.cams is None
+    assert prediction.findings.slice_probabilities().shape == (7, len(LABELS))
+
+
+def test_bf16_agrees_with_fp32(tiny_bundle: Path, phantom: Any) -> None:
+    series = read_series(list(phantom.paths))
+    bundle = load_bundle(tiny_bundle)
+    fp32 = Classifier(bundle, device="cpu", batch_size=4, precision="fp32")
+    bf16 = Classifier(bundle, device="cpu", batch_size=4, precision="bf16")
+    assert bf16.channels_last and not fp32.channels_last
+    a = fp32.predict_series(series).findings.slice_probabilities()
+    b = bf16.predict_series(series).findings.slice_probabilities()
+    # bf16 keeps 8 bits of mantissa: probabilities agree to about a percent.
+    np.testing.assert_allclose(a, b, atol=0.03)
+
+
+def test_validation(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    with pytest.raises(ValueError, match="batch_size"):
+        Classifier(bundle, device="cpu", batch_size=0)
+    c = Classifier(bundle, device="cpu", batch_size=2)
+    with pytest.raises(ValueError, match=r"\(S, 3, H, W\)"):
+        c.predict_images(np.zeros((2, 64, 64), np.float32))
+    assert c.warmup() == 0.0  # nothing to warm on the CPU without compile
+
+
+@pytest.mark.slow
+def test_compiled_classifier_matches_eager(tiny_bundle: Path, phantom: Any) -> None:
+    """torch.compile (inductor, CPU): one graph for every batch, same probabilities."""
+    series = read_series(list(phantom.paths))
+    bundle = load_bundle(tiny_bundle)
+    eager = Classifier(bundle, device="cpu", batch_size=4, precision="fp32")
+    compiled = Classifier(bundle, device="cpu", batch_size=4, precision="fp32", compile=True)
+    assert compiled.warmup() > 0.0
+    a = eager.predict_series(series)
+    b = compiled.predict_series(series)  # 4 + 3 slices: the last batch is padded
+    np.testing.assert_allclose(
+        a.findings.slice_probabilities(), b.findings.slice_probabilities(), atol=1e-4
+    )
+    assert a.cams is not None and b.cams is not None
+    np.testing.assert_allclose(a.cams, b.cams, rtol=1e-3, atol=1e-3)
