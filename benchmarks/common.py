@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -57,6 +59,133 @@ def write_json(path: Path | None, name: str, payload: dict[str, Any]) -> None:
     """Write results as JSON (default ``benchmarks/results/<name>.json``)."""
     path = path or Path(__file__).resolve().parent / "results" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "machine": machine(), **payload}
+    payload = {"benchmark": name, "machine": machine(), "load_average": load_average(), **payload}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------ processes and peers
+
+
+def load_average() -> float:
+    """The 1-minute load average (other work on the machine skews the figures)."""
+    return round(os.getloadavg()[0], 2)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def dcmtk(tool: str) -> str:
+    """DCMTK's ``tool`` from the system folders (the venv's pynetdicom apps share names)."""
+    for folder in ("/usr/bin", "/usr/local/bin"):
+        candidate = Path(folder) / tool
+        if candidate.is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"DCMTK {tool} not found in /usr/bin or /usr/local/bin")
+
+
+def nodelay_env() -> dict[str, str]:
+    """Environment for DCMTK tools: ``TCP_NODELAY=1`` (no delayed-ACK stalls per PDU)."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float) -> Any:
+    """Poll ``predicate`` every 50 ms until truthy; ``TimeoutError`` naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of ``pid`` in MiB, from ``/proc/<pid>/status`` (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise ValueError(f"no VmRSS for pid {pid}")
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (from ``/proc/<pid>/task/*/children``)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def storescu(
+    port: int, files: Sequence[Path], *, called: str, calling: str = "MODALITY"
+) -> subprocess.Popen[bytes]:
+    """DCMTK ``storescu`` sending ``files`` in one association, with ``TCP_NODELAY=1``."""
+    return subprocess.Popen(
+        [dcmtk("storescu"), "-aet", calling, "-aec", called, "127.0.0.1", str(port)]
+        + [str(f) for f in files],
+        env=nodelay_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def send(port: int, groups: Sequence[Sequence[Path]], *, called: str) -> float:
+    """Send each group in its own concurrent association; seconds until all acknowledged."""
+    started = time.perf_counter()
+    procs = [storescu(port, g, called=called) for g in groups if g]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed ({p.returncode}): {err.decode()[-500:]}")
+    return time.perf_counter() - started
+
+
+def stop(process: subprocess.Popen[Any], timeout: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def restamp_series(src: Sequence[Path], out_dir: Path, key: str) -> list[Path]:
+    """Copies of a series with new Study, Series and SOP Instance UIDs derived from ``key``.
+
+    Pixel data and geometry are untouched; each ``key`` gives another study.
+    """
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study = generate_uid(entropy_srcs=[key, "study"])
+    series = generate_uid(entropy_srcs=[key, "series"])
+    paths = []
+    for n, path in enumerate(src):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series
+        sop = generate_uid(entropy_srcs=[key, str(n)])
+        ds.SOPInstanceUID = sop
+        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        target = out_dir / f"{n:04d}.dcm"
+        ds.save_as(target, enforce_file_format=True)
+        paths.append(target)
+    return paths
