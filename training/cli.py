@@ -193,6 +193,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    from ich_node.log import configure_logging
+
+    # Progress and results are printed; the log only carries warnings and errors.
+    configure_logging("console", "WARNING")
     handlers = {"phantom": run_phantom, "cache": run_cache, "fit": run_fit,
                 "evaluate": run_evaluate}  # fmt: skip
     try:
