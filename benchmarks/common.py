@@ -166,10 +166,13 @@ def stop(process: subprocess.Popen[Any], timeout: float = 30.0) -> None:
             process.wait(10)
 
 
-def restamp_series(src: Sequence[Path], out_dir: Path, key: str) -> list[Path]:
+def restamp_series(
+    src: Sequence[Path], out_dir: Path, key: str, *, drop_count: bool = False
+) -> list[Path]:
     """Copies of a series with new Study, Series and SOP Instance UIDs derived from ``key``.
 
     Pixel data and geometry are untouched; each ``key`` gives another study.
+    ``drop_count`` removes ImagesInAcquisition, so the node waits for the quiet period.
     """
     import pydicom
     from pydicom.uid import generate_uid
@@ -185,6 +188,8 @@ def restamp_series(src: Sequence[Path], out_dir: Path, key: str) -> list[Path]:
         sop = generate_uid(entropy_srcs=[key, str(n)])
         ds.SOPInstanceUID = sop
         ds.file_meta.MediaStorageSOPInstanceUID = sop
+        if drop_count and "ImagesInAcquisition" in ds:
+            del ds.ImagesInAcquisition
         target = out_dir / f"{n:04d}.dcm"
         ds.save_as(target, enforce_file_format=True)
         paths.append(target)

@@ -98,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     slices = args.slices or (16 if args.quick else 8 if device.type == "cpu" else 256)
     batch = args.batch_size or (32 if device.type == "cuda" else 8)
-    repeats = args.repeats or (2 if device.type == "cpu" else 5)
+    repeats = args.repeats or (1 if args.quick else 2 if device.type == "cpu" else 5)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         phantom = write_series(

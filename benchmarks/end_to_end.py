@@ -1,0 +1,266 @@
+"""End-to-end benchmark: last image acknowledged -> all results accepted by the destination.
+
+    python benchmarks/end_to_end.py            # 40 slices of 512x512; ResNeXt-101 at 512
+                                               # and the demo's resnet18 at 128
+    python benchmarks/end_to_end.py --quick    # 12 slices of 128x128, resnet18 at 64 (CI)
+
+The node runs as in production (``serve`` in a subprocess with a temporary YAML
+config: listener, assembler, one worker on the CPU or GPU, sender); DCMTK
+``storescu`` (``TCP_NODELAY=1``) sends the study in one association and DCMTK
+``storescp`` receives the results. The clock starts when ``storescu`` exits (its
+last C-STORE-RSP came back) and stops when the destination holds the SR, which
+the sender sends after every heatmap. A first study warms the worker (model
+loaded, first batch run); the second one is measured.
+
+Two ways a series is complete (``docs/admin.md``):
+
+- *header count*: the phantom sets ImagesInAcquisition, so the series is queued
+  as soon as its last image is spooled: no quiet period;
+- *quiet period*: the same study without that attribute waits
+  ``series.stable_seconds`` after its last image (30 s by default; this benchmark
+  uses a short one and reports it separately: "minus quiet" is the node's own time).
+
+Weights are random and the thresholds put every slice above ``any`` and
+``subdural``: the worst case, a heatmap for every slice (40 Secondary Capture
+images and the SR). The stage times are the worker's ``job.finished`` log line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (
+    dcmtk,
+    free_port,
+    load_average,
+    nodelay_env,
+    port_open,
+    restamp_series,
+    send,
+    stop,
+    table,
+    wait_for,
+    write_json,
+)
+
+NODE_AE = "ICH_NODE"
+_SERVE = (
+    "import sys; from ich_node.config import load_config; "
+    "from ich_node.service import serve; sys.exit(serve(load_config(sys.argv[1])))"
+)
+
+
+class Destination:
+    """DCMTK ``storescp`` writing what it receives into ``folder``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [dcmtk("storescp"), "-aet", "PACS", "-od", str(folder), str(self.port)],
+            env=nodelay_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self._seen: dict[Path, tuple[str, str]] = {}
+        wait_for("storescp", lambda: port_open(self.port), 30)
+
+    def modalities(self, study_uid: str) -> list[str]:
+        """Modalities of the instances received for ``study_uid`` so far."""
+        import pydicom
+
+        for path in self.folder.iterdir():
+            if path in self._seen or not path.is_file():
+                continue
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                self._seen[path] = (str(ds.StudyInstanceUID), str(ds.Modality))
+            except Exception:  # still being written: read it next time
+                continue
+        return [m for study, m in self._seen.values() if study == study_uid]
+
+
+class Node:
+    """``serve`` in a subprocess, logging JSON lines to ``folder/node.log``."""
+
+    def __init__(self, folder: Path, config: dict[str, Any]) -> None:
+        import yaml
+
+        self.folder = folder
+        self.port = free_port()
+        config["node"] = {"ae_title": NODE_AE, "host": "127.0.0.1", "port": self.port,
+                          "workers": 1, **config.get("node", {})}  # fmt: skip
+        config.setdefault("callers", [{"ae_title": "MODALITY"}])
+        config["storage"] = {"dir": str(folder / "node"), "min_free_mb": 1}
+        config["logging"] = {"format": "json", "level": "INFO"}
+        self.config_path = folder / "node.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = folder / "node.log"
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _SERVE, str(self.config_path)],
+                cwd=Path(__file__).resolve().parents[1],
+                stdout=log,
+                stderr=log,
+            )
+        wait_for("the node's listener", lambda: self._alive() and port_open(self.port), 120)
+
+    def _alive(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"node exited: {self.log_path.read_text()[-2000:]}")
+        return True
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if f'"{name}"' in line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return out
+
+    def stop(self) -> None:
+        stop(self.process, 60)
+
+
+def make_bundle(path: Path, arch: str, size: int) -> Path:
+    import torch
+
+    from ich_node.bundle import ModelCard, save_bundle
+    from ich_node.labels import LABELS
+    from ich_node.model import build_model
+
+    torch.manual_seed(0)
+    thresholds = {label: 1.01 for label in LABELS} | {"any": 0.0, "subdural": 0.0}
+    card = ModelCard(
+        name=f"benchmark {arch}", version="0", arch=arch, input_size=size, thresholds=thresholds,
+    )  # fmt: skip
+    save_bundle(path, build_model(arch), card)
+    return path
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--models", nargs="+", default=["resnext101_32x8d:512", "resnet18:128"],
+        help="ARCH:INPUT_SIZE, random weights",
+    )  # fmt: skip
+    p.add_argument("--slices", type=int, default=40)
+    p.add_argument("--matrix", type=int, default=512)
+    p.add_argument("--stable-seconds", type=float, default=5.0, help="quiet period in the test")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--quick", action="store_true", help="12 slices of 128x128, resnet18 at 64")
+    p.add_argument("--json", type=Path, default=None)
+    return p
+
+
+def measure_study(
+    node: Node, pacs: Destination, files: list[Path], study_uid: str, timeout: float
+) -> dict[str, Any]:
+    """Send one study; seconds from the last acknowledgement to the SR at the destination."""
+    send(node.port, [files], called=NODE_AE)
+    acked = time.perf_counter()
+    wait_for("the SR at the destination", lambda: "SR" in pacs.modalities(study_uid), timeout)
+    seconds = time.perf_counter() - acked
+    received = pacs.modalities(study_uid)
+    return {"seconds": seconds, "received": len(received), "heatmaps": received.count("OT")
+            + received.count("SC")}  # fmt: skip
+
+
+def run_model(args: argparse.Namespace, arch: str, size: int, tmp: Path) -> list[dict[str, Any]]:
+    import pydicom
+
+    from training.phantom import write_series
+
+    folder = Path(tempfile.mkdtemp(dir=tmp))
+    phantom = write_series(
+        folder / "series", seed=21, subtypes=("subdural",), n_slices=args.slices,
+        matrix=args.matrix,
+    )  # fmt: skip
+    bundle = make_bundle(folder / "model.safetensors", arch, size)
+    pacs = Destination(folder / "pacs")
+    config = {
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                          "port": pacs.port}],
+        "series": {"stable_seconds": args.stable_seconds, "min_slices": min(10, args.slices)},
+        "model": {"bundle": str(bundle), "device": args.device, "batch_size": args.batch_size},
+        "results": {"heatmaps": "positive"},
+        "sender": {"max_attempts": 10, "backoff_base_seconds": 0.2, "backoff_max_seconds": 1.0,
+                   "timeout_seconds": 30.0},
+    }  # fmt: skip
+    node = Node(folder, config)
+    rows = []
+    try:
+        timeout = 60.0 + 60.0 * args.slices * (size / 128) ** 2 / 10
+        warm = restamp_series(phantom.paths, folder / "warm", "warm-up")
+        measure_study(node, pacs, warm, str(pydicom.dcmread(warm[0]).StudyInstanceUID), timeout)
+        for variant, drop in (("header count", False), ("quiet period", True)):
+            files = restamp_series(phantom.paths, folder / variant, variant, drop_count=drop)
+            study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+            series = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+            got = measure_study(node, pacs, files, study, timeout)
+            quiet = args.stable_seconds if drop else 0.0
+            job = [e for e in node.events("job.finished") if e.get("series_instance_uid") == series]
+            stages = job[-1] if job else {}
+            rows.append(
+                {
+                    "model": f"{arch} at {size}",
+                    "completion": variant,
+                    "seconds": got["seconds"],
+                    "quiet s": quiet,
+                    "minus quiet": got["seconds"] - quiet,
+                    "read s": stages.get("read_s"),
+                    "infer s": stages.get("infer_s"),
+                    "results s": stages.get("results_s"),
+                    "job s": stages.get("total_s"),
+                    "objects": got["received"],
+                }
+            )
+    finally:
+        node.stop()
+        stop(pacs.process)
+    return rows
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.models, args.slices, args.matrix = ["resnet18:64"], 12, 128
+        args.stable_seconds = 1.0
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in args.models:
+            arch, size = spec.split(":")
+            rows += run_model(args, arch, int(size), Path(tmp))
+    print(
+        f"\n{args.slices} slices of {args.matrix}x{args.matrix}, one worker on {args.device}, "
+        f"batch {args.batch_size}, every slice explained, load {load_average()}"
+    )
+    print(
+        table(
+            rows,
+            ["model", "completion", "seconds", "quiet s", "minus quiet", "read s", "infer s",
+             "results s", "job s", "objects"],
+        )
+    )  # fmt: skip
+    write_json(
+        args.json, "end_to_end" + ("_quick" if args.quick else ""),
+        {"slices": args.slices, "matrix": args.matrix, "stable_seconds": args.stable_seconds,
+         "device": args.device, "batch_size": args.batch_size, "rows": rows},
+    )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

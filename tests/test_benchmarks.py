@@ -1,0 +1,84 @@
+"""Every benchmark runs in quick mode, so none rots. No timing asserts: the figures
+depend on the machine; these tests check that each benchmark measured what it says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import dcmtk
+
+
+def _run(module: Any, tmp_path: Path, *extra: str) -> dict[str, Any]:
+    out = tmp_path / "result.json"
+    args = module.get_args_parser().parse_args(["--quick", "--json", str(out), *extra])
+    assert module.main(args) == 0
+    result: dict[str, Any] = json.loads(out.read_text())
+    assert result["machine"]["cores"] >= 1 and result["load_average"] >= 0
+    return result
+
+
+def test_inference_quick(tmp_path: Path) -> None:
+    from benchmarks import inference
+
+    result = _run(inference, tmp_path)
+    rows = {r["path"]: r for r in result["rows"]}
+    for label in ("fp32", "fp32 channels-last", "bf16", "bf16 channels-last"):
+        assert rows[f"raw model ({label})"]["slices/s"] > 0
+        worker = rows[f"worker: decode+preprocess+infer+CAMs ({label})"]
+        assert worker["slices/s"] > 0 and worker["vs raw"] > 0
+    assert result["arch"] == "resnet18" and result["slices"] == 16
+
+
+def test_explain_quick(tmp_path: Path) -> None:
+    from benchmarks import explain
+
+    result = _run(explain, tmp_path)
+    assert [r["path"] for r in result["rows"]][-1] == "pytorch-grad-cam"
+    assert all(r["s/slice"] > 0 for r in result["rows"])
+    # The shortcut is Grad-CAM for this head: the maps must agree.
+    assert result["min_correlation"] > 0.999
+
+
+def test_ingest_quick(tmp_path: Path) -> None:
+    dcmtk("storescu")
+    from benchmarks import ingest
+
+    result = _run(ingest, tmp_path)
+    receivers = {(r["receiver"], r["associations"]) for r in result["rows"]}
+    assert len(receivers) == 6  # three receivers x (1, 8) associations
+    assert all(r["files/s"] > 0 and r["MB/s"] > 0 for r in result["rows"])
+
+
+def test_end_to_end_quick(tmp_path: Path) -> None:
+    dcmtk("storescp")
+    from benchmarks import end_to_end
+
+    result = _run(end_to_end, tmp_path)
+    assert [r["completion"] for r in result["rows"]] == ["header count", "quiet period"]
+    for row in result["rows"]:
+        assert row["objects"] == 13  # 12 heatmaps and the SR reached the destination
+        assert row["seconds"] > 0 and row["job s"] > 0
+
+
+def test_memory_quick(tmp_path: Path) -> None:
+    dcmtk("storescp")
+    from benchmarks import memory
+
+    result = _run(memory, tmp_path)
+    assert [s["studies"] for s in result["samples"]] == [1, 2, 4, 6]
+    assert all(s["listener MB"] > 0 and s["worker MB"] > 0 for s in result["samples"])
+
+
+def test_run_all_knows_every_benchmark() -> None:
+    from benchmarks import run_all
+
+    here = Path(run_all.__file__).parent
+    assert {p.stem for p in here.glob("*.py")} - {"__init__", "common", "run_all", "faults"} == set(
+        run_all.BENCHMARKS
+    )
+    with pytest.raises(SystemExit):
+        run_all.main(["--only", "nonsense"])
