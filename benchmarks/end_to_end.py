@@ -150,6 +150,62 @@ def make_bundle(path: Path, arch: str, size: int) -> Path:
     return path
 
 
+def _send(files: list[Path], port: int, nodelay: bool) -> None:
+    """The sender's C-STORE loop (:func:`ich_node.sender.send_files`), TCP_NODELAY optional."""
+    import socket
+
+    from pydicom.filereader import read_file_meta_info
+    from pynetdicom import AE, evt
+
+    def _set_nodelay(event: evt.Event) -> None:
+        sock = event.assoc.dul.socket.socket  # type: ignore[union-attr]
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    ae = AE(ae_title=NODE_AE)
+    metas = [read_file_meta_info(f) for f in files]
+    for sop_class, syntax in sorted(
+        {(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}
+    ):
+        ae.add_requested_context(sop_class, syntax)
+    handlers = [(evt.EVT_CONN_OPEN, _set_nodelay)] if nodelay else []
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACS", evt_handlers=handlers)
+    assert assoc.is_established
+    try:
+        for path in files:
+            assert assoc.send_c_store(path).Status == 0x0000
+    finally:
+        assoc.release()
+
+
+def sender_rows(files: list[Path], tmp: Path, repeats: int = 3) -> list[dict[str, Any]]:
+    """Send a job's outbox to DCMTK storescp: the node's sender, and with TCP_NODELAY."""
+    from ich_node.config import Destination as DestinationConfig
+    from ich_node.sender import send_files
+
+    rows = []
+    where = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1"}
+    variants = {
+        "ich_node.sender.send_files (as is)": lambda port: send_files(
+            files, DestinationConfig(**where, port=port), NODE_AE, 30.0
+        ),
+        "same loop, TCP_NODELAY off": lambda port: _send(files, port, nodelay=False),
+        "same loop, TCP_NODELAY on (proposed)": lambda port: _send(files, port, nodelay=True),
+    }
+    for name, fn in variants.items():
+        best = float("inf")
+        for _ in range(repeats):
+            pacs = Destination(Path(tempfile.mkdtemp(dir=tmp)))
+            try:
+                t = time.perf_counter()
+                fn(pacs.port)
+                best = min(best, time.perf_counter() - t)
+            finally:
+                stop(pacs.process)
+        rows.append({"sender": name, "objects": len(files), "seconds": best,
+                     "objects/s": len(files) / best})  # fmt: skip
+    return rows
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
@@ -179,7 +235,9 @@ def measure_study(
             + received.count("SC")}  # fmt: skip
 
 
-def run_model(args: argparse.Namespace, arch: str, size: int, tmp: Path) -> list[dict[str, Any]]:
+def run_model(
+    args: argparse.Namespace, arch: str, size: int, tmp: Path
+) -> tuple[list[dict[str, Any]], list[Path]]:
     import pydicom
 
     from training.phantom import write_series
@@ -202,6 +260,7 @@ def run_model(args: argparse.Namespace, arch: str, size: int, tmp: Path) -> list
     }  # fmt: skip
     node = Node(folder, config)
     rows = []
+    outbox: list[Path] = []
     try:
         timeout = 60.0 + 60.0 * args.slices * (size / 128) ** 2 / 10
         warm = restamp_series(phantom.paths, folder / "warm", "warm-up")
@@ -214,6 +273,9 @@ def run_model(args: argparse.Namespace, arch: str, size: int, tmp: Path) -> list
             quiet = args.stable_seconds if drop else 0.0
             job = [e for e in node.events("job.finished") if e.get("series_instance_uid") == series]
             stages = job[-1] if job else {}
+            if not outbox and stages:
+                results = folder / "node" / "results" / str(stages["job_id"]) / "outbox"
+                outbox = sorted(results.rglob("*.dcm"))
             rows.append(
                 {
                     "model": f"{arch} at {size}",
@@ -231,7 +293,7 @@ def run_model(args: argparse.Namespace, arch: str, size: int, tmp: Path) -> list
     finally:
         node.stop()
         stop(pacs.process)
-    return rows
+    return rows, outbox
 
 
 def main(args: argparse.Namespace) -> int:
@@ -239,10 +301,14 @@ def main(args: argparse.Namespace) -> int:
         args.models, args.slices, args.matrix = ["resnet18:64"], 12, 128
         args.stable_seconds = 1.0
     rows: list[dict[str, Any]] = []
+    senders: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.models:
             arch, size = spec.split(":")
-            rows += run_model(args, arch, int(size), Path(tmp))
+            got, outbox = run_model(args, arch, int(size), Path(tmp))
+            rows += got
+            if outbox and not senders:  # the sender's share, measured on a job's outbox
+                senders = sender_rows(outbox, Path(tmp), repeats=1 if args.quick else 3)
     print(
         f"\n{args.slices} slices of {args.matrix}x{args.matrix}, one worker on {args.device}, "
         f"batch {args.batch_size}, every slice explained, load {load_average()}"
@@ -254,10 +320,12 @@ def main(args: argparse.Namespace) -> int:
              "results s", "job s", "objects"],
         )
     )  # fmt: skip
+    print(table(senders, ["sender", "objects", "seconds", "objects/s"]))
     write_json(
         args.json, "end_to_end" + ("_quick" if args.quick else ""),
         {"slices": args.slices, "matrix": args.matrix, "stable_seconds": args.stable_seconds,
-         "device": args.device, "batch_size": args.batch_size, "rows": rows},
+         "device": args.device, "batch_size": args.batch_size, "rows": rows,
+         "sender": senders},
     )  # fmt: skip
     return 0
 

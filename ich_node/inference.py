@@ -11,7 +11,7 @@ Speed (measured in ``docs/performance.md``):
 - ``precision="auto"`` runs bf16 autocast on CUDA; ``precision="bf16"`` does the
   same on CPUs with native bf16 (AVX512-BF16 or AMX), about twice as fast as fp32
   there (opt-in: see :func:`resolve_precision`);
-- channels-last memory format on CUDA;
+- channels-last memory format (CUDA and CPU);
 - ``compile=True`` wraps the network in :func:`torch.compile`; :meth:`Classifier.warmup`
   pays the compilation once at worker start, and batches are padded to
   ``batch_size`` so that one graph serves every series;
@@ -26,6 +26,7 @@ Speed (measured in ``docs/performance.md``):
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -174,10 +175,13 @@ class Classifier:
         Compute class activation maps in the inference pass when the head allows
         it (:func:`cam_head`).
     prefetch
-        Decode the next batch's slices in a background thread during the forward pass.
+        Decode the next batches' slices in background threads during the forward pass.
+    decode_threads
+        Threads decoding ahead; 0: one on the CPU (the forward pass needs the cores),
+        ``min(4, cores / 2)`` with CUDA, where decoding is the slower side.
     channels_last
-        NHWC memory format; ``None``: on CUDA, and on the CPU with bf16 (oneDNN's
-        bf16 convolutions run fastest in it).
+        NHWC memory format; ``None``: yes (cuDNN's bf16 and oneDNN's fp32 and bf16
+        convolutions all ran faster in it, ``docs/performance.md``).
     """
 
     def __init__(
@@ -191,6 +195,7 @@ class Classifier:
         cams: bool = True,
         prefetch: bool = True,
         channels_last: bool | None = None,
+        decode_threads: int = 0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
@@ -199,8 +204,14 @@ class Classifier:
         self.precision = resolve_precision(precision, self.device)
         self.batch_size = batch_size
         self.prefetch = prefetch
+        if decode_threads < 0:
+            raise ValueError(f"decode_threads must be >= 0, got {decode_threads!r}")
+        if decode_threads == 0:
+            cores = os.cpu_count() or 1
+            decode_threads = 1 if self.device.type == "cpu" else max(1, min(4, cores // 2))
+        self.decode_threads = decode_threads
         if channels_last is None:
-            channels_last = self.device.type == "cuda" or self.precision == "bf16"
+            channels_last = True
         self.channels_last = channels_last
         self.model = bundle.model.to(self.device).eval()
         if channels_last:
@@ -286,23 +297,25 @@ class Classifier:
         return self.prepare(part)
 
     def _prepared_batches(self, series: CTSeries) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(HU, images) per batch of slices; the next batch decodes during this one's forward."""
-        starts = range(0, len(series.slices), self.batch_size)
+        """(HU, images) per batch of slices, decoded ahead in ``decode_threads`` threads."""
+        starts = list(range(0, len(series.slices), self.batch_size))
         if not self.prefetch or len(starts) < 2:
             for start in starts:
                 yield self._prepare_chunk(series, start)
             return
-        # numpy, pydicom's pixel copy and torch's resize release the GIL for most of
-        # their time, as does the forward pass: one thread overlaps the two.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
-            pending: Future[tuple[np.ndarray, np.ndarray]] = pool.submit(
-                self._prepare_chunk, series, 0
+        # numpy, pydicom's pixel copy and torch's resize release the GIL for much of
+        # their time, as does the forward pass: threads overlap decoding with it.
+        ahead = self.decode_threads + 1
+        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
+            pending: deque[Future[tuple[np.ndarray, np.ndarray]]] = deque(
+                pool.submit(self._prepare_chunk, series, start) for start in starts[:ahead]
             )
-            for start in starts[1:]:
-                ready = pending.result()
-                pending = pool.submit(self._prepare_chunk, series, start)
+            for start in starts[ahead:]:
+                ready = pending.popleft().result()
+                pending.append(pool.submit(self._prepare_chunk, series, start))
                 yield ready
-            yield pending.result()
+            while pending:
+                yield pending.popleft().result()
 
     def predict_series(self, series: CTSeries) -> Prediction:
         """Classify every slice of ``series`` and summarise the series."""

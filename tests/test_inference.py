@@ -55,8 +55,11 @@ def test_series_in_batches_with_prefetch_matches_whole_series(
     whole = Classifier(bundle, device="cpu", batch_size=16, precision="fp32", prefetch=False)
     hu, images = whole.prepare(series)
     expected = whole.predict_images(images)
-    for prefetch in (False, True):
-        c = Classifier(bundle, device="cpu", batch_size=3, precision="fp32", prefetch=prefetch)
+    for prefetch, threads in ((False, 0), (True, 1), (True, 3)):
+        c = Classifier(
+            bundle, device="cpu", batch_size=3, precision="fp32", prefetch=prefetch,
+            decode_threads=threads,
+        )  # fmt: skip
         prediction = c.predict_series(series)  # 3 batches: 3, 3, 1 slices
         np.testing.assert_array_equal(prediction.hu, hu)
         np.testing.assert_array_equal(prediction.images, images)
@@ -98,7 +101,7 @@ def test_head_without_the_shortcut_gives_no_cams(phantom: Any) -> None:
 def test_bf16_agrees_with_fp32(tiny_bundle: Path, phantom: Any) -> None:
     series = read_series(list(phantom.paths))
     bundle = load_bundle(tiny_bundle)
-    fp32 = Classifier(bundle, device="cpu", batch_size=4, precision="fp32")
+    fp32 = Classifier(bundle, device="cpu", batch_size=4, precision="fp32", channels_last=False)
     bf16 = Classifier(bundle, device="cpu", batch_size=4, precision="bf16")
     assert bf16.channels_last and not fp32.channels_last
     a = fp32.predict_series(series).findings.slice_probabilities()
@@ -111,6 +114,8 @@ def test_validation(tiny_bundle: Path) -> None:
     bundle = load_bundle(tiny_bundle)
     with pytest.raises(ValueError, match="batch_size"):
         Classifier(bundle, device="cpu", batch_size=0)
+    with pytest.raises(ValueError, match="decode_threads"):
+        Classifier(bundle, device="cpu", decode_threads=-1)
     c = Classifier(bundle, device="cpu", batch_size=2)
     with pytest.raises(ValueError, match=r"\(S, 3, H, W\)"):
         c.predict_images(np.zeros((2, 64, 64), np.float32))
