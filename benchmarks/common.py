@@ -20,6 +20,12 @@ def machine() -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
     }
+    with contextlib.suppress(OSError):
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                 if line.startswith("model name")]  # fmt: skip
+        info["cpu"] = names[0] if names else info["cpu"]
+        info["cpu_bf16"] = "avx512_bf16" in cpuinfo or "amx_bf16" in cpuinfo
     try:
         import torch
 
