@@ -112,7 +112,6 @@ def main(args: argparse.Namespace) -> int:
         decoder = Classifier(load_bundle(bundle_path), device="cpu")
         decoder.prepare(read_series(paths))
         prep = best_of(lambda: decoder.prepare(read_series(paths)), repeats)
-        del decoder
         rows.append({"path": "decode+preprocess only (CPU, 1 thread)", "slices/s": slices / prep})
         for s in settings(device, args.compile):
             label = s["precision"] + (" channels-last" if s["channels_last"] else "")
