@@ -132,8 +132,10 @@ class _LogitsAndCams(nn.Module):
         x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
         features = b.layer4(b.layer3(b.layer2(b.layer1(x))))  # (N, C, h, w)
         logits = b.fc(torch.flatten(b.avgpool(features), 1))
-        # fp32 even under autocast: (L, C) x (N, C, h, w) is a few kFLOP per pixel.
-        cams = torch.einsum("lc,nchw->nlhw", b.fc.weight.float(), features.float())
+        # fp32 even under autocast (which would run the einsum's bmm in bf16): the
+        # (L, C) x (N, C, h, w) product is a few kFLOP per pixel.
+        with torch.autocast(images.device.type, enabled=False):
+            cams = torch.einsum("lc,nchw->nlhw", b.fc.weight.float(), features.float())
         return logits, cams
 
 
