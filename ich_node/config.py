@@ -156,6 +156,9 @@ class ModelSection(_Section):
     bundle: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: Annotated[int, Field(ge=1, le=1024)] = 16
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    decode_threads: Annotated[int, Field(ge=0, le=64)] = 0
 
     @field_validator("bundle", mode="before")
     @classmethod

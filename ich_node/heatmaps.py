@@ -386,7 +386,9 @@ def build_heatmap_series(
 def png_bytes(rgb: np.ndarray) -> bytes:
     """(rows, columns, 3) uint8 RGB -> PNG file bytes (previews for non-DICOM users)."""
     buffer = io.BytesIO()
-    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(buffer, format="PNG")
+    # Fastest zlib level: previews are a convenience, and the default level made them
+    # almost half of a study's results time (docs/performance.md).
+    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 

@@ -46,6 +46,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from ich_node.config import Caller, NodeConfig
 from ich_node.metrics import Metrics
+from ich_node.net import set_nodelay
 from ich_node.spool import Spool, SpoolError, instance_record
 from ich_node.tls import server_context
 
@@ -202,14 +203,6 @@ def _store(
         return OUT_OF_RESOURCES, "out_of_resources"
 
 
-def _nodelay(event: evt.Event) -> None:
-    # Small PDUs (C-STORE-RSP) should not wait for Nagle's algorithm.
-    with contextlib.suppress(Exception):
-        event.assoc.dul.socket.socket.setsockopt(  # type: ignore[union-attr]
-            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
-        )
-
-
 def build_ae(config: NodeConfig) -> AE:
     """The node's application entity, with its contexts, limits and allow-list."""
     ae = AE(ae_title=config.node.ae_title)
@@ -248,7 +241,7 @@ def start_listener(
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [spool, clock, metrics]),
-        (evt.EVT_CONN_OPEN, _nodelay),
+        (evt.EVT_CONN_OPEN, set_nodelay),
     ]
     tls = config.node.tls
     server = ae.start_server(

@@ -255,7 +255,7 @@ class _Heartbeat(threading.Thread):
 
 
 def worker_main(
-    config: NodeConfig, name: str, poll_seconds: float = 0.2, parent: int | None = None
+    config: NodeConfig, name: str, poll_seconds: float = 0.05, parent: int | None = None
 ) -> int:
     """Entry point of a worker process: load the model, run jobs until SIGTERM/SIGINT."""
     os.umask(0o077)  # results hold patient data: owner-only files and folders
@@ -284,10 +284,26 @@ def worker_main(
         log.error("worker.no_bundle", worker=name)
         return 2
     bundle = load_bundle(config.model.bundle)
-    classifier = Classifier(bundle, device=config.model.device, batch_size=config.model.batch_size)
+    classifier = Classifier(
+        bundle,
+        device=config.model.device,
+        batch_size=config.model.batch_size,
+        precision=config.model.precision,
+        compile=config.model.compile,
+        decode_threads=config.model.decode_threads,
+    )
+    # Compilation and kernel selection are paid here, once, not by the first study.
+    warmup_s = classifier.warmup()
     worker = Worker(config, name, store, classifier)
     heartbeat.runner = worker
-    log.info("worker.ready", worker=name, model=bundle.card.name, version=bundle.card.version)
+    log.info(
+        "worker.ready",
+        worker=name,
+        model=bundle.card.name,
+        version=bundle.card.version,
+        device=str(classifier.device),
+        warmup_s=round(warmup_s, 2),
+    )
     while not stop.is_set():
         try:
             outcome = worker.run_once(time.time())
