@@ -80,3 +80,28 @@ def phantom_series(tmp_path: Path) -> Iterator[object]:
     from training.phantom import write_series
 
     yield write_series(tmp_path / "series", seed=7, subtypes=("subdural",), n_slices=16, matrix=256)
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model, trained here with the demo preset on 20 phantom studies.
+
+    About a minute on two idle CPU cores. Tests that need a model that really learned
+    (generalisation, where its heatmaps look) share this one training run.
+    """
+    from training.phantom import write_dataset
+    from training.settings import resolve
+    from training.train import fit
+
+    root = tmp_path_factory.mktemp("demo_model")
+    write_dataset(root / "data", 20, seed=0)
+    settings = resolve(
+        REPO / "config" / "train_demo.yaml",
+        images=root / "data" / "images",
+        labels=root / "data" / "stage_2_train.csv",
+        out=root / "run",
+        progress=False,
+    )
+    result = fit(settings, say=lambda _m: None)
+    assert result.bundle_path is not None
+    return Path(result.bundle_path)

@@ -12,7 +12,6 @@ import torch
 
 from ich_node.bundle import Bundle, ModelCard, load_bundle
 from ich_node.explain import explain, slices_to_explain
-from ich_node.heatmaps import cam_to_source
 from ich_node.imaging import read_series
 from ich_node.inference import Classifier
 from ich_node.labels import LABELS
@@ -83,71 +82,6 @@ def test_resnext101_target_layer(phantom: Any) -> None:
     explanations = explain(prediction, classifier)
     assert [e.index for e in explanations] == [0, 1]
     assert all(e.cam.shape == (64, 64) for e in explanations)
-
-
-@pytest.mark.slow
-def test_trained_model_looks_at_the_lesion(tmp_path: Path) -> None:
-    """Train a resnet18 briefly on phantoms; its hottest region should hit the bleed."""
-    from ich_node.imaging import load_series_hu, preprocess_hu
-    from training.phantom import write_series
-
-    torch.manual_seed(0)
-    card = ModelCard(name="overlap test", version="0", arch="resnet18", input_size=96, demo=True)
-    images, targets = [], []
-    for seed, subtypes in enumerate([("subdural",), (), ("intraparenchymal",), ()] * 2):
-        ph = write_series(
-            tmp_path / f"s{seed}", seed=seed, subtypes=subtypes, n_slices=10, matrix=96
-        )
-        hu = load_series_hu(read_series(list(ph.paths)))
-        images.append(preprocess_hu(hu, card.windows, card.input_size))
-        y = np.zeros((len(hu), len(LABELS)), np.float32)
-        for j, label in enumerate(LABELS):
-            masks = ph.volume.masks
-            present = (
-                np.any([m.any(axis=(1, 2)) for m in masks.values()], axis=0)
-                if label == "any" and masks
-                else masks[label].any(axis=(1, 2))
-                if label in masks
-                else np.zeros(len(hu), bool)
-            )
-            y[:, j] = present
-        targets.append(y)
-    x = torch.from_numpy(np.concatenate(images))
-    y = torch.from_numpy(np.concatenate(targets))
-    model = build_model("resnet18")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(12):
-        for batch in torch.randperm(len(x)).split(16):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x[batch]), y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    # Explain every slice for subdural: this checks where the model looks, not its calibration.
-    explain_card = replace(
-        card, thresholds={label: 1.01 for label in LABELS} | {"any": 0.0, "subdural": 0.0}
-    )
-    classifier = Classifier(
-        Bundle(Path("in-memory"), explain_card, model), device="cpu", batch_size=8
-    )
-    test = write_series(tmp_path / "test", seed=99, subtypes=("subdural",), n_slices=10, matrix=96)
-    prediction = classifier.predict_series(read_series(list(test.paths)))
-    explanations = [e for e in explain(prediction, classifier) if "subdural" in e.labels]
-    mask = test.volume.masks["subdural"]
-    hits = []
-    for e in explanations:
-        if not mask[e.index].any():
-            continue
-        cam = cam_to_source(e.cam, *mask.shape[1:])
-        hot = cam >= np.quantile(cam, 0.95)  # hottest 5% of the slice
-        grown = mask[e.index]
-        for _ in range(4):  # 4 px tolerance: the cam is 32x coarser than the input
-            grown = grown | np.roll(grown, 1, 0) | np.roll(grown, -1, 0)
-            grown = grown | np.roll(grown, 1, 1) | np.roll(grown, -1, 1)
-        hits.append(bool((hot & grown).any()))
-    assert hits, "the trained model found no positive subdural slice to explain"
-    assert np.mean(hits) > 0.5, hits
 
 
 def _correlations(a: tuple[Any, ...], b: tuple[Any, ...]) -> list[float]:
