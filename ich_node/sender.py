@@ -11,7 +11,7 @@ exponential backoff (``sender.backoff_base_seconds`` doubling, capped at
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +42,27 @@ class DeliveryOutcome:
 
 
 def send_files(
-    files: Sequence[Path], destination: Destination, calling_ae: str, timeout: float
-) -> None:
+    files: Sequence[Path],
+    destination: Destination,
+    calling_ae: str,
+    timeout: float,
+    *,
+    skip: Collection[str] = (),
+    on_accepted: Callable[[str], None] | None = None,
+) -> int:
     """C-STORE every file to ``destination`` in one association.
+
+    Parameters
+    ----------
+    skip
+        SOP Instance UIDs the destination already accepted: not sent again.
+    on_accepted
+        Called with each SOP Instance UID the destination accepts, before the next.
+
+    Returns
+    -------
+    int
+        How many files were sent.
 
     Raises
     ------
@@ -56,6 +74,14 @@ def send_files(
     # contexts below propose exactly each file's transfer syntax).
     _config.STORE_SEND_CHUNKED_DATASET = True
     metas = [read_file_meta_info(f) for f in files]
+    todo = [
+        (path, meta)
+        for path, meta in zip(files, metas, strict=True)
+        if str(meta.MediaStorageSOPInstanceUID) not in skip
+    ]
+    if not todo:
+        return 0
+    metas = [meta for _, meta in todo]
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
@@ -81,16 +107,19 @@ def send_files(
             f"{reason} by {destination.name} ({destination.host}:{destination.port})"
         )
     try:
-        for path in files:
+        for path, meta in todo:
             status = assoc.send_c_store(path)
             code = getattr(status, "Status", None)
             if code is None:
                 raise DeliveryError(f"no C-STORE response from {destination.name}")
             if code != 0x0000 and code not in (0xB000, 0xB007, 0xB006):
                 raise DeliveryError(f"{destination.name} answered status 0x{code:04X}")
+            if on_accepted is not None:
+                on_accepted(str(meta.MediaStorageSOPInstanceUID))
     finally:
         if assoc.is_established:
             assoc.release()
+    return len(todo)
 
 
 class Sender:
@@ -144,7 +173,15 @@ class Sender:
                 raise DeliveryError(
                     f"outbox holds {len(files)} files, the job wrote {delivery.n_files}"
                 )
-            send_files(files, destination, self.calling_ae, self.config.timeout_seconds)
+            job, name = delivery.job_id, delivery.destination
+            send_files(
+                files,
+                destination,
+                self.calling_ae,
+                self.config.timeout_seconds,
+                skip=self.store.accepted_objects(job, name),
+                on_accepted=lambda uid: self.store.accept_object(job, name, uid, time.time()),
+            )
             state, reason, next_at = "done", "", now
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"[:500]

@@ -78,6 +78,16 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (job_id, destination)
 );
 CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_at);
+-- One row per result object a destination accepted: a retry (or a restart after a
+-- crash) sends only the rest, so an object is re-sent only when the node died between
+-- the destination's response and this row's commit.
+CREATE TABLE IF NOT EXISTS accepted_objects (
+    job_id TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (job_id, destination, sop_instance_uid)
+);
 CREATE TABLE IF NOT EXISTS heartbeats (
     name TEXT PRIMARY KEY,
     pid INTEGER NOT NULL,
@@ -397,14 +407,41 @@ class Store:
             )
 
     def requeue_deliveries(self, job_id: str, now: float) -> int:
-        """Parked deliveries of ``job_id`` back to pending with fresh attempts."""
+        """Parked deliveries of ``job_id`` back to pending with fresh attempts.
+
+        An admin's resend sends every object again, also those accepted before.
+        """
         with self.transaction() as db:
             cur = db.execute(
                 """UPDATE deliveries SET state = 'pending', attempts = 0, next_at = ?,
                     updated_at = ? WHERE job_id = ? AND state = 'parked'""",
                 (now, now, job_id),
             )
+            db.execute(
+                """DELETE FROM accepted_objects WHERE job_id = ? AND destination IN
+                    (SELECT destination FROM deliveries WHERE job_id = ? AND state = 'pending')""",
+                (job_id, job_id),
+            )
             return cur.rowcount
+
+    def accepted_objects(self, job_id: str, destination: str) -> set[str]:
+        """SOP Instance UIDs of ``job_id``'s objects that ``destination`` accepted."""
+        rows = self._query(
+            """SELECT sop_instance_uid FROM accepted_objects
+            WHERE job_id = ? AND destination = ?""",
+            (job_id, destination),
+        )
+        return {str(r["sop_instance_uid"]) for r in rows}
+
+    def accept_object(
+        self, job_id: str, destination: str, sop_instance_uid: str, now: float
+    ) -> None:
+        """Record that ``destination`` accepted one object (committed at once)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO accepted_objects VALUES (?, ?, ?, ?)",
+                (job_id, destination, sop_instance_uid, now),
+            )
 
     # -- heartbeats and counts ---------------------------------------------------
 

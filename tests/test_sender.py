@@ -109,3 +109,57 @@ def test_missing_outbox_file_is_a_recorded_failure(tmp_path: Path, phantom_serie
     (outcome,) = sender.run_once(now=1.0)
     assert outcome.state == "parked"
     assert "outbox holds 2 files, the job wrote 3" in outcome.reason
+
+
+def test_a_retry_sends_only_what_the_destination_has_not_accepted(
+    tmp_path: Path, phantom_series: object
+) -> None:
+    """A destination fails mid-job: the retry sends the rest, never an accepted object again."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    storage = tmp_path / "node"
+    job_id = _job_with_outbox(storage, phantom_series, n=5)
+    received: list[str] = []
+    calls = {"n": 0}
+
+    def on_store(event: evt.Event) -> int:
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third object of the first attempt: out of resources
+            return 0xA700
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    scp = AE(ae_title="PACS")
+    scp.add_supported_context(CTImageStorage, [str(u) for u in _ts_of(phantom_series)])
+    port = _port()
+    server = scp.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+        store = Store.open(storage)
+        sender = Sender(
+            store, [destination], SenderSection(backoff_base_seconds=0.0), storage, "ICH_NODE"
+        )
+        (first,) = store.due_deliveries(time.time())
+        assert sender.deliver(first, time.time()).state == "retry"
+        assert len(store.accepted_objects(job_id, "pacs")) == 2
+        (again,) = store.due_deliveries(time.time())
+        assert sender.deliver(again, time.time()).state == "done"
+        sent = {
+            str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+            for p in phantom_series.paths[:5]  # type: ignore[attr-defined]
+        }
+        assert sorted(received) == sorted(sent)  # each object accepted exactly once
+        assert calls["n"] == 6  # 3 in the first association (1 refused), 3 in the retry
+        store.close()
+    finally:
+        server.shutdown()
+
+
+def _ts_of(phantom_series: object) -> set[str]:
+    return {
+        str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        for p in phantom_series.paths  # type: ignore[attr-defined]
+    }
