@@ -17,13 +17,13 @@ maximum over slices (a bleed on any slice makes the series positive).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
 
+from ich_node.durable import write_atomic
 from ich_node.labels import LABELS
 
 NOTICE: Final = "AI result for triage support, not a diagnosis."
@@ -181,13 +181,7 @@ def write_findings(path: Path, findings: SeriesFindings) -> None:
     """Write ``findings.json`` atomically (temp file, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(findings.to_dict(), handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    write_atomic(path, (json.dumps(findings.to_dict(), indent=2) + "\n").encode())
 
 
 def read_findings(path: Path) -> SeriesFindings:

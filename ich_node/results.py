@@ -13,7 +13,6 @@ earlier outputs in the PACS instead of duplicating them.
 from __future__ import annotations
 
 import hashlib
-import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import pydicom
 import structlog
 from pydicom.uid import RE_VALID_UID
 
+from ich_node.durable import write_atomic
 from ich_node.explain import explain
 from ich_node.heatmaps import (
     build_heatmap_series,
@@ -312,14 +312,10 @@ def build_results(
 
 
 def _write_atomic(path: Path, data: bytes | pydicom.Dataset) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     if isinstance(data, bytes):
-        tmp.write_bytes(data)
+        write_atomic(path, data)
     else:
-        data.save_as(tmp, enforce_file_format=True)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+        write_atomic(path, lambda handle: data.save_as(handle, enforce_file_format=True))
 
 
 def write_results(results: ResultSet, out_dir: Path) -> list[Path]:

@@ -20,6 +20,7 @@ from typing import Final
 
 from pydicom.dataset import Dataset
 
+from ich_node.durable import fsync_dir
 from ich_node.store import InstanceRecord, Store
 
 _UID: Final = re.compile(r"^[0-9][0-9.]{0,63}$")
@@ -88,14 +89,6 @@ def instance_record(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> I
         series_description=_text(ds, "SeriesDescription"),
         expected=expected,
     )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def free_bytes(path: Path) -> int:
@@ -218,7 +211,7 @@ class Spool:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             new = self.store.add_instance(record, final, len(data), now)
         except SpoolError:
             raise

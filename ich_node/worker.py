@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 
 from ich_node.config import NodeConfig
+from ich_node.durable import fsync_dir
 from ich_node.imaging import read_series
 from ich_node.jobs import JobQueue, LeaseLost
 from ich_node.store import JobRecord, Store
@@ -58,14 +59,6 @@ class JobOutcome:
     state: str  # done | retry | parked | lost
     n_files: int
     reason: str
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Worker:
@@ -160,7 +153,7 @@ class Worker:
             n_files = self._build_outputs(job, tmp, times)
             shutil.rmtree(final, ignore_errors=True)  # a crashed earlier attempt's output
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             self.queue.complete(job, [d.name for d in self.config.destinations], n_files, clock())
             outcome = JobOutcome(job.job_id, "done", n_files, "")
         except LeaseLost as exc:

@@ -266,7 +266,8 @@ def test_worker_killed_mid_job_is_restarted_and_job_completes_once(
 ) -> None:
     from training.phantom import write_series
 
-    series = write_series(tmp_path / "big", seed=3, subtypes=("epidural",), n_slices=28, matrix=384)
+    # Long enough (decode, infer, 60 heatmaps) that the kill lands mid-job.
+    series = write_series(tmp_path / "big", seed=3, subtypes=("epidural",), n_slices=60, matrix=512)
     pacs.start()
     node.start()
     store = node.store()
