@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv system-deps test test-all lint demo faults clean
+.PHONY: venv system-deps test test-all lint demo demo-stop faults clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,10 @@ lint: venv
 
 demo: venv
 	$(PY) scripts/demo.py
+
+# Stops the Orthanc that `make demo` leaves running for you to browse the results.
+demo-stop:
+	$(PY) scripts/demo.py stop
 
 # The full crash-consistency run (30 SIGKILLs while studies stream in); see docs/reliability.md.
 faults: venv system-deps

@@ -14,8 +14,10 @@ demo model is trained on synthetic phantoms and every output it produces says so
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import shutil
 import signal
 import socket
@@ -28,6 +30,7 @@ from pathlib import Path
 import pydicom
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests.orthanc_util: the Orthanc launcher the tests use
 DEMO = REPO / "demo"
 TRAIN = DEMO / "train"
 HOLDOUT = DEMO / "holdout"
@@ -115,7 +118,9 @@ def _free_port() -> int:
 class Pacs:
     """A minimal receiving PACS: a pynetdicom storage SCP that keeps what it gets."""
 
-    def __init__(self, folder: Path, ae_title: str = "DEMO_PACS") -> None:
+    ae_title = "DEMO_PACS"
+
+    def __init__(self, folder: Path) -> None:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
 
         self.folder = folder
@@ -123,7 +128,7 @@ class Pacs:
         self.received: list[pydicom.Dataset] = []
         self._lock = threading.Lock()
         folder.mkdir(parents=True, exist_ok=True)
-        ae = AE(ae_title=ae_title)
+        ae = AE(ae_title=self.ae_title)
         ae.supported_contexts = AllStoragePresentationContexts
         self._server = ae.start_server(
             ("127.0.0.1", self.port),
@@ -174,22 +179,119 @@ def send_study(folder: Path, port: int) -> None:
     assoc.release()
 
 
+class OrthancPacs:
+    """Debian's Orthanc as the demo PACS, with the shipped head-CT routing rule.
+
+    Studies are uploaded to Orthanc (as a scanner would store them); the rule in
+    ``config/orthanc/route-head-ct.lua`` sends each stable head CT series to the
+    node, and the node stores its results back into Orthanc. Orthanc keeps running
+    after the demo so the results can be opened in its web viewer.
+    """
+
+    ae_title = "ORTHANC"
+
+    def __init__(self, folder: Path, node_port: int) -> None:
+        from tests.orthanc_util import NODE_MODALITY, find_plugin, free_ports, start_orthanc
+
+        http = 8042 if _port_free(8042) else free_ports(1)[0]
+        self.port = free_ports(1)[0]
+        plugin = find_plugin("libOrthancWebViewer.so")
+        self.server = start_orthanc(
+            folder,
+            aet=self.ae_title,
+            http_port=http,
+            dicom_port=self.port,
+            modalities={NODE_MODALITY: ("ICH_NODE", "127.0.0.1", node_port)},
+            stable_age=2,
+            plugins=[plugin] if plugin else [],
+        )
+        self.viewer = plugin is not None
+
+    def send(self, folder: Path) -> None:
+        self.server.upload(sorted(folder.glob("*.dcm")))
+
+    def _series(self, study_uid: str, modality: str) -> list[dict]:
+        study = self.server.study_id(study_uid)
+        if study is None:
+            return []
+        return [
+            s
+            for s in self.server.get(f"/studies/{study}/series")
+            if s["MainDicomTags"].get("Modality") == modality
+        ]
+
+    def of_study(self, study_uid: str, modality: str) -> list[pydicom.Dataset]:
+        from io import BytesIO
+
+        out = []
+        for series in self._series(study_uid, modality):
+            for instance in series["Instances"]:
+                raw = self.server.request("GET", f"/instances/{instance}/file")
+                out.append(pydicom.dcmread(BytesIO(raw)))
+        return out
+
+    def where(self, study_uid: str) -> str:
+        study = self.server.study_id(study_uid)
+        lines = [f"  Orthanc Explorer: {self.server.url}/app/explorer.html#study?uuid={study}"]
+        if self.viewer:
+            for series in self._series(study_uid, "OT") + self._series(study_uid, "SC"):
+                lines.append(
+                    f"  heatmaps in the web viewer: {self.server.url}"
+                    f"/web-viewer/app/viewer.html?series={series['ID']}"
+                )
+        return "\n".join(lines)
+
+    def stop(self) -> None:
+        pid = self.server.process.pid
+        (DEMO / "orthanc.pid").write_text(f"{pid}\n")
+        print(
+            f"\nOrthanc keeps running at {self.server.url} (pid {pid}); `make demo-stop` stops it."
+        )
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _orthanc_installed() -> bool:
+    return Path("/usr/sbin/Orthanc").is_file() or shutil.which("Orthanc") is not None
+
+
 def network_demo(bundle: Path) -> int:
-    """Serve the node, send studies to it, and wait for its results at the PACS."""
+    """Serve the node, send it studies through a PACS, wait for the results there."""
     net = DEMO / "network"
+    stop_orthanc()
     shutil.rmtree(net, ignore_errors=True)
     net.mkdir(parents=True)
-    pacs = Pacs(net / "pacs")
     node_port = _free_port()
+    pacs: Pacs | OrthancPacs
+    if _orthanc_installed():
+        print("\nOrthanc is installed: it is the demo PACS (the shipped rule routes head CTs).")
+        pacs = OrthancPacs(net / "orthanc", node_port)
+        caller = OrthancPacs.ae_title
+    else:
+        print("\nOrthanc is not installed: a built-in receiver plays the PACS "
+              "(apt-get install orthanc orthanc-webviewer: results in a viewer).")  # fmt: skip
+        pacs = Pacs(net / "pacs")
+        caller = "DEMO_CT"
     config = net / "node.yaml"
     config.write_text(
         json.dumps(
             {
                 "node": {"ae_title": "ICH_NODE", "host": "127.0.0.1", "port": node_port},
-                "callers": [{"ae_title": "DEMO_CT", "host": "127.0.0.1"}],
+                "callers": [{"ae_title": caller, "host": "127.0.0.1"}],
                 "destinations": [
-                    {"name": "demo-pacs", "ae_title": "DEMO_PACS",
-                     "host": "127.0.0.1", "port": pacs.port}
+                    {
+                        "name": "demo-pacs",
+                        "ae_title": pacs.ae_title,
+                        "host": "127.0.0.1",
+                        "port": pacs.port,
+                    }
                 ],
                 "series": {"stable_seconds": 2.0},
                 "model": {"bundle": str(bundle), "device": "auto"},
@@ -200,7 +302,7 @@ def network_demo(bundle: Path) -> int:
         )
     )  # fmt: skip  (JSON is valid YAML)
     log = open(net / "node.log", "w")  # noqa: SIM115 - open for the node's lifetime
-    print(f"\nStarting the node: ich-node serve --config {config} (log: {net / 'node.log'})")
+    print(f"Starting the node: ich-node serve --config {config} (log: {net / 'node.log'})")
     node = subprocess.Popen(
         [sys.executable, "-m", "ich_node.cli", "serve", "--config", str(config)],
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
@@ -220,30 +322,30 @@ def network_demo(bundle: Path) -> int:
         positive = max(truth, key=lambda uid: sum(truth[uid].values()))
         negative = next(uid for uid, labels in truth.items() if not labels["any"])
         studies: dict[str, str] = {}
+        send = net / "send"
         for path in sorted((HOLDOUT / "images").glob("*.dcm")):
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             if ds.SeriesInstanceUID in (positive, negative):
                 studies[ds.SeriesInstanceUID] = ds.StudyInstanceUID
-        send = net / "send"
-        for path in sorted((HOLDOUT / "images").glob("*.dcm")):
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            if ds.SeriesInstanceUID in studies:
                 (send / ds.SeriesInstanceUID).mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, send / ds.SeriesInstanceUID / path.name)
         start = time.monotonic()
         for series_uid in studies:
-            print(f"Sending study ...{studies[series_uid][-12:]} to the node")
-            send_study(send / series_uid, node_port)
-        print("Waiting for the SR and heatmaps to arrive at the demo PACS...")
+            print(f"Sending study ...{studies[series_uid][-12:]}")
+            if isinstance(pacs, OrthancPacs):
+                pacs.send(send / series_uid)  # stored in Orthanc; its rule routes it
+            else:
+                send_study(send / series_uid, node_port)
+        print("Waiting for the SR and heatmaps to arrive at the PACS...")
         deadline = time.monotonic() + 600
         while not all(pacs.of_study(s, "SR") for s in studies.values()):
             if node.poll() is not None or time.monotonic() > deadline:
                 print("results did not arrive in time; see", net / "node.log")
                 return 1
-            time.sleep(0.5)
-        time.sleep(1.0)  # let the heatmap association finish
+            time.sleep(1.0)
+        time.sleep(2.0)  # let the heatmap association finish
         print(f"Results arrived {time.monotonic() - start:.0f} s after sending "
-              "(including the 2 s quiet period that closes a series).\n")  # fmt: skip
+              "(including the quiet periods that close a series).\n")  # fmt: skip
         for series_uid, study_uid in studies.items():
             (sr,) = pacs.of_study(study_uid, "SR")[:1]
             heatmaps = pacs.of_study(study_uid, "OT") + pacs.of_study(study_uid, "SC")
@@ -252,7 +354,10 @@ def network_demo(bundle: Path) -> int:
             print(f"  SR: {sr.SeriesDescription!s}; {len(heatmaps)} heatmap image(s) received")
             for text in _sr_summary(sr):
                 print("  SR summary: " + text)
-        print(f"\nThe PACS's copies are in {pacs.folder}")
+            if isinstance(pacs, OrthancPacs):
+                print(pacs.where(study_uid))
+        if isinstance(pacs, Pacs):
+            print(f"\nThe PACS's copies are in {pacs.folder}")
         return 0
     finally:
         node.send_signal(signal.SIGTERM)
@@ -262,6 +367,18 @@ def network_demo(bundle: Path) -> int:
             node.kill()
         pacs.stop()
         log.close()
+
+
+def stop_orthanc() -> None:
+    """Stop the Orthanc an earlier demo left running (``make demo-stop``)."""
+    pid_file = DEMO / "orthanc.pid"
+    if not pid_file.is_file():
+        return
+    pid = int(pid_file.read_text())
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        print(f"stopped the demo's Orthanc (pid {pid})")
+    pid_file.unlink()
 
 
 def _sr_summary(sr: pydicom.Dataset) -> list[str]:
@@ -281,6 +398,9 @@ def _sr_summary(sr: pydicom.Dataset) -> list[str]:
 
 
 def main() -> int:
+    if sys.argv[1:] == ["stop"]:
+        stop_orthanc()
+        return 0
     start = time.monotonic()
     DEMO.mkdir(exist_ok=True)
     if not (TRAIN / "stage_2_train.csv").is_file():
