@@ -11,7 +11,9 @@
     }
 
 Slices are in spatial order, inferior to superior. A series-level probability is the
-maximum over slices (a bleed on any slice makes the series positive).
+maximum over slices (a bleed on any slice makes the series positive). A series is
+positive for a label when that probability reaches the label's threshold; a subtype
+is reported positive only when ``any`` is positive too.
 """
 
 from __future__ import annotations
@@ -160,12 +162,18 @@ def summarise(
             f"got {probabilities.shape}"
         )
     series: dict[str, LabelFinding] = {}
+    any_positive = False
     for j, label in enumerate(LABELS):
         # Rounded once, here, so JSON, SR and heatmaps all show the very same number.
         p = round(float(probabilities[:, j].max()), 6) if len(probabilities) else 0.0
-        series[label] = LabelFinding(
-            probability=p, positive=p >= thresholds[label], threshold=thresholds[label]
-        )
+        positive = p >= thresholds[label]
+        if label == "any":
+            any_positive = positive
+        else:
+            # A subtype is reported only in a series positive for hemorrhage at all:
+            # "no hemorrhage, but a subdural" would contradict itself.
+            positive = positive and any_positive
+        series[label] = LabelFinding(probability=p, positive=positive, threshold=thresholds[label])
     slices = tuple(
         SliceFinding(
             sop_instance_uid=uid,

@@ -62,7 +62,9 @@ def test_predict_writes_findings_in_spatial_order(
         series = data["series"][label]
         per_slice = [s["probabilities"][label] for s in data["slices"]]
         assert series["probability"] == pytest.approx(max(per_slice))
-        assert series["positive"] == (series["probability"] >= series["threshold"])
+        reaches = series["probability"] >= series["threshold"]
+        any_positive = data["series"]["any"]["positive"]
+        assert series["positive"] == (reaches if label == "any" else reaches and any_positive)
         assert all(0.0 <= p <= 1.0 for p in per_slice)
     table = capsys.readouterr().out
     assert "subdural" in table and "Results in" in table
@@ -282,3 +284,23 @@ def test_predict_writes_dicom_results_next_to_findings(tmp_path: Path, tiny_bund
     sources = [pydicom.dcmread(p).SourceImageSequence[0].ReferencedSOPInstanceUID for p in heatmaps]
     assert sorted(sources) == sorted(phantom.sop_instance_uids)
     assert pydicom.dcmread(folder / "parametric_map.dcm").Modality == "OT"
+
+
+def test_a_subtype_is_positive_only_in_a_series_positive_for_any() -> None:
+    from ich_node.findings import ModelInfo, summarise
+
+    thresholds = {label: 0.5 for label in LABELS} | {"subdural": 0.05}
+    probabilities = np.zeros((3, len(LABELS)), np.float32)
+    probabilities[1, LABELS.index("subdural")] = 0.2  # above its own threshold
+    args = {
+        "study_instance_uid": "1.2", "series_instance_uid": "1.2.3",
+        "sop_instance_uids": ("1.2.3.1", "1.2.3.2", "1.2.3.3"), "positions_mm": (0.0, 5.0, 10.0),
+        "thresholds": thresholds, "model": ModelInfo("m", "1", "resnet18", "0" * 64, False),
+    }  # fmt: skip
+    negative = summarise(probabilities=probabilities, **args)
+    assert not negative.series["any"].positive and not negative.series["subdural"].positive
+    assert negative.positive_labels == ()
+    probabilities[1, LABELS.index("any")] = 0.9
+    positive = summarise(probabilities=probabilities, **args)
+    assert positive.positive_labels == ("any", "subdural")
+    assert positive.positive_slices("subdural") == (1,)
