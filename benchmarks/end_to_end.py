@@ -189,7 +189,7 @@ def sender_rows(files: list[Path], tmp: Path, repeats: int = 3) -> list[dict[str
             files, DestinationConfig(**where, port=port), NODE_AE, 30.0
         ),
         "same loop, TCP_NODELAY off": lambda port: _send(files, port, nodelay=False),
-        "same loop, TCP_NODELAY on (proposed)": lambda port: _send(files, port, nodelay=True),
+        "same loop, TCP_NODELAY on": lambda port: _send(files, port, nodelay=True),
     }
     for name, fn in variants.items():
         best = float("inf")
@@ -217,6 +217,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--stable-seconds", type=float, default=5.0, help="quiet period in the test")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--precision", default="auto", choices=("auto", "fp32", "bf16"), help="model.precision"
+    )
     p.add_argument("--quick", action="store_true", help="12 slices of 128x128, resnet18 at 64")
     p.add_argument("--json", type=Path, default=None)
     return p
@@ -253,7 +256,12 @@ def run_model(
         "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
                           "port": pacs.port}],
         "series": {"stable_seconds": args.stable_seconds, "min_slices": min(10, args.slices)},
-        "model": {"bundle": str(bundle), "device": args.device, "batch_size": args.batch_size},
+        "model": {
+            "bundle": str(bundle),
+            "device": args.device,
+            "batch_size": args.batch_size,
+            "precision": args.precision,
+        },
         "results": {"heatmaps": "positive"},
         "sender": {"max_attempts": 10, "backoff_base_seconds": 0.2, "backoff_max_seconds": 1.0,
                    "timeout_seconds": 30.0},
@@ -311,7 +319,8 @@ def main(args: argparse.Namespace) -> int:
                 senders = sender_rows(outbox, Path(tmp), repeats=1 if args.quick else 3)
     print(
         f"\n{args.slices} slices of {args.matrix}x{args.matrix}, one worker on {args.device}, "
-        f"batch {args.batch_size}, every slice explained, load {load_average()}"
+        f"batch {args.batch_size}, precision {args.precision}, every slice explained, "
+        f"load {load_average()}"
     )
     print(
         table(
@@ -324,7 +333,8 @@ def main(args: argparse.Namespace) -> int:
     write_json(
         args.json, "end_to_end" + ("_quick" if args.quick else ""),
         {"slices": args.slices, "matrix": args.matrix, "stable_seconds": args.stable_seconds,
-         "device": args.device, "batch_size": args.batch_size, "rows": rows,
+         "device": args.device, "batch_size": args.batch_size, "precision": args.precision,
+         "rows": rows,
          "sender": senders},
     )  # fmt: skip
     return 0
