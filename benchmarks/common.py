@@ -101,15 +101,28 @@ def nodelay_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float) -> Any:
-    """Poll ``predicate`` every 50 ms until truthy; ``TimeoutError`` naming ``what``."""
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float, every: float = 0.05) -> Any:
+    """Poll ``predicate`` every ``every`` s until truthy; ``TimeoutError`` naming ``what``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.05)
+        time.sleep(every)
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def serve_argv(config_path: Path) -> list[str]:
+    """The command line of a node serving ``config_path`` in a child process."""
+    import sys
+
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from ich_node.config import load_config; "
+        "from ich_node.service import serve; sys.exit(serve(load_config(sys.argv[1])))",
+        str(config_path),
+    ]
 
 
 def port_open(port: int) -> bool:

@@ -28,7 +28,6 @@ import argparse
 import json
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -47,28 +46,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.common import free_port, serve_argv, wait_for  # noqa: E402
 from ich_node.config import NodeConfig, load_config  # noqa: E402
 from ich_node.ops import echo  # noqa: E402
 from ich_node.store import Store  # noqa: E402
 from ich_node.worker import outbox_files  # noqa: E402
 
 CALLER = "FAULTS"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(what: str, predicate: Any, timeout: float, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
 # -- the destination ------------------------------------------------------------------
@@ -205,16 +189,7 @@ class NodeProcess:
     def start(self, timeout: float = 60.0) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child owns it)
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "import sys; from ich_node.config import load_config; "
-                "from ich_node.service import serve; sys.exit(serve(load_config(sys.argv[1])))",
-                str(self.config_path),
-            ],
-            stdout=log,
-            stderr=log,
-            cwd=str(REPO),
+            serve_argv(self.config_path), stdout=log, stderr=log, cwd=str(REPO)
         )
         log.close()
         self.starts += 1
@@ -225,7 +200,7 @@ class NodeProcess:
                 raise RuntimeError(f"node exited with {self.process.returncode}")
             return echo(self.config, timeout=2)
 
-        wait_for("the listener", up, timeout)
+        wait_for("the listener", up, timeout, every=0.1)
 
     def kill(self) -> None:
         if self.process is not None:

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +18,7 @@ import pydicom
 import pytest
 import yaml
 
+from benchmarks import common
 from ich_node.config import NodeConfig, load_config
 from ich_node.ops import echo, health, status
 from ich_node.store import Store
@@ -32,19 +30,7 @@ DEADLINE = 240.0
 
 def wait_for(what: str, predicate: Callable[[], object], timeout: float = DEADLINE) -> object:
     """Poll ``predicate`` until it returns something truthy, or fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return common.wait_for(what, predicate, timeout, every=0.1)
 
 
 @dataclass
@@ -76,7 +62,7 @@ class Pacs:
 
 @pytest.fixture
 def pacs(tmp_path: Path) -> Iterator[Pacs]:
-    server = Pacs(_port(), tmp_path / "pacs")
+    server = Pacs(common.free_port(), tmp_path / "pacs")
     yield server
     server.stop()
 
@@ -91,17 +77,7 @@ class Node:
 
     def start(self) -> None:
         log = open(self.config_path.parent / "node.log", "ab")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "import sys; from ich_node.config import load_config; "
-                "from ich_node.service import serve; sys.exit(serve(load_config(sys.argv[1])))",
-                str(self.config_path),
-            ],
-            stdout=log,
-            stderr=log,
-        )
+        self.process = subprocess.Popen(common.serve_argv(self.config_path), stdout=log, stderr=log)
         wait_for("the listener", lambda: self._alive() and echo(self.config, timeout=2))
 
     def _alive(self) -> bool:
@@ -132,7 +108,12 @@ class Node:
 
 def _node_yaml(tmp_path: Path, tiny_bundle: Path, pacs: Pacs, stable_seconds: float) -> Path:
     data = {
-        "node": {"ae_title": "ICH_NODE", "host": "127.0.0.1", "port": _port(), "workers": 1},
+        "node": {
+            "ae_title": "ICH_NODE",
+            "host": "127.0.0.1",
+            "port": common.free_port(),
+            "workers": 1,
+        },
         "callers": [{"ae_title": CALLER}, {"ae_title": "FAR_AWAY", "host": "10.255.255.1"}],
         "destinations": [
             {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}

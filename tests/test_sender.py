@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pydicom
 
+from benchmarks.common import free_port
 from ich_node.config import Destination, QueueSection, SenderSection, parse_config
 from ich_node.jobs import JobQueue, job_id_for
 from ich_node.ops import resend
@@ -16,12 +16,6 @@ from ich_node.sender import Sender
 from ich_node.store import InstanceRecord, Store
 from ich_node.worker import results_dir
 from tests.conftest import dcmtk
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _job_with_outbox(storage: Path, phantom_series: object, n: int = 3) -> str:
@@ -49,7 +43,7 @@ def test_delivery_retries_with_backoff_then_parks_and_resend_delivers(
 ) -> None:
     storage = tmp_path / "node"
     job_id = _job_with_outbox(storage, phantom_series)
-    port = _port()
+    port = free_port()
     destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
     config = SenderSection(
         max_attempts=3, backoff_base_seconds=10.0, backoff_max_seconds=15.0, timeout_seconds=5.0
@@ -104,7 +98,7 @@ def test_missing_outbox_file_is_a_recorded_failure(tmp_path: Path, phantom_serie
     job_id = _job_with_outbox(storage, phantom_series)
     (results_dir(storage, job_id) / "outbox" / "0.dcm").unlink()
     store = Store.open(storage)
-    destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=_port())
+    destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=free_port())
     sender = Sender(store, [destination], SenderSection(max_attempts=1), storage, "ICH_NODE")
     (outcome,) = sender.run_once(now=1.0)
     assert outcome.state == "parked"
@@ -132,7 +126,7 @@ def test_a_retry_sends_only_what_the_destination_has_not_accepted(
 
     scp = AE(ae_title="PACS")
     scp.add_supported_context(CTImageStorage, [str(u) for u in _ts_of(phantom_series)])
-    port = _port()
+    port = free_port()
     server = scp.start_server(
         ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
     )
