@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -298,8 +298,12 @@ class Classifier:
         part = replace(series, slices=series.slices[start : start + self.batch_size])
         return self.prepare(part)
 
-    def _prepared_batches(self, series: CTSeries) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(HU, images) per batch of slices, decoded ahead in ``decode_threads`` threads."""
+    def prepared_batches(self, series: CTSeries) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(HU, images) per batch of slices, decoded ahead in ``decode_threads`` threads.
+
+        :meth:`predict_series` consumes it; the worker runs it in its reader thread,
+        so that the next series decodes while this one is on the device.
+        """
         starts = list(range(0, len(series.slices), self.batch_size))
         if not self.prefetch or len(starts) < 2:
             for start in starts:
@@ -323,11 +327,21 @@ class Classifier:
         """Classify every slice of ``series`` and summarise the series."""
         if not series.slices:
             raise ImagingError(f"series {series.series_instance_uid}: no slices")
+        return self.predict_prepared(series, self.prepared_batches(series))
+
+    def predict_prepared(
+        self, series: CTSeries, batches: Iterable[tuple[np.ndarray, np.ndarray]]
+    ) -> Prediction:
+        """Classify ``series`` from its (HU, images) batches, in slice order.
+
+        ``batches`` is :meth:`prepared_batches` of the series, possibly produced in
+        another thread (the worker's reader).
+        """
         hus: list[np.ndarray] = []
         inputs: list[np.ndarray] = []
         probs: list[np.ndarray] = []
         cams: list[np.ndarray] = []
-        for hu, images in self._prepared_batches(series):
+        for hu, images in batches:
             if hus and hu.shape[1:] != hus[0].shape[1:]:
                 raise ImagingError(
                     f"series {series.series_instance_uid}: matrix {hu.shape[1:]} differs "
@@ -339,6 +353,8 @@ class Classifier:
             probs.append(p)
             if c is not None:
                 cams.append(c)
+        if not probs:
+            raise ImagingError(f"series {series.series_instance_uid}: no slices")
         probabilities = np.concatenate(probs)
         findings = summarise(
             study_instance_uid=series.study_instance_uid,

@@ -5,7 +5,7 @@ a main loop that assembles series and supervises the worker processes
 (multiprocessing, spawn): a worker that dies has its leases given back and is
 started again (with a growing delay when it keeps dying). SIGTERM and SIGINT
 only set a flag; the loop then stops accepting associations, asks the workers to
-finish their current job (SIGTERM, ``SHUTDOWN_GRACE_SECONDS``), releases what
+finish the jobs they hold (SIGTERM, ``SHUTDOWN_GRACE_SECONDS``), releases what
 they still hold, and returns 0. This process never imports torch.
 """
 
@@ -36,7 +36,7 @@ from ich_node.store import Store
 
 log = structlog.get_logger(__name__)
 
-#: Seconds the workers get to finish their current job at shutdown.
+#: Seconds the workers get to finish the jobs they hold at shutdown.
 SHUTDOWN_GRACE_SECONDS: Final = 30.0
 #: Seconds between two passes of the main loop and of the sender.
 LOOP_SECONDS: Final = 0.2

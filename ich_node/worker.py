@@ -16,11 +16,12 @@ only process of the node that imports torch.
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -61,8 +62,50 @@ class JobOutcome:
     reason: str
 
 
+class _End:
+    """The last item of a job's batch stream."""
+
+
+_END = _End()
+
+
+@dataclass(frozen=True, slots=True)
+class _DecodeFailed:
+    """A batch that could not be decoded: the job fails with this error."""
+
+    error: Exception
+
+
+@dataclass(slots=True)
+class _Leased:
+    """A job between the pipeline's stages (see :meth:`Worker.run`)."""
+
+    job: JobRecord
+    started: float  # perf_counter() when leased
+    times: dict[str, float]
+    batches: queue.Queue[Any]  # (hu, images) | _DecodeFailed | _END
+    cancel: threading.Event
+    series: Any = None  # CTSeries once its headers are read
+    error: Exception | None = None
+
+
 class Worker:
     """Lease and run jobs with a loaded classifier.
+
+    :meth:`run` (what a worker process does) runs jobs as a three-stage pipeline,
+    so that the device never waits for the disk or the encoders:
+
+    1. the *reader* thread leases a job, reads its headers and decodes and
+       preprocesses its slices, a bounded number of batches ahead;
+    2. the calling thread runs the model on those batches;
+    3. the *results* thread writes ``findings.json``, the heatmaps and the SR,
+       renames the folder and completes the job.
+
+    While job N's results are encoded, job N+1 is on the device and job N+2's
+    first batches are decoded. Each job still ends in its own transaction: a
+    worker that dies leaves each of its (at most three) jobs leased, and each
+    runs again. :meth:`process` runs one job through the same stages in one
+    thread.
 
     Parameters
     ----------
@@ -72,38 +115,69 @@ class Worker:
     name : str
         This worker's name in leases and heartbeats.
     store : Store
-        The node's store (this process's own connection).
+        The node's store (this process's own connection; it serialises threads).
     classifier : ich_node.inference.Classifier
         The loaded model.
+    batches_ahead : int
+        Batches the reader decodes ahead of the model (memory: each is
+        ``model.batch_size`` slices of HU and model input).
     """
 
-    def __init__(self, config: NodeConfig, name: str, store: Store, classifier: Any) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        name: str,
+        store: Store,
+        classifier: Any,
+        *,
+        batches_ahead: int = 2,
+    ) -> None:
+        if batches_ahead < 1:
+            raise ValueError(f"batches_ahead must be at least 1, got {batches_ahead!r}")
         self.config = config
         self.name = name
         self.store = store
         self.queue = JobQueue(store, config.queue)
         self.classifier = classifier
-        #: The job being processed (read by the heartbeat thread to extend its lease).
-        self.current: JobRecord | None = None
+        self.batches_ahead = batches_ahead
+        self._held: dict[str, JobRecord] = {}
+        self._held_lock = threading.Lock()
 
-    def keep_lease(self, now: float) -> JobRecord | None:
-        """Extend the lease of the job in progress, if any; returns that job.
+    # -- leases ---------------------------------------------------------------
+
+    def hold(self, job: JobRecord) -> None:
+        """Count ``job`` as in progress: the heartbeat extends its lease until :meth:`drop`."""
+        with self._held_lock:
+            self._held[job.job_id] = job
+
+    def drop(self, job: JobRecord) -> None:
+        """``job`` has reached a recorded state: stop extending its lease."""
+        with self._held_lock:
+            self._held.pop(job.job_id, None)
+
+    def held(self) -> list[JobRecord]:
+        """The jobs this worker holds, in any stage."""
+        with self._held_lock:
+            return list(self._held.values())
+
+    def keep_lease(self, now: float) -> list[JobRecord]:
+        """Extend the leases of the jobs in progress; returns them.
 
         Called from the heartbeat thread; a lost lease is only logged here, the
         job's own completion then finds it lost and records nothing.
         """
-        job = self.current
-        if job is None:
-            return None
-        try:
-            self.queue.extend(job, now)
-        except LeaseLost:
-            log.warning("job.lease_lost", job_id=job.job_id, attempt=job.attempts)
-        return job
+        jobs = self.held()
+        for job in jobs:
+            try:
+                self.queue.extend(job, now)
+            except LeaseLost:
+                log.warning("job.lease_lost", job_id=job.job_id, attempt=job.attempts)
+        return jobs
 
-    def _build_outputs(self, job: JobRecord, folder: Path, times: dict[str, float]) -> int:
-        from ich_node.findings import write_findings
+    # -- stages ---------------------------------------------------------------
 
+    def _read(self, job: JobRecord, times: dict[str, float]) -> Any:
+        """The series' headers (slice order, geometry); pixels are decoded later."""
         t = time.perf_counter()
         uid = job.series_instance_uid
         # This version's instances; all of them if clocks disagree (none by then).
@@ -113,50 +187,61 @@ class Worker:
             max_tilt_deg=self.config.series.max_tilt_degrees,
         )
         times["read_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        prediction = self.classifier.predict_series(series)
-        times["infer_s"] = time.perf_counter() - t
+        times["n_slices"] = float(len(series.slices))
+        return series
+
+    def _write_outputs(self, job: JobRecord, prediction: Any, folder: Path) -> int:
+        """``findings.json`` and the DICOM results into ``folder``; returns the DICOM count."""
+        from ich_node.findings import write_findings
+
         write_findings(folder / "findings.json", prediction.findings)
-        t = time.perf_counter()
-        n_files = 0
         try:
             from ich_node.results import ResultOptions, ResultsSkipped, build_results, write_results
         except ImportError:  # results.py not installed: findings only, nothing to send
             log.warning("job.no_results_module", job_id=job.job_id)
-        else:
-            options = ResultOptions(
-                heatmaps=self.config.results.heatmaps,
-                negative_top_slices=self.config.results.negative_top_slices,
-                parametric_map=self.config.results.parametric_map,
-            )
-            try:
-                results = build_results(prediction, self.classifier, options)
-                written = write_results(results, folder / "outbox")
-                n_files = sum(1 for p in written if p.suffix == ".dcm")
-            except ResultsSkipped as exc:
-                log.info("job.results_skipped", job_id=job.job_id, reason=str(exc))
-        times["results_s"] = time.perf_counter() - t
-        times["positive"] = float(sum(1 for f in prediction.findings.series.values() if f.positive))
-        times["n_slices"] = float(len(series.slices))
-        return n_files
+            return 0
+        options = ResultOptions(
+            heatmaps=self.config.results.heatmaps,
+            negative_top_slices=self.config.results.negative_top_slices,
+            parametric_map=self.config.results.parametric_map,
+        )
+        try:
+            results = build_results(prediction, self.classifier, options)
+        except ResultsSkipped as exc:
+            log.info("job.results_skipped", job_id=job.job_id, reason=str(exc))
+            return 0
+        written = write_results(results, folder / "outbox")
+        return sum(1 for p in written if p.suffix == ".dcm")
 
-    def process(self, job: JobRecord, clock: Callable[[], float]) -> JobOutcome:
-        """Run one leased job to a recorded state; never raises."""
-        started = time.perf_counter()
-        times: dict[str, float] = {}
-        self.current = job
+    def _finish(
+        self,
+        item: _Leased,
+        prediction: Any,
+        error: Exception | None,
+        clock: Callable[[], float],
+    ) -> JobOutcome:
+        """Bring a job to a recorded state (done, retry, parked or lost); never raises."""
+        job, times = item.job, item.times
         final = results_dir(self.config.storage.dir, job.job_id)
         tmp = final.with_name(f".{job.job_id}.{os.getpid()}.tmp")
         try:
+            if error is not None:
+                raise error
+            t = time.perf_counter()
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            n_files = self._build_outputs(job, tmp, times)
+            n_files = self._write_outputs(job, prediction, tmp)
+            times["results_s"] = time.perf_counter() - t
+            times["positive"] = float(
+                sum(1 for f in prediction.findings.series.values() if f.positive)
+            )
             shutil.rmtree(final, ignore_errors=True)  # a crashed earlier attempt's output
             os.replace(tmp, final)
             fsync_dir(final.parent)
             self.queue.complete(job, [d.name for d in self.config.destinations], n_files, clock())
             outcome = JobOutcome(job.job_id, "done", n_files, "")
         except LeaseLost as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
             outcome = JobOutcome(job.job_id, "lost", 0, str(exc))
         except Exception as exc:  # recorded with its reason, retried or parked
             shutil.rmtree(tmp, ignore_errors=True)
@@ -165,10 +250,18 @@ class Worker:
                 state = self.queue.fail(job, reason, clock())
             except LeaseLost:
                 state = "lost"
+            except Exception as db_exc:  # the lease expires and the job runs again
+                log.error("job.fail_not_recorded", job_id=job.job_id, error=type(db_exc).__name__)
+                state = "lost"
             outcome = JobOutcome(job.job_id, state, 0, reason)
         finally:
-            self.current = None
-        total_s = time.perf_counter() - started
+            self.drop(job)
+        self._report(item, outcome, clock)
+        return outcome
+
+    def _report(self, item: _Leased, outcome: JobOutcome, clock: Callable[[], float]) -> None:
+        job, times = item.job, item.times
+        total_s = time.perf_counter() - item.started
         try:  # stage latencies for the metrics (the serving process exports them)
             stages: dict[str, float] = {
                 k: times[k] for k in ("read_s", "infer_s", "results_s") if k in times
@@ -196,7 +289,78 @@ class Worker:
             total_s=round(total_s, 3),
             reason=outcome.reason or None,
         )
-        return outcome
+
+    def _leased(self, job: JobRecord) -> _Leased:
+        self.hold(job)
+        return _Leased(
+            job=job,
+            started=time.perf_counter(),
+            times={},
+            batches=queue.Queue(maxsize=self.batches_ahead),
+            cancel=threading.Event(),
+        )
+
+    def _decode(self, item: _Leased) -> None:
+        """Feed ``item.batches`` with the series' decoded batches, then ``_END``."""
+        try:
+            for batch in self.classifier.prepared_batches(item.series):
+                if item.cancel.is_set():  # the model stage gave up on this job
+                    break
+                item.batches.put(batch)
+        except Exception as exc:
+            item.batches.put(_DecodeFailed(exc))
+        finally:
+            item.batches.put(_END)
+
+    def _infer(self, item: _Leased) -> tuple[Any, Exception | None]:
+        """Run the model on ``item``'s batches; (prediction, None) or (None, error)."""
+        if item.error is not None:
+            return None, item.error
+
+        ended = False
+
+        def batches() -> Iterator[tuple[Any, Any]]:
+            nonlocal ended
+            while True:
+                got = item.batches.get()
+                if got is _END:
+                    ended = True
+                    return
+                if isinstance(got, _DecodeFailed):
+                    raise got.error
+                yield got
+
+        t = time.perf_counter()
+        try:
+            prediction = self.classifier.predict_prepared(item.series, batches())
+            if not ended:  # the model stopped early: take the rest so the reader can go on
+                raise RuntimeError("the model stage did not read the whole series")
+        except Exception as exc:
+            item.cancel.set()
+            while not ended and item.batches.get() is not _END:  # let the reader finish
+                pass
+            return None, exc
+        finally:
+            item.times["infer_s"] = time.perf_counter() - t
+        return prediction, None
+
+    # -- one job, one thread --------------------------------------------------
+
+    def process(self, job: JobRecord, clock: Callable[[], float]) -> JobOutcome:
+        """Run one leased job to a recorded state in this thread; never raises."""
+        item = self._leased(job)
+        try:
+            item.series = self._read(job, item.times)
+        except Exception as exc:
+            item.error = exc
+        if item.error is None:
+            decoder = threading.Thread(target=self._decode, args=(item,), daemon=True)
+            decoder.start()
+            prediction, error = self._infer(item)
+            decoder.join()
+        else:
+            prediction, error = None, item.error
+        return self._finish(item, prediction, error, clock)
 
     def run_once(self, now: float, clock: Callable[[], float] = time.time) -> JobOutcome | None:
         """Lease one job and run it; ``None`` when nothing is runnable at ``now``."""
@@ -204,6 +368,76 @@ class Worker:
         if job is None:
             return None
         return self.process(job, clock)
+
+    # -- the pipeline ---------------------------------------------------------
+
+    def _reader(
+        self,
+        stop: threading.Event,
+        ready: queue.Queue[_Leased | None],
+        poll_seconds: float,
+        clock: Callable[[], float],
+    ) -> None:
+        """Stage 1: lease, read headers, decode ahead; ``None`` into ``ready`` at the end."""
+        try:
+            while not stop.is_set():
+                try:
+                    job = self.queue.lease(self.name, clock())
+                except Exception as exc:  # a busy database: try again
+                    log.error("worker.lease_failed", worker=self.name, error=type(exc).__name__)
+                    job = None
+                if job is None:
+                    stop.wait(poll_seconds)
+                    continue
+                item = self._leased(job)
+                try:
+                    item.series = self._read(job, item.times)
+                except Exception as exc:
+                    item.error = exc
+                ready.put(item)
+                if item.error is None:
+                    self._decode(item)  # blocks while the model is batches_ahead behind
+        finally:
+            ready.put(None)
+
+    def _results(self, finishing: queue.Queue[Any], clock: Callable[[], float]) -> None:
+        """Stage 3: write each job's results and record its state, until ``None``."""
+        while (entry := finishing.get()) is not None:
+            item, prediction, error = entry
+            self._finish(item, prediction, error, clock)
+
+    def run(
+        self,
+        stop: threading.Event,
+        poll_seconds: float = 0.05,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Run jobs as the three-stage pipeline until ``stop`` is set.
+
+        After ``stop`` no new job is leased; the jobs already leased (at most
+        three) are finished and recorded before this returns.
+        """
+        ready: queue.Queue[_Leased | None] = queue.Queue(maxsize=1)
+        finishing: queue.Queue[Any] = queue.Queue(maxsize=1)
+        reader = threading.Thread(
+            target=self._reader,
+            args=(stop, ready, poll_seconds, clock),
+            name=f"reader-{self.name}",
+            daemon=True,
+        )
+        results = threading.Thread(
+            target=self._results, args=(finishing, clock), name=f"results-{self.name}", daemon=True
+        )
+        reader.start()
+        results.start()
+        try:
+            while (item := ready.get()) is not None:
+                prediction, error = self._infer(item)
+                finishing.put((item, prediction, error))
+        finally:
+            finishing.put(None)
+            results.join()
+            reader.join()
 
 
 def lease_extend_seconds(lease_seconds: float) -> float:
@@ -261,7 +495,7 @@ def worker_main(
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()  # finish the current job, then exit
+        stop.set()  # lease no more; finish the jobs already leased (at most three), then exit
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -297,15 +531,12 @@ def worker_main(
         device=str(classifier.device),
         warmup_s=round(warmup_s, 2),
     )
-    while not stop.is_set():
-        try:
-            outcome = worker.run_once(time.time())
-        except Exception as exc:  # log and go on
-            log.error("worker.loop_error", worker=name, error=type(exc).__name__)
-            outcome = None
-        if outcome is None:
-            stop.wait(poll_seconds)
+    worker.run(stop, poll_seconds)
+    # Joined, not left to die with the interpreter: a daemon thread woken during
+    # finalisation can abort the process ("terminate called without an active
+    # exception", seen in the Docker image on Debian's Python 3.11).
     heartbeat.stop.set()
+    heartbeat.join(4 * HEARTBEAT_SECONDS)
     log.info("worker.stopped", worker=name)
     return 0
 

@@ -123,7 +123,7 @@ def test_worker_heartbeat_extends_the_lease_of_a_long_job(tmp_path: Path) -> Non
     _enqueue(worker.queue, now=time.time())
     job = worker.queue.lease("worker-0", now=time.time())
     assert job is not None
-    worker.current = job  # what Worker.process sets while the job runs
+    worker.hold(job)  # what the worker does while the job is in any stage
     beat = _Heartbeat(store, "worker-0", os.getppid())
     beat.runner = worker
     beat.start()
@@ -131,7 +131,7 @@ def test_worker_heartbeat_extends_the_lease_of_a_long_job(tmp_path: Path) -> Non
         for _ in range(8):
             time.sleep(0.5)
             assert worker.queue.lease("thief", now=time.time()) is None
-        worker.current = None  # the job ended (or hung without beating): no more extension
+        worker.drop(job)  # the job ended (or hung without beating): no more extension
         time.sleep(2.5)
         assert worker.queue.lease("thief", now=time.time()) is not None
     finally:

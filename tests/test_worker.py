@@ -1,0 +1,200 @@
+"""The worker's pipeline on a real store, real phantom series and a real (random) model.
+
+Reader (lease, headers, decoding), model and results run in three threads
+(:meth:`ich_node.worker.Worker.run`). These tests check that the pipeline gives
+the same findings as one series read alone, that its stages really overlap, and
+that a failure in any stage ends in a recorded state without stalling the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from ich_node.bundle import load_bundle
+from ich_node.config import NodeConfig, parse_config
+from ich_node.imaging import read_series
+from ich_node.inference import Classifier
+from ich_node.jobs import job_id_for
+from ich_node.spool import instance_record
+from ich_node.store import JobRecord, Store
+from ich_node.worker import Worker, results_dir
+from training.phantom import PhantomSeries, write_series
+
+
+def _queue_series(store: Store, phantom: PhantomSeries, now: float) -> JobRecord:
+    for path in phantom.paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        record = instance_record(ds, ds.SOPClassUID, ds.SOPInstanceUID)
+        store.add_instance(record, path, path.stat().st_size, now)
+    return store.queue_series(phantom.series_instance_uid, 1, job_id_for, now)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> list[PhantomSeries]:
+    root = tmp_path_factory.mktemp("worker_phantoms")
+    kinds: list[tuple[str, ...]] = [("subdural",), (), ("intraventricular",)]
+    return [
+        write_series(root / f"s{i}", seed=40 + i, subtypes=k, n_slices=10, matrix=128)
+        for i, k in enumerate(kinds)
+    ]
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_bundle: Path) -> Classifier:
+    return Classifier(load_bundle(tiny_bundle), device="cpu", batch_size=4)
+
+
+def _config(tmp_path: Path) -> NodeConfig:
+    return parse_config(
+        {
+            "storage": {"dir": str(tmp_path / "node")},
+            "queue": {"lease_seconds": 60.0, "max_attempts": 3, "retry_base_seconds": 1.0},
+        }
+    )
+
+
+def _run_until_settled(worker: Worker, n_jobs: int, timeout: float = 120.0) -> None:
+    """Run the pipeline in a thread until every job has a final state, then stop it."""
+    stop = threading.Event()
+    runner = threading.Thread(target=worker.run, args=(stop,), kwargs={"poll_seconds": 0.02})
+    runner.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            states = [j.state for j in worker.store.jobs()]
+            if len(states) == n_jobs and all(s in ("done", "retry", "parked") for s in states):
+                break
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        runner.join(timeout)
+    assert not runner.is_alive(), "the pipeline did not stop"
+
+
+def test_pipeline_gives_each_job_the_findings_of_its_series_alone(
+    tmp_path: Path, phantoms: list[PhantomSeries], classifier: Classifier
+) -> None:
+    config = _config(tmp_path)
+    store = Store.open(config.storage.dir)
+    jobs = [_queue_series(store, p, now=time.time() - 10) for p in phantoms]
+    worker = Worker(config, "w0", store, classifier, batches_ahead=1)
+    _run_until_settled(worker, len(jobs))
+
+    assert [store.job(j.job_id).state for j in jobs] == ["done"] * 3  # type: ignore[union-attr]
+    assert worker.held() == []
+    for job, phantom in zip(jobs, phantoms, strict=True):
+        folder = results_dir(config.storage.dir, job.job_id)
+        findings = json.loads((folder / "findings.json").read_text())
+        alone = classifier.predict_series(read_series(list(phantom.paths))).findings
+        assert [s["sop_instance_uid"] for s in findings["slices"]] == [
+            s.sop_instance_uid for s in alone.slices
+        ]
+        for got, want in zip(findings["slices"], alone.slices, strict=True):
+            assert got["probabilities"] == pytest.approx(want.probabilities, abs=1e-5)
+        assert list((folder / "outbox").rglob("*.dcm")), "no DICOM results written"
+        assert not list(folder.parent.glob(f".{job.job_id}.*.tmp"))
+
+
+def test_next_job_is_on_the_model_while_the_last_ones_results_are_written(
+    tmp_path: Path, phantoms: list[PhantomSeries], classifier: Classifier
+) -> None:
+    """Job 1's results stage waits until job 2 reaches the model: a serial worker never would."""
+    config = _config(tmp_path)
+    store = Store.open(config.storage.dir)
+    first, second = (
+        _queue_series(store, p, now=time.time() - 10 + i) for i, p in enumerate(phantoms[:2])
+    )
+    on_model = threading.Event()
+    seen: dict[str, bool] = {}
+
+    class Watched(Worker):
+        def _infer(self, item: Any) -> Any:
+            if item.job.job_id == second.job_id:
+                on_model.set()
+            return super()._infer(item)
+
+        def _write_outputs(self, job: JobRecord, prediction: Any, folder: Path) -> int:
+            if job.job_id == first.job_id:
+                seen["overlapped"] = on_model.wait(30)  # False after 30 s if serial
+            return super()._write_outputs(job, prediction, folder)
+
+    worker = Watched(config, "w0", store, classifier)
+    _run_until_settled(worker, 2)
+    assert seen == {"overlapped": True}
+    assert [store.job(j.job_id).state for j in (first, second)] == ["done", "done"]  # type: ignore[union-attr]
+
+
+def test_a_series_that_fails_to_decode_is_recorded_and_the_next_one_runs(
+    tmp_path: Path, phantoms: list[PhantomSeries], classifier: Classifier
+) -> None:
+    """Headers read, pixels truncated in the third batch: retry with the reason, no stall."""
+    config = _config(tmp_path)
+    store = Store.open(config.storage.dir)
+    broken_dir = tmp_path / "broken"
+    broken = write_series(broken_dir, seed=41, subtypes=(), n_slices=10, matrix=128)
+    last = broken.paths[-1]  # slice 10 of 10: in the third batch of 4
+    last.write_bytes(last.read_bytes()[:-5000])  # pixel data cut short, header intact
+    bad = _queue_series(store, broken, now=time.time() - 10)
+    good = _queue_series(store, phantoms[0], now=time.time() - 9)
+    worker = Worker(config, "w0", store, classifier, batches_ahead=1)
+    _run_until_settled(worker, 2)
+
+    bad_now = store.job(bad.job_id)
+    assert bad_now is not None and bad_now.state == "retry"
+    assert bad_now.reason, "the failure was recorded without a reason"
+    assert not results_dir(config.storage.dir, bad.job_id).exists()
+    assert store.job(good.job_id).state == "done"  # type: ignore[union-attr]
+    assert worker.held() == []
+
+
+def test_a_series_with_unreadable_headers_is_recorded_and_the_next_one_runs(
+    tmp_path: Path, phantoms: list[PhantomSeries], classifier: Classifier
+) -> None:
+    config = _config(tmp_path)
+    store = Store.open(config.storage.dir)
+    gone = write_series(tmp_path / "gone", seed=42, subtypes=(), n_slices=4, matrix=128)
+    bad = _queue_series(store, gone, now=time.time() - 10)
+    for path in gone.paths:  # deleted behind the node's back
+        path.unlink()
+    good = _queue_series(store, phantoms[1], now=time.time() - 9)
+    worker = Worker(config, "w0", store, classifier)
+    _run_until_settled(worker, 2)
+
+    bad_now = store.job(bad.job_id)
+    assert bad_now is not None and bad_now.state == "retry" and bad_now.reason
+    assert store.job(good.job_id).state == "done"  # type: ignore[union-attr]
+
+
+def test_stop_finishes_the_leased_jobs_and_leases_no_more(
+    tmp_path: Path, phantoms: list[PhantomSeries], classifier: Classifier
+) -> None:
+    config = _config(tmp_path)
+    store = Store.open(config.storage.dir)
+    jobs = [_queue_series(store, p, now=time.time() - 10 + i) for i, p in enumerate(phantoms)]
+    leased_once = threading.Event()
+
+    class StopAfterFirstLease(Worker):
+        def _read(self, job: JobRecord, times: dict[str, float]) -> Any:
+            leased_once.set()
+            return super()._read(job, times)
+
+    worker = StopAfterFirstLease(config, "w0", store, classifier)
+    stop = threading.Event()
+    runner = threading.Thread(target=worker.run, args=(stop,))
+    runner.start()
+    assert leased_once.wait(60)
+    stop.set()
+    runner.join(120)
+    assert not runner.is_alive()
+    states = [store.job(j.job_id).state for j in jobs]  # type: ignore[union-attr]
+    assert "leased" not in states  # every job it took reached a recorded state
+    assert states[0] == "done"
+    assert states.count("queued") >= 1  # not leased after the stop
+    assert worker.held() == []
