@@ -8,7 +8,18 @@
 # /etc/ich-node/model.safetensors, storage.dir: /var/lib/ich-node). GPU: the
 # PyTorch wheels bundle CUDA; the host needs the NVIDIA driver and the NVIDIA
 # Container Toolkit (`--gpus all`). Without a GPU, leave `--gpus` out.
-FROM python:3.11-slim
+#
+# Behind a hospital proxy or without Docker Hub: BASE_IMAGE names another Debian 12
+# image with Python 3.11 and pip (docs/deployment.md shows how to make one with
+# debootstrap), and pip's own variables point at a mirror, for example
+#   docker build --build-arg BASE_IMAGE=registry.local/python:3.11-slim \
+#     --build-arg PIP_INDEX_URL=https://mirror.local/simple .
+# Build arguments are not kept in the image.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_TRUSTED_HOST
 
 LABEL org.opencontainers.image.title="ich-node" \
       org.opencontainers.image.description="AI DICOM node that flags intracranial hemorrhage on head CT (triage support, not a diagnosis)" \
