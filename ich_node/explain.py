@@ -169,7 +169,12 @@ def _gradcam_maps(
     index_of = {label: j for j, label in enumerate(LABELS)}
     out: list[np.ndarray] = []
     # pytorch-grad-cam hooks the layer; the context manager removes the hooks again.
-    with torch.enable_grad(), GradCAM(model=model, target_layers=[model.target_layer]) as cam:
+    # The classifier's lock keeps other threads' forward passes out of the hooks.
+    with (
+        classifier.lock,
+        torch.enable_grad(),
+        GradCAM(model=model, target_layers=[model.target_layer]) as cam,
+    ):
         for start in range(0, len(wanted), classifier.batch_size):
             chunk = wanted[start : start + classifier.batch_size]
             indices = [i for i, _ in chunk]
@@ -185,8 +190,8 @@ def _gradcam_maps(
             for m in maps:
                 m = np.nan_to_num(np.asarray(m, dtype=np.float32), nan=0.0)
                 out.append(np.clip(m, 0.0, 1.0))
-    # GradCAM leaves gradients on the weights; drop them so memory is not held.
-    model.zero_grad(set_to_none=True)
+        # GradCAM leaves gradients on the weights; drop them so memory is not held.
+        model.zero_grad(set_to_none=True)
     return out
 
 

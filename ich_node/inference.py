@@ -26,6 +26,7 @@ Speed (measured in ``docs/performance.md``):
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -224,6 +225,10 @@ class Classifier:
         net: nn.Module = _LogitsAndCams(self.model) if self.cam_head is not None else self.model
         self.compiled = compile
         self._net: Any = torch.compile(net) if compile else net
+        #: Held for each forward pass, and by anything that hooks the model (Grad-CAM):
+        #: the worker runs the model in one thread and explains in another, and a
+        #: hook left on a layer would see the other thread's series.
+        self.lock = threading.RLock()
         self.info = ModelInfo(
             name=self.card.name,
             version=self.card.version,
@@ -263,7 +268,7 @@ class Classifier:
         if self.compiled and n < self.batch_size:  # one shape, one compiled graph
             pad = batch.new_zeros((self.batch_size - n, *batch.shape[1:]))
             batch = torch.cat([batch, pad])
-        with self._autocast():
+        with self.lock, self._autocast():
             out = self._net(batch)
         logits, cams = out if isinstance(out, tuple) else (out, None)
         probabilities = torch.sigmoid(logits[:n].float()).cpu().numpy()

@@ -132,6 +132,26 @@ class JobQueue:
             )
         return until
 
+    def give_back(self, job: JobRecord, now: float) -> None:
+        """Return a leased job that never ran to ``queued``, its attempt not counted.
+
+        A worker that stops after leasing a job but before running it (the
+        pipeline's read-ahead) gives it back, so that stops never use up attempts
+        of jobs that did not run.
+
+        Raises
+        ------
+        LeaseLost
+            When the lease is no longer this worker's.
+        """
+        with self.store.transaction() as db:
+            self._check_lease(db, job)
+            db.execute(
+                """UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0),
+                    lease_until = NULL, not_before = ?, updated_at = ? WHERE job_id = ?""",
+                (now, now, job.job_id),
+            )
+
     def fail(self, job: JobRecord, reason: str, now: float) -> str:
         """Record a failed attempt: ``retry`` with backoff, or ``parked``; returns the state."""
         with self.store.transaction() as db:

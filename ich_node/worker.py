@@ -40,6 +40,10 @@ log = structlog.get_logger(__name__)
 #: Seconds between two worker heartbeats in the store.
 HEARTBEAT_SECONDS = 1.0
 
+#: Jobs one worker holds at most: one writing results, one waiting for that, one
+#: on the model (or being read and decoded ahead).
+MAX_HELD_JOBS = 3
+
 
 def results_dir(storage_dir: Path, job_id: str) -> Path:
     """Where a job's ``findings.json`` and ``outbox/`` live."""
@@ -87,6 +91,7 @@ class _Leased:
     cancel: threading.Event
     series: Any = None  # CTSeries once its headers are read
     error: Exception | None = None
+    slot: bool = False  # holds one of the pipeline's MAX_HELD_JOBS slots
 
 
 class Worker:
@@ -102,10 +107,10 @@ class Worker:
        renames the folder and completes the job.
 
     While job N's results are encoded, job N+1 is on the device and job N+2's
-    first batches are decoded. Each job still ends in its own transaction: a
-    worker that dies leaves each of its (at most three) jobs leased, and each
-    runs again. :meth:`process` runs one job through the same stages in one
-    thread.
+    first batches are decoded; a worker holds at most :data:`MAX_HELD_JOBS`
+    leases. Each job still ends in its own transaction: a worker that dies
+    leaves each of its jobs leased, and each runs again. :meth:`process` runs
+    one job through the same stages in one thread.
 
     Parameters
     ----------
@@ -142,6 +147,7 @@ class Worker:
         self.batches_ahead = batches_ahead
         self._held: dict[str, JobRecord] = {}
         self._held_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_HELD_JOBS)
 
     # -- leases ---------------------------------------------------------------
 
@@ -153,7 +159,9 @@ class Worker:
     def drop(self, job: JobRecord) -> None:
         """``job`` has reached a recorded state: stop extending its lease."""
         with self._held_lock:
-            self._held.pop(job.job_id, None)
+            held = self._held.get(job.job_id)
+            if held is not None and held.attempts == job.attempts:  # not a newer lease
+                del self._held[job.job_id]
 
     def held(self) -> list[JobRecord]:
         """The jobs this worker holds, in any stage."""
@@ -172,6 +180,8 @@ class Worker:
                 self.queue.extend(job, now)
             except LeaseLost:
                 log.warning("job.lease_lost", job_id=job.job_id, attempt=job.attempts)
+            except Exception as exc:  # a busy database: the next beat tries again
+                log.warning("job.lease_not_extended", job_id=job.job_id, error=type(exc).__name__)
         return jobs
 
     # -- stages ---------------------------------------------------------------
@@ -256,6 +266,31 @@ class Worker:
             outcome = JobOutcome(job.job_id, state, 0, reason)
         finally:
             self.drop(job)
+            if item.slot:
+                item.slot = False
+                self._slots.release()
+        self._report(item, outcome, clock)
+        return outcome
+
+    def _give_back(self, item: _Leased, clock: Callable[[], float]) -> JobOutcome:
+        """A job that never reached the model, returned to the queue at a stop; never raises."""
+        job = item.job
+        item.cancel.set()
+        if item.error is None:  # its reader is decoding: take the rest, up to _END
+            while item.batches.get() is not _END:
+                pass
+        try:
+            self.queue.give_back(job, clock())
+            outcome = JobOutcome(job.job_id, "queued", 0, "given back at stop, not run")
+        except LeaseLost as exc:
+            outcome = JobOutcome(job.job_id, "lost", 0, str(exc))
+        except Exception as exc:  # the lease expires and the job runs again
+            outcome = JobOutcome(job.job_id, "lost", 0, f"{type(exc).__name__}: {exc}"[:500])
+        finally:
+            self.drop(job)
+            if item.slot:
+                item.slot = False
+                self._slots.release()
         self._report(item, outcome, clock)
         return outcome
 
@@ -381,15 +416,20 @@ class Worker:
         """Stage 1: lease, read headers, decode ahead; ``None`` into ``ready`` at the end."""
         try:
             while not stop.is_set():
+                if not self._slots.acquire(timeout=poll_seconds):
+                    continue  # MAX_HELD_JOBS held: wait for the results stage
+                job = None
                 try:
-                    job = self.queue.lease(self.name, clock())
+                    if not stop.is_set():
+                        job = self.queue.lease(self.name, clock())
                 except Exception as exc:  # a busy database: try again
                     log.error("worker.lease_failed", worker=self.name, error=type(exc).__name__)
-                    job = None
                 if job is None:
+                    self._slots.release()
                     stop.wait(poll_seconds)
                     continue
                 item = self._leased(job)
+                item.slot = True
                 try:
                     item.series = self._read(job, item.times)
                 except Exception as exc:
@@ -404,7 +444,10 @@ class Worker:
         """Stage 3: write each job's results and record its state, until ``None``."""
         while (entry := finishing.get()) is not None:
             item, prediction, error = entry
-            self._finish(item, prediction, error, clock)
+            try:
+                self._finish(item, prediction, error, clock)
+            except Exception as exc:  # _finish records everything itself; never stop here
+                log.error("job.finish_failed", job_id=item.job.job_id, error=type(exc).__name__)
 
     def run(
         self,
@@ -414,8 +457,10 @@ class Worker:
     ) -> None:
         """Run jobs as the three-stage pipeline until ``stop`` is set.
 
-        After ``stop`` no new job is leased; the jobs already leased (at most
-        three) are finished and recorded before this returns.
+        After ``stop`` no new job is leased; a leased job that has not reached
+        the model yet is given back to the queue (its attempt not counted), and
+        the ones on the model or writing results are finished and recorded
+        before this returns.
         """
         ready: queue.Queue[_Leased | None] = queue.Queue(maxsize=1)
         finishing: queue.Queue[Any] = queue.Queue(maxsize=1)
@@ -432,6 +477,9 @@ class Worker:
         results.start()
         try:
             while (item := ready.get()) is not None:
+                if stop.is_set():
+                    self._give_back(item, clock)
+                    continue
                 prediction, error = self._infer(item)
                 finishing.put((item, prediction, error))
         finally:
@@ -495,7 +543,7 @@ def worker_main(
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()  # lease no more; finish the jobs already leased (at most three), then exit
+        stop.set()  # lease no more; finish the jobs on the model or writing results, then exit
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)

@@ -161,3 +161,41 @@ def test_head_without_shortcut_falls_back_to_pytorch_grad_cam(phantom: Any) -> N
         explain(prediction, classifier, method="cam")
     with pytest.raises(ValueError, match="method must be"):
         explain(prediction, classifier, method="lime")  # type: ignore[arg-type]
+
+
+def test_grad_cam_is_not_mixed_with_a_forward_pass_in_another_thread(phantom: Any) -> None:
+    """The worker explains one series while the next is on the model (``Worker.run``).
+
+    pytorch-grad-cam hooks the shared model's layer; without the classifier's lock
+    the other thread's activations land in the hooks and maps come out wrong.
+    """
+    import threading
+
+    torch.manual_seed(0)
+    model = build_model("resnet18")
+    model.backbone.fc = torch.nn.Sequential(  # type: ignore[assignment]
+        torch.nn.Linear(512, 16), torch.nn.ReLU(), torch.nn.Linear(16, len(LABELS))
+    )
+    card = ModelCard(name="mlp head", version="0", arch="resnet18", input_size=64)
+    thresholds = {label: 1.01 for label in LABELS} | {"any": 0.0}
+    classifier = _classifier(Bundle(Path("in-memory"), card, model.eval()), thresholds)
+    prediction = classifier.predict_series(read_series(list(phantom.paths[:4])))
+    reference = explain(prediction, classifier, method="gradcam")
+    other = np.random.default_rng(0).random((4, 3, 64, 64), dtype=np.float32) * 0.3
+
+    stop = threading.Event()
+
+    def next_series_on_the_model() -> None:
+        while not stop.is_set():
+            classifier.predict_images(other)
+
+    thread = threading.Thread(target=next_series_on_the_model)
+    thread.start()
+    try:
+        runs = [explain(prediction, classifier, method="gradcam") for _ in range(15)]
+    finally:
+        stop.set()
+        thread.join()
+    for run in runs:
+        for got, want in zip(run, reference, strict=True):
+            np.testing.assert_allclose(got.cam, want.cam, atol=1e-5)

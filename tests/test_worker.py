@@ -63,7 +63,9 @@ def _config(tmp_path: Path) -> NodeConfig:
 def _run_until_settled(worker: Worker, n_jobs: int, timeout: float = 120.0) -> None:
     """Run the pipeline in a thread until every job has a final state, then stop it."""
     stop = threading.Event()
-    runner = threading.Thread(target=worker.run, args=(stop,), kwargs={"poll_seconds": 0.02})
+    runner = threading.Thread(
+        target=worker.run, args=(stop,), kwargs={"poll_seconds": 0.02}, daemon=True
+    )
     runner.start()
     deadline = time.monotonic() + timeout
     try:
@@ -187,14 +189,108 @@ def test_stop_finishes_the_leased_jobs_and_leases_no_more(
 
     worker = StopAfterFirstLease(config, "w0", store, classifier)
     stop = threading.Event()
-    runner = threading.Thread(target=worker.run, args=(stop,))
+    runner = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     runner.start()
     assert leased_once.wait(60)
     stop.set()
     runner.join(120)
     assert not runner.is_alive()
-    states = [store.job(j.job_id).state for j in jobs]  # type: ignore[union-attr]
-    assert "leased" not in states  # every job it took reached a recorded state
-    assert states[0] == "done"
-    assert states.count("queued") >= 1  # not leased after the stop
+    after = [store.job(j.job_id) for j in jobs]
+    # Every job it took reached a recorded state: done if it reached the model before
+    # the stop, else given back with its attempt not counted; the rest never leased.
+    for job in after:
+        assert job is not None
+        assert job.state == "done" or (job.state, job.attempts) == ("queued", 0), job
+    assert after[-1] is not None and after[-1].state == "queued"
     assert worker.held() == []
+
+
+def test_a_worker_holds_at_most_three_jobs(
+    tmp_path: Path, phantoms: list[PhantomSeries], classifier: Classifier
+) -> None:
+    """With the results stage stuck, the reader stops leasing at MAX_HELD_JOBS."""
+    from ich_node.worker import MAX_HELD_JOBS
+
+    config = _config(tmp_path)
+    store = Store.open(config.storage.dir)
+    extra = [
+        write_series(tmp_path / f"x{i}", seed=60 + i, subtypes=(), n_slices=4, matrix=128)
+        for i in range(2)
+    ]
+    jobs = [
+        _queue_series(store, p, now=time.time() - 10 + i) for i, p in enumerate([*phantoms, *extra])
+    ]
+    release = threading.Event()
+
+    class SlowResults(Worker):
+        def _write_outputs(self, job: JobRecord, prediction: Any, folder: Path) -> int:
+            release.wait(60)
+            return super()._write_outputs(job, prediction, folder)
+
+    worker = SlowResults(config, "w0", store, classifier)
+    stop = threading.Event()
+    runner = threading.Thread(
+        target=worker.run, args=(stop,), kwargs={"poll_seconds": 0.02}, daemon=True
+    )
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(worker.held()) < MAX_HELD_JOBS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # time for a fourth lease, if the bound did not hold
+        leased = [j for j in store.jobs() if j.state == "leased"]
+        assert len(worker.held()) == MAX_HELD_JOBS == len(leased) == 3
+        release.set()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and any(j.state != "done" for j in store.jobs()):
+            time.sleep(0.05)
+    finally:
+        release.set()
+        stop.set()
+        runner.join(60)
+    assert [store.job(j.job_id).state for j in jobs] == ["done"] * 5  # type: ignore[union-attr]
+
+
+def test_stop_gives_back_a_job_that_never_reached_the_model(
+    tmp_path: Path, phantoms: list[PhantomSeries], classifier: Classifier
+) -> None:
+    """Stopped while job 1 is on the model: job 1 ends done, job 2 (read ahead) is
+    given back with its attempt not counted, job 3 is never leased."""
+    config = _config(tmp_path)
+    store = Store.open(config.storage.dir)
+    first, second, third = (
+        _queue_series(store, p, now=time.time() - 10 + i) for i, p in enumerate(phantoms)
+    )
+    on_model, go_on = threading.Event(), threading.Event()
+
+    class HeldOnTheModel(Worker):
+        def _infer(self, item: Any) -> Any:
+            if item.job.job_id == first.job_id:
+                on_model.set()
+                go_on.wait(60)
+            return super()._infer(item)
+
+    worker = HeldOnTheModel(config, "w0", store, classifier, batches_ahead=1)
+    stop = threading.Event()
+    runner = threading.Thread(
+        target=worker.run, args=(stop,), kwargs={"poll_seconds": 0.02}, daemon=True
+    )
+    runner.start()
+    try:
+        assert on_model.wait(60)
+        deadline = time.monotonic() + 60  # the reader leases job 2 and decodes ahead
+        while store.job(second.job_id).state != "leased" and time.monotonic() < deadline:  # type: ignore[union-attr]
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        go_on.set()
+        runner.join(120)
+    assert not runner.is_alive()
+    done, given_back, untouched = (store.job(j.job_id) for j in (first, second, third))
+    assert done is not None and done.state == "done"
+    assert given_back is not None and (given_back.state, given_back.attempts) == ("queued", 0)
+    assert untouched is not None and (untouched.state, untouched.attempts) == ("queued", 0)
+    assert worker.held() == []
+    # The given-back job runs normally afterwards.
+    assert worker.run_once(time.time()) is not None
+    assert store.job(second.job_id).state == "done"  # type: ignore[union-attr]
