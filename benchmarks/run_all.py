@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("ingest", "inference", "explain", "end_to_end", "memory")
+BENCHMARKS = ("ingest", "inference", "worker", "explain", "end_to_end", "memory")
 
 
 def main(argv: list[str] | None = None) -> int:

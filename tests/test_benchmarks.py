@@ -73,6 +73,17 @@ def test_memory_quick(tmp_path: Path) -> None:
     assert all(s["listener MB"] > 0 and s["worker MB"] > 0 for s in result["samples"])
 
 
+def test_worker_quick(tmp_path: Path) -> None:
+    from benchmarks import worker
+
+    result = _run(worker, tmp_path)
+    modes = [r["mode"] for r in result["rows"]]
+    assert modes == ["raw model (ready tensors)", "one at a time", "pipeline"]
+    for row in result["rows"][1:]:  # both modes ran every study to done
+        assert row["seconds"] > 0 and row["infer_s"] > 0 and row["results_s"] > 0
+    assert result["studies"] == 3 and result["slices"] == 8
+
+
 def test_run_all_knows_every_benchmark() -> None:
     from benchmarks import run_all
 
