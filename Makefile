@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv system-deps test test-all lint demo demo-stop faults clean
+.PHONY: venv system-deps test test-all lint demo demo-stop faults docker-check clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,11 @@ demo-stop:
 # The full crash-consistency run (30 SIGKILLs while studies stream in); see docs/reliability.md.
 faults: venv system-deps
 	$(PY) benchmarks/faults.py --kills 30 --json benchmarks/results/faults.json
+
+# Builds the Docker image and runs it end to end (needs a Docker engine and DCMTK);
+# DOCKER_CHECK_ARGS passes options, e.g. --build-arg BASE_IMAGE=... (docs/deployment.md).
+docker-check: venv system-deps
+	$(PY) scripts/docker_check.py $(DOCKER_CHECK_ARGS)
 
 clean:
 	rm -rf demo .pytest_cache .mypy_cache .ruff_cache
