@@ -78,6 +78,27 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def random_bundle(
+    path: Path, *, name: str, arch: str = "resnet18", input_size: int = 64, **card: Any
+) -> Path:
+    """A bundle of a randomly initialised ``arch`` (seed 0), labelled a demo model.
+
+    For tests, benchmarks and checks: ``card`` holds further :class:`ModelCard`
+    fields (``version``, ``thresholds``, ``training_data``).
+    """
+    import torch
+
+    from ich_node.bundle import ModelCard, save_bundle
+    from ich_node.model import build_model
+
+    torch.manual_seed(0)
+    fields: dict[str, Any] = {"version": "0", "training_data": "none: random weights", **card}
+    model_card = ModelCard(name=name, arch=arch, input_size=input_size, demo=True, **fields)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_bundle(path, build_model(arch), model_card)
+    return path
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     import socket

@@ -44,6 +44,7 @@ from benchmarks.common import (
     load_average,
     nodelay_env,
     port_open,
+    random_bundle,
     restamp_series,
     send,
     stop,
@@ -135,19 +136,12 @@ class Node:
 
 
 def make_bundle(path: Path, arch: str, size: int) -> Path:
-    import torch
-
-    from ich_node.bundle import ModelCard, save_bundle
     from ich_node.labels import LABELS
-    from ich_node.model import build_model
 
-    torch.manual_seed(0)
     thresholds = {label: 1.01 for label in LABELS} | {"any": 0.0, "subdural": 0.0}
-    card = ModelCard(
-        name=f"benchmark {arch}", version="0", arch=arch, input_size=size, thresholds=thresholds,
-    )  # fmt: skip
-    save_bundle(path, build_model(arch), card)
-    return path
+    return random_bundle(
+        path, name=f"benchmark {arch}", arch=arch, input_size=size, thresholds=thresholds
+    )
 
 
 def _send(files: list[Path], port: int, nodelay: bool) -> None:

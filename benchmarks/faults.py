@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.common import free_port, serve_argv, wait_for  # noqa: E402
+from benchmarks.common import free_port, random_bundle, serve_argv, wait_for  # noqa: E402
 from ich_node.config import NodeConfig, load_config  # noqa: E402
 from ich_node.ops import echo  # noqa: E402
 from ich_node.store import Store  # noqa: E402
@@ -258,23 +258,7 @@ def node_config(
 
 def make_bundle(path: Path) -> Path:
     """A random resnet18 bundle at 64x64 input, as the tests use."""
-    import torch
-
-    from ich_node.bundle import ModelCard, save_bundle
-    from ich_node.model import build_model
-
-    torch.manual_seed(0)
-    card = ModelCard(
-        name="ich-node fault-run model",
-        version="0.0.0-faults",
-        arch="resnet18",
-        input_size=64,
-        demo=True,
-        training_data="none: random weights",
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_bundle(path, build_model("resnet18"), card)
-    return path
+    return random_bundle(path, name="ich-node fault-run model", version="0.0.0-faults")
 
 
 def make_studies(folder: Path, n: int, n_slices: int, matrix: int, seed: int) -> list[list[Path]]:

@@ -34,14 +34,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import load_average, table, wait_for, write_json
+from benchmarks.common import load_average, random_bundle, table, wait_for, write_json
 from benchmarks.inference import raw_forward
-from ich_node.bundle import ModelCard, load_bundle, save_bundle
+from ich_node.bundle import load_bundle
 from ich_node.config import parse_config
 from ich_node.inference import Classifier
 from ich_node.jobs import job_id_for
 from ich_node.log import configure_logging
-from ich_node.model import build_model
 from ich_node.spool import instance_record
 from ich_node.store import Store
 from ich_node.worker import Worker
@@ -117,17 +116,14 @@ def main(args: argparse.Namespace) -> int:
     batch = args.batch_size or (32 if device.type == "cuda" else 8)
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
         root = Path(tmp)
-        torch.manual_seed(0)
-        card = ModelCard(
+        bundle = random_bundle(
+            root / "model.safetensors",
             name="benchmark model (random weights)",
-            version="0",
             arch=args.arch,
             input_size=args.size,
-            demo=True,
         )
-        save_bundle(root / "model.safetensors", build_model(args.arch), card)
         classifier = Classifier(
-            load_bundle(root / "model.safetensors"),
+            load_bundle(bundle),
             device=str(device),
             batch_size=batch,
             precision=args.precision,

@@ -265,12 +265,16 @@ class Worker:
                 state = "lost"
             outcome = JobOutcome(job.job_id, state, 0, reason)
         finally:
-            self.drop(job)
-            if item.slot:
-                item.slot = False
-                self._slots.release()
+            self._let_go(item)
         self._report(item, outcome, clock)
         return outcome
+
+    def _let_go(self, item: _Leased) -> None:
+        """The job has a recorded state: stop extending its lease, free its pipeline slot."""
+        self.drop(item.job)
+        if item.slot:
+            item.slot = False
+            self._slots.release()
 
     def _give_back(self, item: _Leased, clock: Callable[[], float]) -> JobOutcome:
         """A job that never reached the model, returned to the queue at a stop; never raises."""
@@ -287,10 +291,7 @@ class Worker:
         except Exception as exc:  # the lease expires and the job runs again
             outcome = JobOutcome(job.job_id, "lost", 0, f"{type(exc).__name__}: {exc}"[:500])
         finally:
-            self.drop(job)
-            if item.slot:
-                item.slot = False
-                self._slots.release()
+            self._let_go(item)
         self._report(item, outcome, clock)
         return outcome
 

@@ -39,7 +39,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import dcmtk, free_port, nodelay_env, wait_for  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    dcmtk,
+    free_port,
+    nodelay_env,
+    random_bundle,
+    wait_for,
+)
 
 
 def docker(*args: str, check: bool = True, timeout: float = 600) -> str:
@@ -90,21 +96,13 @@ def check_image(image: str) -> None:
 
 def write_config(folder: Path, gateway: str, dest_port: int) -> None:
     """node.yaml and a demo bundle, as the guide's /srv/ich-node."""
-    import torch
-
-    from ich_node.bundle import ModelCard, save_bundle
-    from ich_node.model import build_model
-
-    torch.manual_seed(0)
-    card = ModelCard(
+    random_bundle(
+        folder / "model.safetensors",
         name="ich-node docker check (random weights)",
         version="0.0.0-check",
-        arch="resnet18",
         input_size=128,
-        demo=True,
         training_data="none: random weights, to check the container",
     )
-    save_bundle(folder / "model.safetensors", build_model("resnet18"), card)
     (folder / "node.yaml").write_text(
         f"""node:
   ae_title: ICH_NODE

@@ -53,24 +53,14 @@ def dcmtk(tool: str) -> str:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised resnet18 bundle at 64x64 input (fast on a CPU)."""
-    import torch
+    from benchmarks.common import random_bundle
 
-    from ich_node.bundle import ModelCard, save_bundle
-    from ich_node.model import build_model
-
-    torch.manual_seed(0)
-    model = build_model("resnet18")
-    card = ModelCard(
+    return random_bundle(
+        tmp_path_factory.mktemp("bundle") / "model.safetensors",
         name="ich-node test model",
         version="0.0.0-test",
-        arch="resnet18",
-        input_size=64,
-        demo=True,
         training_data="none: random weights for tests",
     )
-    path = tmp_path_factory.mktemp("bundle") / "model.safetensors"
-    save_bundle(path, model, card)
-    return path
 
 
 @pytest.fixture
