@@ -101,6 +101,9 @@ def test_fit_learns_phantom_hemorrhage(phantom_data: Path, tmp_path: Path) -> No
     assert bundle.card.training["arch"] == "resnet18" and bundle.card.input_size == 64
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == list(range(1, 11))
+    for row in map(json.loads, lines):  # throughput, as the guide's GPU table records it
+        assert row["train_slices_per_s"] == round(row["train_images"] / row["train_s"], 1)
+        assert 0 < row["train_s"] <= row["time_s"]
     written = yaml.safe_load((tmp_path / "run" / "settings.yaml").read_text())
     assert written["batch_size"] == 16 and written["epochs"] == 10
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)

@@ -458,9 +458,13 @@ def fit(
         train_set.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
+        t_train = time.monotonic()
         row.update(train_one_epoch(
             model, loader, optimizer, scheduler, criterion, device, settings, epoch, dist
         ))  # fmt: skip
+        # Training throughput of all ranks together (data loading included, no validation).
+        row["train_s"] = round(time.monotonic() - t_train, 2)
+        row["train_slices_per_s"] = round(row["train_images"] / max(row["train_s"], 1e-9), 1)
         final = epoch + 1 == settings.epochs
         if len(val_set) and ((epoch + 1) % settings.eval_every == 0 or final):
             report, pred = evaluate(model, val_set, device, settings, dist)
@@ -480,7 +484,8 @@ def fit(
                 + (f", val loss {row['val_loss']:.4f}" if "val_loss" in row else "")
                 + (f", val AUC(any) image {auc_any:.3f}" if auc_any is not None else "")
                 + (f" study {study_any:.3f}" if study_any is not None else "")
-                + f" ({row['time_s']:.0f} s)")  # fmt: skip
+                + f" ({row['time_s']:.0f} s; training {row['train_slices_per_s']:.1f} slices/s)"
+            )  # fmt: skip
 
     if last_epoch < settings.epochs:
         say(f"stopped after epoch {last_epoch} of {settings.epochs}; resume with "

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The GPU checks and measurements of the training (#5) and performance (#7) issues,
+# prepared here and run in one or two short calls on a GPU machine.
+#
+#   scripts/gpu_check.sh prepare              # here: wheels for the GPU machine into .whl/
+#   scripts/gpu_check.sh run [STEP...]        # there, in the repository root
+#
+# STEPs, in this order by default (each under its own time limit, so that a slow
+# step cannot eat the others' time): env train infer worker tests explain
+#   env      nvidia-smi, the torch build, the installed packages
+#   train    ResNeXt-101 32x8d at 512x512, bf16 + channels-last, batch 32, on phantoms:
+#            about 300 optimiser steps; training slices/s per epoch (docs/training.md)
+#   infer    benchmarks/inference.py: worker path vs raw model, eager and compiled
+#   worker   benchmarks/worker.py: 8 studies of 40 slices, one at a time vs the pipeline
+#   tests    pytest -m gpu (tests/test_gpu.py, tests/test_predict.py)
+#   explain  benchmarks/explain.py: heatmap cost per explained slice
+# Output: $OUT (the device tool's folder) or ./gpu-results: gpu_check.log and one JSON
+# per benchmark, plus the training run's metrics.jsonl (8 files at most come back).
+#
+# The GPU machine has torch, torchvision, numpy, opencv, pillow, pyyaml, safetensors,
+# tqdm, prometheus-client, pytest and hypothesis (its Python is 3.12); `prepare`
+# fetches the rest, at the versions this checkout's venv tested, as cp312 wheels
+# (grad-cam publishes no wheel: it is built here). `.whl/` is git-ignored locally
+# (.git/info/exclude) and travels with the device tool's `carry: [".whl"]`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+NEEDED="pydicom pynetdicom highdicom pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg
+pylibjpeg-rle pyjpegls pydantic pydantic-core annotated-types typing-inspection structlog
+ttach"
+
+prepare() {
+    local venv_pip=.venv/bin/pip pins=() name version
+    [ -x "$venv_pip" ] || { echo "no .venv: run 'make venv' first" >&2; return 2; }
+    for name in $NEEDED grad-cam; do
+        version=$("$venv_pip" show "$name" 2>/dev/null | awk '/^Version:/ {print $2}')
+        [ -n "$version" ] || { echo "$name is not installed in .venv" >&2; return 2; }
+        [ "$name" = grad-cam ] && gradcam="grad-cam==$version" || pins+=("$name==$version")
+    done
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    rm -rf .whl && mkdir -p .whl
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_35_x86_64 --platform manylinux_2_34_x86_64 \
+        --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 \
+        --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux1_x86_64 -d .whl "${pins[@]}" || return 1
+    python3 -m pip wheel --quiet --no-deps -w .whl "$gradcam" || return 1
+    ls .whl && du -sh .whl
+}
+
+OUT=${OUT:-$PWD/gpu-results}
+LOG=$OUT/gpu_check.log
+
+# step NAME SECONDS COMMAND...: run under a time limit, log everything, never abort the rest.
+step() {
+    local name=$1 limit=$2 started rc
+    shift 2
+    started=$(date +%s)
+    echo "=== $name (limit ${limit} s): $*" | tee -a "$LOG"
+    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    rc=$?
+    echo "=== $name: exit $rc after $(($(date +%s) - started)) s" | tee -a "$LOG"
+    tail -n 12 "$LOG" | grep -v '^===' || true
+}
+
+run() {
+    local steps=("$@")
+    [ ${#steps[@]} -gt 0 ] || steps=(env train infer worker tests explain)
+    mkdir -p "$OUT"
+    export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
+    if [ -d .whl ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl || { echo "wheel install failed" | tee -a "$LOG"; return 1; }
+        export PYTHONPATH=/tmp/site:$PWD
+    else
+        export PYTHONPATH=$PWD
+    fi
+    local s
+    for s in "${steps[@]}"; do
+        case $s in
+        env)
+            step env 60 bash -c 'nvidia-smi; python3 -c "import torch, torchvision, pydicom,
+pynetdicom, highdicom, pytorch_grad_cam, pydantic, structlog; print(torch.__version__,
+torchvision.__version__, torch.cuda.get_device_name(0), torch.cuda.is_bf16_supported())"' ;;
+        train)
+            step train_data 60 python3 -m training phantom --out /tmp/gpu-phantoms \
+                --studies 24 --matrix 512 --slices 28 28
+            step train 240 python3 -m training fit --images /tmp/gpu-phantoms/images \
+                --labels /tmp/gpu-phantoms/stage_2_train.csv --out /tmp/gpu-train \
+                --arch resnext101_32x8d --image-size 512 --batch-size 32 --epochs 16 \
+                --eval-every 8 --workers 8 --device cuda --amp --channels-last --no-progress
+            cp /tmp/gpu-train/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null ;;
+        infer)
+            step infer 240 python3 benchmarks/inference.py --device cuda --slices 256 \
+                --batch-size 32 --compile --json "$OUT/inference_gpu.json" ;;
+        worker)
+            step worker 150 python3 benchmarks/worker.py --device cuda --batch-size 32 \
+                --studies 8 --slices 40 --json "$OUT/worker_gpu.json" ;;
+        tests)
+            step tests 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
+                tests/test_predict.py ;;
+        explain)
+            step explain 90 python3 benchmarks/explain.py --device cuda --precision bf16 \
+                --json "$OUT/explain_gpu.json" ;;
+        *) echo "unknown step: $s" >&2; return 2 ;;
+        esac
+    done
+}
+
+case ${1:-} in
+prepare) prepare ;;
+run) shift; run "$@" ;;
+*) sed -n '2,25p' "$0"; exit 2 ;;
+esac
