@@ -60,15 +60,32 @@ _SERVE = (
 )
 
 
-class Destination:
-    """DCMTK ``storescp`` writing what it receives into ``folder``."""
+def resolve_peers(peers: str) -> str:
+    """``auto``: DCMTK when installed, else pynetdicom (its ``storescp`` app, its SCU)."""
+    if peers != "auto":
+        return peers
+    try:
+        dcmtk("storescp")
+        dcmtk("storescu")
+    except FileNotFoundError:
+        return "pynetdicom"
+    return "dcmtk"
 
-    def __init__(self, folder: Path) -> None:
+
+class Destination:
+    """A ``storescp`` (DCMTK's, or pynetdicom's app) writing what it receives into ``folder``."""
+
+    def __init__(self, folder: Path, peers: str = "dcmtk") -> None:
         self.folder = folder
         self.port = free_port()
         folder.mkdir(parents=True, exist_ok=True)
+        if peers == "dcmtk":
+            argv = [dcmtk("storescp"), "-aet", "PACS", "-od", str(folder), str(self.port)]
+        else:
+            argv = [sys.executable, "-m", "pynetdicom", "storescp", "-q", "-aet", "PACS",
+                    "-od", str(folder), str(self.port)]  # fmt: skip
         self.process = subprocess.Popen(
-            [dcmtk("storescp"), "-aet", "PACS", "-od", str(folder), str(self.port)],
+            argv,
             env=nodelay_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -144,7 +161,7 @@ def make_bundle(path: Path, arch: str, size: int) -> Path:
     )
 
 
-def _send(files: list[Path], port: int, nodelay: bool) -> None:
+def _send(files: list[Path], port: int, nodelay: bool, calling: str = "PACS") -> None:
     """The sender's C-STORE loop (:func:`ich_node.sender.send_files`), TCP_NODELAY optional."""
     import socket
 
@@ -162,7 +179,7 @@ def _send(files: list[Path], port: int, nodelay: bool) -> None:
     ):
         ae.add_requested_context(sop_class, syntax)
     handlers = [(evt.EVT_CONN_OPEN, _set_nodelay)] if nodelay else []
-    assoc = ae.associate("127.0.0.1", port, ae_title="PACS", evt_handlers=handlers)
+    assoc = ae.associate("127.0.0.1", port, ae_title=calling, evt_handlers=handlers)
     assert assoc.is_established
     try:
         for path in files:
@@ -171,7 +188,9 @@ def _send(files: list[Path], port: int, nodelay: bool) -> None:
         assoc.release()
 
 
-def sender_rows(files: list[Path], tmp: Path, repeats: int = 3) -> list[dict[str, Any]]:
+def sender_rows(
+    files: list[Path], tmp: Path, repeats: int = 3, peers: str = "dcmtk"
+) -> list[dict[str, Any]]:
     """Send a job's outbox to DCMTK storescp: the node's sender, and with TCP_NODELAY."""
     from ich_node.config import Destination as DestinationConfig
     from ich_node.sender import send_files
@@ -188,7 +207,7 @@ def sender_rows(files: list[Path], tmp: Path, repeats: int = 3) -> list[dict[str
     for name, fn in variants.items():
         best = float("inf")
         for _ in range(repeats):
-            pacs = Destination(Path(tempfile.mkdtemp(dir=tmp)))
+            pacs = Destination(Path(tempfile.mkdtemp(dir=tmp)), peers)
             try:
                 t = time.perf_counter()
                 fn(pacs.port)
@@ -214,16 +233,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision", default="auto", choices=("auto", "fp32", "bf16"), help="model.precision"
     )
+    p.add_argument(
+        "--peers", default="auto", choices=("auto", "dcmtk", "pynetdicom"),
+        help="the PACS's storescu/storescp: DCMTK's, or pynetdicom's (auto: DCMTK if installed)",
+    )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="12 slices of 128x128, resnet18 at 64")
     p.add_argument("--json", type=Path, default=None)
     return p
 
 
 def measure_study(
-    node: Node, pacs: Destination, files: list[Path], study_uid: str, timeout: float
-) -> dict[str, Any]:
+    node: Node, pacs: Destination, files: list[Path], study_uid: str, timeout: float,
+    peers: str = "dcmtk",
+) -> dict[str, Any]:  # fmt: skip
     """Send one study; seconds from the last acknowledgement to the SR at the destination."""
-    send(node.port, [files], called=NODE_AE)
+    if peers == "dcmtk":
+        send(node.port, [files], called=NODE_AE)
+    else:  # one association, TCP_NODELAY, as DCMTK's storescu with TCP_NODELAY=1
+        _send(files, node.port, nodelay=True, calling="MODALITY")
     acked = time.perf_counter()
     wait_for("the SR at the destination", lambda: "SR" in pacs.modalities(study_uid), timeout)
     seconds = time.perf_counter() - acked
@@ -245,7 +272,7 @@ def run_model(
         matrix=args.matrix,
     )  # fmt: skip
     bundle = make_bundle(folder / "model.safetensors", arch, size)
-    pacs = Destination(folder / "pacs")
+    pacs = Destination(folder / "pacs", args.peers)
     config = {
         "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
                           "port": pacs.port}],
@@ -266,12 +293,13 @@ def run_model(
     try:
         timeout = 60.0 + 60.0 * args.slices * (size / 128) ** 2 / 10
         warm = restamp_series(phantom.paths, folder / "warm", "warm-up")
-        measure_study(node, pacs, warm, str(pydicom.dcmread(warm[0]).StudyInstanceUID), timeout)
+        warm_study = str(pydicom.dcmread(warm[0]).StudyInstanceUID)
+        measure_study(node, pacs, warm, warm_study, timeout, args.peers)
         for variant, drop in (("header count", False), ("quiet period", True)):
             files = restamp_series(phantom.paths, folder / variant, variant, drop_count=drop)
             study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
             series = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
-            got = measure_study(node, pacs, files, study, timeout)
+            got = measure_study(node, pacs, files, study, timeout, args.peers)
             quiet = args.stable_seconds if drop else 0.0
             job = [e for e in node.events("job.finished") if e.get("series_instance_uid") == series]
             stages = job[-1] if job else {}
@@ -302,6 +330,7 @@ def main(args: argparse.Namespace) -> int:
     if args.quick:
         args.models, args.slices, args.matrix = ["resnet18:64"], 12, 128
         args.stable_seconds = 1.0
+    args.peers = resolve_peers(args.peers)
     rows: list[dict[str, Any]] = []
     senders: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -310,7 +339,9 @@ def main(args: argparse.Namespace) -> int:
             got, outbox = run_model(args, arch, int(size), Path(tmp))
             rows += got
             if outbox and not senders:  # the sender's share, measured on a job's outbox
-                senders = sender_rows(outbox, Path(tmp), repeats=1 if args.quick else 3)
+                senders = sender_rows(
+                    outbox, Path(tmp), repeats=1 if args.quick else 3, peers=args.peers
+                )
     print(
         f"\n{args.slices} slices of {args.matrix}x{args.matrix}, one worker on {args.device}, "
         f"batch {args.batch_size}, precision {args.precision}, every slice explained, "
@@ -328,6 +359,7 @@ def main(args: argparse.Namespace) -> int:
         args.json, "end_to_end" + ("_quick" if args.quick else ""),
         {"slices": args.slices, "matrix": args.matrix, "stable_seconds": args.stable_seconds,
          "device": args.device, "batch_size": args.batch_size, "precision": args.precision,
+         "peers": args.peers,
          "rows": rows,
          "sender": senders},
     )  # fmt: skip

@@ -6,16 +6,20 @@
 #   scripts/gpu_check.sh run [STEP...]        # there, in the repository root
 #
 # STEPs, in this order by default (each under its own time limit, so that a slow
-# step cannot eat the others' time): env train infer worker tests explain
+# step cannot eat the others' time): env train infer worker e2e tests explain.
+# Within the device tool's 10-minute calls: `run env train infer`, then at once (the
+# machine stays warm) `run worker e2e tests explain`.
 #   env      nvidia-smi, the torch build, the installed packages
 #   train    ResNeXt-101 32x8d at 512x512, bf16 + channels-last, batch 32, on phantoms:
 #            about 300 optimiser steps; training slices/s per epoch (docs/training.md)
 #   infer    benchmarks/inference.py: worker path vs raw model, eager and compiled
 #   worker   benchmarks/worker.py: 8 studies of 40 slices, one at a time vs the pipeline
+#   e2e      benchmarks/end_to_end.py: last instance acknowledged to results at the PACS,
+#            ResNeXt-101 at 512, 40 slices (pynetdicom as the PACS: no DCMTK there)
 #   tests    pytest -m gpu (tests/test_gpu.py, tests/test_predict.py)
 #   explain  benchmarks/explain.py: heatmap cost per explained slice
-# Output: $OUT (the device tool's folder) or ./gpu-results: gpu_check.log and one JSON
-# per benchmark, plus the training run's metrics.jsonl (8 files at most come back).
+# Output: $OUT (the device tool's folder) or ./gpu-results: gpu_check.log, one JSON per
+# benchmark and the training run's metrics.jsonl (6 files; the device tool returns 8).
 #
 # The GPU machine has torch, torchvision, numpy, opencv, pillow, pyyaml, safetensors,
 # tqdm, prometheus-client, pytest and hypothesis (its Python is 3.12); `prepare`
@@ -66,7 +70,7 @@ step() {
 
 run() {
     local steps=("$@")
-    [ ${#steps[@]} -gt 0 ] || steps=(env train infer worker tests explain)
+    [ ${#steps[@]} -gt 0 ] || steps=(env train infer worker e2e tests explain)
     mkdir -p "$OUT"
     export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
     if [ -d .whl ]; then
@@ -86,19 +90,22 @@ torchvision.__version__, torch.cuda.get_device_name(0), torch.cuda.is_bf16_suppo
         train)
             step train_data 60 python3 -m training phantom --out /tmp/gpu-phantoms \
                 --studies 24 --matrix 512 --slices 28 28
-            step train 240 python3 -m training fit --images /tmp/gpu-phantoms/images \
+            step train 200 python3 -m training fit --images /tmp/gpu-phantoms/images \
                 --labels /tmp/gpu-phantoms/stage_2_train.csv --out /tmp/gpu-train \
                 --arch resnext101_32x8d --image-size 512 --batch-size 32 --epochs 16 \
                 --eval-every 8 --workers 8 --device cuda --amp --channels-last --no-progress
             cp /tmp/gpu-train/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null ;;
         infer)
-            step infer 240 python3 benchmarks/inference.py --device cuda --slices 256 \
+            step infer 200 python3 benchmarks/inference.py --device cuda --slices 256 \
                 --batch-size 32 --compile --json "$OUT/inference_gpu.json" ;;
         worker)
             step worker 150 python3 benchmarks/worker.py --device cuda --batch-size 32 \
                 --studies 8 --slices 40 --json "$OUT/worker_gpu.json" ;;
+        e2e)
+            step e2e 150 python3 benchmarks/end_to_end.py --device cuda --batch-size 32 \
+                --models resnext101_32x8d:512 --peers pynetdicom --json "$OUT/end_to_end_gpu.json" ;;
         tests)
-            step tests 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
+            step tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
                 tests/test_predict.py ;;
         explain)
             step explain 90 python3 benchmarks/explain.py --device cuda --precision bf16 \
@@ -111,5 +118,5 @@ torchvision.__version__, torch.cuda.get_device_name(0), torch.cuda.is_bf16_suppo
 case ${1:-} in
 prepare) prepare ;;
 run) shift; run "$@" ;;
-*) sed -n '2,25p' "$0"; exit 2 ;;
+*) sed -n '2,30p' "$0"; exit 2 ;;
 esac

@@ -53,11 +53,15 @@ def test_ingest_quick(tmp_path: Path) -> None:
     assert all(r["files/s"] > 0 and r["MB/s"] > 0 for r in result["rows"])
 
 
-def test_end_to_end_quick(tmp_path: Path) -> None:
-    dcmtk("storescp")
+@pytest.mark.parametrize("peers", ["dcmtk", "pynetdicom"])
+def test_end_to_end_quick(tmp_path: Path, peers: str) -> None:
+    """With DCMTK as the PACS, and with pynetdicom's (where DCMTK is missing: the GPU image)."""
+    if peers == "dcmtk":
+        dcmtk("storescp")
     from benchmarks import end_to_end
 
-    result = _run(end_to_end, tmp_path)
+    result = _run(end_to_end, tmp_path, "--peers", peers)
+    assert result["peers"] == peers
     assert [r["completion"] for r in result["rows"]] == ["header count", "quiet period"]
     for row in result["rows"]:
         assert row["objects"] == 13  # 12 heatmaps and the SR reached the destination
