@@ -84,9 +84,10 @@ run() {
     for s in "${steps[@]}"; do
         case $s in
         env)
-            step env 60 bash -c 'nvidia-smi; python3 -c "import torch, torchvision, pydicom,
-pynetdicom, highdicom, pytorch_grad_cam, pydantic, structlog; print(torch.__version__,
-torchvision.__version__, torch.cuda.get_device_name(0), torch.cuda.is_bf16_supported())"' ;;
+            step nvidia_smi 30 nvidia-smi
+            step env 60 python3 -c "import torch, torchvision, pydicom, pynetdicom, highdicom, \
+pytorch_grad_cam, pydantic, structlog; print(torch.__version__, torchvision.__version__, \
+torch.cuda.is_available() and torch.cuda.get_device_name(0))" ;;
         train)
             step train_data 60 python3 -m training phantom --out /tmp/gpu-phantoms \
                 --studies 24 --matrix 512 --slices 28 28
