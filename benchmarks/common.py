@@ -99,6 +99,22 @@ def random_bundle(
     return path
 
 
+def queue_series(store: Any, paths: Sequence[Path], now: float) -> Any:
+    """Record the files of one series in the node's store, as the listener would, and
+    queue version 1 of it: the job a worker then leases (a ``JobRecord``)."""
+    import pydicom
+
+    from ich_node.jobs import job_id_for
+    from ich_node.spool import instance_record
+
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        record = instance_record(ds, ds.SOPClassUID, ds.SOPInstanceUID)
+        store.add_instance(record, path, path.stat().st_size, now)
+        uid = str(ds.SeriesInstanceUID)
+    return store.queue_series(uid, 1, job_id_for, now)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     import socket

@@ -29,19 +29,23 @@ import threading
 import time
 from pathlib import Path
 
-import pydicom
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import load_average, random_bundle, table, wait_for, write_json
+from benchmarks.common import (
+    load_average,
+    queue_series,
+    random_bundle,
+    table,
+    wait_for,
+    write_json,
+)
 from benchmarks.inference import raw_forward
 from ich_node.bundle import load_bundle
 from ich_node.config import parse_config
 from ich_node.inference import Classifier
-from ich_node.jobs import job_id_for
 from ich_node.log import configure_logging
-from ich_node.spool import instance_record
 from ich_node.store import Store
 from ich_node.worker import Worker
 from training.phantom import PhantomSeries, write_series
@@ -62,21 +66,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _queue(store: Store, phantom: PhantomSeries, now: float) -> str:
-    for path in phantom.paths:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        record = instance_record(ds, ds.SOPClassUID, ds.SOPInstanceUID)
-        store.add_instance(record, path, path.stat().st_size, now)
-    return store.queue_series(phantom.series_instance_uid, 1, job_id_for, now).job_id
-
-
 def _drain(
     mode: str, classifier: Classifier, studies: list[PhantomSeries], root: Path
 ) -> tuple[float, dict[str, float]]:
     """Seconds from the first lease to the last job done; mean stage seconds per job."""
     config = parse_config({"storage": {"dir": str(root / mode)}})
     store = Store.open(config.storage.dir)
-    jobs = [_queue(store, s, now=time.time() - 60 + i) for i, s in enumerate(studies)]
+    jobs = [
+        queue_series(store, s.paths, time.time() - 60 + i).job_id for i, s in enumerate(studies)
+    ]
     worker = Worker(config, f"bench-{mode}", store, classifier)
     started = time.perf_counter()
     if mode == "pipeline":

@@ -383,19 +383,20 @@ class Worker:
     # -- one job, one thread --------------------------------------------------
 
     def process(self, job: JobRecord, clock: Callable[[], float]) -> JobOutcome:
-        """Run one leased job to a recorded state in this thread; never raises."""
+        """Run one leased job to a recorded state in this thread; never raises.
+
+        :meth:`Classifier.predict_series` decodes the next batches in threads of
+        its own while this one runs the model.
+        """
         item = self._leased(job)
+        prediction, error = None, None
         try:
             item.series = self._read(job, item.times)
+            started = time.perf_counter()
+            prediction = self.classifier.predict_series(item.series)
+            item.times["infer_s"] = time.perf_counter() - started
         except Exception as exc:
-            item.error = exc
-        if item.error is None:
-            decoder = threading.Thread(target=self._decode, args=(item,), daemon=True)
-            decoder.start()
-            prediction, error = self._infer(item)
-            decoder.join()
-        else:
-            prediction, error = None, item.error
+            error = exc
         return self._finish(item, prediction, error, clock)
 
     def run_once(self, now: float, clock: Callable[[], float] = time.time) -> JobOutcome | None:

@@ -77,14 +77,11 @@ def test_compiled_bf16_classifier_on_cuda_matches_eager(tiny_bundle: Path, tmp_p
 
 def test_worker_pipeline_on_cuda_gives_the_cpu_findings(tiny_bundle: Path, tmp_path: Path) -> None:
     """Worker.run on the GPU: every job done, probabilities within bf16 of the CPU's."""
-    import pydicom
-
+    from benchmarks.common import queue_series
     from ich_node.bundle import load_bundle
     from ich_node.config import parse_config
     from ich_node.imaging import read_series
     from ich_node.inference import Classifier
-    from ich_node.jobs import job_id_for
-    from ich_node.spool import instance_record
     from ich_node.store import Store
     from ich_node.worker import Worker, results_dir
     from training.phantom import write_series
@@ -95,15 +92,7 @@ def test_worker_pipeline_on_cuda_gives_the_cpu_findings(tiny_bundle: Path, tmp_p
         write_series(tmp_path / f"s{i}", seed=20 + i, subtypes=s, n_slices=12, matrix=256)
         for i, s in enumerate([("subdural",), (), ("intraparenchymal",)])
     ]
-    jobs = []
-    for i, phantom in enumerate(phantoms):
-        for path in phantom.paths:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            record = instance_record(ds, ds.SOPClassUID, ds.SOPInstanceUID)
-            store.add_instance(record, path, path.stat().st_size, time.time() - 10 + i)
-        jobs.append(
-            store.queue_series(phantom.series_instance_uid, 1, job_id_for, time.time() - 10 + i)
-        )
+    jobs = [queue_series(store, p.paths, time.time() - 10 + i) for i, p in enumerate(phantoms)]
     gpu = Classifier(load_bundle(tiny_bundle), device="cuda", batch_size=8)
     worker = Worker(config, "gpu-0", store, gpu)
     stop = threading.Event()

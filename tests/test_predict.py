@@ -21,6 +21,12 @@ from ich_node.labels import LABELS
 from training.phantom import write_series
 
 
+def _predict(bundle: Path, out: Path, *inputs: Path, dicom: bool = False) -> int:
+    """``ich-node predict`` through the CLI's entry point; its exit code."""
+    argv = ["predict", "--bundle", str(bundle), "--out", str(out)]
+    return main([*argv, *([] if dicom else ["--no-dicom"]), *map(str, inputs)])
+
+
 def _findings(out: Path, series_uid: str) -> dict:
     return json.loads((out / series_uid / "findings.json").read_text())
 
@@ -33,20 +39,7 @@ def test_predict_writes_findings_in_spatial_order(
         shuffle_instance_numbers=True,
     )  # fmt: skip
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "predict",
-                "--bundle",
-                str(tiny_bundle),
-                "--out",
-                str(out),
-                "--no-dicom",
-                str(tmp_path / "in"),
-            ]
-        )
-        == 0
-    )
+    assert _predict(tiny_bundle, out, tmp_path / "in") == 0
     data = _findings(out, phantom.series_instance_uid)
     assert data["study_instance_uid"] == phantom.study_instance_uid
     assert data["n_slices"] == 12 == len(data["slices"])
@@ -76,20 +69,7 @@ def test_predict_equals_the_model_on_shared_preprocessing(
     """findings.json holds exactly what the model says on the shared preprocessing."""
     phantom = write_series(tmp_path / "in", seed=4, subtypes=("subdural",), n_slices=8, matrix=128)
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "predict",
-                "--bundle",
-                str(tiny_bundle),
-                "--out",
-                str(out),
-                "--no-dicom",
-                *map(str, phantom.paths),
-            ]
-        )
-        == 0
-    )
+    assert _predict(tiny_bundle, out, *phantom.paths) == 0
     bundle = load_bundle(tiny_bundle)
     images = preprocess_hu(
         phantom.volume.hu.astype(np.float32), bundle.card.windows, bundle.card.input_size
@@ -123,20 +103,7 @@ def test_several_series_and_a_bad_file(
         tmp_path / "in" / "b", seed=11, subtypes=("intraventricular",), n_slices=6, matrix=128
     )
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "predict",
-                "--bundle",
-                str(tiny_bundle),
-                "--out",
-                str(out),
-                "--no-dicom",
-                str(tmp_path / "in"),
-            ]
-        )
-        == 0
-    )
+    assert _predict(tiny_bundle, out, tmp_path / "in") == 0
     assert (out / a.series_instance_uid / "findings.json").is_file()
     assert (out / b.series_instance_uid / "findings.json").is_file()
     capsys.readouterr()
@@ -144,38 +111,12 @@ def test_several_series_and_a_bad_file(
     c = write_series(tmp_path / "in2", seed=12, n_slices=6, matrix=128)
     broken = c.paths[2]
     broken.write_bytes(broken.read_bytes()[:-5000])
-    assert (
-        main(
-            [
-                "predict",
-                "--bundle",
-                str(tiny_bundle),
-                "--out",
-                str(out),
-                "--no-dicom",
-                str(tmp_path / "in2"),
-            ]
-        )
-        == 1
-    )
+    assert _predict(tiny_bundle, out, tmp_path / "in2") == 1
     err = capsys.readouterr().err
     assert broken.name in err
     # A file that is not DICOM at all beside a good series: named, the series still read.
     (tmp_path / "in" / "notes.dcm").write_text("not dicom")
-    assert (
-        main(
-            [
-                "predict",
-                "--bundle",
-                str(tiny_bundle),
-                "--out",
-                str(tmp_path / "out3"),
-                "--no-dicom",
-                str(tmp_path / "in"),
-            ]
-        )
-        == 1
-    )
+    assert _predict(tiny_bundle, tmp_path / "out3", tmp_path / "in") == 1
     assert "notes.dcm: not a readable DICOM image" in capsys.readouterr().err
     assert (tmp_path / "out3" / a.series_instance_uid / "findings.json").is_file()
 
@@ -183,19 +124,7 @@ def test_several_series_and_a_bad_file(
 def test_predict_refuses_a_missing_bundle(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert (
-        main(
-            [
-                "predict",
-                "--bundle",
-                str(tmp_path / "none.safetensors"),
-                "--out",
-                str(tmp_path),
-                str(tmp_path),
-            ]
-        )
-        == 2
-    )
+    assert _predict(tmp_path / "none.safetensors", tmp_path, tmp_path, dicom=True) == 2
     assert "no such model bundle" in capsys.readouterr().err
 
 
@@ -217,12 +146,7 @@ def test_real_ge_series_with_gantry_tilt(real_ct: Path, tmp_path: Path, tiny_bun
     if not folder.is_dir():
         pytest.skip("GE series absent")
     out = tmp_path / "out"
-    assert (
-        main(
-            ["predict", "--bundle", str(tiny_bundle), "--out", str(out), "--no-dicom", str(folder)]
-        )
-        == 0
-    )
+    assert _predict(tiny_bundle, out, folder) == 0
     (found,) = list(out.glob("*/findings.json"))
     data = json.loads(found.read_text())
     positions = [s["position_mm"] for s in data["slices"]]
@@ -238,7 +162,7 @@ def test_real_rsna_slices_write_findings_and_explain_skipped_dicom(
     staged = tmp_path / "rsna"
     shutil.copytree(folder, staged)
     out = tmp_path / "out"
-    assert main(["predict", "--bundle", str(tiny_bundle), "--out", str(out), str(staged)]) == 0
+    assert _predict(tiny_bundle, out, staged, dicom=True) == 0
     assert len(list(out.glob("*/findings.json"))) == 5
     assert not list(out.glob("*/sr.dcm"))
     assert "DICOM results skipped" in capsys.readouterr().err

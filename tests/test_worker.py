@@ -14,26 +14,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import pytest
 
+from benchmarks.common import queue_series
 from ich_node.bundle import load_bundle
 from ich_node.config import NodeConfig, parse_config
 from ich_node.imaging import read_series
 from ich_node.inference import Classifier
-from ich_node.jobs import job_id_for
-from ich_node.spool import instance_record
 from ich_node.store import JobRecord, Store
 from ich_node.worker import Worker, results_dir
 from training.phantom import PhantomSeries, write_series
-
-
-def _queue_series(store: Store, phantom: PhantomSeries, now: float) -> JobRecord:
-    for path in phantom.paths:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        record = instance_record(ds, ds.SOPClassUID, ds.SOPInstanceUID)
-        store.add_instance(record, path, path.stat().st_size, now)
-    return store.queue_series(phantom.series_instance_uid, 1, job_id_for, now)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +75,7 @@ def test_pipeline_gives_each_job_the_findings_of_its_series_alone(
 ) -> None:
     config = _config(tmp_path)
     store = Store.open(config.storage.dir)
-    jobs = [_queue_series(store, p, now=time.time() - 10) for p in phantoms]
+    jobs = [queue_series(store, p.paths, time.time() - 10) for p in phantoms]
     worker = Worker(config, "w0", store, classifier, batches_ahead=1)
     _run_until_settled(worker, len(jobs))
 
@@ -111,7 +101,7 @@ def test_next_job_is_on_the_model_while_the_last_ones_results_are_written(
     config = _config(tmp_path)
     store = Store.open(config.storage.dir)
     first, second = (
-        _queue_series(store, p, now=time.time() - 10 + i) for i, p in enumerate(phantoms[:2])
+        queue_series(store, p.paths, time.time() - 10 + i) for i, p in enumerate(phantoms[:2])
     )
     on_model = threading.Event()
     seen: dict[str, bool] = {}
@@ -143,8 +133,8 @@ def test_a_series_that_fails_to_decode_is_recorded_and_the_next_one_runs(
     broken = write_series(broken_dir, seed=41, subtypes=(), n_slices=10, matrix=128)
     last = broken.paths[-1]  # slice 10 of 10: in the third batch of 4
     last.write_bytes(last.read_bytes()[:-5000])  # pixel data cut short, header intact
-    bad = _queue_series(store, broken, now=time.time() - 10)
-    good = _queue_series(store, phantoms[0], now=time.time() - 9)
+    bad = queue_series(store, broken.paths, time.time() - 10)
+    good = queue_series(store, phantoms[0].paths, time.time() - 9)
     worker = Worker(config, "w0", store, classifier, batches_ahead=1)
     _run_until_settled(worker, 2)
 
@@ -162,10 +152,10 @@ def test_a_series_with_unreadable_headers_is_recorded_and_the_next_one_runs(
     config = _config(tmp_path)
     store = Store.open(config.storage.dir)
     gone = write_series(tmp_path / "gone", seed=42, subtypes=(), n_slices=4, matrix=128)
-    bad = _queue_series(store, gone, now=time.time() - 10)
+    bad = queue_series(store, gone.paths, time.time() - 10)
     for path in gone.paths:  # deleted behind the node's back
         path.unlink()
-    good = _queue_series(store, phantoms[1], now=time.time() - 9)
+    good = queue_series(store, phantoms[1].paths, time.time() - 9)
     worker = Worker(config, "w0", store, classifier)
     _run_until_settled(worker, 2)
 
@@ -179,7 +169,7 @@ def test_stop_finishes_the_leased_jobs_and_leases_no_more(
 ) -> None:
     config = _config(tmp_path)
     store = Store.open(config.storage.dir)
-    jobs = [_queue_series(store, p, now=time.time() - 10 + i) for i, p in enumerate(phantoms)]
+    jobs = [queue_series(store, p.paths, time.time() - 10 + i) for i, p in enumerate(phantoms)]
     leased_once = threading.Event()
 
     class StopAfterFirstLease(Worker):
@@ -218,7 +208,8 @@ def test_a_worker_holds_at_most_three_jobs(
         for i in range(2)
     ]
     jobs = [
-        _queue_series(store, p, now=time.time() - 10 + i) for i, p in enumerate([*phantoms, *extra])
+        queue_series(store, p.paths, time.time() - 10 + i)
+        for i, p in enumerate([*phantoms, *extra])
     ]
     release = threading.Event()
 
@@ -259,7 +250,7 @@ def test_stop_gives_back_a_job_that_never_reached_the_model(
     config = _config(tmp_path)
     store = Store.open(config.storage.dir)
     first, second, third = (
-        _queue_series(store, p, now=time.time() - 10 + i) for i, p in enumerate(phantoms)
+        queue_series(store, p.paths, time.time() - 10 + i) for i, p in enumerate(phantoms)
     )
     on_model, go_on = threading.Event(), threading.Event()
 
