@@ -1,0 +1,190 @@
+"""Model input from HU: display windows, then square padding and resizing.
+
+Step 4 of :mod:`ich_node.imaging`, the one preprocessing shared by the node and
+training. Must not import torch at import time: :func:`resize` imports it lazily.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+from ich_node.imaging.pixels import load_series_hu
+from ich_node.imaging.series import CTSeries
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A display window in Hounsfield units.
+
+    Attributes
+    ----------
+    name : str
+        Short name (``"brain"``), used in model bundles and logs.
+    center : float
+        Window center, HU.
+    width : float
+        Window width, HU; strictly positive.
+    """
+
+    name: str
+    center: float
+    width: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.center) and math.isfinite(self.width)):
+            raise ValueError(
+                f"window {self.name!r}: center and width must be finite, "
+                f"got center={self.center!r}, width={self.width!r}"
+            )
+        if self.width <= 0:
+            raise ValueError(f"window {self.name!r}: width must be > 0, got {self.width!r}")
+
+
+#: Brain, subdural and bone windows: the usual three channels for ICH models.
+DEFAULT_WINDOWS: Final[tuple[Window, ...]] = (
+    Window("brain", 40, 80),
+    Window("subdural", 80, 200),
+    Window("bone", 600, 2800),
+)
+
+
+# ---------------------------------------------------------------- model input
+
+
+def apply_windows(hu: np.ndarray, windows: Sequence[Window] = DEFAULT_WINDOWS) -> np.ndarray:
+    """Map HU to one [0, 1] channel per window.
+
+    ``(HU - (center - width / 2)) / width``, clipped to [0, 1]: a plain linear
+    ramp, not PS3.3 C.11.2.1.2.1's ``center - 0.5`` / ``width - 1`` display rule,
+    so that HU 40 in the (40, 80) brain window is exactly 0.5.
+
+    Parameters
+    ----------
+    hu : numpy.ndarray
+        (..., H, W) HU, any real dtype.
+    windows : sequence of Window
+        One output channel per window, in this order.
+
+    Returns
+    -------
+    numpy.ndarray
+        (..., C, H, W) float32 in [0, 1], ``C = len(windows)``.
+    """
+    if not windows:
+        raise ValueError("windows must not be empty")
+    arr = np.asarray(hu, dtype=np.float32)
+    if arr.ndim < 2:
+        raise ValueError(f"hu must have shape (..., H, W), got {arr.shape}")
+    out = np.empty((*arr.shape[:-2], len(windows), *arr.shape[-2:]), dtype=np.float32)
+    for c, w in enumerate(windows):
+        channel = out[..., c, :, :]
+        np.subtract(arr, np.float32(w.center - w.width / 2), out=channel)
+        np.divide(channel, np.float32(w.width), out=channel)
+        np.clip(channel, 0.0, 1.0, out=channel)
+    return out
+
+
+def resize(images: np.ndarray, size: int) -> np.ndarray:
+    """Pad to a square with 0, then resize (bilinear, antialiased).
+
+    Parameters
+    ----------
+    images : numpy.ndarray
+        (S, C, H, W) float32.
+    size : int
+        Output height and width, pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        (S, C, size, size) float32. Non-square images are centred in an
+        ``max(H, W)`` square of zeros first, keeping their aspect ratio.
+    """
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    arr = np.asarray(images, dtype=np.float32)
+    if arr.ndim != 4:
+        raise ValueError(f"images must have shape (S, C, H, W), got {arr.shape}")
+    s, c, h, w = arr.shape
+    if h != w:
+        side = max(h, w)
+        square = np.zeros((s, c, side, side), dtype=np.float32)
+        top, left = (side - h) // 2, (side - w) // 2
+        square[:, :, top : top + h, left : left + w] = arr
+        arr = square
+    if arr.shape[-1] == size or s == 0:
+        return np.ascontiguousarray(arr) if s else np.zeros((0, c, size, size), np.float32)
+
+    import torch  # lazily: the listener process imports this module without torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        tensor = torch.from_numpy(np.ascontiguousarray(arr))
+        out = F.interpolate(
+            tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+    return out.numpy().astype(np.float32, copy=False)
+
+
+def _chunks(n: int, step: int) -> Iterator[slice]:
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+def preprocess_hu(hu: np.ndarray, windows: Sequence[Window], size: int) -> np.ndarray:
+    """The model input: ``resize(apply_windows(hu, windows), size)``.
+
+    Both the node's worker and training call this, so they cannot drift. Works
+    on chunks of slices to bound memory on long series.
+
+    Parameters
+    ----------
+    hu : numpy.ndarray
+        (S, H, W) HU.
+    windows : sequence of Window
+        Channels, in order.
+    size : int
+        Output side, pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        (S, C, size, size) float32 in [0, 1].
+    """
+    arr = np.asarray(hu)
+    if arr.ndim != 3:
+        raise ValueError(f"hu must have shape (S, H, W), got {arr.shape}")
+    if not windows:
+        raise ValueError("windows must not be empty")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    out = np.empty((arr.shape[0], len(windows), size, size), dtype=np.float32)
+    for part in _chunks(arr.shape[0], 16):
+        out[part] = resize(apply_windows(arr[part], windows), size)
+    np.clip(out, 0.0, 1.0, out=out)  # float rounding in the filter must not leave [0, 1]
+    return out
+
+
+def preprocess_series(series: CTSeries, windows: Sequence[Window], size: int) -> np.ndarray:
+    """Decode and preprocess a series: :func:`load_series_hu` then :func:`preprocess_hu`.
+
+    Parameters
+    ----------
+    series : CTSeries
+        From :func:`read_series`.
+    windows : sequence of Window
+        Channels, in order.
+    size : int
+        Output side, pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        (S, C, size, size) float32 in [0, 1], slices inferior -> superior.
+    """
+    return preprocess_hu(load_series_hu(series), windows, size)
