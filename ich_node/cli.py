@@ -30,7 +30,7 @@ from ich_node.config import ConfigError, NodeConfig, load_config
 from ich_node.labels import LABELS
 
 if TYPE_CHECKING:
-    from ich_node.findings import SeriesFindings
+    from ich_node.results.findings import SeriesFindings
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -86,9 +86,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ich_node.bundle import BundleError, load_bundle
-    from ich_node.findings import write_findings
     from ich_node.imaging import UNREADABLE, ImagingError, group_series, read_series
     from ich_node.inference import Classifier
+    from ich_node.results.findings import write_findings
 
     try:
         bundle = load_bundle(args.bundle)
@@ -124,7 +124,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         write_findings(out_dir / "findings.json", prediction.findings)
         done.append(prediction.findings)
         if not args.no_dicom:
-            from ich_node.results import ResultOptions, ResultsSkipped, build_results, write_results
+            from ich_node.results.build import (
+                ResultOptions,
+                ResultsSkipped,
+                build_results,
+                write_results,
+            )
 
             options = ResultOptions(
                 heatmaps=args.heatmaps,

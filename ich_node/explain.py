@@ -37,9 +37,9 @@ import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from ich_node.findings import SeriesFindings
 from ich_node.inference import Classifier, Prediction
 from ich_node.labels import LABELS
+from ich_node.results.findings import SeriesFindings
 
 log = structlog.get_logger(__name__)
 

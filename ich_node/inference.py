@@ -41,8 +41,8 @@ import torchvision
 from torch import nn
 
 from ich_node.bundle import Bundle
-from ich_node.findings import ModelInfo, SeriesFindings, summarise
 from ich_node.imaging import CTSeries, ImagingError, load_series_hu, preprocess_hu
+from ich_node.results.findings import ModelInfo, SeriesFindings, summarise
 
 log = structlog.get_logger(__name__)
 

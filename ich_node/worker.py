@@ -202,11 +202,16 @@ class Worker:
 
     def _write_outputs(self, job: JobRecord, prediction: Any, folder: Path) -> int:
         """``findings.json`` and the DICOM results into ``folder``; returns the DICOM count."""
-        from ich_node.findings import write_findings
+        from ich_node.results.findings import write_findings
 
         write_findings(folder / "findings.json", prediction.findings)
         try:
-            from ich_node.results import ResultOptions, ResultsSkipped, build_results, write_results
+            from ich_node.results.build import (
+                ResultOptions,
+                ResultsSkipped,
+                build_results,
+                write_results,
+            )
         except ImportError:  # results.py not installed: findings only, nothing to send
             log.warning("job.no_results_module", job_id=job.job_id)
             return 0

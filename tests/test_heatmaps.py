@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ich_node.heatmaps import cam_to_source, render_overlay, turbo
+from ich_node.results.common import cam_to_source
+from ich_node.results.sc import render_overlay, turbo
 
 
 def test_turbo_runs_blue_to_red() -> None:

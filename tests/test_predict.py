@@ -14,10 +14,10 @@ import torch
 
 from ich_node.bundle import load_bundle
 from ich_node.cli import main
-from ich_node.findings import read_findings
 from ich_node.imaging import preprocess_hu, read_series
 from ich_node.inference import Classifier
 from ich_node.labels import LABELS
+from ich_node.results.findings import read_findings
 from training.phantom import write_series
 
 
@@ -211,7 +211,7 @@ def test_predict_writes_dicom_results_next_to_findings(tmp_path: Path, tiny_bund
 
 
 def test_a_subtype_is_positive_only_in_a_series_positive_for_any() -> None:
-    from ich_node.findings import ModelInfo, summarise
+    from ich_node.results.findings import ModelInfo, summarise
 
     thresholds = {label: 0.5 for label in LABELS} | {"subdural": 0.05}
     probabilities = np.zeros((3, len(LABELS)), np.float32)

@@ -15,7 +15,7 @@ from ich_node.bundle import Bundle, load_bundle
 from ich_node.imaging import read_series
 from ich_node.inference import Classifier, Prediction
 from ich_node.labels import LABELS
-from ich_node.results import (
+from ich_node.results.build import (
     STUDY_KEYWORDS,
     ResultOptions,
     ResultSet,
@@ -23,7 +23,7 @@ from ich_node.results import (
     build_results,
     write_results,
 )
-from ich_node.sr import FINDING_CODES
+from ich_node.results.sr import FINDING_CODES
 from tests.conftest import dcmtk
 
 #: Patient-module keywords a CT header may carry that outputs must not copy.

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from ich_node.bundle import ModelCard
-from ich_node.findings import ModelInfo, summarise
 from ich_node.labels import LABELS
-from ich_node.sr import FINDING_CODES, summary_text
+from ich_node.results.findings import ModelInfo, summarise
+from ich_node.results.sr import FINDING_CODES, summary_text
 
 
 def _findings(p: np.ndarray, demo: bool = False):

@@ -24,35 +24,15 @@ from pydicom.uid import RE_VALID_UID
 
 from ich_node.durable import write_atomic
 from ich_node.explain import explain
-from ich_node.heatmaps import (
-    build_heatmap_series,
-    build_parametric_map,
-    png_bytes,
-    render_heatmaps,
-)
 from ich_node.inference import Classifier, Prediction
 from ich_node.labels import LABELS
-from ich_node.sr import build_sr
+from ich_node.results.common import EQUIPMENT_KEYWORDS, STUDY_KEYWORDS
+from ich_node.results.pm import build_parametric_map
+from ich_node.results.sc import build_heatmap_series, png_bytes, render_heatmaps
+from ich_node.results.sr import build_sr
 
 log = structlog.get_logger(__name__)
 
-#: The patient and study attributes copied from the source into every output
-#: (Patient and General Study modules, PS3.3 C.7.1.1 and C.7.2.1); nothing else of
-#: the patient is copied.
-STUDY_KEYWORDS: Final[tuple[str, ...]] = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "StudyID",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-)
-#: Equipment of the source, kept so the SR's Contributing Equipment names the scanner.
-_EQUIPMENT_KEYWORDS: Final[tuple[str, ...]] = ("Manufacturer", "ManufacturerModelName")
 #: Namespace of the name-based UUIDs behind the output UIDs (fixed forever).
 _UID_NAMESPACE: Final = uuid.UUID("5d4cbd6e-2f57-4a3c-9b1e-1c2f0a7e4e11")
 
@@ -161,7 +141,7 @@ def study_attributes(prediction: Prediction) -> pydicom.Dataset:
     study = pydicom.Dataset()
     for keyword in STUDY_KEYWORDS:  # all Type 2 or 1: present, empty when unknown
         setattr(study, keyword, header.get(keyword, ""))
-    for keyword in _EQUIPMENT_KEYWORDS:
+    for keyword in EQUIPMENT_KEYWORDS:
         if header.get(keyword):
             setattr(study, keyword, header.get(keyword))
     study.StudyInstanceUID = prediction.series.study_instance_uid

@@ -15,7 +15,7 @@ One Comprehensive 3D SR (PS3.3 A.35.13) per series, built with highdicom::
         Comment: plain-text summary ("AI triage result, not a diagnosis. ...")
 
 The probabilities and the Present/Absent values are those of
-:class:`ich_node.findings.SeriesFindings`, the very object ``findings.json`` is
+:class:`ich_node.results.findings.SeriesFindings`, the very object ``findings.json`` is
 written from. Codes and their sources are listed in ``docs/results.md``.
 """
 
@@ -31,10 +31,10 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from ich_node.bundle import ModelCard
-from ich_node.findings import SeriesFindings
-from ich_node.heatmaps import MANUFACTURER, contributing_equipment
 from ich_node.imaging import CTSeries
 from ich_node.labels import LABELS
+from ich_node.results.common import MANUFACTURER, contributing_equipment
+from ich_node.results.findings import SeriesFindings
 
 SERIES_DESCRIPTION: Final = "ICH AI results"
 

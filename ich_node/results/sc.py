@@ -18,21 +18,18 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
-from pydicom.sr.coding import Code
 
 from ich_node.bundle import ModelCard
 from ich_node.explain import SliceExplanation
 from ich_node.imaging import CTSlice, Window
 from ich_node.inference import Prediction
+from ich_node.results.common import MANUFACTURER, cam_to_source, contributing_equipment
 
 #: The window the overlay's grey background is shown in.
 BRAIN_WINDOW = Window("brain", 40, 80)
 SERIES_DESCRIPTION = "ICH AI heatmaps"
 NOT_FOR_DIAGNOSIS = "AI result - not for diagnosis"
 DEMO_LINE = "DEMO - synthetic training data"
-MANUFACTURER = "ich-node"
-#: PS3.16 CID 7005 "Contributing Equipment Purposes of Reference": DCM 109103.
-PROCESSING_ALGORITHM = Code("109103", "DCM", "Processing Algorithm")
 
 #: Cam values below this are not coloured at all; alpha ramps up to ``_ALPHA_MAX``.
 _CAM_FLOOR = 0.25
@@ -83,33 +80,6 @@ def turbo(x: np.ndarray) -> np.ndarray:
         12.64194608 + t * (-60.58204836 + t * (110.36276771 + t * (-89.90310912 + t * 27.34824973)))
     )
     return np.clip(np.stack([r, g, b], axis=-1), 0.0, 1.0).astype(np.float32)
-
-
-def cam_to_source(cam: np.ndarray, rows: int, columns: int) -> np.ndarray:
-    """Map a model-input-sized cam back onto the source slice's pixel grid.
-
-    Undoes :func:`ich_node.imaging.resize`: the slice was centred in a
-    ``max(rows, columns)`` square, then resized to the model input size.
-
-    Parameters
-    ----------
-    cam : numpy.ndarray
-        (size, size) float32 in [0, 1].
-    rows, columns : int
-        Source matrix.
-
-    Returns
-    -------
-    numpy.ndarray
-        (rows, columns) float32 in [0, 1].
-    """
-    cam = np.asarray(cam, dtype=np.float32)
-    if cam.ndim != 2 or cam.shape[0] != cam.shape[1]:
-        raise ValueError(f"cam must have shape (size, size), got {cam.shape}")
-    side = max(rows, columns)
-    square = np.asarray(Image.fromarray(cam).resize((side, side), Image.Resampling.BILINEAR))
-    top, left = (side - rows) // 2, (side - columns) // 2
-    return np.clip(square[top : top + rows, left : left + columns], 0.0, 1.0).astype(np.float32)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -278,17 +248,6 @@ def _patient_orientation(src: CTSlice) -> tuple[str, str]:
     return out[0], out[1]
 
 
-def contributing_equipment(card: ModelCard) -> hd.ContributingEquipment:
-    """ich-node and its model as the processing algorithm (PS3.3 C.12.1.1.7)."""
-    return hd.ContributingEquipment(
-        manufacturer=MANUFACTURER,
-        purpose_of_reference=PROCESSING_ALGORITHM,
-        manufacturer_model_name=card.name[:64],
-        software_versions=card.version[:64],
-        contribution_description=f"Grad-CAM of {card.display_name}"[:1024],
-    )
-
-
 def build_heatmap_series(
     prediction: Prediction,
     images: Sequence[HeatmapImage],
@@ -390,91 +349,3 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     # almost half of a study's results time (docs/performance.md).
     Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
-
-
-def build_parametric_map(
-    prediction: Prediction,
-    explanations: Sequence[SliceExplanation],
-    card: ModelCard,
-    evidence: Sequence[pydicom.Dataset],
-    *,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    series_number: int = 9902,
-) -> pydicom.Dataset:
-    """The Grad-CAM values as a float Parametric Map (PS3.3 A.75), one frame per slice explained.
-
-    Parameters
-    ----------
-    prediction : Prediction
-        Gives the source slices' geometry.
-    explanations : sequence of SliceExplanation
-        Non-empty, in slice order.
-    card : ModelCard
-        The model.
-    evidence : sequence of pydicom.Dataset
-        Reference datasets of every source slice (see
-        :func:`ich_node.results.source_evidence`), the first with the patient and
-        study attributes.
-    series_instance_uid, sop_instance_uid : str
-        New UIDs.
-    series_number : int
-        SeriesNumber (0020,0011).
-    """
-    if not explanations:
-        raise ValueError("explanations must not be empty")
-    slices = prediction.series.slices
-    rows, columns = prediction.hu.shape[1:]
-    frames = np.stack([cam_to_source(e.cam, rows, columns) for e in explanations]).astype(
-        np.float32
-    )  # (F, rows, columns) float32 in [0, 1]
-    first = slices[explanations[0].index]
-    spacing = prediction.series.slice_spacing_mm
-    thickness = float(np.median(spacing)) if spacing else 1.0
-    # The explained slices as source images; the rest of the series as further sources.
-    explained = {e.index for e in explanations}
-    sources = [evidence[0]] + [evidence[e.index] for e in explanations if e.index != 0]
-    mapping = hd.pm.RealWorldValueMapping(
-        lut_label="GRADCAM",
-        lut_explanation=f"Grad-CAM of {card.name} {card.version}"[:64],
-        unit=Code("1", "UCUM", "no units"),
-        value_range=(0.0, 1.0),
-        slope=1.0,
-        intercept=0.0,
-    )
-    pm = hd.pm.ParametricMap(
-        source_images=sources,
-        pixel_array=frames,
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=card.name[:64],
-        software_versions=card.version[:64],
-        device_serial_number=card.sha256[:16] or "unknown",
-        contains_recognizable_visual_features=False,
-        real_world_value_mappings=[mapping],
-        voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
-        pixel_measures=hd.PixelMeasuresSequence(
-            pixel_spacing=first.pixel_spacing,
-            slice_thickness=thickness,
-        ),
-        plane_orientation=hd.PlaneOrientationSequence(
-            coordinate_system="PATIENT", image_orientation=first.image_orientation
-        ),
-        plane_positions=[
-            hd.PlanePositionSequence(
-                coordinate_system="PATIENT",
-                image_position=slices[e.index].image_position,
-            )
-            for e in explanations
-        ],
-        content_label="GRADCAM",
-        content_description=f"Grad-CAM of {card.name} {card.version}"[:64],
-        series_description="ICH AI Grad-CAM map",
-        contributing_equipment=[contributing_equipment(card)],
-        further_source_images=[ev for i, ev in enumerate(evidence) if i not in explained and i],
-    )
-    pm.BodyPartExamined = "HEAD"  # unpaired: Laterality (Type 2C) is not required
-    return pm
