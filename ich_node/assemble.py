@@ -1,14 +1,23 @@
 """Series assembly: when a series is complete, and whether the node reads it.
 
-A series is complete ``series.stable_seconds`` after its last instance, or as
-soon as every image its header announces (ImagesInAcquisition) has come. The
-selection rules of the ``series`` section then decide: modality, optional
+A series is complete ``series.stable_seconds`` after its last instance (the
+quiet period). Before its first read it may end earlier, when every image of a
+count that describes the *whole series* has come: NumberOfSeriesRelatedInstances
+when present, or ImagesInAcquisition only when every received instance carries
+one AcquisitionNumber (PS3.3 C.7.6.1 defines it per acquisition: a series of 21
+acquisitions counts each one), and only when the count is at least
+``series.min_slices``. After a read, late instances and changed re-sends
+(see :mod:`ich_node.spool`) start the quiet period again and one new version is
+read once it is quiet, never one per instance; at most ``series.max_versions``
+versions are read (the series is then ``capped``, its later instances stored but
+not read). The selection rules of the ``series`` section then decide: modality, optional
 patterns on body part and descriptions, exclusion patterns on the series
 description, then the headers themselves (:func:`ich_node.imaging.read_series`:
 axial within the tilt tolerance, localizers dropped) and the slice count. A
 series the node does not read is recorded as ``skipped`` with the reason. An
 instance arriving after a series was read puts it back to ``receiving``; the next
-read queues a new version (a new job, a new set of results).
+read queues a new version (a new job, a new set of results, an SR naming the
+previous one).
 """
 
 from __future__ import annotations
@@ -83,14 +92,46 @@ class Assembler:
         self.metrics = metrics
 
     def is_complete(self, record: SeriesRecord, now: float) -> bool:
-        if record.expected is not None and record.n_instances >= record.expected:
+        """Whether ``record`` is complete at ``now`` (see the module's rules)."""
+        never_read = record.version == 0 and record.n_read == 0
+        expected = record.expected
+        # A count below series.min_slices cannot be a whole head series the node
+        # reads: the first images of a series of one-image acquisitions say
+        # ImagesInAcquisition 1 under one AcquisitionNumber.
+        if (
+            never_read
+            and expected is not None
+            and expected >= self.config.min_slices
+            and record.n_instances >= expected
+        ):
             return True
         return now - record.last_at >= self.config.stable_seconds
+
+    def cap(self, record: SeriesRecord) -> Decision:
+        """Record that a series at ``series.max_versions`` is not read again."""
+        uid, limit = record.series_instance_uid, self.config.max_versions
+        reason = (
+            f"series.max_versions ({limit}) reached: "
+            f"{record.n_instances - record.n_read + record.n_replaced} later instances "
+            "stored, not read"
+        )
+        self.store.skip_series(
+            uid, record.n_instances, reason, seen_last_at=record.last_at, state="capped"
+        )
+        log.warning(
+            "series.max_versions_reached",
+            series_instance_uid=uid,
+            versions=record.version,
+            instances=record.n_instances,
+        )
+        return Decision(uid, False, None, record.version, reason)
 
     def decide(self, record: SeriesRecord, now: float) -> Decision:
         """Read the headers of a complete series and queue it or skip it."""
         uid = record.series_instance_uid
         n = record.n_instances
+        if record.version >= self.config.max_versions:
+            return self.cap(record)
         reason = select_headers(record, self.config)
         if reason is None:
             try:
@@ -108,16 +149,17 @@ class Assembler:
                         f"series.min_slices is {self.config.min_slices}"
                     )
         if reason is not None:
-            self.store.skip_series(uid, n, reason)
+            self.store.skip_series(uid, n, reason, seen_last_at=record.last_at)
             log.info("series.skipped", series_instance_uid=uid, instances=n, reason=reason)
             return Decision(uid, False, None, record.version, reason)
-        job = self.store.queue_series(uid, n, job_id_for, now)
+        job = self.store.queue_series(uid, n, job_id_for, now, seen_last_at=record.last_at)
         log.info(
             "series.queued",
             series_instance_uid=uid,
             instances=n,
             version=job.version,
             job_id=job.job_id,
+            cause=job.cause,
         )
         return Decision(uid, True, job.job_id, job.version, "")
 
@@ -131,7 +173,8 @@ class Assembler:
                 decision = self.decide(record, now)
                 decisions.append(decision)
                 if self.metrics is not None:
-                    self.metrics.series.labels("queued" if decision.queued else "skipped").inc()
+                    label = "queued" if decision.queued else "skipped"
+                    self.metrics.series.labels(label).inc()
             except Exception as exc:  # log and go on; the series stays receiving
                 log.error(
                     "series.assemble_failed",

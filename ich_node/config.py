@@ -138,6 +138,8 @@ class SeriesSection(_Section):
     """``series``: when a series is complete and which series are read."""
 
     stable_seconds: Annotated[float, Field(ge=0, le=86400)] = 30.0
+    # Versions of one series the node reads at most (late instances, changed re-sends).
+    max_versions: Annotated[int, Field(ge=1, le=1000)] = 5
     min_slices: Annotated[int, Field(ge=1)] = 10
     max_tilt_degrees: Annotated[float, Field(ge=0, le=45)] = 30.0
     modalities: tuple[str, ...] = ("CT",)

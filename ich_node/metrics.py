@@ -53,6 +53,13 @@ class _StoreCollector(Collector):
         with contextlib.suppress(Exception):
             family.add_metric([], self.store.n_instances())
         yield family
+        family = GaugeMetricFamily(
+            "ich_node_sop_uid_reused_instances",
+            "Instances whose SOP Instance UID is also recorded in another series",
+        )
+        with contextlib.suppress(Exception):
+            family.add_metric([], self.store.reread_counts().sop_uid_reused)
+        yield family
 
 
 class Metrics:

@@ -60,6 +60,7 @@ def collect_status(store: Store, now: float) -> dict[str, Any]:
                 }
             )
     failures.sort(key=lambda f: f["at"], reverse=True)
+    reread = store.reread_counts()
     return {
         "instances": store.n_instances(),
         "series": store.counts("series"),
@@ -73,6 +74,13 @@ def collect_status(store: Store, now: float) -> dict[str, Any]:
             "age_s": round(now - oldest.created_at, 1),
         },
         "recent_failures": failures[:RECENT_FAILURES],
+        "series_read_again": {
+            "series": reread.series,
+            "late_instances": reread.late_instances,
+            "changed_resends": reread.changed_resends,
+        },
+        "series_capped": reread.capped,
+        "sop_uid_reused_instances": reread.sop_uid_reused,
         "heartbeats": {
             name: {"pid": pid, "age_s": round(now - at, 1)}
             for name, (pid, at) in sorted(store.heartbeats().items())
@@ -106,6 +114,22 @@ def status(config: NodeConfig, as_json: bool) -> int:
             else f"{oldest['job_id']} ({oldest['state']}, {oldest['age_s']} s)"
         )
     )
+    again = report["series_read_again"]
+    print(
+        f"series read more than once: {again['series']} "
+        f"(versions for late instances {again['late_instances']}, "
+        f"for changed re-sends {again['changed_resends']})"
+    )
+    if report["series_capped"]:
+        print(
+            f"series at series.max_versions: {report['series_capped']} "
+            "(later instances stored, not read)"
+        )
+    if report["sop_uid_reused_instances"]:
+        print(
+            f"instances whose SOP Instance UID is also in another series: "
+            f"{report['sop_uid_reused_instances']} (each read with its own series)"
+        )
     for name, beat in report["heartbeats"].items():
         print(f"heartbeat {name}: pid {beat['pid']}, {beat['age_s']} s ago")
     print(f"recent failures: {len(report['recent_failures'])}")

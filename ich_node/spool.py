@@ -1,5 +1,12 @@
 """The durable spool: each received instance written atomically, then recorded.
 
+An instance is identified by its series and its SOP Instance UID, and its
+content by the SHA-256 of its data set as received (the file meta, which the
+node writes itself, is left out). The same instance sent again with the same
+content is not written again; with other content (a corrected re-send) it
+replaces the older copy and the series is read again; the same SOP Instance UID
+in another series is stored with that series, and logged as a warning.
+
 An instance is durable when its bytes are in a temporary file that was fsync'ed,
 renamed to its final name, its folder fsync'ed, and its row committed in the
 store. Only then may the listener answer Success: a crash at any point before
@@ -18,10 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import structlog
 from pydicom.dataset import Dataset
 
 from ich_node.durable import fsync_dir
-from ich_node.store import InstanceRecord, Store
+from ich_node.store import Added, InstanceRecord, Store
+
+log = structlog.get_logger(__name__)
 
 _UID: Final = re.compile(r"^[0-9][0-9.]{0,63}$")
 
@@ -32,10 +42,41 @@ class SpoolError(OSError):
 
 @dataclass(frozen=True, slots=True)
 class Spooled:
-    """Where an instance is and whether this C-STORE added it."""
+    """Where an instance is and what this C-STORE did with it.
+
+    ``new`` is true when the C-STORE changed what the node holds (a new instance
+    or a changed re-send), false for an identical re-send.
+    """
 
     path: Path
     new: bool
+    added: Added = Added.NEW
+    reused_in: tuple[str, ...] = ()  # other series holding the same SOP Instance UID
+
+
+def content_digest(data: bytes) -> str:
+    """SHA-256 (hex) of a DICOM file's data set, without its preamble and file meta.
+
+    ``data`` is a Part 10 file as the listener spools it: 128-byte preamble,
+    ``DICM``, then the group 0002 elements, which start with their group length
+    (0002,0000) UL (PS3.10 7.1). Without that layout the whole file is hashed.
+    """
+    if len(data) >= 144 and data[128:132] == b"DICM" and data[132:136] == b"\x02\x00\x00\x00":
+        length = int.from_bytes(data[140:144], "little")
+        start = 144 + length
+        if start <= len(data):
+            return hashlib.sha256(memoryview(data)[start:]).hexdigest()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _positive_int(value: object) -> int | None:
+    if value in (None, ""):
+        return None
+    try:
+        number = int(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
 
 
 def _name(uid: str) -> str:
@@ -71,13 +112,6 @@ def instance_record(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> I
     sop = _text(ds, "SOPInstanceUID") or sop_instance_uid
     if not sop:
         raise ValueError("the dataset has no SOPInstanceUID")
-    expected: int | None = None
-    raw = ds.get("ImagesInAcquisition")
-    if raw not in (None, ""):
-        try:
-            expected = int(raw) if int(raw) > 0 else None
-        except (TypeError, ValueError):
-            expected = None
     return InstanceRecord(
         sop_instance_uid=sop,
         sop_class_uid=_text(ds, "SOPClassUID") or sop_class_uid,
@@ -87,7 +121,9 @@ def instance_record(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> I
         body_part=_text(ds, "BodyPartExamined"),
         study_description=_text(ds, "StudyDescription"),
         series_description=_text(ds, "SeriesDescription"),
-        expected=expected,
+        images_in_acquisition=_positive_int(ds.get("ImagesInAcquisition")),
+        acquisition_number=_text(ds, "AcquisitionNumber"),
+        series_related_instances=_positive_int(ds.get("NumberOfSeriesRelatedInstances")),
     )
 
 
@@ -110,7 +146,10 @@ class Recovery:
 
 
 class Spool:
-    """Instance files under ``<storage.dir>/spool/<study>/<series>/<sop>.dcm``.
+    """Instance files under ``<storage.dir>/spool/<study>/<series>/<sop>.<digest>.dcm``.
+
+    The digest (16 hex digits of :func:`content_digest`) in the name keeps a
+    changed re-send apart from the copy it replaces until the store points at it.
 
     Parameters
     ----------
@@ -153,9 +192,7 @@ class Spool:
         """
         # Compared by the path under spool/ (<study>/<series>/<sop>.dcm), so a
         # storage.dir that was moved never makes recorded files look unrecorded.
-        recorded = {
-            Path(*Path(name).parts[-3:]): sop for name, sop in self.store.instance_files().items()
-        }
+        recorded = {Path(*Path(name).parts[-3:]): name for name in self.store.instance_files()}
         temp = unrecorded = 0
         present: set[Path] = set()
         for path in self.root.rglob("*"):
@@ -171,33 +208,42 @@ class Spool:
             else:
                 present.add(key)
         missing = 0
-        for key, sop in recorded.items():
+        for key, name in recorded.items():
             if key not in present:
                 missing += 1
-                self.store.forget_instance(sop)
+                self.store.forget_instance(name)
         return Recovery(temp, unrecorded, missing)
 
-    def path_for(self, record: InstanceRecord) -> Path:
+    def path_for(self, record: InstanceRecord, digest: str) -> Path:
+        """The spool file of ``record`` with content ``digest`` (hex)."""
         return (
             self.root
             / _name(record.study_instance_uid)
             / _name(record.series_instance_uid)
-            / f"{_name(record.sop_instance_uid)}.dcm"
+            / f"{_name(record.sop_instance_uid)}.{digest[:16]}.dcm"
         )
 
     def save(self, data: bytes, record: InstanceRecord, now: float) -> Spooled:
         """Write ``data`` (a DICOM file: preamble, meta, dataset) durably and record it.
 
-        A SOP Instance UID already in the store is not written again.
+        An instance already recorded in its series with the same content is not
+        written again. A changed re-send is written beside the older copy, recorded
+        in its place, and the older file removed (a crash in between leaves an
+        unrecorded file that :meth:`recover` removes).
 
         Raises
         ------
         SpoolError
             When the instance cannot be made durable; no partial file is left.
         """
-        final = self.path_for(record)
-        if self.store.has_instance(record.sop_instance_uid):
-            return Spooled(final, new=False)
+        digest = content_digest(data)
+        final = self.path_for(record, digest)
+        series, sop = record.series_instance_uid, record.sop_instance_uid
+        try:
+            if self.store.instance_digest(series, sop) == digest:
+                return Spooled(final, new=False, added=Added.DUPLICATE)
+        except Exception as exc:  # sqlite3.Error: cannot tell, so cannot answer Success
+            raise SpoolError(f"{type(exc).__name__}: {exc}") from exc
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{id(data):x}.tmp")
         try:
             final.parent.parent.mkdir(mode=0o700, exist_ok=True)
@@ -212,11 +258,37 @@ class Spool:
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
             fsync_dir(final.parent)
-            new = self.store.add_instance(record, final, len(data), now)
+            result = self.store.add_instance(record, final, len(data), now, digest)
         except SpoolError:
             raise
         except Exception as exc:  # OSError, sqlite3.Error: the instance is not durable
             raise SpoolError(f"{type(exc).__name__}: {exc}") from exc
         finally:
             tmp.unlink(missing_ok=True)
-        return Spooled(final, new=new)
+        if result.replaced_path is not None:
+            # Superseded and no longer recorded; a failure here leaves a file that
+            # recover() removes at the next start.
+            try:
+                result.replaced_path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("spool.old_copy_kept", error=type(exc).__name__)
+        if result.added is Added.REPLACED:
+            log.info(
+                "instance.replaced",
+                series_instance_uid=series,
+                sop_instance_uid=sop,
+                reason="same series and SOP Instance UID, other content: read again",
+            )
+        if result.reused_in:
+            log.warning(
+                "instance.sop_uid_reused",
+                sop_instance_uid=sop,
+                series_instance_uid=series,
+                also_in_series=list(result.reused_in),
+            )
+        return Spooled(
+            final,
+            new=result.added is not Added.DUPLICATE,
+            added=result.added,
+            reused_in=result.reused_in,
+        )

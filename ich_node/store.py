@@ -13,6 +13,7 @@ that tests drive time.
 
 from __future__ import annotations
 
+import enum
 import os
 import sqlite3
 import threading
@@ -20,21 +21,28 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 #: The database file inside ``storage.dir``.
 DB_NAME: Final = "node.sqlite3"
 
 _SCHEMA: Final = """
+-- An instance is identified by its series and its SOP Instance UID: a UID reused in
+-- another series is another instance (faulty modalities, anonymisers, re-keyed archives).
 CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
     series_instance_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
     sop_class_uid TEXT NOT NULL,
     path TEXT NOT NULL,
     size INTEGER NOT NULL,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    digest TEXT NOT NULL DEFAULT '',
+    acquisition TEXT NOT NULL DEFAULT '',
+    images_in_acquisition INTEGER,
+    series_related INTEGER,
+    PRIMARY KEY (series_instance_uid, sop_instance_uid)
 );
-CREATE INDEX IF NOT EXISTS instances_series ON instances(series_instance_uid);
+CREATE INDEX IF NOT EXISTS instances_sop ON instances(sop_instance_uid);
 CREATE TABLE IF NOT EXISTS series (
     series_instance_uid TEXT PRIMARY KEY,
     study_instance_uid TEXT NOT NULL,
@@ -44,6 +52,7 @@ CREATE TABLE IF NOT EXISTS series (
     series_description TEXT NOT NULL,
     expected INTEGER,
     n_instances INTEGER NOT NULL,
+    n_replaced INTEGER NOT NULL DEFAULT 0,
     n_read INTEGER NOT NULL DEFAULT 0,
     first_at REAL NOT NULL,
     last_at REAL NOT NULL,
@@ -62,7 +71,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker TEXT,
     reason TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    stage TEXT NOT NULL DEFAULT '',
+    crash_returns INTEGER NOT NULL DEFAULT 0,
+    cause TEXT NOT NULL DEFAULT '',
+    sr_study_uid TEXT NOT NULL DEFAULT '',
+    sr_series_uid TEXT NOT NULL DEFAULT '',
+    sr_sop_class_uid TEXT NOT NULL DEFAULT '',
+    sr_sop_uid TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, not_before);
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -103,9 +119,72 @@ CREATE TABLE IF NOT EXISTS stage_times (
 """
 
 
+#: The states of a series (see :mod:`ich_node.assemble`).
+SeriesState = Literal["receiving", "queued", "skipped", "capped", "purged"]
+#: The states of a reading job (see :mod:`ich_node.jobs`).
+JobState = Literal["queued", "leased", "retry", "done", "parked"]
+#: Where a leased job is in a worker's pipeline: read ahead, on the model, writing results.
+JobStage = Literal["", "read", "model", "results"]
+#: The states of one delivery (see :mod:`ich_node.sender`).
+DeliveryState = Literal["pending", "retry", "done", "parked"]
+
+
+class Added(enum.Enum):
+    """What recording one received instance did (the key is series + SOP Instance UID)."""
+
+    NEW = "new"  # first copy of this instance in this series
+    DUPLICATE = "duplicate"  # same series, same UID, same content: nothing changed
+    REPLACED = "replaced"  # same series, same UID, other content: the older copy is replaced
+
+
+#: Columns added after the first release: (table, column, declaration).
+_ADDED_COLUMNS: Final = (
+    ("series", "n_replaced", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "stage", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "crash_returns", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "cause", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "sr_study_uid", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "sr_series_uid", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "sr_sop_class_uid", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "sr_sop_uid", "TEXT NOT NULL DEFAULT ''"),
+)
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {str(r[1]) for r in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _migrate_instances(db: sqlite3.Connection) -> None:
+    """Re-key a store written before instances were keyed by series + SOP Instance UID."""
+    columns = _columns(db, "instances")
+    if not columns or "digest" in columns:
+        return
+    db.execute("ALTER TABLE instances RENAME TO instances_before_v2")
+    db.execute("DROP INDEX IF EXISTS instances_series")
+
+
+def _add_columns(db: sqlite3.Connection) -> None:
+    for table, column, declaration in _ADDED_COLUMNS:
+        if column not in _columns(db, table):
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+    if _columns(db, "instances_before_v2"):
+        db.execute(
+            """INSERT OR IGNORE INTO instances (series_instance_uid, sop_instance_uid,
+                sop_class_uid, path, size, received_at)
+            SELECT series_instance_uid, sop_instance_uid, sop_class_uid, path, size,
+                received_at FROM instances_before_v2"""
+        )
+        db.execute("DROP TABLE instances_before_v2")
+
+
 @dataclass(frozen=True, slots=True)
 class InstanceRecord:
-    """The header fields of one received instance the node records."""
+    """The header fields of one received instance the node records.
+
+    ``images_in_acquisition`` is ImagesInAcquisition (0020,1002), a count per
+    acquisition (PS3.3 C.7.6.1); ``series_related_instances`` is
+    NumberOfSeriesRelatedInstances (0020,1209), a count for the whole series.
+    """
 
     sop_instance_uid: str
     sop_class_uid: str
@@ -115,12 +194,29 @@ class InstanceRecord:
     body_part: str
     study_description: str
     series_description: str
-    expected: int | None  # ImagesInAcquisition, when the header says it
+    images_in_acquisition: int | None = None
+    acquisition_number: str = ""
+    series_related_instances: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    """The outcome of :meth:`Store.add_instance`."""
+
+    added: Added
+    replaced_path: Path | None  # the older copy's file (REPLACED), for the caller to remove
+    reused_in: tuple[str, ...]  # other series holding the same SOP Instance UID (NEW only)
 
 
 @dataclass(frozen=True, slots=True)
 class SeriesRecord:
-    """One series as the store knows it."""
+    """One series as the store knows it.
+
+    ``expected`` is the number of images the headers say the *whole series* holds:
+    NumberOfSeriesRelatedInstances when any instance carries it, else
+    ImagesInAcquisition when every received instance carries it and all share one
+    AcquisitionNumber; ``None`` otherwise (only the quiet period then ends it).
+    """
 
     series_instance_uid: str
     study_instance_uid: str
@@ -130,10 +226,11 @@ class SeriesRecord:
     series_description: str
     expected: int | None
     n_instances: int
+    n_replaced: int  # instances replaced by a changed re-send since the last read
     n_read: int
     first_at: float
     last_at: float
-    state: str  # receiving | queued | skipped | purged (retention removed its images)
+    state: SeriesState
     version: int
     reason: str
 
@@ -145,7 +242,7 @@ class JobRecord:
     job_id: str
     series_instance_uid: str
     version: int
-    state: str  # queued | leased | retry | done | parked
+    state: JobState
     attempts: int
     not_before: float
     lease_until: float | None
@@ -153,6 +250,13 @@ class JobRecord:
     reason: str
     created_at: float
     updated_at: float
+    stage: JobStage = ""
+    crash_returns: int = 0  # times given back uncharged because its worker died
+    cause: str = ""  # why this version was read ("first read", "3 late instances", ...)
+    sr_study_uid: str = ""  # the SR this version sent (empty when none): a later
+    sr_series_uid: str = ""  # version's SR names it as its predecessor
+    sr_sop_class_uid: str = ""
+    sr_sop_uid: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,13 +265,34 @@ class DeliveryRecord:
 
     job_id: str
     destination: str
-    state: str  # pending | retry | done | parked
+    state: DeliveryState
     attempts: int
     next_at: float
     reason: str
     n_files: int
     created_at: float
     updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SrReference:
+    """The UIDs of an SR a job sent (PS3.3 C.17.2, Predecessor Documents Sequence)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True, slots=True)
+class RereadCounts:
+    """Series read more than once, and why (for ``status``)."""
+
+    series: int  # series with more than one version
+    late_instances: int  # versions read again because instances came after a read
+    changed_resends: int  # versions read again because an instance was re-sent changed
+    capped: int  # series that reached series.max_versions
+    sop_uid_reused: int  # instances whose SOP Instance UID is also in another series
 
 
 class Store:
@@ -203,9 +328,11 @@ class Store:
         # Success status to the PACS promises.
         self._db.execute("PRAGMA synchronous=FULL")
         with self.transaction() as db:
+            _migrate_instances(db)
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            _add_columns(db)
         for suffix in ("", "-wal", "-shm"):
             side = self.path.with_name(self.path.name + suffix)
             if side.exists():
@@ -238,36 +365,98 @@ class Store:
 
     # -- instances and series -------------------------------------------------
 
-    def has_instance(self, sop_instance_uid: str) -> bool:
-        rows = self._query(
-            "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
-        )
+    def has_instance(self, sop_instance_uid: str, series_instance_uid: str | None = None) -> bool:
+        """Whether an instance with this SOP Instance UID (in this series, when given) is known."""
+        if series_instance_uid is None:
+            rows = self._query(
+                "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            )
+        else:
+            rows = self._query(
+                """SELECT 1 FROM instances WHERE series_instance_uid = ?
+                AND sop_instance_uid = ?""",
+                (series_instance_uid, sop_instance_uid),
+            )
         return bool(rows)
 
-    def add_instance(self, record: InstanceRecord, path: Path, size: int, now: float) -> bool:
-        """Record a spooled instance; ``False`` when its SOP Instance UID was known."""
+    def instance_digest(self, series_instance_uid: str, sop_instance_uid: str) -> str | None:
+        """The content digest of the recorded copy of an instance; ``None`` when unknown."""
+        rows = self._query(
+            """SELECT digest FROM instances WHERE series_instance_uid = ?
+            AND sop_instance_uid = ?""",
+            (series_instance_uid, sop_instance_uid),
+        )
+        return str(rows[0]["digest"]) if rows else None
+
+    def add_instance(
+        self, record: InstanceRecord, path: Path, size: int, now: float, digest: str = ""
+    ) -> AddResult:
+        """Record a spooled instance under (series, SOP Instance UID).
+
+        The same key with the same ``digest`` changes nothing (``DUPLICATE``); with
+        another digest the row points at the new file and the series is receiving
+        again (``REPLACED``: it is read again as a new version). A new key is
+        ``NEW``; ``reused_in`` then names other series that hold the same SOP
+        Instance UID (the instance is still stored and read with its own series).
+        """
+        key = (record.series_instance_uid, record.sop_instance_uid)
         with self.transaction() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?)",
+            row = db.execute(
+                """SELECT path, digest FROM instances WHERE series_instance_uid = ?
+                AND sop_instance_uid = ?""",
+                key,
+            ).fetchone()
+            if row is not None and row["digest"] == digest:
+                return AddResult(Added.DUPLICATE, None, ())
+            if row is not None:
+                db.execute(
+                    """UPDATE instances SET path = ?, size = ?, received_at = ?, digest = ?,
+                        sop_class_uid = ?, acquisition = ?, images_in_acquisition = ?,
+                        series_related = ?
+                    WHERE series_instance_uid = ? AND sop_instance_uid = ?""",
+                    (
+                        str(path),
+                        size,
+                        now,
+                        digest,
+                        record.sop_class_uid,
+                        record.acquisition_number,
+                        record.images_in_acquisition,
+                        record.series_related_instances,
+                        *key,
+                    ),
+                )
+                db.execute(
+                    """UPDATE series SET n_replaced = n_replaced + 1, last_at = ?,
+                        state = 'receiving' WHERE series_instance_uid = ?""",
+                    (now, record.series_instance_uid),
+                )
+                old = Path(row["path"])
+                return AddResult(Added.REPLACED, None if old == Path(path) else old, ())
+            db.execute(
+                """INSERT INTO instances (series_instance_uid, sop_instance_uid, sop_class_uid,
+                    path, size, received_at, digest, acquisition, images_in_acquisition,
+                    series_related) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
-                    record.sop_instance_uid,
-                    record.series_instance_uid,
+                    *key,
                     record.sop_class_uid,
                     str(path),
                     size,
                     now,
+                    digest,
+                    record.acquisition_number,
+                    record.images_in_acquisition,
+                    record.series_related_instances,
                 ),
             )
-            if cur.rowcount == 0:
-                return False
             db.execute(
                 """INSERT INTO series (series_instance_uid, study_instance_uid, modality,
                     body_part, study_description, series_description, expected,
                     n_instances, first_at, last_at, state)
-                VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?, 'receiving')
+                VALUES (?, ?, ?, ?, ?, ?, NULL, 1, ?, ?, 'receiving')
                 ON CONFLICT(series_instance_uid) DO UPDATE SET
                     n_instances = n_instances + 1, last_at = excluded.last_at,
-                    expected = COALESCE(excluded.expected, expected), state = 'receiving'""",
+                    state = 'receiving'""",
                 (
                     record.series_instance_uid,
                     record.study_instance_uid,
@@ -275,12 +464,16 @@ class Store:
                     record.body_part,
                     record.study_description,
                     record.series_description,
-                    record.expected,
                     now,
                     now,
                 ),
             )
-            return True
+            others = db.execute(
+                """SELECT series_instance_uid FROM instances WHERE sop_instance_uid = ?
+                AND series_instance_uid != ? ORDER BY series_instance_uid""",
+                (record.sop_instance_uid, record.series_instance_uid),
+            ).fetchall()
+            return AddResult(Added.NEW, None, tuple(str(r[0]) for r in others))
 
     def instance_paths(
         self, series_instance_uid: str, received_by: float | None = None
@@ -304,24 +497,68 @@ class Store:
             )
         return [Path(r["path"]) for r in rows]
 
+    def _series_record(self, row: sqlite3.Row) -> SeriesRecord:
+        data = dict(row)
+        data["expected"] = self._whole_series_count(str(row["series_instance_uid"]))
+        return SeriesRecord(**data)
+
+    def _whole_series_count(self, series_instance_uid: str) -> int | None:
+        # ImagesInAcquisition counts one acquisition (PS3.3 C.7.6.1): it is the
+        # series size only when every instance says it and all share one
+        # AcquisitionNumber. NumberOfSeriesRelatedInstances counts the series.
+        row = self._query(
+            """SELECT COUNT(*) AS n, MAX(series_related) AS related,
+                COUNT(DISTINCT acquisition) AS acquisitions,
+                SUM(acquisition = '') AS no_acquisition,
+                COUNT(images_in_acquisition) AS with_count,
+                MIN(images_in_acquisition) AS lo, MAX(images_in_acquisition) AS hi
+            FROM instances WHERE series_instance_uid = ?""",
+            (series_instance_uid,),
+        )[0]
+        if row["related"] is not None and int(row["related"]) > 0:
+            return int(row["related"])
+        if (
+            int(row["n"]) > 0
+            and int(row["acquisitions"]) == 1
+            and not int(row["no_acquisition"] or 0)
+            and int(row["with_count"]) == int(row["n"])
+            and row["lo"] == row["hi"]
+            and int(row["hi"]) > 0
+        ):
+            return int(row["hi"])
+        return None
+
     def series(self, series_instance_uid: str) -> SeriesRecord | None:
         rows = self._query(
             "SELECT * FROM series WHERE series_instance_uid = ?", (series_instance_uid,)
         )
-        return SeriesRecord(**dict(rows[0])) if rows else None
+        return self._series_record(rows[0]) if rows else None
 
     def receiving_series(self) -> list[SeriesRecord]:
         """Series with instances that no read has covered yet."""
         rows = self._query("SELECT * FROM series WHERE state = 'receiving' ORDER BY last_at")
-        return [SeriesRecord(**dict(r)) for r in rows]
+        return [self._series_record(r) for r in rows]
 
-    def skip_series(self, series_instance_uid: str, n_read: int, reason: str) -> None:
+    def skip_series(
+        self,
+        series_instance_uid: str,
+        n_read: int,
+        reason: str,
+        seen_last_at: float | None = None,
+        state: Literal["skipped", "capped"] = "skipped",
+    ) -> None:
+        """Record that the series is not read (``skipped``, or ``capped`` at max_versions).
+
+        It stays ``receiving`` when an instance came after ``seen_last_at`` (the
+        ``last_at`` the decision was made on) or beyond ``n_read`` instances.
+        """
+        seen = float("inf") if seen_last_at is None else seen_last_at
         with self.transaction() as db:
             db.execute(
-                """UPDATE series SET state = CASE WHEN n_instances > ? THEN 'receiving'
-                    ELSE 'skipped' END, n_read = ?, reason = ?
+                """UPDATE series SET state = CASE WHEN n_instances > ? OR last_at > ?
+                    THEN 'receiving' ELSE ? END, n_read = ?, reason = ?
                 WHERE series_instance_uid = ?""",
-                (n_read, n_read, reason, series_instance_uid),
+                (n_read, seen, state, n_read, reason, series_instance_uid),
             )
 
     def queue_series(
@@ -330,14 +567,19 @@ class Store:
         n_read: int,
         job_id_for: Callable[[str, int], str],
         now: float,
+        seen_last_at: float | None = None,
     ) -> JobRecord:
         """Bump the series version and enqueue its job, in one transaction.
 
         ``job_id_for`` is called with (series UID, version) and returns the job id.
+        The job's ``cause`` says why this version is read: the first read, late
+        instances, changed re-sends. The series stays ``receiving`` when an
+        instance came after ``seen_last_at`` (the ``last_at`` the decision saw).
         """
+        seen = float("inf") if seen_last_at is None else seen_last_at
         with self.transaction() as db:
             row = db.execute(
-                "SELECT version FROM series WHERE series_instance_uid = ?",
+                "SELECT version, n_read, n_replaced FROM series WHERE series_instance_uid = ?",
                 (series_instance_uid,),
             ).fetchone()
             version = int(row["version"]) + 1
@@ -350,19 +592,68 @@ class Store:
                 (series_instance_uid, now),
             ).fetchone()
             n_read = min(n_read, int(counted["n"])) if int(counted["n"]) else n_read
+            if version == 1:
+                cause = "first read"
+            else:
+                late = max(n_read - int(row["n_read"]), 0)
+                parts = [f"{late} late instances"] if late else []
+                if int(row["n_replaced"]):
+                    parts.append(f"{int(row['n_replaced'])} changed re-sends")
+                cause = ", ".join(parts) or "read again"
             db.execute(
-                """UPDATE series SET state = CASE WHEN n_instances > ? THEN 'receiving'
-                    ELSE 'queued' END, n_read = ?, version = ?, reason = ''
+                """UPDATE series SET state = CASE WHEN n_instances > ? OR last_at > ?
+                    THEN 'receiving' ELSE 'queued' END, n_read = ?, version = ?, reason = '',
+                    n_replaced = 0
                 WHERE series_instance_uid = ?""",
-                (n_read, n_read, version, series_instance_uid),
+                (n_read, seen, n_read, version, series_instance_uid),
             )
             db.execute(
                 """INSERT OR IGNORE INTO jobs (job_id, series_instance_uid, version, state,
-                    not_before, created_at, updated_at) VALUES (?, ?, ?, 'queued', ?, ?, ?)""",
-                (job_id, series_instance_uid, version, now, now, now),
+                    not_before, created_at, updated_at, cause)
+                VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)""",
+                (job_id, series_instance_uid, version, now, now, now, cause),
             )
             job = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
             return JobRecord(**dict(job))
+
+    def reread_counts(self) -> RereadCounts:
+        """How many series were read more than once and why, capped ones, reused UIDs."""
+        row = self._query(
+            """SELECT
+                (SELECT COUNT(*) FROM series WHERE version > 1) AS series,
+                (SELECT COUNT(*) FROM jobs WHERE version > 1 AND cause LIKE '%late%') AS late,
+                (SELECT COUNT(*) FROM jobs WHERE version > 1 AND cause LIKE '%changed%')
+                    AS changed,
+                (SELECT COUNT(*) FROM series WHERE state = 'capped') AS capped,
+                (SELECT COUNT(*) FROM instances i WHERE EXISTS (SELECT 1 FROM instances o
+                    WHERE o.sop_instance_uid = i.sop_instance_uid
+                    AND o.series_instance_uid != i.series_instance_uid)) AS reused"""
+        )[0]
+        return RereadCounts(
+            int(row["series"]),
+            int(row["late"]),
+            int(row["changed"]),
+            int(row["capped"]),
+            int(row["reused"]),
+        )
+
+    def previous_sr(self, series_instance_uid: str, version: int) -> SrReference | None:
+        """The SR of the latest earlier version of a series that sent one, or ``None``."""
+        rows = self._query(
+            """SELECT sr_study_uid, sr_series_uid, sr_sop_class_uid, sr_sop_uid FROM jobs
+            WHERE series_instance_uid = ? AND version < ? AND state = 'done'
+            AND sr_sop_uid != '' ORDER BY version DESC LIMIT 1""",
+            (series_instance_uid, version),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return SrReference(
+            str(r["sr_study_uid"]),
+            str(r["sr_series_uid"]),
+            str(r["sr_sop_class_uid"]),
+            str(r["sr_sop_uid"]),
+        )
 
     # -- jobs -------------------------------------------------------------------
 
@@ -493,16 +784,15 @@ class Store:
             for r in self._query("SELECT path, sop_instance_uid FROM instances")
         }
 
-    def forget_instance(self, sop_instance_uid: str) -> None:
-        """Drop an instance row whose file is gone (recovery), keeping the counts right."""
+    def forget_instance(self, path: str) -> None:
+        """Drop the instance row of a file that is gone (recovery), keeping the counts right."""
         with self.transaction() as db:
             row = db.execute(
-                "SELECT series_instance_uid FROM instances WHERE sop_instance_uid = ?",
-                (sop_instance_uid,),
+                "SELECT series_instance_uid FROM instances WHERE path = ?", (path,)
             ).fetchone()
             if row is None:
                 return
-            db.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
+            db.execute("DELETE FROM instances WHERE path = ?", (path,))
             db.execute(
                 """UPDATE series SET n_instances = MAX(n_instances - 1, 0)
                 WHERE series_instance_uid = ?""",
@@ -517,7 +807,7 @@ class Store:
         """
         rows = self._query(
             """SELECT s.series_instance_uid FROM series s
-            WHERE s.state IN ('queued', 'skipped') AND s.last_at < ?
+            WHERE s.state IN ('queued', 'skipped', 'capped') AND s.last_at < ?
             AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_instance_uid =
                 s.series_instance_uid AND j.state != 'done')
             AND NOT EXISTS (SELECT 1 FROM deliveries d JOIN jobs j ON d.job_id = j.job_id

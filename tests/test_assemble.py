@@ -90,3 +90,68 @@ def test_tilted_series_beyond_tolerance_is_skipped(tmp_path: Path) -> None:
     (decision,) = assembler.run_once(now=10.0)
     assert not decision.queued
     assert "axial" in decision.reason
+
+
+def _spool_each(spool: Spool, paths: list[Path], now: float, **override: object) -> None:
+    """Spool each file with its own header changes: ``override`` maps keyword -> f(i)."""
+    for i, path in enumerate(paths):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for key, value in override.items():
+            setattr(ds, key, value(i))  # type: ignore[operator]
+        record = instance_record(ds, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+        spool.save(path.read_bytes() + bytes([i]), record, now + i)
+
+
+def test_per_acquisition_count_does_not_end_the_series_early(
+    tmp_path: Path, phantom_series: object
+) -> None:
+    """A GE-like series: one acquisition per image, ImagesInAcquisition 1 on each."""
+    store, spool, assembler = _setup(tmp_path)
+    paths = list(phantom_series.paths)  # type: ignore[attr-defined]
+    decisions = []
+    for i, path in enumerate(paths):  # one image a second, the quiet period is 5 s
+        _spool_each(
+            spool, [path], now=100.0 + i, AcquisitionNumber=lambda _, i=i: i + 1,
+            ImagesInAcquisition=lambda _: 1,
+        )  # fmt: skip
+        decisions += assembler.run_once(now=100.5 + i)
+    assert decisions == []
+    record = store.series(phantom_series.series_instance_uid)  # type: ignore[attr-defined]
+    assert record is not None and record.expected is None
+    last = 100.0 + len(paths) - 1
+    (decision,) = assembler.run_once(now=last + 5.0)
+    assert decision.queued and decision.version == 1
+    assert [j.version for j in store.jobs()] == [1]
+
+
+def test_series_count_ends_early_and_late_instances_wait_for_quiet(
+    tmp_path: Path, phantom_series: object
+) -> None:
+    store, spool, assembler = _setup(tmp_path)
+    paths = list(phantom_series.paths)  # type: ignore[attr-defined]
+    n = len(paths)
+    _spool_files(spool, paths[:-2], now=100.0, NumberOfSeriesRelatedInstances=str(n - 2))
+    (first,) = assembler.run_once(now=100.1)  # the whole-series count is met
+    assert first.queued and first.version == 1
+    _spool_files(spool, paths[-2:-1], now=101.0)  # late: the count no longer ends it
+    assert assembler.run_once(now=101.1) == []
+    _spool_files(spool, paths[-1:], now=103.0)
+    assert assembler.run_once(now=107.9) == []
+    (second,) = assembler.run_once(now=108.0)
+    assert second.version == 2
+    assert [j.cause for j in store.jobs()] == ["first read", "2 late instances"]
+
+
+def test_slow_adder_gets_at_most_max_versions(tmp_path: Path, phantom_series: object) -> None:
+    store, spool, assembler = _setup(tmp_path, max_versions=3)
+    paths = list(phantom_series.paths)  # type: ignore[attr-defined]
+    now = 0.0
+    for path in paths:  # each image after the series was quiet: a version per image at most
+        _spool_files(spool, [path], now=now, ImagesInAcquisition=None)
+        assembler.run_once(now=now + 6.0)
+        now += 10.0
+    assert [j.version for j in store.jobs()] == [1, 2, 3]
+    record = store.series(phantom_series.series_instance_uid)  # type: ignore[attr-defined]
+    assert record is not None and record.state == "capped"
+    assert record.reason.startswith("series.max_versions (3) reached")
+    assert store.reread_counts().capped == 1

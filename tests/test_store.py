@@ -6,12 +6,28 @@ import sqlite3
 from pathlib import Path
 
 from ich_node.jobs import job_id_for
-from ich_node.store import DB_NAME, InstanceRecord, Store
+from ich_node.store import DB_NAME, Added, InstanceRecord, Store
 
 
-def _record(sop: str, series: str = "1.2.3", expected: int | None = None) -> InstanceRecord:
+def _record(
+    sop: str,
+    series: str = "1.2.3",
+    expected: int | None = None,
+    acquisition: str = "1",
+    related: int | None = None,
+) -> InstanceRecord:
     return InstanceRecord(
-        sop, "1.2.840.10008.5.1.4.1.1.2", "1.2", series, "CT", "HEAD", "CT HEAD", "AX", expected
+        sop,
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.2",
+        series,
+        "CT",
+        "HEAD",
+        "CT HEAD",
+        "AX",
+        images_in_acquisition=expected,
+        acquisition_number=acquisition,
+        series_related_instances=related,
     )
 
 
@@ -29,10 +45,82 @@ def test_store_uses_wal_and_survives_reopen(tmp_path: Path) -> None:
 
 def test_repeated_sop_instance_is_recorded_once(tmp_path: Path) -> None:
     store = Store.open(tmp_path)
-    assert store.add_instance(_record("1.1"), tmp_path / "a.dcm", 10, now=1.0)
-    assert not store.add_instance(_record("1.1"), tmp_path / "a.dcm", 10, now=2.0)
+    added = store.add_instance(_record("1.1"), tmp_path / "a.dcm", 10, now=1.0, digest="d1")
+    assert added.added is Added.NEW and added.reused_in == ()
+    again = store.add_instance(_record("1.1"), tmp_path / "a.dcm", 10, now=2.0, digest="d1")
+    assert again.added is Added.DUPLICATE
     series = store.series("1.2.3")
     assert series is not None and series.n_instances == 1 and series.last_at == 1.0
+
+
+def test_instances_are_keyed_by_series_and_sop_uid(tmp_path: Path) -> None:
+    store = Store.open(tmp_path)
+    store.add_instance(_record("1.1", series="9.1"), tmp_path / "a.dcm", 10, now=1.0, digest="x")
+    other = store.add_instance(
+        _record("1.1", series="9.2"), tmp_path / "b.dcm", 10, now=2.0, digest="x"
+    )
+    assert other.added is Added.NEW and other.reused_in == ("9.1",)
+    assert store.instance_paths("9.1") == [tmp_path / "a.dcm"]
+    assert store.instance_paths("9.2") == [tmp_path / "b.dcm"]
+    assert store.reread_counts().sop_uid_reused == 2
+    job = store.queue_series("9.1", 1, job_id_for, now=3.0)
+    changed = store.add_instance(
+        _record("1.1", series="9.1"), tmp_path / "c.dcm", 10, now=4.0, digest="y"
+    )
+    assert changed.added is Added.REPLACED and changed.replaced_path == tmp_path / "a.dcm"
+    record = store.series("9.1")
+    assert record is not None and record.state == "receiving" and record.n_instances == 1
+    assert record.n_replaced == 1 and store.instance_paths("9.1") == [tmp_path / "c.dcm"]
+    assert store.instance_paths("9.1", received_by=job.created_at) == []
+    job2 = store.queue_series("9.1", 1, job_id_for, now=5.0)
+    assert (job.cause, job2.cause) == ("first read", "1 changed re-sends")
+    counts = store.reread_counts()
+    assert (counts.series, counts.changed_resends, counts.late_instances) == (1, 1, 0)
+
+
+def test_whole_series_count_only_from_counts_that_describe_the_series(tmp_path: Path) -> None:
+    store = Store.open(tmp_path)
+    # ImagesInAcquisition with one AcquisitionNumber: the series size.
+    for i in range(2):
+        store.add_instance(_record(f"1.{i}", "5.1", expected=3), tmp_path / f"a{i}", 1, 1.0)
+    assert store.series("5.1").expected == 3  # type: ignore[union-attr]
+    # Two acquisitions: a per-acquisition count says nothing about the series.
+    store.add_instance(_record("2.1", "5.2", expected=1, acquisition="1"), tmp_path / "b1", 1, 1.0)
+    store.add_instance(_record("2.2", "5.2", expected=1, acquisition="2"), tmp_path / "b2", 1, 1.0)
+    assert store.series("5.2").expected is None  # type: ignore[union-attr]
+    # No AcquisitionNumber: cannot tell.
+    store.add_instance(_record("3.1", "5.3", expected=1, acquisition=""), tmp_path / "c1", 1, 1.0)
+    assert store.series("5.3").expected is None  # type: ignore[union-attr]
+    # NumberOfSeriesRelatedInstances counts the series whatever the acquisitions.
+    store.add_instance(
+        _record("4.1", "5.4", expected=1, acquisition="1", related=4), tmp_path / "d1", 1, 1.0
+    )
+    store.add_instance(_record("4.2", "5.4", acquisition="2"), tmp_path / "d2", 1, 1.0)
+    assert store.series("5.4").expected == 4  # type: ignore[union-attr]
+
+
+def test_store_written_before_series_keyed_instances_is_migrated(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.executescript(
+        """CREATE TABLE instances (sop_instance_uid TEXT PRIMARY KEY,
+            series_instance_uid TEXT NOT NULL, sop_class_uid TEXT NOT NULL, path TEXT NOT NULL,
+            size INTEGER NOT NULL, received_at REAL NOT NULL);
+        CREATE INDEX instances_series ON instances(series_instance_uid);
+        INSERT INTO instances VALUES ('1.1', '1.2.3', '1.2.840.10008.5.1.4.1.1.2', '/x', 5, 1.0);
+        CREATE TABLE jobs (job_id TEXT PRIMARY KEY, series_instance_uid TEXT NOT NULL,
+            version INTEGER NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+            not_before REAL NOT NULL, lease_until REAL, worker TEXT,
+            reason TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL,
+            updated_at REAL NOT NULL);
+        INSERT INTO jobs (job_id, series_instance_uid, version, state, not_before, created_at,
+            updated_at) VALUES ('j', '1.2.3', 1, 'done', 0, 0, 0);"""
+    )
+    db.close()
+    store = Store.open(tmp_path)
+    assert store.instance_paths("1.2.3") == [Path("/x")]
+    assert store.has_instance("1.1", "1.2.3")
+    (job,) = store.jobs()
+    assert job.state == "done" and job.stage == "" and job.cause == ""
 
 
 def test_series_versions_follow_late_instances(tmp_path: Path) -> None:
@@ -40,7 +128,7 @@ def test_series_versions_follow_late_instances(tmp_path: Path) -> None:
     store.add_instance(_record("1.1", expected=2), tmp_path / "a.dcm", 10, now=1.0)
     store.add_instance(_record("1.2"), tmp_path / "b.dcm", 10, now=2.0)
     series = store.series("1.2.3")
-    assert series is not None and series.expected == 2 and series.state == "receiving"
+    assert series is not None and series.expected is None and series.state == "receiving"
     job = store.queue_series("1.2.3", 2, job_id_for, now=3.0)
     assert job.version == 1 and store.series("1.2.3").state == "queued"  # type: ignore[union-attr]
     assert store.receiving_series() == []
