@@ -10,78 +10,24 @@ refused. safetensors holds raw tensors only: loading a bundle never unpickles.
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ich_node.imaging import DEFAULT_WINDOWS, Window
+# The card itself is torch-free (ich_node.card) so the results stage can read it.
+from ich_node.card import DEMO_NOTICE as DEMO_NOTICE
+from ich_node.card import FORMAT_VERSION as FORMAT_VERSION
+from ich_node.card import INTENDED_USE as INTENDED_USE
+from ich_node.card import BundleError as BundleError
+from ich_node.card import ModelCard as ModelCard
 from ich_node.labels import LABELS
 from ich_node.model import ARCHITECTURES, ICHClassifier
 
 CARD_KEY: Final = "ich_node.model_card"
-FORMAT_VERSION: Final = 1
-INTENDED_USE: Final = (
-    "AI result for triage support of intracranial hemorrhage on non-contrast head CT; "
-    "not a diagnosis. A radiologist reads every study."
-)
-DEMO_NOTICE: Final = "DEMO model trained on synthetic phantoms - not for clinical use"
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be served: missing, tampered, or inconsistent."""
-
-
-@dataclass(frozen=True, slots=True)
-class ModelCard:
-    """What a bundle says about its model (stored as JSON in the file header)."""
-
-    name: str
-    version: str
-    arch: str
-    input_size: int
-    windows: tuple[Window, ...] = DEFAULT_WINDOWS
-    labels: tuple[str, ...] = LABELS
-    thresholds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LABELS, 0.5))
-    demo: bool = False
-    training_data: str = ""
-    split: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    training: dict[str, Any] = field(default_factory=dict)
-    git_commit: str | None = None
-    created: str = ""
-    intended_use: str = INTENDED_USE
-    sha256: str = ""
-    format_version: int = FORMAT_VERSION
-
-    @property
-    def display_name(self) -> str:
-        """Name and version as shown in every output; says DEMO for a demo model."""
-        text = f"{self.name} {self.version}"
-        return f"{text} ({DEMO_NOTICE})" if self.demo else text
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["windows"] = [asdict(w) for w in self.windows]
-        data["labels"] = list(self.labels)
-        return json.dumps(data, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelCard:
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise BundleError("the model card is not a JSON object")
-        data["windows"] = tuple(Window(**w) for w in data.get("windows", ()))
-        data["labels"] = tuple(data.get("labels", ()))
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise BundleError(f"the model card has unknown fields {unknown}")
-        return cls(**data)
 
 
 @dataclass(frozen=True, slots=True)

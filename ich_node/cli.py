@@ -124,6 +124,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         write_findings(out_dir / "findings.json", prediction.findings)
         done.append(prediction.findings)
         if not args.no_dicom:
+            from ich_node.explain import explain_series
             from ich_node.results.build import (
                 ResultOptions,
                 ResultsSkipped,
@@ -137,7 +138,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 parametric_map=args.parametric_map,
             )
             try:
-                results = build_results(prediction, classifier, options)
+                explained = explain_series(
+                    prediction,
+                    classifier,
+                    negative_top_slices=options.negative_top_slices,
+                    explain_slices=options.needs_explanations,
+                )
+                results = build_results(explained, classifier.card, options)
             except ResultsSkipped as exc:
                 tqdm.write(
                     f"ich-node: series {uid}: findings.json written; DICOM results skipped: "

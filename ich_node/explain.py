@@ -27,7 +27,6 @@ its maximum (plus 1e-7), then a bilinear resize (OpenCV) to the input size.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import cv2
@@ -39,29 +38,10 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from ich_node.inference import Classifier, Prediction
 from ich_node.labels import LABELS
-from ich_node.results.findings import SeriesFindings
+from ich_node.results.common import source_header
+from ich_node.results.findings import ExplainedSeries, SeriesFindings, SliceExplanation
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class SliceExplanation:
-    """The Grad-CAM map of one slice.
-
-    Attributes
-    ----------
-    index : int
-        Slice index in series order (``prediction.series.slices``).
-    labels : tuple of str
-        The labels whose logits were explained (in :data:`LABELS` order).
-    cam : numpy.ndarray
-        (H, W) float32 in [0, 1] at the model input size; 1 is the region that
-        raises the explained logits most.
-    """
-
-    index: int
-    labels: tuple[str, ...]
-    cam: np.ndarray
 
 
 class _SumOfLogits:
@@ -169,9 +149,9 @@ def _gradcam_maps(
     index_of = {label: j for j, label in enumerate(LABELS)}
     out: list[np.ndarray] = []
     # pytorch-grad-cam hooks the layer; the context manager removes the hooks again.
-    # The classifier's lock keeps other threads' forward passes out of the hooks.
+    # No other thread runs this model meanwhile: explanations are made in the
+    # thread that runs the model (see explain_series), never by the encoders.
     with (
-        classifier.lock,
         torch.enable_grad(),
         GradCAM(model=model, target_layers=[model.target_layer]) as cam,
     ):
@@ -254,3 +234,52 @@ def explain(
     )
     log.debug("explain.done", slices=len(out), method="cam" if shortcut else "gradcam")
     return out
+
+
+def explain_series(
+    prediction: Prediction,
+    classifier: Classifier,
+    *,
+    negative_top_slices: int = 0,
+    explain_slices: bool = True,
+) -> ExplainedSeries:
+    """The model stage's hand-over to the results stage: plain data, no model.
+
+    Run in the thread that runs the model (the worker's model stage, or
+    ``predict``'s loop), so that Grad-CAM's hooks never meet another forward pass
+    and the encoders never touch torch.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        From :meth:`Classifier.predict_series` or ``predict_prepared``.
+    classifier : Classifier
+        The classifier that made it.
+    negative_top_slices : int
+        See :func:`slices_to_explain`.
+    explain_slices : bool
+        False when no output needs the maps (no heatmaps, no parametric map).
+
+    Returns
+    -------
+    ExplainedSeries
+        Findings, (S, rows, columns) float32 HU, explanations and the first
+        slice's header.
+
+    Raises
+    ------
+    OSError, pydicom.errors.InvalidDicomError
+        When the first slice's header can no longer be read.
+    """
+    explanations = (
+        explain(prediction, classifier, negative_top_slices=negative_top_slices)
+        if explain_slices
+        else ()
+    )
+    return ExplainedSeries(
+        series=prediction.series,
+        findings=prediction.findings,
+        hu=prediction.hu,
+        explanations=explanations,
+        header=source_header(prediction.series),
+    )

@@ -26,7 +26,6 @@ Speed (measured in ``docs/performance.md``):
 from __future__ import annotations
 
 import os
-import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -185,6 +184,14 @@ class Classifier:
     channels_last
         NHWC memory format; ``None``: yes (cuDNN's bf16 and oneDNN's fp32 and bf16
         convolutions all ran faster in it, ``docs/performance.md``).
+
+    Notes
+    -----
+    One thread runs a classifier's model: the worker's model stage makes both the
+    predictions and the Grad-CAM maps (:func:`ich_node.explain.explain_series`),
+    and the encoders get plain arrays. pytorch-grad-cam's hooks on the shared
+    model would otherwise see another thread's forward pass, so no lock is needed
+    as long as that holds.
     """
 
     def __init__(
@@ -225,10 +232,6 @@ class Classifier:
         net: nn.Module = _LogitsAndCams(self.model) if self.cam_head is not None else self.model
         self.compiled = compile
         self._net: Any = torch.compile(net) if compile else net
-        #: Held for each forward pass, and by anything that hooks the model (Grad-CAM):
-        #: the worker runs the model in one thread and explains in another, and a
-        #: hook left on a layer would see the other thread's series.
-        self.lock = threading.RLock()
         self.info = ModelInfo(
             name=self.card.name,
             version=self.card.version,
@@ -268,7 +271,7 @@ class Classifier:
         if self.compiled and n < self.batch_size:  # one shape, one compiled graph
             pad = batch.new_zeros((self.batch_size - n, *batch.shape[1:]))
             batch = torch.cat([batch, pad])
-        with self.lock, self._autocast():
+        with self._autocast():
             out = self._net(batch)
         logits, cams = out if isinstance(out, tuple) else (out, None)
         probabilities = torch.sigmoid(logits[:n].float()).cpu().numpy()

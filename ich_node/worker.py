@@ -200,28 +200,40 @@ class Worker:
         times["n_slices"] = float(len(series.slices))
         return series
 
-    def _write_outputs(self, job: JobRecord, prediction: Any, folder: Path) -> int:
-        """``findings.json`` and the DICOM results into ``folder``; returns the DICOM count."""
-        from ich_node.results.findings import write_findings
+    def _options(self) -> Any:
+        """The ``results`` section as :class:`ich_node.results.build.ResultOptions`."""
+        from ich_node.results.build import ResultOptions
 
-        write_findings(folder / "findings.json", prediction.findings)
-        try:
-            from ich_node.results.build import (
-                ResultOptions,
-                ResultsSkipped,
-                build_results,
-                write_results,
-            )
-        except ImportError:  # results.py not installed: findings only, nothing to send
-            log.warning("job.no_results_module", job_id=job.job_id)
-            return 0
-        options = ResultOptions(
+        return ResultOptions(
             heatmaps=self.config.results.heatmaps,
             negative_top_slices=self.config.results.negative_top_slices,
             parametric_map=self.config.results.parametric_map,
         )
+
+    def _explain(self, prediction: Any) -> Any:
+        """Model stage: Grad-CAM maps and the source header, as an ``ExplainedSeries``.
+
+        Runs in the thread that runs the model, so the results stage gets plain
+        data and never touches the classifier.
+        """
+        from ich_node.explain import explain_series
+
+        options = self._options()
+        return explain_series(
+            prediction,
+            self.classifier,
+            negative_top_slices=options.negative_top_slices,
+            explain_slices=options.needs_explanations,
+        )
+
+    def _write_outputs(self, job: JobRecord, explained: Any, folder: Path) -> int:
+        """``findings.json`` and the DICOM results into ``folder``; returns the DICOM count."""
+        from ich_node.results.build import ResultsSkipped, build_results, write_results
+        from ich_node.results.findings import write_findings
+
+        write_findings(folder / "findings.json", explained.findings)
         try:
-            results = build_results(prediction, self.classifier, options)
+            results = build_results(explained, self.classifier.card, self._options())
         except ResultsSkipped as exc:
             log.info("job.results_skipped", job_id=job.job_id, reason=str(exc))
             return 0
@@ -231,7 +243,7 @@ class Worker:
     def _finish(
         self,
         item: _Leased,
-        prediction: Any,
+        explained: Any,
         error: Exception | None,
         clock: Callable[[], float],
     ) -> JobOutcome:
@@ -245,10 +257,10 @@ class Worker:
             t = time.perf_counter()
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            n_files = self._write_outputs(job, prediction, tmp)
+            n_files = self._write_outputs(job, explained, tmp)
             times["results_s"] = time.perf_counter() - t
             times["positive"] = float(
-                sum(1 for f in prediction.findings.series.values() if f.positive)
+                sum(1 for f in explained.findings.series.values() if f.positive)
             )
             shutil.rmtree(final, ignore_errors=True)  # a crashed earlier attempt's output
             os.replace(tmp, final)
@@ -354,7 +366,7 @@ class Worker:
             item.batches.put(_END)
 
     def _infer(self, item: _Leased) -> tuple[Any, Exception | None]:
-        """Run the model on ``item``'s batches; (prediction, None) or (None, error)."""
+        """Run the model on the batches and explain; (explained, None) or (None, error)."""
         if item.error is not None:
             return None, item.error
 
@@ -376,6 +388,7 @@ class Worker:
             prediction = self.classifier.predict_prepared(item.series, batches())
             if not ended:  # the model stopped early: take the rest so the reader can go on
                 raise RuntimeError("the model stage did not read the whole series")
+            explained = self._explain(prediction)
         except Exception as exc:
             item.cancel.set()
             while not ended and item.batches.get() is not _END:  # let the reader finish
@@ -383,7 +396,7 @@ class Worker:
             return None, exc
         finally:
             item.times["infer_s"] = time.perf_counter() - t
-        return prediction, None
+        return explained, None
 
     # -- one job, one thread --------------------------------------------------
 
@@ -394,15 +407,15 @@ class Worker:
         its own while this one runs the model.
         """
         item = self._leased(job)
-        prediction, error = None, None
+        explained, error = None, None
         try:
             item.series = self._read(job, item.times)
             started = time.perf_counter()
-            prediction = self.classifier.predict_series(item.series)
+            explained = self._explain(self.classifier.predict_series(item.series))
             item.times["infer_s"] = time.perf_counter() - started
         except Exception as exc:
             error = exc
-        return self._finish(item, prediction, error, clock)
+        return self._finish(item, explained, error, clock)
 
     def run_once(self, now: float, clock: Callable[[], float] = time.time) -> JobOutcome | None:
         """Lease one job and run it; ``None`` when nothing is runnable at ``now``."""

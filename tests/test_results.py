@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,17 +13,18 @@ import pytest
 from pydicom.uid import RE_VALID_UID
 
 from ich_node.bundle import Bundle, load_bundle
+from ich_node.explain import explain_series
 from ich_node.imaging import read_series
 from ich_node.inference import Classifier, Prediction
 from ich_node.labels import LABELS
 from ich_node.results.build import (
-    STUDY_KEYWORDS,
     ResultOptions,
     ResultSet,
     ResultsSkipped,
-    build_results,
     write_results,
 )
+from ich_node.results.build import build_results as encode
+from ich_node.results.common import STUDY_KEYWORDS
 from ich_node.results.sr import FINDING_CODES
 from tests.conftest import dcmtk
 
@@ -36,6 +38,20 @@ _OTHER_PATIENT_KEYWORDS = (
     "EthnicGroup",
     "PatientComments",
 )
+
+
+def build_results(
+    prediction: Prediction, classifier: Classifier, options: ResultOptions | None = None
+) -> ResultSet:
+    """The node's two stages: explain with the model, then encode plain data."""
+    options = options or ResultOptions()
+    explained = explain_series(
+        prediction,
+        classifier,
+        negative_top_slices=options.negative_top_slices,
+        explain_slices=options.needs_explanations,
+    )
+    return encode(explained, classifier.card, options)
 
 
 def _classifier(path: Path, thresholds: dict[str, float]) -> Classifier:
@@ -284,3 +300,20 @@ def test_real_scanner_series(real_ct: Path, tiny_bundle: Path, tmp_path: Path) -
         errors = [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
         assert errors == [], f"{path.name}: {errors}"
     assert results.heatmaps[0].Rows == prediction.series.slices[0].rows
+
+
+def test_results_import_no_torch_model_or_network() -> None:
+    """results/ is pure data -> DICOM (architecture.md): no torch, model or network code."""
+    code = (
+        "import sys\n"
+        "import ich_node.results.build, ich_node.results.sr, ich_node.results.sc\n"
+        "import ich_node.results.pm, ich_node.results.findings, ich_node.results.common\n"
+        "bad = ['torch', 'torchvision', 'pytorch_grad_cam', 'ich_node.model', 'ich_node.bundle',\n"
+        "       'ich_node.inference', 'ich_node.explain', 'pynetdicom', 'ich_node.sender',\n"
+        "       'ich_node.listener', 'ich_node.net']\n"
+        "print(sorted(m for m in bad if m in sys.modules))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert run.stdout.strip() == "[]", run.stdout + run.stderr

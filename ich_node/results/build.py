@@ -1,8 +1,11 @@
 """Everything sent back to the PACS for one series: SR, heatmaps, parametric map.
 
-:func:`build_results` runs Grad-CAM on the positive slices, renders the heatmap
-series and encodes the TID 1500 SR from the same :class:`SeriesFindings` object
-that ``findings.json`` is written from, so the three always agree.
+:func:`build_results` renders the heatmap series and encodes the TID 1500 SR and
+the parametric map from one :class:`~ich_node.results.findings.ExplainedSeries`:
+the same :class:`SeriesFindings` object that ``findings.json`` is written from and
+the Grad-CAM maps the model stage made (:func:`ich_node.explain.explain_series`),
+so the outputs always agree. Encoding is pure data -> DICOM: this package imports
+no torch, no model and no network code (``tests/test_results.py`` checks).
 
 UIDs are derived (PS3.5 B.2, ``2.25.<hash>``) from the source series' instances,
 the model's weights checksum and the options: running the same model on the same
@@ -22,11 +25,12 @@ import pydicom
 import structlog
 from pydicom.uid import RE_VALID_UID
 
+from ich_node.card import ModelCard
 from ich_node.durable import write_atomic
-from ich_node.explain import explain
-from ich_node.inference import Classifier, Prediction
+from ich_node.imaging import CTSeries
 from ich_node.labels import LABELS
-from ich_node.results.common import EQUIPMENT_KEYWORDS, STUDY_KEYWORDS
+from ich_node.results.common import study_attributes
+from ich_node.results.findings import ExplainedSeries
 from ich_node.results.pm import build_parametric_map
 from ich_node.results.sc import build_heatmap_series, png_bytes, render_heatmaps
 from ich_node.results.sr import build_sr
@@ -72,6 +76,11 @@ class ResultOptions:
     negative_top_slices: int = 0
     parametric_map: bool = False
 
+    @property
+    def needs_explanations(self) -> bool:
+        """Whether any output asked for draws Grad-CAM maps."""
+        return self.heatmaps != "none" or self.parametric_map
+
     def __post_init__(self) -> None:
         if self.heatmaps not in ("positive", "all", "none"):
             raise ValueError(f"heatmaps must be 'positive', 'all' or 'none', got {self.heatmaps!r}")
@@ -112,9 +121,8 @@ def _valid_uid(uid: str) -> bool:
     return bool(uid) and len(uid) <= 64 and RE_VALID_UID.match(uid) is not None
 
 
-def check_source(prediction: Prediction) -> None:
+def check_source(series: CTSeries) -> None:
     """Raise :class:`ResultsSkipped` when the source cannot be referenced in DICOM."""
-    series = prediction.series
     if not series.uids_valid:
         raise ResultsSkipped(
             "the source's Study, Series or SOP Instance UIDs are not valid DICOM UIDs "
@@ -131,46 +139,29 @@ def check_source(prediction: Prediction) -> None:
         raise ResultsSkipped("the series has no slices")
 
 
-def study_attributes(prediction: Prediction) -> pydicom.Dataset:
-    """The patient and study attributes (:data:`STUDY_KEYWORDS`) of the source.
-
-    Read from the first slice's header. Absent Type 2 attributes stay empty.
-    """
-    first = prediction.series.slices[0]
-    header = pydicom.dcmread(first.path, stop_before_pixels=True)
-    study = pydicom.Dataset()
-    for keyword in STUDY_KEYWORDS:  # all Type 2 or 1: present, empty when unknown
-        setattr(study, keyword, header.get(keyword, ""))
-    for keyword in EQUIPMENT_KEYWORDS:
-        if header.get(keyword):
-            setattr(study, keyword, header.get(keyword))
-    study.StudyInstanceUID = prediction.series.study_instance_uid
-    return study
-
-
-def source_evidence(prediction: Prediction, study: pydicom.Dataset) -> list[pydicom.Dataset]:
+def source_evidence(series: CTSeries, study: pydicom.Dataset) -> list[pydicom.Dataset]:
     """One reference dataset per source slice, the first also holding ``study``.
 
     highdicom copies the patient and study modules from the first evidence item,
-    so it is built from :data:`STUDY_KEYWORDS` only.
+    so it is built from :data:`ich_node.results.common.STUDY_KEYWORDS` only.
     """
-    gaps = prediction.series.slice_spacing_mm
+    gaps = series.slice_spacing_mm
     # The thickness a frame of the parametric map stands for: the slice spacing.
     thickness = float(sorted(gaps)[len(gaps) // 2]) if gaps else 1.0
     out = []
-    for i, s in enumerate(prediction.series.slices):
+    for i, s in enumerate(series.slices):
         ds = pydicom.Dataset()
         if i == 0:
             ds.update(study)
-        ds.StudyInstanceUID = prediction.series.study_instance_uid
-        ds.SeriesInstanceUID = prediction.series.series_instance_uid
+        ds.StudyInstanceUID = series.study_instance_uid
+        ds.SeriesInstanceUID = series.series_instance_uid
         ds.SOPClassUID = s.sop_class_uid
         ds.SOPInstanceUID = s.sop_instance_uid
         ds.Modality = "CT"
         # Geometry, for the parametric map's frame references.
         ds.Rows, ds.Columns = s.rows, s.columns
-        if prediction.series.frame_of_reference_uid:
-            ds.FrameOfReferenceUID = prediction.series.frame_of_reference_uid
+        if series.frame_of_reference_uid:
+            ds.FrameOfReferenceUID = series.frame_of_reference_uid
         ds.ImagePositionPatient = list(s.image_position)
         ds.ImageOrientationPatient = list(s.image_orientation)
         ds.PixelSpacing = list(s.pixel_spacing)
@@ -182,15 +173,15 @@ def source_evidence(prediction: Prediction, study: pydicom.Dataset) -> list[pydi
 class _Uids:
     """Derived UIDs: the same inputs always give the same UIDs."""
 
-    def __init__(self, prediction: Prediction, classifier: Classifier, options: ResultOptions):
+    def __init__(self, series: CTSeries, card: ModelCard, options: ResultOptions):
         digest = hashlib.sha256()
-        for s in prediction.series.slices:
+        for s in series.slices:
             digest.update(s.sop_instance_uid.encode())
         self._key = [
             "ich-node results v1",
-            prediction.series.series_instance_uid,
+            series.series_instance_uid,
             digest.hexdigest(),
-            classifier.card.sha256,
+            card.sha256,
             repr(options),
         ]
 
@@ -208,18 +199,19 @@ def name_uid(*parts: str) -> str:
 
 
 def build_results(
-    prediction: Prediction,
-    classifier: Classifier,
+    inputs: ExplainedSeries,
+    card: ModelCard,
     options: ResultOptions = ResultOptions(),
 ) -> ResultSet:
     """Build the SR, the heatmap series and (optionally) the parametric map.
 
     Parameters
     ----------
-    prediction : Prediction
-        From ``classifier.predict_series``.
-    classifier : Classifier
-        The classifier that made ``prediction`` (Grad-CAM runs on its device).
+    inputs : ExplainedSeries
+        From :func:`ich_node.explain.explain_series`: findings, HU, Grad-CAM maps
+        (empty when ``options.needs_explanations`` is false) and the source header.
+    card : ModelCard
+        The model that made the findings (named in every output).
     options : ResultOptions
         What to build besides the SR.
 
@@ -232,21 +224,15 @@ def build_results(
     ResultsSkipped
         When the source cannot be referenced in DICOM (invalid UIDs).
     """
-    check_source(prediction)
-    card = classifier.card
-    uid = _Uids(prediction, classifier, options)
-    study = study_attributes(prediction)
-    evidence = source_evidence(prediction, study)
-
-    need_cams = options.heatmaps != "none" or options.parametric_map
-    explanations = (
-        explain(prediction, classifier, negative_top_slices=options.negative_top_slices)
-        if need_cams
-        else ()
-    )
-    images = render_heatmaps(prediction, explanations, card, which=options.heatmaps)
+    series = inputs.series
+    check_source(series)
+    uid = _Uids(series, card, options)
+    study = study_attributes(inputs.header, series.study_instance_uid)
+    evidence = source_evidence(series, study)
+    explanations = inputs.explanations
+    images = render_heatmaps(inputs, card, which=options.heatmaps)
     heatmaps = build_heatmap_series(
-        prediction,
+        series,
         images,
         card,
         study,
@@ -258,7 +244,7 @@ def build_results(
     parametric_map = None
     if options.parametric_map and explanations:
         parametric_map = build_parametric_map(
-            prediction,
+            series,
             explanations,
             card,
             evidence,
@@ -267,8 +253,8 @@ def build_results(
         )
     pm = [parametric_map] if parametric_map is not None else []
     sr = build_sr(
-        prediction.findings,
-        prediction.series,
+        inputs.findings,
+        series,
         card,
         [*evidence, *heatmaps, *pm],
         series_instance_uid=uid("sr series"),
@@ -283,8 +269,8 @@ def build_results(
             ds.SeriesDate, ds.SeriesTime = ds.ContentDate, ds.ContentTime
     log.info(
         "results.built",
-        series_uid=prediction.series.series_instance_uid,
-        positive=list(prediction.findings.positive_labels),
+        series_uid=series.series_instance_uid,
+        positive=list(inputs.findings.positive_labels),
         heatmaps=len(heatmaps),
         parametric_map=parametric_map is not None,
     )

@@ -11,10 +11,12 @@ from typing import Final
 
 import highdicom as hd
 import numpy as np
+import pydicom
 from PIL import Image
 from pydicom.sr.coding import Code
 
-from ich_node.bundle import ModelCard
+from ich_node.card import ModelCard
+from ich_node.imaging import CTSeries
 
 MANUFACTURER: Final = "ich-node"
 #: PS3.16 CID 7005 "Contributing Equipment Purposes of Reference": DCM 109103.
@@ -75,3 +77,34 @@ def cam_to_source(cam: np.ndarray, rows: int, columns: int) -> np.ndarray:
     square = np.asarray(Image.fromarray(cam).resize((side, side), Image.Resampling.BILINEAR))
     top, left = (side - rows) // 2, (side - columns) // 2
     return np.clip(square[top : top + rows, left : left + columns], 0.0, 1.0).astype(np.float32)
+
+
+def source_header(series: CTSeries) -> pydicom.Dataset:
+    """The first slice's header, without pixel data (what the outputs copy from).
+
+    Raises
+    ------
+    OSError, pydicom.errors.InvalidDicomError
+        When the file can no longer be read.
+    ValueError
+        When the series has no slices.
+    """
+    if not series.slices:
+        raise ValueError("series has no slices")
+    return pydicom.dcmread(series.slices[0].path, stop_before_pixels=True)
+
+
+def study_attributes(header: pydicom.Dataset, study_instance_uid: str) -> pydicom.Dataset:
+    """The patient and study attributes (:data:`STUDY_KEYWORDS`) of the source.
+
+    Absent Type 2 attributes stay empty; the equipment (:data:`EQUIPMENT_KEYWORDS`)
+    is kept where present.
+    """
+    study = pydicom.Dataset()
+    for keyword in STUDY_KEYWORDS:  # all Type 2 or 1: present, empty when unknown
+        setattr(study, keyword, header.get(keyword, ""))
+    for keyword in EQUIPMENT_KEYWORDS:
+        if header.get(keyword):
+            setattr(study, keyword, header.get(keyword))
+    study.StudyInstanceUID = study_instance_uid
+    return study

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
+import pydicom
 
 from ich_node.durable import write_atomic
+from ich_node.imaging import CTSeries
 from ich_node.labels import LABELS
 
 NOTICE: Final = "AI result for triage support, not a diagnosis."
@@ -195,3 +197,52 @@ def write_findings(path: Path, findings: SeriesFindings) -> None:
 def read_findings(path: Path) -> SeriesFindings:
     """Read a ``findings.json`` written by :func:`write_findings`."""
     return SeriesFindings.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+@dataclass(frozen=True, slots=True)
+class SliceExplanation:
+    """The Grad-CAM map of one slice (made in the model stage, :mod:`ich_node.explain`).
+
+    Attributes
+    ----------
+    index : int
+        Slice index in series order (``series.slices``).
+    labels : tuple of str
+        The labels whose logits were explained (in :data:`LABELS` order).
+    cam : numpy.ndarray
+        (H, W) float32 in [0, 1] at the model input size; 1 is the region that
+        raises the explained logits most.
+    """
+
+    index: int
+    labels: tuple[str, ...]
+    cam: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class ExplainedSeries:
+    """Everything the results stage encodes for one series: plain data, no model.
+
+    Made by the model stage (:func:`ich_node.explain.explain_series`) and handed
+    to :func:`ich_node.results.build.build_results`.
+
+    Attributes
+    ----------
+    series : CTSeries
+        The source series (UIDs, geometry, spatial order).
+    findings : SeriesFindings
+        The numbers reported (also ``findings.json``).
+    hu : numpy.ndarray
+        (S, rows, columns) float32 HU of the slices, series order (heatmap background).
+    explanations : tuple of SliceExplanation
+        The explained slices, in slice order (empty when none were asked for).
+    header : pydicom.Dataset
+        The first source slice's header without pixel data: the patient, study and
+        equipment attributes the outputs copy.
+    """
+
+    series: CTSeries
+    findings: SeriesFindings
+    hu: np.ndarray
+    explanations: tuple[SliceExplanation, ...]
+    header: pydicom.Dataset

@@ -9,14 +9,14 @@ import numpy as np
 import pydicom
 from pydicom.sr.coding import Code
 
-from ich_node.bundle import ModelCard
-from ich_node.explain import SliceExplanation
-from ich_node.inference import Prediction
+from ich_node.card import ModelCard
+from ich_node.imaging import CTSeries
 from ich_node.results.common import MANUFACTURER, cam_to_source, contributing_equipment
+from ich_node.results.findings import SliceExplanation
 
 
 def build_parametric_map(
-    prediction: Prediction,
+    series: CTSeries,
     explanations: Sequence[SliceExplanation],
     card: ModelCard,
     evidence: Sequence[pydicom.Dataset],
@@ -29,8 +29,8 @@ def build_parametric_map(
 
     Parameters
     ----------
-    prediction : Prediction
-        Gives the source slices' geometry.
+    series : CTSeries
+        The source slices' geometry.
     explanations : sequence of SliceExplanation
         Non-empty, in slice order.
     card : ModelCard
@@ -46,13 +46,13 @@ def build_parametric_map(
     """
     if not explanations:
         raise ValueError("explanations must not be empty")
-    slices = prediction.series.slices
-    rows, columns = prediction.hu.shape[1:]
+    slices = series.slices
+    rows, columns = slices[0].rows, slices[0].columns
     frames = np.stack([cam_to_source(e.cam, rows, columns) for e in explanations]).astype(
         np.float32
     )  # (F, rows, columns) float32 in [0, 1]
     first = slices[explanations[0].index]
-    spacing = prediction.series.slice_spacing_mm
+    spacing = series.slice_spacing_mm
     thickness = float(np.median(spacing)) if spacing else 1.0
     # The explained slices as source images; the rest of the series as further sources.
     explained = {e.index for e in explanations}

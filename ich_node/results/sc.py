@@ -19,11 +19,10 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
 
-from ich_node.bundle import ModelCard
-from ich_node.explain import SliceExplanation
-from ich_node.imaging import CTSlice, Window
-from ich_node.inference import Prediction
+from ich_node.card import ModelCard
+from ich_node.imaging import CTSeries, CTSlice, Window
 from ich_node.results.common import MANUFACTURER, cam_to_source, contributing_equipment
+from ich_node.results.findings import ExplainedSeries, SeriesFindings
 
 #: The window the overlay's grey background is shown in.
 BRAIN_WINDOW = Window("brain", 40, 80)
@@ -182,10 +181,10 @@ def render_overlay(
 
 
 def slice_text(
-    prediction: Prediction, card: ModelCard, index: int, labels: Sequence[str]
+    findings: SeriesFindings, card: ModelCard, index: int, labels: Sequence[str]
 ) -> list[str]:
     """The lines burned into the heatmap of slice ``index``."""
-    probabilities = prediction.findings.slices[index].probabilities
+    probabilities = findings.slices[index].probabilities
     if labels:
         found = ", ".join(f"{label} p={probabilities[label]:.2f}" for label in labels)
         head = f"Suspected: {found}"
@@ -198,8 +197,7 @@ def slice_text(
 
 
 def render_heatmaps(
-    prediction: Prediction,
-    explanations: Sequence[SliceExplanation],
+    inputs: ExplainedSeries,
     card: ModelCard,
     *,
     which: str = "positive",
@@ -208,10 +206,9 @@ def render_heatmaps(
 
     Parameters
     ----------
-    prediction : Prediction
-        ``prediction.hu`` (S, rows, columns) float32 HU gives the background.
-    explanations : sequence of SliceExplanation
-        From :func:`ich_node.explain.explain`.
+    inputs : ExplainedSeries
+        ``inputs.hu`` (S, rows, columns) float32 HU gives the background,
+        ``inputs.explanations`` the maps (from :func:`ich_node.explain.explain`).
     card : ModelCard
         Names the model in the burned-in text.
     which : {"positive", "all", "none"}
@@ -222,15 +219,15 @@ def render_heatmaps(
         raise ValueError(f"which must be 'positive', 'all' or 'none', got {which!r}")
     if which == "none":
         return ()
-    by_index = {e.index: e for e in explanations}
-    indices = range(len(prediction.hu)) if which == "all" else sorted(by_index)
+    by_index = {e.index: e for e in inputs.explanations}
+    indices = range(len(inputs.hu)) if which == "all" else sorted(by_index)
     out: list[HeatmapImage] = []
     for i in indices:
-        hu = prediction.hu[i]
+        hu = inputs.hu[i]
         e = by_index.get(i)
         cam = cam_to_source(e.cam, *hu.shape) if e is not None else None
         labels = e.labels if e is not None else ()
-        rgb = render_overlay(hu, cam, slice_text(prediction, card, i, labels))
+        rgb = render_overlay(hu, cam, slice_text(inputs.findings, card, i, labels))
         out.append(HeatmapImage(index=i, rgb=rgb, labels=labels))
     return tuple(out)
 
@@ -249,7 +246,7 @@ def _patient_orientation(src: CTSlice) -> tuple[str, str]:
 
 
 def build_heatmap_series(
-    prediction: Prediction,
+    series: CTSeries,
     images: Sequence[HeatmapImage],
     card: ModelCard,
     study: pydicom.Dataset,
@@ -262,8 +259,8 @@ def build_heatmap_series(
 
     Parameters
     ----------
-    prediction : Prediction
-        Gives the source slices (UIDs, pixel spacing, orientation).
+    series : CTSeries
+        The source slices (UIDs, pixel spacing, orientation).
     images : sequence of HeatmapImage
         From :func:`render_heatmaps`, in series order; InstanceNumber follows it.
     card : ModelCard
@@ -291,7 +288,7 @@ def build_heatmap_series(
         )
     out: list[pydicom.Dataset] = []
     for number, (image, uid) in enumerate(zip(images, sop_instance_uids, strict=True), start=1):
-        src = prediction.series.slices[image.index]
+        src = series.slices[image.index]
         sc = hd.sc.SCImage(
             pixel_array=image.rgb,
             photometric_interpretation="RGB",

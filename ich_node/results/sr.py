@@ -30,7 +30,7 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from ich_node.bundle import ModelCard
+from ich_node.card import ModelCard
 from ich_node.imaging import CTSeries
 from ich_node.labels import LABELS
 from ich_node.results.common import MANUFACTURER, contributing_equipment
