@@ -113,6 +113,10 @@ class NodeSection(_Section):
     host: str = "0.0.0.0"
     port: Port = 11112
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 8
+    max_pending: Annotated[int, Field(ge=1, le=10000)] = 32
+    max_pending_per_host: Annotated[int, Field(ge=1, le=10000)] = 8
+    negotiation_timeout: Annotated[float, Field(ge=1, le=300)] = 10.0
+    max_dataset_mb: Annotated[int, Field(ge=1, le=65536)] = 1024
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     tls: ServerTLS | None = None
 

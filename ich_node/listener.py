@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import structlog
 from pydicom.uid import (
@@ -42,9 +42,17 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     LegacyConvertedEnhancedCTImageStorage,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 
 from ich_node.config import Caller, NodeConfig
+from ich_node.listener_guard import (
+    Guard,
+    GuardedRequestHandler,
+    GuardedServer,
+    GuardLimits,
+    on_conn_close,
+    on_rejected,
+    on_requested,
+)
 from ich_node.metrics import Metrics
 from ich_node.net import set_nodelay
 from ich_node.spool import Spool, SpoolError, instance_record
@@ -110,6 +118,7 @@ class CallerAllowList:
             (c.ae_title, None if c.host is None else _addresses(c.host)) for c in callers
         ]
         self._rules.append((own_ae_title, _LOOPBACK))
+        self.titles = frozenset(title for title, _ in self._rules)
 
     def allowed(self, address: str | None) -> list[str]:
         return [
@@ -204,10 +213,19 @@ def _store(
 
 
 def build_ae(config: NodeConfig) -> AE:
-    """The node's application entity, with its contexts, limits and allow-list."""
-    ae = AE(ae_title=config.node.ae_title)
-    ae.maximum_associations = config.node.max_associations
-    ae.acse_timeout = 30
+    """The node's application entity, with its contexts, limits and allow-list.
+
+    ``node.max_associations`` is enforced by the guard (``listener_guard``),
+    which counts established associations only; pynetdicom's own limit counts
+    every association thread, including connections still negotiating, so it is
+    set above what the guard can let through.
+    """
+    node = config.node
+    ae = AE(ae_title=node.ae_title)
+    ae.maximum_associations = 2 * (node.max_associations + node.max_pending) + 16
+    # Waiting for the A-ASSOCIATE-RQ, and for the peer to close after a reject:
+    # no longer than the negotiation deadline.
+    ae.acse_timeout = node.negotiation_timeout
     ae.dimse_timeout = 60
     ae.network_timeout = 60
     ae.add_supported_context(Verification)
@@ -225,10 +243,13 @@ def start_listener(
     spool: Spool,
     clock: Callable[[], float] = time.time,
     metrics: Metrics | None = None,
-) -> ThreadedAssociationServer:
+) -> GuardedServer:
     """Start the SCP on ``node.host:node.port`` in the background; returns the server.
 
-    With ``node.tls`` the port speaks DICOM TLS only (PS3.15 B.1).
+    With ``node.tls`` the port speaks DICOM TLS only (PS3.15 B.1). Hostile or
+    broken peers are bounded by the guard (``ich_node.listener_guard``): pending
+    connections, the negotiation deadline, PDU and dataset lengths. Stop it with
+    ``server.shutdown()``.
 
     Raises
     ------
@@ -238,19 +259,45 @@ def start_listener(
         When the TLS files cannot be loaded.
     """
     ae = build_ae(config)
+    node = config.node
+    guard = Guard(
+        GuardLimits(
+            max_associations=node.max_associations,
+            max_pending=node.max_pending,
+            max_pending_per_host=node.max_pending_per_host,
+            negotiation_timeout=node.negotiation_timeout,
+            max_pdu=ae.maximum_pdu_size,
+            max_dataset=node.max_dataset_mb * 2**20,
+        ),
+        metrics,
+    )
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [spool, clock, metrics]),
         (evt.EVT_CONN_OPEN, set_nodelay),
+        (evt.EVT_REQUESTED, on_requested, [guard, ae._require_calling_aet]),
+        (evt.EVT_REJECTED, on_rejected, [guard]),
+        (evt.EVT_CONN_CLOSE, on_conn_close, [guard]),
     ]
     tls = config.node.tls
-    server = ae.start_server(
-        (config.node.host, config.node.port),
-        block=False,
-        evt_handlers=handlers,
-        ssl_context=None if tls is None else server_context(tls),
+    # AE.make_server with our server class is pynetdicom's extension point;
+    # then what AE.start_server(block=False) does: serve in a daemon thread.
+    server = cast(
+        GuardedServer,
+        ae.make_server(
+            (node.host, node.port),
+            ssl_context=None if tls is None else server_context(tls),
+            evt_handlers=handlers,
+            server_class=GuardedServer,
+            guard=guard,
+            request_handler=GuardedRequestHandler,
+        ),
     )
-    assert server is not None
+    thread = threading.Thread(
+        target=server.serve_forever, name=f"AcceptorServer@{node.port}", daemon=True
+    )
+    thread.start()
+    ae._servers.append(server)  # AssociationServer.shutdown removes it from there
     log.info(
         "listener.started",
         ae_title=config.node.ae_title,

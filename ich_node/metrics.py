@@ -106,6 +106,13 @@ class Metrics:
             "ich_node_send_failures", "Failed delivery attempts per destination", ["destination"],
             registry=r,
         )  # fmt: skip
+        self.refusals = Counter(
+            "ich_node_associations_refused",
+            "Connections and associations the listener refused or aborted, by reason "
+            "(see docs/admin.md, Hostile peers)",
+            ["reason"],
+            registry=r,
+        )
         self._last_stage_id = 0
         self._store = store
         if store is not None:
