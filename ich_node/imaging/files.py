@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pydicom
 import pydicom.datadict
 import structlog
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from ich_node.imaging.records import Refusal, one_line
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +46,10 @@ class ImagingError(ValueError):
     def __init__(self, message: str, path: Path | None = None) -> None:
         super().__init__(message)
         self.path = path
+
+    def refusal(self, series_instance_uid: str) -> Refusal:
+        """This error as the typed record of a refused series (one line)."""
+        return Refusal(series_instance_uid, one_line(str(self)))
 
 
 # --------------------------------------------------------------------------- files
@@ -103,20 +110,85 @@ def iter_dicom_files(inputs: Iterable[Path]) -> list[Path]:
 
 def _read_header(path: Path) -> Dataset:
     """Read one file's header (no pixels); ImagingError if it is not DICOM."""
+    return read_dataset(path, pixels=False)
+
+
+def read_dataset(path: Path | str, *, pixels: bool = True, defer: bool = False) -> Dataset:
+    """Read one DICOM file, leniently, with the transfer syntax it was read with.
+
+    The header reader and the pixel reader both come here, so a file one accepts
+    the other decodes: a bare data set (no preamble, no ``DICM``, no file meta,
+    PS3.10 7.1 not followed) is read with ``force`` and its detected encoding is
+    written into ``file_meta.TransferSyntaxUID`` (Implicit VR Little Endian,
+    Explicit VR Little or Big Endian), which pydicom's pixel handlers need.
+
+    Parameters
+    ----------
+    path : pathlib.Path or str
+        The file.
+    pixels : bool
+        False: stop before Pixel Data (headers only).
+    defer : bool
+        With ``pixels``: defer reading values over 4 KiB (Pixel Data), so that its
+        declared length and offset can be checked before anything is decoded.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+
+    Raises
+    ------
+    ImagingError
+        Not DICOM, or damaged beyond reading; names the file.
+    """
+    path = Path(path)
+    kwargs: dict[str, Any] = {"stop_before_pixels": not pixels}
+    if pixels and defer:
+        kwargs["defer_size"] = 4096
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(path, **kwargs)
     except InvalidDicomError:
-        pass  # no preamble: maybe a raw dataset, try once more below
+        ds = None  # no preamble: maybe a raw dataset, try once more below
     except Exception as exc:  # pydicom raises many types on damaged files
         raise ImagingError(f"{path}: not a readable DICOM file ({exc})", path) from exc
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-        # force=True "parses" anything; insist on the tags every image has.
-        if not _uid(ds, "SOPInstanceUID") or not _uid(ds, "SeriesInstanceUID"):
-            raise ValueError("no SOP/Series Instance UID")
-    except Exception as exc:
-        raise ImagingError(f"{path}: not a DICOM file ({exc})", path) from exc
+    if ds is None:
+        try:
+            ds = pydicom.dcmread(path, force=True, **kwargs)
+            # force=True "parses" anything; insist on the tags every image has.
+            if not _uid(ds, "SOPInstanceUID") or not _uid(ds, "SeriesInstanceUID"):
+                raise ValueError("no SOP/Series Instance UID")
+        except Exception as exc:
+            raise ImagingError(f"{path}: not a DICOM file ({exc})", path) from exc
+    detected_transfer_syntax(ds)
     return ds
+
+
+def detected_transfer_syntax(ds: Dataset) -> str | None:
+    """Give a data set read without file meta the transfer syntax it was read with.
+
+    Returns the UID written into ``ds.file_meta.TransferSyntaxUID`` when it was
+    missing (PS3.5 A.1 Implicit VR Little Endian, A.2 Explicit VR Little Endian,
+    A.3 Explicit VR Big Endian), else None. Encapsulated (compressed) data cannot
+    be recognised this way and are left for the pixel reader to refuse.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return None
+    encoding = getattr(ds, "original_encoding", None)
+    if not encoding or encoding[0] is None:
+        return None
+    implicit, little = encoding
+    uid = (
+        ImplicitVRLittleEndian
+        if implicit and little
+        else ExplicitVRLittleEndian
+        if little
+        else ExplicitVRBigEndian
+    )
+    if meta is None:
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = uid
+    return str(uid)
 
 
 def group_series(inputs: Iterable[Path]) -> dict[str, list[Path]]:

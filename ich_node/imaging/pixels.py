@@ -1,28 +1,85 @@
 """Decoding pixel data and converting it to Hounsfield units.
 
 Step 3 of :mod:`ich_node.imaging`: native and compressed transfer syntaxes through
-pydicom's pixel handlers, then the CT rescale (PS3.3 C.8.2.1) to HU.
+pydicom's pixel handlers, then the CT rescale (PS3.3 C.8.2.1.1) to HU. Before any
+decoding, :func:`pixel_data_problem` checks the header against the pixel data's
+length, so a header that lies never makes the node allocate a huge array.
+Stored values that are not HU are corrected or refused here, in one place:
+
+- the RSNA 2019 fault (:class:`HUTransform` ``signed_bits``): BitsStored below
+  BitsAllocated, PixelRepresentation 0 (unsigned), RescaleIntercept above -100 —
+  air is then stored as ``4096 - 1000 = 3096``. The stored values are two's
+  complement numbers of BitsStored bits (air 3096 -> -1000, padding 3072 -> -1024),
+  which is what the data show; they are read so.
+- RescaleIntercept or RescaleSlope missing (Type 1 in the CT Image module): the
+  values (with slope 1 or intercept 0 for the missing one) are used only when they
+  are shown to be HU (air near -1000 HU present); otherwise the image is refused
+  naming the attribute.
+- :func:`check_hu_plausible`: a series whose HU are not those of a head CT (no
+  air, no brain-range tissue, or mostly above 3000 HU) is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import pydicom
+import pydicom.encaps
+import pydicom.pixels
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
 
-from ich_node.imaging.files import ImagingError, _optional_int
-from ich_node.imaging.series import CTSeries
+from ich_node.imaging.files import ImagingError, _optional_int, read_dataset
+
+if TYPE_CHECKING:
+    from ich_node.imaging.series import CTSeries
 
 #: HU given to padding and to sentinel values below the physical range (air).
 AIR_HU: Final[float] = -1024.0
+#: Largest Rows or Columns of an image this module decodes: CT matrices are at most
+#: 2048 (512 for nearly all head CT); more means a header that does not describe
+#: its pixels.
+MAX_MATRIX: Final[int] = 4096
+#: RSNA 2019 fault: an unsigned image with an intercept above this cannot hold air.
+_WRAP_INTERCEPT: Final[float] = -100.0
+#: Plausibility of a head CT's HU (whole series, after padding and clipping at air).
+_MIN_AIR_SHARE: Final[float] = 0.005  # voxels at or below -900 HU (air around the head)
+_MIN_BRAIN_SHARE: Final[float] = 0.005  # voxels in 0..100 HU (brain, CSF, blood)
+_MAX_DENSE_SHARE: Final[float] = 0.10  # voxels above 3000 HU (more than metal artefacts)
 
-# ------------------------------------------------------------------------- pixels
+_PIXEL_DATA_TAG: Final[int] = 0x7FE00010
+
+
+@dataclass(frozen=True, slots=True)
+class HUTransform:
+    """How one image's (or frame's) stored values become HU.
+
+    ``HU = v × slope + intercept`` where ``v`` is the stored value, first read as a
+    two's complement number of ``signed_bits`` bits when that is set.
+
+    Attributes
+    ----------
+    slope, intercept : float
+        RescaleSlope and RescaleIntercept (PS3.3 C.8.2.1.1; per frame from the
+        Pixel Value Transformation functional group for multi-frame images).
+    signed_bits : int or None
+        BitsStored, when the RSNA 12-bit fault is corrected; None otherwise.
+    missing : tuple of str
+        ``RescaleIntercept`` / ``RescaleSlope`` when absent (0 and 1 are used): the
+        result is then used only if :func:`values_look_like_hu`.
+    """
+
+    slope: float
+    intercept: float
+    signed_bits: int | None
+    missing: tuple[str, ...]
 
 
 def _describe(path_or_ds: Any) -> str:
@@ -32,82 +89,27 @@ def _describe(path_or_ds: Any) -> str:
     return str(path_or_ds)
 
 
-def load_hu(path_or_ds: Path | str | Dataset) -> np.ndarray:
-    """Decode one CT image to Hounsfield units.
+def functional_group(ds: Dataset, keyword: str, frame_index: int | None) -> Dataset | None:
+    """The first item of a functional group macro for one frame (PS3.3 C.7.6.16).
 
-    Parameters
-    ----------
-    path_or_ds : pathlib.Path, str or pydicom.dataset.Dataset
-        A file, or a dataset read with its pixel data. Native and compressed
-        transfer syntaxes (JPEG baseline/extended, JPEG lossless, JPEG-LS,
-        JPEG 2000, RLE) are decoded through pydicom's pixel handlers
-        (pylibjpeg, pylibjpeg-openjpeg, pylibjpeg-rle, pyjpegls).
-
-    Returns
-    -------
-    numpy.ndarray
-        (H, W) float32, HU = stored value × RescaleSlope + RescaleIntercept
-        (1 and 0 when absent). Pixel padding (PixelPaddingValue, with
-        PixelPaddingRangeLimit) and every value below -1024 HU (sentinels such as
-        -2000 or -3024 outside the reconstruction field of view) become -1024 (air).
-
-    Raises
-    ------
-    ImagingError
-        Naming the file: unreadable, no or corrupt/truncated pixel data, several
-        frames or samples, zero or non-finite slope or intercept.
+    Looks in the frame's Per-frame Functional Groups Sequence item first, then in
+    the Shared Functional Groups Sequence; None when neither has ``keyword``.
     """
-    name = _describe(path_or_ds)
-    path = Path(name) if not isinstance(path_or_ds, Dataset) else None
-    if isinstance(path_or_ds, Dataset):
-        ds = path_or_ds
-    else:
-        try:
-            ds = pydicom.dcmread(path_or_ds)
-        except InvalidDicomError:
-            try:
-                ds = pydicom.dcmread(path_or_ds, force=True)
-            except Exception as exc:
-                raise ImagingError(f"{name}: not a DICOM file ({exc})", path) from exc
-        except Exception as exc:
-            raise ImagingError(f"{name}: not a readable DICOM file ({exc})", path) from exc
-
-    if "PixelData" not in ds:
-        raise ImagingError(f"{name}: no Pixel Data (7FE0,0010)", path)
-    frames = _optional_int(ds, "NumberOfFrames") or 1
-    if frames != 1:
-        raise ImagingError(f"{name}: {frames} frames; only single-frame CT images are read", path)
-    if (_optional_int(ds, "SamplesPerPixel") or 1) != 1:
-        raise ImagingError(f"{name}: not a grayscale image (SamplesPerPixel != 1)", path)
-    slope = _rescale(ds, "RescaleSlope", 1.0, name, path)
-    intercept = _rescale(ds, "RescaleIntercept", 0.0, name, path)
-    if slope == 0.0:
-        raise ImagingError(f"{name}: RescaleSlope is 0", path)
-    if "RescaleSlope" not in ds and "ModalityLUTSequence" in ds:
-        raise ImagingError(f"{name}: Modality LUT Sequence instead of rescale: unsupported", path)
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            stored = ds.pixel_array
-    except Exception as exc:  # decoders raise ValueError, RuntimeError, ...; all mean corrupt
-        raise ImagingError(f"{name}: cannot decode the pixel data ({exc})", path) from exc
-    if stored.ndim != 2:
-        raise ImagingError(f"{name}: pixel data has shape {stored.shape}, expected (H, W)", path)
-
-    hu = stored.astype(np.float64) * slope + intercept
-    pad = _padding_mask(ds, stored)
-    if pad is not None:
-        hu[pad] = AIR_HU
-    # Nothing physical lies below air; scanners write -1500..-3024 outside the FOV.
-    np.maximum(hu, AIR_HU, out=hu)
-    return hu.astype(np.float32)
+    places: list[Any] = []
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if frame_index is not None and per_frame is not None and frame_index < len(per_frame):
+        places.append(per_frame[frame_index])
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        places.append(shared[0])
+    for item in places:
+        seq = item.get(keyword)
+        if seq:
+            return seq[0]
+    return None
 
 
-def _rescale(ds: Dataset, keyword: str, default: float, name: str, path: Path | None) -> float:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return default
+def _number(value: Any, keyword: str, name: str, path: Path | None) -> float:
     try:
         out = float(value)
     except (TypeError, ValueError) as exc:
@@ -115,6 +117,226 @@ def _rescale(ds: Dataset, keyword: str, default: float, name: str, path: Path | 
     if not math.isfinite(out):
         raise ImagingError(f"{name}: {keyword} is not finite: {value!r}", path)
     return out
+
+
+def hu_transform(
+    ds: Dataset, frame_index: int | None = None, *, name: str = "", path: Path | None = None
+) -> HUTransform:
+    """Read how an image's stored values become HU, recognising the RSNA 12-bit fault.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        The image's data set (pixels not needed).
+    frame_index : int or None
+        0-based frame of a multi-frame image, whose rescale may be per frame.
+    name, path
+        For error messages.
+
+    Returns
+    -------
+    HUTransform
+
+    Raises
+    ------
+    ImagingError
+        Slope or intercept not a finite number, slope 0, or a Modality LUT
+        Sequence instead of a rescale (unsupported).
+    """
+    values: dict[str, Any] = {}
+    group = functional_group(ds, "PixelValueTransformationSequence", frame_index)
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        value = ds.get(keyword)
+        if (value is None or value == "") and group is not None:
+            value = group.get(keyword)
+        if value is not None and value != "":
+            values[keyword] = _number(value, keyword, name, path)
+    missing = tuple(k for k in ("RescaleIntercept", "RescaleSlope") if k not in values)
+    if missing and "ModalityLUTSequence" in ds:
+        raise ImagingError(f"{name}: Modality LUT Sequence instead of rescale: unsupported", path)
+    slope = values.get("RescaleSlope", 1.0)
+    intercept = values.get("RescaleIntercept", 0.0)
+    if slope == 0.0:
+        raise ImagingError(f"{name}: RescaleSlope is 0", path)
+    bits_stored = _optional_int(ds, "BitsStored")
+    bits_allocated = _optional_int(ds, "BitsAllocated")
+    unsigned = (_optional_int(ds, "PixelRepresentation") or 0) == 0
+    signed_bits = None
+    if (
+        not missing
+        and unsigned
+        and bits_stored is not None
+        and bits_allocated is not None
+        and 1 < bits_stored < bits_allocated
+        and intercept > _WRAP_INTERCEPT
+        and slope > 0
+    ):
+        signed_bits = bits_stored
+    return HUTransform(slope=slope, intercept=intercept, signed_bits=signed_bits, missing=missing)
+
+
+def values_look_like_hu(values: np.ndarray) -> bool:
+    """Whether values are plausibly HU: air (-1200..-800 HU) is present, little above 3000.
+
+    Used only when RescaleIntercept/RescaleSlope are missing: unsigned values
+    (0..4095 for air to bone) fail; signed values with air at about -1000 pass.
+    """
+    arr = np.asarray(values)
+    if arr.size == 0:
+        return False
+    air = np.count_nonzero((arr >= -1200) & (arr <= -800))
+    dense = np.count_nonzero(arr > 3000)
+    return bool(air >= _MIN_AIR_SHARE * arr.size and dense < _MAX_DENSE_SHARE * arr.size)
+
+
+def pixel_data_problem(ds: Dataset, n_frames: int = 1) -> str | None:
+    """Why an image's Pixel Data cannot be what its header says, before decoding.
+
+    Checks Rows × Columns × SamplesPerPixel × BitsAllocated / 8 × frames against
+    the Pixel Data's length (native, PS3.5 8.1.1), or the number of fragments
+    against the frames (encapsulated, PS3.5 A.4), and rejects matrices above
+    :data:`MAX_MATRIX`, so that no decoder allocates an array the data cannot fill.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        Read with :func:`ich_node.imaging.files.read_dataset` (``defer=True`` keeps
+        the pixel bytes on disk; their declared length and offset are checked).
+    n_frames : int
+        NumberOfFrames (1 for single-frame images).
+
+    Returns
+    -------
+    str or None
+        One line naming the mismatch, or None when the data can hold the image.
+    """
+    if _PIXEL_DATA_TAG not in ds:
+        return "no Pixel Data (7FE0,0010)"
+    rows, columns = _optional_int(ds, "Rows"), _optional_int(ds, "Columns")
+    if not rows or not columns:
+        return None  # reported as missing geometry
+    if rows > MAX_MATRIX or columns > MAX_MATRIX:
+        return f"header claims a {rows}x{columns} matrix (at most {MAX_MATRIX}): not decoded"
+    samples = _optional_int(ds, "SamplesPerPixel") or 1
+    bits = _optional_int(ds, "BitsAllocated") or 16
+    raw: Any = ds._dict.get(Tag(_PIXEL_DATA_TAG))  # the element as read: may still be deferred
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    undefined = bool(getattr(raw, "is_undefined_length", False))
+    encapsulated = undefined or (syntax is not None and syntax.is_encapsulated)
+    if encapsulated:
+        if syntax is None:
+            return "compressed Pixel Data without a Transfer Syntax UID"
+        value = ds.PixelData
+        try:
+            fragments = pydicom.encaps.parse_fragments(value)[0]
+        except Exception as exc:  # damaged item tags
+            return f"encapsulated Pixel Data cannot be parsed ({exc})"
+        if fragments < n_frames:
+            return f"{fragments} fragment(s) of compressed Pixel Data for {n_frames} frame(s)"
+        return None
+    expected = rows * columns * samples * n_frames * bits // 8
+    length = getattr(raw, "length", None)
+    tell = getattr(raw, "value_tell", None)
+    if length is None or getattr(raw, "value", b"") is not None:
+        length = len(ds.PixelData)
+    elif tell is not None and getattr(ds, "filename", None):
+        with contextlib.suppress(OSError):  # a file cut short: the length runs past its end
+            length = min(length, os.path.getsize(ds.filename) - tell)
+    if length < expected:
+        return (
+            f"Pixel Data holds {length} bytes; Rows x Columns x SamplesPerPixel x "
+            f"BitsAllocated x frames ({rows}x{columns}x{samples}x{bits}x{n_frames}) "
+            f"needs {expected}"
+        )
+    return None
+
+
+def load_hu(path_or_ds: Path | str | Dataset, frame: int | None = None) -> np.ndarray:
+    """Decode one CT image (or one frame of a multi-frame one) to Hounsfield units.
+
+    Parameters
+    ----------
+    path_or_ds : pathlib.Path, str or pydicom.dataset.Dataset
+        A file, or a dataset read with its pixel data. Native and compressed
+        transfer syntaxes (JPEG baseline/extended, JPEG lossless, JPEG-LS,
+        JPEG 2000, RLE) are decoded through pydicom's pixel handlers
+        (pylibjpeg, pylibjpeg-openjpeg, pylibjpeg-rle, pyjpegls). A file without
+        file meta is decoded with the transfer syntax it was read with.
+    frame : int or None
+        1-based frame number of an Enhanced / Legacy Converted Enhanced CT image
+        (PS3.3 A.38, A.70); its rescale comes from the functional groups. None for
+        a single-frame image.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) float32, HU = stored value × RescaleSlope + RescaleIntercept, with
+        the RSNA 12-bit fault corrected (see :class:`HUTransform`). Pixel padding
+        (PixelPaddingValue, with PixelPaddingRangeLimit) and every value below
+        -1024 HU (sentinels such as -2000 or -3024 outside the reconstruction field
+        of view) become -1024 (air).
+
+    Raises
+    ------
+    ImagingError
+        Naming the file: unreadable, no or corrupt/truncated pixel data, pixel data
+        shorter than the header says, several frames (without ``frame``) or
+        samples, zero or non-finite slope or intercept, RescaleIntercept or
+        RescaleSlope missing while the values are not HU already.
+    """
+    name = _describe(path_or_ds)
+    path = Path(name) if not isinstance(path_or_ds, Dataset) else None
+    if isinstance(path_or_ds, Dataset):
+        ds = path_or_ds
+    else:
+        ds = read_dataset(Path(path_or_ds), defer=True)
+    if frame is not None:
+        name = f"{name} frame {frame}"
+
+    frames = _optional_int(ds, "NumberOfFrames") or 1
+    if frame is None and frames != 1:
+        raise ImagingError(f"{name}: {frames} frames; give the frame to read", path)
+    if frame is not None and not 1 <= frame <= frames:
+        raise ImagingError(f"{name}: no such frame (NumberOfFrames {frames})", path)
+    if (_optional_int(ds, "SamplesPerPixel") or 1) != 1:
+        raise ImagingError(f"{name}: not a grayscale image (SamplesPerPixel != 1)", path)
+    problem = pixel_data_problem(ds, frames)
+    if problem is not None:
+        raise ImagingError(f"{name}: {problem}", path)
+    transform = hu_transform(ds, None if frame is None else frame - 1, name=name, path=path)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            if frame is None:
+                stored = ds.pixel_array
+            else:  # from the file when there is one: only that frame's bytes are read
+                src: Any = path if path is not None else ds
+                stored = pydicom.pixels.pixel_array(src, index=frame - 1)
+    except Exception as exc:  # decoders raise ValueError, RuntimeError, ...; all mean corrupt
+        raise ImagingError(f"{name}: cannot decode the pixel data ({exc})", path) from exc
+    if stored.ndim != 2:
+        raise ImagingError(f"{name}: pixel data has shape {stored.shape}, expected (H, W)", path)
+
+    values = stored.astype(np.float64)
+    if transform.signed_bits is not None:
+        bits = transform.signed_bits
+        values = np.where(values >= (1 << (bits - 1)), values - (1 << bits), values)
+    hu = values * transform.slope + transform.intercept
+    if transform.missing and not values_look_like_hu(hu):
+        raise ImagingError(
+            f"{name}: {' and '.join(transform.missing)} missing (Type 1, PS3.3 C.8.2.1) and "
+            f"the values ({hu.min():.0f}..{hu.max():.0f} with slope {transform.slope:g}, "
+            f"intercept {transform.intercept:g}) are not HU: no air near -1000",
+            path,
+        )
+    pad = _padding_mask(ds, stored)
+    if pad is not None:
+        hu[pad] = AIR_HU
+    # Nothing physical lies below air; scanners write -1500..-3024 outside the FOV.
+    np.maximum(hu, AIR_HU, out=hu)
+    return hu.astype(np.float32)
 
 
 def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
@@ -137,18 +359,54 @@ def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
     return (stored >= min(pad, limit)) & (stored <= max(pad, limit))
 
 
+def check_hu_plausible(hu: np.ndarray, what: str) -> None:
+    """Refuse HU that are not those of a head CT.
+
+    A head CT has air around the head (at or below -900 HU), tissue in the brain
+    range (0..100 HU), and is not mostly denser than 3000 HU. Values that fail
+    come from a header that does not describe its pixels; reading them would give
+    a confident answer on nonsense.
+
+    Parameters
+    ----------
+    hu : numpy.ndarray
+        (S, H, W) HU of a whole series (from :func:`load_series_hu`).
+    what : str
+        Names the series in the message.
+
+    Raises
+    ------
+    ImagingError
+        With the shares of air, brain-range and dense voxels.
+    """
+    arr = np.asarray(hu)
+    n = arr.size
+    if n == 0:
+        raise ImagingError(f"{what}: no pixels")
+    air = np.count_nonzero(arr <= -900) / n
+    brain = np.count_nonzero((arr >= 0) & (arr <= 100)) / n
+    dense = np.count_nonzero(arr > 3000) / n
+    if air < _MIN_AIR_SHARE or brain < _MIN_BRAIN_SHARE or dense > _MAX_DENSE_SHARE:
+        raise ImagingError(
+            f"{what}: HU not those of a head CT ({air:.1%} of voxels at air <= -900 HU, "
+            f"{brain:.1%} in 0..100 HU, {dense:.1%} above 3000 HU); refused rather than "
+            "read wrong"
+        )
+
+
 def load_series_hu(series: CTSeries) -> np.ndarray:
     """Decode every slice of a series to HU.
 
     Parameters
     ----------
     series : CTSeries
-        From :func:`read_series`.
+        From :func:`read_series` (or a run of its slices).
 
     Returns
     -------
     numpy.ndarray
         (S, H, W) float32 HU, in ``series.slices`` order (inferior -> superior).
+        Frames of a multi-frame image are read one by one (``CTSlice.frame_number``).
 
     Raises
     ------
@@ -167,7 +425,7 @@ def load_series_hu(series: CTSeries) -> np.ndarray:
             )
     out = np.empty((len(series.slices), first.rows, first.columns), dtype=np.float32)
     for i, s in enumerate(series.slices):
-        hu = load_hu(s.path)
+        hu = load_hu(s.path, s.frame_number)
         if hu.shape != out.shape[1:]:
             raise ImagingError(
                 f"{s.path}: pixel data is {hu.shape}, header says {out.shape[1:]}", s.path

@@ -1,9 +1,27 @@
 """One series' images: which are usable, how they are ordered, and their geometry.
 
-Step 2 of :mod:`ich_node.imaging`: headers only (``stop_before_pixels``); keeps the
-axial CT images of one series, drops localizers and images of another orientation,
-and orders the slices along the slice normal (``ImagePositionPatient · normal``),
-never by ``InstanceNumber``.
+Step 2 of :mod:`ich_node.imaging`, headers only (pixel bytes are never decoded here).
+:func:`read_series` reads a series the way a radiologist would, and says what it did:
+
+- images that cannot be placed (no ImagePositionPatient, a localizer, another
+  orientation or matrix, pixel data shorter than the header says, another frame of
+  reference) are left out, each with a reason (:class:`~ich_node.imaging.records.Dropped`);
+  the series is refused only when nothing readable remains;
+- a series holding several reconstructions (kernel, slice thickness, ImageType,
+  pixel spacing, orientation, matrix) is split into homogeneous stacks; the
+  preferred one is read and the others are recorded as skipped. Parts of one
+  volume that differ only in thickness along z (a thin posterior fossa and thicker
+  slices above) stay one stack;
+- two images at one position are all read, in a deterministic order (position,
+  AcquisitionNumber, InstanceNumber, SOP Instance UID) with a note; only several
+  complete volumes at the same positions are split;
+- slices are ordered along the slice normal (``ImagePositionPatient · normal``,
+  :func:`slice_position_mm`), never by ``InstanceNumber``;
+- coverage (extent, spacing, holes) is measured and every irregularity becomes a
+  :class:`~ich_node.imaging.records.Note`.
+
+Enhanced CT and Legacy Converted Enhanced CT images (multi-frame) are read frame by
+frame from their functional groups; each frame is one :class:`CTSlice`.
 """
 
 from __future__ import annotations
@@ -11,38 +29,87 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import structlog
 from pydicom.dataset import Dataset
 from pydicom.uid import RE_VALID_UID
 
-from ich_node.imaging.files import ImagingError, _optional_int, _read_header, _uid
+from ich_node.imaging.files import ImagingError, _optional_int, _uid, read_dataset
+from ich_node.imaging.pixels import functional_group, hu_transform, pixel_data_problem
+from ich_node.imaging.records import Coverage, Dropped, Note
 
 log = structlog.get_logger(__name__)
 
-#: PS3.4 B.5: CT Image Storage, the single-frame CT image this module reads.
+#: PS3.4 B.5: CT Image Storage, the single-frame CT image.
 CT_IMAGE_STORAGE: Final[str] = "1.2.840.10008.5.1.4.1.1.2"
-_MULTIFRAME_CT: Final[dict[str, str]] = {
+#: PS3.4 B.5: the multi-frame CT images, read frame by frame.
+MULTIFRAME_CT: Final[dict[str, str]] = {
     "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
     "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
 }
 
-#: Slices whose normal is further than this from the series' majority normal are
-#: dropped as scouts/localizers or stray reformats.
+#: Soft-tissue / brain reconstruction kernels, in order of preference (case-insensitive
+#: substrings of ConvolutionKernel): GE STANDARD/SOFT, Siemens H/J/Hr/Br 3x-4x,
+#: Canon/Toshiba FC2x, Philips UB/UC/A. The default of ``series.preferred_kernels``.
+DEFAULT_PREFERRED_KERNELS: Final[tuple[str, ...]] = (
+    "BRAIN",
+    "STANDARD",
+    "STD",
+    "SOFT",
+    "H31",
+    "H30",
+    "J30",
+    "J40",
+    "H40",
+    "HR38",
+    "HR40",
+    "BR36",
+    "BR38",
+    "FC21",
+    "FC26",
+    "FC2",
+    "UB",
+    "UC",
+)
+#: Kernels that are never preferred when another stack exists (bone, lung, sharp).
+_SHARP_KERNELS: Final[tuple[str, ...]] = (
+    "BONE",
+    "LUNG",
+    "SHARP",
+    "EDGE",
+    "DETAIL",
+    "H60",
+    "H70",
+    "J70",
+    "HR60",
+    "HR64",
+    "HR68",
+    "BR60",
+    "BR64",
+    "FC30",
+    "FC8",
+    "YC",
+    "YD",
+)
+#: Images whose normal is within this angle share an orientation.
 _ORIENTATION_TOL_DEG: Final[float] = 2.0
 #: Two slices closer than this along the normal are at "the same position".
 _SAME_POSITION_MM: Final[float] = 0.01
+#: A stack with at least this many images is a reconstruction, not a stray image.
+_MIN_STACK: Final[int] = 3
+#: Default of ``series.max_gap_mm``: a larger hole makes the coverage incomplete.
+DEFAULT_MAX_GAP_MM: Final[float] = 12.0
 
 
 @dataclass(frozen=True, slots=True)
 class CTSlice:
-    """One axial CT image, from its header.
+    """One axial CT image (or one frame of a multi-frame CT image), from its header.
 
     Attributes
     ----------
@@ -63,6 +130,11 @@ class CTSlice:
         Image matrix.
     instance_number : int or None
         InstanceNumber (0020,0013) when present; informative only, never used to sort.
+    frame_number : int or None
+        1-based frame of a multi-frame image (Referenced Frame Number in results);
+        None for a single-frame image.
+    slice_thickness_mm : float or None
+        SliceThickness (0018,0050) when present.
     """
 
     path: Path
@@ -75,6 +147,8 @@ class CTSlice:
     rows: int
     columns: int
     instance_number: int | None
+    frame_number: int | None = None
+    slice_thickness_mm: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +162,9 @@ class CTSeries:
     frame_of_reference_uid : str or None
         FrameOfReferenceUID (0020,0052) when present.
     slices : tuple of CTSlice
-        Ordered by ``position_mm`` ascending, i.e. inferior -> superior along ``normal``.
+        Ordered by ``position_mm`` ascending, i.e. inferior -> superior along
+        ``normal``; images at one position by AcquisitionNumber, InstanceNumber,
+        SOP Instance UID.
     normal : tuple of 3 float
         Unit slice normal (row cosines × column cosines), flipped if needed so
         that it points superior (+z in LPS patient coordinates).
@@ -98,12 +174,21 @@ class CTSeries:
         GantryDetectorTilt (0018,1120) only when the orientation does not encode a
         tilt the tag reports.
     slice_spacing_mm : tuple of float
-        ``S - 1`` gaps between consecutive slices along the normal, mm.
+        ``S - 1`` distances between consecutive slices along the normal, mm (0 for
+        two images at one position).
     skipped : tuple of (Path, str)
-        Files left out of ``slices`` and why.
+        Files left out of ``slices`` and why (``dropped`` as path/reason pairs).
     uids_valid : bool
         False when a Study, Series or SOP Instance UID is not a valid DICOM UID
         (PS3.5 9.1), as in RSNA's anonymised ``ID_...`` files.
+    dropped : tuple of Dropped
+        Every image left out, with its SOP Instance UID and reason.
+    notes : tuple of Note
+        Every correction and irregularity, as readable lines.
+    coverage : Coverage or None
+        Extent, spacing and holes of ``slices`` (None only for hand-built series).
+    max_gap_mm : float
+        The ``series.max_gap_mm`` this series was read with.
     """
 
     study_instance_uid: str
@@ -115,6 +200,89 @@ class CTSeries:
     slice_spacing_mm: tuple[float, ...]
     skipped: tuple[tuple[Path, str], ...]
     uids_valid: bool
+    dropped: tuple[Dropped, ...] = ()
+    notes: tuple[Note, ...] = ()
+    coverage: Coverage | None = None
+    max_gap_mm: float = DEFAULT_MAX_GAP_MM
+
+    @property
+    def coverage_incomplete(self) -> str | None:
+        """Why the slices do not cover the head, or None when they do.
+
+        Incomplete when a hole is larger than ``max_gap_mm`` or only one slice is read.
+        """
+        cov = self.coverage
+        if cov is None:
+            return None
+        if len(self.slices) < 2:
+            return "one image only: the rest of the head is not seen"
+        if cov.largest_gap_mm > self.max_gap_mm:
+            return (
+                f"a {cov.largest_gap_mm:.1f} mm hole between slices (more than "
+                f"{self.max_gap_mm:g} mm): part of the head is not seen"
+            )
+        return None
+
+
+# ------------------------------------------------------------------------ geometry
+
+
+def unit_normal(orientation: Sequence[float]) -> np.ndarray:
+    """Superior-pointing unit normal of an image plane.
+
+    Parameters
+    ----------
+    orientation : sequence of 6 float
+        ImageOrientationPatient (0020,0037), PS3.3 C.7.6.2.1.1.
+
+    Returns
+    -------
+    numpy.ndarray
+        (3,) float64, row cosines × column cosines, flipped to point toward +z.
+
+    Raises
+    ------
+    ValueError
+        When the cosines are not two orthogonal unit vectors.
+    """
+    row = np.asarray(orientation[:3], dtype=np.float64)
+    col = np.asarray(orientation[3:], dtype=np.float64)
+    nr, nc = np.linalg.norm(row), np.linalg.norm(col)
+    if not (0.99 < nr < 1.01 and 0.99 < nc < 1.01) or abs(float(row @ col)) > 0.01:
+        raise ValueError(
+            f"ImageOrientationPatient {list(orientation)} is not two orthogonal unit vectors"
+        )
+    normal = np.cross(row / nr, col / nc)
+    normal /= np.linalg.norm(normal)
+    return -normal if normal[2] < 0 else normal
+
+
+def slice_position_mm(position: Sequence[float], normal: Sequence[float]) -> float:
+    """A slice's position along the slice normal: ``ImagePositionPatient · normal``, mm.
+
+    The one definition of slice order, shared by the node and training
+    (PS3.3 C.7.6.2.1.1: the position is that of the first transmitted pixel).
+
+    Parameters
+    ----------
+    position : sequence of 3 float
+        ImagePositionPatient, mm (LPS).
+    normal : sequence of 3 float
+        Unit slice normal (:func:`unit_normal`).
+    """
+    p = np.asarray(position, dtype=np.float64)
+    n = np.asarray(normal, dtype=np.float64)
+    return float(p @ n)
+
+
+def _tilt_deg(normal: np.ndarray) -> float:
+    """Signed angle (degrees) between a superior-pointing normal and +z."""
+    magnitude = math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
+    return magnitude if normal[1] >= 0 else -magnitude
+
+
+def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    return math.degrees(math.acos(max(-1.0, min(1.0, float(a @ b)))))
 
 
 # ------------------------------------------------------------------------ headers
@@ -122,7 +290,7 @@ class CTSeries:
 
 @dataclass(frozen=True, slots=True)
 class _Header:
-    """What :func:`read_series` needs from one file, with values already checked."""
+    """What :func:`read_series` needs from one image or frame, with values checked."""
 
     path: Path
     study_uid: str
@@ -139,11 +307,21 @@ class _Header:
     columns: int | None
     instance_number: int | None
     gantry_tilt: float | None
-    geometry_error: str | None  # a malformed geometry value; raised only if the image is kept
+    geometry_error: str | None  # a malformed geometry value
+    frame_number: int | None = None
+    acquisition_number: int | None = None
+    kernel: str = ""
+    thickness: float | None = None
+    pixel_problem: str | None = None
+    hu_note: tuple[str, str] | None = None  # (kind, text) of a correction to note
+    syntax_note: str | None = None
+    normal: Any = field(default=None, compare=False)  # np.ndarray once placed
 
 
-def _floats(ds: Dataset, keyword: str, n: int, path: Path) -> tuple[float, ...] | None:
+def _floats(ds: Dataset | None, keyword: str, n: int, path: Path) -> tuple[float, ...] | None:
     """The ``n`` numbers of a multi-valued DS element, None when absent or empty."""
+    if ds is None:
+        return None
     elem = ds.get(keyword)
     if elem is None or elem == "":
         return None
@@ -157,11 +335,49 @@ def _floats(ds: Dataset, keyword: str, n: int, path: Path) -> tuple[float, ...] 
     return out
 
 
-def _header(path: Path) -> _Header:
-    ds = _read_header(path)
+def _text(ds: Dataset | None, keyword: str) -> str:
+    if ds is None:
+        return ""
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return "\\".join(str(v) for v in value).strip()
+    return str(value).strip()
+
+
+def _hu_note(ds: Dataset, frame_index: int | None, path: Path) -> tuple[str, str] | None:
+    try:
+        t = hu_transform(ds, frame_index, name=str(path), path=path)
+    except ImagingError:
+        return None  # raised again, with its reason, when the pixels are read
+    if t.signed_bits is not None:
+        return (
+            "pixel_correction",
+            f"BitsStored {t.signed_bits}, unsigned, RescaleIntercept {t.intercept:g} "
+            "(RSNA 2019 fault: air stored as about +3096): stored values read as "
+            f"{t.signed_bits}-bit two's complement",
+        )
+    if t.missing:
+        return (
+            "hu_as_stored",
+            f"{' and '.join(t.missing)} missing: slope {t.slope:g}, intercept "
+            f"{t.intercept:g} used (checked to give HU: air near -1000)",
+        )
+    return None
+
+
+def _headers(path: Path) -> list[_Header]:
+    """One header per image: one for a single-frame file, one per frame otherwise."""
+    ds = read_dataset(path, defer=True)
+    syntax_note = None
+    meta = getattr(ds, "file_meta", None)
+    if getattr(ds, "preamble", None) is None and meta is not None:
+        detected = meta.get("TransferSyntaxUID")
+        if detected is not None and "MediaStorageSOPInstanceUID" not in meta:
+            syntax_note = f"no file meta: decoded as {detected.name}, as read"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # invalid UIDs (RSNA)
-        meta = getattr(ds, "file_meta", None)
         sop_class = _uid(ds, "SOPClassUID")
         if not sop_class and meta is not None:
             sop_class = _uid(meta, "MediaStorageSOPClassUID")
@@ -171,7 +387,28 @@ def _header(path: Path) -> _Header:
         image_type = ds.get("ImageType", [])
         if isinstance(image_type, str):
             image_type = image_type.split("\\")
-        frame_uid = _uid(ds, "FrameOfReferenceUID") or None
+        common: dict[str, Any] = dict(
+            path=path,
+            study_uid=_uid(ds, "StudyInstanceUID"),
+            series_uid=_uid(ds, "SeriesInstanceUID"),
+            frame_uid=_uid(ds, "FrameOfReferenceUID") or None,
+            sop_uid=sop_uid,
+            sop_class=sop_class,
+            modality=str(ds.get("Modality", "") or "").upper(),
+            rows=_optional_int(ds, "Rows"),
+            columns=_optional_int(ds, "Columns"),
+            instance_number=_optional_int(ds, "InstanceNumber"),
+            acquisition_number=_optional_int(ds, "AcquisitionNumber"),
+            syntax_note=syntax_note,
+        )
+        try:
+            tilt = _floats(ds, "GantryDetectorTilt", 1, path)
+        except ImagingError:
+            tilt = None  # informative only
+        common["gantry_tilt"] = tilt[0] if tilt else None
+        if sop_class in MULTIFRAME_CT:
+            return _frame_headers(ds, path, common, tuple(str(v).upper() for v in image_type))
+        n_frames = _optional_int(ds, "NumberOfFrames") or 1
         geometry_error = None
         try:
             position = _floats(ds, "ImagePositionPatient", 3, path)
@@ -181,37 +418,92 @@ def _header(path: Path) -> _Header:
             geometry_error = str(exc)
             position = orientation = spacing = None
         try:
-            tilt = _floats(ds, "GantryDetectorTilt", 1, path)
+            thickness = _floats(ds, "SliceThickness", 1, path)
         except ImagingError:
-            tilt = None  # informative only
-        return _Header(
-            path=path,
-            study_uid=_uid(ds, "StudyInstanceUID"),
-            series_uid=_uid(ds, "SeriesInstanceUID"),
-            frame_uid=frame_uid,
-            sop_uid=sop_uid,
-            sop_class=sop_class,
-            modality=str(ds.get("Modality", "") or "").upper(),
-            image_type=tuple(str(v).upper() for v in image_type),
-            position=position,  # type: ignore[arg-type]
-            orientation=orientation,  # type: ignore[arg-type]
-            spacing=spacing,  # type: ignore[arg-type]
-            rows=_optional_int(ds, "Rows"),
-            columns=_optional_int(ds, "Columns"),
-            instance_number=_optional_int(ds, "InstanceNumber"),
-            gantry_tilt=tilt[0] if tilt else None,
-            geometry_error=geometry_error,
+            thickness = None
+        problem = pixel_data_problem(ds, n_frames)
+        if problem is None and n_frames != 1:
+            problem = f"{n_frames} frames in a single-frame CT image"
+        return [
+            _Header(
+                **common,
+                image_type=tuple(str(v).upper() for v in image_type),
+                position=position,  # type: ignore[arg-type]
+                orientation=orientation,  # type: ignore[arg-type]
+                spacing=spacing,  # type: ignore[arg-type]
+                geometry_error=geometry_error,
+                kernel=_text(ds, "ConvolutionKernel").upper(),
+                thickness=thickness[0] if thickness else None,
+                pixel_problem=problem,
+                hu_note=_hu_note(ds, None, path),
+            )
+        ]
+
+
+def _frame_headers(
+    ds: Dataset, path: Path, common: dict[str, Any], image_type: tuple[str, ...]
+) -> list[_Header]:
+    """Headers of the frames of an Enhanced / Legacy Converted Enhanced CT image.
+
+    Position, orientation, pixel measures, rescale, kernel and frame type come
+    from the frame's Per-frame Functional Groups item, else from the Shared
+    Functional Groups (PS3.3 C.7.6.16, A.38.1, A.70).
+    """
+    n_frames = _optional_int(ds, "NumberOfFrames") or 1
+    problem = pixel_data_problem(ds, n_frames)
+    out = []
+    for index in range(n_frames):
+        geometry_error = None
+        try:
+            position = _floats(
+                functional_group(ds, "PlanePositionSequence", index),
+                "ImagePositionPatient",
+                3,
+                path,
+            )
+            orientation = _floats(
+                functional_group(ds, "PlaneOrientationSequence", index),
+                "ImageOrientationPatient",
+                6,
+                path,
+            )
+            measures = functional_group(ds, "PixelMeasuresSequence", index)
+            spacing = _floats(measures, "PixelSpacing", 2, path)
+        except ImagingError as exc:
+            geometry_error = str(exc)
+            position = orientation = spacing = None
+            measures = None
+        try:
+            thickness = _floats(measures, "SliceThickness", 1, path)
+        except ImagingError:
+            thickness = None
+        frame_type = _text(functional_group(ds, "CTImageFrameTypeSequence", index), "FrameType")
+        recon = functional_group(ds, "CTReconstructionSequence", index)
+        kernel = _text(recon, "ConvolutionKernel") or _text(ds, "ConvolutionKernel")
+        out.append(
+            _Header(
+                **common,
+                image_type=tuple(frame_type.upper().split("\\")) if frame_type else image_type,
+                position=position,  # type: ignore[arg-type]
+                orientation=orientation,  # type: ignore[arg-type]
+                spacing=spacing,  # type: ignore[arg-type]
+                geometry_error=geometry_error,
+                frame_number=index + 1,
+                kernel=kernel.upper(),
+                thickness=thickness[0] if thickness else None,
+                pixel_problem=problem,
+                hu_note=_hu_note(ds, index, path),
+            )
         )
+    return out
 
 
 def _why_not_ct_image(h: _Header) -> str | None:
     """Reason a header is not an image this module reads, or None."""
     if h.modality and h.modality != "CT":
         return f"modality {h.modality}, not CT"
-    if h.sop_class in _MULTIFRAME_CT:
-        return f"{_MULTIFRAME_CT[h.sop_class]} (multi-frame) is not supported"
-    if h.sop_class and h.sop_class != CT_IMAGE_STORAGE:
-        return f"SOP class {h.sop_class} is not CT Image Storage"
+    if h.sop_class and h.sop_class != CT_IMAGE_STORAGE and h.sop_class not in MULTIFRAME_CT:
+        return f"SOP class {h.sop_class} is not a CT image"
     if not h.modality and h.sop_class != CT_IMAGE_STORAGE:
         return "no Modality and no CT SOP class"
     # PS3.3 C.8.2.1.1.1: ImageType value 3 is AXIAL or LOCALIZER for CT.
@@ -220,76 +512,301 @@ def _why_not_ct_image(h: _Header) -> str | None:
     return None
 
 
-def _unit_normal(orientation: Sequence[float], path: Path) -> np.ndarray:
-    """Superior-pointing unit normal of an image plane, shape (3,) float64."""
-    row = np.asarray(orientation[:3], dtype=np.float64)
-    col = np.asarray(orientation[3:], dtype=np.float64)
-    nr, nc = np.linalg.norm(row), np.linalg.norm(col)
-    # PS3.3 C.7.6.2.1.1: row and column cosines are unit vectors and orthogonal.
-    if not (0.99 < nr < 1.01 and 0.99 < nc < 1.01) or abs(float(row @ col)) > 0.01:
-        raise ImagingError(
-            f"{path}: ImageOrientationPatient {list(orientation)} is not two orthogonal "
-            "unit vectors",
-            path,
+def _cannot_place(h: _Header) -> str | None:
+    """Why an image cannot be placed in a volume (PS3.3 C.7.6.2, C.7.6.3), or None."""
+    if h.geometry_error is not None:
+        return f"cannot be placed: {h.geometry_error.split(': ', 1)[-1]}"
+    missing = [
+        name
+        for name, value in (
+            ("ImagePositionPatient", h.position),
+            ("ImageOrientationPatient", h.orientation),
+            ("PixelSpacing", h.spacing),
+            ("Rows", h.rows),
+            ("Columns", h.columns),
         )
-    normal = np.cross(row / nr, col / nc)
-    normal /= np.linalg.norm(normal)
-    return -normal if normal[2] < 0 else normal
+        if value is None
+    ]
+    if missing:
+        return f"cannot be placed: no {', '.join(missing)}"
+    if h.pixel_problem is not None:
+        return h.pixel_problem
+    return None
 
 
-def _tilt_deg(normal: np.ndarray) -> float:
-    """Signed angle (degrees) between a superior-pointing normal and +z."""
-    magnitude = math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
-    return magnitude if normal[1] >= 0 else -magnitude
+# ------------------------------------------------------------------------- stacks
 
 
-def read_series(paths: Sequence[Path], *, max_tilt_deg: float = 30.0) -> CTSeries:
-    """Read the headers of one series and order its axial CT images.
+@dataclass(slots=True)
+class _Stack:
+    """Images of one reconstruction: same orientation, matrix and (soft key) kernel."""
+
+    headers: list[_Header]
+    normal: np.ndarray
+
+    @property
+    def kernel(self) -> str:
+        return Counter(h.kernel for h in self.headers).most_common(1)[0][0]
+
+    def span(self) -> tuple[float, float]:
+        z = [slice_position_mm(h.position, self.normal) for h in self.headers]  # type: ignore[arg-type]
+        return min(z), max(z)
+
+
+def _soft_key(h: _Header) -> tuple[Any, ...]:
+    thickness = None if h.thickness is None else round(h.thickness, 2)
+    spacing = None if h.spacing is None else tuple(round(v, 3) for v in h.spacing)
+    return (h.kernel, thickness, h.image_type[:3], spacing)
+
+
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return max(a[0], b[0]) <= min(a[1], b[1]) + _SAME_POSITION_MM
+
+
+def _stacks(headers: list[_Header]) -> list[_Stack]:
+    """Split placed images into homogeneous stacks.
+
+    Orientation (within 2 degrees) and matrix always separate stacks. Within those,
+    images differing in kernel always do; images differing in thickness, ImageType
+    or pixel spacing are one stack when they lie one after another along z (one
+    volume reconstructed in parts) and separate stacks when they overlap (two
+    reconstructions of the same anatomy).
+    """
+    cos_tol = math.cos(math.radians(_ORIENTATION_TOL_DEG))
+    clusters: list[tuple[np.ndarray, list[_Header]]] = []
+    for h in headers:
+        for ref, members in clusters:
+            if float(h.normal @ ref) >= cos_tol:
+                members.append(h)
+                break
+        else:
+            clusters.append((h.normal, [h]))
+    stacks: list[_Stack] = []
+    for _, members in clusters:
+        normal = np.mean([h.normal for h in members], axis=0)
+        normal /= np.linalg.norm(normal)
+        by_hard: dict[tuple[Any, ...], list[_Header]] = defaultdict(list)
+        for h in members:
+            by_hard[(h.rows, h.columns, h.kernel)].append(h)
+        for group in by_hard.values():
+            by_soft: dict[tuple[Any, ...], list[_Header]] = defaultdict(list)
+            for h in group:
+                by_soft[_soft_key(h)].append(h)
+            chains: list[list[_Stack]] = []
+            for part in sorted(by_soft.values(), key=lambda g: (-len(g), g[0].sop_uid)):
+                piece = _Stack(part, normal)
+                span = piece.span()
+                for chain in chains:
+                    if not any(_overlap(span, other.span()) for other in chain):
+                        chain.append(piece)
+                        break
+                else:
+                    chains.append([piece])
+            for chain in chains:
+                stacks.append(_Stack([h for p in chain for h in p.headers], normal))
+    return stacks
+
+
+def _kernel_rank(kernel: str, preferred: Sequence[str]) -> int:
+    k = kernel.upper()
+    for i, pattern in enumerate(preferred):
+        if pattern and pattern.upper() in k:
+            return i
+    if any(p in k for p in _SHARP_KERNELS):
+        return len(preferred) + 1
+    return len(preferred)
+
+
+def _choose(stacks: list[_Stack], preferred: Sequence[str]) -> _Stack:
+    """The stack to read: a volume (3+ images), preferred kernel, then the most images."""
+
+    def rank(s: _Stack) -> tuple[Any, ...]:
+        thick = Counter(h.thickness or 0.0 for h in s.headers).most_common(1)[0][0]
+        return (
+            len(s.headers) < _MIN_STACK,
+            _kernel_rank(s.kernel, preferred),
+            -len(s.headers),
+            thick,
+            min(h.sop_uid for h in s.headers),
+        )
+
+    return min(stacks, key=rank)
+
+
+def _describe_stack(s: _Stack) -> str:
+    h = s.headers[0]
+    parts = [f"ConvolutionKernel {h.kernel or '(none)'}"]
+    if h.thickness is not None:
+        parts.append(f"SliceThickness {h.thickness:g} mm")
+    parts.append(f"{h.rows}x{h.columns}")
+    return ", ".join(parts)
+
+
+def _difference(h: _Header, main: _Stack) -> str:
+    """What sets an image apart from the stack that is read, in words."""
+    ref = main.headers[0]
+    angle = _angle_deg(h.normal, main.normal)
+    if angle > _ORIENTATION_TOL_DEG:
+        return f"orientation {angle:.1f} deg from the stack read"
+    if (h.rows, h.columns) != (ref.rows, ref.columns):
+        return f"matrix {h.rows}x{h.columns}, the stack read is {ref.rows}x{ref.columns}"
+    if h.kernel != main.kernel:
+        return f"ConvolutionKernel {h.kernel or '(none)'}, the stack read has {main.kernel}"
+    diffs = []
+    if h.thickness != ref.thickness:
+        diffs.append(f"SliceThickness {h.thickness} mm (read: {ref.thickness} mm)")
+    if h.image_type[:3] != ref.image_type[:3]:
+        diffs.append(f"ImageType {'/'.join(h.image_type[:3])}")
+    if h.spacing != ref.spacing:
+        diffs.append(f"PixelSpacing {h.spacing} (read: {ref.spacing})")
+    return ", ".join(diffs) or "overlaps the stack read"
+
+
+# ----------------------------------------------------------------------- ordering
+
+
+def _order_key(h: _Header, z: float) -> tuple[Any, ...]:
+    big = 1 << 62
+    return (
+        z,
+        big if h.acquisition_number is None else h.acquisition_number,
+        big if h.instance_number is None else h.instance_number,
+        h.sop_uid,
+        h.frame_number or 0,
+    )
+
+
+def _positions(items: list[tuple[_Header, float]]) -> list[list[tuple[_Header, float]]]:
+    """Consecutive runs of images at one position (within 0.01 mm), in order."""
+    groups: list[list[tuple[_Header, float]]] = []
+    for item in items:
+        if groups and item[1] - groups[-1][0][1] < _SAME_POSITION_MM:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
+def _volume_split(
+    groups: list[list[tuple[_Header, float]]],
+) -> tuple[str, list[list[tuple[_Header, float]]]] | None:
+    """Several complete volumes at the same positions: (attribute, volumes) or None.
+
+    Only when every position holds the same number k >= 2 of images and one
+    attribute (AcquisitionNumber, then InstanceNumber blocks are not trusted) puts
+    exactly one image of each position in each of k groups.
+    """
+    k = len(groups[0])
+    if k < 2 or len(groups) < 2 or any(len(g) != k for g in groups):
+        return None
+    for attribute in ("acquisition_number",):
+        values = {getattr(h, attribute) for g in groups for h, _ in g}
+        if None in values or len(values) != k:
+            continue
+        volumes: dict[Any, list[tuple[_Header, float]]] = defaultdict(list)
+        for g in groups:
+            seen = {getattr(h, attribute) for h, _ in g}
+            if len(seen) != k:
+                break
+            for item in g:
+                volumes[getattr(item[0], attribute)].append(item)
+        else:
+            return "AcquisitionNumber", [volumes[v] for v in sorted(volumes)]
+    return None
+
+
+def _coverage(
+    items: list[tuple[_Header, float]],
+) -> tuple[Coverage, list[tuple[float, float]]]:
+    """Coverage of ordered slices and the holes found ((z_from, z_to) per hole)."""
+    z = [p for _, p in items]
+    distinct: list[tuple[float, float | None]] = []  # (z, thickness) per position
+    for h, p in items:
+        if not distinct or p - distinct[-1][0] >= _SAME_POSITION_MM:
+            distinct.append((p, h.thickness))
+    steps = [b[0] - a[0] for a, b in itertools.pairwise(distinct)]
+    median = float(np.median(steps)) if steps else None
+    holes = []
+    for (za, ta), (zb, tb) in itertools.pairwise(distinct):
+        nominal = (ta + tb) / 2 if ta and tb else median
+        if nominal and zb - za > 1.5 * nominal + _SAME_POSITION_MM:
+            holes.append((za, zb))
+    cov = Coverage(
+        z_min_mm=round(min(z), 3),
+        z_max_mm=round(max(z), 3),
+        median_spacing_mm=None if median is None else round(median, 3),
+        largest_gap_mm=round(max(steps), 3) if steps else 0.0,
+        n_gaps=len(holes),
+    )
+    return cov, holes
+
+
+# --------------------------------------------------------------------- read_series
+
+
+def read_series(
+    paths: Sequence[Path],
+    *,
+    max_tilt_deg: float = 30.0,
+    preferred_kernels: Sequence[str] = DEFAULT_PREFERRED_KERNELS,
+    max_gap_mm: float = DEFAULT_MAX_GAP_MM,
+) -> CTSeries:
+    """Read the headers of one series, keep what can be read, and order it.
 
     Parameters
     ----------
     paths : sequence of pathlib.Path
-        Files of one series (files of other series are skipped: the series with
+        Files of one series (files of other series are left out: the series with
         the most usable images wins).
     max_tilt_deg : float
         Images whose normal is further than this from the patient z axis are
-        not axial and are skipped.
+        not axial and are left out (``series.max_tilt_degrees``).
+    preferred_kernels : sequence of str
+        Case-insensitive ConvolutionKernel substrings, most preferred first, that
+        choose the stack read when a series holds several reconstructions
+        (``series.preferred_kernels``).
+    max_gap_mm : float
+        A hole between slices larger than this makes the coverage incomplete
+        (``series.max_gap_mm``); a negative result then says so.
 
     Returns
     -------
     CTSeries
         Slices ordered by ``ImagePositionPatient · normal`` (inferior ->
-        superior), with every left-out file and its reason in ``skipped``.
+        superior), with every left-out image in ``dropped``, every correction or
+        irregularity in ``notes`` and the ``coverage``.
 
     Raises
     ------
     ImagingError
-        When no usable image remains (the message lists why each file was left
-        out), when an image misses mandatory geometry (ImagePositionPatient,
-        ImageOrientationPatient, PixelSpacing, Rows, Columns), or on conflicting
-        geometry (two images at one position, mixed frames of reference or
-        studies, two series with as many images each).
+        When no placeable axial CT image remains (the message lists why images
+        were left out), or two series have as many images each.
     """
-    skipped: list[tuple[Path, str]] = []
+    dropped: list[Dropped] = []
     candidates: list[_Header] = []
-    seen_sop: set[str] = set()
+    seen: set[tuple[str, int | None]] = set()
+
+    def drop(h: _Header, reason: str) -> None:
+        dropped.append(Dropped(h.sop_uid, h.path, reason, h.frame_number))
+
     for path in sorted(dict.fromkeys(Path(p) for p in paths)):
         try:
-            h = _header(path)
+            headers = _headers(path)
         except ImagingError as exc:
-            skipped.append((path, f"unreadable: {exc}"))
+            dropped.append(Dropped("", path, f"unreadable: {str(exc).split(': ', 1)[-1]}"))
             continue
-        reason = _why_not_ct_image(h)
-        if reason is None and h.sop_uid in seen_sop:
-            reason = f"duplicate SOP Instance UID {h.sop_uid}"
-        if reason is not None:
-            skipped.append((path, reason))
-            continue
-        seen_sop.add(h.sop_uid)
-        candidates.append(h)
+        for h in headers:
+            reason = _why_not_ct_image(h)
+            if reason is None and (h.sop_uid, h.frame_number) in seen:
+                reason = f"duplicate SOP Instance UID {h.sop_uid}"
+            if reason is not None:
+                drop(h, reason)
+                continue
+            seen.add((h.sop_uid, h.frame_number))
+            candidates.append(h)
 
     if not candidates:
-        raise _nothing_usable(paths, skipped)
+        raise _nothing_usable(paths, dropped)
 
     # One series: the one with the most images; a tie is ambiguous.
     counts = Counter(h.series_uid for h in candidates).most_common()
@@ -300,72 +817,128 @@ def read_series(paths: Sequence[Path], *, max_tilt_deg: float = 30.0) -> CTSerie
             candidates[0].path,
         )
     series_uid = counts[0][0]
-    kept: list[_Header] = []
+
+    # Images that cannot be placed, or whose pixels cannot be what the header says.
+    placed: list[_Header] = []
     for h in candidates:
         if h.series_uid != series_uid:
-            skipped.append((h.path, f"other series {h.series_uid}"))
-        else:
-            kept.append(h)
+            drop(h, f"other series {h.series_uid}")
+            continue
+        reason = _cannot_place(h)
+        if reason is None:
+            try:
+                normal = unit_normal(h.orientation)  # type: ignore[arg-type]
+            except ValueError as exc:
+                reason = f"cannot be placed: {exc}"
+            else:
+                tilt = abs(_tilt_deg(normal))
+                if tilt > max_tilt_deg:
+                    reason = f"not axial ({tilt:.1f} deg from the patient z axis)"
+        if reason is not None:
+            drop(h, reason)
+            continue
+        placed.append(replace(h, normal=normal))
+    if not placed:
+        raise _nothing_usable(paths, dropped)
 
-    # Mandatory geometry: PS3.3 C.7.6.2 (Image Plane) and C.7.6.3 (Image Pixel).
-    normals: list[np.ndarray] = []
-    for h in kept:
-        missing = [
-            name
-            for name, value in (
-                ("ImagePositionPatient", h.position),
-                ("ImageOrientationPatient", h.orientation),
-                ("PixelSpacing", h.spacing),
-                ("Rows", h.rows),
-                ("Columns", h.columns),
+    # PS3.3 C.7.4.1.1.1: positions are only comparable in one frame of reference.
+    for keyword, attr in (("StudyInstanceUID", "study_uid"), ("FrameOfReferenceUID", "frame_uid")):
+        majority = Counter(getattr(h, attr) for h in placed).most_common(1)[0][0]
+        kept = []
+        for h in placed:
+            if getattr(h, attr) != majority:
+                drop(h, f"{keyword} differs from the rest of the series")
+            else:
+                kept.append(h)
+        placed = kept
+
+    # Homogeneous stacks; the preferred one is read.
+    notes: list[Note] = []
+    stacks = _stacks(placed)
+    main = _choose(stacks, preferred_kernels)
+    for s in stacks:
+        if s is main:
+            continue
+        if len(s.headers) >= _MIN_STACK:
+            notes.append(
+                Note(
+                    "stack_skipped",
+                    f"another reconstruction in this series was not read: "
+                    f"{len(s.headers)} images ({_describe_stack(s)}); read: "
+                    f"{len(main.headers)} images ({_describe_stack(main)})",
+                )
             )
-            if value is None
-        ]
-        if h.geometry_error is not None:
-            raise ImagingError(h.geometry_error, h.path)
-        if missing:
-            raise ImagingError(f"{h.path}: missing {', '.join(missing)}", h.path)
-        assert h.orientation is not None  # checked above; for mypy
-        normals.append(_unit_normal(h.orientation, h.path))
-
-    # Not axial: normal too far from the patient z axis.
-    axial: list[tuple[_Header, np.ndarray]] = []
-    for h, n in zip(kept, normals, strict=True):
-        tilt = abs(_tilt_deg(n))
-        if tilt > max_tilt_deg:
-            skipped.append((h.path, f"not axial ({tilt:.1f} deg from the patient z axis)"))
+            for h in s.headers:
+                drop(h, f"other reconstruction, not read: {_difference(h, main)}")
         else:
-            axial.append((h, n))
-    if not axial:
-        raise _nothing_usable(paths, skipped)
+            for h in s.headers:
+                drop(h, f"cannot be placed in the series' stack: {_difference(h, main)}")
 
-    # Majority orientation; the rest are scouts or stray reformats.
-    stack = np.stack([n for _, n in axial])
-    cos_tol = math.cos(math.radians(_ORIENTATION_TOL_DEG))
-    agree = (stack @ stack.T) >= cos_tol
-    ref = stack[int(np.argmax(agree.sum(axis=1)))]
-    normal = stack[(stack @ ref) >= cos_tol].mean(axis=0)
-    normal /= np.linalg.norm(normal)
-    usable: list[tuple[_Header, float]] = []
-    for h, n in axial:
-        if float(n @ ref) < cos_tol:
-            angle = math.degrees(math.acos(max(-1.0, min(1.0, float(n @ ref)))))
-            skipped.append(
-                (h.path, f"orientation {angle:.1f} deg from the series majority (scout?)")
+    normal = main.normal
+    usable = sorted(
+        ((h, slice_position_mm(h.position, normal)) for h in main.headers),  # type: ignore[arg-type]
+        key=lambda item: _order_key(item[0], item[1]),
+    )
+    groups = _positions(usable)
+    split = _volume_split(groups)
+    if split is not None:
+        attribute, volumes = split
+        usable = sorted(volumes[0], key=lambda item: _order_key(item[0], item[1]))
+        for other in volumes[1:]:
+            value = getattr(other[0][0], "acquisition_number", None)
+            for h, _ in other:
+                drop(h, f"another complete volume at the same positions ({attribute} {value})")
+        notes.append(
+            Note(
+                "volumes_split",
+                f"{len(volumes)} complete volumes at the same {len(groups)} positions "
+                f"(by {attribute}): the first was read",
             )
-        else:
-            assert h.position is not None
-            usable.append((h, float(np.asarray(h.position) @ normal)))
-    usable.sort(key=lambda item: item[1])
+        )
+    else:
+        crowded = [g for g in groups if len(g) > 1]
+        if crowded:
+            n = sum(len(g) for g in crowded)
+            where = ", ".join(f"{g[0][1]:.1f}" for g in crowded[:5])
+            notes.append(
+                Note(
+                    "duplicate_position",
+                    f"{n} images share {len(crowded)} position(s) (at {where} mm); all read, "
+                    "ordered by AcquisitionNumber, InstanceNumber, SOP Instance UID",
+                )
+            )
+    # Re-ordering for the model: positions are unique in ``usable`` or noted above.
+    usable.sort(key=lambda item: _order_key(item[0], item[1]))
 
-    _check_consistency([h for h, _ in usable])
-    for (h0, p0), (h1, p1) in itertools.pairwise(usable):
-        if p1 - p0 < _SAME_POSITION_MM:
-            raise ImagingError(
-                f"{h1.path}: same position ({p1:.3f} mm along the normal) as {h0.path}; "
-                "two images at one position (several phases or echoes in one series?)",
-                h1.path,
+    thicknesses = sorted({h.thickness for h, _ in usable if h.thickness is not None})
+    if len(thicknesses) > 1:
+        notes.append(
+            Note(
+                "thickness_change",
+                "slice thickness changes along the series ("
+                + ", ".join(f"{t:g}" for t in thicknesses)
+                + " mm): one volume, read as one stack",
             )
+        )
+    coverage, holes = _coverage(usable)
+    for za, zb in holes:
+        notes.append(
+            Note("gap", f"hole of {zb - za:.1f} mm between slices at {za:.1f} and {zb:.1f} mm")
+        )
+    for (kind, text), n in Counter(h.hu_note for h, _ in usable if h.hu_note).items():
+        notes.append(Note(kind, f"{text} ({n} image(s))"))
+    for text, n in Counter(h.syntax_note for h, _ in usable if h.syntax_note).items():
+        notes.append(Note("transfer_syntax", f"{text} ({n} image(s))"))
+    frames = [h for h, _ in usable if h.frame_number is not None]
+    if frames:
+        n_objects = len({h.sop_uid for h in frames})
+        notes.append(
+            Note(
+                "multi_frame",
+                f"{len(frames)} frames of {n_objects} multi-frame image(s) read as slices "
+                "(per-frame functional groups)",
+            )
+        )
 
     tilt = _tilt_deg(normal)
     tag_tilts = {h.gantry_tilt for h, _ in usable if h.gantry_tilt is not None}
@@ -393,12 +966,22 @@ def read_series(paths: Sequence[Path], *, max_tilt_deg: float = 30.0) -> CTSerie
             rows=h.rows,  # type: ignore[arg-type]
             columns=h.columns,  # type: ignore[arg-type]
             instance_number=h.instance_number,
+            frame_number=h.frame_number,
+            slice_thickness_mm=h.thickness,
         )
         for h, pos in usable
     )
     uids = [first.study_uid, series_uid, *(s.sop_instance_uid for s in slices)]
-    for path, reason in skipped:
-        log.info("imaging.skipped", series_uid=series_uid, path=str(path), reason=reason)
+    for d in dropped:
+        log.info(
+            "imaging.dropped",
+            series_uid=series_uid,
+            sop_instance_uid=d.sop_instance_uid,
+            frame=d.frame_number,
+            reason=d.reason,
+        )
+    for note in notes:
+        log.info("imaging.note", series_uid=series_uid, kind=note.kind, note=note.text)
     return CTSeries(
         study_instance_uid=first.study_uid,
         series_instance_uid=series_uid,
@@ -407,8 +990,12 @@ def read_series(paths: Sequence[Path], *, max_tilt_deg: float = 30.0) -> CTSerie
         normal=(float(normal[0]), float(normal[1]), float(normal[2])),
         gantry_tilt_deg=float(tilt),
         slice_spacing_mm=tuple(float(b - a) for (_, a), (_, b) in itertools.pairwise(usable)),
-        skipped=tuple(skipped),
+        skipped=tuple((d.path, d.reason) for d in dropped if d.path is not None),
         uids_valid=all(_valid_uid(u) for u in uids),
+        dropped=tuple(dropped),
+        notes=tuple(notes),
+        coverage=coverage,
+        max_gap_mm=max_gap_mm,
     )
 
 
@@ -417,26 +1004,12 @@ def _valid_uid(uid: str) -> bool:
     return 0 < len(uid) <= 64 and RE_VALID_UID.match(uid) is not None
 
 
-def _nothing_usable(paths: Sequence[Path], skipped: list[tuple[Path, str]]) -> ImagingError:
-    shown = "; ".join(f"{p}: {r}" for p, r in skipped[:5])
-    more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
-    first = skipped[0][0] if skipped else None
+def _nothing_usable(paths: Sequence[Path], dropped: list[Dropped]) -> ImagingError:
+    shown = "; ".join(
+        f"{d.path if d.path else d.sop_instance_uid}: {d.reason}" for d in dropped[:5]
+    )
+    more = f" (and {len(dropped) - 5} more)" if len(dropped) > 5 else ""
+    first = dropped[0].path if dropped else None
     return ImagingError(
         f"no usable axial CT image among {len(paths)} file(s): {shown}{more}", first
     )
-
-
-def _check_consistency(headers: Sequence[_Header]) -> None:
-    """Raise ImagingError when the kept images disagree on study or frame of reference."""
-    first = headers[0]
-    for h in headers[1:]:
-        if h.study_uid != first.study_uid:
-            raise ImagingError(
-                f"{h.path}: StudyInstanceUID differs from {first.path} within one series", h.path
-            )
-        # PS3.3 C.7.4.1.1.1: positions are only comparable in one frame of reference.
-        if h.frame_uid != first.frame_uid:
-            raise ImagingError(
-                f"{h.path}: FrameOfReferenceUID differs from {first.path} within one series",
-                h.path,
-            )

@@ -1,0 +1,143 @@
+"""What reading a series did besides reading it: the one place these records are made.
+
+Every image left out, every irregularity noted, every correction applied and every
+refusal is one of these frozen records. :func:`ich_node.imaging.read_series` and the
+pixel reader make them; the worker, ``ich-node predict``, ``findings.json``, the SR
+and the log all read them from :class:`ich_node.imaging.CTSeries` (or from
+:class:`ich_node.imaging.ImagingError` for a refusal), never rebuild them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+#: Kinds of :class:`Note`; stable strings (``findings.json`` consumers may key on them).
+NoteKind = Literal[
+    "duplicate_position",  # two or more images at one position, all read
+    "volumes_split",  # several complete volumes at the same positions, one read
+    "stack_skipped",  # another reconstruction (kernel, thickness, ...) not read
+    "thickness_change",  # one volume whose slice thickness changes along z
+    "gap",  # incomplete coverage: a hole between two slices
+    "pixel_correction",  # stored values corrected to HU (RSNA 12-bit fault)
+    "hu_as_stored",  # no rescale, but the stored values are shown to be HU
+    "transfer_syntax",  # no file meta: the transfer syntax detected when read
+    "multi_frame",  # frames of an Enhanced/Legacy Converted Enhanced CT image
+    "reoriented",  # model input turned to the reference patient orientation
+    "dropped",  # a summary of the images left out
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """One image of the series left out, and why.
+
+    Attributes
+    ----------
+    sop_instance_uid : str
+        The image's SOP Instance UID; empty when it could not be read.
+    path : pathlib.Path or None
+        The file (never written to outputs: paths may carry PHI in folder names).
+    reason : str
+        One line, naming the attribute or value that made it unusable.
+    frame_number : int or None
+        1-based frame of a multi-frame image; None for a single-frame image.
+    """
+
+    sop_instance_uid: str
+    path: Path | None
+    reason: str
+    frame_number: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"sop_instance_uid", "reason"}`` (plus ``frame_number`` for a frame)."""
+        out: dict[str, Any] = {"sop_instance_uid": self.sop_instance_uid, "reason": self.reason}
+        if self.frame_number is not None:
+            out["frame_number"] = self.frame_number
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """A correction or irregularity, as a readable sentence.
+
+    Attributes
+    ----------
+    kind : str
+        One of :data:`NoteKind`.
+    text : str
+        One readable line (UIDs and counts only, no patient data).
+    """
+
+    kind: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    """How much of the head the read slices cover, along the slice normal.
+
+    Attributes
+    ----------
+    z_min_mm, z_max_mm : float
+        Lowest and highest slice position (``ImagePositionPatient · normal``), mm.
+    median_spacing_mm : float or None
+        Median distance between consecutive distinct positions, mm; None for one slice.
+    largest_gap_mm : float
+        Largest distance between consecutive distinct positions, mm (0 for one slice).
+    n_gaps : int
+        Holes: consecutive slices further apart than 1.5 times the nominal spacing
+        (the mean SliceThickness of the two slices when known, else the median
+        spacing), i.e. tissue between them that no slice shows.
+    """
+
+    z_min_mm: float
+    z_max_mm: float
+    median_spacing_mm: float | None
+    largest_gap_mm: float
+    n_gaps: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``coverage`` object of ``findings.json``."""
+        return {
+            "z_min_mm": self.z_min_mm,
+            "z_max_mm": self.z_max_mm,
+            "median_spacing_mm": self.median_spacing_mm,
+            "largest_gap_mm": self.largest_gap_mm,
+            "n_gaps": self.n_gaps,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Coverage:
+        """Inverse of :meth:`to_dict`."""
+        median = data.get("median_spacing_mm")
+        return cls(
+            z_min_mm=float(data["z_min_mm"]),
+            z_max_mm=float(data["z_max_mm"]),
+            median_spacing_mm=None if median is None else float(median),
+            largest_gap_mm=float(data["largest_gap_mm"]),
+            n_gaps=int(data["n_gaps"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A series the node will not read, with a one-line reason.
+
+    Attributes
+    ----------
+    series_instance_uid : str
+        The series refused.
+    reason : str
+        One line (newlines removed, at most 400 characters).
+    """
+
+    series_instance_uid: str
+    reason: str
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """``text`` on one line, cut to ``limit`` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
