@@ -12,7 +12,9 @@ Commands and flags are a stable interface (admins' scripts call them)::
     ich-node bundle-info BUNDLE
 
 Exit codes: 0 success, 1 a run that failed for some inputs, 2 bad usage or
-configuration.
+configuration. For ``predict``, a series refused with its reason (one line on
+stderr, see docs/imaging.md) is an answer, not a failure; files that are not DICOM,
+or inputs where no series could be read at all, give 1.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ich_node.config import ConfigError, NodeConfig, load_config
 from ich_node.labels import LABELS
 
 if TYPE_CHECKING:
+    from ich_node.imaging import CTSeries
     from ich_node.results.findings import SeriesFindings
 
 EXIT_OK = 0
@@ -81,6 +84,20 @@ def format_findings_table(rows: Sequence[SeriesFindings]) -> str:
     )
 
 
+def _reading_lines(series: CTSeries) -> list[str]:
+    """What reading a series did (images left out, notes), one line each."""
+    lines = []
+    for d in series.dropped:
+        name = d.path.name if d.path is not None else d.sop_instance_uid
+        frame = f" frame {d.frame_number}" if d.frame_number is not None else ""
+        lines.append(f"left out {name}{frame}: {d.reason}")
+    lines.extend(f"note: {n.text}" for n in series.notes)
+    incomplete = series.coverage_incomplete
+    if incomplete is not None:
+        lines.append(f"note: coverage incomplete: {incomplete}")
+    return lines
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """Classify every CT series found under the inputs; write findings (and DICOM results)."""
     from tqdm import tqdm
@@ -117,9 +134,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
             series = read_series(paths)
             prediction = classifier.predict_series(series)
         except ImagingError as exc:
-            failures += 1
-            tqdm.write(f"ich-node: series {uid}: {exc}", file=sys.stderr)
+            # A refusal is an answer, not a failure: one line with its reason.
+            tqdm.write(
+                f"ich-node: series {uid}: refused: {exc.refusal(uid).reason}", file=sys.stderr
+            )
             continue
+        for line in _reading_lines(series):
+            tqdm.write(f"ich-node: series {uid}: {line}", file=sys.stderr)
         out_dir = Path(args.out) / _safe_name(series.series_instance_uid)
         write_findings(out_dir / "findings.json", prediction.findings)
         done.append(prediction.findings)
@@ -157,7 +178,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(format_findings_table(done))
         print(f"(* = positive at the bundle's threshold; {done[0].notice})")
         print(f"Results in {args.out}")
-    return EXIT_FAILED if failures else EXIT_OK
+    return EXIT_FAILED if failures or not done else EXIT_OK
 
 
 def cmd_bundle_info(args: argparse.Namespace) -> int:

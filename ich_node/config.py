@@ -146,6 +146,13 @@ class SeriesSection(_Section):
     max_versions: Annotated[int, Field(ge=1, le=1000)] = 5
     min_slices: Annotated[int, Field(ge=1)] = 10
     max_tilt_degrees: Annotated[float, Field(ge=0, le=45)] = 30.0
+    # A hole between slices larger than this: coverage incomplete, said in the results.
+    max_gap_mm: Annotated[float, Field(gt=0, le=1000)] = 12.0
+    # ConvolutionKernel substrings, most preferred first: which reconstruction is read.
+    preferred_kernels: tuple[str, ...] = (
+        "BRAIN", "STANDARD", "STD", "SOFT", "H31", "H30", "J30", "J40", "H40", "HR38",
+        "HR40", "BR36", "BR38", "FC21", "FC26", "FC2", "UB", "UC",
+    )  # fmt: skip
     modalities: tuple[str, ...] = ("CT",)
     # Empty pattern lists accept everything: real head CTs often lack BodyPartExamined.
     body_part_patterns: tuple[Pattern, ...] = ()

@@ -41,6 +41,7 @@ from torch import nn
 
 from ich_node.bundle import Bundle
 from ich_node.imaging import CTSeries, ImagingError, load_series_hu, preprocess_hu
+from ich_node.imaging.pixels import check_hu_plausible
 from ich_node.results.findings import ModelInfo, SeriesFindings, summarise
 
 log = structlog.get_logger(__name__)
@@ -363,6 +364,9 @@ class Classifier:
                 cams.append(c)
         if not probs:
             raise ImagingError(f"series {series.series_instance_uid}: no slices")
+        hu_all = np.concatenate(hus)
+        # A head CT's HU, or a refusal: never a confident answer on nonsense values.
+        check_hu_plausible(hu_all, f"series {series.series_instance_uid}")
         probabilities = np.concatenate(probs)
         findings = summarise(
             study_instance_uid=series.study_instance_uid,
@@ -372,11 +376,12 @@ class Classifier:
             probabilities=probabilities,
             thresholds=self.card.thresholds,
             model=self.info,
+            source=series,
         )
         return Prediction(
             series=series,
             findings=findings,
-            hu=np.concatenate(hus),
+            hu=hu_all,
             images=np.concatenate(inputs),
             cams=np.concatenate(cams) if cams else None,
         )

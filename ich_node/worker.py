@@ -195,6 +195,18 @@ class Worker:
         series = read_series(
             paths or self.store.instance_paths(uid),
             max_tilt_deg=self.config.series.max_tilt_degrees,
+            preferred_kernels=self.config.series.preferred_kernels,
+            max_gap_mm=self.config.series.max_gap_mm,
+        )
+        # What the reading did (images left out, notes): UIDs, counts and reasons only.
+        log.info(
+            "job.series_read",
+            job_id=job.job_id,
+            series_instance_uid=uid,
+            n_slices=len(series.slices),
+            n_dropped=len(series.dropped),
+            notes=[n.kind for n in series.notes] or None,
+            coverage_incomplete=series.coverage_incomplete,
         )
         times["read_s"] = time.perf_counter() - t
         times["n_slices"] = float(len(series.slices))

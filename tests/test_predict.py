@@ -107,13 +107,17 @@ def test_several_series_and_a_bad_file(
     assert (out / a.series_instance_uid / "findings.json").is_file()
     assert (out / b.series_instance_uid / "findings.json").is_file()
     capsys.readouterr()
-    # A series whose pixel data are cut short: a clear error naming the file, exit 1.
+    # A slice whose pixel data are cut short: left out with a reason naming the file,
+    # the rest of the series read (issue #13: never refuse a readable series).
     c = write_series(tmp_path / "in2", seed=12, n_slices=6, matrix=128)
     broken = c.paths[2]
     broken.write_bytes(broken.read_bytes()[:-5000])
-    assert _predict(tiny_bundle, out, tmp_path / "in2") == 1
+    assert _predict(tiny_bundle, out, tmp_path / "in2") == 0
     err = capsys.readouterr().err
-    assert broken.name in err
+    assert f"left out {broken.name}: Pixel Data holds" in err
+    data = json.loads((out / c.series_instance_uid / "findings.json").read_text())
+    assert data["n_slices"] == 5
+    assert [d["sop_instance_uid"] for d in data["dropped"]] == [c.sop_instance_uids[2]]
     # A file that is not DICOM at all beside a good series: named, the series still read.
     (tmp_path / "in" / "notes.dcm").write_text("not dicom")
     assert _predict(tiny_bundle, tmp_path / "out3", tmp_path / "in") == 1

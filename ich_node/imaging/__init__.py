@@ -30,7 +30,7 @@ from ich_node.imaging.files import (
     group_series,
     iter_dicom_files,
 )
-from ich_node.imaging.pixels import AIR_HU, load_hu, load_series_hu
+from ich_node.imaging.pixels import AIR_HU, check_hu_plausible, load_hu, load_series_hu
 from ich_node.imaging.preprocess import (
     DEFAULT_WINDOWS,
     Window,
@@ -39,18 +39,35 @@ from ich_node.imaging.preprocess import (
     preprocess_series,
     resize,
 )
-from ich_node.imaging.series import CT_IMAGE_STORAGE, CTSeries, CTSlice, read_series
+from ich_node.imaging.records import Coverage, Dropped, Note, Refusal
+from ich_node.imaging.series import (
+    CT_IMAGE_STORAGE,
+    DEFAULT_MAX_GAP_MM,
+    DEFAULT_PREFERRED_KERNELS,
+    CTSeries,
+    CTSlice,
+    read_series,
+    slice_position_mm,
+    unit_normal,
+)
 
 __all__ = [
     "AIR_HU",
     "CT_IMAGE_STORAGE",
+    "DEFAULT_MAX_GAP_MM",
+    "DEFAULT_PREFERRED_KERNELS",
     "DEFAULT_WINDOWS",
     "UNREADABLE",
     "CTSeries",
     "CTSlice",
+    "Coverage",
+    "Dropped",
     "ImagingError",
+    "Note",
+    "Refusal",
     "Window",
     "apply_windows",
+    "check_hu_plausible",
     "group_series",
     "iter_dicom_files",
     "load_hu",
@@ -59,4 +76,6 @@ __all__ = [
     "preprocess_series",
     "read_series",
     "resize",
+    "slice_position_mm",
+    "unit_normal",
 ]

@@ -7,8 +7,18 @@
       "model": {"name", "version", "arch", "sha256", "demo"},
       "notice": "AI result for triage support, not a diagnosis. ...",
       "series": {"any": {"probability": 0.97, "positive": true, "threshold": 0.5}, ...},
-      "slices": [{"sop_instance_uid", "position_mm", "probabilities": {"any": ...}}, ...]
+      "slices": [{"sop_instance_uid", "position_mm", "probabilities": {"any": ...}}, ...],
+      "coverage": {"z_min_mm", "z_max_mm", "median_spacing_mm", "largest_gap_mm",
+                   "n_gaps", "complete"},
+      "dropped": [{"sop_instance_uid", "reason"}, ...],
+      "notes": ["readable line", ...]
     }
+
+A slice that is a frame of a multi-frame image also has ``frame_number`` (1-based).
+``coverage``, ``dropped`` and ``notes`` come from the reading of the series
+(:mod:`ich_node.imaging.records`): the images left out, each correction and
+irregularity, and, for a negative result on a series whose coverage is incomplete
+(a hole above ``series.max_gap_mm``), a note saying the result does not cover it.
 
 Slices are in spatial order, inferior to superior. A series-level probability is the
 maximum over slices (a bleed on any slice makes the series positive). A series is
@@ -28,6 +38,7 @@ import pydicom
 
 from ich_node.durable import write_atomic
 from ich_node.imaging import CTSeries
+from ich_node.imaging.records import Coverage, Dropped
 from ich_node.labels import LABELS
 
 NOTICE: Final = "AI result for triage support, not a diagnosis."
@@ -60,6 +71,7 @@ class SliceFinding:
     sop_instance_uid: str
     position_mm: float
     probabilities: dict[str, float]
+    frame_number: int | None = None  # 1-based frame of a multi-frame source image
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +83,10 @@ class SeriesFindings:
     model: ModelInfo
     series: dict[str, LabelFinding]
     slices: tuple[SliceFinding, ...]
+    coverage: Coverage | None = None
+    coverage_complete: bool = True
+    dropped: tuple[Dropped, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def n_slices(self) -> int:
@@ -123,9 +139,15 @@ class SeriesFindings:
                     "sop_instance_uid": s.sop_instance_uid,
                     "position_mm": s.position_mm,
                     "probabilities": {label: s.probabilities[label] for label in LABELS},
+                    **({} if s.frame_number is None else {"frame_number": s.frame_number}),
                 }
                 for s in self.slices
             ],
+            "coverage": None
+            if self.coverage is None
+            else {**self.coverage.to_dict(), "complete": self.coverage_complete},
+            "dropped": [d.to_dict() for d in self.dropped],
+            "notes": list(self.notes),
         }
 
     @classmethod
@@ -140,9 +162,17 @@ class SeriesFindings:
                     sop_instance_uid=s["sop_instance_uid"],
                     position_mm=float(s["position_mm"]),
                     probabilities={k: float(v) for k, v in s["probabilities"].items()},
+                    frame_number=s.get("frame_number"),
                 )
                 for s in data["slices"]
             ),
+            coverage=None if not data.get("coverage") else Coverage.from_dict(data["coverage"]),
+            coverage_complete=bool((data.get("coverage") or {}).get("complete", True)),
+            dropped=tuple(
+                Dropped(d["sop_instance_uid"], None, d["reason"], d.get("frame_number"))
+                for d in data.get("dropped", ())
+            ),
+            notes=tuple(str(n) for n in data.get("notes", ())),
         )
 
 
@@ -155,8 +185,14 @@ def summarise(
     probabilities: np.ndarray,
     thresholds: dict[str, float],
     model: ModelInfo,
+    source: CTSeries | None = None,
 ) -> SeriesFindings:
-    """Build findings from (S, 6) float per-slice probabilities in :data:`LABELS` order."""
+    """Build findings from (S, 6) float per-slice probabilities in :data:`LABELS` order.
+
+    ``source``, the series as read, gives the frame numbers, ``coverage``,
+    ``dropped`` and ``notes`` (:mod:`ich_node.imaging.records`); a negative result
+    on a series whose coverage is incomplete gets a note saying so.
+    """
     probabilities = np.asarray(probabilities, dtype=np.float64)
     if probabilities.shape != (len(sop_instance_uids), len(LABELS)):
         raise ValueError(
@@ -181,10 +217,38 @@ def summarise(
             sop_instance_uid=uid,
             position_mm=round(float(pos), 3),
             probabilities={label: round(float(row[j]), 6) for j, label in enumerate(LABELS)},
+            frame_number=frame,
         )
-        for uid, pos, row in zip(sop_instance_uids, positions_mm, probabilities, strict=True)
+        for uid, pos, row, frame in zip(
+            sop_instance_uids,
+            positions_mm,
+            probabilities,
+            [s.frame_number for s in source.slices] if source else [None] * len(positions_mm),
+            strict=True,
+        )
     )
-    return SeriesFindings(study_instance_uid, series_instance_uid, model, series, slices)
+    if source is None:
+        return SeriesFindings(study_instance_uid, series_instance_uid, model, series, slices)
+    notes = [n.text for n in source.notes]
+    incomplete = source.coverage_incomplete
+    if incomplete is not None:
+        notes.append(f"Coverage incomplete: {incomplete}.")
+        if not any_positive:
+            notes.append(
+                "Negative result on incomplete coverage: it says nothing about the part "
+                "of the head that was not imaged."
+            )
+    return SeriesFindings(
+        study_instance_uid,
+        series_instance_uid,
+        model,
+        series,
+        slices,
+        coverage=source.coverage,
+        coverage_complete=incomplete is None,
+        dropped=source.dropped,
+        notes=tuple(notes),
+    )
 
 
 def write_findings(path: Path, findings: SeriesFindings) -> None:

@@ -329,6 +329,8 @@ def build_heatmap_series(
         source = pydicom.Dataset()
         source.ReferencedSOPClassUID = src.sop_class_uid
         source.ReferencedSOPInstanceUID = src.sop_instance_uid
+        if src.frame_number is not None:  # a frame of an Enhanced CT image (PS3.3 C.7.6.1.1.3)
+            source.ReferencedFrameNumber = src.frame_number
         sc.SourceImageSequence = [source]
         # SC Image module (PS3.3 C.8.6.2): the source pixel spacing, so measuring works.
         sc.NominalScannedPixelSpacing = sc.PixelSpacing

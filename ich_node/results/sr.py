@@ -108,10 +108,36 @@ def summary_text(findings: SeriesFindings, card: ModelCard) -> str:
         p = findings.series["any"].probability
         t = findings.series["any"].threshold
         body = f"No hemorrhage detected (highest p={p:.2f}, threshold {t:.2f})."
-    text = f"{head} {body}"
+    text = f"{head} {body}{reading_text(findings)}"
     if card.demo:
         text += " DEMO model trained on synthetic data - not for clinical use."
     return text
+
+
+def reading_text(findings: SeriesFindings) -> str:
+    """What the reading of the series did, in words: coverage, images left out, notes.
+
+    The same facts as ``coverage``, ``dropped`` and ``notes`` of ``findings.json``;
+    empty when findings carry none (hand-built findings).
+    """
+    parts: list[str] = []
+    cov = findings.coverage
+    if cov is not None:
+        spacing = (
+            ""
+            if cov.median_spacing_mm is None
+            else f", median spacing {cov.median_spacing_mm:g} mm"
+        )
+        parts.append(
+            f"Read {findings.n_slices} slice(s) from {cov.z_min_mm:.1f} to {cov.z_max_mm:.1f} mm"
+            f"{spacing}, largest gap {cov.largest_gap_mm:g} mm, {cov.n_gaps} gap(s)."
+        )
+    if findings.dropped:
+        shown = "; ".join(f"{d.sop_instance_uid or '?'}: {d.reason}" for d in findings.dropped[:5])
+        more = f" (and {len(findings.dropped) - 5} more)" if len(findings.dropped) > 5 else ""
+        parts.append(f"{len(findings.dropped)} image(s) left out: {shown}{more}.")
+    parts.extend(n if n.endswith(".") else f"{n}." for n in findings.notes)
+    return "".join(f" {p}" for p in parts)
 
 
 def algorithm_identification(card: ModelCard) -> hd.sr.AlgorithmIdentification:
@@ -147,12 +173,20 @@ def measurement_groups(
         code = FINDING_CODES[label]
         sources = None
         if result.positive:
+            # One reference per source image; frames of a multi-frame image by number.
+            frames: dict[tuple[str, str], list[int]] = {}
+            for i in findings.positive_slices(label):
+                src = series.slices[i]
+                numbers = frames.setdefault((src.sop_class_uid, src.sop_instance_uid), [])
+                if src.frame_number is not None:
+                    numbers.append(src.frame_number)
             sources = [
                 hd.sr.SourceImageForMeasurementGroup(
-                    referenced_sop_class_uid=series.slices[i].sop_class_uid,
-                    referenced_sop_instance_uid=series.slices[i].sop_instance_uid,
+                    referenced_sop_class_uid=sop_class,
+                    referenced_sop_instance_uid=sop_uid,
+                    referenced_frame_numbers=numbers or None,
                 )
-                for i in findings.positive_slices(label)
+                for (sop_class, sop_uid), numbers in frames.items()
             ]
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
