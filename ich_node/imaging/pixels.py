@@ -10,7 +10,8 @@ Stored values that are not HU are corrected or refused here, in one place:
   BitsAllocated, PixelRepresentation 0 (unsigned), RescaleIntercept above -100 —
   air is then stored as ``4096 - 1000 = 3096``. The stored values are two's
   complement numbers of BitsStored bits (air 3096 -> -1000, padding 3072 -> -1024),
-  which is what the data show; they are read so.
+  which is what the data show; they are read so when, read so, at least 10% of the
+  image is air (-1100..-900 HU), as in any head CT slice.
 - RescaleIntercept or RescaleSlope missing (Type 1 in the CT Image module): the
   values (with slope 1 or intercept 0 for the missing one) are used only when they
   are shown to be HU (air near -1000 HU present); otherwise the image is refused
@@ -49,6 +50,8 @@ AIR_HU: Final[float] = -1024.0
 MAX_MATRIX: Final[int] = 4096
 #: RSNA 2019 fault: an unsigned image with an intercept above this cannot hold air.
 _WRAP_INTERCEPT: Final[float] = -100.0
+#: Share of a slice at air (-1100..-900 HU) that shows the RSNA fault once corrected.
+_WRAP_AIR_SHARE: Final[float] = 0.10
 #: Plausibility of a head CT's HU (whole series, after padding and clipping at air).
 _MIN_AIR_SHARE: Final[float] = 0.005  # voxels at or below -900 HU (air around the head)
 _MIN_BRAIN_SHARE: Final[float] = 0.005  # voxels in 0..100 HU (brain, CSF, blood)
@@ -70,7 +73,8 @@ class HUTransform:
         RescaleSlope and RescaleIntercept (PS3.3 C.8.2.1.1; per frame from the
         Pixel Value Transformation functional group for multi-frame images).
     signed_bits : int or None
-        BitsStored, when the RSNA 12-bit fault is corrected; None otherwise.
+        BitsStored, when the header has the RSNA 12-bit fault; the values are read
+        as two's complement when that puts air at -1000 HU. None otherwise.
     missing : tuple of str
         ``RescaleIntercept`` / ``RescaleSlope`` when absent (0 and 1 are used): the
         result is then used only if :func:`values_look_like_hu`.
@@ -321,8 +325,13 @@ def load_hu(path_or_ds: Path | str | Dataset, frame: int | None = None) -> np.nd
 
     values = stored.astype(np.float64)
     if transform.signed_bits is not None:
+        # Read as two's complement only when the data show the fault: the wrapped
+        # values then put a head CT's air (at least 10% of the image) at -1000 HU.
         bits = transform.signed_bits
-        values = np.where(values >= (1 << (bits - 1)), values - (1 << bits), values)
+        wrapped = np.where(values >= (1 << (bits - 1)), values - (1 << bits), values)
+        air = wrapped * transform.slope + transform.intercept
+        if np.count_nonzero((air >= -1100) & (air <= -900)) >= _WRAP_AIR_SHARE * air.size:
+            values = wrapped
     hu = values * transform.slope + transform.intercept
     if transform.missing and not values_look_like_hu(hu):
         raise ImagingError(

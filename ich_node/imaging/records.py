@@ -87,9 +87,9 @@ class Coverage:
     largest_gap_mm : float
         Largest distance between consecutive distinct positions, mm (0 for one slice).
     n_gaps : int
-        Holes: consecutive slices further apart than 1.5 times the nominal spacing
-        (the mean SliceThickness of the two slices when known, else the median
-        spacing), i.e. tissue between them that no slice shows.
+        Holes: consecutive slices further apart than 1.5 times both the median
+        spacing and their mean SliceThickness (when known), i.e. missing slices
+        with tissue between them that no slice shows.
     """
 
     z_min_mm: float

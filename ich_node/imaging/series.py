@@ -728,8 +728,11 @@ def _coverage(
     median = float(np.median(steps)) if steps else None
     holes = []
     for (za, ta), (zb, tb) in itertools.pairwise(distinct):
+        step = zb - za
         nominal = (ta + tb) / 2 if ta and tb else median
-        if nominal and zb - za > 1.5 * nominal + _SAME_POSITION_MM:
+        # Missing slices: a step well above both the series' usual step and the
+        # slices' own thickness (so a thin part then a thick part is not a hole).
+        if median and nominal and step > 1.5 * max(median, nominal) + _SAME_POSITION_MM:
             holes.append((za, zb))
     cov = Coverage(
         z_min_mm=round(min(z), 3),
