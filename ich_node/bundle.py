@@ -5,18 +5,20 @@ JSON) and records everything serving needs to reproduce training's view of an
 image: architecture, input size, windows, label order, per-label thresholds.
 It also carries the SHA-256 of the weights, so a tampered or truncated file is
 refused. safetensors holds raw tensors only: loading a bundle never unpickles.
+
+:func:`check_bundle` verifies a file without torch (the serving process, which
+never imports torch, checks the bundle before it touches storage or listens);
+:func:`load_bundle` runs the same checks and then builds the network.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Final
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any, Final
 
 # The card itself is torch-free (ich_node.card) so the results stage can read it.
 from ich_node.card import DEMO_NOTICE as DEMO_NOTICE
@@ -25,9 +27,42 @@ from ich_node.card import INTENDED_USE as INTENDED_USE
 from ich_node.card import BundleError as BundleError
 from ich_node.card import ModelCard as ModelCard
 from ich_node.labels import LABELS
-from ich_node.model import ARCHITECTURES, ICHClassifier
+
+if TYPE_CHECKING:  # torch is imported where weights are handled, never by check_bundle
+    import torch
+
+    from ich_node.model import ICHClassifier
 
 CARD_KEY: Final = "ich_node.model_card"
+#: Architectures a card may name (the keys of :data:`ich_node.model.ARCHITECTURES`,
+#: repeated here so that checking a bundle needs no torch; a test keeps them equal).
+ARCHITECTURE_NAMES: Final = ("resnext101_32x8d", "resnet18", "resnet50")
+#: How an admin gets a bundle; every "bad bundle" message ends with it.
+BUNDLE_HELP: Final = (
+    "Train one with `ich-train fit ... --out DIR` (it writes DIR/model.safetensors; "
+    "docs/training.md, section 4 'Deploying the bundle to the node'), or run `make demo` "
+    "for a DEMO bundle (demo/model/model.safetensors, not for clinical use)."
+)
+#: safetensors dtype codes and the torch dtype names the checksum uses.
+_DTYPE_NAMES: Final = {
+    "BOOL": "torch.bool",
+    "U8": "torch.uint8",
+    "I8": "torch.int8",
+    "I16": "torch.int16",
+    "U16": "torch.uint16",
+    "I32": "torch.int32",
+    "U32": "torch.uint32",
+    "I64": "torch.int64",
+    "U64": "torch.uint64",
+    "F16": "torch.float16",
+    "BF16": "torch.bfloat16",
+    "F32": "torch.float32",
+    "F64": "torch.float64",
+    "F8_E4M3": "torch.float8_e4m3fn",
+    "F8_E5M2": "torch.float8_e5m2",
+}
+#: A safetensors header is at most 100 MB (the format's own limit).
+_MAX_HEADER: Final = 100_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +76,8 @@ class Bundle:
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     """SHA-256 over tensor names, dtypes, shapes and bytes, in name order."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name].detach().to("cpu").contiguous()
@@ -53,6 +90,8 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
 
 def save_bundle(path: Path, model: ICHClassifier, card: ModelCard) -> ModelCard:
     """Write ``model`` and ``card`` to ``path`` atomically; return the card with its sha256."""
+    from safetensors.torch import save_file
+
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if card.arch != model.arch:
         raise ValueError(f"card.arch is {card.arch!r} but the model is {model.arch!r}")
@@ -67,18 +106,87 @@ def save_bundle(path: Path, model: ICHClassifier, card: ModelCard) -> ModelCard:
     return card
 
 
-def read_card(path: Path) -> ModelCard:
-    """Read only the model card (no weights), e.g. for ``--help`` output or checks."""
-    path = Path(path)
+def _read_header(path: Path) -> tuple[dict[str, Any], int, int]:
+    """The safetensors header of ``path``: (header, offset of the data, file size).
+
+    The format (https://huggingface.co/docs/safetensors): an unsigned 64-bit
+    little-endian header length N, N bytes of JSON, then the tensors' bytes.
+    """
+    if not path.exists():
+        raise BundleError(f"{path}: no such model bundle (no such file)")
     if not path.is_file():
-        raise BundleError(f"{path}: no such model bundle")
+        raise BundleError(f"{path}: not a file")
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception as exc:
-        raise BundleError(f"{path}: not a safetensors model bundle ({exc})") from None
-    if CARD_KEY not in metadata:
-        raise BundleError(f"{path}: has no ich-node model card ({CARD_KEY} missing)")
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise BundleError(f"{path}: not a safetensors model bundle (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_HEADER, size - 8):
+                raise BundleError(
+                    f"{path}: not a safetensors model bundle (no valid header: the file "
+                    "starts like another kind of file, or it is truncated)"
+                )
+            raw = fh.read(n)
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot be read ({exc.strerror})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise BundleError(
+            f"{path}: not a safetensors model bundle (its header is not JSON)"
+        ) from None
+    if not isinstance(header, dict):
+        raise BundleError(f"{path}: not a safetensors model bundle (header is not an object)")
+    return header, 8 + n, size
+
+
+def _tensor_index(
+    path: Path, header: dict[str, Any], data_start: int, size: int
+) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """name -> (torch dtype name, shape, begin, end) with each range inside the file."""
+    index: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPE_NAMES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise BundleError(f"{path}: tensor {name!r} is badly described in the header") from None
+        if not 0 <= begin <= end or data_start + end > size:
+            raise BundleError(
+                f"{path}: truncated: tensor {name!r} ends at byte {data_start + end}, "
+                f"the file has {size} bytes"
+            )
+        index[name] = (dtype, shape, begin, end)
+    if not index:
+        raise BundleError(f"{path}: holds no weights")
+    return index
+
+
+def read_card(path: Path) -> ModelCard:
+    """Read only the model card (no weights), e.g. for ``--help`` output or checks.
+
+    Raises
+    ------
+    BundleError
+        When the file is missing, not a safetensors file, has no readable ich-node
+        model card or a card of another format version.
+    """
+    path = Path(path)
+    header, _, _ = _read_header(path)
+    return _card(path, header)
+
+
+def _card(path: Path, header: dict[str, Any]) -> ModelCard:
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or CARD_KEY not in metadata:
+        raise BundleError(
+            f"{path}: a safetensors file that has no ich-node model card ({CARD_KEY} missing)"
+        )
     try:
         card = ModelCard.from_json(metadata[CARD_KEY])
     except (ValueError, TypeError) as exc:
@@ -87,6 +195,62 @@ def read_card(path: Path) -> ModelCard:
         raise BundleError(
             f"{path}: bundle format {card.format_version} is not supported "
             f"(this ich-node reads format {FORMAT_VERSION})"
+        )
+    if card.arch not in ARCHITECTURE_NAMES:
+        raise BundleError(f"{path}: unknown architecture {card.arch!r} in the model card")
+    if tuple(card.labels) != LABELS:
+        raise BundleError(f"{path}: labels {card.labels} differ from this node's {LABELS}")
+    if set(card.thresholds) != set(LABELS):
+        raise BundleError(f"{path}: thresholds must name each of {LABELS}")
+    return card
+
+
+def check_bundle(path: Path) -> ModelCard:
+    """Verify a bundle file without torch: header, model card, sizes and checksum.
+
+    Reads the whole file once (about 1 s per 300 MB). What it cannot check
+    without building the network, that the tensors fit the architecture, is
+    checked by :func:`load_bundle`.
+
+    Returns
+    -------
+    ModelCard
+        The verified card.
+
+    Raises
+    ------
+    BundleError
+        Naming the path and what is wrong: missing, not a safetensors file,
+        truncated, no or unreadable model card, unknown architecture, or weights
+        whose SHA-256 differs from the card's (modified or corrupted).
+    """
+    path = Path(path)
+    header, data_start, size = _read_header(path)
+    card = _card(path, header)
+    index = _tensor_index(path, header, data_start, size)
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:
+            for name in sorted(index):  # the order and fields of weights_sha256
+                dtype, shape, begin, end = index[name]
+                fh.seek(data_start + begin)
+                digest.update(name.encode())
+                digest.update(dtype.encode())
+                digest.update(str(shape).encode())
+                remaining = end - begin
+                while remaining:
+                    chunk = fh.read(min(remaining, 1 << 24))
+                    if not chunk:
+                        raise BundleError(f"{path}: truncated inside tensor {name!r}")
+                    digest.update(chunk)
+                    remaining -= len(chunk)
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot be read ({exc.strerror})") from None
+    actual = digest.hexdigest()
+    if actual != card.sha256:
+        raise BundleError(
+            f"{path}: the weights' SHA-256 {actual[:12]}... does not match the model card's "
+            f"{card.sha256[:12]}...: the file was modified or corrupted; refusing to load it"
         )
     return card
 
@@ -101,14 +265,12 @@ def load_bundle(path: Path) -> Bundle:
         from the card (tampered or corrupted), or the weights do not fit the
         card's architecture and labels.
     """
+    from safetensors import safe_open
+
+    from ich_node.model import ICHClassifier
+
     path = Path(path)
-    card = read_card(path)
-    if card.arch not in ARCHITECTURES:
-        raise BundleError(f"{path}: unknown architecture {card.arch!r} in the model card")
-    if tuple(card.labels) != LABELS:
-        raise BundleError(f"{path}: labels {card.labels} differ from this node's {LABELS}")
-    if set(card.thresholds) != set(LABELS):
-        raise BundleError(f"{path}: thresholds must name each of {LABELS}")
+    card = check_bundle(path)
     try:
         state: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt") as handle:
@@ -116,12 +278,6 @@ def load_bundle(path: Path) -> Bundle:
                 state[key] = handle.get_tensor(key)
     except Exception as exc:
         raise BundleError(f"{path}: the weights cannot be read ({exc})") from None
-    actual = weights_sha256(state)
-    if actual != card.sha256:
-        raise BundleError(
-            f"{path}: the weights' SHA-256 {actual[:12]}... does not match the model card's "
-            f"{card.sha256[:12]}...: the file was modified or corrupted; refusing to load it"
-        )
     model = ICHClassifier(card.arch, len(card.labels))
     try:
         model.load_state_dict(state, strict=True)

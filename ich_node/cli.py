@@ -49,16 +49,28 @@ def _config_or_exit(path: Path) -> NodeConfig:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate a configuration file; 0 when valid, 2 with the reason otherwise."""
+    """Validate a configuration file and its model bundle; 0 when valid, 2 with the reason."""
     try:
         config = load_config(args.path)
     except ConfigError as exc:
         print(f"ich-node: {exc}", file=sys.stderr)
         return EXIT_USAGE
     bundle = config.model.bundle
+    described = "(not set: serve needs model.bundle)"
+    if bundle is not None:
+        # The whole check serve's worker does: header, checksum, architecture.
+        from ich_node.bundle import BUNDLE_HELP, BundleError, load_bundle
+
+        try:
+            card = load_bundle(bundle).card
+        except BundleError as exc:
+            print(f"ich-node: {args.path}: model.bundle: {exc}", file=sys.stderr)
+            print(f"  {BUNDLE_HELP}", file=sys.stderr)
+            return EXIT_USAGE
+        described = f"{bundle}: {card.display_name}, {card.arch}, verified"
     print(f"{args.path}: OK (node {config.node.ae_title} on {config.node.host}:{config.node.port},")
     print(f"  {len(config.callers)} caller(s), {len(config.destinations)} destination(s),")
-    print(f"  model bundle {bundle if bundle else '(not set: serve needs model.bundle)'})")
+    print(f"  model bundle {described})")
     return EXIT_OK
 
 

@@ -118,6 +118,7 @@ class NodeSection(_Section):
     negotiation_timeout: Annotated[float, Field(ge=1, le=300)] = 10.0
     max_dataset_mb: Annotated[int, Field(ge=1, le=65536)] = 1024
     workers: Annotated[int, Field(ge=1, le=64)] = 1
+    worker_max_crashes: Annotated[int, Field(ge=1, le=1000)] = 5
     tls: ServerTLS | None = None
 
 

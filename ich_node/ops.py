@@ -181,7 +181,8 @@ def _self_check_context(tls: ServerTLS) -> ssl.SSLContext:
 
 
 def health(config: NodeConfig) -> int:
-    """0 when the listener answers C-ECHO and ``node.workers`` workers beat recently."""
+    """0 when the listener answers C-ECHO, ``node.workers`` workers beat recently and
+    the node has not given up restarting any of them (``node.worker_max_crashes``)."""
     ok_echo = echo(config)
     store = _open(config)
     alive = 0
@@ -200,7 +201,15 @@ def health(config: NodeConfig) -> int:
         f"listener: {'ok' if ok_echo else 'no C-ECHO answer'}; "
         f"workers alive: {alive}/{config.node.workers}"
     )
-    return 0 if ok_echo and ok_workers else 1
+    from ich_node.service import workers_state
+
+    # The node's supervisor records workers it gave up on (rewritten at each start).
+    gave_up = {
+        n: s["gave_up"] for n, s in workers_state(config.storage.dir).items() if s.get("gave_up")
+    }
+    for name, why in sorted(gave_up.items()):
+        print(f"{name}: not restarted: {why}")
+    return 0 if ok_echo and ok_workers and not gave_up else 1
 
 
 def resend(config: NodeConfig, job_id: str) -> int:

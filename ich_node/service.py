@@ -3,7 +3,12 @@
 The serving process runs the listener (pynetdicom threads), a sender thread and
 a main loop that assembles series and supervises the worker processes
 (multiprocessing, spawn): a worker that dies has its leases given back and is
-started again (with a growing delay when it keeps dying). SIGTERM and SIGINT
+started again (with a growing delay when it keeps dying, and not at all after
+``node.worker_max_crashes`` quick deaths in a row). Before anything else,
+``serve`` verifies the model bundle (:func:`ich_node.bundle.check_bundle`) and
+takes an exclusive lock on ``storage.dir`` (a second node on the same storage
+exits 2 and touches nothing); it listens only once a worker has loaded the
+model. SIGTERM and SIGINT
 only set a flag; the loop then stops accepting associations, asks the workers to
 finish the jobs they hold (SIGTERM, ``SHUTDOWN_GRACE_SECONDS``), releases what
 they still hold, and returns 0. This process never imports torch.
@@ -11,6 +16,8 @@ they still hold, and returns 0. This process never imports torch.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import multiprocessing
 import multiprocessing.context
 import os
@@ -25,6 +32,7 @@ from typing import Final
 import structlog
 
 from ich_node.assemble import Assembler
+from ich_node.bundle import BUNDLE_HELP, BundleError, check_bundle
 from ich_node.config import NodeConfig
 from ich_node.jobs import JobQueue
 from ich_node.listener import start_listener
@@ -45,6 +53,84 @@ RESTART_BASE_SECONDS: Final = 0.5
 RESTART_MAX_SECONDS: Final = 60.0
 #: Seconds a previous run's worker gets to notice it is orphaned before SIGKILL.
 LEFTOVER_GRACE_SECONDS: Final = 5.0
+#: A worker that lived this long before dying starts a new count of crashes.
+LONG_LIFE_SECONDS: Final = 60.0
+#: Exit codes of ``serve``: 1 it could not run (port, no worker ever ready), 2 bad
+#: configuration: an unusable model bundle, or a storage another node holds.
+EXIT_FAILED: Final = 1
+EXIT_CONFIG: Final = 2
+#: Exit code of a worker that cannot load the bundle (restarting it cannot help).
+WORKER_EXIT_BAD_BUNDLE: Final = 2
+#: The lock file in ``storage.dir`` (holds the pid of the node that has it).
+LOCK_NAME: Final = "node.lock"
+#: What the supervisor knows about its workers, for ``health`` (JSON, in ``storage.dir``).
+WORKERS_STATE_NAME: Final = "workers.json"
+
+
+class StorageLocked(Exception):
+    """Another live node holds ``storage.dir``."""
+
+    def __init__(self, storage_dir: os.PathLike[str] | str, pid: int | None) -> None:
+        holder = f"node pid {pid}" if pid else "another process"
+        super().__init__(
+            f"storage.dir {os.fspath(storage_dir)} is in use by {holder} "
+            f"(lock {LOCK_NAME}); one node per storage: stop that node first, "
+            "or give this one its own storage.dir"
+        )
+        self.pid = pid
+
+
+def lock_storage(storage_dir: os.PathLike[str] | str) -> int:
+    """Take the node's exclusive lock on ``storage_dir``; returns the open lock fd.
+
+    ``flock`` (an OS lock on an open file): the kernel releases it when the
+    process dies however it dies, so a stale lock file never blocks a restart.
+    The file keeps the holder's pid for the message a second node prints. The fd
+    is not inherited by the workers (PEP 446), so the lock dies with the node.
+
+    Raises
+    ------
+    StorageLocked
+        When another process holds the lock; nothing under the folder is changed.
+    """
+    path = os.path.join(os.fspath(storage_dir), LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            text = os.read(fd, 32).decode("ascii", "replace").strip()
+        finally:
+            os.close(fd)
+        raise StorageLocked(storage_dir, int(text) if text.isdigit() else None) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def workers_state(storage_dir: os.PathLike[str] | str) -> dict[str, dict[str, object]]:
+    """The supervisor's last word on each worker (``{}`` when unknown); see ``health``."""
+    try:
+        with open(os.path.join(os.fspath(storage_dir), WORKERS_STATE_NAME)) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    if code == WORKER_EXIT_BAD_BUNDLE:
+        return "exit code 2: the model bundle cannot be loaded"
+    return f"exit code {code}"
 
 
 def _is_python(pid: int) -> bool:
@@ -95,6 +181,8 @@ class _Slot:
     failures: int = 0
     not_before: float = 0.0
     pids: list[int] = field(default_factory=list)
+    gave_up: str = ""  # why this slot is no longer restarted; empty while it is
+    last_exit: str = ""
 
 
 class Supervisor:
@@ -113,6 +201,45 @@ class Supervisor:
         self.queue = queue
         self.context = multiprocessing.get_context("spawn")
         self.slots = [_Slot(f"worker-{i}") for i in range(config.node.workers)]
+        self.max_crashes = config.node.worker_max_crashes
+
+    def ready(self) -> list[str]:
+        """Workers of this run that have loaded the model (they beat only then)."""
+        beats = self.queue.store.heartbeats()
+        return [
+            slot.name
+            for slot in self.slots
+            if slot.process is not None
+            and slot.name in beats
+            and beats[slot.name][0] == slot.process.pid
+        ]
+
+    def all_gave_up(self) -> bool:
+        """True when no worker will be started again."""
+        return all(slot.gave_up for slot in self.slots)
+
+    def bad_bundle(self) -> bool:
+        """True when a worker said the bundle cannot be loaded."""
+        return any(slot.last_exit.startswith("exit code 2") for slot in self.slots)
+
+    def _write_state(self) -> None:
+        state = {
+            slot.name: {
+                "pid": slot.process.pid if slot.process is not None else None,
+                "crashes": slot.failures,
+                "last_exit": slot.last_exit,
+                "gave_up": slot.gave_up,
+            }
+            for slot in self.slots
+        }
+        path = os.path.join(self.config.storage.dir, WORKERS_STATE_NAME)
+        try:
+            tmp = path + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump(state, fh)
+            os.replace(tmp, path)
+        except OSError as exc:  # only health's wording depends on it
+            log.warning("worker.state_not_written", error=type(exc).__name__)
 
     def release_all(self, reason: str, now: float) -> None:
         """Give back leases held under this node's worker names (a previous run's).
@@ -146,22 +273,44 @@ class Supervisor:
                 released = self.queue.release_worker(
                     slot.name, f"worker exited with code {process.exitcode}", now
                 )
+                # Quick deaths (crash at start, bad bundle) back off; a long life resets.
+                quick = now - slot.started_at < LONG_LIFE_SECONDS
+                slot.failures = slot.failures + 1 if quick else 1
+                slot.last_exit = _exit_text(process.exitcode)
+                delay = min(RESTART_BASE_SECONDS * 2 ** (slot.failures - 1), RESTART_MAX_SECONDS)
+                slot.not_before = now + delay
+                if process.exitcode == WORKER_EXIT_BAD_BUNDLE:
+                    slot.gave_up = "the model bundle cannot be loaded (see worker.bad_bundle)"
+                elif slot.failures >= self.max_crashes:
+                    slot.gave_up = (
+                        f"{slot.failures} crashes in a row (node.worker_max_crashes), "
+                        f"the last: {slot.last_exit}"
+                    )
+                # One line per crash: who, how it ended, what happens next.
                 log.warning(
                     "worker.died",
                     worker=slot.name,
                     pid=process.pid,
                     exitcode=process.exitcode,
+                    exit=slot.last_exit,
+                    crashes=slot.failures,
+                    max_crashes=self.max_crashes,
+                    restart_in_s=None if slot.gave_up else round(delay, 1),
                     released_jobs=len(released),
                 )
-                # Quick deaths (crash at start, bad bundle) back off; a long life resets.
-                slot.failures = slot.failures + 1 if now - slot.started_at < 60 else 1
-                slot.not_before = now + min(
-                    RESTART_BASE_SECONDS * 2 ** (slot.failures - 1), RESTART_MAX_SECONDS
-                )
+                if slot.gave_up:
+                    log.error(
+                        "worker.gave_up",
+                        worker=slot.name,
+                        reason=slot.gave_up,
+                        action="not restarted; `ich-node health` fails until the node is restarted",
+                    )
                 process.close()
                 slot.process = None
-            if slot.process is None and now >= slot.not_before:
+                self._write_state()
+            if slot.process is None and not slot.gave_up and now >= slot.not_before:
                 self._start(slot, now)
+                self._write_state()
 
     def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """SIGTERM every worker, wait ``grace`` seconds, kill the rest, give back leases."""
@@ -194,20 +343,91 @@ class _SenderThread(threading.Thread):
             self.stop.wait(LOOP_SECONDS)
 
 
+def _check_bundle(config: NodeConfig) -> bool:
+    """Log why ``model.bundle`` cannot be served (one line); True when it can."""
+    path = config.model.bundle
+    if path is None:
+        log.error(
+            "serve.bad_bundle",
+            key="model.bundle",
+            error="model.bundle is not set; serve needs a model bundle",
+            help=BUNDLE_HELP,
+        )
+        return False
+    try:
+        card = check_bundle(path)
+    except BundleError as exc:
+        log.error(
+            "serve.bad_bundle",
+            key="model.bundle",
+            path=str(path),
+            error=str(exc),
+            help=BUNDLE_HELP,
+        )
+        return False
+    if card.demo:
+        log.warning("serve.demo_bundle", model=card.display_name, path=str(path))
+    return True
+
+
+def _await_worker(
+    supervisor: Supervisor, stop: threading.Event, clock: Callable[[], float]
+) -> int | None:
+    """Run the supervisor until a worker has loaded the model; an exit code if none will."""
+    log.info("serve.loading_model", bundle=str(supervisor.config.model.bundle))
+    while not stop.is_set():
+        supervisor.run_once(clock())
+        if supervisor.ready():
+            return None
+        if supervisor.bad_bundle():
+            log.error(
+                "serve.bad_bundle",
+                key="model.bundle",
+                path=str(supervisor.config.model.bundle),
+                error="a worker could not load it (see worker.bad_bundle)",
+                help=BUNDLE_HELP,
+            )
+            return EXIT_CONFIG
+        if supervisor.all_gave_up():
+            log.error("serve.no_worker", reason="no worker could start; see worker.died")
+            return EXIT_FAILED
+        stop.wait(LOOP_SECONDS)
+    return 0
+
+
 def serve(config: NodeConfig, *, clock: Callable[[], float] = time.time) -> int:
-    """Run the node until SIGTERM or SIGINT; returns the exit code (0 after a clean stop)."""
+    """Run the node until SIGTERM or SIGINT; returns the exit code.
+
+    0 after a clean stop; 1 when the port cannot be bound or no worker could
+    load the model; 2 when ``model.bundle`` is unusable or ``storage.dir`` is
+    held by another node (nothing is changed then).
+    """
     try:
         from ich_node.log import configure_logging
 
         configure_logging(config.logging.format, config.logging.level)
     except ImportError:
         pass
-    if config.model.bundle is None or not config.model.bundle.is_file():
-        log.error("serve.no_bundle", bundle=str(config.model.bundle))
-        return 2
+    if not _check_bundle(config):
+        return EXIT_CONFIG
     # The spool, the outbox and the store hold patient data: owner-only.
     os.umask(0o077)
     config.storage.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # One node per storage, checked before anything under it is touched.
+    try:
+        lock_fd = lock_storage(config.storage.dir)
+    except StorageLocked as exc:
+        log.error(
+            "serve.storage_locked", storage_dir=str(config.storage.dir), pid=exc.pid, error=str(exc)
+        )
+        return EXIT_CONFIG
+    try:
+        return _serve_locked(config, clock)
+    finally:
+        os.close(lock_fd)
+
+
+def _serve_locked(config: NodeConfig, clock: Callable[[], float]) -> int:
     try:
         os.chmod(config.storage.dir, 0o700)
     except OSError as exc:
@@ -241,14 +461,21 @@ def serve(config: NodeConfig, *, clock: Callable[[], float] = time.time) -> int:
     # Before listening: what a crash left half-done was never acknowledged.
     recovered = spool.recover()
     cleaner.run_once(clock())  # also removes dead workers' half-written results
-    log.info(
-        "serve.recovered",
-        temp_files=recovered.temp_files,
-        unrecorded_files=recovered.unrecorded_files,
-        missing_files=recovered.missing_files,
-    )
+    if recovered.temp_files or recovered.unrecorded_files or recovered.missing_files:
+        log.info(
+            "serve.recovered",
+            temp_files=recovered.temp_files,
+            unrecorded_files=recovered.unrecorded_files,
+            missing_files=recovered.missing_files,
+        )
     if recovered.missing_files:
         log.error("serve.recorded_files_missing", n=recovered.missing_files)
+    # The listener accepts images only once a worker can read them.
+    code = _await_worker(supervisor, stop, clock)
+    if code is not None:
+        supervisor.stop()
+        store.close()
+        return code
     metrics_server = None
     try:
         if config.metrics.address is not None:
@@ -256,7 +483,9 @@ def serve(config: NodeConfig, *, clock: Callable[[], float] = time.time) -> int:
         server = start_listener(config, spool, clock, metrics)
     except (OSError, ValueError) as exc:
         log.error("serve.listen_failed", port=config.node.port, error=str(exc))
-        return 1
+        supervisor.stop()
+        store.close()
+        return EXIT_FAILED
     sender_stop = threading.Event()
     sender_thread = _SenderThread(sender, sender_stop)
     sender_thread.start()

@@ -622,5 +622,22 @@ def worker_main(
 
 
 def _process_entry(config: NodeConfig, name: str, parent: int | None = None) -> None:
-    """``multiprocessing`` target: exit with :func:`worker_main`'s code."""
-    raise SystemExit(worker_main(config, name, parent=parent))
+    """``multiprocessing`` target: exit with :func:`worker_main`'s code.
+
+    A bundle that cannot be loaded exits 2 (the supervisor does not restart it);
+    any other exception is one log line and exit code 1, never a traceback on
+    stderr (the supervisor logs each death and bounds the restarts).
+    """
+    from ich_node.bundle import BUNDLE_HELP, BundleError
+
+    try:
+        code = worker_main(config, name, parent=parent)
+    except BundleError as exc:
+        log.error(
+            "worker.bad_bundle", worker=name, key="model.bundle", error=str(exc), help=BUNDLE_HELP
+        )
+        code = 2
+    except Exception as exc:
+        log.error("worker.crashed", worker=name, error=f"{type(exc).__name__}: {exc}"[:500])
+        code = 1
+    raise SystemExit(code)

@@ -146,3 +146,29 @@ def test_bundle_info_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert printed["arch"] == "resnet18" and printed["labels"] == list(LABELS)
     _tamper(path)
     assert main(["bundle-info", str(path)]) == 2
+
+
+def test_torch_free_check_agrees_with_the_model(tmp_path: Path) -> None:
+    from ich_node.bundle import ARCHITECTURE_NAMES, check_bundle, weights_sha256
+    from ich_node.model import ARCHITECTURES
+
+    assert set(ARCHITECTURE_NAMES) == set(ARCHITECTURES)
+    model = build_model("resnet18")
+    card = save_bundle(tmp_path / "m.safetensors", model, _card(arch="resnet18"))
+    # The raw-bytes checksum of check_bundle is the tensors' weights_sha256.
+    assert check_bundle(tmp_path / "m.safetensors").sha256 == card.sha256
+    assert weights_sha256(model.state_dict()) == card.sha256
+
+
+def test_checking_a_bundle_imports_no_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    save_bundle(tmp_path / "m.safetensors", build_model("resnet18"), _card(arch="resnet18"))
+    code = (
+        "import sys; from ich_node.bundle import check_bundle; "
+        f"check_bundle({str(tmp_path / 'm.safetensors')!r}); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
