@@ -15,7 +15,7 @@ import sqlite3
 from collections.abc import Sequence
 
 from ich_node.config import QueueSection
-from ich_node.store import JobRecord, Store
+from ich_node.store import JobRecord, SrReference, Store
 
 
 def job_id_for(series_instance_uid: str, version: int) -> str:
@@ -89,9 +89,17 @@ class JobQueue:
             raise LeaseLost(f"job {job.job_id}: the lease of attempt {job.attempts} is gone")
 
     def complete(
-        self, job: JobRecord, destinations: Sequence[str], n_files: int, now: float
+        self,
+        job: JobRecord,
+        destinations: Sequence[str],
+        n_files: int,
+        now: float,
+        sr: SrReference | None = None,
     ) -> None:
         """Mark a leased job done and write its outbox, in one transaction.
+
+        ``sr`` (the UIDs of the SR the job sends) is kept so that the next version
+        of the series names it as its predecessor.
 
         Raises
         ------
@@ -101,9 +109,23 @@ class JobQueue:
         with self.store.transaction() as db:
             self._check_lease(db, job)
             db.execute(
-                """UPDATE jobs SET state = 'done', lease_until = NULL, reason = '',
-                    updated_at = ? WHERE job_id = ?""",
-                (now, job.job_id),
+                """UPDATE jobs SET state = 'done', lease_until = NULL, reason = '', stage = '',
+                    updated_at = ?, sr_study_uid = ?, sr_series_uid = ?, sr_sop_class_uid = ?,
+                    sr_sop_uid = ? WHERE job_id = ?""",
+                (
+                    now,
+                    *(
+                        ("", "", "", "")
+                        if sr is None
+                        else (
+                            sr.study_instance_uid,
+                            sr.series_instance_uid,
+                            sr.sop_class_uid,
+                            sr.sop_instance_uid,
+                        )
+                    ),
+                    job.job_id,
+                ),
             )
             for name in destinations if n_files else ():
                 db.execute(

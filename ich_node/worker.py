@@ -15,6 +15,7 @@ only process of the node that imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import shutil
@@ -27,13 +28,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import pydicom
 import structlog
 
 from ich_node.config import NodeConfig
 from ich_node.durable import fsync_dir
 from ich_node.imaging import read_series
 from ich_node.jobs import JobQueue, LeaseLost
-from ich_node.store import JobRecord, Store
+from ich_node.store import JobRecord, SrReference, Store
 
 log = structlog.get_logger(__name__)
 
@@ -238,19 +240,49 @@ class Worker:
             explain_slices=options.needs_explanations,
         )
 
-    def _write_outputs(self, job: JobRecord, explained: Any, folder: Path) -> int:
-        """``findings.json`` and the DICOM results into ``folder``; returns the DICOM count."""
+    def _write_outputs(
+        self, job: JobRecord, explained: Any, folder: Path
+    ) -> tuple[int, SrReference | None]:
+        """``findings.json`` and the DICOM results into ``folder``.
+
+        Returns the number of DICOM objects written and the UIDs of the SR (which
+        a later version of the series names as its predecessor).
+        """
         from ich_node.results.build import ResultsSkipped, build_results, write_results
         from ich_node.results.findings import write_findings
 
-        write_findings(folder / "findings.json", explained.findings)
+        write_findings(
+            folder / "findings.json", dataclasses.replace(explained.findings, version=job.version)
+        )
+        # The SR of the latest earlier version that was done and sent: this one supersedes it.
+        previous = self.store.previous_sr(job.series_instance_uid, job.version)
+        previous_sr = None
+        if previous is not None:
+            previous_sr = pydicom.Dataset()
+            previous_sr.StudyInstanceUID = previous.study_instance_uid
+            previous_sr.SeriesInstanceUID = previous.series_instance_uid
+            previous_sr.SOPClassUID = previous.sop_class_uid
+            previous_sr.SOPInstanceUID = previous.sop_instance_uid
         try:
-            results = build_results(explained, self.classifier.card, self._options())
+            results = build_results(
+                explained,
+                self.classifier.card,
+                self._options(),
+                version=job.version,
+                previous_sr=previous_sr,
+            )
         except ResultsSkipped as exc:
             log.info("job.results_skipped", job_id=job.job_id, reason=str(exc))
-            return 0
+            return 0, None
         written = write_results(results, folder / "outbox")
-        return sum(1 for p in written if p.suffix == ".dcm")
+        sr = results.sr
+        reference = SrReference(
+            str(sr.StudyInstanceUID),
+            str(sr.SeriesInstanceUID),
+            str(sr.SOPClassUID),
+            str(sr.SOPInstanceUID),
+        )
+        return sum(1 for p in written if p.suffix == ".dcm"), reference
 
     def _finish(
         self,
@@ -269,7 +301,7 @@ class Worker:
             t = time.perf_counter()
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            n_files = self._write_outputs(job, explained, tmp)
+            n_files, sr = self._write_outputs(job, explained, tmp)
             times["results_s"] = time.perf_counter() - t
             times["positive"] = float(
                 sum(1 for f in explained.findings.series.values() if f.positive)
@@ -277,7 +309,9 @@ class Worker:
             shutil.rmtree(final, ignore_errors=True)  # a crashed earlier attempt's output
             os.replace(tmp, final)
             fsync_dir(final.parent)
-            self.queue.complete(job, [d.name for d in self.config.destinations], n_files, clock())
+            self.queue.complete(
+                job, [d.name for d in self.config.destinations], n_files, clock(), sr=sr
+            )
             outcome = JobOutcome(job.job_id, "done", n_files, "")
         except LeaseLost as exc:
             shutil.rmtree(tmp, ignore_errors=True)

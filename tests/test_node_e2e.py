@@ -106,7 +106,9 @@ class Node:
         return Store.open(self.config.storage.dir)
 
 
-def _node_yaml(tmp_path: Path, tiny_bundle: Path, pacs: Pacs, stable_seconds: float) -> Path:
+def _node_yaml(
+    tmp_path: Path, tiny_bundle: Path, pacs: Pacs, stable_seconds: float, **series: object
+) -> Path:
     data = {
         "node": {
             "ae_title": "ICH_NODE",
@@ -118,7 +120,7 @@ def _node_yaml(tmp_path: Path, tiny_bundle: Path, pacs: Pacs, stable_seconds: fl
         "destinations": [
             {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}
         ],
-        "series": {"stable_seconds": stable_seconds, "min_slices": 8},
+        "series": {"stable_seconds": stable_seconds, "min_slices": 8, **series},
         "model": {"bundle": str(tiny_bundle), "device": "cpu", "batch_size": 8},
         "results": {"heatmaps": "all"},
         "queue": {"lease_seconds": 120.0, "max_attempts": 3, "retry_base_seconds": 0.2},
@@ -140,9 +142,14 @@ def _node_yaml(tmp_path: Path, tiny_bundle: Path, pacs: Pacs, stable_seconds: fl
 def node(
     tmp_path: Path, tiny_bundle: Path, pacs: Pacs, request: pytest.FixtureRequest
 ) -> Iterator[Node]:
-    """A node (not started) with a small ``stable_seconds`` (``indirect`` param overrides)."""
-    stable = float(getattr(request, "param", 0.5))
-    path = _node_yaml(tmp_path, tiny_bundle, pacs, stable)
+    """A node (not started) with a small ``stable_seconds`` (``indirect`` param overrides).
+
+    The param is ``stable_seconds`` or a dict of ``series`` keys.
+    """
+    param = getattr(request, "param", 0.5)
+    series = dict(param) if isinstance(param, dict) else {"stable_seconds": param}
+    stable = float(series.pop("stable_seconds", 0.5))
+    path = _node_yaml(tmp_path, tiny_bundle, pacs, stable, **series)
     running = Node(path, load_config(path))
     yield running
     if running.process is not None:
@@ -283,4 +290,185 @@ def test_node_killed_after_ack_reads_series_after_restart(
     assert store.jobs() == []
     node.start()
     _delivered_once(pacs, node, series.study_instance_uid)  # type: ignore[attr-defined]
+    assert node.stop() == 0
+
+
+# -- instance identity and series versions (issue 12) ---------------------------------
+
+
+def _derive(
+    paths: list[Path], out: Path, each: Callable[[int, pydicom.Dataset], None]
+) -> list[Path]:
+    """Copies of ``paths`` changed in code by ``each(i, ds)``."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        each(i, ds)
+        target = out / path.name
+        ds.save_as(target, enforce_file_format=True)
+        written.append(target)
+    return written
+
+
+def _srs(pacs: Pacs, series_uid: str | None = None) -> list[pydicom.Dataset]:
+    """SRs at the destination (for one source series when given), read back with pydicom."""
+    found = []
+    for ds in pacs.received() if pacs.folder.is_dir() else []:
+        if ds.Modality != "SR":
+            continue
+        if series_uid is not None:  # an SR has no pixel data: the whole SR is read
+            refs = {
+                str(s.SeriesInstanceUID)
+                for item in ds.CurrentRequestedProcedureEvidenceSequence
+                for s in item.ReferencedSeriesSequence
+            }
+            if series_uid not in refs:
+                continue
+        found.append(ds)
+    return found
+
+
+def _all_delivered(store: Store) -> bool:
+    deliveries = store.counts("deliveries")
+    return bool(deliveries) and set(deliveries) == {"done"}
+
+
+@pytest.mark.parametrize("node", [{"stable_seconds": 1.0}], indirect=True)
+def test_sop_uids_reused_by_another_series_both_series_read(
+    node: Node, pacs: Pacs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pydicom.uid import generate_uid
+
+    from training.phantom import write_series
+
+    a = write_series(tmp_path / "a", seed=11, n_slices=10, matrix=64)
+    uid_b = generate_uid(entropy_srcs=["reused", a.series_instance_uid])
+
+    def as_b(i: int, ds: pydicom.Dataset) -> None:
+        ds.SeriesInstanceUID, ds.SeriesNumber = uid_b, 2  # SOP Instance UIDs kept
+
+    b = _derive(list(a.paths), tmp_path / "b", as_b)
+    pacs.start()
+    node.start()
+    assert storescu(node, list(a.paths)).returncode == 0
+    assert storescu(node, b).returncode == 0
+    store = node.store()
+    wait_for("both series read", lambda: store.counts("jobs") == {"done": 2})
+    wait_for("both deliveries done", lambda: _all_delivered(store))
+    assert {j.series_instance_uid for j in store.jobs()} == {a.series_instance_uid, uid_b}
+    wait_for("2 SRs at the PACS", lambda: len(_srs(pacs)) == 2)
+    assert len(_srs(pacs, a.series_instance_uid)) == len(_srs(pacs, uid_b)) == 1
+    assert status(node.config, as_json=False) == 0
+    assert "SOP Instance UID is also in another series: 20" in capsys.readouterr().out
+    assert node.stop() == 0
+    log = (node.config_path.parent / "node.log").read_text(errors="replace")
+    assert '"event": "instance.sop_uid_reused"' in log and '"level": "warning"' in log
+
+
+@pytest.mark.parametrize("node", [{"stable_seconds": 1.0}], indirect=True)
+def test_identical_resend_is_idempotent_and_changed_resend_names_its_predecessor(
+    node: Node, pacs: Pacs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+    import time
+
+    from training.phantom import write_series
+
+    series = write_series(tmp_path / "s", seed=12, n_slices=10, matrix=64)
+    uid = series.series_instance_uid
+    pacs.start()
+    node.start()
+    store = node.store()
+    assert storescu(node, list(series.paths)).returncode == 0
+    wait_for("version 1 delivered", lambda: _all_delivered(store) and len(_srs(pacs)) == 1)
+    (first_sr,) = _srs(pacs)
+
+    assert storescu(node, list(series.paths), calling="MODALITY").returncode == 0
+    time.sleep(3 * 1.0 + 1.0)  # three quiet periods: a new version would be queued by now
+    assert [j.version for j in store.jobs()] == [1]
+    assert len(_srs(pacs)) == 1
+
+    def corrected(i: int, ds: pydicom.Dataset) -> None:
+        ds.SeriesDescription = "AX BRAIN CORRECTED"
+
+    fixed = _derive(list(series.paths[:1]), tmp_path / "fixed", corrected)
+    assert storescu(node, fixed).returncode == 0
+    wait_for("version 2 done", lambda: store.counts("jobs") == {"done": 2})
+    wait_for("version 2 delivered", lambda: _all_delivered(store) and len(_srs(pacs)) == 2)
+    jobs = store.jobs()
+    assert [(j.version, j.cause) for j in jobs] == [(1, "first read"), (2, "1 changed re-sends")]
+    (second_sr,) = [ds for ds in _srs(pacs) if ds.SOPInstanceUID != first_sr.SOPInstanceUID]
+    (study_item,) = second_sr.PredecessorDocumentsSequence
+    assert study_item.StudyInstanceUID == first_sr.StudyInstanceUID
+    (series_item,) = study_item.ReferencedSeriesSequence
+    assert series_item.SeriesInstanceUID == first_sr.SeriesInstanceUID
+    (sop_item,) = series_item.ReferencedSOPSequence
+    assert sop_item.ReferencedSOPInstanceUID == first_sr.SOPInstanceUID
+    assert sop_item.ReferencedSOPClassUID == first_sr.SOPClassUID
+    assert "PredecessorDocumentsSequence" not in first_sr
+    for job in jobs:
+        findings = node.config.storage.dir / "results" / job.job_id / "findings.json"
+        assert json.loads(findings.read_text())["version"] == job.version
+    record = store.series(uid)
+    assert record is not None and record.n_instances == 10
+    assert status(node.config, as_json=False) == 0
+    out = capsys.readouterr().out
+    assert "series read more than once: 1 (versions for late instances 0, " in out
+    assert "for changed re-sends 1)" in out
+    assert node.stop() == 0
+
+
+@pytest.mark.parametrize("node", [{"stable_seconds": 3.0}], indirect=True)
+def test_series_sent_image_by_image_with_per_acquisition_count_gives_one_sr(
+    node: Node, pacs: Pacs, tmp_path: Path
+) -> None:
+    """As a GE scanner sends: one acquisition per image, ImagesInAcquisition per acquisition."""
+    import time
+
+    from training.phantom import write_series
+
+    series = write_series(tmp_path / "s", seed=13, n_slices=12, matrix=64)
+
+    def per_acquisition(i: int, ds: pydicom.Dataset) -> None:
+        ds.AcquisitionNumber = i + 1
+        ds.ImagesInAcquisition = 1
+
+    files = _derive(list(series.paths), tmp_path / "ge", per_acquisition)
+    pacs.start()
+    node.start()
+    store = node.store()
+    for path in files:  # one association per image
+        assert storescu(node, [path]).returncode == 0
+        time.sleep(0.2)
+    wait_for("the series delivered", lambda: _all_delivered(store) and _srs(pacs))
+    time.sleep(2 * 3.0)  # two more quiet periods: nothing else may be read
+    (job,) = store.jobs()
+    assert job.version == 1 and job.state == "done"
+    assert len(_srs(pacs)) == 1
+    assert node.stop() == 0
+
+
+@pytest.mark.parametrize("node", [{"stable_seconds": 1.0, "max_versions": 2}], indirect=True)
+def test_slow_adder_gets_at_most_max_versions(
+    node: Node, pacs: Pacs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.phantom import write_series
+
+    series = write_series(tmp_path / "s", seed=14, n_slices=12, matrix=64)
+    uid = series.series_instance_uid
+    paths = list(series.paths)
+    node.start()
+    store = node.store()
+    assert storescu(node, paths[:8]).returncode == 0
+    for n, path in enumerate(paths[8:], start=1):  # one image each time the series was decided
+        wait_for(f"decision {n}", lambda: (r := store.series(uid)) and r.state != "receiving")
+        assert storescu(node, [path]).returncode == 0
+    wait_for("the cap", lambda: (r := store.series(uid)) and r.state == "capped")
+    assert [j.version for j in store.jobs()] == [1, 2]
+    record = store.series(uid)
+    assert record is not None and record.n_instances == 12
+    assert record.reason.startswith("series.max_versions (2) reached")
+    assert status(node.config, as_json=False) == 0
+    assert "series at series.max_versions: 1" in capsys.readouterr().out
     assert node.stop() == 0

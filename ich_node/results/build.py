@@ -173,7 +173,7 @@ def source_evidence(series: CTSeries, study: pydicom.Dataset) -> list[pydicom.Da
 class _Uids:
     """Derived UIDs: the same inputs always give the same UIDs."""
 
-    def __init__(self, series: CTSeries, card: ModelCard, options: ResultOptions):
+    def __init__(self, series: CTSeries, card: ModelCard, options: ResultOptions, version: int = 1):
         digest = hashlib.sha256()
         for s in series.slices:
             digest.update(s.sop_instance_uid.encode())
@@ -184,6 +184,8 @@ class _Uids:
             card.sha256,
             repr(options),
         ]
+        if version > 1:  # a re-read of the same slices is a new document, not the old one
+            self._key.append(f"series version {version}")
 
     def __call__(self, *role: object) -> str:
         return name_uid(*self._key, *map(str, role))
@@ -202,6 +204,9 @@ def build_results(
     inputs: ExplainedSeries,
     card: ModelCard,
     options: ResultOptions = ResultOptions(),
+    *,
+    version: int = 1,
+    previous_sr: pydicom.Dataset | None = None,
 ) -> ResultSet:
     """Build the SR, the heatmap series and (optionally) the parametric map.
 
@@ -214,6 +219,11 @@ def build_results(
         The model that made the findings (named in every output).
     options : ResultOptions
         What to build besides the SR.
+    version : int
+        Which read of the series this is (part of the derived UIDs from 2 on).
+    previous_sr : pydicom.Dataset, optional
+        Study, Series, SOP Class and SOP Instance UIDs of the SR this one
+        supersedes; it goes to the Predecessor Documents Sequence (PS3.3 C.17.2).
 
     Returns
     -------
@@ -226,7 +236,7 @@ def build_results(
     """
     series = inputs.series
     check_source(series)
-    uid = _Uids(series, card, options)
+    uid = _Uids(series, card, options, version)
     study = study_attributes(inputs.header, series.study_instance_uid)
     evidence = source_evidence(series, study)
     explanations = inputs.explanations
@@ -261,6 +271,7 @@ def build_results(
         sop_instance_uid=uid("sr"),
         device_uid=name_uid("ich-node device", card.name, card.version, card.sha256),
         tracking_uids=[uid("tracking", label) for label in LABELS],
+        previous_versions=() if previous_sr is None else (previous_sr,),
     )
     for ds in (sr, *heatmaps, *pm):
         # General Series module: SeriesDate/Time are optional, but PACS and viewers

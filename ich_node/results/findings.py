@@ -87,6 +87,9 @@ class SeriesFindings:
     coverage_complete: bool = True
     dropped: tuple[Dropped, ...] = ()
     notes: tuple[str, ...] = ()
+    # Which read of the series this is (1, 2, ...): a later version supersedes the
+    # earlier ones (late instances, a changed re-send; see docs/admin.md).
+    version: int = 1
 
     @property
     def n_slices(self) -> int:
@@ -117,6 +120,7 @@ class SeriesFindings:
         return {
             "study_instance_uid": self.study_instance_uid,
             "series_instance_uid": self.series_instance_uid,
+            "version": self.version,
             "n_slices": self.n_slices,
             "model": {
                 "name": self.model.name,
@@ -173,6 +177,7 @@ class SeriesFindings:
                 for d in data.get("dropped", ())
             ),
             notes=tuple(str(n) for n in data.get("notes", ())),
+            version=int(data.get("version", 1)),
         )
 
 

@@ -222,6 +222,7 @@ def build_sr(
     device_uid: str,
     tracking_uids: Sequence[str],
     series_number: int = 9900,
+    previous_versions: Sequence[pydicom.Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the SR of one series.
 
@@ -246,6 +247,9 @@ def build_sr(
         One Tracking Unique Identifier per label.
     series_number : int
         SeriesNumber (0020,0011).
+    previous_versions : sequence of pydicom.Dataset
+        SRs this one supersedes (their Study, Series, SOP Class and SOP Instance
+        UIDs): the Predecessor Documents Sequence (PS3.3 C.17.2).
     """
     if not evidence:
         raise ValueError("evidence must hold at least the source slices")
@@ -300,4 +304,5 @@ def build_sr(
         software_versions=card.version[:64],
         coding_schemes=[_PRIVATE_SCHEME],
         contributing_equipment=[contributing_equipment(card)],
+        previous_versions=list(previous_versions) or None,
     )
