@@ -52,6 +52,7 @@ from ich_node.listener_guard import (
     on_conn_close,
     on_rejected,
     on_requested,
+    quiet_pynetdicom_tracebacks,
 )
 from ich_node.metrics import Metrics
 from ich_node.net import set_nodelay
@@ -260,6 +261,7 @@ def start_listener(
     """
     ae = build_ae(config)
     node = config.node
+    quiet_pynetdicom_tracebacks()
     guard = Guard(
         GuardLimits(
             max_associations=node.max_associations,

@@ -51,6 +51,7 @@ pynetdicom documents as the place to reject an association.
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import ssl
 import struct
@@ -168,6 +169,7 @@ class Connection:
     calling_ae: str | None = None
     refused: bool = False  # a reason was recorded (no second one for this connection)
     dataset_bytes: int = 0
+    accepted_ids: frozenset[int] | None = None  # presentation contexts of the association
 
 
 def _printable(value: object, limit: int = 16) -> str:
@@ -328,6 +330,29 @@ class Guard:
             )
 
 
+class OneLineErrors(logging.Filter):
+    """pynetdicom logs a peer's broken connection with ``LOGGER.exception``: keep
+    the line, drop the traceback (the exception's type is added to the message)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            kind = record.exc_info[0].__name__ if record.exc_info[0] else "error"
+            record.msg = f"{record.getMessage()} ({kind})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_pynetdicom_tracebacks() -> None:
+    """Install :class:`OneLineErrors` on pynetdicom's protocol loggers (idempotent)."""
+    for name in ("pynetdicom.dul", "pynetdicom.transport", "pynetdicom.events",
+                 "pynetdicom.association", "pynetdicom.acse", "pynetdicom.fsm"):  # fmt: skip
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, OneLineErrors) for f in logger.filters):
+            logger.addFilter(OneLineErrors())
+
+
 class GuardedSocket(AssociationSocket):
     """pynetdicom's socket wrapper, checking each PDU as the DUL reads it.
 
@@ -368,26 +393,46 @@ class GuardedSocket(AssociationSocket):
         data = super().recv(nr_bytes)
         if len(data) != nr_bytes:
             return data  # the peer closed: pynetdicom handles the short read
+        if pdu_type == 0x04:
+            return self._check_pdata(data)
         try:
             pdu = _PDU_CLASSES[pdu_type]()
-            raw = struct.pack(">BBL", pdu_type, 0, length) + bytes(data)
-            pdu.decode(raw)
+            pdu.decode(struct.pack(">BBL", pdu_type, 0, length) + bytes(data))
             if pdu_type == 0x01:
-                primitive = pdu.to_primitive()  # raises on even/duplicate IDs, bad titles
+                primitive = pdu.to_primitive()  # raises on even IDs, blank titles, ...
                 ids = [cx.context_id for cx in primitive.presentation_context_definition_list]
                 if len(ids) != len(set(ids)):
                     raise ValueError("duplicate presentation context ID")
         except Exception:
             return self._abort("malformed_pdu")
-        if pdu_type == 0x04:
-            for pdv in pdu.presentation_data_value_items:
-                header_byte = pdv.presentation_data_value[0]
-                if not header_byte & 0x01:  # a dataset fragment (PS3.8 E.2)
-                    self.conn.dataset_bytes += len(pdv.presentation_data_value) - 1
-                    if self.conn.dataset_bytes > limits.max_dataset:
-                        return self._abort("dataset_too_large")
-                    if header_byte & 0x02:  # its last fragment
-                        self.conn.dataset_bytes = 0
+        return data
+
+    def _check_pdata(self, data: bytearray) -> bytearray:
+        """Walk the PDV items of a P-DATA-TF body (PS3.8 9.3.5.1, E.2) without copying.
+
+        Each item needs a length of at least 2 inside the PDU and an accepted
+        (odd) presentation-context ID; dataset fragments add up to at most
+        ``max_dataset`` bytes per message.
+        """
+        accepted = self.conn.accepted_ids
+        if accepted is None:
+            ids = (int(cx.context_id or 0) for cx in self.assoc.accepted_contexts)
+            accepted = self.conn.accepted_ids = frozenset(ids)
+        offset, end = 0, len(data)
+        while offset < end:
+            if offset + 6 > end:
+                return self._abort("malformed_pdu")
+            (length,) = struct.unpack_from(">L", data, offset)
+            if length < 2 or offset + 4 + length > end or data[offset + 4] not in accepted:
+                return self._abort("malformed_pdu")
+            control = data[offset + 5]
+            if not control & 0x01:  # a dataset fragment
+                self.conn.dataset_bytes += length - 2
+                if self.conn.dataset_bytes > self.guard.limits.max_dataset:
+                    return self._abort("dataset_too_large")
+                if control & 0x02:  # its last fragment
+                    self.conn.dataset_bytes = 0
+            offset += 4 + length
         return data
 
     def _abort(self, reason: str) -> bytearray:

@@ -382,6 +382,53 @@ def test_a_dataset_larger_than_max_dataset_mb_is_aborted(listen: Start, free_por
         sock.close()
 
 
+@pytest.mark.parametrize(
+    "pdv",
+    [
+        struct.pack(">LBB", 6, 3, 0x03) + bytes(4),  # context 3 was not proposed
+        struct.pack(">LBB", 6, 2, 0x03) + bytes(4),  # an even context ID
+        struct.pack(">LBB", 1, 1, 0x03),  # an item length below 2
+        struct.pack(">LBB", 600, 1, 0x03) + bytes(4),  # an item longer than the PDU
+    ],
+    ids=["unknown-context", "even-context", "short-item", "overlong-item"],
+)
+def test_malformed_pdata_in_an_association_is_aborted(
+    listen: Start, free_port: int, pdv: bytes, capfd: pytest.CaptureFixture[str]
+) -> None:
+    _, metrics = listen()
+    sock = connect(free_port)
+    try:
+        sock.sendall(associate_rq())
+        assert first_reply(sock) == 0x02
+        sock.recv(1 << 16)
+        sock.sendall(struct.pack(">BBL", 0x04, 0, len(pdv)) + pdv)
+        assert first_reply(sock) == 0x07
+        eventually("the count", lambda: refused(metrics, "malformed_pdu") == 1, SLACK)
+    finally:
+        sock.close()
+    assert dcmtk_echo(free_port) == 0
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_peer_resetting_mid_pdu_logs_one_line_without_traceback(
+    listen: Start, free_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    listen()
+    sock = connect(free_port)
+    sock.sendall(associate_rq())
+    assert first_reply(sock) == 0x02
+    sock.recv(1 << 16)
+    sock.sendall(struct.pack(">BBL", 0x04, 0, 1000) + bytes(10))
+    time.sleep(0.3)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST: pynetdicom's DUL logs the failed read with LOGGER.exception
+    eventually("the DUL's line", lambda: any("entire PDU" in r.getMessage()
+                                             for r in caplog.records), SLACK)  # fmt: skip
+    records = [r for r in caplog.records if r.name.startswith("pynetdicom")]
+    assert records and all(r.exc_info is None for r in records)
+    assert dcmtk_echo(free_port) == 0
+
+
 # -- malformed requests: RJ or A-ABORT, a log line, never a traceback -----------------------
 
 
