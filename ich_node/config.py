@@ -186,6 +186,100 @@ class ResultsSection(_Section):
     heatmaps: Literal["positive", "all", "none"] = "positive"
     negative_top_slices: Annotated[int, Field(ge=0, le=50)] = 0
     parametric_map: bool = False
+    # A Key Object Selection document ("Of Interest", PS3.3 A.35.4) listing the
+    # positive slices, sent with the SR.
+    key_objects: bool = False
+
+
+#: Labels a notification target may name (``labels``); the model's own order.
+AlertLabel = Literal[
+    "any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"
+]
+
+
+def _one_or_many(value: Any) -> Any:
+    # `labels: any` reads as well as `labels: [any]`.
+    return (value,) if isinstance(value, str) else value
+
+
+class _Target(_Section):
+    """What every entry of ``notifications`` has: a name, when it fires, on which labels."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    # positive: only a series positive for one of `labels`; always: every series read.
+    when: Literal["positive", "always"] = "positive"
+    labels: Annotated[tuple[AlertLabel, ...], Field(min_length=1)] = ("any",)
+    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, value: Any) -> Any:
+        return _one_or_many(value)
+
+
+#: HL7 v2 ``HD`` values (MSH-3..6): no HL7 delimiters.
+HL7Name = Annotated[str, Field(min_length=1, max_length=180, pattern=r"^[^|^~\\&\r\n]+$")]
+
+
+class HL7Target(_Target):
+    """``notifications[]`` with ``kind: hl7``: an ORU^R01 (v2.5.1) over MLLP to a RIS."""
+
+    kind: Literal["hl7"]
+    host: Annotated[str, Field(min_length=1)]
+    port: Port
+    sending_application: HL7Name = "ICH_NODE"
+    sending_facility: HL7Name = "ICH_NODE"
+    receiving_application: HL7Name
+    receiving_facility: HL7Name
+    # ORC-7/OBR-27 priority of a positive result (HL7 table 0027: S = STAT, A = ASAP).
+    priority_positive: Literal["S", "A", "R", "P", "C", "T"] = "S"
+
+
+class WebhookTarget(_Target):
+    """``notifications[]`` with ``kind: webhook``: a signed HTTPS POST of JSON."""
+
+    kind: Literal["webhook"]
+    url: Annotated[str, Field(pattern=r"^https://[^\s/]+(/\S*)?$")]
+    secret_file: Path  # the HMAC-SHA256 key (the file's bytes, trailing newline removed)
+    ca_file: Path | None = None  # an extra CA (PEM) to trust besides the system's
+    include_patient: bool = False
+
+    @field_validator("secret_file", "ca_file", mode="before")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        return _path(value)
+
+
+class EmailTarget(_Target):
+    """``notifications[]`` with ``kind: email``: SMTP with STARTTLS."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+
+    kind: Literal["email"]
+    host: Annotated[str, Field(min_length=1)]
+    port: Port = 587
+    starttls: bool = True
+    # Two lines: user name, then password. None: no login.
+    credentials_file: Path | None = None
+    from_: Annotated[str, Field(alias="from", pattern=r"^[^@\s<>]+@[^@\s<>]+$")]
+    to: Annotated[
+        tuple[Annotated[str, Field(pattern=r"^[^@\s<>]+@[^@\s<>]+$")], ...], Field(min_length=1)
+    ]
+    attach_key_image: bool = True
+
+    @field_validator("credentials_file", mode="before")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        return _path(value)
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _to(cls, value: Any) -> Any:
+        return _one_or_many(value)
+
+
+#: One entry of ``notifications``, told apart by ``kind``.
+NotificationTarget = Annotated[HL7Target | WebhookTarget | EmailTarget, Field(discriminator="kind")]
 
 
 class QueueSection(_Section):
@@ -250,6 +344,19 @@ class NodeConfig(_Section):
     storage: StorageSection = StorageSection()
     logging: LoggingSection = LoggingSection()
     metrics: MetricsSection = MetricsSection()
+    # Alerts to a RIS/worklist (HL7), a chat/pager gateway (webhook) or people (email).
+    notifications: tuple[NotificationTarget, ...] = ()
+
+    @field_validator("notifications")
+    @classmethod
+    def _unique_targets(
+        cls, value: tuple[NotificationTarget, ...]
+    ) -> tuple[NotificationTarget, ...]:
+        names = [t.name for t in value]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"notification target name {name!r} is used more than once")
+        return value
 
     @field_validator("destinations")
     @classmethod
@@ -342,6 +449,15 @@ def load_config(path: Path | str) -> NodeConfig:
             if d.tls is None
             else d.model_copy(update={"tls": _resolve_paths(d.tls, base, ("ca", "cert", "key"))})
             for d in config.destinations
+        )
+    if config.notifications:
+        updates["notifications"] = tuple(
+            _resolve_paths(t, base, ("secret_file", "ca_file"))
+            if isinstance(t, WebhookTarget)
+            else _resolve_paths(t, base, ("credentials_file",))
+            if isinstance(t, EmailTarget)
+            else t
+            for t in config.notifications
         )
     return config.model_copy(update=updates) if updates else config
 

@@ -1,0 +1,92 @@
+"""The ``notifications`` and ``results.key_objects`` configuration keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ich_node.config import (
+    ConfigError,
+    EmailTarget,
+    HL7Target,
+    WebhookTarget,
+    load_config,
+    parse_config,
+)
+
+HL7 = {
+    "name": "ris",
+    "kind": "hl7",
+    "host": "10.0.0.7",
+    "port": 2575,
+    "receiving_application": "RIS",
+    "receiving_facility": "HOSP",
+}
+WEBHOOK = {"name": "pager", "kind": "webhook", "url": "https://gw.example/h", "secret_file": "s"}
+EMAIL = {"name": "mail", "kind": "email", "host": "smtp", "from": "n@x.org", "to": ["a@x.org"]}
+
+
+def test_defaults_keep_old_configs_working() -> None:
+    config = parse_config({})
+    assert config.notifications == ()
+    assert config.results.key_objects is False
+
+
+def test_each_kind_with_its_defaults() -> None:
+    hl7, hook, mail = parse_config({"notifications": [HL7, WEBHOOK, EMAIL]}).notifications
+    assert isinstance(hl7, HL7Target) and isinstance(hook, WebhookTarget)
+    assert isinstance(mail, EmailTarget)
+    assert (hl7.when, hl7.labels, hl7.priority_positive) == ("positive", ("any",), "S")
+    assert (hl7.sending_application, hl7.sending_facility) == ("ICH_NODE", "ICH_NODE")
+    assert hook.include_patient is False and hook.ca_file is None
+    assert (mail.starttls, mail.attach_key_image, mail.port) == (True, True, 587)
+    assert mail.from_ == "n@x.org" and mail.to == ("a@x.org",)
+
+
+def test_labels_as_one_word_or_a_list() -> None:
+    one = parse_config({"notifications": [{**WEBHOOK, "labels": "subdural"}]})
+    many = parse_config({"notifications": [{**WEBHOOK, "labels": ["subdural", "epidural"]}]})
+    assert one.notifications[0].labels == ("subdural",)
+    assert many.notifications[0].labels == ("subdural", "epidural")
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ({**HL7, "kind": "fax"}, "notifications[0]: Input tag 'fax'"),
+        ({**HL7, "prio": "S"}, "notifications[0].hl7.prio: unknown key"),
+        ({**HL7, "priority_positive": "X"}, "notifications[0].hl7.priority_positive"),
+        ({**HL7, "port": 0}, "notifications[0].hl7.port"),
+        ({**HL7, "receiving_facility": "A|B"}, "notifications[0].hl7.receiving_facility"),
+        ({**WEBHOOK, "url": "http://gw.example/h"}, "notifications[0].webhook.url"),
+        ({**WEBHOOK, "when": "sometimes"}, "notifications[0].webhook.when"),
+        ({**EMAIL, "labels": ["bleed"]}, "notifications[0].email.labels[0]"),
+        ({**EMAIL, "to": []}, "notifications[0].email.to"),
+        ({k: v for k, v in EMAIL.items() if k != "from"}, "notifications[0].email.from: required"),
+    ],
+)
+def test_bad_targets_name_the_key_and_the_value(target: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"notifications": [target]}, source="node.yaml")
+    assert expected in str(info.value)
+
+
+def test_target_names_are_unique() -> None:
+    with pytest.raises(ConfigError, match="'pager' is used more than once"):
+        parse_config({"notifications": [WEBHOOK, {**WEBHOOK, "url": "https://b.example/"}]})
+
+
+def test_paths_resolve_against_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(
+        "notifications:\n"
+        "  - {name: pager, kind: webhook, url: 'https://gw.example/', secret_file: s.key,"
+        " ca_file: ca.pem}\n"
+        "  - {name: mail, kind: email, host: smtp, from: n@x.org, to: a@x.org,"
+        " credentials_file: creds}\n"
+    )
+    hook, mail = load_config(path).notifications
+    assert isinstance(hook, WebhookTarget) and isinstance(mail, EmailTarget)
+    assert hook.secret_file == tmp_path / "s.key" and hook.ca_file == tmp_path / "ca.pem"
+    assert mail.credentials_file == tmp_path / "creds"
