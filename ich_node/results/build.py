@@ -29,7 +29,7 @@ from ich_node.card import ModelCard
 from ich_node.durable import write_atomic
 from ich_node.imaging import CTSeries
 from ich_node.labels import LABELS
-from ich_node.results.common import study_attributes
+from ich_node.results.common import apply_study, study_attributes
 from ich_node.results.findings import ExplainedSeries
 from ich_node.results.pm import build_parametric_map
 from ich_node.results.sc import build_heatmap_series, png_bytes, render_heatmaps
@@ -237,15 +237,17 @@ def build_results(
     series = inputs.series
     check_source(series)
     uid = _Uids(series, card, options, version)
-    study = study_attributes(inputs.header, series.study_instance_uid)
-    evidence = source_evidence(series, study)
+    study = study_attributes(
+        inputs.header, series.study_instance_uid, series_uid=series.series_instance_uid
+    )
+    evidence = source_evidence(series, study.plain)
     explanations = inputs.explanations
     images = render_heatmaps(inputs, card, which=options.heatmaps)
     heatmaps = build_heatmap_series(
         series,
         images,
         card,
-        study,
+        study.plain,
         series_instance_uid=uid("heatmap series"),
         sop_instance_uids=[uid("heatmap", image.index) for image in images],
     )
@@ -274,6 +276,8 @@ def build_results(
         previous_versions=() if previous_sr is None else (previous_sr,),
     )
     for ds in (sr, *heatmaps, *pm):
+        # The exact source values and their character set (see common.py).
+        apply_study(ds, study)
         # General Series module: SeriesDate/Time are optional, but PACS and viewers
         # (Orthanc Explorer among them) group and sort series by them.
         if "SeriesDate" not in ds and "ContentDate" in ds:
