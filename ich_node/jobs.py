@@ -2,10 +2,13 @@
 
 States: ``queued`` → ``leased`` (with an expiry) → ``done``; a failure goes to
 ``retry`` (exponential backoff) and, after ``queue.max_attempts`` attempts, to
-``parked`` with the reason. A job is never deleted when taken: a worker that dies
-leaves a lease that expires (or that the supervisor releases) and the job runs
-again. Completing a job writes its outbox (one delivery per destination) in the
-same transaction that marks it done, so results go out once per series version.
+``parked`` with the reason. A leased job's ``stage`` (``read``, ``model``,
+``results``) says where it is in its worker's pipeline: when a worker dies, only
+the job on the model is charged the attempt, the others go back to the queue.
+A job is never deleted when taken: a worker that dies leaves a lease that
+expires (or that the supervisor releases) and the job runs again. Completing a
+job writes its outbox (one delivery per destination) in the same transaction
+that marks it done, so results go out once per series version.
 """
 
 from __future__ import annotations
@@ -13,9 +16,22 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from ich_node.config import QueueSection
-from ich_node.store import JobRecord, SrReference, Store
+from ich_node.store import JobRecord, JobStage, SrReference, Store
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """What :meth:`JobQueue.release_worker` did with the leases of a worker that is gone."""
+
+    charged: tuple[str, ...]  # job ids charged the attempt (retry or parked)
+    given_back: tuple[str, ...]  # job ids back to queued, the attempt not counted
+    parked: tuple[str, ...]  # of those charged or given back, the ones now parked
+
+    def __len__(self) -> int:
+        return len(self.charged) + len(self.given_back)
 
 
 def job_id_for(series_instance_uid: str, version: int) -> str:
@@ -69,7 +85,7 @@ class JobQueue:
                     )
                     continue
                 db.execute(
-                    """UPDATE jobs SET state = 'leased', attempts = attempts + 1,
+                    """UPDATE jobs SET state = 'leased', attempts = attempts + 1, stage = 'read',
                         lease_until = ?, worker = ?, updated_at = ? WHERE job_id = ?""",
                     (now + self.config.lease_seconds, worker, now, job.job_id),
                 )
@@ -170,8 +186,27 @@ class JobQueue:
             self._check_lease(db, job)
             db.execute(
                 """UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0),
-                    lease_until = NULL, not_before = ?, updated_at = ? WHERE job_id = ?""",
+                    lease_until = NULL, stage = '', not_before = ?, updated_at = ?
+                WHERE job_id = ?""",
                 (now, now, job.job_id),
+            )
+
+    def set_stage(self, job: JobRecord, stage: JobStage, now: float) -> None:
+        """Record where a leased job is in the worker's pipeline (``model``, ``results``).
+
+        When the worker dies, only the job on the model is charged the attempt
+        (see :meth:`release_worker`).
+
+        Raises
+        ------
+        LeaseLost
+            When the lease is no longer this worker's.
+        """
+        with self.store.transaction() as db:
+            self._check_lease(db, job)
+            db.execute(
+                "UPDATE jobs SET stage = ?, updated_at = ? WHERE job_id = ?",
+                (stage, now, job.job_id),
             )
 
     def fail(self, job: JobRecord, reason: str, now: float) -> str:
@@ -183,33 +218,62 @@ class JobQueue:
             else:
                 state = "retry"
             db.execute(
-                """UPDATE jobs SET state = ?, reason = ?, lease_until = NULL,
+                """UPDATE jobs SET state = ?, reason = ?, lease_until = NULL, stage = '',
                     not_before = ?, updated_at = ? WHERE job_id = ?""",
                 (state, reason, now + self._backoff(job.attempts), now, job.job_id),
             )
             return state
 
-    def release_worker(self, worker: str, reason: str, now: float) -> list[str]:
-        """Release the leases of a worker that is gone (the attempt still counts)."""
+    def release_worker(self, worker: str, reason: str, now: float) -> Released:
+        """Release the leases of a worker that is gone; charge only the job that killed it.
+
+        The job on the model when the worker died is charged the attempt (``retry``,
+        or ``parked`` after ``queue.max_attempts``); when none was on the model, the
+        one writing results is. Jobs only read ahead are given back to ``queued``
+        without an attempt; one given back this way twice ``queue.max_attempts`` times
+        is charged too (a decoder that kills the process while reading ahead), so no
+        job can bring workers down for ever.
+        """
         with self.store.transaction() as db:
             rows = db.execute(
-                "SELECT job_id, attempts FROM jobs WHERE state = 'leased' AND worker = ?",
+                """SELECT job_id, attempts, stage, crash_returns FROM jobs
+                WHERE state = 'leased' AND worker = ? ORDER BY created_at""",
                 (worker,),
             ).fetchall()
+            stages = {str(r["stage"]) for r in rows}
+            guilty = "model" if "model" in stages else "results"
+            charged: list[str] = []
+            given_back: list[str] = []
+            parked: list[str] = []
             for row in rows:
-                parked = row["attempts"] >= self.config.max_attempts
-                db.execute(
-                    """UPDATE jobs SET state = ?, reason = ?, lease_until = NULL,
-                        not_before = ?, updated_at = ? WHERE job_id = ?""",
-                    (
-                        "parked" if parked else "retry",
-                        f"after {row['attempts']} attempts: {reason}" if parked else reason,
-                        now,
-                        now,
-                        row["job_id"],
-                    ),
-                )
-            return [r["job_id"] for r in rows]
+                job_id, attempts = str(row["job_id"]), int(row["attempts"])
+                returns = int(row["crash_returns"]) + 1
+                if row["stage"] == guilty or returns >= 2 * self.config.max_attempts:
+                    charged.append(job_id)
+                    where = "on the model" if row["stage"] == "model" else (
+                        "writing its results" if row["stage"] == "results" else
+                        f"read ahead ({returns} times)"
+                    )  # fmt: skip
+                    why = f"{reason} while this job was {where}"
+                    if attempts >= self.config.max_attempts:
+                        parked.append(job_id)
+                        state, why = "parked", f"after {attempts} attempts: {why}"
+                    else:
+                        state = "retry"
+                    db.execute(
+                        """UPDATE jobs SET state = ?, reason = ?, lease_until = NULL,
+                            stage = '', not_before = ?, updated_at = ? WHERE job_id = ?""",
+                        (state, why, now, now, job_id),
+                    )
+                else:
+                    given_back.append(job_id)
+                    db.execute(
+                        """UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0),
+                            crash_returns = ?, lease_until = NULL, stage = '', not_before = ?,
+                            updated_at = ? WHERE job_id = ?""",
+                        (returns, now, now, job_id),
+                    )
+            return Released(tuple(charged), tuple(given_back), tuple(parked))
 
     def requeue(self, job_id: str, now: float) -> bool:
         """A parked job back to ``queued`` with fresh attempts (``resend``)."""

@@ -297,6 +297,11 @@ class Supervisor:
                     max_crashes=self.max_crashes,
                     restart_in_s=None if slot.gave_up else round(delay, 1),
                     released_jobs=len(released),
+                    # Only the job on the model is charged the attempt (ich_node.jobs).
+                    charged_job=released.charged[0] if len(released.charged) == 1 else None,
+                    charged_jobs=list(released.charged) if len(released.charged) > 1 else None,
+                    given_back_jobs=list(released.given_back),
+                    parked_jobs=list(released.parked) or None,
                 )
                 if slot.gave_up:
                     log.error(

@@ -35,7 +35,7 @@ from ich_node.config import NodeConfig
 from ich_node.durable import fsync_dir
 from ich_node.imaging import read_series
 from ich_node.jobs import JobQueue, LeaseLost
-from ich_node.store import JobRecord, SrReference, Store
+from ich_node.store import JobRecord, JobStage, SrReference, Store
 
 log = structlog.get_logger(__name__)
 
@@ -332,6 +332,20 @@ class Worker:
         self._report(item, outcome, clock)
         return outcome
 
+    def _stage(self, item: _Leased, stage: JobStage, clock: Callable[[], float]) -> None:
+        """Record that ``item`` enters ``stage``; never raises.
+
+        If this worker dies, only the job on the model is charged the attempt
+        (:meth:`ich_node.jobs.JobQueue.release_worker`). A lost lease is found
+        again, and recorded, when the job finishes.
+        """
+        try:
+            self.queue.set_stage(item.job, stage, clock())
+        except LeaseLost:
+            pass
+        except Exception as exc:  # a busy database: the job still runs
+            log.warning("job.stage_not_recorded", job_id=item.job.job_id, error=type(exc).__name__)
+
     def _let_go(self, item: _Leased) -> None:
         """The job has a recorded state: stop extending its lease, free its pipeline slot."""
         self.drop(item.job)
@@ -457,8 +471,10 @@ class Worker:
         try:
             item.series = self._read(job, item.times)
             started = time.perf_counter()
+            self._stage(item, "model", clock)
             explained = self._explain(self.classifier.predict_series(item.series))
             item.times["infer_s"] = time.perf_counter() - started
+            self._stage(item, "results", clock)
         except Exception as exc:
             error = exc
         return self._finish(item, explained, error, clock)
@@ -546,7 +562,9 @@ class Worker:
                 if stop.is_set():
                     self._give_back(item, clock)
                     continue
+                self._stage(item, "model", clock)
                 prediction, error = self._infer(item)
+                self._stage(item, "results", clock)
                 finishing.put((item, prediction, error))
         finally:
             finishing.put(None)

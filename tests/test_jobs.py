@@ -88,12 +88,50 @@ def test_released_worker_job_reruns_and_parks_after_max_attempts(tmp_path: Path)
     for attempt in range(1, 4):
         leased = queue.lease("w", now=float(attempt))
         assert leased is not None and leased.attempts == attempt
-        assert queue.release_worker("w", "worker exited with code -9", now=float(attempt)) == [
-            job.job_id
-        ]
+        queue.set_stage(leased, "model", now=float(attempt))
+        released = queue.release_worker("w", "worker exited with code -9", now=float(attempt))
+        assert released.charged == (job.job_id,) and released.given_back == ()
     parked = queue.store.job(job.job_id)
     assert parked is not None and parked.state == "parked"
-    assert "worker exited with code -9" in parked.reason
+    assert "worker exited with code -9 while this job was on the model" in parked.reason
+
+
+def test_worker_death_charges_only_the_job_on_the_model(tmp_path: Path) -> None:
+    queue = _queue(tmp_path)
+    jobs = [_enqueue(queue, series=f"1.2.{i}") for i in range(3)]
+    writing, on_model, ahead = (queue.lease("w", now=1.0) for _ in range(3))
+    assert writing and on_model and ahead
+    assert [writing.job_id, on_model.job_id, ahead.job_id] == [j.job_id for j in jobs]
+    queue.set_stage(writing, "results", now=2.0)
+    queue.set_stage(on_model, "model", now=2.0)
+    released = queue.release_worker("w", "worker exited with code -9", now=3.0)
+    assert released.charged == (on_model.job_id,)
+    assert released.given_back == (writing.job_id, ahead.job_id) and released.parked == ()
+    by_id = {j.job_id: j for j in queue.store.jobs()}
+    charged = by_id[on_model.job_id]
+    assert (charged.state, charged.attempts, charged.stage) == ("retry", 1, "")
+    assert charged.reason == "worker exited with code -9 while this job was on the model"
+    for job_id in (writing.job_id, ahead.job_id):
+        back = by_id[job_id]
+        assert (back.state, back.attempts, back.crash_returns) == ("queued", 0, 1)
+
+
+def test_job_only_read_ahead_at_every_crash_is_charged_in_the_end(tmp_path: Path) -> None:
+    """A decoder that kills the worker while reading ahead must not loop for ever."""
+    queue = _queue(tmp_path)  # max_attempts 3
+    job = _enqueue(queue)
+    states = []
+    for crash in range(1, 10):
+        leased = queue.lease("w", now=float(crash))
+        if leased is None:
+            break
+        queue.release_worker("w", "worker exited with code -11", now=float(crash))
+        got = queue.store.job(job.job_id)
+        assert got is not None
+        states.append((got.state, got.attempts))
+    assert states[:5] == [("queued", 0)] * 5  # given back, no attempt
+    assert states[5] == ("retry", 1)  # the sixth return: charged
+    assert states[-1][0] == "parked" and len(states) == 8
 
 
 def test_extend_pushes_the_lease_and_fails_once_it_is_lost(tmp_path: Path) -> None:

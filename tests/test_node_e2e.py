@@ -261,7 +261,11 @@ def test_worker_killed_mid_job_is_restarted_and_job_completes_once(
     store = node.store()
     wait_for("a worker heartbeat", lambda: "worker-0" in store.heartbeats())
     assert storescu(node, list(series.paths)).returncode == 0
-    leased = wait_for("the job leased", lambda: store.jobs("leased"))
+    # Past reading: a job only read ahead would be given back without an attempt.
+    leased = wait_for(
+        "the job on the model",
+        lambda: [j for j in store.jobs("leased") if j.stage in ("model", "results")],
+    )
     assert isinstance(leased, list)
     pid = store.heartbeats()["worker-0"][0]
     os.kill(pid, signal.SIGKILL)
@@ -472,3 +476,42 @@ def test_slow_adder_gets_at_most_max_versions(
     assert status(node.config, as_json=False) == 0
     assert "series at series.max_versions: 1" in capsys.readouterr().out
     assert node.stop() == 0
+
+
+def test_worker_killed_holding_three_jobs_charges_only_the_job_on_the_model(
+    node: Node, pacs: Pacs, tmp_path: Path
+) -> None:
+    import json
+
+    from training.phantom import write_series
+
+    studies = [
+        write_series(tmp_path / f"s{i}", seed=20 + i, n_slices=40, matrix=512) for i in range(4)
+    ]
+    pacs.start()
+    node.start()
+    store = node.store()
+    wait_for("a worker heartbeat", lambda: "worker-0" in store.heartbeats())
+    for series in studies:
+        assert storescu(node, list(series.paths)).returncode == 0
+
+    def three_held() -> list[object]:
+        held = [j for j in store.jobs("leased") if j.worker == "worker-0"]
+        return held if len(held) == 3 and any(j.stage == "model" for j in held) else []
+
+    held = wait_for("the worker holding three jobs, one on the model", three_held)
+    assert isinstance(held, list)
+    pid = store.heartbeats()["worker-0"][0]
+    os.kill(pid, signal.SIGKILL)
+    wait_for("every series read", lambda: store.counts("jobs") == {"done": 4})
+    wait_for("every delivery done", lambda: _all_delivered(store))
+    assert node.stop() == 0
+    lines = [json.loads(line) for line in node.config_path.parent.joinpath("node.log").open()
+             if line.startswith("{")]  # fmt: skip
+    (died,) = [line for line in lines if line.get("event") == "worker.died"]
+    charged = died["charged_job"]
+    assert charged in {j.job_id for j in held}
+    assert died["released_jobs"] >= 2 and charged not in died["given_back_jobs"]
+    attempts = {j.job_id: j.attempts for j in store.jobs()}
+    assert attempts.pop(charged) == 2, "the job on the model: the killed attempt and the next"
+    assert set(attempts.values()) == {1}, "the other jobs were given back without an attempt"
