@@ -36,6 +36,7 @@ import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from ich_node.imaging.preprocess import series_reorientation
 from ich_node.inference import Classifier, Prediction
 from ich_node.labels import LABELS
 from ich_node.results.common import source_header
@@ -228,6 +229,11 @@ def explain(
         maps = list(_cam_maps(cams, wanted, prediction.images.shape[-1]))
     else:
         maps = _gradcam_maps(prediction, classifier, wanted)
+    # The model input was turned to the reference orientation: turn the maps back,
+    # exactly (flips and transposes), so they lie on the source pixels.
+    turn = series_reorientation(prediction.series)
+    if not turn.identity:
+        maps = [turn.invert(m) for m in maps]
     out = tuple(
         SliceExplanation(index=i, labels=labels, cam=m)
         for (i, labels), m in zip(wanted, maps, strict=True)

@@ -42,6 +42,7 @@ from torch import nn
 from ich_node.bundle import Bundle
 from ich_node.imaging import CTSeries, ImagingError, load_series_hu, preprocess_hu
 from ich_node.imaging.pixels import check_hu_plausible
+from ich_node.imaging.preprocess import model_hu
 from ich_node.results.findings import ModelInfo, SeriesFindings, summarise
 
 log = structlog.get_logger(__name__)
@@ -153,7 +154,7 @@ class Prediction:
     series: CTSeries
     findings: SeriesFindings
     hu: np.ndarray  # (S, H, W) float32 HU, series order
-    images: np.ndarray  # (S, 3, size, size) float32 in [0, 1], model input
+    images: np.ndarray  # (S, 3, size, size) float32 in [0, 1], model input (reference orientation)
     cams: np.ndarray | None = None  # (S, L, h, w) float32, h = w = size / 32 for ResNets
 
 
@@ -301,7 +302,8 @@ class Classifier:
     def prepare(self, series: CTSeries) -> tuple[np.ndarray, np.ndarray]:
         """Decode and preprocess a series: (S, H, W) HU and (S, 3, size, size) model input."""
         hu = load_series_hu(series)
-        return hu, preprocess_hu(hu, self.card.windows, self.card.input_size)
+        # The model sees one patient orientation; ``hu`` stays as stored (heatmaps).
+        return hu, preprocess_hu(model_hu(series, hu), self.card.windows, self.card.input_size)
 
     def _prepare_chunk(self, series: CTSeries, start: int) -> tuple[np.ndarray, np.ndarray]:
         part = replace(series, slices=series.slices[start : start + self.batch_size])

@@ -461,3 +461,99 @@ def test_legacy_converted_enhanced_ct_is_read_frame_by_frame(
         ref = item.ReferencedSOPSequence[0]
         assert ref.ReferencedSOPInstanceUID == enhanced.SOPInstanceUID
         assert set(ref.ReferencedFrameNumber) <= set(range(1, N + 1))
+
+
+# -------------------------------------------------------------- kind 8: orientation
+
+
+def _restore(paths: list[Path], dest: Path, how: str) -> list[Path]:
+    """The same head stored another way: prone, feet-first, or rows and columns swapped."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        arr = ds.pixel_array
+        iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+        r, c = iop[:3], iop[3:]
+        ipp = np.asarray([float(v) for v in ds.ImagePositionPatient])
+        dy, dx = (float(v) for v in ds.PixelSpacing)
+        rows, cols = arr.shape
+        if how == "prone":  # both axes reversed: the first pixel is the old last one
+            arr = arr[::-1, ::-1]
+            ipp = ipp + (cols - 1) * dx * r + (rows - 1) * dy * c
+            r, c = -r, -c
+        elif how == "feet_first":  # left and right exchanged on screen
+            arr = arr[:, ::-1]
+            ipp = ipp + (cols - 1) * dx * r
+            r = -r
+        elif how == "transposed":
+            arr = arr.T
+            r, c = c, r
+        ds.PixelData = np.ascontiguousarray(arr).tobytes()
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*r, *c)]
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in ipp]
+        target = dest / p.name
+        ds.save_as(target)
+        out.append(target)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("how", "to_source"),
+    [
+        ("prone", lambda m: m[::-1, ::-1]),
+        ("feet_first", lambda m: m[:, ::-1]),
+        ("transposed", lambda m: m.T),
+    ],
+)
+def test_same_head_stored_another_way_gives_the_same_result(
+    clean: PhantomSeries,
+    clean_series: CTSeries,
+    tmp_path: Path,
+    classifier,  # type: ignore[no-untyped-def]
+    how: str,
+    to_source,  # type: ignore[no-untyped-def]
+) -> None:
+    from ich_node.explain import explain
+    from ich_node.imaging.orientation import Reorientation
+
+    paths = _restore(list(clean.paths), tmp_path, how)
+    series = read_series(paths)
+    assert [s.path for s in series.slices] == paths
+    assert [n.kind for n in series.notes] == ["reoriented"]
+    np.testing.assert_allclose(
+        [s.position_mm for s in series.slices],
+        [s.position_mm for s in clean_series.slices],
+        atol=1e-3,
+    )
+    turned = classifier.predict_series(series)
+    reference = classifier.predict_series(clean_series)
+    np.testing.assert_allclose(
+        turned.findings.slice_probabilities(), reference.findings.slice_probabilities(), atol=1e-5
+    )
+    # The source pixels are kept as stored; heatmaps land on them exactly.
+    np.testing.assert_array_equal(turned.hu, np.stack([to_source(h) for h in reference.hu]))
+    maps = explain(turned, classifier)
+    reference_maps = explain(reference, classifier)
+    assert [m.index for m in maps] == [m.index for m in reference_maps] != []
+    for m, r in zip(maps, reference_maps, strict=True):
+        np.testing.assert_allclose(m.cam, to_source(r.cam), atol=1e-5)
+    # Round trip of the mapping itself.
+    turn = Reorientation.from_orientation(series.slices[0].image_orientation)
+    x = np.arange(12.0).reshape(3, 4)
+    np.testing.assert_array_equal(turn.invert(turn.apply(x)), x)
+
+
+def test_training_reads_slices_in_the_reference_orientation_and_the_same_order(
+    clean: PhantomSeries, clean_series: CTSeries, tmp_path: Path
+) -> None:
+    from ich_node.imaging import load_hu
+    from training.data import _header_row
+
+    paths = _restore(list(clean.paths), tmp_path, "prone")
+    series = read_series(paths)
+    for p, s, ref in zip(paths, series.slices, clean_series.slices, strict=True):
+        row = _header_row(p)
+        assert not isinstance(row, str)
+        assert row[3] == pytest.approx(s.position_mm, abs=1e-6)  # one slice_position_mm
+        np.testing.assert_array_equal(load_hu(p, reorient=True), load_hu(ref.path, reorient=True))

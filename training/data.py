@@ -28,7 +28,14 @@ import structlog
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ich_node.imaging import ImagingError, Window, load_hu, preprocess_hu
+from ich_node.imaging import (
+    ImagingError,
+    Window,
+    load_hu,
+    preprocess_hu,
+    slice_position_mm,
+    unit_normal,
+)
 from ich_node.labels import LABELS, RSNA_ORDER
 
 log = structlog.get_logger(__name__)
@@ -38,7 +45,7 @@ KNOWN_CORRUPT: Final[frozenset[str]] = frozenset({"ID_6431af929"})
 #: Manufacturer (0008,0070) written by :mod:`training.phantom`.
 PHANTOM_MANUFACTURER: Final[str] = "ich-node phantom"
 #: Bumped when the index columns change, so old caches are not reused.
-_INDEX_VERSION: Final[int] = 1
+_INDEX_VERSION: Final[int] = 2  # 2: positions along the superior-pointing normal
 
 
 class DataError(ValueError):
@@ -195,11 +202,10 @@ def _header_row(path: Path) -> tuple[str, str, str, str, float, bool] | str:
     if not series or not study:
         return "no Study/Series Instance UID"
     position = math.nan
-    try:
+    try:  # the node's one definition of slice order (ich_node.imaging.slice_position_mm)
         if ipp is not None and iop is not None:
-            row, col = np.asarray(iop[:3], float), np.asarray(iop[3:6], float)
-            normal = np.cross(row, col)
-            position = float(np.dot(np.asarray(ipp, float), normal / np.linalg.norm(normal)))
+            normal = unit_normal([float(v) for v in iop])
+            position = slice_position_mm([float(v) for v in ipp], normal)
     except (TypeError, ValueError, IndexError):
         position = math.nan
     # A study without PatientID is its own patient: never merge strangers.
@@ -467,7 +473,7 @@ class SliceDataset(Dataset):
     """Labelled slices as model input.
 
     ``dataset[i]`` is ``(image, labels, i)``: image (3, size, size) float32 in
-    [0, 1] from ``preprocess_hu(load_hu(path)[None], windows, size)[0]``, labels
+    [0, 1] from ``preprocess_hu(load_hu(path, reorient=True)[None], windows, size)[0]``, labels
     (6,) float32 in :data:`ich_node.labels.LABELS` order. An image that cannot be
     decoded gives ``None`` (logged); :func:`collate_skip_none` drops it.
 
@@ -527,12 +533,16 @@ class SliceDataset(Dataset):
                 return np.load(path).astype(np.float32) / 255.0
             except (OSError, ValueError):
                 pass
-            image = preprocess_hu(load_hu(record.path)[None], self.windows, self.size)[0]
+            image = preprocess_hu(
+                load_hu(record.path, reorient=True)[None], self.windows, self.size
+            )[0]
             tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
             np.save(tmp, np.round(image * 255).astype(np.uint8))
             tmp.replace(path)
             return np.round(image * 255) / 255.0
-        return preprocess_hu(load_hu(record.path)[None], windows or self.windows, self.size)[0]
+        return preprocess_hu(
+            load_hu(record.path, reorient=True)[None], windows or self.windows, self.size
+        )[0]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         record = self.records[i]

@@ -38,6 +38,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from ich_node.imaging.files import ImagingError, _optional_int, read_dataset
+from ich_node.imaging.orientation import Reorientation
 
 if TYPE_CHECKING:
     from ich_node.imaging.series import CTSeries
@@ -256,7 +257,9 @@ def pixel_data_problem(ds: Dataset, n_frames: int = 1) -> str | None:
     return None
 
 
-def load_hu(path_or_ds: Path | str | Dataset, frame: int | None = None) -> np.ndarray:
+def load_hu(
+    path_or_ds: Path | str | Dataset, frame: int | None = None, *, reorient: bool = False
+) -> np.ndarray:
     """Decode one CT image (or one frame of a multi-frame one) to Hounsfield units.
 
     Parameters
@@ -271,6 +274,10 @@ def load_hu(path_or_ds: Path | str | Dataset, frame: int | None = None) -> np.nd
         1-based frame number of an Enhanced / Legacy Converted Enhanced CT image
         (PS3.3 A.38, A.70); its rescale comes from the functional groups. None for
         a single-frame image.
+    reorient : bool
+        Turn the slice to the reference patient orientation from its
+        ImageOrientationPatient (:class:`~ich_node.imaging.orientation.Reorientation`),
+        as the model sees it; training reads single slices this way.
 
     Returns
     -------
@@ -345,7 +352,15 @@ def load_hu(path_or_ds: Path | str | Dataset, frame: int | None = None) -> np.nd
         hu[pad] = AIR_HU
     # Nothing physical lies below air; scanners write -1500..-3024 outside the FOV.
     np.maximum(hu, AIR_HU, out=hu)
-    return hu.astype(np.float32)
+    out = hu.astype(np.float32)
+    if reorient:
+        iop = ds.get("ImageOrientationPatient")
+        plane = functional_group(ds, "PlaneOrientationSequence", (frame or 1) - 1)
+        if iop is None and plane is not None:
+            iop = plane.get("ImageOrientationPatient")
+        if iop is not None and len(iop) == 6:
+            out = Reorientation.from_orientation([float(v) for v in iop]).apply(out)
+    return out
 
 
 def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:

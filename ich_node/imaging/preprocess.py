@@ -1,7 +1,10 @@
-"""Model input from HU: display windows, then square padding and resizing.
+"""Model input from HU: reference orientation, display windows, square padding, resizing.
 
 Step 4 of :mod:`ich_node.imaging`, the one preprocessing shared by the node and
-training. Must not import torch at import time: :func:`resize` imports it lazily.
+training: :func:`model_hu` turns slices to one patient orientation
+(:class:`~ich_node.imaging.orientation.Reorientation`), then :func:`preprocess_hu`
+windows, pads and resizes. Must not import torch at import time: :func:`resize`
+imports it lazily.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Final
 
 import numpy as np
 
+from ich_node.imaging.orientation import Reorientation
 from ich_node.imaging.pixels import load_series_hu
 from ich_node.imaging.series import CTSeries
 
@@ -171,7 +175,8 @@ def preprocess_hu(hu: np.ndarray, windows: Sequence[Window], size: int) -> np.nd
 
 
 def preprocess_series(series: CTSeries, windows: Sequence[Window], size: int) -> np.ndarray:
-    """Decode and preprocess a series: :func:`load_series_hu` then :func:`preprocess_hu`.
+    """Decode and preprocess a series: :func:`load_series_hu`, :func:`model_hu`, then
+    :func:`preprocess_hu`.
 
     Parameters
     ----------
@@ -187,4 +192,31 @@ def preprocess_series(series: CTSeries, windows: Sequence[Window], size: int) ->
     numpy.ndarray
         (S, C, size, size) float32 in [0, 1], slices inferior -> superior.
     """
-    return preprocess_hu(load_series_hu(series), windows, size)
+    return preprocess_hu(model_hu(series, load_series_hu(series)), windows, size)
+
+
+def series_reorientation(series: CTSeries) -> Reorientation:
+    """How the slices of ``series`` turn to the reference orientation (one for the stack)."""
+    if not series.slices:
+        return Reorientation()
+    return Reorientation.from_orientation(series.slices[0].image_orientation)
+
+
+def model_hu(series: CTSeries, hu: np.ndarray) -> np.ndarray:
+    """HU of ``series`` (or of a run of its slices) turned to the reference orientation.
+
+    Parameters
+    ----------
+    series : CTSeries
+        Gives ImageOrientationPatient.
+    hu : numpy.ndarray
+        (S, H, W) HU in source orientation (:func:`load_series_hu`).
+
+    Returns
+    -------
+    numpy.ndarray
+        (S, H', W') HU, rows toward patient left, columns toward posterior; the
+        source array itself when no turn is needed.
+    """
+    turn = series_reorientation(series)
+    return hu if turn.identity else turn.apply(hu)

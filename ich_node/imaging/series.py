@@ -41,6 +41,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import RE_VALID_UID
 
 from ich_node.imaging.files import ImagingError, _optional_int, _uid, read_dataset
+from ich_node.imaging.orientation import Reorientation
 from ich_node.imaging.pixels import functional_group, hu_transform, pixel_data_problem
 from ich_node.imaging.records import Coverage, Dropped, Note
 
@@ -940,6 +941,16 @@ def read_series(
                 "multi_frame",
                 f"{len(frames)} frames of {n_objects} multi-frame image(s) read as slices "
                 "(per-frame functional groups)",
+            )
+        )
+
+    turn = Reorientation.from_orientation(usable[0][0].orientation)  # type: ignore[arg-type]
+    if not turn.identity:
+        notes.append(
+            Note(
+                "reoriented",
+                f"model input turned to the reference orientation ({turn.describe()}); "
+                "heatmaps are mapped back onto the source pixels",
             )
         )
 
