@@ -463,6 +463,43 @@ def test_legacy_converted_enhanced_ct_is_read_frame_by_frame(
         assert set(ref.ReferencedFrameNumber) <= set(range(1, N + 1))
 
 
+def test_results_of_a_multi_frame_source_reference_frames_and_validate(
+    clean: PhantomSeries, tmp_path: Path, tiny_bundle: Path
+) -> None:
+    import subprocess
+
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+
+    from ich_node.cli import main
+    from tests.conftest import dcmtk
+
+    dciodvfy = dcmtk("dciodvfy")
+    enhanced = LegacyConvertedEnhancedCTImage(
+        [pydicom.dcmread(p) for p in clean.paths],
+        series_instance_uid=generate_uid(),
+        series_number=3,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+    )
+    src = tmp_path / "in" / "enhanced.dcm"
+    src.parent.mkdir()
+    enhanced.save_as(src)
+    out = tmp_path / "out"
+    argv = ["predict", "--bundle", str(tiny_bundle), "--out", str(out), "--heatmaps", "all"]
+    assert main([*argv, "--parametric-map", str(src)]) == 0
+    (folder,) = out.iterdir()
+    heatmaps = sorted((folder / "heatmaps").glob("*.dcm"))
+    assert len(heatmaps) == N
+    frames = sorted(
+        int(pydicom.dcmread(h).SourceImageSequence[0].ReferencedFrameNumber) for h in heatmaps
+    )
+    assert frames == list(range(1, N + 1))
+    for path in (folder / "sr.dcm", heatmaps[0]):
+        report = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True)
+        errors = [x for x in (report.stdout + report.stderr).splitlines() if x.startswith("Error")]
+        assert errors == [], errors
+
+
 # -------------------------------------------------------------- kind 8: orientation
 
 

@@ -254,7 +254,13 @@ def build_results(
     previews = tuple((f"{n}.png", png_bytes(image.rgb)) for n, image in enumerate(images, 1))
 
     parametric_map = None
-    if options.parametric_map and explanations:
+    multi_frame = any(s.frame_number is not None for s in series.slices)
+    if options.parametric_map and explanations and multi_frame:
+        # highdicom's Parametric Map takes one multi-frame source with its functional
+        # groups, which the evidence references do not carry: not built (SR and
+        # heatmaps still reference the frames).
+        log.info("results.parametric_map_skipped", reason="multi-frame source image")
+    elif options.parametric_map and explanations:
         parametric_map = build_parametric_map(
             series,
             explanations,
