@@ -20,10 +20,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 import structlog
 from pynetdicom import AE
-from pynetdicom.sop_class import MRImageStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    MRImageStorage,
+    Verification,
+)
 
 from ich_node.config import NodeConfig, parse_config
 from ich_node.listener import start_listener
@@ -359,27 +364,27 @@ def test_oversized_pdus_are_aborted_at_the_header_and_rss_stays_bounded(
         proc.wait(10)
 
 
-def test_a_dataset_larger_than_max_dataset_mb_is_aborted(listen: Start, free_port: int) -> None:
+def test_a_dataset_larger_than_max_dataset_mb_is_aborted(
+    listen: Start, free_port: int, phantom_series: Any, tmp_path: Path
+) -> None:
+    """A real C-STORE (pynetdicom SCU, 16 KB PDUs) whose dataset passes the limit."""
     _, metrics = listen(max_dataset_mb=1)
-    sock = connect(free_port)
-    try:
-        sock.sendall(associate_rq())
-        assert first_reply(sock) == 0x02
-        sock.recv(1 << 16)
-        fragment = bytes(16000)  # dataset fragments (control header 0x00), never the last
-        pdv = struct.pack(">LBB", len(fragment) + 2, 1, 0x00) + fragment
-        pdu = struct.pack(">BBL", 0x04, 0, len(pdv)) + pdv
-        reply = None
-        for _ in range(80):  # 1.28 MB > 1 MB
-            try:
-                sock.sendall(pdu)
-            except OSError:
-                break
-        reply = first_reply(sock)
-        assert reply in (0x07, None)
-        assert refused(metrics, "dataset_too_large") == 1
-    finally:
-        sock.close()
+    small = phantom_series.paths[0]  # 256 x 256: about 130 KB
+    big = pydicom.dcmread(small)
+    big.Rows = big.Columns = 1024  # 2 MB of pixel data
+    big.PixelData = bytes(1024 * 1024 * 2)
+    path = tmp_path / "big.dcm"
+    big.save_as(path, enforce_file_format=True)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", free_port, ae_title="ICH_NODE")
+    assert assoc.is_established
+    assert assoc.send_c_store(small).Status == 0x0000  # under the limit: stored
+    status = assoc.send_c_store(path)
+    assert "Status" not in status  # no answer: the association was aborted
+    # A-ABORT and the connection closed: the SCU's association ends.
+    eventually("the SCU to see the abort", lambda: not assoc.is_established, SLACK)
+    assert refused(metrics, "dataset_too_large") == 1
 
 
 @pytest.mark.parametrize(
