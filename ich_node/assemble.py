@@ -29,9 +29,8 @@ import structlog
 
 from ich_node.config import SeriesSection
 from ich_node.imaging import ImagingError, read_series
-from ich_node.jobs import job_id_for
 from ich_node.metrics import Metrics
-from ich_node.store import SeriesRecord, Store
+from ich_node.queue.interface import InstanceStore, SeriesQueue, SeriesRecord
 
 log = structlog.get_logger(__name__)
 
@@ -80,14 +79,41 @@ class Assembler:
 
     Parameters
     ----------
-    store : Store
-        The node's store.
+    store : InstanceStore
+        Instances and series.
     config : SeriesSection
         ``series`` section.
+    metrics : Metrics, optional
+        Series decisions are counted there.
+    queue : SeriesQueue, optional
+        Where complete series are queued; by default a
+        :class:`ich_node.jobs.JobQueue` on ``store`` (which must then be a
+        :class:`ich_node.store.Store`).
+
+    Raises
+    ------
+    TypeError
+        When ``queue`` is omitted and ``store`` is not a :class:`ich_node.store.Store`.
     """
 
-    def __init__(self, store: Store, config: SeriesSection, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        store: InstanceStore,
+        config: SeriesSection,
+        metrics: Metrics | None = None,
+        *,
+        queue: SeriesQueue | None = None,
+    ) -> None:
+        if queue is None:
+            from ich_node.config import QueueSection
+            from ich_node.jobs import JobQueue
+            from ich_node.store import Store
+
+            if not isinstance(store, Store):
+                raise TypeError(f"queue is required with a store of type {type(store).__name__}")
+            queue = JobQueue(store, QueueSection())
         self.store = store
+        self.queue = queue
         self.config = config
         self.metrics = metrics
 
@@ -152,7 +178,7 @@ class Assembler:
             self.store.skip_series(uid, n, reason, seen_last_at=record.last_at)
             log.info("series.skipped", series_instance_uid=uid, instances=n, reason=reason)
             return Decision(uid, False, None, record.version, reason)
-        job = self.store.queue_series(uid, n, job_id_for, now, seen_last_at=record.last_at)
+        job = self.queue.enqueue_series(uid, n, now, seen_last_at=record.last_at)
         log.info(
             "series.queued",
             series_instance_uid=uid,

@@ -19,7 +19,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ich_node.config import QueueSection
-from ich_node.store import JobRecord, JobStage, SrReference, Store
+from ich_node.queue.interface import (
+    DeliveryStore,
+    InstanceStore,
+    JobStage,
+    JobState,
+    JobStore,
+    SeriesQueue,
+    SrReference,
+)
+from ich_node.store import JobRecord, Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +67,24 @@ class JobQueue:
     def __init__(self, store: Store, config: QueueSection) -> None:
         self.store = store
         self.config = config
+
+    def enqueue_series(
+        self, series_instance_uid: str, n_read: int, now: float, seen_last_at: float | None
+    ) -> JobRecord:
+        """Bump the series' version and queue its job (see :meth:`Store.queue_series`)."""
+        return self.store.queue_series(
+            series_instance_uid, n_read, job_id_for, now, seen_last_at=seen_last_at
+        )
+
+    def job(self, job_id: str) -> JobRecord | None:
+        return self.store.job(job_id)
+
+    def jobs(self, state: JobState | None = None) -> list[JobRecord]:
+        return self.store.jobs(state)
+
+    def previous_sr(self, series_instance_uid: str, version: int) -> SrReference | None:
+        """The SR of the latest earlier version of a series that sent one."""
+        return self.store.previous_sr(series_instance_uid, version)
 
     def _backoff(self, attempts: int) -> float:
         return self.config.retry_base_seconds * 2.0 ** max(attempts - 1, 0)
@@ -284,3 +311,10 @@ class JobQueue:
                 (now, now, job_id),
             )
             return cur.rowcount > 0
+
+
+def _implements(
+    store: Store, queue: JobQueue
+) -> tuple[InstanceStore, DeliveryStore, JobStore, SeriesQueue]:
+    """Checked by mypy: the SQLite store and queue implement the store interfaces."""
+    return store, store, queue, queue

@@ -18,7 +18,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from ich_node.config import NodeConfig, ServerTLS
 from ich_node.jobs import JobQueue
-from ich_node.store import DB_NAME, Store
+from ich_node.queue.layout import StorageLayout
+from ich_node.store import Store
 
 #: A worker whose last heartbeat is older than this is not alive.
 HEARTBEAT_STALE_SECONDS: Final = 15.0
@@ -27,7 +28,7 @@ RECENT_FAILURES: Final = 10
 
 
 def _open(config: NodeConfig) -> Store | None:
-    path = config.storage.dir / DB_NAME
+    path = StorageLayout(config.storage.dir).db
     return Store(path) if path.is_file() else None
 
 

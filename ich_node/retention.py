@@ -24,6 +24,7 @@ from pathlib import Path
 
 import structlog
 
+from ich_node.queue.layout import StorageLayout
 from ich_node.store import Store
 
 log = structlog.get_logger(__name__)
@@ -58,14 +59,6 @@ def _pid_alive(pid: int) -> bool:
     return state != b"Z"
 
 
-def _temp_owner(name: str) -> int | None:
-    # ".<job_id>.<pid>.tmp", written by worker.Worker.process
-    parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "" and parts[3] == "tmp" and parts[2].isdigit():
-        return int(parts[2])
-    return None
-
-
 class Cleaner:
     """Delete what ``storage.keep_hours`` no longer keeps.
 
@@ -82,6 +75,7 @@ class Cleaner:
     def __init__(self, store: Store, storage_dir: Path, keep_hours: float) -> None:
         self.store = store
         self.storage_dir = Path(storage_dir)
+        self.layout = StorageLayout(self.storage_dir)
         self.keep_seconds = keep_hours * 3600.0
 
     def run_once(self, now: float) -> Cleaned:
@@ -101,10 +95,10 @@ class Cleaner:
                             empty.rmdir()
                 self.store.purge_series(uid)
                 n_series += 1
-            results = self.storage_dir / "results"
+            results = self.layout.results
             if results.is_dir():
                 for folder in results.iterdir():
-                    owner = _temp_owner(folder.name)
+                    owner = self.layout.results_temp_owner(folder.name)
                     if owner is not None:
                         if not _pid_alive(owner):
                             shutil.rmtree(folder, ignore_errors=True)

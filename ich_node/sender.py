@@ -22,9 +22,9 @@ from pynetdicom import AE, _config, evt
 from ich_node.config import Destination, SenderSection
 from ich_node.metrics import Metrics
 from ich_node.net import set_nodelay
-from ich_node.store import DeliveryRecord, Store
+from ich_node.queue.interface import DeliveryRecord, DeliveryState, DeliveryStore
+from ich_node.queue.layout import outbox_files
 from ich_node.tls import client_context
-from ich_node.worker import outbox_files
 
 log = structlog.get_logger(__name__)
 
@@ -37,7 +37,7 @@ class DeliveryError(RuntimeError):
 class DeliveryOutcome:
     job_id: str
     destination: str
-    state: str  # done | retry | parked
+    state: DeliveryState  # done | retry | parked
     reason: str
 
 
@@ -127,7 +127,7 @@ class Sender:
 
     Parameters
     ----------
-    store : Store
+    store : DeliveryStore
         The node's store.
     destinations : sequence of Destination
         ``destinations`` section.
@@ -141,7 +141,7 @@ class Sender:
 
     def __init__(
         self,
-        store: Store,
+        store: DeliveryStore,
         destinations: Sequence[Destination],
         config: SenderSection,
         storage_dir: Path,
@@ -174,6 +174,7 @@ class Sender:
                     f"outbox holds {len(files)} files, the job wrote {delivery.n_files}"
                 )
             job, name = delivery.job_id, delivery.destination
+            state: DeliveryState
             send_files(
                 files,
                 destination,

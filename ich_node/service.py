@@ -39,6 +39,7 @@ from ich_node.listener import start_listener
 from ich_node.metrics import Metrics
 from ich_node.retention import CLEAN_EVERY_SECONDS, Cleaner
 from ich_node.sender import Sender
+from ich_node.spawn import worker_process
 from ich_node.spool import Spool
 from ich_node.store import Store
 
@@ -251,10 +252,8 @@ class Supervisor:
             self.queue.release_worker(slot.name, reason, now)
 
     def _start(self, slot: _Slot, now: float) -> None:
-        from ich_node.worker import _process_entry
-
         process = self.context.Process(
-            target=_process_entry,
+            target=worker_process,
             args=(self.config, slot.name, os.getpid()),
             name=slot.name,
             daemon=False,
@@ -449,7 +448,7 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float]) -> int:
     metrics = Metrics(store)
     queue = JobQueue(store, config.queue)
     spool = Spool(config.storage.dir, store, config.storage.min_free_mb)
-    assembler = Assembler(store, config.series, metrics)
+    assembler = Assembler(store, config.series, metrics, queue=queue)
     sender = Sender(
         store,
         config.destinations,

@@ -18,22 +18,19 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
 import structlog
 from pydicom.dataset import Dataset
 
 from ich_node.durable import fsync_dir
-from ich_node.store import Added, InstanceRecord, Store
+from ich_node.queue.interface import Added, InstanceRecord, InstanceStore
+from ich_node.queue.layout import StorageLayout, is_temp
 
 log = structlog.get_logger(__name__)
-
-_UID: Final = re.compile(r"^[0-9][0-9.]{0,63}$")
 
 
 class SpoolError(OSError):
@@ -77,12 +74,6 @@ def _positive_int(value: object) -> int | None:
     except (TypeError, ValueError):
         return None
     return number if number > 0 else None
-
-
-def _name(uid: str) -> str:
-    # A UID is digits and dots (PS3.5 9.1); anything else becomes a hash, so a
-    # hostile UID never names a path outside the spool.
-    return uid if _UID.match(uid) and ".." not in uid else hashlib.sha256(uid.encode()).hexdigest()
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -132,10 +123,6 @@ def free_bytes(path: Path) -> int:
     return int(shutil.disk_usage(path).free)
 
 
-def _is_temp(path: Path) -> bool:
-    return path.name.startswith(".") and path.name.endswith(".tmp")
-
-
 @dataclass(frozen=True, slots=True)
 class Recovery:
     """What :meth:`Spool.recover` cleaned up after an unclean stop."""
@@ -155,7 +142,7 @@ class Spool:
     ----------
     storage_dir : pathlib.Path
         ``storage.dir``.
-    store : Store
+    store : InstanceStore
         Where instances are recorded.
     min_free_mb : int
         Refuse instances (out of resources) when less space than this is free.
@@ -171,11 +158,12 @@ class Spool:
     def __init__(
         self,
         storage_dir: Path,
-        store: Store,
+        store: InstanceStore,
         min_free_mb: int,
         free_space: Callable[[Path], int] = free_bytes,
     ) -> None:
-        self.root = Path(storage_dir) / "spool"
+        self.layout = StorageLayout(Path(storage_dir))
+        self.root = self.layout.spool
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         self.store = store
@@ -199,7 +187,7 @@ class Spool:
             if not path.is_file():
                 continue
             key = path.relative_to(self.root)
-            if _is_temp(path):
+            if is_temp(path):
                 path.unlink(missing_ok=True)
                 temp += 1
             elif key not in recorded:
@@ -216,11 +204,11 @@ class Spool:
 
     def path_for(self, record: InstanceRecord, digest: str) -> Path:
         """The spool file of ``record`` with content ``digest`` (hex)."""
-        return (
-            self.root
-            / _name(record.study_instance_uid)
-            / _name(record.series_instance_uid)
-            / f"{_name(record.sop_instance_uid)}.{digest[:16]}.dcm"
+        return self.layout.instance_file(
+            record.study_instance_uid,
+            record.series_instance_uid,
+            record.sop_instance_uid,
+            digest,
         )
 
     def save(self, data: bytes, record: InstanceRecord, now: float) -> Spooled:

@@ -13,18 +13,49 @@ that tests drive time.
 
 from __future__ import annotations
 
-import enum
 import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-#: The database file inside ``storage.dir``.
-DB_NAME: Final = "node.sqlite3"
+from ich_node.queue import layout
+from ich_node.queue.interface import (
+    Added,
+    AddResult,
+    DeliveryRecord,
+    DeliveryState,
+    InstanceRecord,
+    JobRecord,
+    JobStage,
+    JobState,
+    RereadCounts,
+    SeriesRecord,
+    SeriesState,
+    SrReference,
+)
+
+__all__ = [
+    "DB_NAME",
+    "AddResult",
+    "Added",
+    "DeliveryRecord",
+    "DeliveryState",
+    "InstanceRecord",
+    "JobRecord",
+    "JobStage",
+    "JobState",
+    "RereadCounts",
+    "SeriesRecord",
+    "SeriesState",
+    "SrReference",
+    "Store",
+]
+
+#: The database file inside ``storage.dir`` (re-exported from the layout).
+DB_NAME: Final = layout.DB_NAME
 
 _SCHEMA: Final = """
 -- An instance is identified by its series and its SOP Instance UID: a UID reused in
@@ -119,24 +150,6 @@ CREATE TABLE IF NOT EXISTS stage_times (
 """
 
 
-#: The states of a series (see :mod:`ich_node.assemble`).
-SeriesState = Literal["receiving", "queued", "skipped", "capped", "purged"]
-#: The states of a reading job (see :mod:`ich_node.jobs`).
-JobState = Literal["queued", "leased", "retry", "done", "parked"]
-#: Where a leased job is in a worker's pipeline: read ahead, on the model, writing results.
-JobStage = Literal["", "read", "model", "results"]
-#: The states of one delivery (see :mod:`ich_node.sender`).
-DeliveryState = Literal["pending", "retry", "done", "parked"]
-
-
-class Added(enum.Enum):
-    """What recording one received instance did (the key is series + SOP Instance UID)."""
-
-    NEW = "new"  # first copy of this instance in this series
-    DUPLICATE = "duplicate"  # same series, same UID, same content: nothing changed
-    REPLACED = "replaced"  # same series, same UID, other content: the older copy is replaced
-
-
 #: Columns added after the first release: (table, column, declaration).
 _ADDED_COLUMNS: Final = (
     ("series", "n_replaced", "INTEGER NOT NULL DEFAULT 0"),
@@ -175,124 +188,6 @@ def _add_columns(db: sqlite3.Connection) -> None:
                 received_at FROM instances_before_v2"""
         )
         db.execute("DROP TABLE instances_before_v2")
-
-
-@dataclass(frozen=True, slots=True)
-class InstanceRecord:
-    """The header fields of one received instance the node records.
-
-    ``images_in_acquisition`` is ImagesInAcquisition (0020,1002), a count per
-    acquisition (PS3.3 C.7.6.1); ``series_related_instances`` is
-    NumberOfSeriesRelatedInstances (0020,1209), a count for the whole series.
-    """
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    modality: str
-    body_part: str
-    study_description: str
-    series_description: str
-    images_in_acquisition: int | None = None
-    acquisition_number: str = ""
-    series_related_instances: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AddResult:
-    """The outcome of :meth:`Store.add_instance`."""
-
-    added: Added
-    replaced_path: Path | None  # the older copy's file (REPLACED), for the caller to remove
-    reused_in: tuple[str, ...]  # other series holding the same SOP Instance UID (NEW only)
-
-
-@dataclass(frozen=True, slots=True)
-class SeriesRecord:
-    """One series as the store knows it.
-
-    ``expected`` is the number of images the headers say the *whole series* holds:
-    NumberOfSeriesRelatedInstances when any instance carries it, else
-    ImagesInAcquisition when every received instance carries it and all share one
-    AcquisitionNumber; ``None`` otherwise (only the quiet period then ends it).
-    """
-
-    series_instance_uid: str
-    study_instance_uid: str
-    modality: str
-    body_part: str
-    study_description: str
-    series_description: str
-    expected: int | None
-    n_instances: int
-    n_replaced: int  # instances replaced by a changed re-send since the last read
-    n_read: int
-    first_at: float
-    last_at: float
-    state: SeriesState
-    version: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class JobRecord:
-    """One reading job: a series version to classify."""
-
-    job_id: str
-    series_instance_uid: str
-    version: int
-    state: JobState
-    attempts: int
-    not_before: float
-    lease_until: float | None
-    worker: str | None
-    reason: str
-    created_at: float
-    updated_at: float
-    stage: JobStage = ""
-    crash_returns: int = 0  # times given back uncharged because its worker died
-    cause: str = ""  # why this version was read ("first read", "3 late instances", ...)
-    sr_study_uid: str = ""  # the SR this version sent (empty when none): a later
-    sr_series_uid: str = ""  # version's SR names it as its predecessor
-    sr_sop_class_uid: str = ""
-    sr_sop_uid: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryRecord:
-    """The outbox entry of one job's results for one destination."""
-
-    job_id: str
-    destination: str
-    state: DeliveryState
-    attempts: int
-    next_at: float
-    reason: str
-    n_files: int
-    created_at: float
-    updated_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class SrReference:
-    """The UIDs of an SR a job sent (PS3.3 C.17.2, Predecessor Documents Sequence)."""
-
-    study_instance_uid: str
-    series_instance_uid: str
-    sop_class_uid: str
-    sop_instance_uid: str
-
-
-@dataclass(frozen=True, slots=True)
-class RereadCounts:
-    """Series read more than once, and why (for ``status``)."""
-
-    series: int  # series with more than one version
-    late_instances: int  # versions read again because instances came after a read
-    changed_resends: int  # versions read again because an instance was re-sent changed
-    capped: int  # series that reached series.max_versions
-    sop_uid_reused: int  # instances whose SOP Instance UID is also in another series
 
 
 class Store:
@@ -341,7 +236,7 @@ class Store:
     @classmethod
     def open(cls, storage_dir: Path) -> Store:
         """The store of the node whose ``storage.dir`` is ``storage_dir``."""
-        return cls(Path(storage_dir) / DB_NAME)
+        return cls(layout.StorageLayout(Path(storage_dir)).db)
 
     def close(self) -> None:
         with self._lock:
@@ -661,7 +556,7 @@ class Store:
         rows = self._query("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
         return JobRecord(**dict(rows[0])) if rows else None
 
-    def jobs(self, state: str | None = None) -> list[JobRecord]:
+    def jobs(self, state: JobState | None = None) -> list[JobRecord]:
         if state is None:
             rows = self._query("SELECT * FROM jobs ORDER BY created_at")
         else:
@@ -688,7 +583,13 @@ class Store:
         return [DeliveryRecord(**dict(r)) for r in rows]
 
     def finish_delivery(
-        self, job_id: str, destination: str, state: str, reason: str, next_at: float, now: float
+        self,
+        job_id: str,
+        destination: str,
+        state: DeliveryState,
+        reason: str,
+        next_at: float,
+        now: float,
     ) -> None:
         with self.transaction() as db:
             db.execute(
@@ -749,7 +650,7 @@ class Store:
             for r in self._query("SELECT * FROM heartbeats")
         }
 
-    def counts(self, table: str) -> dict[str, int]:
+    def counts(self, table: Literal["series", "jobs", "deliveries"]) -> dict[str, int]:
         """Rows per state of ``series``, ``jobs`` or ``deliveries``."""
         if table not in ("series", "jobs", "deliveries"):
             raise ValueError(f"table must be series, jobs or deliveries, got {table!r}")

@@ -35,6 +35,7 @@ from ich_node.config import NodeConfig
 from ich_node.durable import fsync_dir
 from ich_node.imaging import read_series
 from ich_node.jobs import JobQueue, LeaseLost
+from ich_node.queue.layout import StorageLayout
 from ich_node.store import JobRecord, JobStage, SrReference, Store
 
 log = structlog.get_logger(__name__)
@@ -45,17 +46,6 @@ HEARTBEAT_SECONDS = 1.0
 #: Jobs one worker holds at most: one writing results, one waiting for that, one
 #: on the model (or being read and decoded ahead).
 MAX_HELD_JOBS = 3
-
-
-def results_dir(storage_dir: Path, job_id: str) -> Path:
-    """Where a job's ``findings.json`` and ``outbox/`` live."""
-    return Path(storage_dir) / "results" / job_id
-
-
-def outbox_files(storage_dir: Path, job_id: str) -> list[Path]:
-    """The DICOM objects a job sends (``*.dcm``; PNG previews stay), in a stable order."""
-    folder = results_dir(storage_dir, job_id) / "outbox"
-    return sorted(p for p in folder.rglob("*.dcm") if p.is_file()) if folder.is_dir() else []
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,8 +283,9 @@ class Worker:
     ) -> JobOutcome:
         """Bring a job to a recorded state (done, retry, parked or lost); never raises."""
         job, times = item.job, item.times
-        final = results_dir(self.config.storage.dir, job.job_id)
-        tmp = final.with_name(f".{job.job_id}.{os.getpid()}.tmp")
+        layout = StorageLayout(self.config.storage.dir)
+        final = layout.results_dir(job.job_id)
+        tmp = layout.results_temp(job.job_id, os.getpid())
         try:
             if error is not None:
                 raise error

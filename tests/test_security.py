@@ -149,8 +149,8 @@ def test_sender_delivers_over_tls_with_a_client_certificate(
             {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port,
              "tls": {"ca": str(pki / "rogue.crt")}}
         )  # fmt: skip
+        from ich_node.queue.layout import outbox_files
         from ich_node.sender import DeliveryError, send_files
-        from ich_node.worker import outbox_files
 
         with pytest.raises((DeliveryError, OSError)):
             send_files(outbox_files(storage, job_id), plain, "ICH_NODE", 10.0)

@@ -1,0 +1,7 @@
+"""The node's durable state: storage layout (paths), store interfaces, the job queue.
+
+``layout`` is the one owner of the paths under ``storage.dir``; ``interface``
+holds the narrow typed interfaces of the store (instances and series, jobs,
+deliveries) that the stages depend on. The SQLite implementation is
+:mod:`ich_node.store` and :mod:`ich_node.jobs`.
+"""

@@ -1,0 +1,258 @@
+"""The store's typed interfaces: what each stage needs from the node's durable state.
+
+The store is split by what it holds. :class:`InstanceStore` (instances and
+series) is what the spool, the assembler and retention use; :class:`SeriesQueue`
+is how the assembler queues a complete series; :class:`JobStore` is what workers,
+the supervisor and ``status`` use; :class:`DeliveryStore` is the sender's
+outbox. The SQLite implementation is :class:`ich_node.store.Store` (instances,
+series, deliveries) with :class:`ich_node.jobs.JobQueue` (jobs); a server
+database implements the same protocols. Records are frozen; states are
+``Literal`` types; times are seconds since the epoch, passed in by callers.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+#: The states of a series (see :mod:`ich_node.assemble`).
+SeriesState = Literal["receiving", "queued", "skipped", "capped", "purged"]
+#: The states of a reading job (see :mod:`ich_node.jobs`).
+JobState = Literal["queued", "leased", "retry", "done", "parked"]
+#: Where a leased job is in a worker's pipeline: read ahead, on the model, writing results.
+JobStage = Literal["", "read", "model", "results"]
+#: The states of one delivery (see :mod:`ich_node.sender`).
+DeliveryState = Literal["pending", "retry", "done", "parked"]
+
+
+class Added(enum.Enum):
+    """What recording one received instance did (the key is series + SOP Instance UID)."""
+
+    NEW = "new"  # first copy of this instance in this series
+    DUPLICATE = "duplicate"  # same series, same UID, same content: nothing changed
+    REPLACED = "replaced"  # same series, same UID, other content: the older copy is replaced
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """The header fields of one received instance the node records.
+
+    ``images_in_acquisition`` is ImagesInAcquisition (0020,1002), a count per
+    acquisition (PS3.3 C.7.6.1); ``series_related_instances`` is
+    NumberOfSeriesRelatedInstances (0020,1209), a count for the whole series.
+    """
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str
+    body_part: str
+    study_description: str
+    series_description: str
+    images_in_acquisition: int | None = None
+    acquisition_number: str = ""
+    series_related_instances: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    """The outcome of :meth:`Store.add_instance`."""
+
+    added: Added
+    replaced_path: Path | None  # the older copy's file (REPLACED), for the caller to remove
+    reused_in: tuple[str, ...]  # other series holding the same SOP Instance UID (NEW only)
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesRecord:
+    """One series as the store knows it.
+
+    ``expected`` is the number of images the headers say the *whole series* holds:
+    NumberOfSeriesRelatedInstances when any instance carries it, else
+    ImagesInAcquisition when every received instance carries it and all share one
+    AcquisitionNumber; ``None`` otherwise (only the quiet period then ends it).
+    """
+
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str
+    body_part: str
+    study_description: str
+    series_description: str
+    expected: int | None
+    n_instances: int
+    n_replaced: int  # instances replaced by a changed re-send since the last read
+    n_read: int
+    first_at: float
+    last_at: float
+    state: SeriesState
+    version: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """One reading job: a series version to classify."""
+
+    job_id: str
+    series_instance_uid: str
+    version: int
+    state: JobState
+    attempts: int
+    not_before: float
+    lease_until: float | None
+    worker: str | None
+    reason: str
+    created_at: float
+    updated_at: float
+    stage: JobStage = ""
+    crash_returns: int = 0  # times given back uncharged because its worker died
+    cause: str = ""  # why this version was read ("first read", "3 late instances", ...)
+    sr_study_uid: str = ""  # the SR this version sent (empty when none): a later
+    sr_series_uid: str = ""  # version's SR names it as its predecessor
+    sr_sop_class_uid: str = ""
+    sr_sop_uid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    """The outbox entry of one job's results for one destination."""
+
+    job_id: str
+    destination: str
+    state: DeliveryState
+    attempts: int
+    next_at: float
+    reason: str
+    n_files: int
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SrReference:
+    """The UIDs of an SR a job sent (PS3.3 C.17.2, Predecessor Documents Sequence)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True, slots=True)
+class RereadCounts:
+    """Series read more than once, and why (for ``status``)."""
+
+    series: int  # series with more than one version
+    late_instances: int  # versions read again because instances came after a read
+    changed_resends: int  # versions read again because an instance was re-sent changed
+    capped: int  # series that reached series.max_versions
+    sop_uid_reused: int  # instances whose SOP Instance UID is also in another series
+
+
+class InstanceStore(Protocol):
+    """Instances and series (spool, assembly, retention, recovery)."""
+
+    def instance_digest(self, series_instance_uid: str, sop_instance_uid: str) -> str | None: ...
+
+    def add_instance(
+        self, record: InstanceRecord, path: Path, size: int, now: float, digest: str = ""
+    ) -> AddResult: ...
+
+    def instance_paths(
+        self, series_instance_uid: str, received_by: float | None = None
+    ) -> list[Path]: ...
+
+    def instance_files(self) -> dict[str, str]: ...
+
+    def forget_instance(self, path: str) -> None: ...
+
+    def series(self, series_instance_uid: str) -> SeriesRecord | None: ...
+
+    def receiving_series(self) -> list[SeriesRecord]: ...
+
+    def skip_series(
+        self,
+        series_instance_uid: str,
+        n_read: int,
+        reason: str,
+        seen_last_at: float | None = None,
+        state: Literal["skipped", "capped"] = "skipped",
+    ) -> None: ...
+
+    def n_instances(self) -> int: ...
+
+    def reread_counts(self) -> RereadCounts: ...
+
+    def expired_series(self, cutoff: float) -> list[str]: ...
+
+    def purge_series(self, series_instance_uid: str) -> None: ...
+
+
+class SeriesQueue(Protocol):
+    """How the assembler queues a complete series: a new version and its job."""
+
+    def enqueue_series(
+        self, series_instance_uid: str, n_read: int, now: float, seen_last_at: float | None
+    ) -> JobRecord: ...
+
+
+class JobStore(Protocol):
+    """Reading jobs: lease, stage, complete, fail, release (workers, supervisor, ops)."""
+
+    def job(self, job_id: str) -> JobRecord | None: ...
+
+    def jobs(self, state: JobState | None = None) -> list[JobRecord]: ...
+
+    def lease(self, worker: str, now: float) -> JobRecord | None: ...
+
+    def set_stage(self, job: JobRecord, stage: JobStage, now: float) -> None: ...
+
+    def extend(self, job: JobRecord, now: float) -> float: ...
+
+    def complete(
+        self,
+        job: JobRecord,
+        destinations: Sequence[str],
+        n_files: int,
+        now: float,
+        sr: SrReference | None = None,
+    ) -> None: ...
+
+    def give_back(self, job: JobRecord, now: float) -> None: ...
+
+    def fail(self, job: JobRecord, reason: str, now: float) -> str: ...
+
+    def requeue(self, job_id: str, now: float) -> bool: ...
+
+    def previous_sr(self, series_instance_uid: str, version: int) -> SrReference | None: ...
+
+
+class DeliveryStore(Protocol):
+    """The outbox: one delivery per job and destination, and the objects accepted."""
+
+    def deliveries(self, job_id: str | None = None) -> list[DeliveryRecord]: ...
+
+    def due_deliveries(self, now: float) -> list[DeliveryRecord]: ...
+
+    def finish_delivery(
+        self,
+        job_id: str,
+        destination: str,
+        state: DeliveryState,
+        reason: str,
+        next_at: float,
+        now: float,
+    ) -> None: ...
+
+    def requeue_deliveries(self, job_id: str, now: float) -> int: ...
+
+    def accepted_objects(self, job_id: str, destination: str) -> set[str]: ...
+
+    def accept_object(
+        self, job_id: str, destination: str, sop_instance_uid: str, now: float
+    ) -> None: ...

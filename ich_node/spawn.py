@@ -1,0 +1,18 @@
+"""The target of a worker process, importable without the worker module.
+
+``multiprocessing`` (spawn) pickles the target by reference, so the serving
+process imports the target's module. This one imports :mod:`ich_node.worker`
+only inside the child: the process that accepts images never loads the worker
+module (nor, through it, the model code).
+"""
+
+from __future__ import annotations
+
+from ich_node.config import NodeConfig
+
+
+def worker_process(config: NodeConfig, name: str, parent: int | None = None) -> None:
+    """Run a worker in this (child) process; exits with the worker's code."""
+    from ich_node.worker import _process_entry
+
+    _process_entry(config, name, parent)
