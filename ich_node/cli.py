@@ -33,6 +33,7 @@ from ich_node.labels import LABELS
 
 if TYPE_CHECKING:
     from ich_node.imaging import CTSeries
+    from ich_node.inference import Classifier, Prediction
     from ich_node.results.findings import SeriesFindings
 
 EXIT_OK = 0
@@ -141,6 +142,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     done: list[SeriesFindings] = []
     failures = len(unreadable)
     progress = tqdm(groups.items(), unit="series", disable=not sys.stderr.isatty())
+    from ich_node.results.build import failure_reason
+
     for uid, paths in progress:
         try:
             series = read_series(paths)
@@ -151,46 +154,70 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 f"ich-node: series {uid}: refused: {exc.refusal(uid).reason}", file=sys.stderr
             )
             continue
+        except Exception as exc:  # one line, then the next series
+            failures += 1
+            tqdm.write(f"ich-node: series {uid}: failed: {failure_reason(exc)}", file=sys.stderr)
+            continue
         for line in _reading_lines(series):
             tqdm.write(f"ich-node: series {uid}: {line}", file=sys.stderr)
         out_dir = Path(args.out) / _safe_name(series.series_instance_uid)
         write_findings(out_dir / "findings.json", prediction.findings)
         done.append(prediction.findings)
         if not args.no_dicom:
-            from ich_node.explain import explain_series
-            from ich_node.results.build import (
-                ResultOptions,
-                ResultsSkipped,
-                build_results,
-                write_results,
-            )
-
-            options = ResultOptions(
-                heatmaps=args.heatmaps,
-                negative_top_slices=args.negative_top_slices,
-                parametric_map=args.parametric_map,
-            )
             try:
-                explained = explain_series(
-                    prediction,
-                    classifier,
-                    negative_top_slices=options.negative_top_slices,
-                    explain_slices=options.needs_explanations,
-                )
-                results = build_results(explained, classifier.card, options)
-            except ResultsSkipped as exc:
+                _predict_dicom(args, classifier, prediction, out_dir)
+            except Exception as exc:  # one line, then the next series
+                failures += 1
                 tqdm.write(
-                    f"ich-node: series {uid}: findings.json written; DICOM results skipped: "
-                    f"{exc.reason}",
+                    f"ich-node: series {uid}: findings.json written; DICOM results failed: "
+                    f"{failure_reason(exc)}",
                     file=sys.stderr,
                 )
-                continue
-            write_results(results, out_dir)
     if done:
         print(format_findings_table(done))
         print(f"(* = positive at the bundle's threshold; {done[0].notice})")
         print(f"Results in {args.out}")
     return EXIT_FAILED if failures or not done else EXIT_OK
+
+
+def _predict_dicom(
+    args: argparse.Namespace, classifier: Classifier, prediction: Prediction, out_dir: Path
+) -> None:
+    """Explain (model stage), encode and write one series' DICOM results.
+
+    Raises
+    ------
+    ResultsSkipped
+        When the source's UIDs cannot be referenced (reported, not a failure).
+    ResultsError, OSError
+        When the results could not be made or written.
+    """
+    from tqdm import tqdm
+
+    from ich_node.explain import explain_series
+    from ich_node.results.build import ResultOptions, ResultsSkipped, build_results, write_results
+
+    options = ResultOptions(
+        heatmaps=args.heatmaps,
+        negative_top_slices=args.negative_top_slices,
+        parametric_map=args.parametric_map,
+    )
+    explained = explain_series(
+        prediction,
+        classifier,
+        negative_top_slices=options.negative_top_slices,
+        explain_slices=options.needs_explanations,
+    )
+    try:
+        results = build_results(explained, classifier.card, options)
+    except ResultsSkipped as exc:
+        uid = prediction.series.series_instance_uid
+        tqdm.write(
+            f"ich-node: series {uid}: findings.json written; DICOM results skipped: {exc.reason}",
+            file=sys.stderr,
+        )
+        return
+    write_results(results, out_dir)
 
 
 def cmd_bundle_info(args: argparse.Namespace) -> int:

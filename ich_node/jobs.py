@@ -236,11 +236,16 @@ class JobQueue:
                 (stage, now, job.job_id),
             )
 
-    def fail(self, job: JobRecord, reason: str, now: float) -> str:
-        """Record a failed attempt: ``retry`` with backoff, or ``parked``; returns the state."""
+    def fail(self, job: JobRecord, reason: str, now: float, *, permanent: bool = False) -> str:
+        """Record a failed attempt: ``retry`` with backoff, or ``parked``; returns the state.
+
+        ``permanent``: no retry can fix this failure; the job is parked at once.
+        """
         with self.store.transaction() as db:
             self._check_lease(db, job)
-            if job.attempts >= self.config.max_attempts:
+            if permanent:
+                state, reason = "parked", f"not retried: {reason}"
+            elif job.attempts >= self.config.max_attempts:
                 state, reason = "parked", f"after {job.attempts} attempts: {reason}"
             else:
                 state = "retry"

@@ -309,9 +309,15 @@ class Worker:
             outcome = JobOutcome(job.job_id, "lost", 0, str(exc))
         except Exception as exc:  # recorded with its reason, retried or parked
             shutil.rmtree(tmp, ignore_errors=True)
-            reason = f"{type(exc).__name__}: {exc}"[:500]
+            from ich_node.results.build import ResultsError
+
+            # An encoding error comes back on every attempt: parked at once, with its reason.
+            permanent = isinstance(exc, ResultsError)
+            reason = (
+                exc.reason if isinstance(exc, ResultsError) else f"{type(exc).__name__}: {exc}"
+            )[:500]
             try:
-                state = self.queue.fail(job, reason, clock())
+                state = self.queue.fail(job, reason, clock(), permanent=permanent)
             except LeaseLost:
                 state = "lost"
             except Exception as db_exc:  # the lease expires and the job runs again

@@ -10,6 +10,7 @@ from typing import Any
 
 import pydicom
 import pytest
+import structlog
 from pydicom.uid import RE_VALID_UID
 
 from ich_node.bundle import Bundle, load_bundle
@@ -317,3 +318,95 @@ def test_results_import_no_torch_model_or_network() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert run.stdout.strip() == "[]", run.stdout + run.stderr
+
+
+def test_frame_of_reference_absent_or_invalid_leaves_out_only_the_map(
+    positive: tuple[Classifier, Prediction],
+) -> None:
+    classifier, prediction = positive
+    for frame_uid in (None, "1.2.03"):
+        series = replace(prediction.series, frame_of_reference_uid=frame_uid)
+        with structlog.testing.capture_logs() as logs:
+            results = build_results(
+                replace(prediction, series=series), classifier, ResultOptions(parametric_map=True)
+            )
+        assert results.parametric_map is None
+        assert results.heatmaps and results.sr is not None
+        (dropped,) = [e for e in logs if e["event"] == "results.value_dropped"]
+        assert dropped["keyword"] == "FrameOfReferenceUID"
+        assert all("1.2.03" not in repr(e) for e in logs)
+
+
+@pytest.fixture(scope="module")
+def backslash_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle named with a backslash: no LO may hold one, so every encoding fails."""
+    from benchmarks.common import random_bundle
+
+    path = tmp_path_factory.mktemp("bad-bundle") / "model.safetensors"
+    return random_bundle(path, name="ich\\model", thresholds=dict.fromkeys(LABELS, 0.0))
+
+
+def test_a_results_error_parks_the_job_on_its_first_attempt(
+    tmp_path: Path, backslash_bundle: Path, phantom: Any
+) -> None:
+    import time
+
+    from benchmarks.common import queue_series
+    from ich_node.config import parse_config
+    from ich_node.store import Store
+    from ich_node.worker import Worker
+
+    config = parse_config(
+        {
+            "storage": {"dir": str(tmp_path / "node")},
+            "queue": {"lease_seconds": 60.0, "max_attempts": 5, "retry_base_seconds": 1.0},
+        }
+    )
+    store = Store.open(config.storage.dir)
+    job = queue_series(store, phantom.paths[:3], time.time() - 10)
+    classifier = Classifier(load_bundle(backslash_bundle), device="cpu", batch_size=4)
+    worker = Worker(config, "w0", store, classifier)
+    outcome = worker.run_once(time.time())
+    assert outcome is not None and outcome.state == "parked"
+    record = store.job(job.job_id)
+    assert record is not None and record.state == "parked" and record.attempts == 1
+    assert record.reason.startswith("not retried: results could not be encoded: ValueError")
+    assert worker.run_once(time.time() + 3600) is None  # nothing left to retry
+
+
+def test_predict_goes_on_after_each_results_failure(
+    tmp_path: Path, backslash_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ich_node.cli import main
+    from training.phantom import write_series
+
+    a = write_series(tmp_path / "in" / "a", seed=21, n_slices=3, matrix=96)
+    b = write_series(tmp_path / "in" / "b", seed=22, n_slices=3, matrix=96)
+    out = tmp_path / "out"
+    code = main(["predict", "--bundle", str(backslash_bundle), "--out", str(out), str(tmp_path)])
+    assert code == 1
+    lines = [
+        line for line in capsys.readouterr().err.splitlines() if "DICOM results failed" in line
+    ]
+    assert len(lines) == 2  # one line per series, and the second series was still read
+    for series in (a, b):
+        assert (out / series.series_instance_uid / "findings.json").is_file()
+        assert sum(series.series_instance_uid in line for line in lines) == 1
+
+
+def test_predict_delivers_every_shared_header_case(
+    tmp_path: Path, tiny_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ich_node.cli import main
+
+    cases = Path(__file__).resolve().parents[2] / "shared" / "cases"
+    folders = [cases / "charset", cases / "invalid-values"]
+    if not all(f.is_dir() for f in folders):
+        pytest.skip(f"{cases} not present")
+    out = tmp_path / "out"
+    assert (
+        main(["predict", "--bundle", str(tiny_bundle), "--out", str(out), *map(str, folders)]) == 0
+    )
+    n_cases = len(list(cases.glob("charset/*/*.dcm")) + list(cases.glob("invalid-values/*/*.dcm")))
+    assert len(list(out.glob("*/sr.dcm"))) == n_cases
+    assert "failed" not in capsys.readouterr().err

@@ -16,6 +16,7 @@ earlier outputs in the PACS instead of duplicating them.
 from __future__ import annotations
 
 import hashlib
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,44 @@ class ResultsSkipped(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class ResultsError(Exception):
+    """Encoding failed in a way a retry cannot change: the job is parked at once.
+
+    :func:`build_results` is a pure function of its inputs, so an error inside it
+    comes back on every attempt. ``reason`` names the exception type and where it
+    was raised, never its message (which may quote a header value).
+
+    Parameters
+    ----------
+    reason : str
+        Why, for the log and the job record.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> ResultsError:
+        return cls(f"results could not be encoded: {failure_reason(exc)} (a retry gives the same)")
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line naming an exception's type and the code that raised it, never its message.
+
+    Messages of pydicom, highdicom and numpy may quote the value they reject
+    (PHI, when it comes from a header); the type and place are enough to act on.
+    """
+    if isinstance(exc, ResultsError | ResultsSkipped):
+        return exc.reason
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+    last = frames[-1]
+    where = f"{Path(last.filename).parent.name}/{Path(last.filename).name}:{last.lineno}"
+    return f"{type(exc).__name__} in {last.name} ({where})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +199,7 @@ def source_evidence(series: CTSeries, study: pydicom.Dataset) -> list[pydicom.Da
         ds.Modality = "CT"
         # Geometry, for the parametric map's frame references.
         ds.Rows, ds.Columns = s.rows, s.columns
-        if series.frame_of_reference_uid:
+        if _valid_uid(series.frame_of_reference_uid or ""):
             ds.FrameOfReferenceUID = series.frame_of_reference_uid
         ds.ImagePositionPatient = list(s.image_position)
         ds.ImageOrientationPatient = list(s.image_orientation)
@@ -233,7 +272,30 @@ def build_results(
     ------
     ResultsSkipped
         When the source cannot be referenced in DICOM (invalid UIDs).
+    ResultsError
+        When encoding fails otherwise: the same inputs would fail again.
     """
+    try:
+        return _build(inputs, card, options, version=version, previous_sr=previous_sr)
+    except (ResultsSkipped, MemoryError):
+        raise
+    except Exception as exc:
+        log.error(
+            "results.failed",
+            series_uid=inputs.series.series_instance_uid,
+            reason=failure_reason(exc),
+        )
+        raise ResultsError.from_exception(exc) from exc
+
+
+def _build(
+    inputs: ExplainedSeries,
+    card: ModelCard,
+    options: ResultOptions,
+    *,
+    version: int,
+    previous_sr: pydicom.Dataset | None,
+) -> ResultSet:
     series = inputs.series
     check_source(series)
     uid = _Uids(series, card, options, version)
@@ -260,6 +322,21 @@ def build_results(
         # groups, which the evidence references do not carry: not built (SR and
         # heatmaps still reference the frames).
         log.info("results.parametric_map_skipped", reason="multi-frame source image")
+    elif (
+        options.parametric_map
+        and explanations
+        and not _valid_uid(frame_uid := series.frame_of_reference_uid or "")
+    ):
+        # The map's frames are placed in the source's frame of reference (Type 1 in
+        # the Frame of Reference module): without a valid one there is no map, and
+        # the SR and heatmaps go out as usual.
+        log.warning(
+            "results.value_dropped",
+            series_uid=series.series_instance_uid,
+            keyword="FrameOfReferenceUID",
+            reason="absent" if not frame_uid else "not a valid UI value",
+            action="parametric map left out",
+        )
     elif options.parametric_map and explanations:
         parametric_map = build_parametric_map(
             series,
