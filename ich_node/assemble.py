@@ -162,7 +162,9 @@ class Assembler:
         if reason is None:
             try:
                 series = read_series(
-                    self.store.instance_paths(uid), max_tilt_deg=self.config.max_tilt_degrees
+                    self.store.instance_paths(uid),
+                    max_tilt_deg=self.config.max_tilt_degrees,
+                    preferred_kernels=self.config.preferred_kernels,  # the stack the worker reads
                 )
             except ImagingError as exc:
                 reason = f"not readable as an axial CT series: {exc}"
