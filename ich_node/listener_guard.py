@@ -55,6 +55,7 @@ import logging
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -292,9 +293,14 @@ class Guard:
         now = self.clock() if now is None else now
         with self._lock:
             late = [c for c in self._connections if c.state == "pending" and c.deadline <= now]
+        grace = self.limits.negotiation_timeout
         for conn in late:
             self.refuse(conn, "negotiation_timeout")
             shutdown(conn.sock)
+            if conn.deadline + grace <= now:
+                # Shut down a whole timeout ago and still here: its thread never
+                # started or never ended. Never let that hold a slot.
+                self.close(conn)
         return len(late)
 
     # -- refusals ------------------------------------------------------------
@@ -522,6 +528,11 @@ class GuardedServer(ThreadedAssociationServer):
         finally:
             self.guard.close(conn)
             self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver prints a traceback here; one log line instead."""
+        kind = type(sys.exc_info()[1]).__name__
+        log.warning("listener.connection_error", error=kind, peer=str(client_address[0]))
 
     def service_actions(self) -> None:
         """Called by ``serve_forever`` about twice a second: enforce the deadlines."""

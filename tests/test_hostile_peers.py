@@ -505,6 +505,21 @@ def test_each_refused_association_logs_one_line_and_counts_its_reason(
         assert refused(metrics, reason) == 1
 
 
+def test_a_connection_whose_thread_never_ran_is_dropped_after_twice_the_deadline() -> None:
+    now = [0.0]
+    guard = Guard(GuardLimits(1, 1, 1, DEADLINE, 16382, 2**20), clock=lambda: now[0])
+    with socket.socket() as sock:
+        conn = guard.open(sock, ("10.1.2.3", 1))
+        assert conn is not None and guard.counts() == (1, 0)
+        assert guard.open(sock, ("10.1.2.4", 1)) is None  # max_pending 1
+        now[0] = DEADLINE  # shut down (and refused) at the deadline
+        assert guard.run_once() == 1 and guard.counts() == (1, 0)
+        now[0] = 2 * DEADLINE  # no thread ever closed it: dropped
+        guard.run_once()
+        assert guard.counts() == (0, 0)
+        assert guard.open(sock, ("10.1.2.4", 1)) is not None
+
+
 def test_refusals_are_logged_once_per_peer_per_minute_and_all_counted() -> None:
     now = [1000.0]
     metrics = Metrics()
