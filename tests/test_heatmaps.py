@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ich_node.results.common import cam_to_source
-from ich_node.results.sc import render_overlay, turbo
+from ich_node.results.sc import ALPHA_MAX, CAM_FLOOR, render_overlay, turbo
 
 
 def test_turbo_runs_blue_to_red() -> None:
@@ -59,3 +59,24 @@ def test_overlay_stays_inside_the_head() -> None:
     plain = render_overlay(hu, None, [])
     assert np.array_equal(hot[100:128, 0:100], plain[100:128, 0:100])  # air stays black
     assert np.ptp(hot[40:90, 40:90].astype(int), axis=-1).min() > 30  # head coloured
+
+
+def test_below_the_floor_the_overlay_is_the_plain_brain_window_image() -> None:
+    """Rendered pixels: under CAM_FLOOR nothing is tinted; above it colour rises with the map."""
+    rng = np.random.default_rng(0)
+    hu = rng.uniform(0.0, 80.0, (192, 192)).astype(np.float32)  # brain-like texture
+    cam = np.tile(np.linspace(0.0, 1.0, 192, dtype=np.float32), (192, 1))  # 0 left, 1 right
+    text = ["Suspected: subdural p=0.91", "model 1.0", "AI result - not for diagnosis"]
+    plain = render_overlay(hu, None, text).astype(int)
+    hot = render_overlay(hu, cam, text).astype(int)
+    below = cam <= CAM_FLOOR
+    assert below.any() and np.array_equal(hot[below], plain[below])
+    # Above the floor: the further above, the further from the grey image.
+    change = np.abs(hot - plain).sum(axis=-1)[100:180, :].mean(axis=0)  # below the text
+    columns = np.nonzero(cam[0] > CAM_FLOOR)[0]
+    steps = change[columns[::16]]
+    assert np.all(np.diff(steps) > 0), steps
+    # The anatomy stays readable at the hottest point: at most ALPHA_MAX of colour.
+    grey = plain[150, -1, 0] / 255.0
+    top = hot[150, -1] / 255.0
+    assert np.all(np.abs(top - grey) <= ALPHA_MAX + 1 / 255)

@@ -1,7 +1,7 @@
 """Grad-CAM heatmaps as a Secondary Capture series a radiologist opens in any viewer.
 
 Each image is the source slice at its own resolution in the brain window, with the
-Grad-CAM map blended in a turbo-like colour scale where it is strong, a colour
+Grad-CAM map blended in (yellow to red) only where it is above :data:`CAM_FLOOR`, a colour
 legend and burned-in text: the suspected subtype(s) with their probability on that
 slice, the model's name and version, and "AI result - not for diagnosis". Built with
 highdicom's :class:`highdicom.sc.SCImage` (PS3.3 A.8.1 Secondary Capture Image IOD),
@@ -30,10 +30,16 @@ SERIES_DESCRIPTION = "ICH AI heatmaps"
 NOT_FOR_DIAGNOSIS = "AI result - not for diagnosis"
 DEMO_LINE = "DEMO - synthetic training data"
 
-#: Cam values below this are not coloured at all; alpha ramps up to ``_ALPHA_MAX``.
-_CAM_FLOOR = 0.25
-_CAM_FULL = 0.6
-_ALPHA_MAX = 0.55
+#: Map values below this floor are not coloured at all: there the heatmap is the
+#: plain brain-window image. Each Grad-CAM map is scaled to [0, 1] over its slice, so
+#: the floor keeps the colour to the upper half of what the model looked at.
+CAM_FLOOR = 0.5
+#: Opacity of the colour at the map's maximum; it rises linearly from 0 at the floor,
+#: so the anatomy stays readable through all but the hottest spot.
+ALPHA_MAX = 0.6
+#: The part of the turbo scale used above the floor (yellow-green to red): no blue
+#: or dark tints over the brain.
+_TURBO_RANGE = (0.55, 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +115,12 @@ def _wrap(
     return lines
 
 
+def _colour(level: np.ndarray) -> np.ndarray:
+    """(...) level in [0, 1] above the floor -> (..., 3) float32 RGB, as in the legend."""
+    low, high = _TURBO_RANGE
+    return turbo(low + (high - low) * np.asarray(level))
+
+
 #: Pixels above this HU are the head (soft tissue, bone, brain); below is air.
 _HEAD_MIN_HU = -300.0
 
@@ -143,11 +155,11 @@ def render_overlay(
     if cam is not None:
         if cam.shape != hu.shape:
             raise ValueError(f"cam shape {cam.shape} differs from the slice's {hu.shape}")
-        alpha = _ALPHA_MAX * np.clip((cam - _CAM_FLOOR) / (_CAM_FULL - _CAM_FLOOR), 0.0, 1.0)
+        level = np.clip((cam - CAM_FLOOR) / (1.0 - CAM_FLOOR), 0.0, 1.0)
         # Colour only the head: the upsampled map spills into the air around it,
         # where it would suggest a finding outside the patient.
-        alpha = alpha * (hu > _HEAD_MIN_HU)
-        rgb = (1.0 - alpha[..., None]) * rgb + alpha[..., None] * turbo(cam)
+        alpha = ALPHA_MAX * level * (cam > CAM_FLOOR) * (hu > _HEAD_MIN_HU)
+        rgb = (1.0 - alpha[..., None]) * rgb + alpha[..., None] * _colour(level)
     image = Image.fromarray(np.round(rgb * 255.0).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     font_size = max(9, min(rows, columns) // 36)
@@ -157,7 +169,7 @@ def render_overlay(
     bar_w = max(4, columns // 48)
     bar_h = rows // 3
     x0, y0 = columns - bar_w - margin, margin + font_size + 2
-    ramp = turbo(np.linspace(1.0, 0.0, bar_h))[:, None, :].repeat(bar_w, axis=1)
+    ramp = _colour(np.linspace(1.0, 0.0, bar_h))[:, None, :].repeat(bar_w, axis=1)
     image.paste(Image.fromarray(np.round(ramp * 255).astype(np.uint8)), (x0, y0))
     draw.rectangle((x0 - 1, y0 - 1, x0 + bar_w, y0 + bar_h), outline=(255, 255, 255))
     for label, y in (("high", y0 - font_size - 1), ("low", y0 + bar_h + 2)):
