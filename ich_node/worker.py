@@ -34,6 +34,7 @@ import structlog
 from ich_node.config import NodeConfig
 from ich_node.durable import fsync_dir
 from ich_node.imaging import read_series
+from ich_node.imaging.records import one_line
 from ich_node.jobs import JobQueue, LeaseLost
 from ich_node.queue.layout import StorageLayout
 from ich_node.store import JobRecord, JobStage, SrReference, Store
@@ -313,9 +314,10 @@ class Worker:
 
             # An encoding error comes back on every attempt: parked at once, with its reason.
             permanent = isinstance(exc, ResultsError)
-            reason = (
-                exc.reason if isinstance(exc, ResultsError) else f"{type(exc).__name__}: {exc}"
-            )[:500]
+            # One line (decoders list their plugins' errors on several): the refusal record.
+            reason = one_line(
+                exc.reason if isinstance(exc, ResultsError) else f"{type(exc).__name__}: {exc}", 500
+            )
             try:
                 state = self.queue.fail(job, reason, clock(), permanent=permanent)
             except LeaseLost:
