@@ -113,22 +113,51 @@ def test_two_images_at_one_position_are_both_read_in_a_fixed_order(
     assert forward.coverage is not None and forward.coverage.n_gaps == 0
 
 
-def test_several_complete_volumes_are_split(clean: PhantomSeries, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("acquisition", "instance_offset", "label"),
+    [(2, 100, "AcquisitionNumber 2"), (1, N, f"InstanceNumber {N + 1}-{2 * N}")],
+)
+def test_several_complete_volumes_are_split(
+    clean: PhantomSeries, tmp_path: Path, acquisition: int, instance_offset: int, label: str
+) -> None:
     paths = _copy(clean, tmp_path)
     second = []
     for p in paths:
         ds = pydicom.dcmread(p)
         ds.SOPInstanceUID = generate_uid()
-        ds.AcquisitionNumber = 2
-        ds.InstanceNumber = int(ds.InstanceNumber) + 100
+        ds.AcquisitionNumber = acquisition
+        ds.InstanceNumber = int(ds.InstanceNumber) + instance_offset
         out = tmp_path / f"b_{p.name}"
         ds.save_as(out)
         second.append(out)
     series = read_series([*second, *paths])
     assert [s.path for s in series.slices] == paths
     assert {d.path for d in series.dropped} == set(second)
-    assert all("another complete volume" in d.reason for d in series.dropped)
+    assert {d.reason for d in series.dropped} == {
+        f"another complete volume at the same positions ({label})"
+    }
     assert [n.kind for n in series.notes] == ["volumes_split"]
+
+
+def test_interleaved_images_at_every_position_are_all_read(
+    clean: PhantomSeries, tmp_path: Path
+) -> None:
+    """No attribute separates them into volumes: every image read, none dropped."""
+    paths = _copy(clean, tmp_path)
+    twins = []
+    for i, p in enumerate(paths):
+        ds = pydicom.dcmread(p)
+        ds.SOPInstanceUID = generate_uid()
+        ds.InstanceNumber = int(ds.InstanceNumber) + (100 if i % 2 else -100)
+        out = tmp_path / f"b_{p.name}"
+        ds.save_as(out)
+        twins.append(out)
+    series = read_series([*twins, *paths])
+    assert len(series.slices) == 2 * N and series.dropped == ()
+    assert [n.kind for n in series.notes] == ["duplicate_position"]
+    numbers = [s.instance_number for s in series.slices]
+    for a, b in zip(numbers[::2], numbers[1::2], strict=True):
+        assert a is not None and b is not None and a < b  # InstanceNumber within a position
 
 
 # ------------------------------------------------------- kind 2: cannot be placed

@@ -690,29 +690,40 @@ def _positions(items: list[tuple[_Header, float]]) -> list[list[tuple[_Header, f
 
 def _volume_split(
     groups: list[list[tuple[_Header, float]]],
-) -> tuple[str, list[list[tuple[_Header, float]]]] | None:
-    """Several complete volumes at the same positions: (attribute, volumes) or None.
+) -> tuple[str, list[list[tuple[_Header, float]]], list[str]] | None:
+    """Several complete volumes at the same positions: (by what, volumes, labels) or None.
 
-    Only when every position holds the same number k >= 2 of images and one
-    attribute (AcquisitionNumber, then InstanceNumber blocks are not trusted) puts
-    exactly one image of each position in each of k groups.
+    Only when every one of 3+ positions holds the same number k >= 2 of images, and
+    either AcquisitionNumber puts exactly one image of each position in each of k
+    groups, or InstanceNumber does in k consecutive blocks (1..n, n+1..2n, ...).
     """
     k = len(groups[0])
-    if k < 2 or len(groups) < 2 or any(len(g) != k for g in groups):
+    if k < 2 or len(groups) < 3 or any(len(g) != k for g in groups):
         return None
-    for attribute in ("acquisition_number",):
-        values = {getattr(h, attribute) for g in groups for h, _ in g}
-        if None in values or len(values) != k:
-            continue
-        volumes: dict[Any, list[tuple[_Header, float]]] = defaultdict(list)
+    acquisitions = {h.acquisition_number for g in groups for h, _ in g}
+    if None not in acquisitions and len(acquisitions) == k:
+        by: dict[Any, list[tuple[_Header, float]]] = defaultdict(list)
         for g in groups:
-            seen = {getattr(h, attribute) for h, _ in g}
-            if len(seen) != k:
+            if len({h.acquisition_number for h, _ in g}) != k:
                 break
             for item in g:
-                volumes[getattr(item[0], attribute)].append(item)
+                by[item[0].acquisition_number].append(item)
         else:
-            return "AcquisitionNumber", [volumes[v] for v in sorted(volumes)]
+            order = sorted(by)
+            return (
+                "AcquisitionNumber",
+                [by[v] for v in order],
+                [f"AcquisitionNumber {v}" for v in order],
+            )
+    if all(h.instance_number is not None for g in groups for h, _ in g):
+        ranked = [sorted(g, key=lambda item: item[0].instance_number or 0) for g in groups]
+        volumes = [[g[r] for g in ranked] for r in range(k)]
+        spans = [
+            (min(h.instance_number or 0 for h, _ in v), max(h.instance_number or 0 for h, _ in v))
+            for v in volumes
+        ]
+        if all(a[1] < b[0] for a, b in itertools.pairwise(spans)):
+            return "InstanceNumber", volumes, [f"InstanceNumber {lo}-{hi}" for lo, hi in spans]
     return None
 
 
@@ -886,12 +897,11 @@ def read_series(
     groups = _positions(usable)
     split = _volume_split(groups)
     if split is not None:
-        attribute, volumes = split
+        attribute, volumes, labels = split
         usable = sorted(volumes[0], key=lambda item: _order_key(item[0], item[1]))
-        for other in volumes[1:]:
-            value = getattr(other[0][0], "acquisition_number", None)
+        for other, label in zip(volumes[1:], labels[1:], strict=True):
             for h, _ in other:
-                drop(h, f"another complete volume at the same positions ({attribute} {value})")
+                drop(h, f"another complete volume at the same positions ({label})")
         notes.append(
             Note(
                 "volumes_split",
