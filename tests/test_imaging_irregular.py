@@ -428,7 +428,7 @@ def test_bare_data_sets_are_decoded_with_the_transfer_syntax_read(
     series = read_series(groups[clean.series_instance_uid])
     assert len(series.slices) == N
     assert [n.kind for n in series.notes] == ["transfer_syntax"]
-    assert "Implicit VR Little Endian" in series.notes[0].text
+    assert "decoded as Implicit VR Little Endian" in series.notes[0].text
     np.testing.assert_array_equal(load_series_hu(series), clean_hu)
 
 
@@ -623,3 +623,17 @@ def test_training_reads_slices_in_the_reference_orientation_and_the_same_order(
         assert not isinstance(row, str)
         assert row[3] == pytest.approx(s.position_mm, abs=1e-6)  # one slice_position_mm
         np.testing.assert_array_equal(load_hu(p, reorient=True), load_hu(ref.path, reorient=True))
+
+
+def test_file_meta_without_a_transfer_syntax_is_decoded_as_read(
+    clean: PhantomSeries, clean_hu: np.ndarray, tmp_path: Path
+) -> None:
+    for p in clean.paths:
+        ds = pydicom.dcmread(p)
+        del ds.file_meta.TransferSyntaxUID
+        ds.save_as(tmp_path / p.name, enforce_file_format=False, implicit_vr=False)
+    series = read_series(sorted(tmp_path.iterdir()))
+    assert len(series.slices) == N
+    assert [n.kind for n in series.notes] == ["transfer_syntax"]
+    assert "decoded as Explicit VR Little Endian" in series.notes[0].text
+    np.testing.assert_array_equal(load_series_hu(series), clean_hu)

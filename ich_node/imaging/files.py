@@ -188,6 +188,7 @@ def detected_transfer_syntax(ds: Dataset) -> str | None:
     if meta is None:
         ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = uid
+    ds._detected_transfer_syntax = str(uid)  # read by the series reader for its note
     return str(uid)
 
 

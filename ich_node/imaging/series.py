@@ -373,10 +373,9 @@ def _headers(path: Path) -> list[_Header]:
     ds = read_dataset(path, defer=True)
     syntax_note = None
     meta = getattr(ds, "file_meta", None)
-    if getattr(ds, "preamble", None) is None and meta is not None:
-        detected = meta.get("TransferSyntaxUID")
-        if detected is not None and "MediaStorageSOPInstanceUID" not in meta:
-            syntax_note = f"no file meta: decoded as {detected.name}, as read"
+    if getattr(ds, "_detected_transfer_syntax", None) and meta is not None:
+        detected = meta.TransferSyntaxUID
+        syntax_note = f"no Transfer Syntax UID in the file: decoded as {detected.name}, as read"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # invalid UIDs (RSNA)
         sop_class = _uid(ds, "SOPClassUID")
