@@ -104,8 +104,8 @@ def queue_series(store: Any, paths: Sequence[Path], now: float) -> Any:
     queue version 1 of it: the job a worker then leases (a ``JobRecord``)."""
     import pydicom
 
-    from ich_node.jobs import job_id_for
-    from ich_node.spool import instance_record
+    from ich_node.ingest.spool import instance_record
+    from ich_node.queue.jobs import job_id_for
 
     for path in paths:
         ds = pydicom.dcmread(path, stop_before_pixels=True)

@@ -50,7 +50,7 @@ from benchmarks.common import free_port, random_bundle, serve_argv, wait_for  # 
 from ich_node.config import NodeConfig, load_config  # noqa: E402
 from ich_node.ops import echo  # noqa: E402
 from ich_node.queue.layout import outbox_files  # noqa: E402
-from ich_node.store import Store  # noqa: E402
+from ich_node.queue.store import Store  # noqa: E402
 
 CALLER = "FAULTS"
 

@@ -51,8 +51,8 @@ _LISTENER = """
 import signal, sys, threading
 from ich_node.config import load_config
 from ich_node.listener import start_listener
-from ich_node.spool import Spool
-from ich_node.store import Store
+from ich_node.ingest.spool import Spool
+from ich_node.queue.store import Store
 config = load_config(sys.argv[1])
 store = Store.open(config.storage.dir)
 server = start_listener(config, Spool(config.storage.dir, store, config.storage.min_free_mb))

@@ -46,7 +46,7 @@ from ich_node.bundle import load_bundle
 from ich_node.config import parse_config
 from ich_node.inference import Classifier
 from ich_node.log import configure_logging
-from ich_node.store import Store
+from ich_node.queue.store import Store
 from ich_node.worker import Worker
 from training.phantom import PhantomSeries, write_series
 

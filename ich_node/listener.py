@@ -44,6 +44,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from ich_node.config import Caller, NodeConfig
+from ich_node.ingest.spool import Spool, SpoolError, instance_record
 from ich_node.listener_guard import (
     Guard,
     GuardedRequestHandler,
@@ -56,7 +57,6 @@ from ich_node.listener_guard import (
 )
 from ich_node.metrics import Metrics
 from ich_node.net import set_nodelay
-from ich_node.spool import Spool, SpoolError, instance_record
 from ich_node.tls import server_context
 
 log = structlog.get_logger(__name__)

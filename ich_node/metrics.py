@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ich_node.store import Store
+from ich_node.queue.store import Store
 
 log = structlog.get_logger(__name__)
 

@@ -17,9 +17,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from ich_node.config import NodeConfig, ServerTLS
-from ich_node.jobs import JobQueue
+from ich_node.queue.jobs import JobQueue
 from ich_node.queue.layout import StorageLayout
-from ich_node.store import Store
+from ich_node.queue.store import Store
 
 #: A worker whose last heartbeat is older than this is not alive.
 HEARTBEAT_STALE_SECONDS: Final = 15.0

@@ -25,7 +25,7 @@ from pathlib import Path
 import structlog
 
 from ich_node.queue.layout import StorageLayout
-from ich_node.store import Store
+from ich_node.queue.store import Store
 
 log = structlog.get_logger(__name__)
 

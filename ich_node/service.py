@@ -31,17 +31,17 @@ from typing import Final
 
 import structlog
 
-from ich_node.assemble import Assembler
 from ich_node.bundle import BUNDLE_HELP, BundleError, check_bundle
 from ich_node.config import NodeConfig
-from ich_node.jobs import JobQueue
+from ich_node.ingest.assemble import Assembler
+from ich_node.ingest.spool import Spool
 from ich_node.listener import start_listener
 from ich_node.metrics import Metrics
+from ich_node.queue.jobs import JobQueue
+from ich_node.queue.store import Store
 from ich_node.retention import CLEAN_EVERY_SECONDS, Cleaner
 from ich_node.sender import Sender
 from ich_node.spawn import worker_process
-from ich_node.spool import Spool
-from ich_node.store import Store
 
 log = structlog.get_logger(__name__)
 
@@ -296,7 +296,7 @@ class Supervisor:
                     max_crashes=self.max_crashes,
                     restart_in_s=None if slot.gave_up else round(delay, 1),
                     released_jobs=len(released),
-                    # Only the job on the model is charged the attempt (ich_node.jobs).
+                    # Only the job on the model is charged the attempt (ich_node.queue.jobs).
                     charged_job=released.charged[0] if len(released.charged) == 1 else None,
                     charged_jobs=list(released.charged) if len(released.charged) > 1 else None,
                     given_back_jobs=list(released.given_back),

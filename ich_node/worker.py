@@ -35,9 +35,9 @@ from ich_node.config import NodeConfig
 from ich_node.durable import fsync_dir
 from ich_node.imaging import read_series
 from ich_node.imaging.records import one_line
-from ich_node.jobs import JobQueue, LeaseLost
+from ich_node.queue.jobs import JobQueue, LeaseLost
 from ich_node.queue.layout import StorageLayout
-from ich_node.store import JobRecord, JobStage, SrReference, Store
+from ich_node.queue.store import JobRecord, JobStage, SrReference, Store
 
 log = structlog.get_logger(__name__)
 
@@ -335,7 +335,7 @@ class Worker:
         """Record that ``item`` enters ``stage``; never raises.
 
         If this worker dies, only the job on the model is charged the attempt
-        (:meth:`ich_node.jobs.JobQueue.release_worker`). A lost lease is found
+        (:meth:`ich_node.queue.jobs.JobQueue.release_worker`). A lost lease is found
         again, and recorded, when the job finishes.
         """
         try:

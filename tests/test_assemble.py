@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pydicom
 
-from ich_node.assemble import Assembler
 from ich_node.config import SeriesSection
-from ich_node.spool import Spool, instance_record
-from ich_node.store import Store
+from ich_node.ingest.assemble import Assembler
+from ich_node.ingest.spool import Spool, instance_record
+from ich_node.queue.store import Store
 
 
 def _spool_files(spool: Spool, paths: list[Path], now: float, **override: str | None) -> None:

@@ -18,11 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ich_node.assemble import Assembler
 from ich_node.config import SeriesSection
 from ich_node.imaging import ImagingError, load_hu, load_series_hu, read_series
-from ich_node.spool import instance_record
-from ich_node.store import Store
+from ich_node.ingest.assemble import Assembler
+from ich_node.ingest.spool import instance_record
+from ich_node.queue.store import Store
 
 EXAMPLES = int(os.environ.get("ICH_FUZZ_EXAMPLES", "40"))
 

@@ -83,7 +83,7 @@ def test_worker_pipeline_on_cuda_gives_the_cpu_findings(tiny_bundle: Path, tmp_p
     from ich_node.imaging import read_series
     from ich_node.inference import Classifier
     from ich_node.queue.layout import results_dir
-    from ich_node.store import Store
+    from ich_node.queue.store import Store
     from ich_node.worker import Worker
     from training.phantom import write_series
 

@@ -31,6 +31,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from ich_node.config import NodeConfig, parse_config
+from ich_node.ingest.spool import Spool
 from ich_node.listener import start_listener
 from ich_node.listener_guard import (
     LOG_INTERVAL_S,
@@ -40,8 +41,7 @@ from ich_node.listener_guard import (
     GuardLimits,
 )
 from ich_node.metrics import Metrics
-from ich_node.spool import Spool
-from ich_node.store import Store
+from ich_node.queue.store import Store
 from tests import test_security
 from tests.conftest import dcmtk
 
@@ -293,8 +293,8 @@ import json, sys, time
 from ich_node.config import parse_config
 from ich_node.listener import start_listener
 from ich_node.log import configure_logging
-from ich_node.spool import Spool
-from ich_node.store import Store
+from ich_node.ingest.spool import Spool
+from ich_node.queue.store import Store
 configure_logging("json", "INFO")  # to stderr
 config = parse_config(json.loads(sys.argv[1]))
 store = Store.open(config.storage.dir)

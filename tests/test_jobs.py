@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from ich_node.config import QueueSection
-from ich_node.jobs import JobQueue, LeaseLost, job_id_for
-from ich_node.store import InstanceRecord, JobRecord, Store
+from ich_node.queue.jobs import JobQueue, LeaseLost, job_id_for
+from ich_node.queue.store import InstanceRecord, JobRecord, Store
 
 
 def _queue(tmp_path: Path, **kw: float) -> JobQueue:

@@ -6,9 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ich_node.ingest.spool import Spool
 from ich_node.queue.layout import StorageLayout, is_temp, outbox_files, path_part
-from ich_node.spool import Spool
-from ich_node.store import Store
+from ich_node.queue.store import Store
 
 
 def test_paths_under_storage_dir(tmp_path: Path) -> None:

@@ -10,10 +10,10 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from benchmarks.faults import free_port as another_port
 from ich_node.config import parse_config
+from ich_node.ingest.spool import Spool
 from ich_node.listener import start_listener
 from ich_node.metrics import Metrics
-from ich_node.spool import Spool
-from ich_node.store import Store
+from ich_node.queue.store import Store
 
 
 def test_metrics_endpoint_counts_instances_states_and_stage_latencies(

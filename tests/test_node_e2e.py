@@ -21,7 +21,7 @@ import yaml
 from benchmarks import common
 from ich_node.config import NodeConfig, load_config
 from ich_node.ops import echo, health, status
-from ich_node.store import Store
+from ich_node.queue.store import Store
 from tests.conftest import dcmtk
 
 CALLER = "MODALITY"

@@ -21,7 +21,7 @@ import yaml
 from benchmarks import common
 from ich_node.config import load_config
 from ich_node.ops import echo
-from ich_node.store import Store
+from ich_node.queue.store import Store
 from tests.test_node_e2e import Node, wait_for
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

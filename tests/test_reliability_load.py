@@ -27,14 +27,14 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from benchmarks.faults import free_port, wait_for
 from ich_node.config import load_config
 from ich_node.ops import echo
-from ich_node.store import Store
+from ich_node.queue.store import Store
 
 _LISTENER = """
 import sys, signal, threading
 from ich_node.config import load_config
 from ich_node.listener import start_listener
-from ich_node.spool import Spool
-from ich_node.store import Store
+from ich_node.ingest.spool import Spool
+from ich_node.queue.store import Store
 config = load_config(sys.argv[1])
 store = Store.open(config.storage.dir)
 server = start_listener(config, Spool(config.storage.dir, store, config.storage.min_free_mb))

@@ -17,11 +17,11 @@ import pytest
 
 from benchmarks.faults import NodeProcess, RecordingSCP, free_port, node_config, wait_for
 from ich_node.config import Destination, SenderSection, parse_config
+from ich_node.ingest.spool import Spool
 from ich_node.listener import start_listener
+from ich_node.queue.store import DB_NAME, Store
 from ich_node.retention import Cleaner
 from ich_node.sender import Sender
-from ich_node.spool import Spool
-from ich_node.store import DB_NAME, Store
 from tests.conftest import dcmtk
 from tests.test_sender import _job_with_outbox
 

@@ -18,10 +18,10 @@ from pydicom.uid import generate_uid
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ich_node.config import parse_config
+from ich_node.ingest.spool import Spool, content_digest
 from ich_node.listener import start_listener
 from ich_node.metrics import Metrics
-from ich_node.spool import Spool, content_digest
-from ich_node.store import Store
+from ich_node.queue.store import Store
 from tests.conftest import dcmtk
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from ich_node.jobs import job_id_for
-from ich_node.store import DB_NAME, Added, InstanceRecord, Store
+from ich_node.queue.jobs import job_id_for
+from ich_node.queue.store import DB_NAME, Added, InstanceRecord, Store
 
 
 def _record(

@@ -22,7 +22,7 @@ from ich_node.config import NodeConfig, parse_config
 from ich_node.imaging import read_series
 from ich_node.inference import Classifier
 from ich_node.queue.layout import results_dir
-from ich_node.store import JobRecord, Store
+from ich_node.queue.store import JobRecord, Store
 from ich_node.worker import Worker
 from training.phantom import PhantomSeries, write_series
 

@@ -2,6 +2,6 @@
 
 ``layout`` is the one owner of the paths under ``storage.dir``; ``interface``
 holds the narrow typed interfaces of the store (instances and series, jobs,
-deliveries) that the stages depend on. The SQLite implementation is
-:mod:`ich_node.store` and :mod:`ich_node.jobs`.
+deliveries) that the stages depend on; ``store`` and ``jobs`` are the SQLite
+implementation.
 """

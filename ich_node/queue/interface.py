@@ -4,8 +4,8 @@ The store is split by what it holds. :class:`InstanceStore` (instances and
 series) is what the spool, the assembler and retention use; :class:`SeriesQueue`
 is how the assembler queues a complete series; :class:`JobStore` is what workers,
 the supervisor and ``status`` use; :class:`DeliveryStore` is the sender's
-outbox. The SQLite implementation is :class:`ich_node.store.Store` (instances,
-series, deliveries) with :class:`ich_node.jobs.JobQueue` (jobs); a server
+outbox. The SQLite implementation is :class:`ich_node.queue.store.Store` (instances,
+series, deliveries) with :class:`ich_node.queue.jobs.JobQueue` (jobs); a server
 database implements the same protocols. Records are frozen; states are
 ``Literal`` types; times are seconds since the epoch, passed in by callers.
 """
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-#: The states of a series (see :mod:`ich_node.assemble`).
+#: The states of a series (see :mod:`ich_node.ingest.assemble`).
 SeriesState = Literal["receiving", "queued", "skipped", "capped", "purged"]
-#: The states of a reading job (see :mod:`ich_node.jobs`).
+#: The states of a reading job (see :mod:`ich_node.queue.jobs`).
 JobState = Literal["queued", "leased", "retry", "done", "parked"]
 #: Where a leased job is in a worker's pipeline: read ahead, on the model, writing results.
 JobStage = Literal["", "read", "model", "results"]
@@ -225,7 +225,7 @@ class JobStore(Protocol):
 
     def give_back(self, job: JobRecord, now: float) -> None: ...
 
-    def fail(self, job: JobRecord, reason: str, now: float) -> str: ...
+    def fail(self, job: JobRecord, reason: str, now: float, *, permanent: bool = False) -> str: ...
 
     def requeue(self, job_id: str, now: float) -> bool: ...
 

@@ -1,0 +1,212 @@
+"""Series assembly: when a series is complete, and whether the node reads it.
+
+A series is complete ``series.stable_seconds`` after its last instance (the
+quiet period). Before its first read it may end earlier, when every image of a
+count that describes the *whole series* has come: NumberOfSeriesRelatedInstances
+when present, or ImagesInAcquisition only when every received instance carries
+one AcquisitionNumber (PS3.3 C.7.6.1 defines it per acquisition: a series of 21
+acquisitions counts each one), and only when the count is at least
+``series.min_slices``. After a read, late instances and changed re-sends
+(see :mod:`ich_node.ingest.spool`) start the quiet period again and one new version is
+read once it is quiet, never one per instance; at most ``series.max_versions``
+versions are read (the series is then ``capped``, its later instances stored but
+not read). The selection rules of the ``series`` section then decide: modality, optional
+patterns on body part and descriptions, exclusion patterns on the series
+description, then the headers themselves (:func:`ich_node.imaging.read_series`:
+axial within the tilt tolerance, localizers dropped) and the slice count. A
+series the node does not read is recorded as ``skipped`` with the reason. An
+instance arriving after a series was read puts it back to ``receiving``; the next
+read queues a new version (a new job, a new set of results, an SR naming the
+previous one).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import structlog
+
+from ich_node.config import SeriesSection
+from ich_node.imaging import ImagingError, read_series
+from ich_node.metrics import Metrics
+from ich_node.queue.interface import InstanceStore, SeriesQueue, SeriesRecord
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the assembler did with one complete series."""
+
+    series_instance_uid: str
+    queued: bool
+    job_id: str | None
+    version: int
+    reason: str  # why it was skipped; empty when queued
+
+
+def _search(patterns: tuple[str, ...], value: str) -> bool:
+    return any(re.search(p, value) for p in patterns)
+
+
+def select_headers(record: SeriesRecord, config: SeriesSection) -> str | None:
+    """Why the recorded header fields rule the series out, or ``None``."""
+    if record.modality.upper() not in {m.upper() for m in config.modalities}:
+        return f"modality {record.modality or '(none)'!r} is not in series.modalities"
+    # An empty BodyPartExamined passes: many real head CTs lack it.
+    if (
+        config.body_part_patterns
+        and record.body_part
+        and not _search(config.body_part_patterns, record.body_part)
+    ):
+        return f"body part {record.body_part!r} matches no series.body_part_patterns"
+    if config.study_description_patterns and not _search(
+        config.study_description_patterns, record.study_description
+    ):
+        return "study description matches no series.study_description_patterns"
+    if config.series_description_patterns and not _search(
+        config.series_description_patterns, record.series_description
+    ):
+        return "series description matches no series.series_description_patterns"
+    if _search(config.exclude_description_patterns, record.series_description):
+        return "series description matches series.exclude_description_patterns"
+    return None
+
+
+class Assembler:
+    """Decide complete series and queue their jobs.
+
+    Parameters
+    ----------
+    store : InstanceStore
+        Instances and series.
+    config : SeriesSection
+        ``series`` section.
+    metrics : Metrics, optional
+        Series decisions are counted there.
+    queue : SeriesQueue, optional
+        Where complete series are queued; by default a
+        :class:`ich_node.queue.jobs.JobQueue` on ``store`` (which must then be a
+        :class:`ich_node.queue.store.Store`).
+
+    Raises
+    ------
+    TypeError
+        When ``queue`` is omitted and ``store`` is not a :class:`ich_node.queue.store.Store`.
+    """
+
+    def __init__(
+        self,
+        store: InstanceStore,
+        config: SeriesSection,
+        metrics: Metrics | None = None,
+        *,
+        queue: SeriesQueue | None = None,
+    ) -> None:
+        if queue is None:
+            from ich_node.config import QueueSection
+            from ich_node.queue.jobs import JobQueue
+            from ich_node.queue.store import Store
+
+            if not isinstance(store, Store):
+                raise TypeError(f"queue is required with a store of type {type(store).__name__}")
+            queue = JobQueue(store, QueueSection())
+        self.store = store
+        self.queue = queue
+        self.config = config
+        self.metrics = metrics
+
+    def is_complete(self, record: SeriesRecord, now: float) -> bool:
+        """Whether ``record`` is complete at ``now`` (see the module's rules)."""
+        never_read = record.version == 0 and record.n_read == 0
+        expected = record.expected
+        # A count below series.min_slices cannot be a whole head series the node
+        # reads: the first images of a series of one-image acquisitions say
+        # ImagesInAcquisition 1 under one AcquisitionNumber.
+        if (
+            never_read
+            and expected is not None
+            and expected >= self.config.min_slices
+            and record.n_instances >= expected
+        ):
+            return True
+        return now - record.last_at >= self.config.stable_seconds
+
+    def cap(self, record: SeriesRecord) -> Decision:
+        """Record that a series at ``series.max_versions`` is not read again."""
+        uid, limit = record.series_instance_uid, self.config.max_versions
+        reason = (
+            f"series.max_versions ({limit}) reached: "
+            f"{record.n_instances - record.n_read + record.n_replaced} later instances "
+            "stored, not read"
+        )
+        self.store.skip_series(
+            uid, record.n_instances, reason, seen_last_at=record.last_at, state="capped"
+        )
+        log.warning(
+            "series.max_versions_reached",
+            series_instance_uid=uid,
+            versions=record.version,
+            instances=record.n_instances,
+        )
+        return Decision(uid, False, None, record.version, reason)
+
+    def decide(self, record: SeriesRecord, now: float) -> Decision:
+        """Read the headers of a complete series and queue it or skip it."""
+        uid = record.series_instance_uid
+        n = record.n_instances
+        if record.version >= self.config.max_versions:
+            return self.cap(record)
+        reason = select_headers(record, self.config)
+        if reason is None:
+            try:
+                series = read_series(
+                    self.store.instance_paths(uid),
+                    max_tilt_deg=self.config.max_tilt_degrees,
+                    preferred_kernels=self.config.preferred_kernels,  # the stack the worker reads
+                )
+            except ImagingError as exc:
+                reason = f"not readable as an axial CT series: {exc}"
+            except Exception as exc:  # a reader bug must not leave the series undecided
+                reason = f"not readable as an axial CT series: {type(exc).__name__}: {exc}"[:500]
+            else:
+                if len(series.slices) < self.config.min_slices:
+                    reason = (
+                        f"{len(series.slices)} usable axial slices, "
+                        f"series.min_slices is {self.config.min_slices}"
+                    )
+        if reason is not None:
+            self.store.skip_series(uid, n, reason, seen_last_at=record.last_at)
+            log.info("series.skipped", series_instance_uid=uid, instances=n, reason=reason)
+            return Decision(uid, False, None, record.version, reason)
+        job = self.queue.enqueue_series(uid, n, now, seen_last_at=record.last_at)
+        log.info(
+            "series.queued",
+            series_instance_uid=uid,
+            instances=n,
+            version=job.version,
+            job_id=job.job_id,
+            cause=job.cause,
+        )
+        return Decision(uid, True, job.job_id, job.version, "")
+
+    def run_once(self, now: float) -> list[Decision]:
+        """One pass: decide every series that is complete at ``now``."""
+        decisions = []
+        for record in self.store.receiving_series():
+            if not self.is_complete(record, now):
+                continue
+            try:
+                decision = self.decide(record, now)
+                decisions.append(decision)
+                if self.metrics is not None:
+                    label = "queued" if decision.queued else "skipped"
+                    self.metrics.series.labels(label).inc()
+            except Exception as exc:  # log and go on; the series stays receiving
+                log.error(
+                    "series.assemble_failed",
+                    series_instance_uid=record.series_instance_uid,
+                    error=type(exc).__name__,
+                )
+        return decisions

@@ -1,0 +1,282 @@
+"""The durable spool: each received instance written atomically, then recorded.
+
+An instance is identified by its series and its SOP Instance UID, and its
+content by the SHA-256 of its data set as received (the file meta, which the
+node writes itself, is left out). The same instance sent again with the same
+content is not written again; with other content (a corrected re-send) it
+replaces the older copy and the series is read again; the same SOP Instance UID
+in another series is stored with that series, and logged as a warning.
+
+An instance is durable when its bytes are in a temporary file that was fsync'ed,
+renamed to its final name, its folder fsync'ed, and its row committed in the
+store. Only then may the listener answer Success: a crash at any point before
+leaves either nothing or an unreferenced file that a later identical C-STORE
+overwrites.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from pydicom.dataset import Dataset
+
+from ich_node.durable import fsync_dir
+from ich_node.queue.interface import Added, InstanceRecord, InstanceStore
+from ich_node.queue.layout import StorageLayout, is_temp
+
+log = structlog.get_logger(__name__)
+
+
+class SpoolError(OSError):
+    """An instance could not be made durable (disk full, I/O error, low free space)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Spooled:
+    """Where an instance is and what this C-STORE did with it.
+
+    ``new`` is true when the C-STORE changed what the node holds (a new instance
+    or a changed re-send), false for an identical re-send.
+    """
+
+    path: Path
+    new: bool
+    added: Added = Added.NEW
+    reused_in: tuple[str, ...] = ()  # other series holding the same SOP Instance UID
+
+
+def content_digest(data: bytes) -> str:
+    """SHA-256 (hex) of a DICOM file's data set, without its preamble and file meta.
+
+    ``data`` is a Part 10 file as the listener spools it: 128-byte preamble,
+    ``DICM``, then the group 0002 elements, which start with their group length
+    (0002,0000) UL (PS3.10 7.1). Without that layout the whole file is hashed.
+    """
+    if len(data) >= 144 and data[128:132] == b"DICM" and data[132:136] == b"\x02\x00\x00\x00":
+        length = int.from_bytes(data[140:144], "little")
+        start = 144 + length
+        if start <= len(data):
+            return hashlib.sha256(memoryview(data)[start:]).hexdigest()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _positive_int(value: object) -> int | None:
+    if value in (None, ""):
+        return None
+    try:
+        number = int(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def instance_record(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> InstanceRecord:
+    """The header fields the node records, from a (lazily decoded) dataset.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        The received dataset; only the few elements named here are decoded.
+    sop_class_uid, sop_instance_uid : str
+        From the C-STORE request (Affected SOP Class/Instance UID).
+
+    Raises
+    ------
+    ValueError
+        When the Study or Series Instance UID is missing.
+    """
+    study = _text(ds, "StudyInstanceUID")
+    series = _text(ds, "SeriesInstanceUID")
+    if not study or not series:
+        raise ValueError("the dataset has no StudyInstanceUID or SeriesInstanceUID")
+    sop = _text(ds, "SOPInstanceUID") or sop_instance_uid
+    if not sop:
+        raise ValueError("the dataset has no SOPInstanceUID")
+    return InstanceRecord(
+        sop_instance_uid=sop,
+        sop_class_uid=_text(ds, "SOPClassUID") or sop_class_uid,
+        study_instance_uid=study,
+        series_instance_uid=series,
+        modality=_text(ds, "Modality"),
+        body_part=_text(ds, "BodyPartExamined"),
+        study_description=_text(ds, "StudyDescription"),
+        series_description=_text(ds, "SeriesDescription"),
+        images_in_acquisition=_positive_int(ds.get("ImagesInAcquisition")),
+        acquisition_number=_text(ds, "AcquisitionNumber"),
+        series_related_instances=_positive_int(ds.get("NumberOfSeriesRelatedInstances")),
+    )
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes free for unprivileged writers on the file system holding ``path``."""
+    return int(shutil.disk_usage(path).free)
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What :meth:`Spool.recover` cleaned up after an unclean stop."""
+
+    temp_files: int  # half-written files of C-STOREs that were never acknowledged
+    unrecorded_files: int  # renamed but not committed: never acknowledged either
+    missing_files: int  # recorded but absent (should never happen; logged as an error)
+
+
+class Spool:
+    """Instance files under ``<storage.dir>/spool/<study>/<series>/<sop>.<digest>.dcm``.
+
+    The digest (16 hex digits of :func:`content_digest`) in the name keeps a
+    changed re-send apart from the copy it replaces until the store points at it.
+
+    Parameters
+    ----------
+    storage_dir : pathlib.Path
+        ``storage.dir``.
+    store : InstanceStore
+        Where instances are recorded.
+    min_free_mb : int
+        Refuse instances (out of resources) when less space than this is free.
+    free_space : callable, optional
+        ``free_space(folder) -> bytes``; :func:`free_bytes` by default. Tests pass
+        their own probe to drive the low-disk path through real associations.
+
+    Notes
+    -----
+    Folders are created 0700 and files 0600: the spool holds patient data.
+    """
+
+    def __init__(
+        self,
+        storage_dir: Path,
+        store: InstanceStore,
+        min_free_mb: int,
+        free_space: Callable[[Path], int] = free_bytes,
+    ) -> None:
+        self.layout = StorageLayout(Path(storage_dir))
+        self.root = self.layout.spool
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        self.store = store
+        self.min_free_bytes = min_free_mb * 1024 * 1024
+        self.free_space = free_space
+
+    def recover(self) -> Recovery:
+        """Bring the spool and the store back in line after a crash; run before listening.
+
+        Only the listener writes the spool, so with no listener running every
+        temporary file is a half-written instance whose C-STORE got no Success,
+        and every file missing from the store was renamed but never committed
+        (no Success either): both are removed, the sender retries them.
+        """
+        # Compared by the path under spool/ (<study>/<series>/<sop>.dcm), so a
+        # storage.dir that was moved never makes recorded files look unrecorded.
+        recorded = {Path(*Path(name).parts[-3:]): name for name in self.store.instance_files()}
+        temp = unrecorded = 0
+        present: set[Path] = set()
+        for path in self.root.rglob("*"):
+            if not path.is_file():
+                continue
+            key = path.relative_to(self.root)
+            if is_temp(path):
+                path.unlink(missing_ok=True)
+                temp += 1
+            elif key not in recorded:
+                path.unlink(missing_ok=True)
+                unrecorded += 1
+            else:
+                present.add(key)
+        missing = 0
+        for key, name in recorded.items():
+            if key not in present:
+                missing += 1
+                self.store.forget_instance(name)
+        return Recovery(temp, unrecorded, missing)
+
+    def path_for(self, record: InstanceRecord, digest: str) -> Path:
+        """The spool file of ``record`` with content ``digest`` (hex)."""
+        return self.layout.instance_file(
+            record.study_instance_uid,
+            record.series_instance_uid,
+            record.sop_instance_uid,
+            digest,
+        )
+
+    def save(self, data: bytes, record: InstanceRecord, now: float) -> Spooled:
+        """Write ``data`` (a DICOM file: preamble, meta, dataset) durably and record it.
+
+        An instance already recorded in its series with the same content is not
+        written again. A changed re-send is written beside the older copy, recorded
+        in its place, and the older file removed (a crash in between leaves an
+        unrecorded file that :meth:`recover` removes).
+
+        Raises
+        ------
+        SpoolError
+            When the instance cannot be made durable; no partial file is left.
+        """
+        digest = content_digest(data)
+        final = self.path_for(record, digest)
+        series, sop = record.series_instance_uid, record.sop_instance_uid
+        try:
+            if self.store.instance_digest(series, sop) == digest:
+                return Spooled(final, new=False, added=Added.DUPLICATE)
+        except Exception as exc:  # sqlite3.Error: cannot tell, so cannot answer Success
+            raise SpoolError(f"{type(exc).__name__}: {exc}") from exc
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.{id(data):x}.tmp")
+        try:
+            final.parent.parent.mkdir(mode=0o700, exist_ok=True)
+            final.parent.mkdir(mode=0o700, exist_ok=True)
+            free = self.free_space(final.parent)
+            if free - len(data) < self.min_free_bytes:
+                raise SpoolError(f"{free // 2**20} MiB free, storage.min_free_mb not met")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+            result = self.store.add_instance(record, final, len(data), now, digest)
+        except SpoolError:
+            raise
+        except Exception as exc:  # OSError, sqlite3.Error: the instance is not durable
+            raise SpoolError(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        if result.replaced_path is not None:
+            # Superseded and no longer recorded; a failure here leaves a file that
+            # recover() removes at the next start.
+            try:
+                result.replaced_path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("spool.old_copy_kept", error=type(exc).__name__)
+        if result.added is Added.REPLACED:
+            log.info(
+                "instance.replaced",
+                series_instance_uid=series,
+                sop_instance_uid=sop,
+                reason="same series and SOP Instance UID, other content: read again",
+            )
+        if result.reused_in:
+            log.warning(
+                "instance.sop_uid_reused",
+                sop_instance_uid=sop,
+                series_instance_uid=series,
+                also_in_series=list(result.reused_in),
+            )
+        return Spooled(
+            final,
+            new=result.added is not Added.DUPLICATE,
+            added=result.added,
+            reused_in=result.reused_in,
+        )

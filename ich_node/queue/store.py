@@ -1,0 +1,741 @@
+"""The node's durable state: one SQLite database (WAL) under ``storage.dir``.
+
+Instances, series, reading jobs, deliveries (the outbox) and worker heartbeats
+live here. Every part of the node (listener threads, the assembler, the sender
+thread, worker processes) opens its own :class:`Store`; SQLite's WAL mode lets
+readers run beside the one writer, and ``BEGIN IMMEDIATE`` serialises writers
+across processes. The interface is small on purpose: a server database can
+replace it later without touching the stages.
+
+All times are seconds since the epoch (``time.time()``), passed in by callers so
+that tests drive time.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Final, Literal
+
+from ich_node.queue import layout
+from ich_node.queue.interface import (
+    Added,
+    AddResult,
+    DeliveryRecord,
+    DeliveryState,
+    InstanceRecord,
+    JobRecord,
+    JobStage,
+    JobState,
+    RereadCounts,
+    SeriesRecord,
+    SeriesState,
+    SrReference,
+)
+
+__all__ = [
+    "DB_NAME",
+    "AddResult",
+    "Added",
+    "DeliveryRecord",
+    "DeliveryState",
+    "InstanceRecord",
+    "JobRecord",
+    "JobStage",
+    "JobState",
+    "RereadCounts",
+    "SeriesRecord",
+    "SeriesState",
+    "SrReference",
+    "Store",
+]
+
+#: The database file inside ``storage.dir`` (re-exported from the layout).
+DB_NAME: Final = layout.DB_NAME
+
+_SCHEMA: Final = """
+-- An instance is identified by its series and its SOP Instance UID: a UID reused in
+-- another series is another instance (faulty modalities, anonymisers, re-keyed archives).
+CREATE TABLE IF NOT EXISTS instances (
+    series_instance_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    digest TEXT NOT NULL DEFAULT '',
+    acquisition TEXT NOT NULL DEFAULT '',
+    images_in_acquisition INTEGER,
+    series_related INTEGER,
+    PRIMARY KEY (series_instance_uid, sop_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS instances_sop ON instances(sop_instance_uid);
+CREATE TABLE IF NOT EXISTS series (
+    series_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    body_part TEXT NOT NULL,
+    study_description TEXT NOT NULL,
+    series_description TEXT NOT NULL,
+    expected INTEGER,
+    n_instances INTEGER NOT NULL,
+    n_replaced INTEGER NOT NULL DEFAULT 0,
+    n_read INTEGER NOT NULL DEFAULT 0,
+    first_at REAL NOT NULL,
+    last_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    series_instance_uid TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL,
+    lease_until REAL,
+    worker TEXT,
+    reason TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    stage TEXT NOT NULL DEFAULT '',
+    crash_returns INTEGER NOT NULL DEFAULT 0,
+    cause TEXT NOT NULL DEFAULT '',
+    sr_study_uid TEXT NOT NULL DEFAULT '',
+    sr_series_uid TEXT NOT NULL DEFAULT '',
+    sr_sop_class_uid TEXT NOT NULL DEFAULT '',
+    sr_sop_uid TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, not_before);
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    n_files INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (job_id, destination)
+);
+CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_at);
+-- One row per result object a destination accepted: a retry (or a restart after a
+-- crash) sends only the rest, so an object is re-sent only when the node died between
+-- the destination's response and this row's commit.
+CREATE TABLE IF NOT EXISTS accepted_objects (
+    job_id TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (job_id, destination, sop_instance_uid)
+);
+CREATE TABLE IF NOT EXISTS heartbeats (
+    name TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS stage_times (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    seconds REAL NOT NULL,
+    at REAL NOT NULL
+);
+"""
+
+
+#: Columns added after the first release: (table, column, declaration).
+_ADDED_COLUMNS: Final = (
+    ("series", "n_replaced", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "stage", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "crash_returns", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "cause", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "sr_study_uid", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "sr_series_uid", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "sr_sop_class_uid", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "sr_sop_uid", "TEXT NOT NULL DEFAULT ''"),
+)
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {str(r[1]) for r in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _migrate_instances(db: sqlite3.Connection) -> None:
+    """Re-key a store written before instances were keyed by series + SOP Instance UID."""
+    columns = _columns(db, "instances")
+    if not columns or "digest" in columns:
+        return
+    db.execute("ALTER TABLE instances RENAME TO instances_before_v2")
+    db.execute("DROP INDEX IF EXISTS instances_series")
+
+
+def _add_columns(db: sqlite3.Connection) -> None:
+    for table, column, declaration in _ADDED_COLUMNS:
+        if column not in _columns(db, table):
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+    if _columns(db, "instances_before_v2"):
+        db.execute(
+            """INSERT OR IGNORE INTO instances (series_instance_uid, sop_instance_uid,
+                sop_class_uid, path, size, received_at)
+            SELECT series_instance_uid, sop_instance_uid, sop_class_uid, path, size,
+                received_at FROM instances_before_v2"""
+        )
+        db.execute("DROP TABLE instances_before_v2")
+
+
+class Store:
+    """A connection to the node's SQLite database.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The database file (created with its schema when absent).
+    timeout : float
+        Seconds to wait for another writer (SQLite busy timeout).
+
+    Notes
+    -----
+    One instance may be shared by the threads of a process (calls are
+    serialised by a lock); each process opens its own.
+    """
+
+    def __init__(self, path: Path, *, timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The store holds UIDs, states and timings only, but the folder beside it
+        # holds images: owner-only (the database and its -wal/-shm files too).
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            str(self.path), timeout=timeout, isolation_level=None, check_same_thread=False
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed transaction survives a power cut, which is what a
+        # Success status to the PACS promises.
+        self._db.execute("PRAGMA synchronous=FULL")
+        with self.transaction() as db:
+            _migrate_instances(db)
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            _add_columns(db)
+        for suffix in ("", "-wal", "-shm"):
+            side = self.path.with_name(self.path.name + suffix)
+            if side.exists():
+                os.chmod(side, 0o600)
+
+    @classmethod
+    def open(cls, storage_dir: Path) -> Store:
+        """The store of the node whose ``storage.dir`` is ``storage_dir``."""
+        return cls(layout.StorageLayout(Path(storage_dir)).db)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``), committed on success."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._db.execute(sql, params))
+
+    # -- instances and series -------------------------------------------------
+
+    def has_instance(self, sop_instance_uid: str, series_instance_uid: str | None = None) -> bool:
+        """Whether an instance with this SOP Instance UID (in this series, when given) is known."""
+        if series_instance_uid is None:
+            rows = self._query(
+                "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            )
+        else:
+            rows = self._query(
+                """SELECT 1 FROM instances WHERE series_instance_uid = ?
+                AND sop_instance_uid = ?""",
+                (series_instance_uid, sop_instance_uid),
+            )
+        return bool(rows)
+
+    def instance_digest(self, series_instance_uid: str, sop_instance_uid: str) -> str | None:
+        """The content digest of the recorded copy of an instance; ``None`` when unknown."""
+        rows = self._query(
+            """SELECT digest FROM instances WHERE series_instance_uid = ?
+            AND sop_instance_uid = ?""",
+            (series_instance_uid, sop_instance_uid),
+        )
+        return str(rows[0]["digest"]) if rows else None
+
+    def add_instance(
+        self, record: InstanceRecord, path: Path, size: int, now: float, digest: str = ""
+    ) -> AddResult:
+        """Record a spooled instance under (series, SOP Instance UID).
+
+        The same key with the same ``digest`` changes nothing (``DUPLICATE``); with
+        another digest the row points at the new file and the series is receiving
+        again (``REPLACED``: it is read again as a new version). A new key is
+        ``NEW``; ``reused_in`` then names other series that hold the same SOP
+        Instance UID (the instance is still stored and read with its own series).
+        """
+        key = (record.series_instance_uid, record.sop_instance_uid)
+        with self.transaction() as db:
+            row = db.execute(
+                """SELECT path, digest FROM instances WHERE series_instance_uid = ?
+                AND sop_instance_uid = ?""",
+                key,
+            ).fetchone()
+            if row is not None and row["digest"] == digest:
+                return AddResult(Added.DUPLICATE, None, ())
+            if row is not None:
+                db.execute(
+                    """UPDATE instances SET path = ?, size = ?, received_at = ?, digest = ?,
+                        sop_class_uid = ?, acquisition = ?, images_in_acquisition = ?,
+                        series_related = ?
+                    WHERE series_instance_uid = ? AND sop_instance_uid = ?""",
+                    (
+                        str(path),
+                        size,
+                        now,
+                        digest,
+                        record.sop_class_uid,
+                        record.acquisition_number,
+                        record.images_in_acquisition,
+                        record.series_related_instances,
+                        *key,
+                    ),
+                )
+                db.execute(
+                    """UPDATE series SET n_replaced = n_replaced + 1, last_at = ?,
+                        state = 'receiving' WHERE series_instance_uid = ?""",
+                    (now, record.series_instance_uid),
+                )
+                old = Path(row["path"])
+                return AddResult(Added.REPLACED, None if old == Path(path) else old, ())
+            db.execute(
+                """INSERT INTO instances (series_instance_uid, sop_instance_uid, sop_class_uid,
+                    path, size, received_at, digest, acquisition, images_in_acquisition,
+                    series_related) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    *key,
+                    record.sop_class_uid,
+                    str(path),
+                    size,
+                    now,
+                    digest,
+                    record.acquisition_number,
+                    record.images_in_acquisition,
+                    record.series_related_instances,
+                ),
+            )
+            db.execute(
+                """INSERT INTO series (series_instance_uid, study_instance_uid, modality,
+                    body_part, study_description, series_description, expected,
+                    n_instances, first_at, last_at, state)
+                VALUES (?, ?, ?, ?, ?, ?, NULL, 1, ?, ?, 'receiving')
+                ON CONFLICT(series_instance_uid) DO UPDATE SET
+                    n_instances = n_instances + 1, last_at = excluded.last_at,
+                    state = 'receiving'""",
+                (
+                    record.series_instance_uid,
+                    record.study_instance_uid,
+                    record.modality,
+                    record.body_part,
+                    record.study_description,
+                    record.series_description,
+                    now,
+                    now,
+                ),
+            )
+            others = db.execute(
+                """SELECT series_instance_uid FROM instances WHERE sop_instance_uid = ?
+                AND series_instance_uid != ? ORDER BY series_instance_uid""",
+                (record.sop_instance_uid, record.series_instance_uid),
+            ).fetchall()
+            return AddResult(Added.NEW, None, tuple(str(r[0]) for r in others))
+
+    def instance_paths(
+        self, series_instance_uid: str, received_by: float | None = None
+    ) -> list[Path]:
+        """The spooled files of a series; with ``received_by``, only those received by then.
+
+        A job reads the instances its series version was queued with (received by
+        the job's creation): later ones belong to the next version, so each
+        version's results are its own, delivered once.
+        """
+        if received_by is None:
+            rows = self._query(
+                "SELECT path FROM instances WHERE series_instance_uid = ? ORDER BY path",
+                (series_instance_uid,),
+            )
+        else:
+            rows = self._query(
+                """SELECT path FROM instances WHERE series_instance_uid = ? AND received_at <= ?
+                ORDER BY path""",
+                (series_instance_uid, received_by),
+            )
+        return [Path(r["path"]) for r in rows]
+
+    def _series_record(self, row: sqlite3.Row) -> SeriesRecord:
+        data = dict(row)
+        data["expected"] = self._whole_series_count(str(row["series_instance_uid"]))
+        return SeriesRecord(**data)
+
+    def _whole_series_count(self, series_instance_uid: str) -> int | None:
+        # ImagesInAcquisition counts one acquisition (PS3.3 C.7.6.1): it is the
+        # series size only when every instance says it and all share one
+        # AcquisitionNumber. NumberOfSeriesRelatedInstances counts the series.
+        row = self._query(
+            """SELECT COUNT(*) AS n, MAX(series_related) AS related,
+                COUNT(DISTINCT acquisition) AS acquisitions,
+                SUM(acquisition = '') AS no_acquisition,
+                COUNT(images_in_acquisition) AS with_count,
+                MIN(images_in_acquisition) AS lo, MAX(images_in_acquisition) AS hi
+            FROM instances WHERE series_instance_uid = ?""",
+            (series_instance_uid,),
+        )[0]
+        if row["related"] is not None and int(row["related"]) > 0:
+            return int(row["related"])
+        if (
+            int(row["n"]) > 0
+            and int(row["acquisitions"]) == 1
+            and not int(row["no_acquisition"] or 0)
+            and int(row["with_count"]) == int(row["n"])
+            and row["lo"] == row["hi"]
+            and int(row["hi"]) > 0
+        ):
+            return int(row["hi"])
+        return None
+
+    def series(self, series_instance_uid: str) -> SeriesRecord | None:
+        rows = self._query(
+            "SELECT * FROM series WHERE series_instance_uid = ?", (series_instance_uid,)
+        )
+        return self._series_record(rows[0]) if rows else None
+
+    def receiving_series(self) -> list[SeriesRecord]:
+        """Series with instances that no read has covered yet."""
+        rows = self._query("SELECT * FROM series WHERE state = 'receiving' ORDER BY last_at")
+        return [self._series_record(r) for r in rows]
+
+    def skip_series(
+        self,
+        series_instance_uid: str,
+        n_read: int,
+        reason: str,
+        seen_last_at: float | None = None,
+        state: Literal["skipped", "capped"] = "skipped",
+    ) -> None:
+        """Record that the series is not read (``skipped``, or ``capped`` at max_versions).
+
+        It stays ``receiving`` when an instance came after ``seen_last_at`` (the
+        ``last_at`` the decision was made on) or beyond ``n_read`` instances.
+        """
+        seen = float("inf") if seen_last_at is None else seen_last_at
+        with self.transaction() as db:
+            db.execute(
+                """UPDATE series SET state = CASE WHEN n_instances > ? OR last_at > ?
+                    THEN 'receiving' ELSE ? END, n_read = ?, reason = ?
+                WHERE series_instance_uid = ?""",
+                (n_read, seen, state, n_read, reason, series_instance_uid),
+            )
+
+    def queue_series(
+        self,
+        series_instance_uid: str,
+        n_read: int,
+        job_id_for: Callable[[str, int], str],
+        now: float,
+        seen_last_at: float | None = None,
+    ) -> JobRecord:
+        """Bump the series version and enqueue its job, in one transaction.
+
+        ``job_id_for`` is called with (series UID, version) and returns the job id.
+        The job's ``cause`` says why this version is read: the first read, late
+        instances, changed re-sends. The series stays ``receiving`` when an
+        instance came after ``seen_last_at`` (the ``last_at`` the decision saw).
+        """
+        seen = float("inf") if seen_last_at is None else seen_last_at
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT version, n_read, n_replaced FROM series WHERE series_instance_uid = ?",
+                (series_instance_uid,),
+            ).fetchone()
+            version = int(row["version"]) + 1
+            job_id = job_id_for(series_instance_uid, version)
+            # The version holds the instances received by `now` (what its job reads,
+            # see instance_paths); any later one makes the series receiving again.
+            counted = db.execute(
+                """SELECT COUNT(*) AS n FROM instances WHERE series_instance_uid = ?
+                AND received_at <= ?""",
+                (series_instance_uid, now),
+            ).fetchone()
+            n_read = min(n_read, int(counted["n"])) if int(counted["n"]) else n_read
+            if version == 1:
+                cause = "first read"
+            else:
+                late = max(n_read - int(row["n_read"]), 0)
+                parts = [f"{late} late instances"] if late else []
+                if int(row["n_replaced"]):
+                    parts.append(f"{int(row['n_replaced'])} changed re-sends")
+                cause = ", ".join(parts) or "read again"
+            db.execute(
+                """UPDATE series SET state = CASE WHEN n_instances > ? OR last_at > ?
+                    THEN 'receiving' ELSE 'queued' END, n_read = ?, version = ?, reason = '',
+                    n_replaced = 0
+                WHERE series_instance_uid = ?""",
+                (n_read, seen, n_read, version, series_instance_uid),
+            )
+            db.execute(
+                """INSERT OR IGNORE INTO jobs (job_id, series_instance_uid, version, state,
+                    not_before, created_at, updated_at, cause)
+                VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)""",
+                (job_id, series_instance_uid, version, now, now, now, cause),
+            )
+            job = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            return JobRecord(**dict(job))
+
+    def reread_counts(self) -> RereadCounts:
+        """How many series were read more than once and why, capped ones, reused UIDs."""
+        row = self._query(
+            """SELECT
+                (SELECT COUNT(*) FROM series WHERE version > 1) AS series,
+                (SELECT COUNT(*) FROM jobs WHERE version > 1 AND cause LIKE '%late%') AS late,
+                (SELECT COUNT(*) FROM jobs WHERE version > 1 AND cause LIKE '%changed%')
+                    AS changed,
+                (SELECT COUNT(*) FROM series WHERE state = 'capped') AS capped,
+                (SELECT COUNT(*) FROM instances i WHERE EXISTS (SELECT 1 FROM instances o
+                    WHERE o.sop_instance_uid = i.sop_instance_uid
+                    AND o.series_instance_uid != i.series_instance_uid)) AS reused"""
+        )[0]
+        return RereadCounts(
+            int(row["series"]),
+            int(row["late"]),
+            int(row["changed"]),
+            int(row["capped"]),
+            int(row["reused"]),
+        )
+
+    def previous_sr(self, series_instance_uid: str, version: int) -> SrReference | None:
+        """The SR of the latest earlier version of a series that sent one, or ``None``."""
+        rows = self._query(
+            """SELECT sr_study_uid, sr_series_uid, sr_sop_class_uid, sr_sop_uid FROM jobs
+            WHERE series_instance_uid = ? AND version < ? AND state = 'done'
+            AND sr_sop_uid != '' ORDER BY version DESC LIMIT 1""",
+            (series_instance_uid, version),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return SrReference(
+            str(r["sr_study_uid"]),
+            str(r["sr_series_uid"]),
+            str(r["sr_sop_class_uid"]),
+            str(r["sr_sop_uid"]),
+        )
+
+    # -- jobs -------------------------------------------------------------------
+
+    def job(self, job_id: str) -> JobRecord | None:
+        rows = self._query("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
+        return JobRecord(**dict(rows[0])) if rows else None
+
+    def jobs(self, state: JobState | None = None) -> list[JobRecord]:
+        if state is None:
+            rows = self._query("SELECT * FROM jobs ORDER BY created_at")
+        else:
+            rows = self._query("SELECT * FROM jobs WHERE state = ? ORDER BY created_at", (state,))
+        return [JobRecord(**dict(r)) for r in rows]
+
+    # -- deliveries ---------------------------------------------------------------
+
+    def deliveries(self, job_id: str | None = None) -> list[DeliveryRecord]:
+        if job_id is None:
+            rows = self._query("SELECT * FROM deliveries ORDER BY created_at")
+        else:
+            rows = self._query(
+                "SELECT * FROM deliveries WHERE job_id = ? ORDER BY destination", (job_id,)
+            )
+        return [DeliveryRecord(**dict(r)) for r in rows]
+
+    def due_deliveries(self, now: float) -> list[DeliveryRecord]:
+        rows = self._query(
+            """SELECT * FROM deliveries WHERE state IN ('pending', 'retry') AND next_at <= ?
+            ORDER BY next_at""",
+            (now,),
+        )
+        return [DeliveryRecord(**dict(r)) for r in rows]
+
+    def finish_delivery(
+        self,
+        job_id: str,
+        destination: str,
+        state: DeliveryState,
+        reason: str,
+        next_at: float,
+        now: float,
+    ) -> None:
+        with self.transaction() as db:
+            db.execute(
+                """UPDATE deliveries SET state = ?, attempts = attempts + 1, reason = ?,
+                    next_at = ?, updated_at = ? WHERE job_id = ? AND destination = ?""",
+                (state, reason, next_at, now, job_id, destination),
+            )
+
+    def requeue_deliveries(self, job_id: str, now: float) -> int:
+        """Parked deliveries of ``job_id`` back to pending with fresh attempts.
+
+        An admin's resend sends every object again, also those accepted before.
+        """
+        with self.transaction() as db:
+            cur = db.execute(
+                """UPDATE deliveries SET state = 'pending', attempts = 0, next_at = ?,
+                    updated_at = ? WHERE job_id = ? AND state = 'parked'""",
+                (now, now, job_id),
+            )
+            db.execute(
+                """DELETE FROM accepted_objects WHERE job_id = ? AND destination IN
+                    (SELECT destination FROM deliveries WHERE job_id = ? AND state = 'pending')""",
+                (job_id, job_id),
+            )
+            return cur.rowcount
+
+    def accepted_objects(self, job_id: str, destination: str) -> set[str]:
+        """SOP Instance UIDs of ``job_id``'s objects that ``destination`` accepted."""
+        rows = self._query(
+            """SELECT sop_instance_uid FROM accepted_objects
+            WHERE job_id = ? AND destination = ?""",
+            (job_id, destination),
+        )
+        return {str(r["sop_instance_uid"]) for r in rows}
+
+    def accept_object(
+        self, job_id: str, destination: str, sop_instance_uid: str, now: float
+    ) -> None:
+        """Record that ``destination`` accepted one object (committed at once)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO accepted_objects VALUES (?, ?, ?, ?)",
+                (job_id, destination, sop_instance_uid, now),
+            )
+
+    # -- heartbeats and counts ---------------------------------------------------
+
+    def heartbeat(self, name: str, pid: int, now: float) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO heartbeats (name, pid, at) VALUES (?, ?, ?)",
+                (name, pid, now),
+            )
+
+    def heartbeats(self) -> dict[str, tuple[int, float]]:
+        return {
+            r["name"]: (int(r["pid"]), float(r["at"]))
+            for r in self._query("SELECT * FROM heartbeats")
+        }
+
+    def counts(self, table: Literal["series", "jobs", "deliveries"]) -> dict[str, int]:
+        """Rows per state of ``series``, ``jobs`` or ``deliveries``."""
+        if table not in ("series", "jobs", "deliveries"):
+            raise ValueError(f"table must be series, jobs or deliveries, got {table!r}")
+        rows = self._query(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")
+        return {r["state"]: int(r["n"]) for r in rows}
+
+    def n_instances(self) -> int:
+        return int(self._query("SELECT COUNT(*) AS n FROM instances")[0]["n"])
+
+    # -- timings (metrics) and retention ------------------------------------------
+
+    def add_stage_times(self, job_id: str, times: dict[str, float], now: float) -> None:
+        """Record the seconds each stage of a job attempt took (for the metrics)."""
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO stage_times (job_id, stage, seconds, at) VALUES (?, ?, ?, ?)",
+                [(job_id, stage, float(sec), now) for stage, sec in times.items()],
+            )
+
+    def stage_times_after(self, last_id: int) -> list[tuple[int, str, float]]:
+        """``(id, stage, seconds)`` rows recorded after row ``last_id``."""
+        rows = self._query(
+            "SELECT id, stage, seconds FROM stage_times WHERE id > ? ORDER BY id LIMIT 10000",
+            (last_id,),
+        )
+        return [(int(r["id"]), str(r["stage"]), float(r["seconds"])) for r in rows]
+
+    def instance_files(self) -> dict[str, str]:
+        """Path → SOP Instance UID of every recorded instance (recovery checks)."""
+        return {
+            r["path"]: r["sop_instance_uid"]
+            for r in self._query("SELECT path, sop_instance_uid FROM instances")
+        }
+
+    def forget_instance(self, path: str) -> None:
+        """Drop the instance row of a file that is gone (recovery), keeping the counts right."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT series_instance_uid FROM instances WHERE path = ?", (path,)
+            ).fetchone()
+            if row is None:
+                return
+            db.execute("DELETE FROM instances WHERE path = ?", (path,))
+            db.execute(
+                """UPDATE series SET n_instances = MAX(n_instances - 1, 0)
+                WHERE series_instance_uid = ?""",
+                (row["series_instance_uid"],),
+            )
+
+    def expired_series(self, cutoff: float) -> list[str]:
+        """Series last touched before ``cutoff`` whose every job and delivery is finished.
+
+        Finished: the series was skipped, or each of its jobs is ``done`` and each
+        delivery ``done``. Parked work is kept until an admin resends it.
+        """
+        rows = self._query(
+            """SELECT s.series_instance_uid FROM series s
+            WHERE s.state IN ('queued', 'skipped', 'capped') AND s.last_at < ?
+            AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_instance_uid =
+                s.series_instance_uid AND j.state != 'done')
+            AND NOT EXISTS (SELECT 1 FROM deliveries d JOIN jobs j ON d.job_id = j.job_id
+                WHERE j.series_instance_uid = s.series_instance_uid AND d.state != 'done')""",
+            (cutoff,),
+        )
+        return [str(r["series_instance_uid"]) for r in rows]
+
+    def purge_series(self, series_instance_uid: str) -> None:
+        """Forget a purged series' instances; keep its UIDs, state and timings."""
+        with self.transaction() as db:
+            db.execute(
+                "DELETE FROM instances WHERE series_instance_uid = ?", (series_instance_uid,)
+            )
+            db.execute(
+                """UPDATE series SET state = 'purged', body_part = '', study_description = '',
+                    series_description = ''
+                WHERE series_instance_uid = ?""",
+                (series_instance_uid,),
+            )
+
+    def results_expired(self, job_id: str, cutoff: float) -> bool:
+        """Whether a job's results folder may go: done, delivered everywhere, old enough."""
+        rows = self._query(
+            """SELECT 1 FROM jobs j WHERE j.job_id = ? AND j.state = 'done' AND j.updated_at < ?
+            AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = j.job_id
+                AND (d.state != 'done' OR d.updated_at >= ?))""",
+            (job_id, cutoff, cutoff),
+        )
+        return bool(rows)
