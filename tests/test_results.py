@@ -410,3 +410,41 @@ def test_predict_delivers_every_shared_header_case(
     n_cases = len(list(cases.glob("charset/*/*.dcm")) + list(cases.glob("invalid-values/*/*.dcm")))
     assert len(list(out.glob("*/sr.dcm"))) == n_cases
     assert "failed" not in capsys.readouterr().err
+
+
+def test_heatmaps_name_their_slice_in_the_srs_numbering(
+    written: tuple[ResultSet, list[Path]], positive: tuple[Classifier, Prediction]
+) -> None:
+    """Slice number and position are burned in (read back from the pixels) and in the tags."""
+    import numpy as np
+
+    from ich_node.results.common import cam_to_source
+    from ich_node.results.sc import render_overlay, slice_label, slice_text
+
+    results, _ = written
+    classifier, prediction = positive
+    explained = explain_series(prediction, classifier)
+    cams = {e.index: e for e in explained.explanations}
+    findings = prediction.findings
+    n = findings.n_slices
+    for ds in results.heatmaps:
+        i = int(ds.InstanceNumber) - 1  # the SR's numbering: slice i + 1 of n
+        src = prediction.series.slices[i]
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.sop_instance_uid
+        assert float(ds.SliceLocation) == pytest.approx(src.position_mm, abs=1e-3)
+        assert findings.slices[i].position_mm == pytest.approx(float(ds.SliceLocation), abs=1e-3)
+        label = slice_label(findings, i)
+        assert label.startswith(f"Slice {i + 1} of {n} (inferior to superior), ")
+        hu = prediction.hu[i]
+        cam = cam_to_source(cams[i].cam, *hu.shape)
+        pixels = ds.pixel_array
+        expected = render_overlay(hu, cam, slice_text(findings, classifier.card, i, cams[i].labels))
+        assert np.array_equal(pixels, expected)  # the whole image, text included
+        # The first text line is the slice's label: another slice's label reads differently.
+        font_size = max(9, min(hu.shape) // 36)
+        band = slice(max(2, font_size // 3), max(2, font_size // 3) + font_size + 2)
+        other = slice_label(findings, (i + 1) % n)
+        mine = render_overlay(hu, cam, [label])[band]
+        theirs = render_overlay(hu, cam, [other])[band]
+        assert np.array_equal(pixels[band], mine)
+        assert not np.array_equal(pixels[band], theirs)

@@ -138,7 +138,8 @@ class ResultSet:
     sr : pydicom.Dataset
         Comprehensive 3D SR (TID 1500).
     heatmaps : tuple of pydicom.Dataset
-        Secondary Capture images, InstanceNumber 1..n in spatial order.
+        Secondary Capture images in spatial order; InstanceNumber is the slice's
+        number (1 = most inferior), as the SR counts.
     parametric_map : pydicom.Dataset or None
         Grad-CAM Parametric Map when asked for and there was something to explain.
     previews : tuple of (str, bytes)
@@ -313,7 +314,8 @@ def _build(
         series_instance_uid=uid("heatmap series"),
         sop_instance_uids=[uid("heatmap", image.index) for image in images],
     )
-    previews = tuple((f"{n}.png", png_bytes(image.rgb)) for n, image in enumerate(images, 1))
+    # Named by InstanceNumber, the slice's number in the SR's numbering.
+    previews = tuple((f"{image.index + 1}.png", png_bytes(image.rgb)) for image in images)
 
     parametric_map = None
     multi_frame = any(s.frame_number is not None for s in series.slices)

@@ -192,17 +192,32 @@ def render_overlay(
     return np.asarray(image, dtype=np.uint8)
 
 
+def slice_label(findings: SeriesFindings, index: int) -> str:
+    """ "Slice 8 of 28 (inferior to superior), 35.0 mm along the normal" for ``index`` 7."""
+    position = findings.slices[index].position_mm
+    return (
+        f"Slice {index + 1} of {findings.n_slices} (inferior to superior), "
+        f"{position:.1f} mm along the normal"
+    )
+
+
 def slice_text(
     findings: SeriesFindings, card: ModelCard, index: int, labels: Sequence[str]
 ) -> list[str]:
-    """The lines burned into the heatmap of slice ``index``."""
+    """The lines burned into the heatmap of slice ``index``.
+
+    The first line names the slice as the SR's summary does: its number counted
+    from 1 in the series' spatial order (inferior to superior, the numbering of
+    "slices 8, 11-28" in the SR) and its position along the slice normal in mm
+    (``ImagePositionPatient`` · normal, also written as SliceLocation).
+    """
     probabilities = findings.slices[index].probabilities
     if labels:
         found = ", ".join(f"{label} p={probabilities[label]:.2f}" for label in labels)
         head = f"Suspected: {found}"
     else:
         head = f"No positive label on this slice (any p={probabilities['any']:.2f})"
-    lines = [head, f"{card.name} {card.version}", NOT_FOR_DIAGNOSIS]
+    lines = [slice_label(findings, index), head, f"{card.name} {card.version}", NOT_FOR_DIAGNOSIS]
     if card.demo:
         lines.append(DEMO_LINE)
     return lines
@@ -274,7 +289,8 @@ def build_heatmap_series(
     series : CTSeries
         The source slices (UIDs, pixel spacing, orientation).
     images : sequence of HeatmapImage
-        From :func:`render_heatmaps`, in series order; InstanceNumber follows it.
+        From :func:`render_heatmaps`, in series order. InstanceNumber is the
+        slice's number in the series (index + 1), the numbering the SR uses.
     card : ModelCard
         The model, named in Manufacturer's Model Name and Contributing Equipment.
     study : pydicom.Dataset
@@ -299,8 +315,10 @@ def build_heatmap_series(
             f"sop_instance_uids has {len(sop_instance_uids)} UIDs for {len(images)} images"
         )
     out: list[pydicom.Dataset] = []
-    for number, (image, uid) in enumerate(zip(images, sop_instance_uids, strict=True), start=1):
+    for image, uid in zip(images, sop_instance_uids, strict=True):
         src = series.slices[image.index]
+        # The SR's numbering: slice i of the series (spatial order) is image i + 1.
+        number = image.index + 1
         sc = hd.sc.SCImage(
             pixel_array=image.rgb,
             photometric_interpretation="RGB",
@@ -349,6 +367,10 @@ def build_heatmap_series(
         sc.PixelSpacingCalibrationType = "GEOMETRY"
         sc.PixelSpacingCalibrationDescription = "Pixel spacing of the source CT slice"
         sc.ImageComments = ", ".join(image.labels) if image.labels else "no overlay"
+        # Image Plane's SliceLocation (PS3.3 C.7.6.2.1.2): the position along the
+        # normal, as burned in; the Secondary Capture IOD has no Image Plane module,
+        # so viewers that sort or show it find it here.
+        sc.SliceLocation = round(src.position_mm, 3)
         out.append(sc)
     return tuple(out)
 
