@@ -106,6 +106,14 @@ class Metrics:
             "ich_node_send_failures", "Failed delivery attempts per destination", ["destination"],
             registry=r,
         )  # fmt: skip
+        self.time_to_notification = Histogram(
+            "ich_node_time_to_notification_seconds",
+            "From the last instance of a series version received to its alert accepted "
+            "by the notification target",
+            ["target"],
+            buckets=BUCKETS,
+            registry=r,
+        )
         self.refusals = Counter(
             "ich_node_associations_refused",
             "Connections and associations the listener refused or aborted, by reason "

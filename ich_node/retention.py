@@ -106,6 +106,12 @@ class Cleaner:
                     elif self.store.results_expired(folder.name, cutoff):
                         shutil.rmtree(folder, ignore_errors=True)
                         n_results += 1
+            # Alert records (they hold patient identifiers for HL7): same rule.
+            alerts = self.layout.alerts
+            if alerts.is_dir():
+                for folder in alerts.iterdir():
+                    if self.store.results_expired(folder.name, cutoff):
+                        shutil.rmtree(folder, ignore_errors=True)
         except Exception as exc:  # log and go on; the next pass tries again
             log.error("retention.failed", error=type(exc).__name__)
         cleaned = Cleaned(n_series, n_files, n_results, n_temp)

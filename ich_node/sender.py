@@ -6,6 +6,12 @@ exponential backoff (``sender.backoff_base_seconds`` doubling, capped at
 ``sender.backoff_max_seconds``) and, after ``sender.max_attempts`` attempts, to
 ``parked`` with the reason. ``ich-node resend`` puts parked deliveries back to
 ``pending`` and the running node's sender picks them up.
+
+Alerts (:mod:`ich_node.delivery`) are deliveries too, with the destination
+``alert:<target>``: the same states, backoff, parking and resend. A target's
+permanent refusal (HL7 AE, HTTP 4xx) is parked at once with its text. The
+serving process runs one sender thread for alerts and one for DICOM results,
+so an alert never waits behind a slow C-STORE.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import structlog
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config, evt
 
-from ich_node.config import Destination, SenderSection
+from ich_node.config import Destination, NotificationTarget, SenderSection
+from ich_node.delivery.alerts import ALERT_PREFIX, AlertFailed
 from ich_node.metrics import Metrics
 from ich_node.net import set_nodelay
 from ich_node.queue.interface import DeliveryRecord, DeliveryState, DeliveryStore
@@ -147,8 +154,10 @@ class Sender:
         storage_dir: Path,
         calling_ae: str,
         metrics: Metrics | None = None,
+        targets: Sequence[NotificationTarget] = (),
     ) -> None:
         self.metrics = metrics
+        self.targets = tuple(targets)
         self.store = store
         self.destinations = {d.name: d for d in destinations}
         self.config = config
@@ -164,6 +173,8 @@ class Sender:
         """Attempt one delivery and record its new state; never raises."""
         started = time.perf_counter()
         attempt = delivery.attempts + 1
+        if delivery.destination.startswith(ALERT_PREFIX):
+            return self._deliver_alert(delivery, now, started)
         try:
             destination = self.destinations.get(delivery.destination)
             if destination is None:
@@ -217,6 +228,68 @@ class Sender:
                 pass
         return DeliveryOutcome(delivery.job_id, delivery.destination, state, reason)
 
-    def run_once(self, now: float) -> list[DeliveryOutcome]:
-        """Attempt every delivery due at ``now``."""
-        return [self.deliver(d, now) for d in self.store.due_deliveries(now)]
+    def _deliver_alert(
+        self, delivery: DeliveryRecord, now: float, started: float
+    ) -> DeliveryOutcome:
+        """Send one recorded alert and record its new state; never raises."""
+        from ich_node.delivery.outbox import send_alert, target_of
+
+        attempt = delivery.attempts + 1
+        name = delivery.destination.removeprefix(ALERT_PREFIX)
+        to_notification = None
+        try:
+            target = target_of(delivery.destination, self.targets)
+            alert = send_alert(self.storage_dir, target, delivery.job_id)
+            accepted = time.time()
+            to_notification = accepted - alert.last_received_at
+            state, reason, logged, next_at = "done", "", "", now
+        except Exception as exc:
+            permanent = isinstance(exc, AlertFailed) and exc.permanent
+            # Logs get the node's own words; the store also keeps the peer's text.
+            logged = f"{type(exc).__name__}: {exc}"[:500]
+            reason = exc.recorded[:500] if isinstance(exc, AlertFailed) else logged
+            if permanent or attempt >= self.config.max_attempts:
+                state, next_at = "parked", now
+                why = "refused" if permanent else f"after {attempt} attempts"
+                reason, logged = f"{why}: {reason}", f"{why}: {logged}"
+            else:
+                state, next_at = "retry", now + self.backoff(attempt)
+        try:
+            if state == "done":
+                self.store.alert_accepted(delivery.job_id, name, time.time())
+            self.store.finish_delivery(
+                delivery.job_id, delivery.destination, state, reason, next_at, time.time()
+            )
+        except Exception as exc:  # stays due; tried again on the next pass
+            log.error("alert.record_failed", job_id=delivery.job_id, error=type(exc).__name__)
+        log.info(
+            "alert.finished",
+            job_id=delivery.job_id,
+            target=name,
+            attempt=attempt,
+            state=state,
+            send_s=round(time.perf_counter() - started, 3),
+            time_to_notification_s=None if to_notification is None else round(to_notification, 3),
+            reason=logged or None,
+        )
+        if self.metrics is not None:
+            try:
+                self.metrics.deliveries.labels(delivery.destination, state).inc()
+                if state != "done":
+                    self.metrics.send_failures.labels(delivery.destination).inc()
+                elif to_notification is not None:
+                    self.metrics.time_to_notification.labels(name).observe(to_notification)
+            except Exception:  # metrics never change a delivery
+                pass
+        return DeliveryOutcome(delivery.job_id, delivery.destination, state, reason)
+
+    def run_once(self, now: float, alerts: bool | None = None) -> list[DeliveryOutcome]:
+        """Attempt every delivery due at ``now``, alerts first.
+
+        ``alerts``: ``True`` only alerts, ``False`` only DICOM results, ``None`` both.
+        """
+        due = self.store.due_deliveries(now)
+        due.sort(key=lambda d: not d.destination.startswith(ALERT_PREFIX))
+        if alerts is not None:
+            due = [d for d in due if d.destination.startswith(ALERT_PREFIX) == alerts]
+        return [self.deliver(d, now) for d in due]

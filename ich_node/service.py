@@ -333,15 +333,18 @@ class Supervisor:
 
 
 class _SenderThread(threading.Thread):
-    def __init__(self, sender: Sender, stop: threading.Event) -> None:
-        super().__init__(name="sender", daemon=True)
+    # alerts: True sends only alerts, False only DICOM results (one thread each, so
+    # that an alert never waits behind a slow C-STORE).
+    def __init__(self, sender: Sender, stop: threading.Event, alerts: bool = False) -> None:
+        super().__init__(name="alerts" if alerts else "sender", daemon=True)
         self.sender = sender
         self.stop = stop
+        self.alerts = alerts
 
     def run(self) -> None:
         while not self.stop.is_set():
             try:
-                self.sender.run_once(time.time())
+                self.sender.run_once(time.time(), alerts=self.alerts)
             except Exception as exc:  # log and go on
                 log.error("sender.loop_error", error=type(exc).__name__)
             self.stop.wait(LOOP_SECONDS)
@@ -456,6 +459,7 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float]) -> int:
         config.storage.dir,
         config.node.ae_title,
         metrics,
+        targets=config.notifications,
     )
     supervisor = Supervisor(config, queue)
     cleaner = Cleaner(store, config.storage.dir, config.storage.keep_hours)
@@ -493,6 +497,8 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float]) -> int:
     sender_stop = threading.Event()
     sender_thread = _SenderThread(sender, sender_stop)
     sender_thread.start()
+    alert_thread = _SenderThread(sender, sender_stop, alerts=True)
+    alert_thread.start()
     log.info("serve.started", pid=os.getpid(), workers=config.node.workers)
     cleaned_at = clock()
     while not stop.is_set():
@@ -513,6 +519,7 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float]) -> int:
     supervisor.stop()
     sender_stop.set()
     sender_thread.join(config.sender.timeout_seconds + 5)
+    alert_thread.join(max((t.timeout_seconds for t in config.notifications), default=0) + 5)
     if metrics_server is not None:
         metrics_server.shutdown()  # type: ignore[attr-defined]
     store.close()

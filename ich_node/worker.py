@@ -215,6 +215,42 @@ class Worker:
             parametric_map=self.config.results.parametric_map,
         )
 
+    def _alert(self, item: _Leased, prediction: Any) -> None:
+        """Record this version's alerts as soon as its probabilities are known.
+
+        Before Grad-CAM, heatmaps and the SR: the serving process's alert thread
+        sends them at once. A failure to record fails the job (it runs again;
+        an alert is never sent unrecorded, and recorded ones are not repeated).
+        """
+        if not self.config.notifications:
+            return
+        from ich_node.delivery.outbox import prepare_alerts
+        from ich_node.results.common import source_header
+
+        t = time.perf_counter()
+        job = item.job
+        alerts = prepare_alerts(
+            self.store,
+            self.config.storage.dir,
+            self.config.notifications,
+            job_id=job.job_id,
+            version=job.version,
+            created_at=job.created_at,
+            findings=dataclasses.replace(prediction.findings, version=job.version),
+            header=source_header(prediction.series),
+            hu_of=lambda i: prediction.hu[i],
+            now=time.time(),
+        )
+        item.times["alert_s"] = time.perf_counter() - t
+        if alerts:
+            log.info(
+                "job.alerts_recorded",
+                job_id=job.job_id,
+                targets=[a.target for a in alerts],
+                positive=[a.positive for a in alerts],
+                status=[a.status for a in alerts],
+            )
+
     def _explain(self, prediction: Any) -> Any:
         """Model stage: Grad-CAM maps and the source header, as an ``ExplainedSeries``.
 
@@ -398,6 +434,7 @@ class Worker:
             read_s=round(times.get("read_s", 0.0), 3),
             infer_s=round(times.get("infer_s", 0.0), 3),
             results_s=round(times.get("results_s", 0.0), 3),
+            alert_s=round(times["alert_s"], 3) if "alert_s" in times else None,
             total_s=round(total_s, 3),
             reason=outcome.reason or None,
         )
@@ -447,6 +484,7 @@ class Worker:
             prediction = self.classifier.predict_prepared(item.series, batches())
             if not ended:  # the model stopped early: take the rest so the reader can go on
                 raise RuntimeError("the model stage did not read the whole series")
+            self._alert(item, prediction)  # alert first: before heatmaps and the SR
             explained = self._explain(prediction)
         except Exception as exc:
             item.cancel.set()
@@ -471,7 +509,9 @@ class Worker:
             item.series = self._read(job, item.times)
             started = time.perf_counter()
             self._stage(item, "model", clock)
-            explained = self._explain(self.classifier.predict_series(item.series))
+            prediction = self.classifier.predict_series(item.series)
+            self._alert(item, prediction)
+            explained = self._explain(prediction)
             item.times["infer_s"] = time.perf_counter() - started
             self._stage(item, "results", clock)
         except Exception as exc:

@@ -126,9 +126,11 @@ class WebhookServer:
     ``status`` is what it answers (200 by default); a wrong signature gets 401.
     """
 
-    def __init__(self, ca: CertAuthority, secret: bytes) -> None:
+    def __init__(self, ca: CertAuthority, secret: bytes, port: int = 0) -> None:
         self.secret = secret
         self.status = 200
+        self.delay = 0.0  # seconds before answering (the request is in `arrived` at once)
+        self.arrived: list[tuple[dict[str, str], bytes]] = []
         self.received: list[tuple[dict[str, str], bytes]] = []
         self.bad_signatures = 0
         outer = self
@@ -142,6 +144,9 @@ class WebhookServer:
                     self.send_response(401)
                     self.end_headers()
                     return
+                outer.arrived.append((dict(self.headers), raw))
+                if outer.delay:
+                    time.sleep(outer.delay)
                 if outer.status == 200:
                     outer.received.append((dict(self.headers), raw))
                 self.send_response(outer.status)
@@ -152,7 +157,9 @@ class WebhookServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False  # a request held by `delay` does not hold close
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(ca.cert, ca.key)
         self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)

@@ -30,11 +30,10 @@ from PIL import Image
 from ich_node.config import EmailTarget, NotificationTarget
 from ich_node.durable import fsync_dir
 from ich_node.labels import LABELS
+from ich_node.queue.layout import StorageLayout
 from ich_node.results.findings import SeriesFindings
 from ich_node.results.sr import FINDING_CODES
 
-#: Folder of the alert records inside ``storage.dir``.
-ALERTS_DIR: Final = "alerts"
 #: The prefix that tells an alert's delivery row from a DICOM destination's.
 ALERT_PREFIX: Final = "alert:"
 #: Longest side of the email's key image, pixels.
@@ -289,7 +288,7 @@ def key_image_png(hu: np.ndarray, lines: Sequence[str]) -> bytes:
 
 def alerts_dir(storage_dir: Path, job_id: str) -> Path:
     """Where the alert records of ``job_id`` are kept."""
-    return Path(storage_dir) / ALERTS_DIR / job_id
+    return StorageLayout(Path(storage_dir)).alerts_dir(job_id)
 
 
 def _write_durably(path: Path, data: bytes) -> None:

@@ -134,6 +134,23 @@ class DeliveryRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class AlertRecord:
+    """One alert to one notification target (see :mod:`ich_node.delivery.alerts`)."""
+
+    job_id: str
+    target: str
+    series_instance_uid: str
+    version: int
+    key: str  # idempotency key, repeated in every message
+    status: str  # F (first) | C (correction)
+    supersedes: str | None  # the key of the alert this one corrects
+    positive_labels: tuple[str, ...]  # the answer this alert gave (empty: negative)
+    last_received_at: float
+    created_at: float
+    accepted_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SrReference:
     """The UIDs of an SR a job sent (PS3.3 C.17.2, Predecessor Documents Sequence)."""
 
@@ -256,3 +273,20 @@ class DeliveryStore(Protocol):
     def accept_object(
         self, job_id: str, destination: str, sop_instance_uid: str, now: float
     ) -> None: ...
+
+
+class AlertStore(Protocol):
+    """Alerts to notification targets (:mod:`ich_node.delivery.outbox`); their delivery
+    rows are the outbox's (destination ``alert:<target>``)."""
+
+    def last_received_at(self, series_instance_uid: str, received_by: float) -> float | None: ...
+
+    def alerts(self, job_id: str | None = None) -> list[AlertRecord]: ...
+
+    def previous_alert(
+        self, series_instance_uid: str, version: int, target: str
+    ) -> AlertRecord | None: ...
+
+    def record_alerts(self, alerts: list[AlertRecord], prefix: str, now: float) -> int: ...
+
+    def alert_accepted(self, job_id: str, target: str, now: float) -> None: ...

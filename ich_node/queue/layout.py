@@ -8,6 +8,7 @@
     results/<job_id>/findings.json                 a job's findings
     results/<job_id>/outbox/                       what is sent (*.dcm; PNG previews stay)
     results/.<job_id>.<pid>.tmp/                   a job's results being written
+    alerts/<job_id>/<target>.json (.png)           a job's alert to one target (key image)
 
 UIDs become path parts only when they are digits and dots (PS3.5 9.1); any other
 value is replaced by its SHA-256, so a hostile UID never names a path outside
@@ -62,6 +63,14 @@ class StorageLayout:
     @property
     def results(self) -> Path:
         return self.root / "results"
+
+    @property
+    def alerts(self) -> Path:
+        return self.root / "alerts"
+
+    def alerts_dir(self, job_id: str) -> Path:
+        """Where a job's alert records (one per notification target) live."""
+        return self.alerts / job_id
 
     def instance_file(self, study_uid: str, series_uid: str, sop_uid: str, digest: str) -> Path:
         """The spool file of one instance; ``digest`` is its content digest (hex, 16+ digits)."""

@@ -25,6 +25,7 @@ from ich_node.queue import layout
 from ich_node.queue.interface import (
     Added,
     AddResult,
+    AlertRecord,
     DeliveryRecord,
     DeliveryState,
     InstanceRecord,
@@ -41,6 +42,7 @@ __all__ = [
     "DB_NAME",
     "AddResult",
     "Added",
+    "AlertRecord",
     "DeliveryRecord",
     "DeliveryState",
     "InstanceRecord",
@@ -140,6 +142,24 @@ CREATE TABLE IF NOT EXISTS heartbeats (
     pid INTEGER NOT NULL,
     at REAL NOT NULL
 );
+-- One row per alert (a series version told to one notification target), written
+-- with its delivery row (destination 'alert:<target>') before it is sent: the
+-- next version of the series compares its answer with the latest one here.
+CREATE TABLE IF NOT EXISTS alerts (
+    job_id TEXT NOT NULL,
+    target TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    status TEXT NOT NULL,
+    supersedes TEXT,
+    positive_labels TEXT NOT NULL,
+    last_received_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    accepted_at REAL,
+    PRIMARY KEY (job_id, target)
+);
+CREATE INDEX IF NOT EXISTS alerts_series ON alerts(series_instance_uid, target, version);
 CREATE TABLE IF NOT EXISTS stage_times (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
@@ -633,6 +653,80 @@ class Store:
             db.execute(
                 "INSERT OR IGNORE INTO accepted_objects VALUES (?, ?, ?, ?)",
                 (job_id, destination, sop_instance_uid, now),
+            )
+
+    # -- alerts ---------------------------------------------------------------------
+
+    def last_received_at(self, series_instance_uid: str, received_by: float) -> float | None:
+        """When the last instance of a series received by ``received_by`` arrived."""
+        rows = self._query(
+            """SELECT MAX(received_at) AS t FROM instances WHERE series_instance_uid = ?
+            AND received_at <= ?""",
+            (series_instance_uid, received_by),
+        )
+        return None if not rows or rows[0]["t"] is None else float(rows[0]["t"])
+
+    @staticmethod
+    def _alert_record(row: sqlite3.Row) -> AlertRecord:
+        data = dict(row)
+        labels = str(data["positive_labels"])
+        data["positive_labels"] = tuple(labels.split(",")) if labels else ()
+        return AlertRecord(**data)
+
+    def alerts(self, job_id: str | None = None) -> list[AlertRecord]:
+        """The recorded alerts (of one job when given), oldest first."""
+        if job_id is None:
+            rows = self._query("SELECT * FROM alerts ORDER BY created_at, target")
+        else:
+            rows = self._query("SELECT * FROM alerts WHERE job_id = ? ORDER BY target", (job_id,))
+        return [self._alert_record(r) for r in rows]
+
+    def previous_alert(
+        self, series_instance_uid: str, version: int, target: str
+    ) -> AlertRecord | None:
+        """The latest alert to ``target`` of an earlier version of the series, or ``None``."""
+        rows = self._query(
+            """SELECT * FROM alerts WHERE series_instance_uid = ? AND target = ? AND version < ?
+            ORDER BY version DESC LIMIT 1""",
+            (series_instance_uid, target, version),
+        )
+        return self._alert_record(rows[0]) if rows else None
+
+    def record_alerts(self, alerts: list[AlertRecord], prefix: str, now: float) -> int:
+        """Record alerts and their delivery rows (``prefix + target``) in one transaction.
+
+        An alert already recorded for the same job and target is left as it is
+        (a job run again after a crash): exactly one per target per version.
+        Returns how many were new.
+        """
+        n = 0
+        with self.transaction() as db:
+            for a in alerts:
+                cur = db.execute(
+                    """INSERT OR IGNORE INTO alerts (job_id, target, series_instance_uid, version,
+                        key, status, supersedes, positive_labels, last_received_at, created_at)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (a.job_id, a.target, a.series_instance_uid, a.version, a.key, a.status,
+                     a.supersedes, ",".join(a.positive_labels), a.last_received_at,
+                     a.created_at),
+                )  # fmt: skip
+                if cur.rowcount:
+                    n += 1
+                    db.execute(
+                        """INSERT OR IGNORE INTO deliveries (job_id, destination, state, next_at,
+                            n_files, created_at, updated_at)
+                        VALUES (?, ?, 'pending', ?, 1, ?, ?)""",
+                        (a.job_id, prefix + a.target, now, now, now),
+                    )
+        return n
+
+    def alert_accepted(self, job_id: str, target: str, now: float) -> None:
+        """Record when the target accepted the alert (the first time only)."""
+        with self.transaction() as db:
+            db.execute(
+                """UPDATE alerts SET accepted_at = COALESCE(accepted_at, ?)
+                WHERE job_id = ? AND target = ?""",
+                (now, job_id, target),
             )
 
     # -- heartbeats and counts ---------------------------------------------------
