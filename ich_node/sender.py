@@ -237,6 +237,7 @@ class Sender:
         attempt = delivery.attempts + 1
         name = delivery.destination.removeprefix(ALERT_PREFIX)
         to_notification = None
+        state: DeliveryState
         try:
             target = target_of(delivery.destination, self.targets)
             alert = send_alert(self.storage_dir, target, delivery.job_id)

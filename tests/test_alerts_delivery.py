@@ -33,10 +33,11 @@ from ich_node.labels import LABELS
 from ich_node.log import configure_logging
 from ich_node.metrics import Metrics
 from ich_node.ops import collect_status
+from ich_node.queue.layout import results_dir
+from ich_node.queue.store import Store
 from ich_node.results.findings import LabelFinding, SeriesFindings
 from ich_node.sender import Sender
-from ich_node.store import Store
-from ich_node.worker import Worker, results_dir
+from ich_node.worker import Worker
 from tests.alert_servers import (
     CertAuthority,
     MLLPServer,
@@ -333,7 +334,7 @@ _SEND_LOOP = """
 import sys, time
 from ich_node.config import load_config
 from ich_node.sender import Sender
-from ich_node.store import Store
+from ich_node.queue.store import Store
 config = load_config(sys.argv[1])
 store = Store.open(config.storage.dir)
 sender = Sender(store, (), config.sender, config.storage.dir, "ICH_NODE",

@@ -30,9 +30,9 @@ from ich_node.delivery.alerts import (
     wants_key_image,
     write_alert,
 )
-from ich_node.results.findings import SeriesFindings
 from ich_node.queue.interface import AlertRecord
 from ich_node.queue.store import Store
+from ich_node.results.findings import SeriesFindings
 
 
 def key_image_lines(alert: Alert) -> list[str]:

@@ -274,6 +274,8 @@ class DeliveryStore(Protocol):
         self, job_id: str, destination: str, sop_instance_uid: str, now: float
     ) -> None: ...
 
+    def alert_accepted(self, job_id: str, target: str, now: float) -> None: ...
+
 
 class AlertStore(Protocol):
     """Alerts to notification targets (:mod:`ich_node.delivery.outbox`); their delivery
