@@ -796,185 +796,19 @@ def read_series(
         When no placeable axial CT image remains (the message lists why images
         were left out), or two series have as many images each.
     """
-    dropped: list[Dropped] = []
-    candidates: list[_Header] = []
-    seen: set[tuple[str, int | None]] = set()
-
-    def drop(h: _Header, reason: str) -> None:
-        dropped.append(Dropped(h.sop_uid, h.path, reason, h.frame_number))
-
-    for path in sorted(dict.fromkeys(Path(p) for p in paths)):
-        try:
-            headers = _headers(path)
-        except ImagingError as exc:
-            dropped.append(Dropped("", path, f"unreadable: {str(exc).split(': ', 1)[-1]}"))
-            continue
-        for h in headers:
-            reason = _why_not_ct_image(h)
-            if reason is None and (h.sop_uid, h.frame_number) in seen:
-                reason = f"duplicate SOP Instance UID {h.sop_uid}"
-            if reason is not None:
-                drop(h, reason)
-                continue
-            seen.add((h.sop_uid, h.frame_number))
-            candidates.append(h)
-
+    record = _Record()
+    candidates = _candidates(paths, record)
     if not candidates:
-        raise _nothing_usable(paths, dropped)
-
-    # One series: the one with the most images; a tie is ambiguous.
-    counts = Counter(h.series_uid for h in candidates).most_common()
-    if len(counts) > 1 and counts[0][1] == counts[1][1]:
-        raise ImagingError(
-            f"{candidates[0].path.parent}: files of {len(counts)} series with "
-            f"{counts[0][1]} images each; group them with group_series() first",
-            candidates[0].path,
-        )
-    series_uid = counts[0][0]
-
-    # Images that cannot be placed, or whose pixels cannot be what the header says.
-    placed: list[_Header] = []
-    for h in candidates:
-        if h.series_uid != series_uid:
-            drop(h, f"other series {h.series_uid}")
-            continue
-        reason = _cannot_place(h)
-        if reason is None:
-            try:
-                normal = unit_normal(h.orientation)  # type: ignore[arg-type]
-            except ValueError as exc:
-                reason = f"cannot be placed: {exc}"
-            else:
-                tilt = abs(_tilt_deg(normal))
-                if tilt > max_tilt_deg:
-                    reason = f"not axial ({tilt:.1f} deg from the patient z axis)"
-        if reason is not None:
-            drop(h, reason)
-            continue
-        placed.append(replace(h, normal=normal))
+        raise _nothing_usable(paths, record.dropped)
+    series_uid = _one_series(candidates)
+    placed = _placed(candidates, series_uid, max_tilt_deg, record)
     if not placed:
-        raise _nothing_usable(paths, dropped)
-
-    # PS3.3 C.7.4.1.1.1: positions are only comparable in one frame of reference.
-    for keyword, attr in (("StudyInstanceUID", "study_uid"), ("FrameOfReferenceUID", "frame_uid")):
-        majority = Counter(getattr(h, attr) for h in placed).most_common(1)[0][0]
-        kept = []
-        for h in placed:
-            if getattr(h, attr) != majority:
-                drop(h, f"{keyword} differs from the rest of the series")
-            else:
-                kept.append(h)
-        placed = kept
-
-    # Homogeneous stacks; the preferred one is read.
-    notes: list[Note] = []
-    stacks = _stacks(placed)
-    main = _choose(stacks, preferred_kernels)
-    for s in stacks:
-        if s is main:
-            continue
-        if len(s.headers) >= _MIN_STACK:
-            notes.append(
-                Note(
-                    "stack_skipped",
-                    f"another reconstruction in this series was not read: "
-                    f"{len(s.headers)} images ({_describe_stack(s)}); read: "
-                    f"{len(main.headers)} images ({_describe_stack(main)})",
-                )
-            )
-            for h in s.headers:
-                drop(h, f"other reconstruction, not read: {_difference(h, main)}")
-        else:
-            for h in s.headers:
-                drop(h, f"cannot be placed in the series' stack: {_difference(h, main)}")
-
+        raise _nothing_usable(paths, record.dropped)
+    main = _main_stack(_one_frame_of_reference(placed, record), preferred_kernels, record)
+    usable = _ordered(main, record)
+    coverage = _describe_reading(usable, record)
     normal = main.normal
-    usable = sorted(
-        ((h, slice_position_mm(h.position, normal)) for h in main.headers),  # type: ignore[arg-type]
-        key=lambda item: _order_key(item[0], item[1]),
-    )
-    groups = _positions(usable)
-    split = _volume_split(groups)
-    if split is not None:
-        attribute, volumes, labels = split
-        usable = sorted(volumes[0], key=lambda item: _order_key(item[0], item[1]))
-        for other, label in zip(volumes[1:], labels[1:], strict=True):
-            for h, _ in other:
-                drop(h, f"another complete volume at the same positions ({label})")
-        notes.append(
-            Note(
-                "volumes_split",
-                f"{len(volumes)} complete volumes at the same {len(groups)} positions "
-                f"(by {attribute}): the first was read",
-            )
-        )
-    else:
-        crowded = [g for g in groups if len(g) > 1]
-        if crowded:
-            n = sum(len(g) for g in crowded)
-            where = ", ".join(f"{g[0][1]:.1f}" for g in crowded[:5])
-            notes.append(
-                Note(
-                    "duplicate_position",
-                    f"{n} images share {len(crowded)} position(s) (at {where} mm); all read, "
-                    "ordered by AcquisitionNumber, InstanceNumber, SOP Instance UID",
-                )
-            )
-    # Re-ordering for the model: positions are unique in ``usable`` or noted above.
-    usable.sort(key=lambda item: _order_key(item[0], item[1]))
-
-    thicknesses = sorted({h.thickness for h, _ in usable if h.thickness is not None})
-    if len(thicknesses) > 1:
-        notes.append(
-            Note(
-                "thickness_change",
-                "slice thickness changes along the series ("
-                + ", ".join(f"{t:g}" for t in thicknesses)
-                + " mm): one volume, read as one stack",
-            )
-        )
-    coverage, holes = _coverage(usable)
-    for za, zb in holes:
-        notes.append(
-            Note("gap", f"hole of {zb - za:.1f} mm between slices at {za:.1f} and {zb:.1f} mm")
-        )
-    for (kind, text), n in Counter(h.hu_note for h, _ in usable if h.hu_note).items():
-        notes.append(Note(kind, f"{text} ({n} image(s))"))
-    for text, n in Counter(h.syntax_note for h, _ in usable if h.syntax_note).items():
-        notes.append(Note("transfer_syntax", f"{text} ({n} image(s))"))
-    frames = [h for h, _ in usable if h.frame_number is not None]
-    if frames:
-        n_objects = len({h.sop_uid for h in frames})
-        notes.append(
-            Note(
-                "multi_frame",
-                f"{len(frames)} frames of {n_objects} multi-frame image(s) read as slices "
-                "(per-frame functional groups)",
-            )
-        )
-
-    turn = Reorientation.from_orientation(usable[0][0].orientation)  # type: ignore[arg-type]
-    if not turn.identity:
-        notes.append(
-            Note(
-                "reoriented",
-                f"model input turned to the reference orientation ({turn.describe()}); "
-                "heatmaps are mapped back onto the source pixels",
-            )
-        )
-
-    tilt = _tilt_deg(normal)
-    tag_tilts = {h.gantry_tilt for h, _ in usable if h.gantry_tilt is not None}
-    if len(tag_tilts) == 1:
-        tag_tilt = tag_tilts.pop()
-        if abs(tilt) < 0.5 and abs(tag_tilt) >= 0.5:
-            # Some scanners report the tilt only in (0018,1120) and keep an axial
-            # orientation (the images are then sheared); report what the tag says.
-            tilt = tag_tilt
-        elif abs(abs(tilt) - abs(tag_tilt)) > 1.0:
-            log.warning(
-                "imaging.tilt_mismatch", series_uid=series_uid, orientation=tilt, tag=tag_tilt
-            )
+    tilt = _tilt(normal, usable, series_uid)
 
     first = usable[0][0]
     slices = tuple(
@@ -995,7 +829,7 @@ def read_series(
         for h, pos in usable
     )
     uids = [first.study_uid, series_uid, *(s.sop_instance_uid for s in slices)]
-    for d in dropped:
+    for d in record.dropped:
         log.info(
             "imaging.dropped",
             series_uid=series_uid,
@@ -1003,7 +837,7 @@ def read_series(
             frame=d.frame_number,
             reason=d.reason,
         )
-    for note in notes:
+    for note in record.notes:
         log.info("imaging.note", series_uid=series_uid, kind=note.kind, note=note.text)
     return CTSeries(
         study_instance_uid=first.study_uid,
@@ -1013,13 +847,209 @@ def read_series(
         normal=(float(normal[0]), float(normal[1]), float(normal[2])),
         gantry_tilt_deg=float(tilt),
         slice_spacing_mm=tuple(float(b - a) for (_, a), (_, b) in itertools.pairwise(usable)),
-        skipped=tuple((d.path, d.reason) for d in dropped if d.path is not None),
+        skipped=tuple((d.path, d.reason) for d in record.dropped if d.path is not None),
         uids_valid=all(_valid_uid(u) for u in uids),
-        dropped=tuple(dropped),
-        notes=tuple(notes),
+        dropped=tuple(record.dropped),
+        notes=tuple(record.notes),
         coverage=coverage,
         max_gap_mm=max_gap_mm,
     )
+
+
+@dataclass(slots=True)
+class _Record:
+    """What one reading dropped and noted, in order; becomes the series' records."""
+
+    dropped: list[Dropped] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+
+    def drop(self, h: _Header, reason: str) -> None:
+        self.dropped.append(Dropped(h.sop_uid, h.path, reason, h.frame_number))
+
+    def note(self, kind: str, text: str) -> None:
+        self.notes.append(Note(kind, text))
+
+
+def _candidates(paths: Sequence[Path], record: _Record) -> list[_Header]:
+    """Headers of the CT images (and frames) among ``paths``; the rest dropped."""
+    candidates: list[_Header] = []
+    seen: set[tuple[str, int | None]] = set()
+    for path in sorted(dict.fromkeys(Path(p) for p in paths)):
+        try:
+            headers = _headers(path)
+        except ImagingError as exc:
+            record.dropped.append(Dropped("", path, f"unreadable: {str(exc).split(': ', 1)[-1]}"))
+            continue
+        for h in headers:
+            reason = _why_not_ct_image(h)
+            if reason is None and (h.sop_uid, h.frame_number) in seen:
+                reason = f"duplicate SOP Instance UID {h.sop_uid}"
+            if reason is not None:
+                record.drop(h, reason)
+                continue
+            seen.add((h.sop_uid, h.frame_number))
+            candidates.append(h)
+    return candidates
+
+
+def _one_series(candidates: list[_Header]) -> str:
+    """The series with the most images; a tie is ambiguous (ImagingError)."""
+    counts = Counter(h.series_uid for h in candidates).most_common()
+    if len(counts) > 1 and counts[0][1] == counts[1][1]:
+        raise ImagingError(
+            f"{candidates[0].path.parent}: files of {len(counts)} series with "
+            f"{counts[0][1]} images each; group them with group_series() first",
+            candidates[0].path,
+        )
+    return counts[0][0]
+
+
+def _placed(
+    candidates: list[_Header], series_uid: str, max_tilt_deg: float, record: _Record
+) -> list[_Header]:
+    """Images of ``series_uid`` that can be placed, with their normal; the rest dropped."""
+    placed: list[_Header] = []
+    for h in candidates:
+        if h.series_uid != series_uid:
+            record.drop(h, f"other series {h.series_uid}")
+            continue
+        reason = _cannot_place(h)
+        if reason is None:
+            try:
+                normal = unit_normal(h.orientation)  # type: ignore[arg-type]
+            except ValueError as exc:
+                reason = f"cannot be placed: {exc}"
+            else:
+                tilt = abs(_tilt_deg(normal))
+                if tilt > max_tilt_deg:
+                    reason = f"not axial ({tilt:.1f} deg from the patient z axis)"
+        if reason is not None:
+            record.drop(h, reason)
+            continue
+        placed.append(replace(h, normal=normal))
+    return placed
+
+
+def _one_frame_of_reference(placed: list[_Header], record: _Record) -> list[_Header]:
+    """The majority study and frame of reference (PS3.3 C.7.4.1.1.1); the rest dropped."""
+    for keyword, attr in (("StudyInstanceUID", "study_uid"), ("FrameOfReferenceUID", "frame_uid")):
+        majority = Counter(getattr(h, attr) for h in placed).most_common(1)[0][0]
+        kept = []
+        for h in placed:
+            if getattr(h, attr) != majority:
+                record.drop(h, f"{keyword} differs from the rest of the series")
+            else:
+                kept.append(h)
+        placed = kept
+    return placed
+
+
+def _main_stack(placed: list[_Header], preferred: Sequence[str], record: _Record) -> _Stack:
+    """Split into homogeneous stacks; the preferred one is read, the others recorded."""
+    stacks = _stacks(placed)
+    main = _choose(stacks, preferred)
+    for s in stacks:
+        if s is main:
+            continue
+        if len(s.headers) >= _MIN_STACK:
+            record.note(
+                "stack_skipped",
+                f"another reconstruction in this series was not read: "
+                f"{len(s.headers)} images ({_describe_stack(s)}); read: "
+                f"{len(main.headers)} images ({_describe_stack(main)})",
+            )
+            for h in s.headers:
+                record.drop(h, f"other reconstruction, not read: {_difference(h, main)}")
+        else:
+            for h in s.headers:
+                record.drop(h, f"cannot be placed in the series' stack: {_difference(h, main)}")
+    return main
+
+
+def _ordered(main: _Stack, record: _Record) -> list[tuple[_Header, float]]:
+    """The stack's images in reading order, with their positions along the normal.
+
+    Several complete volumes at the same positions are split (the first read);
+    other images sharing a position are all read, and noted.
+    """
+    usable = sorted(
+        ((h, slice_position_mm(h.position, main.normal)) for h in main.headers),  # type: ignore[arg-type]
+        key=lambda item: _order_key(item[0], item[1]),
+    )
+    groups = _positions(usable)
+    split = _volume_split(groups)
+    if split is not None:
+        attribute, volumes, labels = split
+        for other, label in zip(volumes[1:], labels[1:], strict=True):
+            for h, _ in other:
+                record.drop(h, f"another complete volume at the same positions ({label})")
+        record.note(
+            "volumes_split",
+            f"{len(volumes)} complete volumes at the same {len(groups)} positions "
+            f"(by {attribute}): the first was read",
+        )
+        return sorted(volumes[0], key=lambda item: _order_key(item[0], item[1]))
+    crowded = [g for g in groups if len(g) > 1]
+    if crowded:
+        n = sum(len(g) for g in crowded)
+        where = ", ".join(f"{g[0][1]:.1f}" for g in crowded[:5])
+        record.note(
+            "duplicate_position",
+            f"{n} images share {len(crowded)} position(s) (at {where} mm); all read, "
+            "ordered by AcquisitionNumber, InstanceNumber, SOP Instance UID",
+        )
+    return usable
+
+
+def _describe_reading(usable: list[tuple[_Header, float]], record: _Record) -> Coverage:
+    """Coverage of the slices read, and notes on thickness, holes, pixels and orientation."""
+    thicknesses = sorted({h.thickness for h, _ in usable if h.thickness is not None})
+    if len(thicknesses) > 1:
+        record.note(
+            "thickness_change",
+            "slice thickness changes along the series ("
+            + ", ".join(f"{t:g}" for t in thicknesses)
+            + " mm): one volume, read as one stack",
+        )
+    coverage, holes = _coverage(usable)
+    for za, zb in holes:
+        record.note("gap", f"hole of {zb - za:.1f} mm between slices at {za:.1f} and {zb:.1f} mm")
+    for (kind, text), n in Counter(h.hu_note for h, _ in usable if h.hu_note).items():
+        record.note(kind, f"{text} ({n} image(s))")
+    for text, n in Counter(h.syntax_note for h, _ in usable if h.syntax_note).items():
+        record.note("transfer_syntax", f"{text} ({n} image(s))")
+    frames = [h for h, _ in usable if h.frame_number is not None]
+    if frames:
+        record.note(
+            "multi_frame",
+            f"{len(frames)} frames of {len({h.sop_uid for h in frames})} multi-frame "
+            "image(s) read as slices (per-frame functional groups)",
+        )
+    turn = Reorientation.from_orientation(usable[0][0].orientation)  # type: ignore[arg-type]
+    if not turn.identity:
+        record.note(
+            "reoriented",
+            f"model input turned to the reference orientation ({turn.describe()}); "
+            "heatmaps are mapped back onto the source pixels",
+        )
+    return coverage
+
+
+def _tilt(normal: np.ndarray, usable: list[tuple[_Header, float]], series_uid: str) -> float:
+    """Signed gantry tilt, degrees, from the geometry (or the tag when only it tells)."""
+    tilt = _tilt_deg(normal)
+    tag_tilts = {h.gantry_tilt for h, _ in usable if h.gantry_tilt is not None}
+    if len(tag_tilts) == 1:
+        tag_tilt = tag_tilts.pop()
+        if abs(tilt) < 0.5 and abs(tag_tilt) >= 0.5:
+            # Some scanners report the tilt only in (0018,1120) and keep an axial
+            # orientation (the images are then sheared); report what the tag says.
+            tilt = tag_tilt
+        elif abs(abs(tilt) - abs(tag_tilt)) > 1.0:
+            log.warning(
+                "imaging.tilt_mismatch", series_uid=series_uid, orientation=tilt, tag=tag_tilt
+            )
+    return tilt
 
 
 def _valid_uid(uid: str) -> bool:
