@@ -33,7 +33,7 @@ import structlog
 
 from ich_node.config import NodeConfig
 from ich_node.durable import fsync_dir
-from ich_node.imaging import read_series
+from ich_node.imaging import SeriesRefused, read_series
 from ich_node.imaging.records import one_line
 from ich_node.queue.jobs import JobQueue, LeaseLost
 from ich_node.queue.layout import StorageLayout
@@ -348,8 +348,9 @@ class Worker:
             shutil.rmtree(tmp, ignore_errors=True)
             from ich_node.results.build import ResultsError
 
-            # An encoding error comes back on every attempt: parked at once, with its reason.
-            permanent = isinstance(exc, ResultsError)
+            # An encoding error, or a series refused for its content, comes back on
+            # every attempt: parked at once, with its reason.
+            permanent = isinstance(exc, ResultsError | SeriesRefused)
             # One line (decoders list their plugins' errors on several): the refusal record.
             reason = one_line(
                 exc.reason if isinstance(exc, ResultsError) else f"{type(exc).__name__}: {exc}", 500

@@ -637,3 +637,75 @@ def test_file_meta_without_a_transfer_syntax_is_decoded_as_read(
     assert [n.kind for n in series.notes] == ["transfer_syntax"]
     assert "decoded as Explicit VR Little Endian" in series.notes[0].text
     np.testing.assert_array_equal(load_series_hu(series), clean_hu)
+
+
+# ------------------------------------------------------------------ in the worker
+
+
+def test_worker_reads_records_and_parks_a_refused_series_at_once(
+    clean: PhantomSeries, tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """The worker takes the records from the series: findings.json lists the image left
+    out; a series refused for its content is parked at once with the one-line reason."""
+    import json
+    import threading
+    import time
+
+    from benchmarks.common import queue_series
+    from ich_node.config import parse_config
+    from ich_node.inference import Classifier
+    from ich_node.queue.layout import results_dir
+    from ich_node.queue.store import Store
+    from ich_node.worker import Worker
+
+    good = _copy(clean, tmp_path / "good")
+    ds = pydicom.dcmread(good[4])
+    ds.SOPInstanceUID = generate_uid()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.save_as(tmp_path / "good" / "scout.dcm")
+    scout_uid = ds.SOPInstanceUID
+    bad = write_series(tmp_path / "bad", seed=22, n_slices=6, matrix=128)
+    for p in bad.paths:
+        ds = pydicom.dcmread(p)
+        del ds.RescaleIntercept, ds.RescaleSlope
+        ds.save_as(p)
+
+    config = parse_config(
+        {
+            "storage": {"dir": str(tmp_path / "node")},
+            "queue": {"lease_seconds": 60.0, "max_attempts": 3, "retry_base_seconds": 1.0},
+            "results": {"heatmaps": "none"},
+        }
+    )
+    store = Store.open(config.storage.dir)
+    refused = queue_series(store, bad.paths, time.time() - 10)
+    read = queue_series(store, sorted((tmp_path / "good").iterdir()), time.time() - 9)
+    classifier = Classifier(load_bundle(tiny_bundle), device="cpu", batch_size=16)
+    worker = Worker(config, "w0", store, classifier)
+    stop = threading.Event()
+    runner = threading.Thread(target=worker.run, args=(stop,), kwargs={"poll_seconds": 0.02})
+    runner.start()
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            states = [j.state for j in store.jobs()]
+            if len(states) == 2 and all(s in ("done", "parked") for s in states):
+                break
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        runner.join(60)
+    parked = store.job(refused.job_id)
+    assert parked is not None and parked.state == "parked" and parked.attempts == 1
+    assert "RescaleIntercept and RescaleSlope missing" in parked.reason
+    assert "\n" not in parked.reason
+    done = store.job(read.job_id)
+    assert done is not None and done.state == "done"
+    findings = json.loads(
+        (results_dir(config.storage.dir, read.job_id) / "findings.json").read_text()
+    )
+    assert findings["n_slices"] == N
+    assert findings["dropped"] == [
+        {"sop_instance_uid": scout_uid, "reason": "localizer (ImageType LOCALIZER)"}
+    ]
+    assert findings["coverage"]["n_gaps"] == 0 and findings["coverage"]["complete"] is True

@@ -27,6 +27,7 @@ from __future__ import annotations
 from ich_node.imaging.files import (
     UNREADABLE,
     ImagingError,
+    SeriesRefused,
     group_series,
     iter_dicom_files,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "ImagingError",
     "Note",
     "Refusal",
+    "SeriesRefused",
     "Window",
     "apply_windows",
     "check_hu_plausible",

@@ -52,6 +52,14 @@ class ImagingError(ValueError):
         return Refusal(series_instance_uid, one_line(str(self)))
 
 
+class SeriesRefused(ImagingError):
+    """The content itself is refused (not HU, not a head CT): reading again cannot help.
+
+    The worker records such a job as parked at once, with the reason, instead of
+    retrying it; everything else about it is an :class:`ImagingError`.
+    """
+
+
 # --------------------------------------------------------------------------- files
 
 

@@ -37,7 +37,7 @@ import pydicom.pixels
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from ich_node.imaging.files import ImagingError, _optional_int, read_dataset
+from ich_node.imaging.files import ImagingError, SeriesRefused, _optional_int, read_dataset
 from ich_node.imaging.orientation import Reorientation
 
 if TYPE_CHECKING:
@@ -293,8 +293,8 @@ def load_hu(
     ImagingError
         Naming the file: unreadable, no or corrupt/truncated pixel data, pixel data
         shorter than the header says, several frames (without ``frame``) or
-        samples, zero or non-finite slope or intercept, RescaleIntercept or
-        RescaleSlope missing while the values are not HU already.
+        samples, zero or non-finite slope or intercept; :class:`SeriesRefused` when
+        RescaleIntercept or RescaleSlope is missing and the values are not HU.
     """
     name = _describe(path_or_ds)
     path = Path(name) if not isinstance(path_or_ds, Dataset) else None
@@ -341,7 +341,7 @@ def load_hu(
             values = wrapped
     hu = values * transform.slope + transform.intercept
     if transform.missing and not values_look_like_hu(hu):
-        raise ImagingError(
+        raise SeriesRefused(
             f"{name}: {' and '.join(transform.missing)} missing (Type 1, PS3.3 C.8.2.1) and "
             f"the values ({hu.min():.0f}..{hu.max():.0f} with slope {transform.slope:g}, "
             f"intercept {transform.intercept:g}) are not HU: no air near -1000",
@@ -400,7 +400,7 @@ def check_hu_plausible(hu: np.ndarray, what: str) -> None:
 
     Raises
     ------
-    ImagingError
+    SeriesRefused
         With the shares of air, brain-range and dense voxels.
     """
     arr = np.asarray(hu)
@@ -411,7 +411,7 @@ def check_hu_plausible(hu: np.ndarray, what: str) -> None:
     brain = np.count_nonzero((arr >= 0) & (arr <= 100)) / n
     dense = np.count_nonzero(arr > 3000) / n
     if air < _MIN_AIR_SHARE or brain < _MIN_BRAIN_SHARE or dense > _MAX_DENSE_SHARE:
-        raise ImagingError(
+        raise SeriesRefused(
             f"{what}: HU not those of a head CT ({air:.1%} of voxels at air <= -900 HU, "
             f"{brain:.1%} in 0..100 HU, {dense:.1%} above 3000 HU); refused rather than "
             "read wrong"
