@@ -260,6 +260,19 @@ def test_unknown_character_set_declares_none_and_keeps_ascii(
         assert str(ds.ReferringPhysicianName) == ""
 
 
+def test_default_repertoire_keeps_ascii_only(explained: ExplainedSeries) -> None:
+    for charset in (None, b"ISO_IR 6"):
+        values: dict[str, bytes] = {"PatientName": b"Caf\xe9^X", "PatientID": b"ABC123"}
+        if charset is not None:
+            values["SpecificCharacterSet"] = charset
+        header = copy.deepcopy(explained.header)
+        if "SpecificCharacterSet" in header:
+            del header.SpecificCharacterSet
+        study = study_attributes(_with(header, **values), explained.series.study_instance_uid)
+        assert study.dropped == ("PatientName",)
+        assert study.exact.PatientID == "ABC123"
+
+
 def test_shared_invalid_value_cases(model: Classifier, tmp_path: Path) -> None:
     for path in _case_files("invalid-values"):
         prediction = model.predict_series(read_series([path]))

@@ -266,8 +266,9 @@ def invalid_reason(
             return "more than 3 groups or 5 components"
     if vr in _ASCII_VRS:
         return None if text.isascii() else "characters outside its VR's repertoire"
-    if terms is None or not terms:
-        # Default repertoire (or an unknown declared set, not declared in the outputs).
+    if terms is None or all(t in ("", "ISO_IR 6", "ISO 2022 IR 6") for t in terms):
+        # Default repertoire, declared or not (or an unknown set, not declared in the
+        # outputs): ASCII only, though pydicom would read such bytes as Latin-1.
         return None if text.isascii() else "characters outside the declared character set"
     if from_bytes:
         return None  # decoded without substitutes: its bytes are carried as they are
