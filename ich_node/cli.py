@@ -118,8 +118,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ich_node.bundle import BundleError, load_bundle
     from ich_node.imaging import UNREADABLE, ImagingError, group_series, read_series
     from ich_node.inference import Classifier
+    from ich_node.log import configure_logging, handling_phi, warning_counts
     from ich_node.results.findings import write_findings
 
+    # Library warnings go through the scrubbing, summarising renderer (stderr).
+    configure_logging("console", "WARNING")
     try:
         bundle = load_bundle(args.bundle)
         classifier = Classifier(bundle, device=args.device, batch_size=args.batch_size)
@@ -145,34 +148,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ich_node.results.build import failure_reason
 
     for uid, paths in progress:
-        try:
-            series = read_series(paths)
-            prediction = classifier.predict_series(series)
-        except ImagingError as exc:
-            # A refusal is an answer, not a failure: one line with its reason.
-            tqdm.write(
-                f"ich-node: series {uid}: refused: {exc.refusal(uid).reason}", file=sys.stderr
-            )
-            continue
-        except Exception as exc:  # one line, then the next series
-            failures += 1
-            tqdm.write(f"ich-node: series {uid}: failed: {failure_reason(exc)}", file=sys.stderr)
-            continue
-        for line in _reading_lines(series):
-            tqdm.write(f"ich-node: series {uid}: {line}", file=sys.stderr)
-        out_dir = Path(args.out) / _safe_name(series.series_instance_uid)
-        write_findings(out_dir / "findings.json", prediction.findings)
-        done.append(prediction.findings)
-        if not args.no_dicom:
+        # The series' patient name, IDs and birth date are scrubbed from every
+        # message while it is handled (ich_node.log), library warnings included.
+        with handling_phi(_phi_of(paths)):
             try:
-                _predict_dicom(args, classifier, prediction, out_dir)
+                series = read_series(paths)
+                prediction = classifier.predict_series(series)
+            except ImagingError as exc:
+                # A refusal is an answer, not a failure: one line with its reason.
+                _say(f"ich-node: series {uid}: refused: {exc.refusal(uid).reason}")
+                continue
             except Exception as exc:  # one line, then the next series
                 failures += 1
-                tqdm.write(
-                    f"ich-node: series {uid}: findings.json written; DICOM results failed: "
-                    f"{failure_reason(exc)}",
-                    file=sys.stderr,
-                )
+                _say(f"ich-node: series {uid}: failed: {failure_reason(exc)}")
+                continue
+            for line in _reading_lines(series):
+                _say(f"ich-node: series {uid}: {line}")
+            out_dir = Path(args.out) / _safe_name(series.series_instance_uid)
+            write_findings(out_dir / "findings.json", prediction.findings)
+            done.append(prediction.findings)
+            if not args.no_dicom:
+                try:
+                    _predict_dicom(args, classifier, prediction, out_dir)
+                except Exception as exc:  # one line, then the next series
+                    failures += 1
+                    _say(
+                        f"ich-node: series {uid}: findings.json written; DICOM results failed: "
+                        f"{failure_reason(exc)}"
+                    )
+    for kind, n in sorted(warning_counts(None).items()):
+        print(f"ich-node: library warning x{n}: {kind}", file=sys.stderr)
     if done:
         print(format_findings_table(done))
         print(f"(* = positive at the bundle's threshold; {done[0].notice})")
@@ -192,8 +197,6 @@ def _predict_dicom(
     ResultsError, OSError
         When the results could not be made or written.
     """
-    from tqdm import tqdm
-
     from ich_node.explain import explain_series
     from ich_node.results.build import ResultOptions, ResultsSkipped, build_results, write_results
 
@@ -212,12 +215,28 @@ def _predict_dicom(
         results = build_results(explained, classifier.card, options)
     except ResultsSkipped as exc:
         uid = prediction.series.series_instance_uid
-        tqdm.write(
-            f"ich-node: series {uid}: findings.json written; DICOM results skipped: {exc.reason}",
-            file=sys.stderr,
-        )
+        _say(f"ich-node: series {uid}: findings.json written; DICOM results skipped: {exc.reason}")
         return
     write_results(results, out_dir)
+
+
+def _phi_of(paths: Sequence[Path]) -> set[str]:
+    """PHI values of a series, read raw from its first, middle and last file."""
+    from ich_node.log import phi_values_of_file
+
+    values: set[str] = set()
+    for path in {paths[0], paths[len(paths) // 2], paths[-1]} if paths else ():
+        values |= phi_values_of_file(path)
+    return values
+
+
+def _say(message: str) -> None:
+    """One line on stderr (beside the progress bar), scrubbed: attributes, never values."""
+    from tqdm import tqdm
+
+    from ich_node.log import redact
+
+    tqdm.write(redact(message), file=sys.stderr)
 
 
 def cmd_bundle_info(args: argparse.Namespace) -> int:

@@ -17,9 +17,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from ich_node.config import NodeConfig, ServerTLS
+from ich_node.log import redact
 from ich_node.queue.jobs import JobQueue
 from ich_node.queue.layout import StorageLayout
-from ich_node.queue.store import Store
+from ich_node.queue.store import JobRecord, Store
 
 #: A worker whose last heartbeat is older than this is not alive.
 HEARTBEAT_STALE_SECONDS: Final = 15.0
@@ -30,6 +31,40 @@ RECENT_FAILURES: Final = 10
 def _open(config: NodeConfig) -> Store | None:
     path = StorageLayout(config.storage.dir).db
     return Store(path) if path.is_file() else None
+
+
+def series_counts(store: Store) -> dict[str, int]:
+    """Series per state, a ``queued`` series told by how far its latest job got.
+
+    The store keeps ``queued`` once a series has a job; here it becomes
+    ``queued`` (job waiting or retrying), ``reading`` (leased), ``sending``
+    (results made, deliveries pending), ``delivered`` or ``parked``.
+    """
+    latest: dict[str, JobRecord] = {}
+    for job in store.jobs():
+        held = latest.get(job.series_instance_uid)
+        if held is None or job.version > held.version:
+            latest[job.series_instance_uid] = job
+    deliveries: dict[str, list[str]] = {}
+    for d in store.deliveries():
+        deliveries.setdefault(d.job_id, []).append(d.state)
+    counts: dict[str, int] = {}
+    for uid, state in store.series_states().items():
+        last = latest.get(uid)
+        shown: str = state
+        if state == "queued" and last is not None:
+            if last.state == "leased":
+                shown = "reading"
+            elif last.state == "parked":
+                shown = "parked"
+            elif last.state == "done":
+                sent = deliveries.get(last.job_id, [])
+                if "parked" in sent:
+                    shown = "parked"
+                else:
+                    shown = "delivered" if all(s == "done" for s in sent) else "sending"
+        counts[shown] = counts.get(shown, 0) + 1
+    return counts
 
 
 def collect_status(store: Store, now: float) -> dict[str, Any]:
@@ -44,7 +79,7 @@ def collect_status(store: Store, now: float) -> dict[str, Any]:
                     "kind": "job",
                     "job_id": job.job_id,
                     "state": job.state,
-                    "reason": job.reason,
+                    "reason": redact(job.reason),
                     "at": job.updated_at,
                 }
             )
@@ -56,7 +91,7 @@ def collect_status(store: Store, now: float) -> dict[str, Any]:
                     "job_id": d.job_id,
                     "destination": d.destination,
                     "state": d.state,
-                    "reason": d.reason,
+                    "reason": redact(d.reason),
                     "at": d.updated_at,
                 }
             )
@@ -64,7 +99,7 @@ def collect_status(store: Store, now: float) -> dict[str, Any]:
     reread = store.reread_counts()
     return {
         "instances": store.n_instances(),
-        "series": store.counts("series"),
+        "series": series_counts(store),
         "jobs": store.counts("jobs"),
         "deliveries": store.counts("deliveries"),
         "oldest_waiting_job": None

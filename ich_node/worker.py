@@ -35,6 +35,7 @@ from ich_node.config import NodeConfig
 from ich_node.durable import fsync_dir
 from ich_node.imaging import SeriesRefused, read_series
 from ich_node.imaging.records import one_line
+from ich_node.log import PHI, job_context, phi_values_of_file, redact, warning_counts
 from ich_node.queue.jobs import JobQueue, LeaseLost
 from ich_node.queue.layout import StorageLayout
 from ich_node.queue.store import JobRecord, JobStage, SrReference, Store
@@ -85,6 +86,7 @@ class _Leased:
     series: Any = None  # CTSeries once its headers are read
     error: Exception | None = None
     slot: bool = False  # holds one of the pipeline's MAX_HELD_JOBS slots
+    phi: int = 0  # token of the series' PHI values in the log scrubber (ich_node.log.PHI)
 
 
 class Worker:
@@ -351,9 +353,13 @@ class Worker:
             # An encoding error, or a series refused for its content, comes back on
             # every attempt: parked at once, with its reason.
             permanent = isinstance(exc, ResultsError | SeriesRefused)
-            # One line (decoders list their plugins' errors on several): the refusal record.
-            reason = one_line(
-                exc.reason if isinstance(exc, ResultsError) else f"{type(exc).__name__}: {exc}", 500
+            # One line (decoders list their plugins' errors on several): the refusal record,
+            # naming attributes, never header values (ich_node.log.redact).
+            reason = redact(
+                one_line(
+                    exc.reason if isinstance(exc, ResultsError) else f"{type(exc).__name__}: {exc}",
+                    500,
+                )
             )
             try:
                 state = self.queue.fail(job, reason, clock(), permanent=permanent)
@@ -438,16 +444,26 @@ class Worker:
             alert_s=round(times["alert_s"], 3) if "alert_s" in times else None,
             total_s=round(total_s, 3),
             reason=outcome.reason or None,
+            library_warnings=warning_counts(job.job_id) or None,
         )
+        PHI.release(item.phi)
 
     def _leased(self, job: JobRecord) -> _Leased:
         self.hold(job)
+        # The patient's name, ID and birth date are scrubbed from every message
+        # until the job's summary line; read raw from a few headers (the first,
+        # middle and last file), before any library can warn about them.
+        paths = self.store.instance_paths(job.series_instance_uid)
+        values: set[str] = set()
+        for path in {paths[0], paths[len(paths) // 2], paths[-1]} if paths else ():
+            values |= phi_values_of_file(path)
         return _Leased(
             job=job,
             started=time.perf_counter(),
             times={},
             batches=queue.Queue(maxsize=self.batches_ahead),
             cancel=threading.Event(),
+            phi=PHI.hold(values),
         )
 
     def _decode(self, item: _Leased) -> None:
@@ -504,6 +520,10 @@ class Worker:
         :meth:`Classifier.predict_series` decodes the next batches in threads of
         its own while this one runs the model.
         """
+        with job_context(job.job_id):
+            return self._process(job, clock)
+
+    def _process(self, job: JobRecord, clock: Callable[[], float]) -> JobOutcome:
         item = self._leased(job)
         explained, error = None, None
         try:
@@ -550,15 +570,16 @@ class Worker:
                     self._slots.release()
                     stop.wait(poll_seconds)
                     continue
-                item = self._leased(job)
-                item.slot = True
-                try:
-                    item.series = self._read(job, item.times)
-                except Exception as exc:
-                    item.error = exc
-                ready.put(item)
-                if item.error is None:
-                    self._decode(item)  # blocks while the model is batches_ahead behind
+                with job_context(job.job_id):
+                    item = self._leased(job)
+                    item.slot = True
+                    try:
+                        item.series = self._read(job, item.times)
+                    except Exception as exc:
+                        item.error = exc
+                    ready.put(item)
+                    if item.error is None:
+                        self._decode(item)  # blocks while the model is batches_ahead behind
         finally:
             ready.put(None)
 
@@ -567,7 +588,8 @@ class Worker:
         while (entry := finishing.get()) is not None:
             item, prediction, error = entry
             try:
-                self._finish(item, prediction, error, clock)
+                with job_context(item.job.job_id):
+                    self._finish(item, prediction, error, clock)
             except Exception as exc:  # _finish records everything itself; never stop here
                 log.error("job.finish_failed", job_id=item.job.job_id, error=type(exc).__name__)
 
@@ -603,7 +625,8 @@ class Worker:
                     self._give_back(item, clock)
                     continue
                 self._stage(item, "model", clock)
-                prediction, error = self._infer(item)
+                with job_context(item.job.job_id):
+                    prediction, error = self._infer(item)
                 self._stage(item, "results", clock)
                 finishing.put((item, prediction, error))
         finally:

@@ -22,6 +22,7 @@ from benchmarks import common
 from ich_node.config import load_config
 from ich_node.ops import echo
 from ich_node.queue.store import Store
+from tests.conftest import dcmtk
 from tests.test_node_e2e import Node, wait_for
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -260,3 +261,159 @@ def test_health_fails_after_a_worker_keeps_dying(tmp_path: Path, tiny_bundle: Pa
             node.kill()
     log = (tmp_path / "node.log").read_text()
     assert log.count('"worker.died"') == 2 and log.count('"worker.gave_up"') == 1
+
+
+# ----------------------------------------------------------------- no PHI anywhere
+
+#: Planted values: a single-component name (no ^), a multi-component one, IDs, a
+#: valid birth date and one that is not a DA value (highdicom and pydicom quote both).
+PLANTED = {
+    "single": {
+        "PatientName": "Zyxwvplanted",
+        "PatientID": "PID-PLANTED-4711",
+        "PatientBirthDate": "1901-02-03",
+    },
+    "multi": {
+        "PatientName": "Qfamilyplant^Qgivenplant^Qmiddle",
+        "PatientID": "ZZ98765432",
+        "PatientBirthDate": "19370405",
+    },
+}
+NEEDLES = (
+    "Zyxwvplanted",
+    "PID-PLANTED-4711",
+    "1901-02-03",
+    "19010203",
+    "Qfamilyplant",
+    "Qgivenplant",
+    "Qmiddle",
+    "ZZ98765432",
+    "19370405",
+    "1937-04-05",
+)
+
+
+def _planted_series(root: Path) -> list[list[Path]]:
+    """Two phantom series whose headers carry the planted values (written raw)."""
+    import warnings
+
+    import pydicom
+
+    from training.phantom import write_series
+
+    groups = []
+    for i, (name, values) in enumerate(PLANTED.items()):
+        series = write_series(
+            root / name, seed=40 + i, subtypes=("subdural",), n_slices=10, matrix=256
+        )
+        for path in series.paths:
+            ds = pydicom.dcmread(path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the invalid DA is planted on purpose
+                for keyword, value in values.items():
+                    setattr(ds, keyword, value)
+                ds.OtherPatientIDs = values["PatientID"]
+            ds.save_as(path)
+        groups.append(list(series.paths))
+    return groups
+
+
+def _assert_clean(where: str, text: str) -> None:
+    lower = text.lower()
+    found = [n for n in NEEDLES if n.lower() in lower]
+    assert not found, f"{where} shows planted PHI {found}"
+
+
+def test_planted_phi_reaches_no_output(tmp_path: Path, tiny_bundle: Path) -> None:
+    import urllib.request
+
+    from tests.test_node_e2e import Pacs
+
+    groups = _planted_series(tmp_path / "in")
+    pacs = Pacs(common.free_port(), tmp_path / "pacs")
+    pacs.start()
+    metrics_port = common.free_port()
+    path = _config(
+        tmp_path,
+        tiny_bundle,
+        results={"heatmaps": "all"},
+        metrics={"address": f"127.0.0.1:{metrics_port}"},
+        queue={"max_attempts": 1},
+    )
+    data = yaml.safe_load(path.read_text())
+    data["destinations"] = [
+        {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}
+    ]
+    path.write_text(yaml.safe_dump(data))
+    node = Node(path, load_config(path))
+    node.start()
+    try:
+        for files in groups:
+            sent = subprocess.run(
+                [
+                    dcmtk("storescu"),
+                    "-aet",
+                    "MODALITY",
+                    "-aec",
+                    "ICH_NODE",
+                    "127.0.0.1",
+                    str(node.config.node.port),
+                    *map(str, files),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert sent.returncode == 0, sent.stderr
+
+        def finished() -> bool:
+            store = node.store()
+            try:
+                jobs = store.jobs()
+                sent = all(d.state == "done" for d in store.deliveries())
+                return sent and len(jobs) == 2 and all(j.state in ("done", "parked") for j in jobs)
+            finally:
+                store.close()
+
+        wait_for("both jobs to end", finished, timeout=300)
+        wait_for("the job summaries", lambda: node.log().count('"job.finished"') >= 2)
+        status = _cli("status", "--config", str(path))
+        status_json = _cli("status", "--config", str(path), "--json")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            metrics_text = r.read().decode()
+        assert node.stop() == 0
+    finally:
+        if node.process is not None:
+            node.kill()
+        pacs.stop()
+    log = (tmp_path / "node.log").read_text()
+    lines = _json_lines(log)  # format: json: every line is JSON (libraries' too)
+    assert any(e["event"] == "job.finished" for e in lines)
+    for where, text in (
+        ("the node's log", log),
+        ("status", status.stdout + status.stderr),
+        ("status --json", status_json.stdout + status_json.stderr),
+        ("metrics", metrics_text),
+    ):
+        _assert_clean(where, text)
+    # A series whose job is done and delivered says so (not "queued").
+    series = json.loads(status_json.stdout)["series"]
+    assert "queued" not in series and series.get("delivered", 0) >= 1, series
+    assert sum(series.values()) == 2
+    assert "series: delivered" in status.stdout
+    # The same files offline: predict's stdout and stderr.
+    predicted = _cli(
+        "predict",
+        "--bundle",
+        str(tiny_bundle),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        "--heatmaps",
+        "all",
+        str(tmp_path / "in"),
+    )
+    assert "Traceback" not in predicted.stderr
+    _assert_clean("predict's stdout", predicted.stdout)
+    _assert_clean("predict's stderr", predicted.stderr)

@@ -14,6 +14,7 @@ Several GPUs or processes: ``torchrun --nproc_per_node N -m training fit ...``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import types
 import typing
@@ -169,7 +170,25 @@ def run_fit(args: argparse.Namespace) -> int:
     finally:
         if dist.active and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
+        _warnings_summary(Path(settings.out), dist.is_main)
     return 0
+
+
+def _warnings_summary(out: Path, is_main: bool) -> None:
+    """Library warnings of the run: each kind once with its count, kept in the run folder.
+
+    Each kind was shown once when first seen (:mod:`ich_node.log`); this is the
+    count (this process's; data-loader workers show their own first occurrences).
+    """
+    from ich_node.log import warning_counts
+
+    counts = warning_counts(None)
+    if not counts or not is_main:
+        return
+    for kind, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        print(f"library warning x{n}: {kind}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "library_warnings.json").write_text(json.dumps(counts, indent=2, sort_keys=True))
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ import structlog
 
 from ich_node.config import SeriesSection
 from ich_node.imaging import ImagingError, read_series
+from ich_node.log import redact
 from ich_node.metrics import Metrics
 from ich_node.queue.interface import InstanceStore, SeriesQueue, SeriesRecord
 
@@ -166,10 +167,12 @@ class Assembler:
                     max_tilt_deg=self.config.max_tilt_degrees,
                     preferred_kernels=self.config.preferred_kernels,  # the stack the worker reads
                 )
-            except ImagingError as exc:
-                reason = f"not readable as an axial CT series: {exc}"
+            except ImagingError as exc:  # reasons name attributes, never values (redact)
+                reason = redact(f"not readable as an axial CT series: {exc}")
             except Exception as exc:  # a reader bug must not leave the series undecided
-                reason = f"not readable as an axial CT series: {type(exc).__name__}: {exc}"[:500]
+                reason = redact(f"not readable as an axial CT series: {type(exc).__name__}: {exc}")[
+                    :500
+                ]
             else:
                 if len(series.slices) < self.config.min_slices:
                     reason = (

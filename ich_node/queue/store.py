@@ -751,6 +751,11 @@ class Store:
         rows = self._query(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")
         return {r["state"]: int(r["n"]) for r in rows}
 
+    def series_states(self) -> dict[str, SeriesState]:
+        """The state of every series, by SeriesInstanceUID (for ``status``)."""
+        rows = self._query("SELECT series_instance_uid, state FROM series")
+        return {r["series_instance_uid"]: r["state"] for r in rows}
+
     def n_instances(self) -> int:
         return int(self._query("SELECT COUNT(*) AS n FROM instances")[0]["n"])
 

@@ -1,0 +1,83 @@
+"""The log configuration: library messages scrubbed of PHI, summarised, rendered as JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+
+from ich_node.log import handling_phi, phi_values, redact
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_redact_keeps_names_of_attributes_and_drops_quoted_values() -> None:
+    text = (
+        "ValueError: Unable to convert '1901-02-03' to 'DA' object for 'PatientBirthDate' "
+        "(0010,0030); The string \"Smith\" is unlikely; b'Doe^J'; uid '1.2.840.10008.5.1.4' "
+        "in '/var/lib/ich-node/spool/x.dcm'; doesn't quote 'LI'"
+    )
+    out = redact(text)
+    for gone in ("1901-02-03", "Smith", "Doe^J", "'LI'"):
+        assert gone not in out
+    for kept in ("'DA'", "'PatientBirthDate'", "(0010,0030)", "'1.2.840.10008.5.1.4'"):
+        assert kept in out
+    assert "'/var/lib/ich-node/spool/x.dcm'" in out and "doesn't" in out
+
+
+def test_registered_values_are_removed_unquoted_and_in_any_case() -> None:
+    ds = pydicom.Dataset()
+    ds.PatientName = "Li^Wei^^Dr"
+    ds.PatientID = "A12345"
+    ds.PatientBirthDate = "19370405"
+    values = phi_values(ds)
+    assert {"Li", "Wei", "A12345", "1937-04-05"} <= values
+    with handling_phi(values):
+        out = redact("patient li wei, id a12345, born 1937-04-05; listener and Wei-x")
+    assert out == (
+        "patient <redacted> <redacted>, id <redacted>, born <redacted>; listener and <redacted>-x"
+    )
+    assert redact("patient li") == "patient li"  # released with its block
+
+
+_SCRIPT = """
+import logging, warnings
+from pydicom import config
+from pydicom.valuerep import validate_value
+from ich_node.log import configure_logging, job_context, warning_counts
+configure_logging("json", "INFO")
+for i in range(1000):  # RSNA's ID_ UIDs: pydicom logs *and* warns each one
+    validate_value("UI", f"ID_{i:06x}", config.WARN)
+with job_context("job-1"):
+    for i in range(50):
+        warnings.warn(f'The string "Name{i}" is unlikely to represent a name', UserWarning)
+print(json.dumps({"process": warning_counts(None), "job": warning_counts("job-1")}))
+"""
+
+
+def test_library_warnings_are_json_scrubbed_and_summarised() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", "import json\n" + _SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stderr.splitlines()]  # every line JSON
+    events = [e["event"] for e in lines]
+    # 1000 identical kinds: shown at the 1st, 10th, 100th and 1000th, with the count.
+    ui = [e for e in events if "VR UI" in e]
+    assert len(ui) == 4, events
+    assert ui[-1].endswith("(seen 1000 times)")
+    assert all("ID_" not in e for e in events)
+    # In a job: shown once; the count goes to the job's summary.
+    names = [e for e in lines if "person" in e["event"] or "unlikely" in e["event"]]
+    assert len(names) == 1 and names[0]["job_id"] == "job-1"
+    assert "Name0" not in done.stderr
+    counts = json.loads(done.stdout)
+    assert list(counts["process"].values()) == [1000]
+    assert list(counts["job"].values()) == [50]
