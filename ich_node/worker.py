@@ -215,6 +215,7 @@ class Worker:
             heatmaps=self.config.results.heatmaps,
             negative_top_slices=self.config.results.negative_top_slices,
             parametric_map=self.config.results.parametric_map,
+            key_objects=self.config.results.key_objects,
         )
 
     def _alert(self, item: _Leased, prediction: Any) -> None:

@@ -32,6 +32,7 @@ from ich_node.imaging import CTSeries
 from ich_node.labels import LABELS
 from ich_node.results.common import apply_study, study_attributes
 from ich_node.results.findings import ExplainedSeries
+from ich_node.results.ko import build_key_objects
 from ich_node.results.pm import build_parametric_map
 from ich_node.results.sc import build_heatmap_series, png_bytes, render_heatmaps
 from ich_node.results.sr import build_sr
@@ -114,6 +115,7 @@ class ResultOptions:
     heatmaps: Literal["positive", "all", "none"] = "positive"
     negative_top_slices: int = 0
     parametric_map: bool = False
+    key_objects: bool = False  # a KOS "Of Interest" of the positive slices (results/ko.py)
 
     @property
     def needs_explanations(self) -> bool:
@@ -150,11 +152,13 @@ class ResultSet:
     heatmaps: tuple[pydicom.Dataset, ...]
     parametric_map: pydicom.Dataset | None
     previews: tuple[tuple[str, bytes], ...] = field(default=())
+    key_objects: pydicom.Dataset | None = None  # KOS "Of Interest" when asked and positive
 
     def datasets(self) -> tuple[pydicom.Dataset, ...]:
-        """All instances in sending order: referenced images first, the SR last."""
+        """All instances in sending order: referenced images first, the SR, then the KOS."""
         pm = (self.parametric_map,) if self.parametric_map is not None else ()
-        return (*self.heatmaps, *pm, self.sr)
+        ko = (self.key_objects,) if self.key_objects is not None else ()
+        return (*self.heatmaps, *pm, self.sr, *ko)
 
 
 def _valid_uid(uid: str) -> bool:
@@ -360,7 +364,18 @@ def _build(
         tracking_uids=[uid("tracking", label) for label in LABELS],
         previous_versions=() if previous_sr is None else (previous_sr,),
     )
-    for ds in (sr, *heatmaps, *pm):
+    key_objects = None
+    if options.key_objects:
+        key_objects = build_key_objects(
+            inputs.findings,
+            card,
+            evidence,
+            series_instance_uid=uid("key object series"),
+            sop_instance_uid=uid("key objects"),
+            device_uid=name_uid("ich-node device", card.name, card.version, card.sha256),
+        )
+    ko = [key_objects] if key_objects is not None else []
+    for ds in (sr, *heatmaps, *pm, *ko):
         # The exact source values and their character set (see common.py).
         apply_study(ds, study)
         # General Series module: SeriesDate/Time are optional, but PACS and viewers
@@ -373,8 +388,15 @@ def _build(
         positive=list(inputs.findings.positive_labels),
         heatmaps=len(heatmaps),
         parametric_map=parametric_map is not None,
+        key_objects=key_objects is not None,
     )
-    return ResultSet(sr=sr, heatmaps=heatmaps, parametric_map=parametric_map, previews=previews)
+    return ResultSet(
+        sr=sr,
+        heatmaps=heatmaps,
+        parametric_map=parametric_map,
+        previews=previews,
+        key_objects=key_objects,
+    )
 
 
 def _write_atomic(path: Path, data: bytes | pydicom.Dataset) -> None:
@@ -388,7 +410,8 @@ def write_results(results: ResultSet, out_dir: Path) -> list[Path]:
     """Write the results as files.
 
     Layout: ``out_dir/sr.dcm``, ``out_dir/heatmaps/<n>.dcm`` with ``<n>.png``
-    previews (n = InstanceNumber), ``out_dir/parametric_map.dcm``.
+    previews (n = InstanceNumber), ``out_dir/parametric_map.dcm``,
+    ``out_dir/key_objects.dcm``.
 
     Returns
     -------
@@ -413,4 +436,8 @@ def write_results(results: ResultSet, out_dir: Path) -> list[Path]:
     path = out_dir / "sr.dcm"
     _write_atomic(path, results.sr)
     written.append(path)
+    if results.key_objects is not None:
+        path = out_dir / "key_objects.dcm"
+        _write_atomic(path, results.key_objects)
+        written.append(path)
     return written
