@@ -31,9 +31,13 @@ from ich_node.labels import LABELS
 if TYPE_CHECKING:  # torch is imported where weights are handled, never by check_bundle
     import torch
 
-    from ich_node.model import ICHClassifier
+    from ich_node.model import ICHClassifier, SequenceStage
 
 CARD_KEY: Final = "ich_node.model_card"
+#: Prefix of the sequence stage's tensor names in a two-stage bundle.
+SEQUENCE_PREFIX: Final = "sequence."
+#: The stage lists a card may name.
+STAGE_LISTS: Final = (("cnn",), ("cnn", "sequence"))
 #: Architectures a card may name (the keys of :data:`ich_node.model.ARCHITECTURES`,
 #: repeated here so that checking a bundle needs no torch; a test keeps them equal).
 ARCHITECTURE_NAMES: Final = ("resnext101_32x8d", "resnet18", "resnet50")
@@ -67,11 +71,15 @@ _MAX_HEADER: Final = 100_000_000
 
 @dataclass(frozen=True, slots=True)
 class Bundle:
-    """A verified bundle: the card and the model with its weights (on the CPU, eval mode)."""
+    """A verified bundle: the card and the model with its weights (on the CPU, eval mode).
+
+    ``sequence`` is the second stage when the card names it, else ``None``.
+    """
 
     path: Path
     card: ModelCard
     model: ICHClassifier
+    sequence: SequenceStage | None = None
 
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -88,11 +96,42 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_bundle(path: Path, model: ICHClassifier, card: ModelCard) -> ModelCard:
-    """Write ``model`` and ``card`` to ``path`` atomically; return the card with its sha256."""
+def save_bundle(
+    path: Path,
+    model: ICHClassifier,
+    card: ModelCard,
+    sequence: SequenceStage | None = None,
+) -> ModelCard:
+    """Write ``model`` (and ``sequence``) and ``card`` to ``path`` atomically.
+
+    The CNN's tensors keep their names; the sequence stage's are prefixed with
+    :data:`SEQUENCE_PREFIX`, and the card's ``stages`` and ``sequence`` say so.
+    Returns the card as written (with its sha256).
+    """
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if sequence is not None:
+        for k, v in sequence.state_dict().items():
+            state[SEQUENCE_PREFIX + k] = v.detach().to("cpu").contiguous()
+        card = replace(
+            card,
+            stages=("cnn", "sequence"),
+            sequence={
+                **card.sequence,
+                "kind": "bigru",
+                "embedding_dim": sequence.embedding_dim,
+                "hidden": sequence.hidden,
+                "key_prefix": SEQUENCE_PREFIX,
+            },
+        )
+    else:
+        card = replace(card, stages=("cnn",), sequence={})
+    if getattr(model, "in_channels", 3) != len(card.windows) + 2 * card.context:
+        raise ValueError(
+            f"the model takes {model.in_channels} channels but the card's windows and "
+            f"context={card.context} make {len(card.windows) + 2 * card.context}"
+        )
     if card.arch != model.arch:
         raise ValueError(f"card.arch is {card.arch!r} but the model is {model.arch!r}")
     if tuple(card.labels) != LABELS:
@@ -202,6 +241,15 @@ def _card(path: Path, header: dict[str, Any]) -> ModelCard:
         raise BundleError(f"{path}: labels {card.labels} differ from this node's {LABELS}")
     if set(card.thresholds) != set(LABELS):
         raise BundleError(f"{path}: thresholds must name each of {LABELS}")
+    if not isinstance(card.context, int) or isinstance(card.context, bool) or card.context < 0:
+        raise BundleError(f"{path}: context must be an int >= 0, got {card.context!r}")
+    if tuple(card.stages) not in STAGE_LISTS:
+        raise BundleError(f"{path}: unknown stages {list(card.stages)} in the model card")
+    if card.has_sequence:
+        for key in ("embedding_dim", "hidden"):
+            value = card.sequence.get(key)
+            if not isinstance(value, int) or value < 1:
+                raise BundleError(f"{path}: the card's sequence.{key} is missing or invalid")
     return card
 
 
@@ -267,7 +315,8 @@ def load_bundle(path: Path) -> Bundle:
     """
     from safetensors import safe_open
 
-    from ich_node.model import ICHClassifier
+    from ich_node.imaging.preprocess import context_channels
+    from ich_node.model import ICHClassifier, SequenceStage
 
     path = Path(path)
     card = check_bundle(path)
@@ -278,11 +327,28 @@ def load_bundle(path: Path) -> Bundle:
                 state[key] = handle.get_tensor(key)
     except Exception as exc:
         raise BundleError(f"{path}: the weights cannot be read ({exc})") from None
-    model = ICHClassifier(card.arch, len(card.labels))
+    seq_state = {
+        k[len(SEQUENCE_PREFIX) :]: v for k, v in state.items() if k.startswith(SEQUENCE_PREFIX)
+    }
+    cnn_state = {k: v for k, v in state.items() if not k.startswith(SEQUENCE_PREFIX)}
+    model = ICHClassifier(card.arch, len(card.labels), context_channels(card.windows, card.context))
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(cnn_state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise BundleError(f"{path}: the weights do not fit {card.arch}: {first}") from None
     model.eval()
-    return Bundle(path=path, card=card, model=model)
+    sequence = None
+    if card.has_sequence:
+        sequence = SequenceStage(
+            int(card.sequence["embedding_dim"]), int(card.sequence["hidden"]), len(card.labels)
+        )
+        try:
+            sequence.load_state_dict(seq_state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise BundleError(f"{path}: the sequence stage's weights do not fit: {first}") from None
+        sequence.eval()
+    elif seq_state:
+        raise BundleError(f"{path}: holds sequence-stage weights its card does not name")
+    return Bundle(path=path, card=card, model=model, sequence=sequence)

@@ -27,7 +27,22 @@ class BundleError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ModelCard:
-    """What a bundle says about its model (stored as JSON in the file header)."""
+    """What a bundle says about its model (stored as JSON in the file header).
+
+    Fields added after format 1 was first written have defaults that describe
+    the bundles written before them, so those still load:
+
+    ``context``
+        Slice context of the CNN input (0: none; 1: the brain window of slices
+        s-1 and s+1 as two extra channels, :func:`ich_node.imaging.add_slice_context`).
+    ``stages``
+        ``("cnn",)``, or ``("cnn", "sequence")`` for a bundle that also holds a
+        :class:`ich_node.model.SequenceStage` (its tensors' names start with
+        ``sequence.``; the CNN's keep their unprefixed names).
+    ``sequence``
+        The sequence stage's shape and training record (``embedding_dim``,
+        ``hidden``, ``key_prefix``, ``training``, ``metrics``); empty for one stage.
+    """
 
     name: str
     version: str
@@ -46,6 +61,14 @@ class ModelCard:
     intended_use: str = INTENDED_USE
     sha256: str = ""
     format_version: int = FORMAT_VERSION
+    context: int = 0
+    stages: tuple[str, ...] = ("cnn",)
+    sequence: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_sequence(self) -> bool:
+        """Whether the bundle holds the sequence stage (CNN -> sequence)."""
+        return "sequence" in self.stages
 
     @property
     def display_name(self) -> str:
@@ -57,6 +80,7 @@ class ModelCard:
         data = asdict(self)
         data["windows"] = [asdict(w) for w in self.windows]
         data["labels"] = list(self.labels)
+        data["stages"] = list(self.stages)
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -66,6 +90,8 @@ class ModelCard:
             raise BundleError("the model card is not a JSON object")
         data["windows"] = tuple(Window(**w) for w in data.get("windows", ()))
         data["labels"] = tuple(data.get("labels", ()))
+        if "stages" in data:
+            data["stages"] = tuple(data["stages"])
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:

@@ -125,7 +125,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     configure_logging("console", "WARNING")
     try:
         bundle = load_bundle(args.bundle)
-        classifier = Classifier(bundle, device=args.device, batch_size=args.batch_size)
+        classifier = Classifier(
+            bundle, device=args.device, batch_size=args.batch_size, tta=args.tta
+        )
     except (BundleError, ValueError) as exc:
         print(f"ich-node: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -300,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: average each image with its left-right mirror "
+        "(recorded in findings.json model.tta and the SR)",
+    )
     p.add_argument(
         "--heatmaps",
         choices=("positive", "all", "none"),

@@ -173,6 +173,7 @@ class ModelSection(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
     decode_threads: Annotated[int, Field(ge=0, le=64)] = 0
+    tta: bool = False
 
     @field_validator("bundle", mode="before")
     @classmethod

@@ -20,7 +20,19 @@ Speed (measured in ``docs/performance.md``):
   probabilities also gives each label's class activation map (the label's ``fc``
   weights applied to the last stage's feature maps). For such a head Grad-CAM
   equals this CAM up to a positive factor, so :mod:`ich_node.explain` needs no
-  second pass (see :func:`cam_head`).
+  second pass (see :func:`cam_head`);
+- a bundle with 2.5D slice context (card ``context``) gets its neighbour channels
+  from :func:`ich_node.imaging.add_slice_context`, the function training uses; each
+  batch of slices is decoded with ``context`` extra slices on each side so that
+  neighbours across batch borders are the real ones (edges replicate);
+- a two-stage bundle (card ``stages``: cnn, sequence) runs the CNN batch by batch,
+  keeping each slice's pooled embedding and logits, then the
+  :class:`ich_node.model.SequenceStage` once over the whole series in spatial order;
+  the findings carry the sequence stage's probabilities. Heatmaps stay the CNN's
+  class activation maps: they show where on a slice the CNN saw evidence, not how
+  the sequence stage weighed the neighbouring slices;
+- ``tta=True`` classifies every image and its left-right mirror and averages the
+  logits and embeddings (the mirrored CAMs are flipped back and averaged).
 """
 
 from __future__ import annotations
@@ -42,7 +54,7 @@ from torch import nn
 from ich_node.bundle import Bundle
 from ich_node.imaging import CTSeries, ImagingError, load_series_hu, preprocess_hu
 from ich_node.imaging.pixels import check_hu_plausible
-from ich_node.imaging.preprocess import model_hu
+from ich_node.imaging.preprocess import add_slice_context, context_channels, model_hu
 from ich_node.results.findings import ModelInfo, SeriesFindings, summarise
 
 log = structlog.get_logger(__name__)
@@ -126,19 +138,51 @@ class _LogitsAndCams(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, 3, H, W) in [0, 1] -> (N, L) logits, (N, L, h, w) float32 CAMs."""
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, C, H, W) in [0, 1] -> (N, L) logits, (N, L, h, w) float32 CAMs, (N, D) embeddings."""
         m: Any = self.model
         b = m.backbone
         x = (images - m.mean) / m.std
         x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
         features = b.layer4(b.layer3(b.layer2(b.layer1(x))))  # (N, C, h, w)
-        logits = b.fc(torch.flatten(b.avgpool(features), 1))
+        pooled = torch.flatten(b.avgpool(features), 1)
+        logits = b.fc(pooled)
         # fp32 even under autocast (which would run the einsum's bmm in bf16): the
         # (L, C) x (N, C, h, w) product is a few kFLOP per pixel.
         with torch.autocast(images.device.type, enabled=False):
             cams = torch.einsum("lc,nchw->nlhw", b.fc.weight.float(), features.float())
-        return logits, cams
+        return logits, cams, pooled
+
+
+class _LogitsAndEmbeddings(nn.Module):
+    """``ICHClassifier.embed`` as a module returning (logits, embeddings), for torch.compile."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, logits = self.model.embed(images)  # type: ignore[operator]
+        return logits, pooled
+
+
+@dataclass(frozen=True, slots=True)
+class SliceOutputs:
+    """The CNN stage's outputs for a run of slices (numpy, on the CPU).
+
+    Attributes
+    ----------
+    logits : numpy.ndarray
+        (S, L) float32 CNN logits.
+    embeddings : numpy.ndarray
+        (S, D) float32 pooled last-stage features (the sequence stage's input).
+    cams : numpy.ndarray or None
+        (S, L, h, w) float32 class activation maps, or None (see :func:`cam_head`).
+    """
+
+    logits: np.ndarray
+    embeddings: np.ndarray
+    cams: np.ndarray | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,8 +198,9 @@ class Prediction:
     series: CTSeries
     findings: SeriesFindings
     hu: np.ndarray  # (S, H, W) float32 HU, series order
-    images: np.ndarray  # (S, 3, size, size) float32 in [0, 1], model input (reference orientation)
+    images: np.ndarray  # (S, C, size, size) float32 in [0, 1], model input (reference orientation)
     cams: np.ndarray | None = None  # (S, L, h, w) float32, h = w = size / 32 for ResNets
+    cnn_probabilities: np.ndarray | None = None  # (S, L) the CNN stage alone (two-stage bundles)
 
 
 class Classifier:
@@ -186,6 +231,13 @@ class Classifier:
     channels_last
         NHWC memory format; ``None``: yes (cuDNN's bf16 and oneDNN's fp32 and bf16
         convolutions all ran faster in it, ``docs/performance.md``).
+    tta
+        Test-time augmentation: classify each image and its left-right mirror and
+        average logits and embeddings (twice the CNN's time). Recorded in the
+        findings (``model.tta``) and the SR's text.
+    sequence
+        Run the bundle's sequence stage when it has one (``False``: the CNN alone,
+        e.g. to compare the stages).
 
     Notes
     -----
@@ -208,6 +260,8 @@ class Classifier:
         prefetch: bool = True,
         channels_last: bool | None = None,
         decode_threads: int = 0,
+        tta: bool = False,
+        sequence: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
@@ -230,8 +284,18 @@ class Classifier:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels
+        self.context = self.card.context
+        self.in_channels = context_channels(self.card.windows, self.context)
+        self.tta = bool(tta)
+        self.sequence = (
+            bundle.sequence.to(self.device).eval() if sequence and bundle.sequence else None
+        )
         self.cam_head = cam_head(self.model) if cams else None
-        net: nn.Module = _LogitsAndCams(self.model) if self.cam_head is not None else self.model
+        net: nn.Module = (
+            _LogitsAndCams(self.model)
+            if self.cam_head is not None
+            else _LogitsAndEmbeddings(self.model)
+        )
         self.compiled = compile
         self._net: Any = torch.compile(net) if compile else net
         self.info = ModelInfo(
@@ -240,6 +304,8 @@ class Classifier:
             arch=self.card.arch,
             sha256=self.card.sha256,
             demo=self.card.demo,
+            stages=("cnn", "sequence") if self.sequence is not None else ("cnn",),
+            tta=self.tta,
         )
 
     @property
@@ -254,7 +320,7 @@ class Classifier:
         return nullcontext()
 
     def batches(self, images: np.ndarray) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (start index, (B, 3, H, W) tensor on the device) batches."""
+        """Yield (start index, (B, C, H, W) tensor on the device) batches."""
         for start in range(0, len(images), self.batch_size):
             yield start, self._to_device(images[start : start + self.batch_size])
 
@@ -266,48 +332,100 @@ class Classifier:
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
 
-    @torch.inference_mode()
-    def _forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        """(B, 3, H, W) on the device -> (B, L) probabilities, (B, L, h, w) CAMs or None."""
+    def _run(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         n = len(batch)
         if self.compiled and n < self.batch_size:  # one shape, one compiled graph
             pad = batch.new_zeros((self.batch_size - n, *batch.shape[1:]))
             batch = torch.cat([batch, pad])
         with self._autocast():
             out = self._net(batch)
-        logits, cams = out if isinstance(out, tuple) else (out, None)
-        probabilities = torch.sigmoid(logits[:n].float()).cpu().numpy()
-        return probabilities, None if cams is None else cams[:n].float().cpu().numpy()
+        if len(out) == 3:
+            logits, cams, pooled = out
+        else:
+            (logits, pooled), cams = out, None
+        return (
+            logits[:n].float(),
+            None if cams is None else cams[:n].float(),
+            pooled[:n].float(),
+        )
+
+    @torch.inference_mode()
+    def _outputs(self, batch: torch.Tensor) -> SliceOutputs:
+        """(B, C, H, W) on the device -> the CNN's logits, embeddings and CAMs (TTA applied)."""
+        logits, cams, pooled = self._run(batch)
+        if self.tta:
+            f_logits, f_cams, f_pooled = self._run(batch.flip(-1))
+            logits = (logits + f_logits) / 2
+            pooled = (pooled + f_pooled) / 2
+            if cams is not None and f_cams is not None:
+                cams = (cams + f_cams.flip(-1)) / 2
+        return SliceOutputs(
+            logits=logits.cpu().numpy(),
+            embeddings=pooled.cpu().numpy(),
+            cams=None if cams is None else cams.cpu().numpy(),
+        )
+
+    def _forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(B, C, H, W) on the device -> (B, L) CNN probabilities, (B, L, h, w) CAMs or None."""
+        out = self._outputs(batch)
+        return _sigmoid(out.logits), out.cams
+
+    def _check_images(self, images: np.ndarray) -> None:
+        if images.ndim != 4 or images.shape[1] != self.in_channels:
+            raise ValueError(
+                f"images must have shape (S, {self.in_channels}, H, W), got {images.shape}"
+            )
+
+    def cnn_outputs(self, images: np.ndarray) -> SliceOutputs:
+        """(S, C, H, W) float32 in [0, 1] -> the CNN stage's :class:`SliceOutputs` (in batches)."""
+        self._check_images(images)
+        parts = [self._outputs(batch) for _, batch in self.batches(images)]
+        return _concat_outputs(parts, len(self.card.labels))
+
+    @torch.inference_mode()
+    def sequence_logits(self, outputs: SliceOutputs) -> np.ndarray:
+        """The sequence stage over one whole series: (S, L) float32 logits.
+
+        ``outputs`` are the CNN's, for **all** slices of one series in spatial order.
+        Without a sequence stage, the CNN's logits.
+        """
+        if self.sequence is None or len(outputs.logits) == 0:
+            return outputs.logits
+        emb = torch.from_numpy(outputs.embeddings).to(self.device)[None]
+        logits = torch.from_numpy(outputs.logits).to(self.device)[None]
+        out: np.ndarray = self.sequence(emb, logits)[0].float().cpu().numpy()
+        return out
 
     def predict_images_with_cams(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(S, 3, H, W) float32 in [0, 1] -> (S, L) probabilities, (S, L, h, w) CAMs or None."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape (S, 3, H, W), got {images.shape}")
-        probs: list[np.ndarray] = []
-        cams: list[np.ndarray] = []
-        for _, batch in self.batches(images):
-            p, c = self._forward(batch)
-            probs.append(p)
-            if c is not None:
-                cams.append(c)
-        labels = len(self.card.labels)
-        if not probs:
-            return np.empty((0, labels), np.float32), None
-        return np.concatenate(probs), np.concatenate(cams) if cams else None
+        """(S, C, H, W) float32 in [0, 1] -> (S, L) **CNN** probabilities, (S, L, h, w) CAMs.
+
+        Slices are classified one by one (no sequence stage: the images need not be a
+        series). CAMs are None when the head does not allow them.
+        """
+        out = self.cnn_outputs(images)
+        return _sigmoid(out.logits), out.cams
 
     def predict_images(self, images: np.ndarray) -> np.ndarray:
-        """(S, 3, H, W) float32 in [0, 1] -> (S, 6) float32 probabilities."""
+        """(S, C, H, W) float32 in [0, 1] -> (S, 6) float32 CNN probabilities."""
         return self.predict_images_with_cams(images)[0]
 
     def prepare(self, series: CTSeries) -> tuple[np.ndarray, np.ndarray]:
-        """Decode and preprocess a series: (S, H, W) HU and (S, 3, size, size) model input."""
+        """Decode and preprocess a series: (S, H, W) HU and (S, C, size, size) model input.
+
+        With slice context the neighbours are this run of slices' own (the ends
+        replicate): :meth:`prepared_batches` passes runs with the extra slices.
+        """
         hu = load_series_hu(series)
         # The model sees one patient orientation; ``hu`` stays as stored (heatmaps).
-        return hu, preprocess_hu(model_hu(series, hu), self.card.windows, self.card.input_size)
+        images = preprocess_hu(model_hu(series, hu), self.card.windows, self.card.input_size)
+        return hu, add_slice_context(images, self.context)
 
     def _prepare_chunk(self, series: CTSeries, start: int) -> tuple[np.ndarray, np.ndarray]:
-        part = replace(series, slices=series.slices[start : start + self.batch_size])
-        return self.prepare(part)
+        end = min(len(series.slices), start + self.batch_size)
+        lo, hi = max(0, start - self.context), min(len(series.slices), end + self.context)
+        hu, images = self.prepare(replace(series, slices=series.slices[lo:hi]))
+        keep = slice(start - lo, start - lo + end - start)
+        return hu[keep], images[keep]
 
     def prepared_batches(self, series: CTSeries) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(HU, images) per batch of slices, decoded ahead in ``decode_threads`` threads.
@@ -350,8 +468,7 @@ class Classifier:
         """
         hus: list[np.ndarray] = []
         inputs: list[np.ndarray] = []
-        probs: list[np.ndarray] = []
-        cams: list[np.ndarray] = []
+        parts: list[SliceOutputs] = []
         for hu, images in batches:
             if hus and hu.shape[1:] != hus[0].shape[1:]:
                 raise ImagingError(
@@ -360,16 +477,20 @@ class Classifier:
                 )
             hus.append(hu)
             inputs.append(images)
-            p, c = self._forward(self._to_device(images))
-            probs.append(p)
-            if c is not None:
-                cams.append(c)
-        if not probs:
+            parts.append(self._outputs(self._to_device(images)))
+        if not parts:
             raise ImagingError(f"series {series.series_instance_uid}: no slices")
         hu_all = np.concatenate(hus)
         # A head CT's HU, or a refusal: never a confident answer on nonsense values.
         check_hu_plausible(hu_all, f"series {series.series_instance_uid}")
-        probabilities = np.concatenate(probs)
+        outputs = _concat_outputs(parts, len(self.card.labels))
+        cnn_probabilities = _sigmoid(outputs.logits)
+        # Two stages: the sequence model reads the whole series in spatial order.
+        probabilities = (
+            _sigmoid(self.sequence_logits(outputs))
+            if self.sequence is not None
+            else cnn_probabilities
+        )
         findings = summarise(
             study_instance_uid=series.study_instance_uid,
             series_instance_uid=series.series_instance_uid,
@@ -385,7 +506,8 @@ class Classifier:
             findings=findings,
             hu=hu_all,
             images=np.concatenate(inputs),
-            cams=np.concatenate(cams) if cams else None,
+            cams=outputs.cams,
+            cnn_probabilities=cnn_probabilities,
         )
 
     def warmup(self) -> float:
@@ -400,10 +522,26 @@ class Classifier:
 
         size = self.card.input_size
         started = time.perf_counter()
-        zeros = np.zeros((self.batch_size, 3, size, size), np.float32)
+        zeros = np.zeros((self.batch_size, self.in_channels, size, size), np.float32)
         self._forward(self._to_device(zeros))
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         log.info("classifier.warm", seconds=round(seconds, 2), pid=os.getpid())
         return seconds
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    """(..., L) float logits -> float32 probabilities (torch's sigmoid, as training uses)."""
+    return torch.sigmoid(torch.from_numpy(np.asarray(logits, np.float32))).numpy()
+
+
+def _concat_outputs(parts: list[SliceOutputs], labels: int) -> SliceOutputs:
+    if not parts:
+        return SliceOutputs(np.empty((0, labels), np.float32), np.empty((0, 0), np.float32), None)
+    cams = [p.cams for p in parts if p.cams is not None]
+    return SliceOutputs(
+        logits=np.concatenate([p.logits for p in parts]),
+        embeddings=np.concatenate([p.embeddings for p in parts]),
+        cams=np.concatenate(cams) if len(cams) == len(parts) else None,
+    )

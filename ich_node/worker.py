@@ -714,6 +714,7 @@ def worker_main(
         precision=config.model.precision,
         compile=config.model.compile,
         decode_threads=config.model.decode_threads,
+        tta=config.model.tta,
     )
     # Compilation and kernel selection are paid here, once, not by the first study.
     warmup_s = classifier.warmup()

@@ -49,6 +49,7 @@ def test_predict_writes_findings_in_spatial_order(
     card = load_bundle(tiny_bundle).card
     assert data["model"] == {
         "name": card.name, "version": card.version, "arch": "resnet18", "sha256": card.sha256, "demo": True,
+        "stages": ["cnn"], "tta": False,
     }  # fmt: skip
     assert "not a diagnosis" in data["notice"] and "DEMO" in data["notice"]
     for label in LABELS:

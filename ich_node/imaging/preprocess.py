@@ -220,3 +220,61 @@ def model_hu(series: CTSeries, hu: np.ndarray) -> np.ndarray:
     """
     turn = series_reorientation(series)
     return hu if turn.identity else turn.apply(hu)
+
+
+# ------------------------------------------------------------ 2.5D slice context
+
+
+#: Index of the channel neighbours contribute (the brain window, first of DEFAULT_WINDOWS).
+CONTEXT_CHANNEL: Final[int] = 0
+
+
+def context_channels(windows: Sequence[Window], context: int) -> int:
+    """Channels of the model input: one per window plus ``2 x context`` neighbour channels."""
+    if not isinstance(context, int) or isinstance(context, bool) or context < 0:
+        raise ValueError(f"context must be an int >= 0, got {context!r}")
+    return len(windows) + 2 * context
+
+
+def add_slice_context(images: np.ndarray, context: int) -> np.ndarray:
+    """2.5D input: append the neighbours' brain-window channel to each slice.
+
+    The one implementation of slice context, used by training
+    (:class:`training.data.SliceDataset`), ``ich-node predict`` and the node's worker
+    (:class:`ich_node.inference.Classifier`).
+
+    Parameters
+    ----------
+    images : numpy.ndarray
+        (S, C, H, W) float32 model input of consecutive slices **in the series'
+        spatial order** (inferior -> superior, as :func:`~ich_node.imaging.read_series`
+        orders them), from :func:`preprocess_hu`.
+    context : int
+        Neighbours on each side (0: no context; 1: s-1 and s+1).
+
+    Returns
+    -------
+    numpy.ndarray
+        (S, C + 2 x context, H, W) float32: channels ``0..C-1`` are the slice's own
+        windows, then for ``k = 1..context`` the :data:`CONTEXT_CHANNEL` of slice
+        ``s - k`` and of slice ``s + k``. Edges are replicated: the first slice's
+        "below" neighbour is itself (``numpy.pad`` mode ``edge``), so a series of one
+        slice gets its own brain window three times.
+    """
+    arr = np.asarray(images, dtype=np.float32)
+    if arr.ndim != 4:
+        raise ValueError(f"images must have shape (S, C, H, W), got {arr.shape}")
+    context_channels((), context)
+    if context == 0:
+        return arr
+    s = arr.shape[0]
+    out = np.empty((s, arr.shape[1] + 2 * context, *arr.shape[2:]), dtype=np.float32)
+    out[:, : arr.shape[1]] = arr
+    if s == 0:
+        return out
+    brain = arr[:, CONTEXT_CHANNEL]
+    padded = np.pad(brain, ((context, context), (0, 0), (0, 0)), mode="edge")
+    for k in range(1, context + 1):
+        out[:, arr.shape[1] + 2 * (k - 1)] = padded[context - k : context - k + s]
+        out[:, arr.shape[1] + 2 * (k - 1) + 1] = padded[context + k : context + k + s]
+    return out

@@ -4,7 +4,7 @@
 
     {
       "study_instance_uid": "...", "series_instance_uid": "...", "n_slices": 32,
-      "model": {"name", "version", "arch", "sha256", "demo"},
+      "model": {"name", "version", "arch", "sha256", "demo", "stages", "tta"},
       "notice": "AI result for triage support, not a diagnosis. ...",
       "series": {"any": {"probability": 0.97, "positive": true, "threshold": 0.5}, ...},
       "slices": [{"sop_instance_uid", "position_mm", "probabilities": {"any": ...}}, ...],
@@ -46,13 +46,20 @@ NOTICE: Final = "AI result for triage support, not a diagnosis."
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
-    """The model that produced a finding."""
+    """The model that produced a finding.
+
+    ``stages``: ``("cnn",)`` or ``("cnn", "sequence")`` (the bundle's stages that ran);
+    ``tta``: probabilities averaged over the image and its left-right mirror.
+    Both were added later; their defaults describe findings written before them.
+    """
 
     name: str
     version: str
     arch: str
     sha256: str
     demo: bool
+    stages: tuple[str, ...] = ("cnn",)
+    tta: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +135,8 @@ class SeriesFindings:
                 "arch": self.model.arch,
                 "sha256": self.model.sha256,
                 "demo": self.model.demo,
+                "stages": list(self.model.stages),
+                "tta": self.model.tta,
             },
             "notice": self.notice,
             "series": {
@@ -159,7 +168,10 @@ class SeriesFindings:
         return cls(
             study_instance_uid=data["study_instance_uid"],
             series_instance_uid=data["series_instance_uid"],
-            model=ModelInfo(**data["model"]),
+            model=ModelInfo(
+                **{k: v for k, v in data["model"].items() if k != "stages"},
+                stages=tuple(data["model"].get("stages", ("cnn",))),
+            ),
             series={label: LabelFinding(**data["series"][label]) for label in LABELS},
             slices=tuple(
                 SliceFinding(

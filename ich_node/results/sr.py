@@ -109,6 +109,13 @@ def summary_text(findings: SeriesFindings, card: ModelCard) -> str:
         t = findings.series["any"].threshold
         body = f"No hemorrhage detected (highest p={p:.2f}, threshold {t:.2f})."
     text = f"{head} {body}{reading_text(findings)}"
+    if "sequence" in findings.model.stages:
+        text += " Per-slice CNN followed by a sequence model over the series."
+    if findings.model.tta:
+        text += (
+            " Test-time augmentation: each image and its left-right mirror were "
+            "classified and averaged."
+        )
     if card.demo:
         text += " DEMO model trained on synthetic data - not for clinical use."
     return text
@@ -148,6 +155,8 @@ def algorithm_identification(card: ModelCard) -> hd.sr.AlgorithmIdentification:
         "windows=" + ";".join(f"{w.name}:{w.center:g}/{w.width:g}" for w in card.windows),
         "thresholds=" + ";".join(f"{label}:{card.thresholds[label]:g}" for label in LABELS),
         f"weights_sha256={card.sha256}",
+        "stages=" + "+".join(card.stages),
+        f"slice_context={card.context}",
     ]
     if card.demo:
         parameters.append("demo=true (trained on synthetic phantoms)")
