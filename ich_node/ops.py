@@ -97,7 +97,19 @@ def collect_status(store: Store, now: float) -> dict[str, Any]:
             )
     failures.sort(key=lambda f: f["at"], reverse=True)
     reread = store.reread_counts()
+    # Alerts are outbox rows named alert:<target> (ich_node.delivery): their own summary.
+    alert_states: dict[str, int] = {}
+    for d in store.deliveries():
+        if d.destination.startswith("alert:"):
+            alert_states[d.state] = alert_states.get(d.state, 0) + 1
+    waits = sorted(
+        a.accepted_at - a.last_received_at for a in store.alerts() if a.accepted_at is not None
+    )
     return {
+        "alerts": {
+            "states": alert_states,
+            "median_time_to_notification_s": round(waits[len(waits) // 2], 2) if waits else None,
+        },
         "instances": store.n_instances(),
         "series": series_counts(store),
         "jobs": store.counts("jobs"),
@@ -141,6 +153,13 @@ def status(config: NodeConfig, as_json: bool) -> int:
     for table in ("series", "jobs", "deliveries"):
         counts = ", ".join(f"{k} {v}" for k, v in sorted(report[table].items())) or "none"
         print(f"{table}: {counts}")
+    alerts = report["alerts"]
+    if alerts["states"]:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(alerts["states"].items()))
+        print(
+            f"alerts: {counts} (median time to notification "
+            f"{alerts['median_time_to_notification_s']} s)"
+        )
     oldest = report["oldest_waiting_job"]
     print(
         "oldest waiting job: "

@@ -302,6 +302,7 @@ def test_hl7_ae_is_parked_with_the_ack_text_and_resend_delivers(
         assert "AE" in ris.reason and "Order ACC not found in RIS" in ris.reason
         report = collect_status(store, time.time())
         assert report["deliveries"]["parked"] == 1
+        assert report["alerts"]["states"] == {"parked": 1, "done": 1}
         assert any(f["destination"] == "alert:ris" for f in report["recent_failures"])
         # The admin fixes the RIS and resends: the same message (same control ID) again.
         mllp.mode = "AA"
