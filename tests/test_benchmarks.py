@@ -97,3 +97,13 @@ def test_run_all_knows_every_benchmark() -> None:
     )
     with pytest.raises(SystemExit):
         run_all.main(["--only", "nonsense"])
+
+
+def test_alerts_quick(tmp_path: Path) -> None:
+    """Through `serve`: the ORU reaches python-hl7's MLLP server before the SR its PACS."""
+    from benchmarks import alerts
+
+    result = _run(alerts, tmp_path, "--peers", "pynetdicom")
+    (row,) = result["rows"]
+    assert row["to alert s"] > 0 and row["node's own s"] > 0
+    assert row["alert ahead of SR s"] > 0  # alert first: before the heatmaps and the SR
