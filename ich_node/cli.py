@@ -5,7 +5,7 @@ Commands and flags are a stable interface (admins' scripts call them)::
     ich-node check-config PATH
     ich-node predict --bundle B --out DIR [--device D] [--batch-size N] [--heatmaps H]
                      [--negative-top-slices N] [--parametric-map] [--no-dicom] INPUT...
-    ich-node serve   --config PATH
+    ich-node serve   --config PATH [--role all|listener|worker]
     ich-node status  --config PATH [--json]
     ich-node health  --config PATH
     ich-node resend  --config PATH JOB
@@ -260,7 +260,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ich_node.service import serve
 
     configure_logging(config.logging.format, config.logging.level)
-    return serve(config)
+    return serve(config, role=args.role)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -346,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, required=True, metavar="PATH")
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "serve":
+            p.add_argument(
+                "--role",
+                choices=("all", "listener", "worker"),
+                default="all",
+                help="all: one host (default); listener: receive, spool, assemble; "
+                "worker: infer, encode, send (listener/worker need storage.database)",
+            )
         if name == "resend":
             p.add_argument("job", metavar="JOB", help="job id (see `ich-node status`)")
         p.set_defaults(func=func)

@@ -301,16 +301,48 @@ class SenderSection(_Section):
 
 
 class StorageSection(_Section):
-    """``storage``: the spool, the SQLite store and the outbox."""
+    """``storage``: the spool, the store (embedded SQLite or PostgreSQL) and the outbox.
+
+    ``database`` is ``None`` for the embedded SQLite store in ``dir``, or a
+    ``postgresql://USER@HOST:PORT/DB`` URL (libpq URI, RFC 3986) for a store that
+    several hosts share. A password never sits in the YAML: it comes from
+    ``database_password_file`` (a file holding it on its first line) or from libpq's
+    usual means (``PGPASSWORD``, ``~/.pgpass``, client certificates). ``node_id``
+    names this node in a shared database (default: the host name); each node's
+    recovery touches only the leases its own id holds.
+    """
 
     dir: Path = Path("/var/lib/ich-node")
     keep_hours: Annotated[float, Field(gt=0)] = 168.0
     min_free_mb: Annotated[int, Field(ge=0)] = 1024
+    database: str | None = None
+    database_password_file: Path | None = None
+    database_pool_size: Annotated[int, Field(ge=1, le=100)] = 4
+    node_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{0,64}$")] = ""
 
-    @field_validator("dir", mode="before")
+    @field_validator("dir", "database_password_file", mode="before")
     @classmethod
     def _path(cls, value: Any) -> Any:
         return Path(value) if isinstance(value, str) else value
+
+    @field_validator("database")
+    @classmethod
+    def _database(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError("storage.database is a postgresql://USER@HOST:PORT/DB URL or null")
+        if parts.password is not None:
+            raise ValueError(
+                "storage.database must not hold a password: name a file in "
+                "storage.database_password_file or use libpq's ~/.pgpass / PGPASSWORD"
+            )
+        if not parts.path.strip("/"):
+            raise ValueError("storage.database names no database (postgresql://USER@HOST:PORT/DB)")
+        return value
 
 
 class LoggingSection(_Section):

@@ -18,8 +18,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from ich_node.config import NodeConfig, ServerTLS
 from ich_node.log import redact
-from ich_node.queue.jobs import JobQueue
-from ich_node.queue.layout import StorageLayout
+from ich_node.queue.backend import existing_store, is_shared, job_queue
 from ich_node.queue.store import JobRecord, Store
 
 #: A worker whose last heartbeat is older than this is not alive.
@@ -29,8 +28,7 @@ RECENT_FAILURES: Final = 10
 
 
 def _open(config: NodeConfig) -> Store | None:
-    path = StorageLayout(config.storage.dir).db
-    return Store(path) if path.is_file() else None
+    return existing_store(config.storage)
 
 
 def series_counts(store: Store) -> dict[str, int]:
@@ -238,17 +236,26 @@ def _self_check_context(tls: ServerTLS) -> ssl.SSLContext:
 def health(config: NodeConfig) -> int:
     """0 when the listener answers C-ECHO, ``node.workers`` workers beat recently and
     the node has not given up restarting any of them (``node.worker_max_crashes``)."""
+    from ich_node.service import node_id
+
+    shared = is_shared(config.storage)
+    prefix = f"{node_id(config)}." if shared else ""
     ok_echo = echo(config)
     store = _open(config)
     alive = 0
     if store is not None:
         try:
             now = time.time()
+            beats = store.heartbeats()
             alive = sum(
                 1
-                for name, (_, at) in store.heartbeats().items()
-                if name.startswith("worker-") and now - at <= HEARTBEAT_STALE_SECONDS
+                for name, (_, at) in beats.items()
+                if name.startswith(f"{prefix}worker-") and now - at <= HEARTBEAT_STALE_SECONDS
             )
+            if shared:  # every host's listeners and workers sharing the database
+                for name, (pid, at) in sorted(beats.items()):
+                    state = "alive" if now - at <= HEARTBEAT_STALE_SECONDS else "stale"
+                    print(f"{name}: pid {pid}, heartbeat {now - at:.1f} s ago ({state})")
         finally:
             store.close()
     ok_workers = alive >= config.node.workers
@@ -283,7 +290,7 @@ def resend(config: NodeConfig, job_id: str) -> int:
             print(f"no job {job_id!r}")
             return 1
         now = time.time()
-        job_requeued = JobQueue(store, config.queue).requeue(job_id, now)
+        job_requeued = job_queue(store, config.queue).requeue(job_id, now)
         n = store.requeue_deliveries(job_id, now)
     finally:
         store.close()

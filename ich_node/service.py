@@ -22,6 +22,7 @@ import multiprocessing
 import multiprocessing.context
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from ich_node.ingest.assemble import Assembler
 from ich_node.ingest.spool import Spool
 from ich_node.listener import start_listener
 from ich_node.metrics import Metrics
+from ich_node.queue.backend import assembly_turn, is_shared, job_queue, open_store
 from ich_node.queue.jobs import JobQueue
 from ich_node.queue.store import Store
 from ich_node.retention import CLEAN_EVERY_SECONDS, Cleaner
@@ -197,11 +199,13 @@ class Supervisor:
         To give back the leases of a dead worker.
     """
 
-    def __init__(self, config: NodeConfig, queue: JobQueue) -> None:
+    def __init__(self, config: NodeConfig, queue: JobQueue, prefix: str = "") -> None:
         self.config = config
         self.queue = queue
         self.context = multiprocessing.get_context("spawn")
-        self.slots = [_Slot(f"worker-{i}") for i in range(config.node.workers)]
+        # In a shared database every name starts with the node id: recovery gives back
+        # only the leases of this node's workers, never another host's.
+        self.slots = [_Slot(f"{prefix}worker-{i}") for i in range(config.node.workers)]
         self.max_crashes = config.node.worker_max_crashes
 
     def ready(self) -> list[str]:
@@ -402,24 +406,51 @@ def _await_worker(
     return 0
 
 
-def serve(config: NodeConfig, *, clock: Callable[[], float] = time.time) -> int:
+#: What one ``serve`` process runs: everything, or one side of a multi-host node.
+ROLES: Final = ("all", "listener", "worker")
+
+
+def node_id(config: NodeConfig) -> str:
+    """This node's name in a shared database: ``storage.node_id``, else the host name."""
+    return config.storage.node_id or socket.gethostname()
+
+
+def serve(config: NodeConfig, *, clock: Callable[[], float] = time.time, role: str = "all") -> int:
     """Run the node until SIGTERM or SIGINT; returns the exit code.
 
-    0 after a clean stop; 1 when the port cannot be bound or no worker could
-    load the model; 2 when ``model.bundle`` is unusable or ``storage.dir`` is
-    held by another node (nothing is changed then).
+    ``role``: ``all`` (listener, assembler, workers, sender: one host),
+    ``listener`` (receive, spool, assemble, retention) or ``worker`` (infer,
+    encode, send); the last two need a shared store (``storage.database``).
+
+    0 after a clean stop; 1 when the port cannot be bound, no worker could
+    load the model or the database cannot be reached; 2 when ``model.bundle``
+    is unusable, ``storage.dir`` is held by another node (embedded SQLite), or
+    the role needs a shared store (nothing is changed then).
     """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     try:
         from ich_node.log import configure_logging
 
         configure_logging(config.logging.format, config.logging.level)
     except ImportError:
         pass
-    if not _check_bundle(config):
+    if role != "all" and not is_shared(config.storage):
+        log.error(
+            "serve.role_needs_shared_store",
+            role=role,
+            action="set storage.database to a postgresql:// URL (docs/deployment.md)",
+        )
+        return EXIT_CONFIG
+    if role != "listener" and not _check_bundle(config):
         return EXIT_CONFIG
     # The spool, the outbox and the store hold patient data: owner-only.
     os.umask(0o077)
     config.storage.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if is_shared(config.storage):
+        # Several nodes share storage.dir by design: no storage lock (it protects the
+        # embedded SQLite mode); each node's recovery touches only its own node id.
+        return _serve_locked(config, clock, role)
     # One node per storage, checked before anything under it is touched.
     try:
         lock_fd = lock_storage(config.storage.dir)
@@ -429,12 +460,12 @@ def serve(config: NodeConfig, *, clock: Callable[[], float] = time.time) -> int:
         )
         return EXIT_CONFIG
     try:
-        return _serve_locked(config, clock)
+        return _serve_locked(config, clock, role)
     finally:
         os.close(lock_fd)
 
 
-def _serve_locked(config: NodeConfig, clock: Callable[[], float]) -> int:
+def _serve_locked(config: NodeConfig, clock: Callable[[], float], role: str = "all") -> int:
     try:
         os.chmod(config.storage.dir, 0o700)
     except OSError as exc:
@@ -447,9 +478,22 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float]) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
 
-    store = Store.open(config.storage.dir)
+    shared = is_shared(config.storage)
+    try:
+        store = open_store(config.storage)
+    except Exception as exc:  # the database is unreachable or its schema is newer
+        log.error("serve.store_failed", error=f"{type(exc).__name__}: {exc}"[:500])
+        return EXIT_FAILED
+    prefix = f"{node_id(config)}." if shared else ""
+    beat_name = f"{prefix}{role}" if shared else "node"
+    if shared:
+        from ich_node.queue.postgres import PgStore
+
+        assert isinstance(store, PgStore)
+        store.write_store_id()  # workers lease only where this file is seen
+    listens, works = role in ("all", "listener"), role in ("all", "worker")
     metrics = Metrics(store)
-    queue = JobQueue(store, config.queue)
+    queue = job_queue(store, config.queue)
     spool = Spool(config.storage.dir, store, config.storage.min_free_mb)
     assembler = Assembler(store, config.series, metrics, queue=queue)
     sender = Sender(
@@ -461,14 +505,22 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float]) -> int:
         metrics,
         targets=config.notifications,
     )
-    supervisor = Supervisor(config, queue)
+    supervisor = Supervisor(config, queue, prefix)
     cleaner = Cleaner(store, config.storage.dir, config.storage.keep_hours)
     # Workers of a previous run (killed with the node) exit when their parent is
-    # gone; what they held runs again.
-    supervisor.release_all("the node restarted during the job", clock())
-    # Before listening: what a crash left half-done was never acknowledged.
-    recovered = spool.recover()
-    cleaner.run_once(clock())  # also removes dead workers' half-written results
+    # gone; what they held runs again. Shared store: only this node id's leases.
+    if works:
+        supervisor.release_all("the node restarted during the job", clock())
+    # Before listening: what a crash left half-done was never acknowledged. In a
+    # shared storage.dir other listeners write the spool right now: their files
+    # are not this node's to judge, so the spool's recovery runs on one host only.
+    if shared:
+        from ich_node.ingest.spool import Recovery
+
+        recovered = Recovery(0, 0, 0)
+    else:
+        recovered = spool.recover()
+        cleaner.run_once(clock())  # also removes dead workers' half-written results
     if recovered.temp_files or recovered.unrecorded_files or recovered.missing_files:
         log.info(
             "serve.recovered",
@@ -479,7 +531,7 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float]) -> int:
     if recovered.missing_files:
         log.error("serve.recorded_files_missing", n=recovered.missing_files)
     # The listener accepts images only once a worker can read them.
-    code = _await_worker(supervisor, stop, clock)
+    code = _await_worker(supervisor, stop, clock) if works else None
     if code is not None:
         supervisor.stop()
         store.close()
@@ -488,7 +540,7 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float]) -> int:
     try:
         if config.metrics.address is not None:
             metrics_server = metrics.serve(config.metrics.address)
-        server = start_listener(config, spool, clock, metrics)
+        server = start_listener(config, spool, clock, metrics) if listens else None
     except (OSError, ValueError) as exc:
         log.error("serve.listen_failed", port=config.node.port, error=str(exc))
         supervisor.stop()
@@ -496,30 +548,43 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float]) -> int:
         return EXIT_FAILED
     sender_stop = threading.Event()
     sender_thread = _SenderThread(sender, sender_stop)
-    sender_thread.start()
     alert_thread = _SenderThread(sender, sender_stop, alerts=True)
-    alert_thread.start()
-    log.info("serve.started", pid=os.getpid(), workers=config.node.workers)
+    if works:
+        sender_thread.start()
+        alert_thread.start()
+    log.info(
+        "serve.started",
+        pid=os.getpid(),
+        role=role,
+        node=beat_name,
+        workers=config.node.workers if works else 0,
+    )
     cleaned_at = clock()
     while not stop.is_set():
         now = clock()
         try:
-            supervisor.run_once(now)
-            assembler.run_once(now)
+            if works:
+                supervisor.run_once(now)
+            if listens:
+                with assembly_turn(store) as mine:
+                    if mine:  # one assembler in the whole cluster decides a series
+                        assembler.run_once(now)
             metrics.run_once()
-            if now - cleaned_at >= CLEAN_EVERY_SECONDS:
+            if listens and now - cleaned_at >= CLEAN_EVERY_SECONDS:
                 cleaner.run_once(now)
                 cleaned_at = now
-            store.heartbeat("node", os.getpid(), now)
+            store.heartbeat(beat_name, os.getpid(), now)
         except Exception as exc:  # log and go on
             log.error("serve.loop_error", error=type(exc).__name__)
         stop.wait(LOOP_SECONDS)
     log.info("serve.stopping")
-    server.shutdown()  # no new associations; running ones are closed
+    if server is not None:
+        server.shutdown()  # no new associations; running ones are closed
     supervisor.stop()
     sender_stop.set()
-    sender_thread.join(config.sender.timeout_seconds + 5)
-    alert_thread.join(max((t.timeout_seconds for t in config.notifications), default=0) + 5)
+    if works:
+        sender_thread.join(config.sender.timeout_seconds + 5)
+        alert_thread.join(max((t.timeout_seconds for t in config.notifications), default=0) + 5)
     if metrics_server is not None:
         metrics_server.shutdown()  # type: ignore[attr-defined]
     store.close()

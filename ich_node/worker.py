@@ -36,7 +36,8 @@ from ich_node.durable import fsync_dir
 from ich_node.imaging import SeriesRefused, read_series
 from ich_node.imaging.records import one_line
 from ich_node.log import PHI, job_context, phi_values_of_file, redact, warning_counts
-from ich_node.queue.jobs import JobQueue, LeaseLost
+from ich_node.queue.backend import job_queue, open_store, wait_for_jobs
+from ich_node.queue.jobs import LeaseLost
 from ich_node.queue.layout import StorageLayout
 from ich_node.queue.store import JobRecord, JobStage, SrReference, Store
 
@@ -48,6 +49,9 @@ HEARTBEAT_SECONDS = 1.0
 #: Jobs one worker holds at most: one writing results, one waiting for that, one
 #: on the model (or being read and decoded ahead).
 MAX_HELD_JOBS = 3
+#: Seconds an idle worker on PostgreSQL waits for a job notification (LISTEN) before
+#: looking again (retries whose backoff ended are not notified).
+IDLE_WAIT_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +141,7 @@ class Worker:
         self.config = config
         self.name = name
         self.store = store
-        self.queue = JobQueue(store, config.queue)
+        self.queue = job_queue(store, config.queue)
         self.classifier = classifier
         self.batches_ahead = batches_ahead
         self._held: dict[str, JobRecord] = {}
@@ -540,6 +544,37 @@ class Worker:
             error = exc
         return self._finish(item, explained, error, clock)
 
+    def _storage_ready(self) -> bool:
+        """Whether this host sees the shared ``storage.dir`` (always true on SQLite).
+
+        With PostgreSQL, a worker leases only when the spool's store-id file is
+        there and names this database: a host whose shared mount is missing leaves
+        the jobs to the others instead of failing them.
+        """
+        mounted = getattr(self.store, "storage_mounted", None)
+        if mounted is None or mounted():
+            self._unmounted_logged = False
+            return True
+        if not getattr(self, "_unmounted_logged", False):
+            log.error(
+                "worker.storage_not_mounted",
+                worker=self.name,
+                storage_dir=str(self.config.storage.dir),
+                action="not leasing until the shared storage is back",
+            )
+            self._unmounted_logged = True
+        return False
+
+    def _idle(self, stop: threading.Event, poll_seconds: float) -> None:
+        """Wait for work: the poll interval, or on PostgreSQL until a job is notified."""
+        if hasattr(self.store, "wait_for_jobs") and not stop.is_set():
+            try:
+                wait_for_jobs(self.store, IDLE_WAIT_SECONDS)
+                return
+            except Exception as exc:  # the database went away: poll until it is back
+                log.error("worker.listen_failed", worker=self.name, error=type(exc).__name__)
+        stop.wait(poll_seconds)
+
     def run_once(self, now: float, clock: Callable[[], float] = time.time) -> JobOutcome | None:
         """Lease one job and run it; ``None`` when nothing is runnable at ``now``."""
         job = self.queue.lease(self.name, now)
@@ -563,13 +598,13 @@ class Worker:
                     continue  # MAX_HELD_JOBS held: wait for the results stage
                 job = None
                 try:
-                    if not stop.is_set():
+                    if not stop.is_set() and self._storage_ready():
                         job = self.queue.lease(self.name, clock())
                 except Exception as exc:  # a busy database: try again
                     log.error("worker.lease_failed", worker=self.name, error=type(exc).__name__)
                 if job is None:
                     self._slots.release()
-                    stop.wait(poll_seconds)
+                    self._idle(stop, poll_seconds)
                     continue
                 with job_context(job.job_id):
                     item = self._leased(job)
@@ -696,7 +731,7 @@ def worker_main(
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     log.info("worker.starting", worker=name, pid=os.getpid())
-    store = Store.open(config.storage.dir)
+    store = open_store(config.storage)
     heartbeat = _Heartbeat(store, name, os.getppid() if parent is None else parent)
     heartbeat.start()
 

@@ -94,3 +94,55 @@ def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = fit(settings, say=lambda _m: None)
     assert result.bundle_path is not None
     return Path(result.bundle_path)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[object]:
+    """A throwaway PostgreSQL cluster (tests/pg_cluster.py); skips when not installed."""
+    from benchmarks.common import free_port as probe
+    from tests.pg_cluster import pg_bin, start_cluster
+
+    pytest.importorskip("psycopg")
+    if pg_bin() is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    cluster = start_cluster(probe())
+    yield cluster
+    cluster.stop()
+
+
+_PG_DATABASES = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def pg_url(pg_cluster: object) -> str:
+    """A fresh, empty database in the test cluster; its postgresql:// URL."""
+    return pg_cluster.create_database(f"t{os.getpid()}_{next(_PG_DATABASES)}")  # type: ignore[attr-defined]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The store backend a test runs on: both, the same test."""
+    return str(request.param)
+
+
+@pytest.fixture
+def open_store(backend: str, request: pytest.FixtureRequest) -> Iterator[object]:
+    """``open_store(storage_dir)``: the node's store on the test's backend.
+
+    SQLite: the embedded store in ``storage_dir``. PostgreSQL: a fresh database of
+    the test cluster (one per test, every call reopens the same one).
+    """
+    from ich_node.config import StorageSection
+    from ich_node.queue.backend import open_store as open_backend
+
+    url = request.getfixturevalue("pg_url") if backend == "postgresql" else None
+    opened: list[object] = []
+
+    def open_(storage_dir: Path) -> object:
+        store = open_backend(StorageSection(dir=storage_dir, database=url))
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        store.close()  # type: ignore[attr-defined]

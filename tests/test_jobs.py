@@ -1,19 +1,29 @@
-"""The job queue on a real SQLite store, time driven by the tests."""
+"""The job queue on a real store (SQLite and PostgreSQL, the same tests), time driven by the tests."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from ich_node.config import QueueSection
+from ich_node.queue.backend import job_queue
 from ich_node.queue.jobs import JobQueue, LeaseLost, job_id_for
 from ich_node.queue.store import InstanceRecord, JobRecord, Store
 
+OpenStore = Callable[[Path], Store]
 
-def _queue(tmp_path: Path, **kw: float) -> JobQueue:
-    config = QueueSection(lease_seconds=10.0, max_attempts=3, retry_base_seconds=2.0, **kw)
-    return JobQueue(Store.open(tmp_path), config)
+
+@pytest.fixture
+def _queue(open_store: OpenStore) -> Callable[..., JobQueue]:
+    """``_queue(tmp_path, **queue_keys)``: a queue on the test's backend."""
+
+    def make(tmp_path: Path, **kw: float) -> JobQueue:
+        config = QueueSection(lease_seconds=10.0, max_attempts=3, retry_base_seconds=2.0, **kw)
+        return job_queue(open_store(tmp_path), config)
+
+    return make
 
 
 def _enqueue(queue: JobQueue, series: str = "1.2.3", now: float = 0.0) -> JobRecord:
@@ -29,7 +39,9 @@ def test_job_ids_are_deterministic_per_series_version() -> None:
     assert job_id_for("1.2.3", 1) != job_id_for("1.2.3", 2)
 
 
-def test_lease_then_complete_writes_outbox_in_the_same_step(tmp_path: Path) -> None:
+def test_lease_then_complete_writes_outbox_in_the_same_step(
+    tmp_path: Path, _queue: Callable[..., JobQueue]
+) -> None:
     queue = _queue(tmp_path)
     job = _enqueue(queue)
     leased = queue.lease("w", now=1.0)
@@ -45,7 +57,9 @@ def test_lease_then_complete_writes_outbox_in_the_same_step(tmp_path: Path) -> N
     ]
 
 
-def test_expired_lease_runs_again_and_stale_worker_cannot_complete(tmp_path: Path) -> None:
+def test_expired_lease_runs_again_and_stale_worker_cannot_complete(
+    tmp_path: Path, _queue: Callable[..., JobQueue]
+) -> None:
     queue = _queue(tmp_path)
     _enqueue(queue)
     first = queue.lease("w1", now=0.0)
@@ -59,7 +73,9 @@ def test_expired_lease_runs_again_and_stale_worker_cannot_complete(tmp_path: Pat
     assert len(queue.store.deliveries()) == 1
 
 
-def test_failures_back_off_then_park_with_reason(tmp_path: Path) -> None:
+def test_failures_back_off_then_park_with_reason(
+    tmp_path: Path, _queue: Callable[..., JobQueue]
+) -> None:
     queue = _queue(tmp_path)
     job = _enqueue(queue)
     leased = queue.lease("w", now=0.0)
@@ -82,7 +98,9 @@ def test_failures_back_off_then_park_with_reason(tmp_path: Path) -> None:
     assert again is not None and again.attempts == 1
 
 
-def test_released_worker_job_reruns_and_parks_after_max_attempts(tmp_path: Path) -> None:
+def test_released_worker_job_reruns_and_parks_after_max_attempts(
+    tmp_path: Path, _queue: Callable[..., JobQueue]
+) -> None:
     queue = _queue(tmp_path)
     job = _enqueue(queue)
     for attempt in range(1, 4):
@@ -96,7 +114,9 @@ def test_released_worker_job_reruns_and_parks_after_max_attempts(tmp_path: Path)
     assert "worker exited with code -9 while this job was on the model" in parked.reason
 
 
-def test_worker_death_charges_only_the_job_on_the_model(tmp_path: Path) -> None:
+def test_worker_death_charges_only_the_job_on_the_model(
+    tmp_path: Path, _queue: Callable[..., JobQueue]
+) -> None:
     queue = _queue(tmp_path)
     jobs = [_enqueue(queue, series=f"1.2.{i}") for i in range(3)]
     writing, on_model, ahead = (queue.lease("w", now=1.0) for _ in range(3))
@@ -116,7 +136,9 @@ def test_worker_death_charges_only_the_job_on_the_model(tmp_path: Path) -> None:
         assert (back.state, back.attempts, back.crash_returns) == ("queued", 0, 1)
 
 
-def test_job_only_read_ahead_at_every_crash_is_charged_in_the_end(tmp_path: Path) -> None:
+def test_job_only_read_ahead_at_every_crash_is_charged_in_the_end(
+    tmp_path: Path, _queue: Callable[..., JobQueue]
+) -> None:
     """A decoder that kills the worker while reading ahead must not loop for ever."""
     queue = _queue(tmp_path)  # max_attempts 3
     job = _enqueue(queue)
@@ -134,7 +156,9 @@ def test_job_only_read_ahead_at_every_crash_is_charged_in_the_end(tmp_path: Path
     assert states[-1][0] == "parked" and len(states) == 8
 
 
-def test_extend_pushes_the_lease_and_fails_once_it_is_lost(tmp_path: Path) -> None:
+def test_extend_pushes_the_lease_and_fails_once_it_is_lost(
+    tmp_path: Path, _queue: Callable[..., JobQueue]
+) -> None:
     queue = _queue(tmp_path)
     _enqueue(queue)
     leased = queue.lease("w", now=1.0)

@@ -1,12 +1,15 @@
-"""The SQLite store: instances and series bookkeeping, deliveries, heartbeats."""
+"""The store on both backends (SQLite, PostgreSQL): instances and series, deliveries, heartbeats."""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from ich_node.queue.jobs import job_id_for
 from ich_node.queue.store import DB_NAME, Added, InstanceRecord, Store
+
+OpenStore = Callable[[Path], Store]
 
 
 def _record(
@@ -43,8 +46,8 @@ def test_store_uses_wal_and_survives_reopen(tmp_path: Path) -> None:
     assert store.instance_paths("1.2.3") == [tmp_path / "a.dcm"]
 
 
-def test_repeated_sop_instance_is_recorded_once(tmp_path: Path) -> None:
-    store = Store.open(tmp_path)
+def test_repeated_sop_instance_is_recorded_once(tmp_path: Path, open_store: OpenStore) -> None:
+    store = open_store(tmp_path)
     added = store.add_instance(_record("1.1"), tmp_path / "a.dcm", 10, now=1.0, digest="d1")
     assert added.added is Added.NEW and added.reused_in == ()
     again = store.add_instance(_record("1.1"), tmp_path / "a.dcm", 10, now=2.0, digest="d1")
@@ -53,8 +56,8 @@ def test_repeated_sop_instance_is_recorded_once(tmp_path: Path) -> None:
     assert series is not None and series.n_instances == 1 and series.last_at == 1.0
 
 
-def test_instances_are_keyed_by_series_and_sop_uid(tmp_path: Path) -> None:
-    store = Store.open(tmp_path)
+def test_instances_are_keyed_by_series_and_sop_uid(tmp_path: Path, open_store: OpenStore) -> None:
+    store = open_store(tmp_path)
     store.add_instance(_record("1.1", series="9.1"), tmp_path / "a.dcm", 10, now=1.0, digest="x")
     other = store.add_instance(
         _record("1.1", series="9.2"), tmp_path / "b.dcm", 10, now=2.0, digest="x"
@@ -78,8 +81,10 @@ def test_instances_are_keyed_by_series_and_sop_uid(tmp_path: Path) -> None:
     assert (counts.series, counts.changed_resends, counts.late_instances) == (1, 1, 0)
 
 
-def test_whole_series_count_only_from_counts_that_describe_the_series(tmp_path: Path) -> None:
-    store = Store.open(tmp_path)
+def test_whole_series_count_only_from_counts_that_describe_the_series(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
+    store = open_store(tmp_path)
     # ImagesInAcquisition with one AcquisitionNumber: the series size.
     for i in range(2):
         store.add_instance(_record(f"1.{i}", "5.1", expected=3), tmp_path / f"a{i}", 1, 1.0)
@@ -123,8 +128,8 @@ def test_store_written_before_series_keyed_instances_is_migrated(tmp_path: Path)
     assert job.state == "done" and job.stage == "" and job.cause == ""
 
 
-def test_series_versions_follow_late_instances(tmp_path: Path) -> None:
-    store = Store.open(tmp_path)
+def test_series_versions_follow_late_instances(tmp_path: Path, open_store: OpenStore) -> None:
+    store = open_store(tmp_path)
     store.add_instance(_record("1.1", expected=2), tmp_path / "a.dcm", 10, now=1.0)
     store.add_instance(_record("1.2"), tmp_path / "b.dcm", 10, now=2.0)
     series = store.series("1.2.3")
@@ -139,8 +144,8 @@ def test_series_versions_follow_late_instances(tmp_path: Path) -> None:
     assert [j.version for j in store.jobs()] == [1, 2]
 
 
-def test_counts_and_heartbeats(tmp_path: Path) -> None:
-    store = Store.open(tmp_path)
+def test_counts_and_heartbeats(tmp_path: Path, open_store: OpenStore) -> None:
+    store = open_store(tmp_path)
     store.add_instance(_record("1.1"), tmp_path / "a.dcm", 10, now=1.0)
     store.skip_series("1.2.3", 1, "modality 'MR' is not in series.modalities")
     assert store.counts("series") == {"skipped": 1}

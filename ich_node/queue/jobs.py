@@ -172,8 +172,9 @@ class JobQueue:
             )
             for name in destinations if n_files else ():
                 db.execute(
-                    """INSERT OR IGNORE INTO deliveries (job_id, destination, state, next_at,
-                        n_files, created_at, updated_at) VALUES (?, ?, 'pending', ?, ?, ?, ?)""",
+                    """INSERT INTO deliveries (job_id, destination, state, next_at, n_files,
+                        created_at, updated_at) VALUES (?, ?, 'pending', ?, ?, ?, ?)
+                    ON CONFLICT DO NOTHING""",
                     (job.job_id, name, now, n_files, now, now),
                 )
 
@@ -212,7 +213,8 @@ class JobQueue:
         with self.store.transaction() as db:
             self._check_lease(db, job)
             db.execute(
-                """UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0),
+                """UPDATE jobs SET state = 'queued',
+                    attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END,
                     lease_until = NULL, stage = '', not_before = ?, updated_at = ?
                 WHERE job_id = ?""",
                 (now, now, job.job_id),
@@ -300,7 +302,8 @@ class JobQueue:
                 else:
                     given_back.append(job_id)
                     db.execute(
-                        """UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0),
+                        """UPDATE jobs SET state = 'queued',
+                            attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END,
                             crash_returns = ?, lease_until = NULL, stage = '', not_before = ?,
                             updated_at = ? WHERE job_id = ?""",
                         (returns, now, now, job_id),

@@ -370,7 +370,7 @@ class Store:
                     n_instances, first_at, last_at, state)
                 VALUES (?, ?, ?, ?, ?, ?, NULL, 1, ?, ?, 'receiving')
                 ON CONFLICT(series_instance_uid) DO UPDATE SET
-                    n_instances = n_instances + 1, last_at = excluded.last_at,
+                    n_instances = series.n_instances + 1, last_at = excluded.last_at,
                     state = 'receiving'""",
                 (
                     record.series_instance_uid,
@@ -424,7 +424,7 @@ class Store:
         row = self._query(
             """SELECT COUNT(*) AS n, MAX(series_related) AS related,
                 COUNT(DISTINCT acquisition) AS acquisitions,
-                SUM(acquisition = '') AS no_acquisition,
+                SUM(CASE WHEN acquisition = '' THEN 1 ELSE 0 END) AS no_acquisition,
                 COUNT(images_in_acquisition) AS with_count,
                 MIN(images_in_acquisition) AS lo, MAX(images_in_acquisition) AS hi
             FROM instances WHERE series_instance_uid = ?""",
@@ -523,9 +523,9 @@ class Store:
                 (n_read, seen, n_read, version, series_instance_uid),
             )
             db.execute(
-                """INSERT OR IGNORE INTO jobs (job_id, series_instance_uid, version, state,
+                """INSERT INTO jobs (job_id, series_instance_uid, version, state,
                     not_before, created_at, updated_at, cause)
-                VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)""",
+                VALUES (?, ?, ?, 'queued', ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
                 (job_id, series_instance_uid, version, now, now, now, cause),
             )
             job = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
@@ -651,7 +651,7 @@ class Store:
         """Record that ``destination`` accepted one object (committed at once)."""
         with self.transaction() as db:
             db.execute(
-                "INSERT OR IGNORE INTO accepted_objects VALUES (?, ?, ?, ?)",
+                "INSERT INTO accepted_objects VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (job_id, destination, sop_instance_uid, now),
             )
 
@@ -703,9 +703,9 @@ class Store:
         with self.transaction() as db:
             for a in alerts:
                 cur = db.execute(
-                    """INSERT OR IGNORE INTO alerts (job_id, target, series_instance_uid, version,
+                    """INSERT INTO alerts (job_id, target, series_instance_uid, version,
                         key, status, supersedes, positive_labels, last_received_at, created_at)
-                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
                     (a.job_id, a.target, a.series_instance_uid, a.version, a.key, a.status,
                      a.supersedes, ",".join(a.positive_labels), a.last_received_at,
                      a.created_at),
@@ -713,9 +713,9 @@ class Store:
                 if cur.rowcount:
                     n += 1
                     db.execute(
-                        """INSERT OR IGNORE INTO deliveries (job_id, destination, state, next_at,
+                        """INSERT INTO deliveries (job_id, destination, state, next_at,
                             n_files, created_at, updated_at)
-                        VALUES (?, ?, 'pending', ?, 1, ?, ?)""",
+                        VALUES (?, ?, 'pending', ?, 1, ?, ?) ON CONFLICT DO NOTHING""",
                         (a.job_id, prefix + a.target, now, now, now),
                     )
         return n
@@ -734,7 +734,8 @@ class Store:
     def heartbeat(self, name: str, pid: int, now: float) -> None:
         with self.transaction() as db:
             db.execute(
-                "INSERT OR REPLACE INTO heartbeats (name, pid, at) VALUES (?, ?, ?)",
+                """INSERT INTO heartbeats (name, pid, at) VALUES (?, ?, ?)
+                ON CONFLICT(name) DO UPDATE SET pid = excluded.pid, at = excluded.at""",
                 (name, pid, now),
             )
 
@@ -794,7 +795,8 @@ class Store:
                 return
             db.execute("DELETE FROM instances WHERE path = ?", (path,))
             db.execute(
-                """UPDATE series SET n_instances = MAX(n_instances - 1, 0)
+                """UPDATE series
+                SET n_instances = CASE WHEN n_instances > 0 THEN n_instances - 1 ELSE 0 END
                 WHERE series_instance_uid = ?""",
                 (row["series_instance_uid"],),
             )

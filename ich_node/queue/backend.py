@@ -1,0 +1,89 @@
+"""The one place that picks the store backend from ``storage.database``.
+
+``storage.database: null`` (the default) is the embedded SQLite store in
+``storage.dir`` (:class:`ich_node.queue.store.Store`, behaviour unchanged); a
+``postgresql://`` URL is :class:`ich_node.queue.postgres.PgStore`, which several
+hosts share. psycopg is imported only for the latter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+from ich_node.config import QueueSection, StorageSection
+from ich_node.queue.jobs import JobQueue
+from ich_node.queue.layout import StorageLayout
+from ich_node.queue.store import Store
+
+
+def _is_pg(store: Store) -> bool:
+    # A PgStore exists only once its module is imported: SQLite nodes never import psycopg.
+    module = sys.modules.get("ich_node.queue.postgres")
+    return module is not None and isinstance(store, module.PgStore)
+
+
+def is_shared(config: StorageSection) -> bool:
+    """Whether the store is a server database that several nodes share (PostgreSQL)."""
+    return config.database is not None
+
+
+def open_store(config: StorageSection, *, now: float | None = None) -> Store:
+    """The node's store: SQLite in ``storage.dir``, or PostgreSQL at ``storage.database``.
+
+    Opening PostgreSQL applies missing schema migrations (see
+    :func:`ich_node.queue.postgres.migrate`).
+
+    Raises
+    ------
+    psycopg.OperationalError
+        When the PostgreSQL database cannot be reached.
+    ich_node.queue.postgres.SchemaTooNew
+        When its schema is newer than this code.
+    """
+    if config.database is None:
+        return Store.open(config.dir)
+    from ich_node.queue.postgres import PgStore
+
+    return PgStore(config, now=time.time() if now is None else now)
+
+
+def existing_store(config: StorageSection) -> Store | None:
+    """The store for read-only commands (``status``, ``health``); ``None`` when none exists yet."""
+    if config.database is None:
+        path = StorageLayout(Path(config.dir)).db
+        return Store(path) if path.is_file() else None
+    return open_store(config)
+
+
+def job_queue(store: Store, config: QueueSection) -> JobQueue:
+    """The job queue on ``store`` (row-locking leases on PostgreSQL)."""
+    if _is_pg(store):
+        from ich_node.queue.postgres import PgJobQueue, PgStore
+
+        assert isinstance(store, PgStore)
+        return PgJobQueue(store, config)
+    return JobQueue(store, config)
+
+
+def assembly_turn(store: Store) -> contextlib.AbstractContextManager[bool]:
+    """Whether this process may decide complete series now (always, on SQLite)."""
+    if _is_pg(store):
+        from ich_node.queue.postgres import PgStore
+
+        assert isinstance(store, PgStore)
+        return store.assembly_turn()
+    return contextlib.nullcontext(True)
+
+
+def wait_for_jobs(store: Store, timeout: float) -> None:
+    """Sleep up to ``timeout`` seconds; on PostgreSQL, wake when a job is notified."""
+    if _is_pg(store):
+        from ich_node.queue.postgres import PgStore
+
+        assert isinstance(store, PgStore)
+        store.wait_for_jobs(timeout)
+    else:
+        time.sleep(timeout)

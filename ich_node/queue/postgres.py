@@ -1,0 +1,507 @@
+"""The node's durable state in PostgreSQL: one store that several hosts share.
+
+Chosen with ``storage.database: postgresql://USER@HOST:PORT/DB``. It implements
+the same interfaces as the embedded SQLite store (:mod:`ich_node.queue.interface`)
+with the same SQL semantics: :class:`PgStore` runs :class:`ich_node.queue.store.Store`'s
+statements on PostgreSQL through psycopg 3 and its connection pool, and
+:class:`PgJobQueue` is :class:`ich_node.queue.jobs.JobQueue` with PostgreSQL's
+row locks.
+
+Concurrency (what replaces SQLite's one writer at a time):
+
+- Every write transaction but a lease takes one transaction-level advisory lock
+  (``pg_advisory_xact_lock``), so read-then-write steps (recording an instance,
+  bumping a series version) keep SQLite's ``BEGIN IMMEDIATE`` semantics across
+  hosts, and a series version is decided once even when its instances arrive at
+  two listeners.
+- A lease takes a job with ``SELECT … FOR UPDATE SKIP LOCKED`` (no global lock),
+  and every change to a leased job first locks its row, so two workers never hold
+  one job and a lease that expired cannot be completed by its old holder.
+- ``NOTIFY ich_node_jobs`` is sent when a job becomes runnable; idle workers
+  ``LISTEN`` and wake at once instead of waiting for their poll interval.
+- One assembler at a time in the whole cluster decides complete series
+  (:meth:`PgStore.assembly_turn`, a session advisory lock tried once per pass).
+
+The schema is versioned (:data:`MIGRATIONS`); :func:`migrate` applies the missing
+ones at start under a session advisory lock, and refuses a database whose schema
+is newer than this code (:class:`SchemaTooNew`). Times are seconds since the epoch
+(``DOUBLE PRECISION``), passed in by callers as with SQLite.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final
+
+import psycopg
+import psycopg.rows
+from psycopg_pool import ConnectionPool
+
+from ich_node.config import QueueSection, StorageSection
+from ich_node.queue.interface import JobRecord
+from ich_node.queue.jobs import JobQueue, Released
+from ich_node.queue.store import Store
+
+#: Advisory lock keys (one 64-bit namespace per purpose; "ICH" in the high bytes).
+MIGRATION_LOCK: Final = 0x49434800_00000001
+WRITE_LOCK: Final = 0x49434800_00000002
+ASSEMBLY_LOCK: Final = 0x49434800_00000003
+#: The channel idle workers listen on.
+JOBS_CHANNEL: Final = "ich_node_jobs"
+#: The file in ``storage.dir`` that names the database the spool belongs to.
+STORE_ID_NAME: Final = ".ich-node-store-id"
+
+#: Versioned schema migrations: index + 1 is the version. Append only; never edit one
+#: that has shipped.
+MIGRATIONS: Final[tuple[str, ...]] = (
+    # 1: the SQLite store's tables, with PostgreSQL types.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    INSERT INTO meta VALUES ('store_id', gen_random_uuid()::text);
+    CREATE TABLE instances (
+        series_instance_uid TEXT NOT NULL,
+        sop_instance_uid TEXT NOT NULL,
+        sop_class_uid TEXT NOT NULL,
+        path TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL,
+        digest TEXT NOT NULL DEFAULT '',
+        acquisition TEXT NOT NULL DEFAULT '',
+        images_in_acquisition INTEGER,
+        series_related INTEGER,
+        PRIMARY KEY (series_instance_uid, sop_instance_uid)
+    );
+    CREATE INDEX instances_sop ON instances(sop_instance_uid);
+    CREATE INDEX instances_path ON instances(path);
+    CREATE TABLE series (
+        series_instance_uid TEXT PRIMARY KEY,
+        study_instance_uid TEXT NOT NULL,
+        modality TEXT NOT NULL,
+        body_part TEXT NOT NULL,
+        study_description TEXT NOT NULL,
+        series_description TEXT NOT NULL,
+        expected INTEGER,
+        n_instances INTEGER NOT NULL,
+        n_replaced INTEGER NOT NULL DEFAULT 0,
+        n_read INTEGER NOT NULL DEFAULT 0,
+        first_at DOUBLE PRECISION NOT NULL,
+        last_at DOUBLE PRECISION NOT NULL,
+        state TEXT NOT NULL,
+        version INTEGER NOT NULL DEFAULT 0,
+        reason TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX series_state ON series(state, last_at);
+    CREATE TABLE jobs (
+        job_id TEXT PRIMARY KEY,
+        series_instance_uid TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        not_before DOUBLE PRECISION NOT NULL,
+        lease_until DOUBLE PRECISION,
+        worker TEXT,
+        reason TEXT NOT NULL DEFAULT '',
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        stage TEXT NOT NULL DEFAULT '',
+        crash_returns INTEGER NOT NULL DEFAULT 0,
+        cause TEXT NOT NULL DEFAULT '',
+        sr_study_uid TEXT NOT NULL DEFAULT '',
+        sr_series_uid TEXT NOT NULL DEFAULT '',
+        sr_sop_class_uid TEXT NOT NULL DEFAULT '',
+        sr_sop_uid TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX jobs_state ON jobs(state, not_before);
+    CREATE INDEX jobs_series ON jobs(series_instance_uid, version);
+    CREATE TABLE deliveries (
+        job_id TEXT NOT NULL,
+        destination TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at DOUBLE PRECISION NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        n_files INTEGER NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (job_id, destination)
+    );
+    CREATE INDEX deliveries_state ON deliveries(state, next_at);
+    CREATE TABLE accepted_objects (
+        job_id TEXT NOT NULL,
+        destination TEXT NOT NULL,
+        sop_instance_uid TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (job_id, destination, sop_instance_uid)
+    );
+    CREATE TABLE heartbeats (
+        name TEXT PRIMARY KEY,
+        pid INTEGER NOT NULL,
+        at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE stage_times (
+        id BIGSERIAL PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        seconds DOUBLE PRECISION NOT NULL,
+        at DOUBLE PRECISION NOT NULL
+    );
+    """,
+    # 2: alerts (ich_node.delivery): one per job and target, sent through deliveries.
+    """
+    CREATE TABLE alerts (
+        job_id TEXT NOT NULL,
+        target TEXT NOT NULL,
+        series_instance_uid TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        status TEXT NOT NULL,
+        supersedes TEXT,
+        positive_labels TEXT NOT NULL,
+        last_received_at DOUBLE PRECISION NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        accepted_at DOUBLE PRECISION,
+        PRIMARY KEY (job_id, target)
+    );
+    CREATE INDEX alerts_series ON alerts(series_instance_uid, target, version);
+    """,
+)
+
+#: The schema version this code writes and reads.
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+
+class SchemaTooNew(RuntimeError):
+    """The database's schema is newer than this code: upgrade ich-node on this host."""
+
+
+class _Row:
+    """A result row read by name (``row["state"]``), position (``row[0]``) or ``dict(row)``.
+
+    It behaves like :class:`sqlite3.Row`, so the store's code reads rows of both
+    backends the same way.
+    """
+
+    __slots__ = ("_names", "_values")
+
+    def __init__(self, names: tuple[str, ...], values: Sequence[Any]) -> None:
+        self._names = names
+        self._values = tuple(values)
+
+    def keys(self) -> tuple[str, ...]:
+        return self._names
+
+    def __getitem__(self, key: int | str) -> Any:
+        if isinstance(key, int):
+            return self._values[key]
+        return self._values[self._names.index(key)]
+
+
+def _row_factory(cursor: Any) -> Any:
+    names = tuple(c.name for c in cursor.description or ())
+
+    def make(values: Sequence[Any]) -> _Row:
+        return _Row(names, values)
+
+    return make
+
+
+def _sql(statement: str) -> str:
+    """A statement of the store (``?`` placeholders) in psycopg's style (``%s``)."""
+    return statement.replace("%", "%%").replace("?", "%s")
+
+
+class _Db:
+    """One connection inside a transaction, with the sqlite3-style ``execute`` the store uses."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+
+    def execute(self, statement: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        cur = self.conn.cursor(row_factory=_row_factory)
+        cur.execute(_sql(statement), tuple(params))
+        return cur
+
+    def executemany(self, statement: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(_sql(statement), [tuple(r) for r in rows])
+
+
+def password(config: StorageSection) -> str | None:
+    """The password in ``storage.database_password_file`` (first line), or ``None``.
+
+    Raises
+    ------
+    OSError
+        When the named file cannot be read.
+    """
+    if config.database_password_file is None:
+        return None
+    text = Path(config.database_password_file).read_text(encoding="utf-8")
+    return text.splitlines()[0] if text else ""
+
+
+def connect_kwargs(config: StorageSection) -> dict[str, Any]:
+    """Keyword arguments for :func:`psycopg.connect` beside the URL (autocommit, password)."""
+    kwargs: dict[str, Any] = {"autocommit": True, "application_name": "ich-node"}
+    secret = password(config)
+    if secret is not None:
+        kwargs["password"] = secret
+    return kwargs
+
+
+def schema_version(conn: psycopg.Connection[Any]) -> int:
+    """The highest migration applied to the database (0 for an empty one)."""
+    exists = conn.execute("SELECT to_regclass('ich_schema_migrations')").fetchone()
+    if exists is None or exists[0] is None:
+        return 0
+    row = conn.execute("SELECT COALESCE(MAX(version), 0) FROM ich_schema_migrations").fetchone()
+    return int(row[0]) if row else 0
+
+
+def migrate(conn: psycopg.Connection[Any], now: float) -> int:
+    """Apply the missing migrations, under a session advisory lock; returns the version.
+
+    Several processes starting together wait for each other on the lock; each
+    migration is one transaction.
+
+    Raises
+    ------
+    SchemaTooNew
+        When the database's schema is newer than :data:`SCHEMA_VERSION`.
+    """
+    conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    try:
+        conn.execute(
+            """CREATE TABLE IF NOT EXISTS ich_schema_migrations (
+                version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"""
+        )
+        current = schema_version(conn)
+        if current > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"the database's schema is version {current}, this ich-node knows up to "
+                f"{SCHEMA_VERSION}: upgrade ich-node on this host (never downgrade a "
+                "shared database)"
+            )
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            with conn.transaction():
+                conn.execute(MIGRATIONS[version - 1])
+                conn.execute("INSERT INTO ich_schema_migrations VALUES (%s, %s)", (version, now))
+        return SCHEMA_VERSION
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+
+class PgStore(Store):
+    """The node's store in a PostgreSQL database (see the module's notes).
+
+    Parameters
+    ----------
+    config : StorageSection
+        ``storage``: ``database`` (the URL, required), ``database_password_file``,
+        ``database_pool_size``, ``dir`` (the shared spool and results).
+    now : float
+        The time recorded with migrations applied at open.
+
+    Raises
+    ------
+    psycopg.OperationalError
+        When the database cannot be reached (within the pool's timeout).
+    SchemaTooNew
+        When the database's schema is newer than this code.
+    """
+
+    def __init__(self, config: StorageSection, *, now: float = 0.0) -> None:
+        if config.database is None:
+            raise ValueError("PgStore needs storage.database (a postgresql:// URL)")
+        self.config = config
+        self.url = config.database
+        self.path = Path(config.dir)
+        self._local = threading.local()
+        kwargs = connect_kwargs(config)
+        with psycopg.connect(self.url, **kwargs) as conn:
+            migrate(conn, now)
+            row = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+            self.store_id = str(row[0]) if row else ""
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=config.database_pool_size,
+            kwargs=kwargs,
+            open=True,
+            name="ich-node",
+        )
+
+    @classmethod
+    def open(cls, storage_dir: Path) -> Store:  # pragma: no cover - a URL is needed
+        raise TypeError("open a PostgreSQL store with PgStore(config.storage)")
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[_Db]:  # type: ignore[override]
+        """A write transaction holding :data:`WRITE_LOCK`; nested calls join the outer one."""
+        current: _Db | None = getattr(self._local, "db", None)
+        if current is not None:
+            yield current
+            return
+        with self._pool.connection() as conn, conn.transaction():
+            db = _Db(conn)
+            db.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
+            self._local.db = db
+            try:
+                yield db
+            finally:
+                self._local.db = None
+
+    @contextmanager
+    def row_transaction(self) -> Iterator[_Db]:
+        """A transaction without the global write lock (leases: row locks only)."""
+        current: _Db | None = getattr(self._local, "db", None)
+        if current is not None:
+            yield current
+            return
+        with self._pool.connection() as conn, conn.transaction():
+            db = _Db(conn)
+            self._local.db = db
+            try:
+                yield db
+            finally:
+                self._local.db = None
+
+    def _query(self, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
+        current: _Db | None = getattr(self._local, "db", None)
+        if current is not None:
+            return list(current.execute(sql, params).fetchall())
+        with self._pool.connection() as conn:
+            return list(_Db(conn).execute(sql, params).fetchall())
+
+    def notify_jobs(self) -> None:
+        """Wake idle workers (sent when the current transaction commits)."""
+        with self.row_transaction() as db:
+            db.execute(f"NOTIFY {JOBS_CHANNEL}")
+
+    def queue_series(self, *args: Any, **kwargs: Any) -> JobRecord:
+        with self.transaction():
+            job = super().queue_series(*args, **kwargs)
+            self.notify_jobs()
+            return job
+
+    @contextmanager
+    def assembly_turn(self) -> Iterator[bool]:
+        """Whether this process may decide complete series now (one assembler at a time).
+
+        Yields ``True`` while this process holds :data:`ASSEMBLY_LOCK` (a session
+        advisory lock, released at the end of the block), ``False`` when another
+        node's assembler holds it.
+        """
+        with self._pool.connection() as conn:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (ASSEMBLY_LOCK,)).fetchone()
+            held = bool(row and row[0])
+            try:
+                yield held
+            finally:
+                if held:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (ASSEMBLY_LOCK,))
+
+    def wait_for_jobs(self, timeout: float) -> bool:
+        """Block until a job is notified or ``timeout`` seconds pass; whether one was."""
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "listen", None)
+        if conn is None or conn.closed:
+            conn = psycopg.connect(self.url, **connect_kwargs(self.config))
+            conn.execute(f"LISTEN {JOBS_CHANNEL}")
+            self._local.listen = conn
+        got = False
+        for _ in conn.notifies(timeout=timeout, stop_after=1):
+            got = True
+        return got
+
+    def write_store_id(self) -> None:
+        """Name this database in ``storage.dir`` (the check that the shared mount is there)."""
+        marker = Path(self.config.dir) / STORE_ID_NAME
+        if not marker.is_file():
+            marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = marker.with_name(f".{marker.name}.{uuid.uuid4().hex}.tmp")
+            tmp.write_text(self.store_id + "\n", encoding="utf-8")
+            tmp.replace(marker)
+
+    def storage_mounted(self) -> bool:
+        """Whether ``storage.dir`` here is the spool of this database (its id file matches)."""
+        try:
+            text = (Path(self.config.dir) / STORE_ID_NAME).read_text(encoding="utf-8")
+        except OSError:
+            return False
+        return text.strip() == self.store_id
+
+
+class PgJobQueue(JobQueue):
+    """The job queue on PostgreSQL: leases with ``FOR UPDATE SKIP LOCKED``.
+
+    Every other step locks the job's row before it checks the lease, so a lease
+    taken over by another worker (expired) is never completed by the old one.
+    """
+
+    store: PgStore
+
+    def __init__(self, store: PgStore, config: QueueSection) -> None:
+        super().__init__(store, config)
+
+    def lease(self, worker: str, now: float) -> JobRecord | None:
+        """Take the oldest runnable job (queued, due retry, or expired lease) no one is taking."""
+        while True:
+            with self.store.row_transaction() as db:
+                row = db.execute(
+                    """SELECT * FROM jobs WHERE (state IN ('queued', 'retry') AND not_before <= ?)
+                        OR (state = 'leased' AND lease_until < ?)
+                    ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED""",
+                    (now, now),
+                ).fetchone()
+                if row is None:
+                    return None
+                job = JobRecord(**dict(row))
+                if job.attempts >= self.config.max_attempts:
+                    reason = job.reason or "lease expired on every attempt (worker died?)"
+                    db.execute(
+                        """UPDATE jobs SET state = 'parked', reason = ?, lease_until = NULL,
+                            updated_at = ? WHERE job_id = ?""",
+                        (f"after {job.attempts} attempts: {reason}", now, job.job_id),
+                    )
+                    continue
+                leased = db.execute(
+                    """UPDATE jobs SET state = 'leased', attempts = attempts + 1, stage = 'read',
+                        lease_until = ?, worker = ?, updated_at = ? WHERE job_id = ?
+                    RETURNING *""",
+                    (now + self.config.lease_seconds, worker, now, job.job_id),
+                ).fetchone()
+                assert leased is not None  # the row is locked by this transaction
+                return JobRecord(**dict(leased))
+
+    def _check_lease(self, db: Any, job: JobRecord) -> None:
+        db.execute("SELECT 1 FROM jobs WHERE job_id = ? FOR UPDATE", (job.job_id,))
+        super()._check_lease(db, job)
+
+    def give_back(self, job: JobRecord, now: float) -> None:
+        with self.store.transaction():
+            super().give_back(job, now)
+            self.store.notify_jobs()
+
+    def release_worker(self, worker: str, reason: str, now: float) -> Released:
+        with self.store.transaction() as db:
+            db.execute(
+                "SELECT 1 FROM jobs WHERE state = 'leased' AND worker = ? FOR UPDATE", (worker,)
+            )
+            released = super().release_worker(worker, reason, now)
+            if released:
+                self.store.notify_jobs()
+            return released
+
+    def requeue(self, job_id: str, now: float) -> bool:
+        with self.store.transaction():
+            done = super().requeue(job_id, now)
+            if done:
+                self.store.notify_jobs()
+            return done

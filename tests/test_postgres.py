@@ -1,0 +1,164 @@
+"""What only the PostgreSQL backend does: migrations, row-locked leases, NOTIFY, one assembler."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from ich_node.config import ConfigError, QueueSection, StorageSection, parse_config
+from ich_node.queue.jobs import job_id_for
+from ich_node.queue.store import InstanceRecord
+
+psycopg = pytest.importorskip("psycopg")
+
+from ich_node.queue import postgres  # noqa: E402
+from ich_node.queue.backend import job_queue, open_store  # noqa: E402
+
+
+def _record(sop: str, series: str) -> InstanceRecord:
+    return InstanceRecord(sop, "1.2.840.10008.5.1.4.1.1.2", "1.2", series, "CT", "", "", "")
+
+
+def _store(tmp_path: Path, url: str) -> postgres.PgStore:
+    store = open_store(StorageSection(dir=tmp_path, database=url))
+    assert isinstance(store, postgres.PgStore)
+    return store
+
+
+def test_password_never_in_the_yaml_and_read_from_its_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="must not hold a password"):
+        parse_config({"storage": {"database": "postgresql://ich:secret@db:5432/ich"}})
+    with pytest.raises(ConfigError, match="postgresql://"):
+        parse_config({"storage": {"database": "mysql://ich@db/ich"}})
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    config = parse_config(
+        {
+            "storage": {
+                "database": "postgresql://ich@db:5432/ich",
+                "database_password_file": str(secret),
+            }
+        }
+    )
+    assert postgres.connect_kwargs(config.storage)["password"] == "s3cret"
+    assert "password" not in postgres.connect_kwargs(StorageSection(database="postgresql://a@b/c"))
+
+
+def test_migrations_run_once_when_nodes_start_together(tmp_path: Path, pg_url: str) -> None:
+    stores: list[postgres.PgStore] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            stores.append(_store(tmp_path, pg_url))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(stores) == 4
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute("SELECT version FROM ich_schema_migrations").fetchall()
+        assert [r[0] for r in rows] == list(range(1, postgres.SCHEMA_VERSION + 1))
+    assert len({s.store_id for s in stores}) == 1
+    for s in stores:
+        s.close()
+
+
+def test_schema_newer_than_the_code_is_refused(tmp_path: Path, pg_url: str) -> None:
+    _store(tmp_path, pg_url).close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO ich_schema_migrations VALUES (%s, 0)", (postgres.SCHEMA_VERSION + 1,)
+        )
+    with pytest.raises(postgres.SchemaTooNew, match="upgrade ich-node"):
+        _store(tmp_path, pg_url)
+
+
+def test_concurrent_workers_never_lease_the_same_job(tmp_path: Path, pg_url: str) -> None:
+    store = _store(tmp_path, pg_url)
+    for i in range(20):
+        series = f"1.2.{i}"
+        store.add_instance(_record(f"{series}.1", series), Path(f"/{i}.dcm"), 1, 0.0)
+        store.queue_series(series, 1, job_id_for, 0.0)
+    leased: dict[str, list[str]] = {}
+    lock = threading.Lock()
+
+    def work(name: str) -> None:
+        own = _store(tmp_path, pg_url)
+        queue = job_queue(own, QueueSection(lease_seconds=600))
+        while (job := queue.lease(name, now=1.0)) is not None:
+            with lock:
+                leased.setdefault(job.job_id, []).append(name)
+            queue.complete(job, ["pacs"], 1, now=1.0)
+        own.close()
+
+    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(leased) == 20 and all(len(names) == 1 for names in leased.values())
+    assert store.counts("jobs") == {"done": 20}
+    assert len(store.deliveries()) == 20
+    store.close()
+
+
+def test_notify_wakes_an_idle_worker(tmp_path: Path, pg_url: str) -> None:
+    waiter, producer = _store(tmp_path, pg_url), _store(tmp_path, pg_url)
+    assert waiter.wait_for_jobs(0.05) is False  # nothing queued: the wait times out
+    woke: list[bool] = []
+    listening = threading.Thread(target=lambda: woke.append(waiter.wait_for_jobs(60.0)))
+    waiter.wait_for_jobs(0.0)  # LISTEN before the job is queued
+    listening.start()
+    producer.add_instance(_record("1.9.1", "1.9"), Path("/a.dcm"), 1, 0.0)
+    producer.queue_series("1.9", 1, job_id_for, 0.0)
+    listening.join(60)
+    assert woke == [True]
+    waiter.close()
+    producer.close()
+
+
+def test_one_assembler_at_a_time(tmp_path: Path, pg_url: str) -> None:
+    a, b = _store(tmp_path, pg_url), _store(tmp_path, pg_url)
+    with a.assembly_turn() as mine:
+        assert mine
+        with b.assembly_turn() as theirs:
+            assert not theirs
+    with b.assembly_turn() as theirs:
+        assert theirs
+    a.close()
+    b.close()
+
+
+def test_stale_holder_cannot_complete_a_job_taken_over(tmp_path: Path, pg_url: str) -> None:
+    store = _store(tmp_path, pg_url)
+    queue = job_queue(store, QueueSection(lease_seconds=5))
+    store.add_instance(_record("1.7.1", "1.7"), Path("/a.dcm"), 1, 0.0)
+    store.queue_series("1.7", 1, job_id_for, 0.0)
+    first = queue.lease("a", now=1.0)
+    second = queue.lease("b", now=10.0)  # a's lease expired at 6
+    assert first is not None and second is not None and first.job_id == second.job_id
+    from ich_node.queue.jobs import LeaseLost
+
+    with pytest.raises(LeaseLost):
+        queue.complete(first, ["pacs"], 1, now=11.0)
+    queue.complete(second, ["pacs"], 1, now=11.0)
+    assert [d.job_id for d in store.deliveries()] == [second.job_id]
+    store.close()
+
+
+def test_store_id_marks_the_shared_storage(tmp_path: Path, pg_url: str) -> None:
+    store = _store(tmp_path, pg_url)
+    assert not store.storage_mounted()
+    store.write_store_id()
+    assert store.storage_mounted()
+    other = _store(tmp_path / "elsewhere", pg_url)
+    assert not other.storage_mounted()  # a host whose mount is missing
+    store.close()
+    other.close()
