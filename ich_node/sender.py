@@ -293,4 +293,10 @@ class Sender:
         due.sort(key=lambda d: not d.destination.startswith(ALERT_PREFIX))
         if alerts is not None:
             due = [d for d in due if d.destination.startswith(ALERT_PREFIX) == alerts]
-        return [self.deliver(d, now) for d in due]
+        # A shared store leases each delivery to one sender of the cluster (always yes on
+        # SQLite); one another sender holds is left to it.
+        return [
+            self.deliver(d, now)
+            for d in due
+            if self.store.claim_delivery(d.job_id, d.destination, now)
+        ]

@@ -162,3 +162,45 @@ def test_store_id_marks_the_shared_storage(tmp_path: Path, pg_url: str) -> None:
     assert not other.storage_mounted()  # a host whose mount is missing
     store.close()
     other.close()
+
+
+def test_a_due_delivery_goes_to_one_sender_and_returns_when_it_dies(
+    tmp_path: Path, pg_url: str
+) -> None:
+    a, b = _store(tmp_path, pg_url), _store(tmp_path, pg_url)
+    queue = job_queue(a, QueueSection())
+    a.add_instance(_record("1.6.1", "1.6"), Path("/a.dcm"), 1, 0.0)
+    a.queue_series("1.6", 1, job_id_for, 0.0)
+    job = queue.lease("w", now=1.0)
+    assert job is not None
+    queue.complete(job, ["pacs"], 1, now=1.0)
+    assert a.claim_delivery(job.job_id, "pacs", 2.0) is True
+    assert b.claim_delivery(job.job_id, "pacs", 2.0) is False  # a holds it
+    assert b.due_deliveries(3.0) == []
+    # a dies without finishing: after the lease the delivery is due again, for b.
+    later = 2.0 + postgres.DELIVERY_LEASE_SECONDS + 1
+    assert [d.job_id for d in b.due_deliveries(later)] == [job.job_id]
+    assert b.claim_delivery(job.job_id, "pacs", later) is True
+    b.finish_delivery(job.job_id, "pacs", "done", "", later, later)
+    assert a.claim_delivery(job.job_id, "pacs", later + 1000) is False
+    a.close()
+    b.close()
+
+
+def test_paths_are_kept_relative_to_the_shared_storage(tmp_path: Path, pg_url: str) -> None:
+    host_a = _store(tmp_path / "mnt-a", pg_url)
+    spooled = tmp_path / "mnt-a" / "spool" / "1.2" / "1.5" / "1.5.1.abc.dcm"
+    host_a.add_instance(_record("1.5.1", "1.5"), spooled, 1, 0.0, digest="d1")
+    with psycopg.connect(pg_url) as conn:
+        row = conn.execute("SELECT path FROM instances").fetchone()
+    assert row is not None and row[0] == "spool/1.2/1.5/1.5.1.abc.dcm"
+    assert host_a.instance_paths("1.5") == [spooled]
+    host_b = _store(tmp_path / "mnt-b", pg_url)  # another host, another mount point
+    assert host_b.instance_paths("1.5") == [tmp_path / "mnt-b" / "spool/1.2/1.5/1.5.1.abc.dcm"]
+    changed = spooled.with_name("1.5.1.def.dcm")
+    result = host_a.add_instance(_record("1.5.1", "1.5"), changed, 1, 1.0, digest="d2")
+    assert result.replaced_path == spooled
+    host_b.forget_instance(str(tmp_path / "mnt-b" / "spool/1.2/1.5/1.5.1.def.dcm"))
+    assert host_a.instance_files() == {}
+    host_a.close()
+    host_b.close()

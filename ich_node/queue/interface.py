@@ -256,6 +256,8 @@ class DeliveryStore(Protocol):
 
     def due_deliveries(self, now: float) -> list[DeliveryRecord]: ...
 
+    def claim_delivery(self, job_id: str, destination: str, now: float) -> bool: ...
+
     def finish_delivery(
         self,
         job_id: str,

@@ -42,7 +42,7 @@ import psycopg.rows
 from psycopg_pool import ConnectionPool
 
 from ich_node.config import QueueSection, StorageSection
-from ich_node.queue.interface import JobRecord
+from ich_node.queue.interface import AddResult, InstanceRecord, JobRecord
 from ich_node.queue.jobs import JobQueue, Released
 from ich_node.queue.store import Store
 
@@ -50,6 +50,9 @@ from ich_node.queue.store import Store
 MIGRATION_LOCK: Final = 0x49434800_00000001
 WRITE_LOCK: Final = 0x49434800_00000002
 ASSEMBLY_LOCK: Final = 0x49434800_00000003
+#: Seconds a sender holds a delivery it attempts; a sender that dies leaves it to
+#: another after this (objects already accepted are not sent again).
+DELIVERY_LEASE_SECONDS: Final = 300.0
 #: The channel idle workers listen on.
 JOBS_CHANNEL: Final = "ich_node_jobs"
 #: The file in ``storage.dir`` that names the database the spool belongs to.
@@ -380,6 +383,39 @@ class PgStore(Store):
         with self._pool.connection() as conn:
             return list(_Db(conn).execute(sql, params).fetchall())
 
+    # -- paths: relative to storage.dir in the database ---------------------------
+    # Every host mounts the shared storage.dir, perhaps at another mount point: the
+    # database holds paths relative to it and each host resolves them under its own.
+
+    def _relative(self, path: Path | str) -> str:
+        try:
+            return str(Path(path).relative_to(self.path))
+        except ValueError:  # outside storage.dir (never written by the spool): as given
+            return str(path)
+
+    def _absolute(self, path: Path | str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else self.path / p
+
+    def add_instance(
+        self, record: InstanceRecord, path: Path, size: int, now: float, digest: str = ""
+    ) -> AddResult:
+        result = super().add_instance(record, Path(self._relative(path)), size, now, digest)
+        if result.replaced_path is None:
+            return result
+        return AddResult(result.added, self._absolute(result.replaced_path), result.reused_in)
+
+    def instance_paths(
+        self, series_instance_uid: str, received_by: float | None = None
+    ) -> list[Path]:
+        return [self._absolute(p) for p in super().instance_paths(series_instance_uid, received_by)]
+
+    def instance_files(self) -> dict[str, str]:
+        return {str(self._absolute(p)): uid for p, uid in super().instance_files().items()}
+
+    def forget_instance(self, path: str) -> None:
+        super().forget_instance(self._relative(path))
+
     def notify_jobs(self) -> None:
         """Wake idle workers (sent when the current transaction commits)."""
         with self.row_transaction() as db:
@@ -390,6 +426,21 @@ class PgStore(Store):
             job = super().queue_series(*args, **kwargs)
             self.notify_jobs()
             return job
+
+    def claim_delivery(self, job_id: str, destination: str, now: float) -> bool:
+        """Lease a due delivery to this sender: its ``next_at`` moves past the lease.
+
+        Exactly one sender of the cluster gets ``True`` for a due delivery; a
+        sender that dies before :meth:`finish_delivery` (the ack) leaves it due
+        again after :data:`DELIVERY_LEASE_SECONDS`.
+        """
+        with self.row_transaction() as db:
+            cur = db.execute(
+                """UPDATE deliveries SET next_at = ? WHERE job_id = ? AND destination = ?
+                AND state IN ('pending', 'retry') AND next_at <= ?""",
+                (now + DELIVERY_LEASE_SECONDS, job_id, destination, now),
+            )
+            return cur.rowcount == 1
 
     @contextmanager
     def assembly_turn(self) -> Iterator[bool]:

@@ -602,6 +602,15 @@ class Store:
         )
         return [DeliveryRecord(**dict(r)) for r in rows]
 
+    def claim_delivery(self, job_id: str, destination: str, now: float) -> bool:
+        """Whether this sender may attempt a due delivery now (lease/ack of deliveries).
+
+        With the embedded store one node sends: always ``True``. A shared store
+        (:class:`ich_node.queue.postgres.PgStore`) leases the delivery so that one
+        sender in the cluster attempts it; :meth:`finish_delivery` is the ack.
+        """
+        return True
+
     def finish_delivery(
         self,
         job_id: str,
