@@ -21,11 +21,9 @@ is how long before the SR the alert arrived. Target (issue 15): median at most
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
+    MLLPReceiver,
     load_average,
     random_bundle,
     restamp_series,
@@ -45,40 +44,6 @@ from benchmarks.end_to_end import NODE_AE, Destination, Node, _send, resolve_pee
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_BUNDLE = REPO / "demo" / "model" / "model.safetensors"
-
-
-class Receiver:
-    """python-hl7's asyncio MLLP server in a thread: arrival time of each message, ACK AA."""
-
-    def __init__(self) -> None:
-        from hl7.mllp import start_hl7_server
-
-        self.arrived: list[tuple[float, Any]] = []
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        self.server = asyncio.run_coroutine_threadsafe(
-            start_hl7_server(self._client, "127.0.0.1", 0, encoding="utf-8"), self.loop
-        ).result(10)
-        self.port = int(self.server.sockets[0].getsockname()[1])
-
-    async def _client(self, reader: Any, writer: Any) -> None:
-        try:
-            while not writer.is_closing():
-                message = await reader.readmessage()
-                self.arrived.append((time.perf_counter(), message))
-                writer.writemessage(message.create_ack("AA"))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    def of_study(self, accession: str) -> list[float]:
-        return [t for t, m in self.arrived if str(m.segment("ORC")(2)) == accession]
-
-    def close(self) -> None:
-        self.server.close()
-        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -129,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
         phantom = write_series(folder / "series", seed=31, subtypes=("subdural",),
                                n_slices=args.slices, matrix=args.matrix)  # fmt: skip
         bundle, model = _bundle(args, folder)
-        ris = Receiver()
+        ris = MLLPReceiver()
         pacs = Destination(folder / "pacs", peers)
         config = {
             "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",

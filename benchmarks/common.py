@@ -250,3 +250,46 @@ def restamp_series(
         ds.save_as(target, enforce_file_format=True)
         paths.append(target)
     return paths
+
+
+class MLLPReceiver:
+    """A RIS stand-in: python-hl7's asyncio MLLP server in a thread on 127.0.0.1.
+
+    Keeps (perf_counter() at arrival, message) of each HL7 message and answers AA
+    (for the alerts benchmark and the demo).
+    """
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        from hl7.mllp import start_hl7_server
+
+        self.arrived: list[tuple[float, Any]] = []
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            start_hl7_server(self._client, "127.0.0.1", 0, encoding="utf-8"), self.loop
+        ).result(10)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+
+    async def _client(self, reader: Any, writer: Any) -> None:
+        import asyncio
+
+        try:
+            while not writer.is_closing():
+                message = await reader.readmessage()
+                self.arrived.append((time.perf_counter(), message))
+                writer.writemessage(message.create_ack("AA"))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def of_study(self, accession: str) -> list[float]:
+        return [t for t, m in self.arrived if str(m.segment("ORC")(2)) == accession]
+
+    def close(self) -> None:
+        self.server.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)

@@ -6,7 +6,8 @@
 4. The network path: starts ``ich-node serve`` and a receiving PACS (a pynetdicom
    storage SCP run by this script), sends held-back studies with DCMTK ``storescu``
    (pynetdicom when DCMTK is absent), waits until the SR and heatmaps arrive back at
-   the PACS and prints them.
+   the PACS and prints them, and prints the HL7 alert (ORU^R01) that a RIS stand-in
+   (python-hl7's MLLP server) received for the positive study before the SR.
 
 Everything happens under ``demo/`` (ignored by git); delete it to start over. The
 demo model is trained on synthetic phantoms and every output it produces says so.
@@ -279,6 +280,10 @@ def network_demo(bundle: Path) -> int:
               "(apt-get install orthanc orthanc-webviewer: results in a viewer).")  # fmt: skip
         pacs = Pacs(net / "pacs")
         caller = "DEMO_CT"
+    # A RIS stand-in (python-hl7's MLLP server): the node's HL7 alert goes there.
+    from benchmarks.common import MLLPReceiver
+
+    ris = MLLPReceiver()
     config = net / "node.yaml"
     config.write_text(
         json.dumps(
@@ -295,6 +300,16 @@ def network_demo(bundle: Path) -> int:
                 ],
                 "series": {"stable_seconds": 2.0},
                 "model": {"bundle": str(bundle), "device": "auto"},
+                "notifications": [
+                    {
+                        "name": "demo-ris",
+                        "kind": "hl7",
+                        "host": "127.0.0.1",
+                        "port": ris.port,
+                        "receiving_application": "DEMO_RIS",
+                        "receiving_facility": "DEMO",
+                    }
+                ],
                 "storage": {"dir": str(net / "node"), "min_free_mb": 50},
                 "logging": {"format": "json", "level": "INFO"},
             },
@@ -346,6 +361,7 @@ def network_demo(bundle: Path) -> int:
         time.sleep(2.0)  # let the heatmap association finish
         print(f"Results arrived {time.monotonic() - start:.0f} s after sending "
               "(including the quiet periods that close a series).\n")  # fmt: skip
+        _print_alerts(ris)
         for series_uid, study_uid in studies.items():
             (sr,) = pacs.of_study(study_uid, "SR")[:1]
             heatmaps = pacs.of_study(study_uid, "OT") + pacs.of_study(study_uid, "SC")
@@ -366,7 +382,29 @@ def network_demo(bundle: Path) -> int:
         except subprocess.TimeoutExpired:
             node.kill()
         pacs.stop()
+        ris.close()
         log.close()
+
+
+def _print_alerts(ris: object) -> None:
+    """What the RIS received: one ORU^R01 for the positive study, none for the negative."""
+    arrived = getattr(ris, "arrived", [])
+    print(f"Alerts at the demo RIS (HL7 ORU^R01 over MLLP): {len(arrived)}")
+    for _, message in arrived:
+        # OBX-3 component 2 is the finding's name, OBX-5 the probability, OBX-8 A/N.
+        rows = [
+            (message.unescape(str(o(3))).split("^")[1], str(o(5)), str(o(8)))
+            for o in message.segments("OBX")[1:]
+        ]
+        accession = message.extract_field("ORC", 1, 2)
+        priority = message.extract_field("ORC", 1, 7, 1, 6)
+        print(f"  accession {accession}: priority {priority}, result status "
+              f"{message.extract_field('OBR', 1, 25)}")  # fmt: skip
+        for name, probability, flag in rows:
+            print(f"    {name}: {probability}" + ("  <- flagged" if flag == "A" else ""))
+        print(f"  NTE: {message.extract_field('NTE', 1, 3)}")
+    print("  (a study the model reads as negative sends none: `when: positive`)")
+    print()
 
 
 def stop_orthanc() -> None:
