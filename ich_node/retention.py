@@ -11,7 +11,10 @@ What goes, once it is older than the keep period:
 What stays: anything still receiving, queued, leased, retrying or parked (an
 admin may still ``resend`` it), and the store's rows (UIDs, states, timings).
 Half-written result folders (``results/.<job>.<pid>.tmp``) of a worker that is
-gone are removed as well, whatever their age.
+gone are removed as well, whatever their age. With a shared store (PostgreSQL,
+several hosts on one ``storage.dir``) a pid names a process of some host, not
+necessarily this one: such folders are then removed only once older than the
+keep period.
 """
 
 from __future__ import annotations
@@ -70,9 +73,14 @@ class Cleaner:
         ``storage.dir``.
     keep_hours : float
         ``storage.keep_hours``.
+    shared : bool
+        Whether other hosts share ``storage.dir`` (``storage.database`` set).
     """
 
-    def __init__(self, store: Store, storage_dir: Path, keep_hours: float) -> None:
+    def __init__(
+        self, store: Store, storage_dir: Path, keep_hours: float, *, shared: bool = False
+    ) -> None:
+        self.shared = shared
         self.store = store
         self.storage_dir = Path(storage_dir)
         self.layout = StorageLayout(self.storage_dir)
@@ -100,7 +108,11 @@ class Cleaner:
                 for folder in results.iterdir():
                     owner = self.layout.results_temp_owner(folder.name)
                     if owner is not None:
-                        if not _pid_alive(owner):
+                        if (
+                            folder.stat().st_mtime < cutoff
+                            if self.shared
+                            else not _pid_alive(owner)
+                        ):
                             shutil.rmtree(folder, ignore_errors=True)
                             n_temp += 1
                     elif self.store.results_expired(folder.name, cutoff):

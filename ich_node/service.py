@@ -506,7 +506,7 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float], role: str = "a
         targets=config.notifications,
     )
     supervisor = Supervisor(config, queue, prefix)
-    cleaner = Cleaner(store, config.storage.dir, config.storage.keep_hours)
+    cleaner = Cleaner(store, config.storage.dir, config.storage.keep_hours, shared=shared)
     # Workers of a previous run (killed with the node) exit when their parent is
     # gone; what they held runs again. Shared store: only this node id's leases.
     if works:
