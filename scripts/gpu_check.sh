@@ -8,7 +8,7 @@
 # STEPs, in this order by default (each under its own time limit, so that a slow
 # step cannot eat the others' time): env train infer worker e2e tests explain.
 # Within the device tool's 10-minute calls: `run env train infer`, then at once (the
-# machine stays warm) `run worker e2e tests explain`.
+# machine stays warm) `run worker e2e tests explain alerts`.
 #   env      nvidia-smi, the torch build, the installed packages
 #   train    ResNeXt-101 32x8d at 512x512, bf16 + channels-last, batch 32, on phantoms:
 #            about 300 optimiser steps; training slices/s per epoch (docs/training.md)
@@ -18,8 +18,9 @@
 #            ResNeXt-101 at 512, 40 slices (pynetdicom as the PACS: no DCMTK there)
 #   tests    pytest -m gpu (tests/test_gpu.py, tests/test_predict.py)
 #   explain  benchmarks/explain.py: heatmap cost per explained slice
+#   alerts   benchmarks/alerts.py: last instance acknowledged to the HL7 alert at the RIS
 # Output: $OUT (the device tool's folder) or ./gpu-results: gpu_check.log, one JSON per
-# benchmark and the training run's metrics.jsonl (6 files; the device tool returns 8).
+# benchmark and the training run's metrics.jsonl (7 files; the device tool returns 8).
 #
 # The GPU machine has torch, torchvision, numpy, opencv, pillow, pyyaml, safetensors,
 # tqdm, prometheus-client, pytest and hypothesis (its Python is 3.12); `prepare`
@@ -31,7 +32,7 @@ cd "$(dirname "$0")/.."
 
 NEEDED="pydicom pynetdicom highdicom pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg
 pylibjpeg-rle pyjpegls pydantic pydantic-core annotated-types typing-inspection structlog
-ttach"
+ttach hl7"
 
 prepare() {
     local venv_pip=.venv/bin/pip pins=() name version
@@ -111,6 +112,9 @@ torch.cuda.is_available() and torch.cuda.get_device_name(0))" ;;
         explain)
             step explain 90 python3 benchmarks/explain.py --device cuda --precision bf16 \
                 --json "$OUT/explain_gpu.json" ;;
+        alerts)
+            step alerts 150 python3 benchmarks/alerts.py --device cuda --peers pynetdicom \
+                --json "$OUT/alerts_gpu.json" ;;
         *) echo "unknown step: $s" >&2; return 2 ;;
         esac
     done
