@@ -56,6 +56,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ich-node: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from ich_node.delivery.outbox import check_targets
+
+    problems = check_targets(config.notifications)
+    if problems:
+        print(f"ich-node: {args.path}: " + "\n  ".join(problems), file=sys.stderr)
+        return EXIT_USAGE
     bundle = config.model.bundle
     described = "(not set: serve needs model.bundle)"
     if bundle is not None:
@@ -70,7 +76,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         described = f"{bundle}: {card.display_name}, {card.arch}, verified"
     print(f"{args.path}: OK (node {config.node.ae_title} on {config.node.host}:{config.node.port},")
-    print(f"  {len(config.callers)} caller(s), {len(config.destinations)} destination(s),")
+    print(
+        f"  {len(config.callers)} caller(s), {len(config.destinations)} destination(s), "
+        f"{len(config.notifications)} notification target(s),"
+    )
     print(f"  model bundle {described})")
     return EXIT_OK
 

@@ -424,7 +424,8 @@ def serve(config: NodeConfig, *, clock: Callable[[], float] = time.time, role: s
 
     0 after a clean stop; 1 when the port cannot be bound, no worker could
     load the model or the database cannot be reached; 2 when ``model.bundle``
-    is unusable, ``storage.dir`` is held by another node (embedded SQLite), or
+    is unusable, a notification target's secret, CA or credentials file cannot be
+    used, ``storage.dir`` is held by another node (embedded SQLite), or
     the role needs a shared store (nothing is changed then).
     """
     if role not in ROLES:
@@ -444,6 +445,14 @@ def serve(config: NodeConfig, *, clock: Callable[[], float] = time.time, role: s
         return EXIT_CONFIG
     if role != "listener" and not _check_bundle(config):
         return EXIT_CONFIG
+    if role != "listener":  # the role that sends alerts: their files must be usable
+        from ich_node.delivery.outbox import check_targets
+
+        problems = check_targets(config.notifications)
+        for problem in problems:
+            log.error("serve.bad_notification_target", error=problem)
+        if problems:
+            return EXIT_CONFIG
     # The spool, the outbox and the store hold patient data: owner-only.
     os.umask(0o077)
     config.storage.dir.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -90,3 +90,38 @@ def test_paths_resolve_against_the_file(tmp_path: Path) -> None:
     assert isinstance(hook, WebhookTarget) and isinstance(mail, EmailTarget)
     assert hook.secret_file == tmp_path / "s.key" and hook.ca_file == tmp_path / "ca.pem"
     assert mail.credentials_file == tmp_path / "creds"
+
+
+def test_check_config_names_unusable_target_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ich_node.cli import main
+
+    secret = tmp_path / "s.key"
+    creds = tmp_path / "creds"
+    badca = tmp_path / "ca.pem"
+    badca.write_text("not a certificate\n")
+    path = tmp_path / "node.yaml"
+
+    def check(hook: str, mail: str) -> int:
+        path.write_text(
+            f"notifications:\n  - {{name: pager, kind: webhook, url: 'https://gw.example/', "
+            f"secret_file: s.key{hook}}}\n"
+            f"  - {{name: mail, kind: email, host: smtp, from: n@x.org, to: a@x.org{mail}}}\n"
+        )
+        return main(["check-config", str(path)])
+
+    assert check("", "") == 2  # the secret file does not exist
+    assert "notifications[0] (pager): secret_file of pager unreadable" in capsys.readouterr().err
+    secret.write_text("\n")
+    assert check("", "") == 2
+    assert "secret_file of pager is empty" in capsys.readouterr().err
+    secret.write_text("k3y\n")
+    assert check(", ca_file: ca.pem", "") == 2
+    assert "notifications[0] (pager): ca_file" in capsys.readouterr().err
+    creds.write_text("only-a-user\n")
+    assert check("", ", credentials_file: creds") == 2
+    assert "notifications[1] (mail): credentials_file of mail needs" in capsys.readouterr().err
+    creds.write_text("user\npassword\n")
+    assert check("", ", credentials_file: creds") == 0
+    assert "2 notification target(s)" in capsys.readouterr().out

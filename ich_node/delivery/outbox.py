@@ -156,3 +156,30 @@ def send_alert(storage_dir: Path, target: NotificationTarget, job_id: str) -> Al
 
         send_email(alert, target, png)
     return alert
+
+
+def check_targets(targets: Sequence[NotificationTarget]) -> list[str]:
+    """Problems with the files the targets name, one line each (``notifications[i].key: ...``).
+
+    Run by ``check-config`` and at ``serve``'s start, so that a secret or
+    credentials file that cannot be used stops the node with its key named,
+    instead of parking every alert later.
+    """
+    from ich_node.delivery.email import read_credentials
+    from ich_node.delivery.webhook import read_secret, tls_context
+
+    problems: list[str] = []
+    for i, target in enumerate(targets):
+        where = f"notifications[{i}] ({target.name})"
+        try:
+            if isinstance(target, WebhookTarget):
+                read_secret(target)
+                try:
+                    tls_context(target)
+                except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                    raise AlertFailed(f"ca_file {target.ca_file}: {exc}") from None
+            elif isinstance(target, EmailTarget):
+                read_credentials(target)
+        except AlertFailed as exc:
+            problems.append(f"{where}: {exc}")
+    return problems
