@@ -36,10 +36,10 @@ DEMO_LINE = "DEMO - synthetic training data"
 CAM_FLOOR = 0.5
 #: Opacity of the colour at the map's maximum; it rises linearly from 0 at the floor,
 #: so the anatomy stays readable through all but the hottest spot.
-ALPHA_MAX = 0.6
+ALPHA_MAX = 0.5
 #: The part of the turbo scale used above the floor (yellow-green to red): no blue
 #: or dark tints over the brain.
-_TURBO_RANGE = (0.55, 1.0)
+_TURBO_RANGE = (0.55, 0.92)
 
 
 @dataclass(frozen=True, slots=True)
