@@ -126,7 +126,7 @@ def test_oru_content_parsed_back() -> None:
     msh = again.segment("MSH")
     assert str(msh(9)) == "ORU^R01^ORU_R01" and str(msh(12)) == "2.5.1"
     assert [str(msh(i)) for i in (3, 4, 5, 6)] == ["ICH_NODE", "NEURO", "RIS", "HOSP"]
-    assert str(msh(10)) == alert_key("job-1", "ris")
+    assert str(msh(10)) == alert_key("job-1", "ris") and str(msh(18)) == "UNICODE UTF-8"
     pid = again.segment("PID")
     assert str(pid(3)(1)(1)) == PATIENT_ID and str(pid(3)(1)(4)) == "HOSP"
     assert str(pid(5)) == PATIENT_NAME and str(pid(7)) == BIRTH_DATE
@@ -276,6 +276,10 @@ def test_webhook_tls_is_verified_and_errors_classified(tmp_path: Path, ca: CertA
         with pytest.raises(AlertFailed) as info:
             webhook.post(_alert(target), target)
         assert info.value.permanent and "HTTP 400" in str(info.value)
+        server.status = 302  # not followed: a GET without the body would "deliver" nothing
+        with pytest.raises(AlertFailed) as info:
+            webhook.post(_alert(target), target)
+        assert info.value.permanent and "HTTP 302" in str(info.value)
         wrong = tmp_path / "wrong"
         wrong.write_text("other secret")
         bad = target.model_copy(update={"secret_file": wrong})

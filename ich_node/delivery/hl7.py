@@ -6,7 +6,7 @@ reads a whole block however the bytes arrive; nothing here frames or splits by
 hand. Segments (HL7 v2.5.1 ch. 7, ORU_R01):
 
 - ``MSH`` sending/receiving application and facility from the config; MSH-10
-  (message control ID) is the alert's idempotency key;
+  (message control ID) is the alert's idempotency key; MSH-18 ``UNICODE UTF-8``;
 - ``PID`` the patient identifiers of the source (PID-3 ID^^^issuer, PID-5, -7, -8);
 - ``ORC``/``OBR`` the AccessionNumber as placer and filler order number, the
   priority (ORC-7/OBR-27 TQ component 6, and TQ1-9): ``priority_positive`` on a
@@ -77,6 +77,8 @@ def build_oru(alert: Alert, target: HL7Target) -> hl7.Message:
                 alert.key,
                 "P",
                 "2.5.1",
+                *([""] * 5),  # MSH-13..17
+                "UNICODE UTF-8",  # MSH-18 (HL7 table 0211): names keep their accents
             )
         ),
         _segment(

@@ -27,6 +27,13 @@ SIGNATURE_HEADER: Final = "X-ICH-Signature"
 _RETRY_STATUS: Final = (408, 425, 429)
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # urllib would follow a 301/302 with a GET and no body, and a 2xx answer to that
+    # GET would count as delivered: an alert lost. A 3xx is an error here instead.
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 def body(alert: Alert, *, include_patient: bool = False) -> dict[str, Any]:
     """The JSON document of an alert (keys stable; fields are only ever added)."""
     doc: dict[str, Any] = {
@@ -112,8 +119,9 @@ def post(alert: Alert, target: WebhookTarget) -> int:
     Raises
     ------
     AlertFailed
-        No connection, TLS failure, timeout or 5xx/408/429 (retried); any other
-        4xx is ``permanent`` (parked with the status and the start of the answer).
+        No connection, TLS failure, timeout or 5xx/408/425/429 (retried); a 3xx
+        (redirects are not followed) or any other 4xx is ``permanent`` (parked
+        with the status and the start of the answer).
     """
     raw = encode(alert, include_patient=target.include_patient)
     request = urllib.request.Request(
@@ -127,16 +135,22 @@ def post(alert: Alert, target: WebhookTarget) -> int:
             "Idempotency-Key": alert.key,
         },
     )
+    opener = urllib.request.build_opener(
+        _NoRedirect, urllib.request.HTTPSHandler(context=tls_context(target))
+    )
     try:
-        with urllib.request.urlopen(
-            request, timeout=target.timeout_seconds, context=tls_context(target)
-        ) as response:
+        with opener.open(request, timeout=target.timeout_seconds) as response:
             return int(response.status)
     except urllib.error.HTTPError as exc:
-        text = exc.read(300).decode("utf-8", "replace")
+        text = exc.read(300).decode("utf-8", "replace") if exc.fp is not None else ""
         raise AlertFailed(
-            f"{target.name} answered HTTP {exc.code}",
-            permanent=400 <= exc.code < 500 and exc.code not in _RETRY_STATUS,
+            f"{target.name} answered HTTP {exc.code}"
+            + (
+                " (redirects are not followed: set url to the final address)"
+                if 300 <= exc.code < 400
+                else ""
+            ),
+            permanent=300 <= exc.code < 500 and exc.code not in _RETRY_STATUS,
             detail=text,
         ) from None
     except (urllib.error.URLError, OSError) as exc:
