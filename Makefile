@@ -9,9 +9,13 @@ STAMP  := $(VENV)/.installed
 venv: $(STAMP)
 
 # The torch range in pyproject.toml admits the release pip finds locally.
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu: CPU-only PyTorch (no CUDA libraries).
+TORCH_INDEX ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	if [ -n "$(TORCH_INDEX)" ]; then \
+		$(PY) -m pip install --quiet torch torchvision --index-url "$(TORCH_INDEX)"; fi
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

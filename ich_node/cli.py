@@ -88,21 +88,30 @@ def _safe_name(uid: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", uid) or "series"
 
 
+def short_uid(uid: str, width: int = 24) -> str:
+    """A UID cut to ``width`` characters, keeping its end (where UIDs differ): ``...<end>``."""
+    return uid if len(uid) <= width else "..." + uid[-(width - 3) :]
+
+
 def format_findings_table(rows: Sequence[SeriesFindings]) -> str:
-    """A plain-text table: one row per series, the probability of each label (* = positive)."""
+    """A plain-text table: one row per series (by SeriesInstanceUID), the probability of
+    each label (* = at or above that label's threshold), and a row of the thresholds.
+    """
     header = ["series", "slices", *LABELS]
     lines = [header]
-    for findings in rows:
-        uid = findings.series_instance_uid
-        short = uid if len(uid) <= 24 else "..." + uid[-21:]
-        cells = [short, str(findings.n_slices)]
+    ordered = sorted(rows, key=lambda f: f.series_instance_uid)
+    if ordered:
+        first = ordered[0].series
+        lines.append(["threshold", "", *(f"{first[label].threshold:.2f}" for label in LABELS)])
+    for findings in ordered:
+        cells = [short_uid(findings.series_instance_uid), str(findings.n_slices)]
         for label in LABELS:
             result = findings.series[label]
             cells.append(f"{result.probability:.2f}{'*' if result.positive else ' '}")
         lines.append(cells)
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in lines
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines
     )
 
 
@@ -190,8 +199,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for kind, n in sorted(warning_counts(None).items()):
         print(f"ich-node: library warning x{n}: {kind}", file=sys.stderr)
     if done:
+        sys.stderr.flush()  # notes and warnings first, then the table in one piece
         print(format_findings_table(done))
-        print(f"(* = positive at the bundle's threshold; {done[0].notice})")
+        print(f"(* = at or above the label's threshold, the bundle's; {done[0].notice})")
         print(f"Results in {args.out}")
     return EXIT_FAILED if failures or not done else EXIT_OK
 

@@ -19,6 +19,7 @@ import contextlib
 import csv
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -40,8 +41,17 @@ RESULTS = DEMO / "results"
 LABELS = ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
 
 
+def _shown(arg: str) -> str:
+    """A path relative to the repository when it is inside it (a command one can paste)."""
+    path = Path(arg)
+    if path.is_absolute() and path.is_relative_to(REPO):
+        return str(path.relative_to(REPO))
+    return arg
+
+
 def run(*args: str) -> None:
-    print("$", " ".join(args[1:] if args[0] == sys.executable else args), flush=True)
+    # Echoed as run, interpreter included: the line works when pasted in the repository.
+    print("$", shlex.join(_shown(a) for a in args), flush=True)
     subprocess.run(args, check=True, cwd=REPO)
 
 
@@ -75,8 +85,11 @@ def truth_by_series(folder: Path) -> dict[str, dict[str, int]]:
 
 
 def report() -> int:
+    from ich_node.cli import short_uid
+
     truth = truth_by_series(HOLDOUT)
     rows = []
+    thresholds: dict[str, float] = {}
     correct = total = 0
     for uid, labels in truth.items():
         path = RESULTS / uid / "findings.json"
@@ -89,20 +102,28 @@ def report() -> int:
         total += 1
         correct += predicted == actual
         p_any = findings["series"]["any"]["probability"]
+        thresholds = {label: findings["series"][label]["threshold"] for label in LABELS}
         rows.append(
             (
-                "..." + uid[-12:],
+                short_uid(uid),
                 ", ".join(sorted(actual - {"any"})) or "none",
                 ", ".join(sorted(predicted - {"any"})) or "none",
                 f"{p_any:.2f}",
             )
         )
+    rows.sort(key=lambda row: row[0])  # the order and short UIDs of predict's table
     print()
     print("Held-back phantom studies: truth against the demo model")
     header = ("series", "truth (subtypes)", "predicted (subtypes)", "p(any)")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
     for row in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+    if thresholds:
+        print(
+            "\nA label is predicted at or above its own threshold (chosen on validation "
+            "data, stored in the bundle): "
+            + ", ".join(f"{label} {value:.2f}" for label, value in thresholds.items())
+        )
     print(f"\n{correct}/{total} series with exactly the right set of labels.")
     print(f"Findings, SR and heatmaps (with PNG previews) are in {RESULTS}/<SeriesInstanceUID>/.")
     print("DEMO model trained on synthetic phantoms.")
@@ -317,9 +338,11 @@ def network_demo(bundle: Path) -> int:
         )
     )  # fmt: skip  (JSON is valid YAML)
     log = open(net / "node.log", "w")  # noqa: SIM115 - open for the node's lifetime
-    print(f"Starting the node: ich-node serve --config {config} (log: {net / 'node.log'})")
+    argv = [sys.executable, "-m", "ich_node.cli", "serve", "--config", str(config)]
+    print(f"Starting the node (log: {_shown(str(net / 'node.log'))}):")
+    print("$", shlex.join(_shown(a) for a in argv), flush=True)
     node = subprocess.Popen(
-        [sys.executable, "-m", "ich_node.cli", "serve", "--config", str(config)],
+        argv,
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
     )  # fmt: skip
     try:

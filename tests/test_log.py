@@ -81,3 +81,38 @@ def test_library_warnings_are_json_scrubbed_and_summarised() -> None:
     counts = json.loads(done.stdout)
     assert list(counts["process"].values()) == [1000]
     assert list(counts["job"].values()) == [50]
+
+
+def test_fit_on_rsna_style_uids_summarises_the_warnings(tmp_path: Path) -> None:
+    """RSNA's files carry ``ID_...`` UIDs: pydicom warns twice per file. One line, counted."""
+    import warnings
+
+    from training.phantom import write_dataset
+
+    data = tmp_path / "data"
+    write_dataset(data, 4, seed=3, n_slices=(10, 10), matrix=128)
+    files = sorted((data / "images").glob("*.dcm"))
+    for path in files:
+        ds = pydicom.dcmread(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.SOPInstanceUID = path.stem  # ID_<hex>, as in RSNA 2019
+            ds.SeriesInstanceUID = "ID_" + ds.SeriesInstanceUID[-9:]
+        ds.save_as(path)
+    done = subprocess.run(
+        [sys.executable, "-m", "training.cli", "fit", "--images", str(data / "images"),
+         "--labels", str(data / "stage_2_train.csv"), "--arch", "resnet18",
+         "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+         "--device", "cpu", "--no-progress", "--no-amp", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=600,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ui_lines = [line for line in done.stderr.splitlines() if "VR UI" in line]
+    # Never a line per file (was 2 per file): at most the 1st, 10th... and the summary.
+    assert len(ui_lines) <= 4, ui_lines
+    assert "ID_" not in done.stderr
+    summary = tmp_path / "run" / "library_warnings.json"
+    if ui_lines:  # counted in the run's folder when any was seen
+        counts = json.loads(summary.read_text())
+        assert sum(n for k, n in counts.items() if "VR UI" in k) >= len(files), counts

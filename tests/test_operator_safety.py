@@ -78,6 +78,9 @@ def test_second_serve_on_locked_storage_exits_2_and_touches_nothing(
         assert first.process is not None
         storage = first.config.storage.dir
         worker = wait_for("the worker's heartbeat", lambda: _worker_pid(storage))
+        started = (tmp_path / "node.log").read_text()
+        assert '"serve.demo_bundle"' in started  # the test bundle is a DEMO bundle: said
+        assert '"serve.recovered"' not in started  # a first, clean start recovers nothing
         # The same config (same port), then the same storage on another port.
         other = tmp_path / "other"
         other.mkdir()
