@@ -14,7 +14,15 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("ingest", "inference", "worker", "explain", "end_to_end", "memory")
+BENCHMARKS = (
+    "ingest",
+    "inference",
+    "worker",
+    "explain",
+    "end_to_end",
+    "memory",
+    "store_backends",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

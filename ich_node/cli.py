@@ -6,6 +6,7 @@ Commands and flags are a stable interface (admins' scripts call them)::
     ich-node predict --bundle B --out DIR [--device D] [--batch-size N] [--heatmaps H]
                      [--negative-top-slices N] [--parametric-map] [--no-dicom] INPUT...
     ich-node serve   --config PATH [--role all|listener|worker]
+    ich-node migrate-store --config PATH
     ich-node status  --config PATH [--json]
     ich-node health  --config PATH
     ich-node resend  --config PATH JOB
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -303,6 +305,38 @@ def cmd_resend(args: argparse.Namespace) -> int:
     return resend(config, args.job)
 
 
+def cmd_migrate_store(args: argparse.Namespace) -> int:
+    """Copy the embedded SQLite store of ``storage.dir`` into ``storage.database``."""
+    config = _config_or_exit(args.config)
+    if config.storage.database is None:
+        print("ich-node: storage.database is not set: nothing to migrate to", file=sys.stderr)
+        return EXIT_USAGE
+    from ich_node.queue.layout import StorageLayout
+    from ich_node.queue.postgres import NotEmpty, PgStore, copy_from_sqlite
+    from ich_node.service import StorageLocked, lock_storage
+
+    try:
+        fd = lock_storage(config.storage.dir)  # the SQLite node must be stopped
+    except StorageLocked as exc:
+        print(f"ich-node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        store = PgStore(config.storage)
+        try:
+            copied = copy_from_sqlite(StorageLayout(config.storage.dir).db, store)
+            store.write_store_id()
+        finally:
+            store.close()
+    except (NotEmpty, FileNotFoundError) as exc:
+        print(f"ich-node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        os.close(fd)
+    print("copied: " + ", ".join(f"{t} {n}" for t, n in copied.items()))
+    print("the SQLite file is kept; start the node with this configuration (docs/deployment.md)")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ich-node",
@@ -360,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", cmd_status, "counts per state, oldest waiting job, recent failures"),
         ("health", cmd_health, "exit 0 when the listener answers C-ECHO and workers live"),
         ("resend", cmd_resend, "send a parked job's results again"),
+        (
+            "migrate-store",
+            cmd_migrate_store,
+            "copy the SQLite store of storage.dir into storage.database (PostgreSQL)",
+        ),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", type=Path, required=True, metavar="PATH")

@@ -111,3 +111,13 @@ def test_alerts_quick(tmp_path: Path) -> None:
     (row,) = result["rows"]
     assert row["to alert s"] > 0 and row["node's own s"] > 0
     assert row["alert ahead of SR s"] > 0  # alert first: before the heatmaps and the SR
+
+
+def test_store_backends_quick(tmp_path: Path) -> None:
+    from benchmarks.store_backends import main
+
+    assert main(["--quick", "--json", str(tmp_path / "store_backends.json")]) == 0
+    result = json.loads((tmp_path / "store_backends.json").read_text())
+    measures = {(r["backend"], r["measure"]) for r in result["rows"]}
+    assert ("sqlite", "jobs/s, 2 workers") in measures
+    assert all(r["value"] > 0 for r in result["rows"])

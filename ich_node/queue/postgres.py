@@ -556,3 +556,85 @@ class PgJobQueue(JobQueue):
             if done:
                 self.store.notify_jobs()
             return done
+
+
+#: The tables copied from an embedded store, in an order that keeps references valid.
+_COPIED_TABLES: Final = (
+    "series",
+    "instances",
+    "jobs",
+    "deliveries",
+    "accepted_objects",
+    "alerts",
+    "stage_times",
+)
+
+
+class NotEmpty(RuntimeError):
+    """The PostgreSQL database already holds a node's data: nothing was copied."""
+
+
+def copy_from_sqlite(sqlite_path: Path, target: PgStore) -> dict[str, int]:
+    """Copy an embedded SQLite store into an empty PostgreSQL store, in one transaction.
+
+    Instance paths become relative to ``storage.dir`` (the shared spool keeps its
+    files where they are). Heartbeats are not copied (they belong to processes
+    that are gone). Returns rows copied per table.
+
+    Raises
+    ------
+    NotEmpty
+        When the target already holds instances, series or jobs.
+    FileNotFoundError
+        When ``sqlite_path`` does not exist.
+    """
+    import sqlite3
+
+    if not Path(sqlite_path).is_file():
+        raise FileNotFoundError(f"no SQLite store at {sqlite_path}")
+    source_store = Store(Path(sqlite_path))  # brings an old store's schema up to date
+    source_store.close()
+    source = sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True)
+    source.row_factory = sqlite3.Row
+    copied: dict[str, int] = {}
+    try:
+        with target.transaction() as db:
+            for table in ("instances", "series", "jobs"):
+                row = db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
+                if row is not None and int(row[0]):
+                    raise NotEmpty(
+                        f"the PostgreSQL database already holds {table}: migrate into an "
+                        "empty database"
+                    )
+            for table in _COPIED_TABLES:
+                if not source.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+                ).fetchone():
+                    continue
+                target_columns = {
+                    str(r[0])
+                    for r in db.execute(
+                        "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+                        (table,),
+                    ).fetchall()
+                }
+                rows = source.execute(f"SELECT * FROM {table}").fetchall()
+                if not rows:
+                    copied[table] = 0
+                    continue
+                names = rows[0].keys()  # a sqlite3.Row iterates over values, not names
+                columns = [c for c in names if c in target_columns and c != "id"]
+                values = []
+                for r in rows:
+                    item = {c: r[c] for c in columns}
+                    if table == "instances":
+                        item["path"] = target._relative(item["path"])
+                    values.append(tuple(item[c] for c in columns))
+                marks = ", ".join("?" for _ in columns)
+                db.executemany(
+                    f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", values
+                )
+                copied[table] = len(values)
+    finally:
+        source.close()
+    return copied
