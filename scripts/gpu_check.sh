@@ -19,6 +19,12 @@
 #   tests    pytest -m gpu (tests/test_gpu.py, tests/test_predict.py)
 #   explain  benchmarks/explain.py: heatmap cost per explained slice
 #   alerts   benchmarks/alerts.py: last instance acknowledged to the HL7 alert at the RIS
+#   twostage the RSNA winners' recipe, short (#17): context phantoms (24 + 8 held out,
+#            28 slices, 256 px), ResNeXt-101 32x8d with 2.5D context (--context 1) at
+#            256 px for 6 epochs, then `fit-sequence` (embeddings extracted once, 3
+#            augmented passes, bi-GRU 30 epochs), then `evaluate` of both stages side
+#            by side on the held-out studies (REPORT.md: CNN vs CNN + sequence).
+#            Not in the default list: `run twostage` (about 3-4 minutes).
 # Output: $OUT (the device tool's folder) or ./gpu-results: gpu_check.log, one JSON per
 # benchmark and the training run's metrics.jsonl (7 files; the device tool returns 8).
 #
@@ -109,6 +115,22 @@ torch.cuda.is_available() and torch.cuda.get_device_name(0))" ;;
         tests)
             step tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
                 tests/test_predict.py ;;
+        twostage)
+            step twostage_data 90 python3 -c "from training.phantom import write_dataset; \
+write_dataset('/tmp/gpu-ctx', 24, seed=21, n_slices=28, matrix=256, context=True); \
+write_dataset('/tmp/gpu-ctx-test', 8, seed=22, n_slices=28, matrix=256, context=True)"
+            step twostage_cnn 200 python3 -m training fit --images /tmp/gpu-ctx/images \
+                --labels /tmp/gpu-ctx/stage_2_train.csv --out /tmp/gpu-2s-cnn \
+                --arch resnext101_32x8d --image-size 256 --context 1 --batch-size 32 \
+                --epochs 6 --val-fraction 0.25 --workers 8 --device cuda --amp \
+                --channels-last --no-progress
+            step twostage_seq 120 python3 -m training fit-sequence --run /tmp/gpu-2s-cnn \
+                --out /tmp/gpu-2s --epochs 30 --embed-passes 3 --device cuda --workers 8
+            step twostage_eval 90 python3 -m training evaluate --bundle /tmp/gpu-2s/model.safetensors \
+                --images /tmp/gpu-ctx-test/images --labels /tmp/gpu-ctx-test/stage_2_train.csv \
+                --out "$OUT/twostage_report.json" --device cuda
+            cp /tmp/gpu-2s-cnn/metrics.jsonl "$OUT/twostage_cnn_metrics.jsonl" 2>/dev/null
+            cp /tmp/gpu-2s/metrics.jsonl "$OUT/twostage_seq_metrics.jsonl" 2>/dev/null ;;
         explain)
             step explain 90 python3 benchmarks/explain.py --device cuda --precision bf16 \
                 --json "$OUT/explain_gpu.json" ;;
@@ -123,5 +145,5 @@ torch.cuda.is_available() and torch.cuda.get_device_name(0))" ;;
 case ${1:-} in
 prepare) prepare ;;
 run) shift; run "$@" ;;
-*) sed -n '2,30p' "$0"; exit 2 ;;
+*) sed -n '2,35p' "$0"; exit 2 ;;
 esac

@@ -259,3 +259,37 @@ def test_model_rejects_images_of_the_wrong_channel_count(tiny_bundle: Path) -> N
     with pytest.raises(ValueError, match=r"\(S, 3, H, W\)"):
         clf.predict_images(np.zeros((1, 5, 64, 64), np.float32))
     assert ICHClassifier("resnet18", in_channels=5)(torch.zeros(1, 5, 64, 64)).shape == (1, 6)
+
+
+def test_training_dataset_builds_the_same_context_as_the_node(tmp_path: Path) -> None:
+    """SliceDataset(context=1) gives each slice exactly the node's 2.5D input."""
+    from ich_node.imaging import DEFAULT_WINDOWS
+    from ich_node.inference import Classifier
+    from training.data import SliceDataset, build_index
+    from training.phantom import write_dataset
+
+    write_dataset(tmp_path / "d", 2, seed=4, n_slices=5, matrix=96)
+    index = build_index(tmp_path / "d" / "images", tmp_path / "d" / "stage_2_train.csv")
+    ds = SliceDataset(index.records, DEFAULT_WINDOWS, 64, context=1)
+    bundle = load_bundle(_two_stage_bundle(tmp_path / "two.safetensors"))
+    clf = Classifier(bundle, device="cpu", batch_size=2)
+    for uid in sorted({r.series_uid for r in index.records}):
+        rows = [i for i, r in enumerate(index.records) if r.series_uid == uid]
+        series = read_series([index.records[i].path for i in rows])
+        node = np.concatenate([imgs for _, imgs in clf.prepared_batches(series)])
+        train = np.stack([ds[i][0].numpy() for i in rows])  # type: ignore[index]
+        assert train.shape == node.shape == (5, 5, 64, 64)
+        np.testing.assert_allclose(train, node, atol=1e-6)
+
+
+def test_predict_cli_with_a_two_stage_bundle_and_tta(tmp_path: Path) -> None:
+    from ich_node.cli import main
+    from training.phantom import write_series
+
+    ph = write_series(tmp_path / "in", seed=6, subtypes=("subdural",), n_slices=6, matrix=96)
+    bundle = _two_stage_bundle(tmp_path / "two.safetensors")
+    argv = ["predict", "--bundle", str(bundle), "--out", str(tmp_path / "out"), "--tta"]
+    assert main([*argv, str(tmp_path / "in")]) == 0
+    data = json.loads((tmp_path / "out" / ph.series_instance_uid / "findings.json").read_text())
+    assert data["model"]["stages"] == ["cnn", "sequence"] and data["model"]["tta"] is True
+    assert len(data["slices"]) == 6

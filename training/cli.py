@@ -6,6 +6,7 @@ Subcommands (a stable interface; scripts depend on it)::
     ich-train cache    --images DIR --labels CSV --image-size N --cache-dir DIR [--workers W]
     ich-train fit      --images DIR --labels CSV --arch ARCH --image-size N --epochs E --out OUT
                        [--config YAML] [--pretrained PATH] [--resume OUT/checkpoint.pt] ...
+    ich-train fit-sequence --run RUN --out OUT [--epochs E] [--hidden H] [--embed-passes P] ...
     ich-train evaluate --bundle B --images DIR --labels CSV --out REPORT.json [--studies FILE]
 
 Several GPUs or processes: ``torchrun --nproc_per_node N -m training fit ...``.
@@ -37,6 +38,8 @@ _FIT_HELP = {
     "arch": "resnext101_32x8d (production), resnet50, resnet18 (CPU demo/tests)",
     "pretrained": "local ImageNet state dict (.pth/.safetensors); never downloaded",
     "image_size": "model input side, pixels",
+    "context": "2.5D slice context: neighbours on each side as extra brain-window channels "
+    "(0: none, 1: s-1 and s+1)",
     "batch_size": "images per step and rank (effective batch: x ranks x accum-steps)",
     "accum_steps": "micro-batches per optimiser step",
     "warmup_epochs": "linear warm-up length, epochs (fractions allowed)",
@@ -99,6 +102,33 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="train and export the model bundle")
     _add_fit_arguments(p)
 
+    p = sub.add_parser(
+        "fit-sequence",
+        help="second stage: train the sequence model on the CNN run's embeddings",
+    )
+    from training.sequence import SequenceSettings
+
+    seq_help = {
+        "run": "the CNN run's folder (settings.yaml, split.json, model.safetensors)",
+        "out": "output folder: model.safetensors (both stages), metrics.jsonl",
+        "images": "image folder (default: the run's)",
+        "labels": "labels CSV (default: the run's)",
+        "cache_dir": "index and slice cache (default: the run's)",
+        "bundle": "the CNN bundle (default RUN/model.safetensors)",
+        "hidden": "GRU width per direction",
+        "embed_passes": "augmented extractions of the training split's embeddings",
+        "batch_series": "series per optimiser step",
+    }
+    for f in fields(SequenceSettings):
+        kind = typing.get_type_hints(SequenceSettings)[f.name]
+        if isinstance(kind, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        p.add_argument(
+            "--" + f.name.replace("_", "-"), type=kind, default=None,
+            required=f.name == "run",
+            help=seq_help.get(f.name, "") + f" (default {f.default!r})",
+        )  # fmt: skip
+
     p = sub.add_parser("evaluate", help="metrics of a bundle on labelled data")
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--images", type=Path, required=True)
@@ -109,6 +139,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--tta", action="store_true", help="average each image with its mirror")
     return parser
 
 
@@ -191,13 +222,21 @@ def _warnings_summary(out: Path, is_main: bool) -> None:
     (out / "library_warnings.json").write_text(json.dumps(counts, indent=2, sort_keys=True))
 
 
+def run_fit_sequence(args: argparse.Namespace) -> int:
+    from training.sequence import SequenceSettings, fit_sequence
+
+    values = {f.name: getattr(args, f.name) for f in fields(SequenceSettings)}
+    fit_sequence(SequenceSettings(**{k: v for k, v in values.items() if v is not None}))
+    return 0
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate_bundle
 
     report = evaluate_bundle(
         args.bundle, args.images, args.labels, args.out, studies=args.studies,
         cache_dir=args.cache_dir, batch_size=args.batch_size, device=args.device,
-        workers=args.workers,
+        workers=args.workers, tta=args.tta,
     )  # fmt: skip
     for level in ("images", "studies"):
         r = report[level]
@@ -206,6 +245,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
               f"micro {r['f1']['micro']:.3f}, AUC(any) "
               f"{'n/a' if auc is None else f'{auc:.3f}'}, "
               f"weighted log loss {r['weighted_log_loss']:.4f}")  # fmt: skip
+    for name, stage in report.get("stages", {}).items():
+        print(f"{name}: weighted log loss images {stage['images']['weighted_log_loss']:.4f}, "
+              f"studies {stage['studies']['weighted_log_loss']:.4f}")  # fmt: skip
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
     return 0
 
@@ -217,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Progress and results are printed; the log only carries warnings and errors.
     configure_logging("console", "WARNING")
     handlers = {"phantom": run_phantom, "cache": run_cache, "fit": run_fit,
-                "evaluate": run_evaluate}  # fmt: skip
+                "fit-sequence": run_fit_sequence, "evaluate": run_evaluate}  # fmt: skip
     try:
         return handlers[args.command](args)
     except (ValueError, OSError) as exc:

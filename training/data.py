@@ -31,6 +31,7 @@ from torch.utils.data import Dataset, Sampler
 from ich_node.imaging import (
     ImagingError,
     Window,
+    add_slice_context,
     load_hu,
     preprocess_hu,
     slice_position_mm,
@@ -495,6 +496,12 @@ class SliceDataset(Dataset):
         Preprocessed slices (uint8, ``round(255 * x)``) are kept there as
         ``.npy`` and reused. Window jitter needs the HU, so with jitter the
         cache is not used for training.
+    context : int
+        2.5D slice context: the image gets ``2 x context`` more channels, the brain
+        window of the ``context`` neighbours on each side in the same series
+        (records are in spatial order within a series, as :func:`build_index`
+        sorts them), built by :func:`ich_node.imaging.add_slice_context`, the
+        node's own function; at a series' ends the slice itself stands in.
     """
 
     def __init__(
@@ -506,8 +513,20 @@ class SliceDataset(Dataset):
         augment: Augment | None = None,
         seed: int = 0,
         cache_dir: Path | None = None,
+        context: int = 0,
     ) -> None:
         self.records = tuple(records)
+        self.context = context
+        # [first, end) of each record's series run within ``records``
+        self._run: list[tuple[int, int]] = []
+        start = 0
+        for i in range(1, len(self.records) + 1):
+            if (
+                i == len(self.records)
+                or self.records[i].series_uid != self.records[start].series_uid
+            ):
+                self._run.extend([(start, i)] * (i - start))
+                start = i
         self.windows = tuple(windows)
         self.size = size
         self.augment = augment
@@ -544,6 +563,15 @@ class SliceDataset(Dataset):
             load_hu(record.path, reorient=True)[None], windows or self.windows, self.size
         )[0]
 
+    def load_with_context(self, i: int, windows: Sequence[Window] | None = None) -> np.ndarray:
+        """(3 + 2 x context, size, size) float32 in [0, 1]: the slice and its neighbours."""
+        if self.context == 0:
+            return self.load(i, windows)
+        first, end = self._run[i]
+        lo, hi = max(first, i - self.context), min(end, i + self.context + 1)
+        stack = np.stack([self.load(j, windows) for j in range(lo, hi)])
+        return add_slice_context(stack, self.context)[i - lo]
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         record = self.records[i]
         rng = np.random.default_rng([self.seed, self.epoch, i]) if self.augment else None
@@ -552,7 +580,7 @@ class SliceDataset(Dataset):
             assert rng is not None
             windows = jitter_windows(self.windows, self.augment, rng)
         try:
-            array = self.load(i, windows)
+            array = self.load_with_context(i, windows)
         except ImagingError as exc:
             log.warning("data.undecodable_image", image=record.image_id, reason=str(exc))
             return None

@@ -4,7 +4,10 @@ Images are read and preprocessed with the bundle's windows and input size
 (:class:`training.data.SliceDataset`, i.e. :func:`ich_node.imaging.preprocess_hu`)
 and classified by :class:`ich_node.inference.Classifier`, the node's own inference.
 A study's label and probability are the maxima over its slices. Thresholds are the
-bundle's. Metric definitions: :mod:`training.metrics` and ``docs/training.md``.
+bundle's. For a two-stage bundle the report has both stages side by side
+(``stages``: ``cnn`` and ``cnn+sequence``): the CNN's outputs of every slice, then
+the sequence stage over each series in spatial order, as the node runs them.
+Metric definitions: :mod:`training.metrics` and ``docs/training.md``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import structlog
 from torch.utils.data import DataLoader
 
 from ich_node.bundle import load_bundle
-from ich_node.inference import Classifier
+from ich_node.inference import Classifier, SliceOutputs
 from ich_node.labels import LABELS
 from training import metrics as M
 from training.data import SliceDataset, build_index, collate_skip_none, read_study_list
@@ -47,6 +50,7 @@ def evaluate_bundle(
     batch_size: int = 32,
     device: str = "auto",
     workers: int = 0,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``bundle`` and write ``out`` (JSON) and the same name with ``.md``.
 
@@ -69,7 +73,9 @@ def evaluate_bundle(
     dict
         The report: ``bundle`` (name, version, sha256, thresholds), ``data``
         (counts, skipped images), ``images`` and ``studies`` (each a
-        :func:`training.metrics.full_report`) and ``reference``.
+        :func:`training.metrics.full_report`, of the served output: the sequence
+        stage's for a two-stage bundle), ``stages`` (two-stage bundles: ``cnn`` and
+        ``cnn+sequence``, each with ``images`` and ``studies``) and ``reference``.
     """
     b = load_bundle(Path(bundle))
     index = build_index(Path(images), Path(labels), cache_dir=cache_dir)
@@ -79,20 +85,35 @@ def evaluate_bundle(
         records = [r for r in records if r.study_uid in keep]
         if not records:
             raise ValueError(f"--studies {studies}: none of its studies is in the data")
-    dataset = SliceDataset(records, b.card.windows, b.card.input_size, cache_dir=cache_dir)
-    classifier = Classifier(b, device=device, batch_size=batch_size)
+    dataset = SliceDataset(
+        records, b.card.windows, b.card.input_size, cache_dir=cache_dir, context=b.card.context
+    )
+    classifier = Classifier(b, device=device, batch_size=batch_size, tta=tta)
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip_none
     )
-    idx_parts, prob_parts = [], []
+    idx_parts, outputs = [], []
     for batch, _, idx in loader:
         if len(batch):
-            prob_parts.append(classifier.predict_images(batch.numpy()))
+            outputs.append(classifier.cnn_outputs(batch.numpy()))
             idx_parts.append(idx.numpy())
     if not idx_parts:
         raise ValueError(f"{images}: no image could be decoded")
     indices = np.concatenate(idx_parts)
-    probs = np.concatenate(prob_parts)
+    logits = np.concatenate([o.logits for o in outputs])
+    embeddings = np.concatenate([o.embeddings for o in outputs])
+    cnn_probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    probs = cnn_probs
+    if classifier.sequence is not None:
+        # the sequence stage over each series, slices in spatial order (index order)
+        seq_logits = np.empty_like(logits)
+        by_series: dict[str, list[int]] = {}
+        for row, i in enumerate(indices):
+            by_series.setdefault(records[int(i)].series_uid, []).append(row)
+        for rows in by_series.values():
+            r = np.asarray(rows)
+            seq_logits[r] = classifier.sequence_logits(SliceOutputs(logits[r], embeddings[r], None))
+        probs = 1 / (1 + np.exp(-seq_logits.astype(np.float64)))
     truth = np.asarray([records[i].labels for i in indices], dtype=np.float64)
     undecodable = sorted(set(range(len(records))) - set(indices.tolist()))
     thresholds = dict(b.card.thresholds)
@@ -107,6 +128,9 @@ def evaluate_bundle(
             "arch": b.card.arch,
             "sha256": b.card.sha256,
             "thresholds": thresholds,
+            "stages": list(b.card.stages),
+            "context": b.card.context,
+            "tta": tta,
         },
         "data": {
             "images": str(images),
@@ -121,6 +145,21 @@ def evaluate_bundle(
         "studies": M.full_report(study_truth, study_probs, thresholds),
         "reference": {"model": "ResNeXt-101 (published)", **REFERENCE},
     }
+    if classifier.sequence is not None:
+        cnn_thresholds = dict(b.card.sequence.get("cnn_thresholds", thresholds))
+        _, cnn_study = M.group_max(study_keys, cnn_probs)
+        report["stages"] = {
+            "cnn": {
+                "thresholds": cnn_thresholds,
+                "images": M.full_report(truth, cnn_probs, cnn_thresholds),
+                "studies": M.full_report(study_truth, cnn_study, cnn_thresholds),
+            },
+            "cnn+sequence": {
+                "thresholds": thresholds,
+                "images": report["images"],
+                "studies": report["studies"],
+            },
+        }
     report = _clean(report)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -186,4 +225,26 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_pct(img['f1']['per_label'][label])} | {_pct(std['f1']['per_label'][label])} "
             f"| {report['bundle']['thresholds'][label]:.3f} |"
         )
+    if report.get("stages"):
+        lines += ["", "CNN alone and CNN + sequence stage, side by side (same images):", "",
+                  "| metric | CNN images | CNN + sequence images | CNN studies "
+                  "| CNN + sequence studies |", "|---|---|---|---|---|"]  # fmt: skip
+        a, b = report["stages"]["cnn"], report["stages"]["cnn+sequence"]
+        lines.append(
+            f"| RSNA weighted log loss | {a['images']['weighted_log_loss']:.4f} "
+            f"| {b['images']['weighted_log_loss']:.4f} | {a['studies']['weighted_log_loss']:.4f} "
+            f"| {b['studies']['weighted_log_loss']:.4f} |"
+        )
+        cells = {
+            "accuracy": lambda r: _pct(r["accuracy"]),
+            "F1 macro": lambda r: _pct(r["f1"]["macro"]),
+            "AUC any": lambda r: (
+                "n/a" if r["roc_auc"]["any"] is None else f"{r['roc_auc']['any']:.3f}"
+            ),
+        }
+        for name, cell in cells.items():
+            lines.append(
+                f"| {name} | {cell(a['images'])} | {cell(b['images'])} | {cell(a['studies'])} "
+                f"| {cell(b['studies'])} |"
+            )
     return "\n".join(lines) + "\n"

@@ -131,6 +131,7 @@ def export_bundle(
         version=version,
         arch=settings.arch,
         input_size=settings.image_size,
+        context=settings.context,
         windows=DEFAULT_WINDOWS,
         labels=LABELS,
         thresholds={k: float(v) for k, v in thresholds.items()},

@@ -759,6 +759,126 @@ def make_volume(
     )
 
 
+# ------------------------------------------------------------- context phantoms
+
+#: HU of a context focus (a faint clot; brain parenchyma is about 25-40 HU).
+CONTEXT_FOCUS_HU: Final[float] = 78.0
+#: Radius of a context focus in the image plane, mm (range drawn per focus).
+CONTEXT_FOCUS_RADIUS_MM: Final[tuple[float, float]] = (10.0, 14.0)
+#: Slices a thin bleed spans; a mimic is on one slice only.
+CONTEXT_BLEED_SLICES: Final[int] = 3
+#: Single-slice mimics per study.
+CONTEXT_MIMICS: Final[int] = 2
+
+
+def _disc_fits(brain: np.ndarray, r: int) -> np.ndarray:
+    """Pixels whose disc of radius ``r`` (checked at 8 rim points and the centre) is brain."""
+    ok = brain.copy()
+    for dy, dx in ((r, 0), (-r, 0), (0, r), (0, -r), (r, r), (r, -r), (-r, r), (-r, -r)):
+        shifted = np.zeros_like(brain)
+        h, w = brain.shape
+        ys, xs = slice(max(0, -dy), h - max(0, dy)), slice(max(0, -dx), w - max(0, dx))
+        yd, xd = slice(max(0, dy), h - max(0, -dy)), slice(max(0, dx), w - max(0, -dx))
+        shifted[ys, xs] = brain[yd, xd]
+        ok &= shifted
+    return ok
+
+
+def add_context_foci(vol: PhantomVolume, rng: np.random.Generator, *, bleed: bool) -> PhantomVolume:
+    """Make a volume that needs slice context: identical foci, told apart only across slices.
+
+    Every study gets :data:`CONTEXT_MIMICS` single-slice foci (labelled negative: a
+    focus seen on one 5 mm slice only, as partial volume of a vessel or a
+    calcification may look); a ``bleed`` study also gets one thin intraparenchymal
+    bleed, the **same** focus (same centre, radius and HU) on
+    :data:`CONTEXT_BLEED_SLICES` consecutive slices, labelled ``intraparenchymal``
+    (and ``any``) on those slices. On one slice a bleed and a mimic are drawn from
+    the same distribution: a model that sees one slice cannot tell them apart
+    (its best answer is the base rate); one that sees the neighbours can.
+
+    Parameters
+    ----------
+    vol : PhantomVolume
+        A volume from :func:`make_volume` (usually without lesions).
+    rng : numpy.random.Generator
+        Draws slices, centres, radii and noise.
+    bleed : bool
+        Whether to add the thin bleed.
+
+    Returns
+    -------
+    PhantomVolume
+        A copy with the foci in ``hu`` and the bleed in ``masks["intraparenchymal"]``.
+    """
+    hu = vol.hu.astype(np.float32)
+    n, h, w = hu.shape
+    masks = {k: v.copy() for k, v in vol.masks.items()}
+    brain = np.isin(vol.tissue, (BRAIN_GM, BRAIN_WM))
+    yy, xx = np.mgrid[0:h, 0:w]
+    used: set[int] = set()
+
+    def paint(k: int, cy: int, cx: int, r_px: float) -> np.ndarray:
+        d = np.hypot(yy - cy, xx - cx)
+        weight = np.clip(r_px + 0.5 - d, 0.0, 1.0)  # one-pixel soft edge
+        weight *= brain[k]
+        noise = rng.standard_normal((h, w)).astype(np.float32) * 4.0
+        hu[k] = hu[k] * (1 - weight) + (CONTEXT_FOCUS_HU + noise) * weight
+        return weight >= 0.5
+
+    def centre(slices: list[int], r_px: int) -> tuple[int, int] | None:
+        ok = np.ones((h, w), dtype=bool)
+        for k in slices:
+            ok &= _disc_fits(brain[k], r_px + 1)
+        ys, xs = np.nonzero(ok)
+        if not len(ys):
+            return None
+        j = int(rng.integers(len(ys)))
+        return int(ys[j]), int(xs[j])
+
+    def radius() -> float:
+        return float(rng.uniform(*CONTEXT_FOCUS_RADIUS_MM)) / vol.pixel_spacing_mm
+
+    lo, hi = max(1, n // 6), max(2, 5 * n // 6)
+    if bleed:
+        for _ in range(20):
+            first = int(rng.integers(lo, max(lo + 1, hi - CONTEXT_BLEED_SLICES + 1)))
+            ks = list(range(first, min(n, first + CONTEXT_BLEED_SLICES)))
+            r = radius()
+            c = centre(ks, math.ceil(r))
+            if c is not None and len(ks) == CONTEXT_BLEED_SLICES:
+                for k in ks:
+                    masks["intraparenchymal"][k] |= paint(k, c[0], c[1], r)
+                used.update(range(ks[0] - 2, ks[-1] + 3))
+                break
+        else:  # pragma: no cover - brain always has room mid-series
+            raise RuntimeError("could not place a thin bleed")
+    placed = 0
+    for _ in range(50):
+        if placed == CONTEXT_MIMICS:
+            break
+        k = int(rng.integers(lo, hi))
+        if k in used:
+            continue
+        r = radius()
+        c = centre([k], math.ceil(r))
+        if c is None:
+            continue
+        paint(k, c[0], c[1], r)
+        used.update(range(k - 2, k + 3))
+        placed += 1
+    out = np.clip(np.rint(hu), _HU_MIN, _HU_MAX).astype(np.int16)
+    subtypes = vol.subtypes | ({"intraparenchymal"} if bleed else set())
+    return PhantomVolume(
+        hu=out,
+        masks=masks,
+        tissue=vol.tissue,
+        pixel_spacing_mm=vol.pixel_spacing_mm,
+        slice_spacing_mm=vol.slice_spacing_mm,
+        tilt_deg=vol.tilt_deg,
+        subtypes=frozenset(subtypes),
+    )
+
+
 # --------------------------------------------------------------------------- DICOM
 
 
@@ -848,6 +968,7 @@ def write_series(
     file_names: Literal["instance", "rsna"] = "instance",
     shuffle_instance_numbers: bool = False,
     taken_ids: set[str] | None = None,
+    context_bleed: bool | None = None,
 ) -> PhantomSeries:
     """Write one phantom study (one axial CT series) as DICOM files.
 
@@ -871,6 +992,9 @@ def write_series(
         With ``file_names="rsna"``: image ids already used in ``out_dir``, updated in
         place. 9 hex digits collide (birthday bound) in large datasets; a taken id is
         re-derived with a counter, deterministically for a given writing order.
+    context_bleed : bool or None
+        ``None``: an ordinary phantom. ``False`` / ``True``: a context phantom
+        (:func:`add_context_foci`) without / with a thin bleed; give no ``subtypes``.
 
     Returns
     -------
@@ -888,7 +1012,10 @@ def write_series(
     rng = np.random.default_rng(seed)
     vol = make_volume(rng, subtypes=wanted, n_slices=n_slices, matrix=matrix, tilt_deg=tilt_deg)
     geo = _geometry(n_slices, matrix, tilt_deg)
-    key = (seed, ",".join(sorted(wanted)), n_slices, matrix, _ds(tilt_deg))
+    key: tuple[object, ...] = (seed, ",".join(sorted(wanted)), n_slices, matrix, _ds(tilt_deg))
+    if context_bleed is not None:  # other UIDs than the ordinary phantom of this seed
+        vol = add_context_foci(vol, np.random.default_rng([seed, 3]), bleed=context_bleed)
+        key = (*key, f"context-{int(context_bleed)}")
     study_uid = _uid("study", *key)
     series_uid = _uid("series", *key)
     frame_uid = _uid("frame", *key)
@@ -1018,6 +1145,7 @@ def write_dataset(
     n_slices: int | tuple[int, int] = (24, 32),
     matrix: int = 512,
     progress: Callable[[int, int], None] | None = None,
+    context: bool = False,
 ) -> DatasetSummary:
     """Write ``n_studies`` phantom studies in the RSNA 2019 layout.
 
@@ -1039,6 +1167,12 @@ def write_dataset(
         Rows = columns of every image.
     progress : callable, optional
         Called as ``progress(done, total)`` after each study.
+    context : bool
+        Write **context phantoms** (:func:`add_context_foci`) instead: half of the
+        studies have one thin intraparenchymal bleed over 3 slices, every study has
+        single-slice mimics of it, no other lesions and no tilt. Per slice the
+        labels can only be told from the neighbours. ``False`` (the default) writes
+        the ordinary phantoms, unchanged.
 
     Returns
     -------
@@ -1052,6 +1186,11 @@ def write_dataset(
     images.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 0x1C4])
     plan = _study_plan(n_studies, rng)
+    bleeds: list[bool | None] = [None] * n_studies
+    if context:
+        order = rng.permutation(n_studies)
+        bleeds = [bool(order[i] < (n_studies + 1) // 2) for i in range(n_studies)]
+        plan = [((), False)] * n_studies
     label_counts = dict.fromkeys(LABELS, 0)
     n_images = n_positive = 0
     truth_rows: list[list[object]] = []
@@ -1076,6 +1215,7 @@ def write_dataset(
                 tilt_deg=tilt,
                 file_names="rsna",
                 taken_ids=taken_ids,
+                context_bleed=bleeds[i],
             )
             labels = series.volume.slice_labels()
             for path, row in zip(series.paths, labels, strict=True):

@@ -37,6 +37,7 @@ class FitSettings:
     arch: str = "resnext101_32x8d"
     pretrained: str | None = None
     image_size: int = 256
+    context: int = 0
     # optimisation
     epochs: int = 10
     batch_size: int = 32
@@ -73,6 +74,8 @@ class FitSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.context, int) or self.context < 0:
+            raise ValueError(f"context must be an int >= 0, got {self.context!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if self.lr <= 0:

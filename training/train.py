@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ich_node.bundle import ModelCard
-from ich_node.imaging import DEFAULT_WINDOWS
+from ich_node.imaging import DEFAULT_WINDOWS, context_channels
 from ich_node.labels import LABELS, RSNA_WEIGHTS
 from ich_node.model import ICHClassifier, build_model, pretrained_help
 from training.data import (
@@ -357,8 +357,8 @@ def _save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, epoch: 
     tmp.replace(path)
 
 
-_MUST_MATCH_ON_RESUME = ("arch", "image_size", "epochs", "batch_size", "accum_steps", "seed",
-                         "optimizer", "lr", "val_fraction")  # fmt: skip
+_MUST_MATCH_ON_RESUME = ("arch", "image_size", "context", "epochs", "batch_size",
+                         "accum_steps", "seed", "optimizer", "lr", "val_fraction")  # fmt: skip
 
 
 def fit(
@@ -409,15 +409,18 @@ def fit(
     train_set = SliceDataset(
         [index.records[i] for i in split.train], windows, settings.image_size,
         augment=settings.augment, seed=settings.seed, cache_dir=pre_cache,
+        context=settings.context,
     )  # fmt: skip
     val_set = SliceDataset(
-        [index.records[i] for i in split.val], windows, settings.image_size, cache_dir=pre_cache
-    )
+        [index.records[i] for i in split.val], windows, settings.image_size, cache_dir=pre_cache,
+        context=settings.context,
+    )  # fmt: skip
 
     torch.manual_seed(settings.seed)
     model: nn.Module = build_model(
-        settings.arch, pretrained=Path(settings.pretrained) if settings.pretrained else None
-    )
+        settings.arch, pretrained=Path(settings.pretrained) if settings.pretrained else None,
+        in_channels=context_channels(windows, settings.context),
+    )  # fmt: skip
     model.to(device)
     if device.type == "cuda" and settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
