@@ -58,6 +58,7 @@ def test_kos_lists_the_positive_slices_and_is_dciodvfy_clean(
     assert path in files
     ko = pydicom.dcmread(path)
     assert ko.SOPClassUID == KOS_CLASS and ko.Modality == "KO"
+    assert ko.SeriesDescription == "ICH AI key images" and ko.SeriesNumber == 9903
     title = ko.ConceptNameCodeSequence[0]
     assert (title.CodeValue, title.CodingSchemeDesignator) == ("113000", "DCM")  # Of Interest
     referenced = [

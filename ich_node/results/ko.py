@@ -23,6 +23,7 @@ from ich_node.results.findings import SeriesFindings
 
 #: SeriesNumber of the KOS (SR 9900, heatmaps 9901, parametric map 9902).
 SERIES_NUMBER: Final = 9903
+SERIES_DESCRIPTION: Final = "ICH AI key images"
 #: Longest Key Object Description (0040,A160 is UT in TID 2010, kept short for viewers).
 _MAX_DESCRIPTION: Final = 1024
 
@@ -98,7 +99,7 @@ def build_key_objects(
         ),
         description=description,
     )
-    return hd.ko.KeyObjectSelectionDocument(
+    ko = hd.ko.KeyObjectSelectionDocument(
         evidence=referenced,
         content=content,
         series_instance_uid=series_instance_uid,
@@ -108,3 +109,5 @@ def build_key_objects(
         manufacturer=MANUFACTURER,
         contributing_equipment=[contributing_equipment(card)],
     )
+    ko.SeriesDescription = SERIES_DESCRIPTION  # how PACS lists the series
+    return ko
