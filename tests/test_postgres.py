@@ -204,3 +204,54 @@ def test_paths_are_kept_relative_to_the_shared_storage(tmp_path: Path, pg_url: s
     assert host_a.instance_files() == {}
     host_a.close()
     host_b.close()
+
+
+def test_database_going_away_refuses_images_and_recovers(
+    tmp_path: Path, pg_url: str, pg_cluster: object, phantom_series: object
+) -> None:
+    """While PostgreSQL is down a C-STORE is answered 0xA700 (the PACS retries) and
+    nothing is acknowledged; once it is back the same node records the retry."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    from benchmarks.common import free_port
+    from ich_node.ingest.spool import Spool
+    from ich_node.listener import start_listener
+
+    port = free_port()
+    config = parse_config(
+        {
+            "node": {"ae_title": "ICH_NODE", "host": "127.0.0.1", "port": port},
+            "callers": [{"ae_title": "MODALITY"}],
+            "storage": {"dir": str(tmp_path / "node"), "database": pg_url, "min_free_mb": 0},
+        }
+    )
+    store = open_store(config.storage)
+    server = start_listener(config, Spool(config.storage.dir, store, 0))
+    import pydicom
+
+    ds = pydicom.dcmread(phantom_series.paths[0])  # type: ignore[attr-defined]
+
+    def send() -> int:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="ICH_NODE")
+        assert assoc.is_established
+        status = assoc.send_c_store(ds)
+        assoc.release()
+        return int(status.Status)
+
+    try:
+        pg_cluster.kill()  # type: ignore[attr-defined]
+        try:
+            assert send() == 0xA700
+        finally:
+            pg_cluster.start()  # type: ignore[attr-defined]
+        assert send() == 0x0000
+        assert set(store.instance_files().values()) == {str(ds.SOPInstanceUID)}
+        # No file of the refused attempt is left unrecorded in the spool.
+        spooled = [p for p in (tmp_path / "node" / "spool").rglob("*") if p.is_file()]
+        assert [str(p) for p in spooled] == list(store.instance_files())
+    finally:
+        server.shutdown()
+        store.close()

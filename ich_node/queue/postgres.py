@@ -53,6 +53,8 @@ ASSEMBLY_LOCK: Final = 0x49434800_00000003
 #: Seconds a sender holds a delivery it attempts; a sender that dies leaves it to
 #: another after this (objects already accepted are not sent again).
 DELIVERY_LEASE_SECONDS: Final = 300.0
+#: Seconds a store call waits for a database connection before it raises.
+POOL_TIMEOUT_SECONDS: Final = 5.0
 #: The channel idle workers listen on.
 JOBS_CHANNEL: Final = "ich_node_jobs"
 #: The file in ``storage.dir`` that names the database the spool belongs to.
@@ -249,7 +251,11 @@ def password(config: StorageSection) -> str | None:
 
 def connect_kwargs(config: StorageSection) -> dict[str, Any]:
     """Keyword arguments for :func:`psycopg.connect` beside the URL (autocommit, password)."""
-    kwargs: dict[str, Any] = {"autocommit": True, "application_name": "ich-node"}
+    kwargs: dict[str, Any] = {
+        "autocommit": True,
+        "application_name": "ich-node",
+        "connect_timeout": int(POOL_TIMEOUT_SECONDS),
+    }
     secret = password(config)
     if secret is not None:
         kwargs["password"] = secret
@@ -336,6 +342,13 @@ class PgStore(Store):
             kwargs=kwargs,
             open=True,
             name="ich-node",
+            # A connection the database dropped (restart, failover) is replaced when
+            # taken, so the node carries on once the database is back.
+            check=ConnectionPool.check_connection,
+            reconnect_timeout=float("inf"),
+            # A call waits this long for a connection, then raises: a C-STORE is then
+            # answered 0xA700 well within the peer's DIMSE timeout.
+            timeout=POOL_TIMEOUT_SECONDS,
         )
 
     @classmethod
