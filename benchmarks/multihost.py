@@ -6,7 +6,10 @@ one database. A pynetdicom SCU plays the modalities: some studies go to one
 listener, others to the other, and some have their series split across both. A
 pynetdicom SCP plays the PACS and records every object it receives. While a job
 is on a worker of host ``w1``, that host is SIGKILLed (its serve process and its
-worker process): its lease expires and ``w2`` reads the series. Then:
+worker process): its lease expires and ``w2`` reads the series. Once its studies
+are sent, listener ``l2`` is SIGKILLed too and the last study goes to ``l1``
+alone (whatever ``l2`` held, such as the cluster's assembly lock, must not stop
+``l1``). Then:
 
 - every series is read once: one job per series version, each ``done``;
 - the PACS received exactly one SR per series (no SOP Instance UID twice);
@@ -182,10 +185,11 @@ def run_multihost(
             return all(f"{w}.worker-0" in beats for w in ("w1", "w2"))
 
         wait_for("both workers", workers_ready, 120, every=0.2)
-        # Studies 0..split-1: each series split across both listeners; the rest alternate.
+        # Studies 0..split-1: each series split across both listeners; the rest alternate;
+        # the last one goes to l1 after l2 is gone.
         to_l1: list[list[Path]] = []
         to_l2: list[list[Path]] = []
-        for i, files in enumerate(series):
+        for i, files in enumerate(series[:-1]):
             if i < split:
                 to_l1.append(files[0::2])
                 to_l2.append(files[1::2])
@@ -217,6 +221,12 @@ def run_multihost(
             report["violations"].append("w1 never held a job (nothing to kill)")
         for f in feeders:
             f.join(timeout)
+        hosts["l2"].kill()
+        report["listener_killed"] = "l2"
+        last = Feeder(ports["l1"], [series[-1]], gap_seconds=0.1)
+        last.start()
+        last.join(timeout)
+        feeders.append(last)
 
         def finished() -> bool:
             jobs = store.jobs()  # type: ignore[union-attr]
@@ -250,6 +260,9 @@ def run_multihost(
         if acked - recorded:
             report["violations"].append(f"{len(acked - recorded)} acknowledged not recorded")
         report["hosts_seen"] = sorted(store.heartbeats())
+        from ich_node.ops import collect_status
+
+        report["status_heartbeats"] = sorted(collect_status(store, time.time())["heartbeats"])
     finally:
         for host in hosts.values():
             host.stop()

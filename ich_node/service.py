@@ -66,6 +66,12 @@ EXIT_CONFIG: Final = 2
 WORKER_EXIT_BAD_BUNDLE: Final = 2
 #: The lock file in ``storage.dir`` (holds the pid of the node that has it).
 LOCK_NAME: Final = "node.lock"
+#: A heartbeat younger than this may belong to a live process (same as ``ops``).
+HEARTBEAT_STALE_SECONDS: Final = 15.0
+#: How long ``serve`` watches a recent heartbeat under its own node id before it
+#: decides that the id is another live node's (the serving loop beats every 0.2 s,
+#: workers every second).
+NODE_ID_CHECK_SECONDS: Final = 3.0
 #: What the supervisor knows about its workers, for ``health`` (JSON, in ``storage.dir``).
 WORKERS_STATE_NAME: Final = "workers.json"
 
@@ -415,6 +421,29 @@ def node_id(config: NodeConfig) -> str:
     return config.storage.node_id or socket.gethostname()
 
 
+def node_id_in_use(
+    store: Store, names: list[str], wait: float = NODE_ID_CHECK_SECONDS
+) -> str | None:
+    """The first of ``names`` another live process beats under, or ``None``.
+
+    In a shared database each node registers under its node id; two hosts with
+    one id would give back each other's leases. A recent heartbeat under one of
+    ``names`` may be this node's own previous run (killed a moment ago): it is
+    someone else only when it is still beating ``wait`` seconds later.
+    """
+    before = store.heartbeats()
+    now = time.time()
+    recent = [n for n in names if n in before and now - before[n][1] < HEARTBEAT_STALE_SECONDS]
+    if not recent:
+        return None
+    time.sleep(wait)
+    after = store.heartbeats()
+    for name in recent:
+        if after[name][1] > before[name][1]:
+            return name
+    return None
+
+
 def serve(config: NodeConfig, *, clock: Callable[[], float] = time.time, role: str = "all") -> int:
     """Run the node until SIGTERM or SIGINT; returns the exit code.
 
@@ -495,12 +524,25 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float], role: str = "a
         return EXIT_FAILED
     prefix = f"{node_id(config)}." if shared else ""
     beat_name = f"{prefix}{role}" if shared else "node"
+    listens, works = role in ("all", "listener"), role in ("all", "worker")
     if shared:
         from ich_node.queue.postgres import PgStore
 
         assert isinstance(store, PgStore)
+        names = [beat_name] + (
+            [f"{prefix}worker-{i}" for i in range(config.node.workers)] if works else []
+        )
+        holder = node_id_in_use(store, names)
+        if holder is not None:
+            log.error(
+                "serve.node_id_in_use",
+                node_id=node_id(config),
+                name=holder,
+                action="give each host its own storage.node_id",
+            )
+            store.close()
+            return EXIT_CONFIG
         store.write_store_id()  # workers lease only where this file is seen
-    listens, works = role in ("all", "listener"), role in ("all", "worker")
     metrics = Metrics(store)
     queue = job_queue(store, config.queue)
     spool = Spool(config.storage.dir, store, config.storage.min_free_mb)

@@ -255,3 +255,30 @@ def test_database_going_away_refuses_images_and_recovers(
     finally:
         server.shutdown()
         store.close()
+
+
+def test_a_node_id_in_use_by_a_live_node_is_refused(tmp_path: Path, pg_url: str) -> None:
+    from ich_node.service import node_id_in_use
+
+    store = _store(tmp_path, pg_url)
+    beating = threading.Event()
+
+    def beat() -> None:
+        import time
+
+        while not beating.is_set():
+            store.heartbeat("host-a.worker-0", 4242, time.time())
+            beating.wait(0.1)
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    try:
+        names = ["host-a.worker", "host-a.worker-0"]
+        assert node_id_in_use(store, names, wait=0.5) == "host-a.worker-0"
+        assert node_id_in_use(store, ["host-b.worker", "host-b.worker-0"], wait=0.5) is None
+    finally:
+        beating.set()
+        thread.join(5)
+    # A previous run of this node that died a moment ago: recent, but no longer beating.
+    assert node_id_in_use(store, names, wait=0.5) is None
+    store.close()
