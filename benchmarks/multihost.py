@@ -260,6 +260,12 @@ def run_multihost(
         if acked - recorded:
             report["violations"].append(f"{len(acked - recorded)} acknowledged not recorded")
         report["hosts_seen"] = sorted(store.heartbeats())
+        from ich_node.ops import health
+
+        report["health"] = {
+            name: health(load_config(hosts[name].config_path), role=hosts[name].role)
+            for name in ("l1", "w2", "w1")
+        }  # 0: healthy; w1 was killed
         from ich_node.ops import collect_status
 
         report["status_heartbeats"] = sorted(collect_status(store, time.time())["heartbeats"])

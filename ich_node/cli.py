@@ -8,7 +8,7 @@ Commands and flags are a stable interface (admins' scripts call them)::
     ich-node serve   --config PATH [--role all|listener|worker]
     ich-node migrate-store --config PATH
     ich-node status  --config PATH [--json]
-    ich-node health  --config PATH
+    ich-node health  --config PATH [--role all|listener|worker]
     ich-node resend  --config PATH JOB
     ich-node bundle-info BUNDLE
 
@@ -295,7 +295,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     config = _config_or_exit(args.config)
     from ich_node.ops import health
 
-    return health(config)
+    return health(config, role=args.role)
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
@@ -404,6 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, required=True, metavar="PATH")
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "health":
+            p.add_argument(
+                "--role",
+                choices=("all", "listener", "worker"),
+                default="all",
+                help="what this host runs (serve --role): listener checks C-ECHO only, "
+                "worker this node id's workers only",
+            )
         if name == "serve":
             p.add_argument(
                 "--role",

@@ -233,14 +233,18 @@ def _self_check_context(tls: ServerTLS) -> ssl.SSLContext:
     return context
 
 
-def health(config: NodeConfig) -> int:
+def health(config: NodeConfig, role: str = "all") -> int:
     """0 when the listener answers C-ECHO, ``node.workers`` workers beat recently and
-    the node has not given up restarting any of them (``node.worker_max_crashes``)."""
+    the node has not given up restarting any of them (``node.worker_max_crashes``).
+
+    ``role`` (a multi-host node's ``serve --role``): ``listener`` checks the
+    listener only, ``worker`` this node id's workers only, ``all`` both.
+    """
     from ich_node.service import node_id
 
     shared = is_shared(config.storage)
     prefix = f"{node_id(config)}." if shared else ""
-    ok_echo = echo(config)
+    ok_echo = echo(config) if role != "worker" else True
     store = _open(config)
     alive = 0
     if store is not None:
@@ -258,16 +262,20 @@ def health(config: NodeConfig) -> int:
                     print(f"{name}: pid {pid}, heartbeat {now - at:.1f} s ago ({state})")
         finally:
             store.close()
-    ok_workers = alive >= config.node.workers
-    print(
-        f"listener: {'ok' if ok_echo else 'no C-ECHO answer'}; "
-        f"workers alive: {alive}/{config.node.workers}"
-    )
+    ok_workers = alive >= config.node.workers or role == "listener"
+    parts = []
+    if role != "worker":
+        parts.append(f"listener: {'ok' if ok_echo else 'no C-ECHO answer'}")
+    if role != "listener":
+        parts.append(f"workers alive: {alive}/{config.node.workers}")
+    print("; ".join(parts))
     from ich_node.service import workers_state
 
     # The node's supervisor records workers it gave up on (rewritten at each start).
     gave_up = {
-        n: s["gave_up"] for n, s in workers_state(config.storage.dir).items() if s.get("gave_up")
+        n: s["gave_up"]
+        for n, s in workers_state(config.storage.dir, prefix).items()
+        if s.get("gave_up") and role != "listener"
     }
     for name, why in sorted(gave_up.items()):
         print(f"{name}: not restarted: {why}")

@@ -117,10 +117,15 @@ def lock_storage(storage_dir: os.PathLike[str] | str) -> int:
     return fd
 
 
-def workers_state(storage_dir: os.PathLike[str] | str) -> dict[str, dict[str, object]]:
-    """The supervisor's last word on each worker (``{}`` when unknown); see ``health``."""
+def workers_state(
+    storage_dir: os.PathLike[str] | str, prefix: str = ""
+) -> dict[str, dict[str, object]]:
+    """The supervisor's last word on each worker (``{}`` when unknown); see ``health``.
+
+    ``prefix``: ``"<node_id>."`` in a shared ``storage.dir`` (one file per node).
+    """
     try:
-        with open(os.path.join(os.fspath(storage_dir), WORKERS_STATE_NAME)) as fh:
+        with open(os.path.join(os.fspath(storage_dir), prefix + WORKERS_STATE_NAME)) as fh:
             data = json.load(fh)
     except (OSError, ValueError):
         return {}
@@ -208,6 +213,7 @@ class Supervisor:
     def __init__(self, config: NodeConfig, queue: JobQueue, prefix: str = "") -> None:
         self.config = config
         self.queue = queue
+        self.prefix = prefix
         self.context = multiprocessing.get_context("spawn")
         # In a shared database every name starts with the node id: recovery gives back
         # only the leases of this node's workers, never another host's.
@@ -243,7 +249,7 @@ class Supervisor:
             }
             for slot in self.slots
         }
-        path = os.path.join(self.config.storage.dir, WORKERS_STATE_NAME)
+        path = os.path.join(self.config.storage.dir, self.prefix + WORKERS_STATE_NAME)
         try:
             tmp = path + ".tmp"
             with open(tmp, "w") as fh:

@@ -28,3 +28,5 @@ def test_two_listeners_two_workers_one_killed(
     # Every host registered under its own node id; `status` shows them all.
     hosts = {"l1.listener", "l2.listener", "w1.worker", "w2.worker", "w2.worker-0"}
     assert hosts <= set(report["status_heartbeats"])
+    # `health --role`: the live listener and worker hosts are healthy, the killed one not.
+    assert report["health"] == {"l1": 0, "w2": 0, "w1": 1}
