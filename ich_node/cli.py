@@ -243,11 +243,11 @@ def _predict_dicom(
     write_results(results, out_dir)
 
 
-def _phi_of(paths: Sequence[Path]) -> set[str]:
+def _phi_of(paths: Sequence[Path]) -> dict[str, str]:
     """PHI values of a series, read raw from its first, middle and last file."""
     from ich_node.log import phi_values_of_file
 
-    values: set[str] = set()
+    values: dict[str, str] = {}
     for path in {paths[0], paths[len(paths) // 2], paths[-1]} if paths else ():
         values |= phi_values_of_file(path)
     return values

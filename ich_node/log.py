@@ -36,7 +36,7 @@ import sys
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -81,6 +81,8 @@ def _kept(value: str) -> bool:
     """A quoted text that names something rather than quoting a header value."""
     if value == "" or _TAG.match(value) or _UID.match(value) or value.startswith("/"):
         return True
+    if value.startswith("<") and value.endswith(">"):  # already replaced: <PatientName>
+        return True
     from pydicom.datadict import tag_for_keyword
     from pydicom.valuerep import VR
 
@@ -94,13 +96,19 @@ class PhiRegistry:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._held: dict[int, frozenset[str]] = {}
+        self._held: dict[int, dict[str, str]] = {}
         self._next = 0
         self._pattern: re.Pattern[str] | None = None
+        self._names: dict[str, str] = {}
 
-    def hold(self, values: Iterable[str]) -> int:
-        """Register ``values`` until :meth:`release` with the returned token."""
-        kept = frozenset(v for v in values if len(v.strip()) >= 2)
+    def hold(self, values: Mapping[str, str] | Iterable[str]) -> int:
+        """Register ``values`` until :meth:`release` with the returned token.
+
+        A mapping gives each value's attribute keyword: the value is then replaced
+        by ``<Keyword>`` (a reason names the attribute); plain values by ``<redacted>``.
+        """
+        named = values if isinstance(values, Mapping) else dict.fromkeys(values, "redacted")
+        kept = {v: k for v, k in named.items() if len(v.strip()) >= 2}
         with self._lock:
             self._next += 1
             self._held[self._next] = kept
@@ -116,15 +124,18 @@ class PhiRegistry:
         """One regular expression for all held values (longest first), or None."""
         with self._lock:
             if self._pattern is None:
-                values = sorted(
-                    {v for vs in self._held.values() for v in vs}, key=len, reverse=True
-                )
+                self._names = {v.lower(): k for vs in self._held.values() for v, k in vs.items()}
+                values = sorted(self._names, key=len, reverse=True)
                 if values:
                     alternatives = "|".join(re.escape(v) for v in values)
                     self._pattern = re.compile(
                         rf"(?<![A-Za-z0-9])(?:{alternatives})(?![A-Za-z0-9])", re.IGNORECASE
                     )
             return self._pattern
+
+    def name_of(self, value: str) -> str:
+        """``<Keyword>`` of a held value (``<redacted>`` when unknown)."""
+        return f"<{self._names.get(value.lower(), 'redacted')}>"
 
 
 PHI = PhiRegistry()
@@ -138,7 +149,7 @@ def redact(text: str) -> str:
     """
     pattern = PHI.pattern()
     if pattern is not None:
-        text = pattern.sub(REDACTED, text)
+        text = pattern.sub(lambda m: PHI.name_of(m.group(0)), text)
 
     def _sub(match: re.Match[str]) -> str:
         prefix, quote, value = match.groups()
@@ -158,13 +169,14 @@ def _text(value: Any) -> list[str]:
     return [str(value).strip(" \x00")]
 
 
-def phi_values(dataset: Any) -> set[str]:
+def phi_values(dataset: Any) -> dict[str, str]:
     """The PHI strings of a pydicom dataset (raw, without validating them), in every form
-    a message may quote: the whole value, each name component and group, a date's digits.
+    a message may quote (the whole value, each name component and group, a date's
+    digits), each with the keyword of its attribute.
     """
     import pydicom.datadict
 
-    found: set[str] = set()
+    found: dict[str, str] = {}
     for keyword in PHI_KEYWORDS:
         tag = pydicom.datadict.tag_for_keyword(keyword)
         if tag is None:
@@ -178,18 +190,18 @@ def phi_values(dataset: Any) -> set[str]:
         for text in _text(element.value):
             if not text:
                 continue
-            found.add(text)
-            for part in re.split(r"[\^=\\]", text):
-                if part.strip():
-                    found.add(part.strip())
-            found.add(text.replace("^", " ").strip())
+            forms = {text, text.replace("^", " ").strip()}
+            forms |= {part.strip() for part in re.split(r"[\^=\\]", text)}
             digits = _DIGITS.sub("", text)
             if keyword == "PatientBirthDate" and len(digits) == 8:
-                found |= {digits, f"{digits[:4]}-{digits[4:6]}-{digits[6:]}"}
-    return {v for v in found if v}
+                forms |= {digits, f"{digits[:4]}-{digits[4:6]}-{digits[6:]}"}
+            for form in forms:
+                if form:
+                    found.setdefault(form, keyword)
+    return found
 
 
-def phi_values_of_file(path: Path | str) -> set[str]:
+def phi_values_of_file(path: Path | str) -> dict[str, str]:
     """:func:`phi_values` of one DICOM file's header (empty when it cannot be read)."""
     import pydicom
 
@@ -201,12 +213,12 @@ def phi_values_of_file(path: Path | str) -> set[str]:
                 path, stop_before_pixels=True, force=True, specific_tags=[t for t in tags if t]
             )
     except Exception:
-        return set()
+        return {}
     return phi_values(dataset)
 
 
 @contextlib.contextmanager
-def handling_phi(values: Iterable[str]) -> Iterator[None]:
+def handling_phi(values: Mapping[str, str] | Iterable[str]) -> Iterator[None]:
     """Scrub ``values`` from every message while the block runs (any thread)."""
     token = PHI.hold(values)
     try:

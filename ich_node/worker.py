@@ -459,7 +459,7 @@ class Worker:
         # until the job's summary line; read raw from a few headers (the first,
         # middle and last file), before any library can warn about them.
         paths = self.store.instance_paths(job.series_instance_uid)
-        values: set[str] = set()
+        values: dict[str, str] = {}
         for path in {paths[0], paths[len(paths) // 2], paths[-1]} if paths else ():
             values |= phi_values_of_file(path)
         return _Leased(

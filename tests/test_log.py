@@ -34,11 +34,13 @@ def test_registered_values_are_removed_unquoted_and_in_any_case() -> None:
     ds.PatientID = "A12345"
     ds.PatientBirthDate = "19370405"
     values = phi_values(ds)
-    assert {"Li", "Wei", "A12345", "1937-04-05"} <= values
+    assert {"Li", "Wei", "A12345", "1937-04-05"} <= set(values)
     with handling_phi(values):
-        out = redact("patient li wei, id a12345, born 1937-04-05; listener and Wei-x")
+        out = redact("patient li wei, id a12345, born '1937-04-05'; listener and Wei-x")
+    # Replaced by the attribute's keyword: a reason names the attribute, never the value.
     assert out == (
-        "patient <redacted> <redacted>, id <redacted>, born <redacted>; listener and <redacted>-x"
+        "patient <PatientName> <PatientName>, id <PatientID>, born '<PatientBirthDate>'; "
+        "listener and <PatientName>-x"
     )
     assert redact("patient li") == "patient li"  # released with its block
 
