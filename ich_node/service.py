@@ -527,7 +527,9 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float], role: str = "a
         store = open_store(config.storage)
     except Exception as exc:  # the database is unreachable or its schema is newer
         log.error("serve.store_failed", error=f"{type(exc).__name__}: {exc}"[:500])
-        return EXIT_FAILED
+        # A schema newer than this code needs an upgrade, not a restart (exit 2).
+        too_new = type(exc).__name__ == "SchemaTooNew"
+        return EXIT_CONFIG if too_new else EXIT_FAILED
     prefix = f"{node_id(config)}." if shared else ""
     beat_name = f"{prefix}{role}" if shared else "node"
     listens, works = role in ("all", "listener"), role in ("all", "worker")

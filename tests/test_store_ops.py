@@ -120,3 +120,34 @@ def test_sqlite_store_migrates_to_postgresql(tmp_path: Path, pg_url: str) -> Non
     assert paths and all(p.startswith("spool/") for p in paths)  # relative to storage.dir
     moved.close()
     assert main(["migrate-store", "--config", str(path)]) == 2  # never into a used database
+
+
+def test_a_role_without_a_shared_store_is_refused(tmp_path: Path) -> None:
+    from ich_node.service import EXIT_CONFIG, serve
+
+    config = _config(tmp_path, None)
+    for role in ("listener", "worker"):
+        assert serve(config, role=role) == EXIT_CONFIG
+    assert not (tmp_path / "node").exists()  # nothing touched
+
+
+def test_serve_refuses_a_database_newer_than_the_code(tmp_path: Path, pg_url: str) -> None:
+    import psycopg
+
+    from ich_node.queue import postgres
+    from ich_node.service import EXIT_CONFIG, serve
+
+    config = _config(tmp_path, pg_url)
+    open_store(config.storage).close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO ich_schema_migrations VALUES (%s, 0)", (postgres.SCHEMA_VERSION + 1,)
+        )
+    import signal
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert serve(config, role="listener") == EXIT_CONFIG
+    finally:
+        for sig, handler in handlers.items():  # serve installs its own
+            signal.signal(sig, handler)
