@@ -330,6 +330,7 @@ class PgStore(Store):
         self.url = config.database
         self.path = Path(config.dir)
         self._local = threading.local()
+        self._listening: list[psycopg.Connection[Any]] = []  # LISTEN connections, per thread
         kwargs = connect_kwargs(config)
         with psycopg.connect(self.url, **kwargs) as conn:
             migrate(conn, now)
@@ -356,6 +357,8 @@ class PgStore(Store):
         raise TypeError("open a PostgreSQL store with PgStore(config.storage)")
 
     def close(self) -> None:
+        for conn in self._listening:
+            conn.close()
         self._pool.close()
 
     @contextmanager
@@ -479,6 +482,7 @@ class PgStore(Store):
             conn = psycopg.connect(self.url, **connect_kwargs(self.config))
             conn.execute(f"LISTEN {JOBS_CHANNEL}")
             self._local.listen = conn
+            self._listening.append(conn)
         got = False
         for _ in conn.notifies(timeout=timeout, stop_after=1):
             got = True
