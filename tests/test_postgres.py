@@ -270,11 +270,14 @@ def test_a_node_id_in_use_by_a_live_node_is_refused(tmp_path: Path, pg_url: str)
             store.heartbeat("host-a.worker-0", 4242, time.time())
             beating.wait(0.1)
 
+    import time
+
+    store.heartbeat("host-a.worker-0", 4242, time.time())  # beating before the check
     thread = threading.Thread(target=beat)
     thread.start()
     try:
         names = ["host-a.worker", "host-a.worker-0"]
-        assert node_id_in_use(store, names, wait=0.5) == "host-a.worker-0"
+        assert node_id_in_use(store, names, wait=2.0) == "host-a.worker-0"
         assert node_id_in_use(store, ["host-b.worker", "host-b.worker-0"], wait=0.5) is None
     finally:
         beating.set()
