@@ -122,6 +122,7 @@ def save_bundle(
                 "kind": "bigru",
                 "embedding_dim": sequence.embedding_dim,
                 "hidden": sequence.hidden,
+                "inputs": sequence.inputs,
                 "key_prefix": SEQUENCE_PREFIX,
             },
         )
@@ -340,9 +341,15 @@ def load_bundle(path: Path) -> Bundle:
     model.eval()
     sequence = None
     if card.has_sequence:
-        sequence = SequenceStage(
-            int(card.sequence["embedding_dim"]), int(card.sequence["hidden"]), len(card.labels)
-        )
+        try:
+            sequence = SequenceStage(
+                int(card.sequence["embedding_dim"]),
+                int(card.sequence["hidden"]),
+                len(card.labels),
+                inputs=str(card.sequence.get("inputs", "embeddings+logits")),
+            )
+        except ValueError as exc:
+            raise BundleError(f"{path}: the card's sequence stage is invalid: {exc}") from None
         try:
             sequence.load_state_dict(seq_state, strict=True)
         except RuntimeError as exc:

@@ -247,14 +247,23 @@ def neighbour_differences(embeddings: torch.Tensor) -> torch.Tensor:
     return torch.cat([embeddings, embeddings - below, embeddings - above], dim=-1)
 
 
-class SequenceStage(nn.Module):
-    """Bidirectional GRU over a series' slice embeddings: six logits per slice.
+#: What a :class:`SequenceStage` reads per slice (card ``sequence.inputs``).
+SEQUENCE_INPUTS: Final = ("embeddings+logits", "logits")
 
-    Input per slice: the CNN's pooled embedding ``e_s`` (D floats), ``e_s - e_{s-1}``
-    and ``e_s - e_{s+1}`` (differences to the neighbours, as the 2nd place of RSNA
-    2019 used), projected to ``hidden`` and read by a one-layer bidirectional GRU
-    in spatial order. The output is a **correction added to the CNN's logits**
+
+class SequenceStage(nn.Module):
+    """Bidirectional GRU over a series' slices: six logits per slice.
+
+    Input per slice, in spatial order: the CNN's logits ``z_s`` with ``z_s - z_{s-1}``
+    and ``z_s - z_{s+1}``, and (``inputs="embeddings+logits"``, the default) the CNN's
+    pooled embedding ``e_s`` (D floats) with ``e_s - e_{s-1}`` and ``e_s - e_{s+1}``
+    (differences to the neighbours, as the 2nd place of RSNA 2019 used), layer-
+    normalised. They are projected to ``hidden`` and read by a one-layer
+    bidirectional GRU. The output is a **correction added to the CNN's logits**
     (the head starts at zero, so an untrained stage returns the CNN's answer).
+    ``inputs="logits"`` leaves the embeddings out: a few thousand parameters, for
+    small training sets (the phantom CI test), where a stage reading 3 x D
+    numbers per slice memorises its few series.
 
     Parameters
     ----------
@@ -267,6 +276,8 @@ class SequenceStage(nn.Module):
         Six.
     dropout
         Dropout on the projected input and the GRU output (training only).
+    inputs
+        One of :data:`SEQUENCE_INPUTS`.
     """
 
     def __init__(
@@ -275,12 +286,20 @@ class SequenceStage(nn.Module):
         hidden: int = 128,
         num_labels: int = len(LABELS),
         dropout: float = 0.3,
+        inputs: str = "embeddings+logits",
     ) -> None:
         super().__init__()
+        if inputs not in SEQUENCE_INPUTS:
+            raise ValueError(f"inputs must be one of {SEQUENCE_INPUTS}, got {inputs!r}")
         self.embedding_dim = embedding_dim
         self.hidden = hidden
-        self.norm = nn.LayerNorm(3 * embedding_dim)
-        self.project = nn.Linear(3 * embedding_dim, hidden)
+        self.inputs = inputs
+        self.uses_embeddings = inputs == "embeddings+logits"
+        width = 3 * num_labels
+        if self.uses_embeddings:
+            self.norm = nn.LayerNorm(3 * embedding_dim)
+            width += 3 * embedding_dim
+        self.project = nn.Linear(width, hidden)
         self.drop = nn.Dropout(dropout)
         self.gru = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
         self.head = nn.Linear(2 * hidden + num_labels, num_labels)
@@ -299,7 +318,7 @@ class SequenceStage(nn.Module):
         ----------
         embeddings
             (B, S, D) float, slices in spatial order (inferior -> superior), zero-padded
-            after each series' end.
+            after each series' end (unused with ``inputs="logits"``).
         cnn_logits
             (B, S, L) float, the CNN's logits of the same slices.
         lengths
@@ -311,22 +330,29 @@ class SequenceStage(nn.Module):
             (B, S, L) float32 logits: ``cnn_logits + correction``. Padded positions
             hold the CNN's logits unchanged.
         """
-        b, s, _ = embeddings.shape
+        b, s, _ = cnn_logits.shape
+        device = cnn_logits.device
         if lengths is None:
             lengths = torch.full((b,), s, dtype=torch.int64)
-        feats = neighbour_differences(embeddings.float())
+        idx = torch.arange(s, device=device)
+        last = (lengths.to(device) - 1).clamp(min=0)
         # the last real slice's "above" neighbour is itself, not the padding
-        idx = torch.arange(s, device=embeddings.device)
-        last = (lengths.to(embeddings.device) - 1).clamp(min=0)
-        at_end = idx[None, :] == last[:, None]
-        d = self.embedding_dim
-        feats[..., 2 * d :] = torch.where(at_end[..., None], 0.0, feats[..., 2 * d :])
-        x = self.drop(torch.relu(self.project(self.norm(feats))))
+        at_end = (idx[None, :] == last[:, None])[..., None]
+
+        def diffs(x: torch.Tensor) -> torch.Tensor:
+            f = neighbour_differences(x.float())
+            n = x.shape[-1]
+            return torch.cat([f[..., : 2 * n], torch.where(at_end, 0.0, f[..., 2 * n :])], -1)
+
+        parts = [diffs(cnn_logits)]
+        if self.uses_embeddings:
+            parts.insert(0, self.norm(diffs(embeddings)))
+        x = self.drop(torch.relu(self.project(torch.cat(parts, dim=-1))))
         packed = nn.utils.rnn.pack_padded_sequence(
             x, lengths.cpu(), batch_first=True, enforce_sorted=False
         )
         out, _ = self.gru(packed)
         seq, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=s)
         correction = self.head(torch.cat([self.drop(seq), cnn_logits.float()], dim=-1))
-        valid = idx[None, :] < lengths.to(embeddings.device)[:, None]
-        return cnn_logits.float() + torch.where(valid[..., None], correction, 0.0)
+        valid = (idx[None, :] < lengths.to(device)[:, None])[..., None]
+        return cnn_logits.float() + torch.where(valid, correction, 0.0)

@@ -116,7 +116,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "cache_dir": "index and slice cache (default: the run's)",
         "bundle": "the CNN bundle (default RUN/model.safetensors)",
         "hidden": "GRU width per direction",
+        "inputs": "what the stage reads per slice: embeddings+logits (RSNA) or logits "
+        "(small data sets)",
         "embed_passes": "augmented extractions of the training split's embeddings",
+        "folds": "out-of-fold embeddings: train this many extra CNNs, each embeds the "
+        "training patients it did not see (0: off, use --embed-passes)",
         "batch_series": "series per optimiser step",
     }
     for f in fields(SequenceSettings):

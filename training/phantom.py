@@ -762,9 +762,9 @@ def make_volume(
 # ------------------------------------------------------------- context phantoms
 
 #: HU of a context focus (a faint clot; brain parenchyma is about 25-40 HU).
-CONTEXT_FOCUS_HU: Final[float] = 78.0
+CONTEXT_FOCUS_HU: Final[float] = 85.0
 #: Radius of a context focus in the image plane, mm (range drawn per focus).
-CONTEXT_FOCUS_RADIUS_MM: Final[tuple[float, float]] = (10.0, 14.0)
+CONTEXT_FOCUS_RADIUS_MM: Final[tuple[float, float]] = (12.0, 16.0)
 #: Slices a thin bleed spans; a mimic is on one slice only.
 CONTEXT_BLEED_SLICES: Final[int] = 3
 #: Single-slice mimics per study.

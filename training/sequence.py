@@ -76,12 +76,14 @@ class SequenceSettings:
     cache_dir: str | None = None
     bundle: str | None = None  # default RUN/model.safetensors
     hidden: int = 128
+    inputs: str = "embeddings+logits"
     dropout: float = 0.3
     epochs: int = 30
-    batch_series: int = 16
+    batch_series: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-2
     embed_passes: int = 3
+    folds: int = 0
     embed_batch_size: int = 64
     workers: int = 0
     device: str = "auto"
@@ -93,6 +95,8 @@ class SequenceSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.folds == 1 or self.folds < 0:
+            raise ValueError(f"folds must be 0 (off) or >= 2, got {self.folds!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -243,7 +247,8 @@ def train_stage(
     """
     torch.manual_seed(settings.seed)
     dim = train[0].embeddings.shape[-1]
-    stage = SequenceStage(dim, settings.hidden, len(LABELS), settings.dropout).to(device)
+    stage = SequenceStage(dim, settings.hidden, len(LABELS), settings.dropout, settings.inputs)
+    stage = stage.to(device)
     opt = torch.optim.AdamW(stage.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps = settings.epochs * math.ceil(len(train) / settings.batch_series)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -332,6 +337,66 @@ def _same_split(run: Path, split: Split) -> None:
         )
 
 
+def _out_of_fold(
+    settings: SequenceSettings,
+    fit_settings: FitSettings,
+    index: DataIndex,
+    split: Split,
+    card: ModelCard,
+    cache: Path,
+    say: Callable[[str], None],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Out-of-fold embeddings of the training split: K CNNs, each embeds the fold it never saw.
+
+    The training patients are dealt to ``settings.folds`` folds (shuffled with the
+    sequence seed). For fold k a CNN is trained with the run's settings on the
+    other folds (``ich-train fit`` with the held-out fold, the validation studies
+    and the run's excluded studies excluded, no validation split) in
+    ``OUT/folds/k``, then embeds fold k. Returns indices into the training records
+    (sorted), embeddings and logits, as :func:`extract`.
+    """
+    from training.train import fit
+
+    out = Path(settings.out) / "folds"
+    train_idx = list(split.train)
+    position = {i: j for j, i in enumerate(train_idx)}
+    patients = sorted({index.records[i].patient_id for i in train_idx})
+    order = np.random.default_rng(settings.seed).permutation(len(patients))
+    fold_of = {patients[int(p)]: k % settings.folds for k, p in enumerate(order)}
+    val_studies = {index.records[i].study_uid for i in split.val}
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    device = _device(settings.device)
+    for k in range(settings.folds):
+        held = [i for i in train_idx if fold_of[index.records[i].patient_id] == k]
+        held_studies = {index.records[i].study_uid for i in held}
+        folder = out / str(k)
+        folder.mkdir(parents=True, exist_ok=True)
+        excluded = held_studies | val_studies | set(split.excluded_studies)
+        (folder / "exclude.txt").write_text("\n".join(sorted(excluded)) + "\n")
+        say(f"fold {k + 1}/{settings.folds}: training a CNN without {len(held)} slices")
+        fold_settings = fit_settings.replace(
+            out=str(folder), exclude_studies=str(folder / "exclude.txt"), val_fraction=0.0,
+            resume=None, stop_after_epochs=None, cache_dir=str(cache), progress=False,
+            device=settings.device,
+        )  # fmt: skip
+        result = fit(fold_settings, say=lambda _m: None)
+        assert result.bundle_path is not None
+        model = load_bundle(result.bundle_path).model
+        records = [index.records[i] for i in held]
+        ds = SliceDataset(records, card.windows, card.input_size,
+                          cache_dir=cache if fit_settings.preprocess_cache else None,
+                          context=card.context)  # fmt: skip
+        idx, e, g = extract(model, ds, device, settings.embed_batch_size, settings.workers)
+        parts.append((np.asarray([position[held[int(j)]] for j in idx]), e, g))
+    indices = np.concatenate([p[0] for p in parts])
+    order_ = np.argsort(indices, kind="stable")
+    return (
+        indices[order_],
+        np.concatenate([p[1] for p in parts])[order_],
+        np.concatenate([p[2] for p in parts])[order_],
+    )
+
+
 def fit_sequence(
     settings: SequenceSettings, *, say: Callable[[str], None] = print
 ) -> SequenceResult:
@@ -371,21 +436,27 @@ def fit_sequence(
     aug = fit_settings.augment
     if aug.jitters_windows:  # the cache holds one windowing; keep extraction cheap
         aug = replace(aug, window_center_hu=0.0, window_width=0.0)
-    embs, logs = [], []
-    indices = np.zeros(0, np.int64)
-    for p in range(settings.embed_passes):
-        ds = SliceDataset(train_records, card.windows, card.input_size,
-                          augment=aug if settings.embed_passes > 1 else None,
-                          seed=settings.seed + 1000 * (p + 1), **common)  # fmt: skip
-        t0 = time.monotonic()
-        idx, e, g = extract(bundle.model, ds, device, settings.embed_batch_size, settings.workers)
-        if p and not np.array_equal(idx, indices):
-            raise ValueError("extraction passes decoded different images")
-        indices = idx
-        embs.append(e)
-        logs.append(g)
-        say(f"embeddings pass {p + 1}/{settings.embed_passes}: {len(idx)} training slices "
-            f"({time.monotonic() - t0:.0f} s)")  # fmt: skip
+    if settings.folds >= 2:
+        indices, e, g = _out_of_fold(settings, fit_settings, index, split, card, cache, say)
+        embs, logs = [e], [g]
+    else:
+        embs, logs = [], []
+        indices = np.zeros(0, np.int64)
+        for p in range(settings.embed_passes):
+            ds = SliceDataset(train_records, card.windows, card.input_size,
+                              augment=aug if settings.embed_passes > 1 else None,
+                              seed=settings.seed + 1000 * (p + 1), **common)  # fmt: skip
+            t0 = time.monotonic()
+            idx, e, g = extract(
+                bundle.model, ds, device, settings.embed_batch_size, settings.workers
+            )
+            if p and not np.array_equal(idx, indices):
+                raise ValueError("extraction passes decoded different images")
+            indices = idx
+            embs.append(e)
+            logs.append(g)
+            say(f"embeddings pass {p + 1}/{settings.embed_passes}: {len(idx)} training slices "
+                f"({time.monotonic() - t0:.0f} s)")  # fmt: skip
     train = group_series(train_records, indices, embs, logs)
     val: list[SeriesEmbeddings] = []
     if val_records:
@@ -416,8 +487,13 @@ def fit_sequence(
             "training": clean(settings.to_dict()),
             "cnn_metrics": clean(card.metrics),
             "cnn_thresholds": dict(card.thresholds),
-            "overfitting_remedy": f"training-split embeddings extracted {settings.embed_passes}"
-            " times under the CNN's training augmentation; dropout; residual on CNN logits",
+            "overfitting_remedy": (
+                f"out-of-fold embeddings ({settings.folds} CNNs trained on the other folds)"
+                if settings.folds >= 2
+                else f"training-split embeddings extracted {settings.embed_passes} times "
+                "under the CNN's training augmentation"
+            )
+            + "; dropout; residual on CNN logits",
         },
     )
     path = out / BUNDLE_NAME
