@@ -293,3 +293,46 @@ def test_predict_cli_with_a_two_stage_bundle_and_tta(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "out" / ph.series_instance_uid / "findings.json").read_text())
     assert data["model"]["stages"] == ["cnn", "sequence"] and data["model"]["tta"] is True
     assert len(data["slices"]) == 6
+
+
+def test_the_node_worker_serves_a_two_stage_context_bundle_with_tta(tmp_path: Path) -> None:
+    """The worker's pipeline (reader thread decodes batches with their neighbours, model
+    thread runs CNN -> sequence) gives the findings of the series read alone."""
+    import threading
+    import time
+
+    from benchmarks.common import queue_series
+    from ich_node.config import parse_config
+    from ich_node.inference import Classifier
+    from ich_node.queue.layout import results_dir
+    from ich_node.queue.store import Store
+    from ich_node.worker import Worker
+    from training.phantom import write_series
+
+    ph = write_series(tmp_path / "s", seed=8, subtypes=("subdural",), n_slices=9, matrix=96)
+    bundle = load_bundle(_two_stage_bundle(tmp_path / "two.safetensors"))
+    classifier = Classifier(bundle, device="cpu", batch_size=4, tta=True)
+    config = parse_config({"storage": {"dir": str(tmp_path / "node")}})
+    store = Store.open(config.storage.dir)
+    job = queue_series(store, ph.paths, time.time() - 10)
+    worker = Worker(config, "w0", store, classifier, batches_ahead=1)
+    stop = threading.Event()
+    runner = threading.Thread(target=worker.run, args=(stop,), kwargs={"poll_seconds": 0.02})
+    runner.start()
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and store.job(job.job_id).state not in (  # type: ignore[union-attr]
+            "done", "retry", "parked",
+        ):  # fmt: skip
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        runner.join(120)
+    assert store.job(job.job_id).state == "done"  # type: ignore[union-attr]
+    findings = json.loads(
+        (results_dir(config.storage.dir, job.job_id) / "findings.json").read_text()
+    )
+    assert findings["model"]["stages"] == ["cnn", "sequence"] and findings["model"]["tta"] is True
+    alone = classifier.predict_series(read_series(list(ph.paths))).findings
+    for got, want in zip(findings["slices"], alone.slices, strict=True):
+        assert got["probabilities"] == pytest.approx(want.probabilities, abs=1e-5)
