@@ -6,7 +6,7 @@
 Receivers, each started fresh (empty folder) for every run:
 
 - *ich-node listener + durable spool*: the node's pynetdicom listener
-  (:func:`ich_node.listener.start_listener`) with its spool and SQLite store, in its
+  (:func:`ich_node.ingest.listener.start_listener`) with its spool and SQLite store, in its
   own process, alone: no assembler, worker or sender competes for the CPU, so the
   figure is the ingest path itself. Each instance is written to a temporary file,
   fsync'ed, renamed, its folder fsync'ed and its row committed before Success.
@@ -50,7 +50,7 @@ NODE_AE = "ICH_NODE"
 _LISTENER = """
 import signal, sys, threading
 from ich_node.config import load_config
-from ich_node.listener import start_listener
+from ich_node.ingest.listener import start_listener
 from ich_node.ingest.spool import Spool
 from ich_node.queue.store import Store
 config = load_config(sys.argv[1])

@@ -22,6 +22,8 @@ BENCHMARKS = (
     "end_to_end",
     "memory",
     "store_backends",
+    "alerts",
+    "sequence",
 )
 
 

@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path)
+    p.add_argument("--quick", action="store_true", help="resnet18, 16 slices at 128 px, once")
     args = p.parse_args(argv)
+    if args.quick:
+        args.archs, args.slices, args.size, args.repeats = ["resnet18"], 16, 128, 1
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         ph = write_series(Path(tmp) / "s", seed=1, subtypes=("subdural",), n_slices=args.slices,

@@ -35,8 +35,8 @@ import structlog
 from ich_node.bundle import BUNDLE_HELP, BundleError, check_bundle
 from ich_node.config import NodeConfig
 from ich_node.ingest.assemble import Assembler
+from ich_node.ingest.listener import start_listener
 from ich_node.ingest.spool import Spool
-from ich_node.listener import start_listener
 from ich_node.metrics import Metrics
 from ich_node.queue.backend import assembly_turn, is_shared, job_queue, open_store
 from ich_node.queue.jobs import JobQueue

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import http.server
 import json
+import logging
 import shutil
 import ssl
 import subprocess
@@ -195,6 +196,9 @@ class SMTPServer:
 
         self.messages: list[EmailMessage] = []
         self.logins: list[str] = []
+        # aiosmtpd logs every connection at INFO from its own loop thread, which can
+        # outlive the test that opened it; those lines are of no use to a test run.
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
 
         def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any):
             ok = isinstance(data, LoginPassword) and (

@@ -98,6 +98,7 @@ def test_run_all_knows_every_benchmark() -> None:
         "run_all",
         "faults",
         "multihost",
+        "hostile_peers",
     } == set(run_all.BENCHMARKS)
     with pytest.raises(SystemExit):
         run_all.main(["--only", "nonsense"])

@@ -22,8 +22,8 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from benchmarks.faults import free_port
 from ich_node.config import parse_config
+from ich_node.ingest.listener import start_listener
 from ich_node.ingest.spool import Spool
-from ich_node.listener import start_listener
 from ich_node.queue.store import Store
 
 EXAMPLES = int(os.environ.get("ICH_FUZZ_EXAMPLES", "40"))

@@ -3,7 +3,7 @@
 Each attack is bounded in count and time; no test asserts a wall-clock figure
 beyond generous deadlines (the negotiation deadline plus a few seconds). These
 tests also fail if a pynetdicom upgrade changes the extension points that
-``ich_node.listener_guard`` uses (the DUL's ``recv(6)`` then ``recv(length)``,
+``ich_node.ingest.guard`` uses (the DUL's ``recv(6)`` then ``recv(length)``,
 ``make_server(server_class=...)``, ``request_handler``, EVT_REQUESTED rejects).
 """
 
@@ -31,15 +31,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from ich_node.config import NodeConfig, parse_config
-from ich_node.ingest.spool import Spool
-from ich_node.listener import start_listener
-from ich_node.listener_guard import (
+from ich_node.ingest.guard import (
     LOG_INTERVAL_S,
     Connection,
     Guard,
     GuardedServer,
     GuardLimits,
 )
+from ich_node.ingest.listener import start_listener
+from ich_node.ingest.spool import Spool
 from ich_node.metrics import Metrics
 from ich_node.queue.store import Store
 from tests import test_security
@@ -291,7 +291,7 @@ def test_garbage_connections_that_closed_free_their_slots_at_once(
 _SERVE = """
 import json, sys, time
 from ich_node.config import parse_config
-from ich_node.listener import start_listener
+from ich_node.ingest.listener import start_listener
 from ich_node.log import configure_logging
 from ich_node.ingest.spool import Spool
 from ich_node.queue.store import Store

@@ -17,8 +17,8 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ich_node.config import parse_config
+from ich_node.ingest.listener import start_listener
 from ich_node.ingest.spool import Spool
-from ich_node.listener import start_listener
 from ich_node.queue.store import Store
 from tests.conftest import dcmtk
 
@@ -158,7 +158,7 @@ def test_low_disk_space_gets_0xA700_and_leaves_no_file(
 
 def test_listener_modules_do_not_import_torch() -> None:
     code = (
-        "import sys; import ich_node.service, ich_node.listener, ich_node.ops, "
+        "import sys; import ich_node.service, ich_node.ingest.listener, ich_node.ops, "
         "ich_node.sender, ich_node.ingest.assemble, ich_node.worker; "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )

@@ -10,8 +10,8 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from benchmarks.faults import free_port as another_port
 from ich_node.config import parse_config
+from ich_node.ingest.listener import start_listener
 from ich_node.ingest.spool import Spool
-from ich_node.listener import start_listener
 from ich_node.metrics import Metrics
 from ich_node.queue.store import Store
 

@@ -215,8 +215,8 @@ def test_database_going_away_refuses_images_and_recovers(
     from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
     from benchmarks.common import free_port
+    from ich_node.ingest.listener import start_listener
     from ich_node.ingest.spool import Spool
-    from ich_node.listener import start_listener
 
     port = free_port()
     config = parse_config(

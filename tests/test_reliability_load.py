@@ -32,7 +32,7 @@ from ich_node.queue.store import Store
 _LISTENER = """
 import sys, signal, threading
 from ich_node.config import load_config
-from ich_node.listener import start_listener
+from ich_node.ingest.listener import start_listener
 from ich_node.ingest.spool import Spool
 from ich_node.queue.store import Store
 config = load_config(sys.argv[1])

@@ -311,7 +311,7 @@ def test_results_import_no_torch_model_or_network() -> None:
         "import ich_node.results.pm, ich_node.results.findings, ich_node.results.common\n"
         "bad = ['torch', 'torchvision', 'pytorch_grad_cam', 'ich_node.model', 'ich_node.bundle',\n"
         "       'ich_node.inference', 'ich_node.explain', 'pynetdicom', 'ich_node.sender',\n"
-        "       'ich_node.listener', 'ich_node.net']\n"
+        "       'ich_node.ingest.listener', 'ich_node.net']\n"
         "print(sorted(m for m in bad if m in sys.modules))\n"
     )
     run = subprocess.run(
@@ -353,7 +353,7 @@ def test_a_results_error_parks_the_job_on_its_first_attempt(
 
     from benchmarks.common import queue_series
     from ich_node.config import parse_config
-    from ich_node.store import Store
+    from ich_node.queue.store import Store
     from ich_node.worker import Worker
 
     config = parse_config(

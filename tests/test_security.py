@@ -17,8 +17,8 @@ import pytest
 
 from benchmarks.faults import NodeProcess, RecordingSCP, free_port, node_config, wait_for
 from ich_node.config import Destination, SenderSection, parse_config
+from ich_node.ingest.listener import start_listener
 from ich_node.ingest.spool import Spool
-from ich_node.listener import start_listener
 from ich_node.queue.store import DB_NAME, Store
 from ich_node.retention import Cleaner
 from ich_node.sender import Sender

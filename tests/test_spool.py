@@ -18,8 +18,8 @@ from pydicom.uid import generate_uid
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ich_node.config import parse_config
+from ich_node.ingest.listener import start_listener
 from ich_node.ingest.spool import Spool, content_digest
-from ich_node.listener import start_listener
 from ich_node.metrics import Metrics
 from ich_node.queue.store import Store
 from tests.conftest import dcmtk

@@ -44,8 +44,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from ich_node.config import Caller, NodeConfig
-from ich_node.ingest.spool import Spool, SpoolError, instance_record
-from ich_node.listener_guard import (
+from ich_node.ingest.guard import (
     Guard,
     GuardedRequestHandler,
     GuardedServer,
@@ -55,6 +54,7 @@ from ich_node.listener_guard import (
     on_requested,
     quiet_pynetdicom_tracebacks,
 )
+from ich_node.ingest.spool import Spool, SpoolError, instance_record
 from ich_node.metrics import Metrics
 from ich_node.net import set_nodelay
 from ich_node.tls import server_context
@@ -216,7 +216,7 @@ def _store(
 def build_ae(config: NodeConfig) -> AE:
     """The node's application entity, with its contexts, limits and allow-list.
 
-    ``node.max_associations`` is enforced by the guard (``listener_guard``),
+    ``node.max_associations`` is enforced by the guard (``ich_node.ingest.guard``),
     which counts established associations only; pynetdicom's own limit counts
     every association thread, including connections still negotiating, so it is
     set above what the guard can let through.
@@ -248,7 +248,7 @@ def start_listener(
     """Start the SCP on ``node.host:node.port`` in the background; returns the server.
 
     With ``node.tls`` the port speaks DICOM TLS only (PS3.15 B.1). Hostile or
-    broken peers are bounded by the guard (``ich_node.listener_guard``): pending
+    broken peers are bounded by the guard (``ich_node.ingest.guard``): pending
     connections, the negotiation deadline, PDU and dataset lengths. Stop it with
     ``server.shutdown()``.
 
