@@ -17,6 +17,7 @@ import hashlib
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ich_node.config import QueueSection
 from ich_node.queue.interface import (
@@ -102,14 +103,7 @@ class JobQueue:
                 if row is None:
                     return None
                 job = JobRecord(**dict(row))
-                if job.attempts >= self.config.max_attempts:
-                    # Only an expired lease gets here: the worker died on every attempt.
-                    reason = job.reason or "lease expired on every attempt (worker died?)"
-                    db.execute(
-                        """UPDATE jobs SET state = 'parked', reason = ?, lease_until = NULL,
-                            updated_at = ? WHERE job_id = ?""",
-                        (f"after {job.attempts} attempts: {reason}", now, job.job_id),
-                    )
+                if self._park_if_exhausted(db, job, now):
                     continue
                 db.execute(
                     """UPDATE jobs SET state = 'leased', attempts = attempts + 1, stage = 'read',
@@ -118,6 +112,24 @@ class JobQueue:
                 )
                 leased = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job.job_id,))
                 return JobRecord(**dict(leased.fetchone()))
+
+    def _park_if_exhausted(self, db: Any, job: JobRecord, now: float) -> bool:
+        """Park a job found runnable that has used all its attempts; whether it did.
+
+        Only an expired lease gets here: the worker died on every attempt. Both
+        backends' :meth:`lease` call this (``db``: a ``sqlite3.Connection`` or the
+        PostgreSQL store's cursor wrapper, both with ``?`` placeholders), so the
+        policy and the reason are one.
+        """
+        if job.attempts < self.config.max_attempts:
+            return False
+        reason = job.reason or "lease expired on every attempt (worker died?)"
+        db.execute(
+            """UPDATE jobs SET state = 'parked', reason = ?, lease_until = NULL,
+                updated_at = ? WHERE job_id = ?""",
+            (f"after {job.attempts} attempts: {reason}", now, job.job_id),
+        )
+        return True
 
     def _check_lease(self, db: sqlite3.Connection, job: JobRecord) -> None:
         row = db.execute(

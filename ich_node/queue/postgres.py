@@ -364,28 +364,26 @@ class PgStore(Store):
     @contextmanager
     def transaction(self) -> Iterator[_Db]:  # type: ignore[override]
         """A write transaction holding :data:`WRITE_LOCK`; nested calls join the outer one."""
-        current: _Db | None = getattr(self._local, "db", None)
-        if current is not None:
-            yield current
-            return
-        with self._pool.connection() as conn, conn.transaction():
-            db = _Db(conn)
-            db.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
-            self._local.db = db
-            try:
-                yield db
-            finally:
-                self._local.db = None
+        with self._transaction(write_lock=True) as db:
+            yield db
 
     @contextmanager
     def row_transaction(self) -> Iterator[_Db]:
         """A transaction without the global write lock (leases: row locks only)."""
+        with self._transaction(write_lock=False) as db:
+            yield db
+
+    @contextmanager
+    def _transaction(self, *, write_lock: bool) -> Iterator[_Db]:
+        """The thread's transaction: nested calls join the outer one (and its lock)."""
         current: _Db | None = getattr(self._local, "db", None)
         if current is not None:
             yield current
             return
         with self._pool.connection() as conn, conn.transaction():
             db = _Db(conn)
+            if write_lock:
+                db.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
             self._local.db = db
             try:
                 yield db
@@ -531,13 +529,7 @@ class PgJobQueue(JobQueue):
                 if row is None:
                     return None
                 job = JobRecord(**dict(row))
-                if job.attempts >= self.config.max_attempts:
-                    reason = job.reason or "lease expired on every attempt (worker died?)"
-                    db.execute(
-                        """UPDATE jobs SET state = 'parked', reason = ?, lease_until = NULL,
-                            updated_at = ? WHERE job_id = ?""",
-                        (f"after {job.attempts} attempts: {reason}", now, job.job_id),
-                    )
+                if self._park_if_exhausted(db, job, now):
                     continue
                 leased = db.execute(
                     """UPDATE jobs SET state = 'leased', attempts = attempts + 1, stage = 'read',
