@@ -260,8 +260,21 @@ def run_multihost(
         if acked - recorded:
             report["violations"].append(f"{len(acked - recorded)} acknowledged not recorded")
         report["hosts_seen"] = sorted(store.heartbeats())
-        from ich_node.ops import health
+        from ich_node.ops import HEARTBEAT_STALE_SECONDS, health
 
+        # health counts a worker alive while its last heartbeat is recent: wait until
+        # the killed host's last one has aged past that, however fast the run went.
+        def w1_stale() -> bool:
+            beats = store.heartbeats()  # type: ignore[union-attr]
+            now = time.time()
+            return all(
+                now - at > HEARTBEAT_STALE_SECONDS
+                for name, (_, at) in beats.items()
+                if name.startswith("w1.worker")
+            )
+
+        with contextlib.suppress(TimeoutError):
+            wait_for("w1's heartbeat stale", w1_stale, HEARTBEAT_STALE_SECONDS + 15, every=0.5)
         report["health"] = {
             name: health(load_config(hosts[name].config_path), role=hosts[name].role)
             for name in ("l1", "w2", "w1")
