@@ -38,6 +38,7 @@ from ich_node.ingest.assemble import Assembler
 from ich_node.ingest.listener import start_listener
 from ich_node.ingest.spool import Spool
 from ich_node.metrics import Metrics
+from ich_node.ops import HEARTBEAT_STALE_SECONDS
 from ich_node.queue.backend import assembly_turn, is_shared, job_queue, open_store
 from ich_node.queue.jobs import JobQueue
 from ich_node.queue.store import Store
@@ -66,8 +67,6 @@ EXIT_CONFIG: Final = 2
 WORKER_EXIT_BAD_BUNDLE: Final = 2
 #: The lock file in ``storage.dir`` (holds the pid of the node that has it).
 LOCK_NAME: Final = "node.lock"
-#: A heartbeat younger than this may belong to a live process (same as ``ops``).
-HEARTBEAT_STALE_SECONDS: Final = 15.0
 #: How long ``serve`` watches a recent heartbeat under its own node id before it
 #: decides that the id is another live node's (the serving loop beats every 0.2 s,
 #: workers every second).
