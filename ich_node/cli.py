@@ -324,7 +324,7 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
         store = PgStore(config.storage)
         try:
             copied = copy_from_sqlite(StorageLayout(config.storage.dir).db, store)
-            store.write_store_id()
+            store.place_store_id()
         finally:
             store.close()
     except (NotEmpty, FileNotFoundError) as exc:

@@ -18,7 +18,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from ich_node.config import NodeConfig, ServerTLS
 from ich_node.log import redact
-from ich_node.queue.backend import existing_store, is_shared, job_queue
+from ich_node.queue.backend import existing_store, is_shared, job_queue, storage_ready
+from ich_node.queue.layout import STORE_ID_NAME
 from ich_node.queue.store import JobRecord, Store
 
 #: A worker whose last heartbeat is older than this is not alive.
@@ -235,7 +236,8 @@ def _self_check_context(tls: ServerTLS) -> ssl.SSLContext:
 
 def health(config: NodeConfig, role: str = "all") -> int:
     """0 when the listener answers C-ECHO, ``node.workers`` workers beat recently and
-    the node has not given up restarting any of them (``node.worker_max_crashes``).
+    the node has not given up restarting any of them (``node.worker_max_crashes``);
+    with PostgreSQL, also only while this host sees the shared ``storage.dir``.
 
     ``role`` (a multi-host node's ``serve --role``): ``listener`` checks the
     listener only, ``worker`` this node id's workers only, ``all`` both.
@@ -247,9 +249,12 @@ def health(config: NodeConfig, role: str = "all") -> int:
     ok_echo = echo(config) if role != "worker" else True
     store = _open(config)
     alive = 0
+    mounted = True
     if store is not None:
         try:
             now = time.time()
+            # A shared storage.dir: this host sees it only while it is mounted.
+            mounted = storage_ready(store)
             beats = store.heartbeats()
             alive = sum(
                 1
@@ -268,6 +273,8 @@ def health(config: NodeConfig, role: str = "all") -> int:
         parts.append(f"listener: {'ok' if ok_echo else 'no C-ECHO answer'}")
     if role != "listener":
         parts.append(f"workers alive: {alive}/{config.node.workers}")
+    if not mounted:
+        parts.append(f"storage: {config.storage.dir} not mounted ({STORE_ID_NAME} missing)")
     print("; ".join(parts))
     from ich_node.service import workers_state
 
@@ -279,7 +286,7 @@ def health(config: NodeConfig, role: str = "all") -> int:
     }
     for name, why in sorted(gave_up.items()):
         print(f"{name}: not restarted: {why}")
-    return 0 if ok_echo and ok_workers and not gave_up else 1
+    return 0 if ok_echo and ok_workers and mounted and not gave_up else 1
 
 
 def resend(config: NodeConfig, job_id: str) -> int:

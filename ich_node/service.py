@@ -549,7 +549,14 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float], role: str = "a
             )
             store.close()
             return EXIT_CONFIG
-        store.write_store_id()  # workers lease only where this file is seen
+        # Written by the first node on a new database, then only checked: listeners
+        # store, workers lease and senders send only where this file is seen.
+        if not store.place_store_id():
+            log.error(
+                "serve.storage_not_mounted",
+                storage_dir=str(config.storage.dir),
+                action="images refused (0xA700) and no jobs taken until it is mounted",
+            )
     metrics = Metrics(store)
     queue = job_queue(store, config.queue)
     spool = Spool(config.storage.dir, store, config.storage.min_free_mb)

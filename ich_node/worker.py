@@ -36,7 +36,7 @@ from ich_node.durable import fsync_dir
 from ich_node.imaging import SeriesRefused, read_series
 from ich_node.imaging.records import one_line
 from ich_node.log import PHI, job_context, phi_values_of_file, redact, warning_counts
-from ich_node.queue.backend import job_queue, open_store, wait_for_jobs
+from ich_node.queue.backend import job_queue, open_store, storage_ready, wait_for_jobs
 from ich_node.queue.jobs import LeaseLost
 from ich_node.queue.layout import StorageLayout
 from ich_node.queue.store import JobRecord, JobStage, SrReference, Store
@@ -551,8 +551,7 @@ class Worker:
         there and names this database: a host whose shared mount is missing leaves
         the jobs to the others instead of failing them.
         """
-        mounted = getattr(self.store, "storage_mounted", None)
-        if mounted is None or mounted():
+        if storage_ready(self.store):
             self._unmounted_logged = False
             return True
         if not getattr(self, "_unmounted_logged", False):

@@ -140,6 +140,8 @@ def open_store(backend: str, request: pytest.FixtureRequest) -> Iterator[object]
 
     def open_(storage_dir: Path) -> object:
         store = open_backend(StorageSection(dir=storage_dir, database=url))
+        if url is not None:
+            store.place_store_id()  # as serve does at start: the spool is this database's
         opened.append(store)
         return store
 

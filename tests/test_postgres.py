@@ -156,7 +156,7 @@ def test_stale_holder_cannot_complete_a_job_taken_over(tmp_path: Path, pg_url: s
 def test_store_id_marks_the_shared_storage(tmp_path: Path, pg_url: str) -> None:
     store = _store(tmp_path, pg_url)
     assert not store.storage_mounted()
-    store.write_store_id()
+    assert store.place_store_id()
     assert store.storage_mounted()
     other = _store(tmp_path / "elsewhere", pg_url)
     assert not other.storage_mounted()  # a host whose mount is missing
@@ -227,6 +227,7 @@ def test_database_going_away_refuses_images_and_recovers(
         }
     )
     store = open_store(config.storage)
+    assert store.place_store_id()  # type: ignore[attr-defined]
     server = start_listener(config, Spool(config.storage.dir, store, 0))
     import pydicom
 

@@ -40,6 +40,8 @@ def _record(series: str, i: int) -> InstanceRecord:
 
 
 def _spool_and_queue(store: Store, config: NodeConfig, series: str, now: float) -> str:
+    if config.storage.database is not None:
+        assert store.place_store_id()  # type: ignore[attr-defined]  # as serve does at start
     spool = Spool(config.storage.dir, store, 0)
     for i in range(3):
         spool.save(f"instance {i}".encode(), _record(series, i), now)

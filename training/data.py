@@ -30,6 +30,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ich_node.imaging import (
     ImagingError,
+    StorageUnavailable,
     Window,
     add_slice_context,
     load_hu,
@@ -581,7 +582,7 @@ class SliceDataset(Dataset):
             windows = jitter_windows(self.windows, self.augment, rng)
         try:
             array = self.load_with_context(i, windows)
-        except ImagingError as exc:
+        except (ImagingError, StorageUnavailable) as exc:  # left out of the batch, logged
             log.warning("data.undecodable_image", image=record.image_id, reason=str(exc))
             return None
         image = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))

@@ -28,6 +28,7 @@ from ich_node.imaging.files import (
     UNREADABLE,
     ImagingError,
     SeriesRefused,
+    StorageUnavailable,
     group_series,
     iter_dicom_files,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "Note",
     "Refusal",
     "SeriesRefused",
+    "StorageUnavailable",
     "Window",
     "add_slice_context",
     "apply_windows",

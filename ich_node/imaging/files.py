@@ -60,6 +60,40 @@ class SeriesRefused(ImagingError):
     """
 
 
+class StorageUnavailable(OSError):
+    """A file could not be opened or read: the storage failed, not the image.
+
+    The operating system's error (no such file, I/O error, stale NFS handle,
+    permission denied) on a file the store recorded. It is never taken for a
+    damaged image, left out of a series or refused: a series read without it
+    would be read silently short. The worker records the job for a retry.
+
+    Parameters
+    ----------
+    message : str
+        What failed, naming the file.
+    path : pathlib.Path or None
+        The file.
+    """
+
+    def __init__(self, message: str, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def storage_error(exc: BaseException, path: Path | None) -> StorageUnavailable | None:
+    """``exc`` as :class:`StorageUnavailable` when the operating system raised it, else None.
+
+    Errors that come with an ``errno`` are the system's (the file, its disk or its
+    mount); decoders' errors on damaged content have none.
+    """
+    if isinstance(exc, StorageUnavailable):
+        return exc
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return StorageUnavailable(f"{path}: cannot be read ({exc.strerror or exc})", path)
+    return None
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -148,6 +182,8 @@ def read_dataset(path: Path | str, *, pixels: bool = True, defer: bool = False) 
     ------
     ImagingError
         Not DICOM, or damaged beyond reading; names the file.
+    StorageUnavailable
+        The operating system could not open or read it (missing, I/O error).
     """
     path = Path(path)
     kwargs: dict[str, Any] = {"stop_before_pixels": not pixels}
@@ -158,7 +194,9 @@ def read_dataset(path: Path | str, *, pixels: bool = True, defer: bool = False) 
     except InvalidDicomError:
         ds = None  # no preamble: maybe a raw dataset, try once more below
     except Exception as exc:  # pydicom raises many types on damaged files
-        raise ImagingError(f"{path}: not a readable DICOM file ({exc})", path) from exc
+        raise storage_error(exc, path) or ImagingError(
+            f"{path}: not a readable DICOM file ({exc})", path
+        ) from exc
     if ds is None:
         try:
             ds = pydicom.dcmread(path, force=True, **kwargs)
@@ -166,7 +204,9 @@ def read_dataset(path: Path | str, *, pixels: bool = True, defer: bool = False) 
             if not _uid(ds, "SOPInstanceUID") or not _uid(ds, "SeriesInstanceUID"):
                 raise ValueError("no SOP/Series Instance UID")
         except Exception as exc:
-            raise ImagingError(f"{path}: not a DICOM file ({exc})", path) from exc
+            raise storage_error(exc, path) or ImagingError(
+                f"{path}: not a DICOM file ({exc})", path
+            ) from exc
     detected_transfer_syntax(ds)
     return ds
 
@@ -222,7 +262,7 @@ def group_series(inputs: Iterable[Path]) -> dict[str, list[Path]]:
         try:
             ds = _read_header(path)
             uid = _uid(ds, "SeriesInstanceUID")
-        except ImagingError as exc:
+        except (ImagingError, StorageUnavailable) as exc:
             log.warning("imaging.unreadable", path=str(path), reason=str(exc))
             bad.append(path)
             continue

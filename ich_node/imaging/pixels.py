@@ -37,7 +37,13 @@ import pydicom.pixels
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from ich_node.imaging.files import ImagingError, SeriesRefused, _optional_int, read_dataset
+from ich_node.imaging.files import (
+    ImagingError,
+    SeriesRefused,
+    _optional_int,
+    read_dataset,
+    storage_error,
+)
 from ich_node.imaging.orientation import Reorientation
 
 if TYPE_CHECKING:
@@ -326,7 +332,9 @@ def load_hu(
                 src: Any = path if path is not None else ds
                 stored = pydicom.pixels.pixel_array(src, index=frame - 1)
     except Exception as exc:  # decoders raise ValueError, RuntimeError, ...; all mean corrupt
-        raise ImagingError(f"{name}: cannot decode the pixel data ({exc})", path) from exc
+        raise storage_error(exc, path) or ImagingError(
+            f"{name}: cannot decode the pixel data ({exc})", path
+        ) from exc
     if stored.ndim != 2:
         raise ImagingError(f"{name}: pixel data has shape {stored.shape}, expected (H, W)", path)
 

@@ -795,6 +795,9 @@ def read_series(
     ImagingError
         When no placeable axial CT image remains (the message lists why images
         were left out), or two series have as many images each.
+    StorageUnavailable
+        When a file cannot be opened or read (missing, I/O error): the whole
+        series waits for its storage, none of it is left out.
     """
     record = _Record()
     candidates = _candidates(paths, record)

@@ -24,16 +24,25 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Final
 
 import structlog
 
 from ich_node.config import SeriesSection
-from ich_node.imaging import ImagingError, read_series
+from ich_node.imaging import ImagingError, StorageUnavailable, read_series
+from ich_node.imaging.records import one_line
 from ich_node.log import redact
 from ich_node.metrics import Metrics
+from ich_node.queue.backend import storage_ready
 from ich_node.queue.interface import InstanceStore, SeriesQueue, SeriesRecord
 
 log = structlog.get_logger(__name__)
+
+#: Seconds between tries of a series one of whose spooled files cannot be read
+#: (:class:`ich_node.imaging.StorageUnavailable`), and how long it is tried before
+#: it is skipped with that reason.
+STORAGE_RETRY_SECONDS: Final = 5.0
+STORAGE_GIVE_UP_SECONDS: Final = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +54,7 @@ class Decision:
     job_id: str | None
     version: int
     reason: str  # why it was skipped; empty when queued
+    deferred: bool = False  # neither: a spooled file could not be read, tried again later
 
 
 def _search(patterns: tuple[str, ...], value: str) -> bool:
@@ -117,6 +127,9 @@ class Assembler:
         self.queue = queue
         self.config = config
         self.metrics = metrics
+        # Series waiting for their storage: uid -> (first failure, next try), seconds.
+        self._storage_waits: dict[str, tuple[float, float]] = {}
+        self._unmounted_logged = False
 
     def is_complete(self, record: SeriesRecord, now: float) -> bool:
         """Whether ``record`` is complete at ``now`` (see the module's rules)."""
@@ -167,6 +180,23 @@ class Assembler:
                     max_tilt_deg=self.config.max_tilt_degrees,
                     preferred_kernels=self.config.preferred_kernels,  # the stack the worker reads
                 )
+            except StorageUnavailable as exc:
+                # The storage's fault, not the series': never decided on part of it.
+                first, _ = self._storage_waits.get(uid, (now, now))
+                if now - first < STORAGE_GIVE_UP_SECONDS:
+                    self._storage_waits[uid] = (first, now + STORAGE_RETRY_SECONDS)
+                    log.error(
+                        "series.storage_unavailable",
+                        series_instance_uid=uid,
+                        error=redact(one_line(str(exc), 300)),
+                        action=f"tried again in {STORAGE_RETRY_SECONDS:g} s",
+                    )
+                    return Decision(
+                        uid, False, None, record.version, "waiting for the storage", deferred=True
+                    )
+                reason = redact(
+                    f"a spooled file could not be read for {STORAGE_GIVE_UP_SECONDS:g} s: {exc}"
+                )[:500]
             except ImagingError as exc:  # reasons name attributes, never values (redact)
                 reason = redact(f"not readable as an axial CT series: {exc}")
             except Exception as exc:  # a reader bug must not leave the series undecided
@@ -179,6 +209,7 @@ class Assembler:
                         f"{len(series.slices)} usable axial slices, "
                         f"series.min_slices is {self.config.min_slices}"
                     )
+        self._storage_waits.pop(uid, None)
         if reason is not None:
             self.store.skip_series(uid, n, reason, seen_last_at=record.last_at)
             log.info("series.skipped", series_instance_uid=uid, instances=n, reason=reason)
@@ -196,14 +227,23 @@ class Assembler:
 
     def run_once(self, now: float) -> list[Decision]:
         """One pass: decide every series that is complete at ``now``."""
-        decisions = []
+        decisions: list[Decision] = []
+        if not storage_ready(self.store):  # a shared storage.dir that is not mounted here
+            if not self._unmounted_logged:
+                log.error("series.storage_not_mounted", action="no series decided until it is")
+                self._unmounted_logged = True
+            return decisions
+        self._unmounted_logged = False
         for record in self.store.receiving_series():
             if not self.is_complete(record, now):
+                continue
+            waiting = self._storage_waits.get(record.series_instance_uid)
+            if waiting is not None and now < waiting[1]:
                 continue
             try:
                 decision = self.decide(record, now)
                 decisions.append(decision)
-                if self.metrics is not None:
+                if self.metrics is not None and not decision.deferred:
                     label = "queued" if decision.queued else "skipped"
                     self.metrics.series.labels(label).inc()
             except Exception as exc:  # log and go on; the series stays receiving

@@ -27,8 +27,9 @@ import structlog
 from pydicom.dataset import Dataset
 
 from ich_node.durable import fsync_dir
+from ich_node.queue.backend import storage_ready
 from ich_node.queue.interface import Added, InstanceRecord, InstanceStore
-from ich_node.queue.layout import StorageLayout, is_temp
+from ich_node.queue.layout import STORE_ID_NAME, StorageLayout, is_temp
 
 log = structlog.get_logger(__name__)
 
@@ -228,8 +229,14 @@ class Spool:
         final = self.path_for(record, digest)
         series, sop = record.series_instance_uid, record.sop_instance_uid
         try:
+            # A shared storage.dir (PostgreSQL) that is not mounted here: its empty
+            # mount point would take the file, and the mount hide it when it is back.
+            if not storage_ready(self.store):
+                raise SpoolError(f"{STORE_ID_NAME} missing: the shared storage.dir is not mounted")
             if self.store.instance_digest(series, sop) == digest:
                 return Spooled(final, new=False, added=Added.DUPLICATE)
+        except SpoolError:
+            raise
         except Exception as exc:  # sqlite3.Error: cannot tell, so cannot answer Success
             raise SpoolError(f"{type(exc).__name__}: {exc}") from exc
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{id(data):x}.tmp")

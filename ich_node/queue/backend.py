@@ -19,7 +19,7 @@ from ich_node.queue.layout import StorageLayout
 from ich_node.queue.store import Store
 
 
-def _is_pg(store: Store) -> bool:
+def _is_pg(store: object) -> bool:
     # A PgStore exists only once its module is imported: SQLite nodes never import psycopg.
     module = sys.modules.get("ich_node.queue.postgres")
     return module is not None and isinstance(store, module.PgStore)
@@ -87,3 +87,19 @@ def wait_for_jobs(store: Store, timeout: float) -> None:
         store.wait_for_jobs(timeout)
     else:
         time.sleep(timeout)
+
+
+def storage_ready(store: object) -> bool:
+    """Whether this host sees the node's ``storage.dir`` (always, on SQLite).
+
+    On PostgreSQL ``storage.dir`` is a shared mount: it is ready when its
+    ``.ich-node-store-id`` names this database
+    (:meth:`ich_node.queue.postgres.PgStore.storage_mounted`). Listeners refuse
+    images, workers do not lease and senders do not send while it is not.
+    """
+    if _is_pg(store):
+        from ich_node.queue.postgres import PgStore
+
+        assert isinstance(store, PgStore)
+        return store.storage_mounted()
+    return True

@@ -26,6 +26,8 @@ from typing import Final
 
 #: The store's database file inside ``storage.dir``.
 DB_NAME: Final = "node.sqlite3"
+#: The file in a shared ``storage.dir`` that names the PostgreSQL database it belongs to.
+STORE_ID_NAME: Final = ".ich-node-store-id"
 
 _UID: Final = re.compile(r"^[0-9][0-9.]{0,63}$")
 
@@ -55,6 +57,10 @@ class StorageLayout:
     @property
     def db(self) -> Path:
         return self.root / DB_NAME
+
+    @property
+    def store_id(self) -> Path:
+        return self.root / STORE_ID_NAME
 
     @property
     def spool(self) -> Path:

@@ -42,8 +42,10 @@ import psycopg.rows
 from psycopg_pool import ConnectionPool
 
 from ich_node.config import QueueSection, StorageSection
+from ich_node.durable import fsync_dir
 from ich_node.queue.interface import AddResult, InstanceRecord, JobRecord
 from ich_node.queue.jobs import JobQueue, Released
+from ich_node.queue.layout import STORE_ID_NAME
 from ich_node.queue.store import Store
 
 #: Advisory lock keys (one 64-bit namespace per purpose; "ICH" in the high bytes).
@@ -57,8 +59,6 @@ DELIVERY_LEASE_SECONDS: Final = 300.0
 POOL_TIMEOUT_SECONDS: Final = 5.0
 #: The channel idle workers listen on.
 JOBS_CHANNEL: Final = "ich_node_jobs"
-#: The file in ``storage.dir`` that names the database the spool belongs to.
-STORE_ID_NAME: Final = ".ich-node-store-id"
 
 #: Versioned schema migrations: index + 1 is the version. Append only; never edit one
 #: that has shipped.
@@ -486,14 +486,39 @@ class PgStore(Store):
             got = True
         return got
 
-    def write_store_id(self) -> None:
-        """Name this database in ``storage.dir`` (the check that the shared mount is there)."""
+    def place_store_id(self) -> bool:
+        """Name this database in ``storage.dir`` once; afterwards only check that it is there.
+
+        The first node to start on a new database writes ``.ich-node-store-id``
+        (write, rename) and records in the database that it did. Every later start,
+        on any host, only reads it: a host whose shared mount is missing sees the
+        empty mount point instead, and writing the file there would make the local
+        disk look like the shared storage (and the files the listener wrote there
+        vanish under the mount when it comes back).
+
+        Returns
+        -------
+        bool
+            Whether ``storage.dir`` is this database's storage now
+            (:meth:`storage_mounted`).
+        """
         marker = Path(self.config.dir) / STORE_ID_NAME
-        if not marker.is_file():
+        if not self.storage_mounted():
+            placed = self._query("SELECT value FROM meta WHERE key = 'store_id_placed'")
+            if placed or marker.exists():  # not mounted, or another database's storage
+                return False
             marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = marker.with_name(f".{marker.name}.{uuid.uuid4().hex}.tmp")
             tmp.write_text(self.store_id + "\n", encoding="utf-8")
             tmp.replace(marker)
+            fsync_dir(marker.parent)
+        # Also for a storage placed before this was recorded (older versions).
+        with self._transaction(write_lock=True) as db:
+            db.execute(
+                "INSERT INTO meta VALUES ('store_id_placed', ?) ON CONFLICT (key) DO NOTHING",
+                (str(marker),),
+            )
+        return True
 
     def storage_mounted(self) -> bool:
         """Whether ``storage.dir`` here is the spool of this database (its id file matches)."""
