@@ -148,6 +148,7 @@ def main(args: argparse.Namespace) -> int:
                     "read s": stages.get("read_s"),
                     "infer s": stages.get("infer_s"),
                     "record s": stages.get("alert_s"),
+                    "positive labels": stages.get("positive_labels"),
                     "to SR s": sr_at - acked,
                     "alert ahead of SR s": sr_at - alerted,
                 })  # fmt: skip
@@ -162,7 +163,8 @@ def main(args: argparse.Namespace) -> int:
         f"stable_seconds {args.stable_seconds}, load {load_average()}"
     )
     print(table(rows, ["study", "to alert s", "node's own s", "quiet s", "read s", "infer s",
-                       "record s", "to SR s", "alert ahead of SR s"]))  # fmt: skip
+                       "record s", "positive labels", "to SR s",
+                       "alert ahead of SR s"]))  # fmt: skip
     verdict = "met" if median <= target else "NOT met"
     print(f"median time to notification {median:.2f} s; target <= {target:.1f} s: {verdict}")
     write_json(
