@@ -29,7 +29,7 @@ from ich_node.config import Destination, NotificationTarget, SenderSection
 from ich_node.delivery.alerts import ALERT_PREFIX, AlertFailed
 from ich_node.metrics import Metrics
 from ich_node.net import set_nodelay
-from ich_node.queue.backend import storage_ready
+from ich_node.queue.backend import StorageWatch
 from ich_node.queue.interface import DeliveryRecord, DeliveryState, DeliveryStore
 from ich_node.queue.layout import outbox_files
 from ich_node.tls import client_context
@@ -164,7 +164,12 @@ class Sender:
         self.config = config
         self.storage_dir = Path(storage_dir)
         self.calling_ae = calling_ae
-        self._unmounted_logged = False
+        self._storage = StorageWatch(
+            store,
+            "sender.storage_not_mounted",
+            storage_dir=str(self.storage_dir),
+            action="not sending until the shared storage is back",
+        )
 
     def backoff(self, attempts: int) -> float:
         """Seconds before attempt ``attempts + 1``."""
@@ -291,18 +296,10 @@ class Sender:
 
         ``alerts``: ``True`` only alerts, ``False`` only DICOM results, ``None`` both.
         """
-        if not storage_ready(self.store):
-            # Results and alert payloads are on the shared mount (PostgreSQL): wait for
-            # it instead of failing attempts (and parking deliveries) meanwhile.
-            if not self._unmounted_logged:
-                log.error(
-                    "sender.storage_not_mounted",
-                    storage_dir=str(self.storage_dir),
-                    action="not sending until the shared storage is back",
-                )
-                self._unmounted_logged = True
+        # Results and alert payloads are on the shared mount (PostgreSQL): wait for it
+        # instead of failing attempts (and parking deliveries) meanwhile.
+        if not self._storage.ready():
             return []
-        self._unmounted_logged = False
         due = self.store.due_deliveries(now)
         due.sort(key=lambda d: not d.destination.startswith(ALERT_PREFIX))
         if alerts is not None:

@@ -36,7 +36,7 @@ from ich_node.durable import fsync_dir
 from ich_node.imaging import SeriesRefused, read_series
 from ich_node.imaging.records import one_line
 from ich_node.log import PHI, job_context, phi_values_of_file, redact, warning_counts
-from ich_node.queue.backend import job_queue, open_store, storage_ready, wait_for_jobs
+from ich_node.queue.backend import StorageWatch, job_queue, open_store, wait_for_jobs
 from ich_node.queue.jobs import LeaseLost
 from ich_node.queue.layout import StorageLayout
 from ich_node.queue.store import JobRecord, JobStage, SrReference, Store
@@ -147,6 +147,16 @@ class Worker:
         self._held: dict[str, JobRecord] = {}
         self._held_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(MAX_HELD_JOBS)
+        # With PostgreSQL, leases only where the shared storage.dir is mounted (its
+        # store-id file names this database): a host without it leaves the jobs to
+        # the others instead of failing them.
+        self._storage = StorageWatch(
+            store,
+            "worker.storage_not_mounted",
+            worker=name,
+            storage_dir=str(config.storage.dir),
+            action="not leasing until the shared storage is back",
+        )
 
     # -- leases ---------------------------------------------------------------
 
@@ -544,26 +554,6 @@ class Worker:
             error = exc
         return self._finish(item, explained, error, clock)
 
-    def _storage_ready(self) -> bool:
-        """Whether this host sees the shared ``storage.dir`` (always true on SQLite).
-
-        With PostgreSQL, a worker leases only when the spool's store-id file is
-        there and names this database: a host whose shared mount is missing leaves
-        the jobs to the others instead of failing them.
-        """
-        if storage_ready(self.store):
-            self._unmounted_logged = False
-            return True
-        if not getattr(self, "_unmounted_logged", False):
-            log.error(
-                "worker.storage_not_mounted",
-                worker=self.name,
-                storage_dir=str(self.config.storage.dir),
-                action="not leasing until the shared storage is back",
-            )
-            self._unmounted_logged = True
-        return False
-
     def _idle(self, stop: threading.Event, poll_seconds: float) -> None:
         """Wait for work: the poll interval, or on PostgreSQL until a job is notified."""
         if hasattr(self.store, "wait_for_jobs") and not stop.is_set():
@@ -597,7 +587,7 @@ class Worker:
                     continue  # MAX_HELD_JOBS held: wait for the results stage
                 job = None
                 try:
-                    if not stop.is_set() and self._storage_ready():
+                    if not stop.is_set() and self._storage.ready():
                         job = self.queue.lease(self.name, clock())
                 except Exception as exc:  # a busy database: try again
                     log.error("worker.lease_failed", worker=self.name, error=type(exc).__name__)

@@ -33,7 +33,7 @@ from ich_node.imaging import ImagingError, StorageUnavailable, read_series
 from ich_node.imaging.records import one_line
 from ich_node.log import redact
 from ich_node.metrics import Metrics
-from ich_node.queue.backend import storage_ready
+from ich_node.queue.backend import StorageWatch
 from ich_node.queue.interface import InstanceStore, SeriesQueue, SeriesRecord
 
 log = structlog.get_logger(__name__)
@@ -129,7 +129,9 @@ class Assembler:
         self.metrics = metrics
         # Series waiting for their storage: uid -> (first failure, next try), seconds.
         self._storage_waits: dict[str, tuple[float, float]] = {}
-        self._unmounted_logged = False
+        self._storage = StorageWatch(
+            store, "series.storage_not_mounted", action="no series decided until it is"
+        )
 
     def is_complete(self, record: SeriesRecord, now: float) -> bool:
         """Whether ``record`` is complete at ``now`` (see the module's rules)."""
@@ -228,12 +230,8 @@ class Assembler:
     def run_once(self, now: float) -> list[Decision]:
         """One pass: decide every series that is complete at ``now``."""
         decisions: list[Decision] = []
-        if not storage_ready(self.store):  # a shared storage.dir that is not mounted here
-            if not self._unmounted_logged:
-                log.error("series.storage_not_mounted", action="no series decided until it is")
-                self._unmounted_logged = True
+        if not self._storage.ready():  # a shared storage.dir that is not mounted here
             return decisions
-        self._unmounted_logged = False
         for record in self.store.receiving_series():
             if not self.is_complete(record, now):
                 continue

@@ -12,11 +12,16 @@ import contextlib
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import structlog
 
 from ich_node.config import QueueSection, StorageSection
 from ich_node.queue.jobs import JobQueue
 from ich_node.queue.layout import StorageLayout
 from ich_node.queue.store import Store
+
+log = structlog.get_logger(__name__)
 
 
 def _is_pg(store: object) -> bool:
@@ -103,3 +108,33 @@ def storage_ready(store: object) -> bool:
         assert isinstance(store, PgStore)
         return store.storage_mounted()
     return True
+
+
+class StorageWatch:
+    """:func:`storage_ready` for one loop, logging ``event`` once each time it goes missing.
+
+    Parameters
+    ----------
+    store : Store
+        The node's store.
+    event : str
+        The structlog event logged (level error) when the storage is found missing.
+    **fields
+        Logged with it (``action=...``: what the loop does meanwhile).
+    """
+
+    def __init__(self, store: object, event: str, **fields: Any) -> None:
+        self.store = store
+        self.event = event
+        self.fields = fields
+        self._missing = False
+
+    def ready(self) -> bool:
+        """Whether the storage is there now; the first ``False`` of a run is logged."""
+        if storage_ready(self.store):
+            self._missing = False
+            return True
+        if not self._missing:
+            log.error(self.event, **self.fields)
+            self._missing = True
+        return False

@@ -45,7 +45,7 @@ from ich_node.config import QueueSection, StorageSection
 from ich_node.durable import fsync_dir
 from ich_node.queue.interface import AddResult, InstanceRecord, JobRecord
 from ich_node.queue.jobs import JobQueue, Released
-from ich_node.queue.layout import STORE_ID_NAME
+from ich_node.queue.layout import StorageLayout
 from ich_node.queue.store import Store
 
 #: Advisory lock keys (one 64-bit namespace per purpose; "ICH" in the high bytes).
@@ -502,7 +502,7 @@ class PgStore(Store):
             Whether ``storage.dir`` is this database's storage now
             (:meth:`storage_mounted`).
         """
-        marker = Path(self.config.dir) / STORE_ID_NAME
+        marker = StorageLayout(self.path).store_id
         if not self.storage_mounted():
             placed = self._query("SELECT value FROM meta WHERE key = 'store_id_placed'")
             if placed or marker.exists():  # not mounted, or another database's storage
@@ -523,7 +523,7 @@ class PgStore(Store):
     def storage_mounted(self) -> bool:
         """Whether ``storage.dir`` here is the spool of this database (its id file matches)."""
         try:
-            text = (Path(self.config.dir) / STORE_ID_NAME).read_text(encoding="utf-8")
+            text = StorageLayout(self.path).store_id.read_text(encoding="utf-8")
         except OSError:
             return False
         return text.strip() == self.store_id
