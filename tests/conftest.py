@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -126,21 +126,47 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def open_store(backend: str, request: pytest.FixtureRequest) -> Iterator[object]:
-    """``open_store(storage_dir)``: the node's store on the test's backend.
+def storage_section(backend: str, request: pytest.FixtureRequest) -> Callable[..., object]:
+    """``storage_section(storage_dir, **keys)``: a ``StorageSection`` on the test's backend.
 
-    SQLite: the embedded store in ``storage_dir``. PostgreSQL: a fresh database of
-    the test cluster (one per test, every call reopens the same one).
+    SQLite: the embedded store in ``storage_dir``. PostgreSQL: a fresh database of the
+    test cluster for each storage dir, the same one each time that dir is named again
+    (as SQLite's store is one file per dir), so one test can hold two separate nodes.
     """
     from ich_node.config import StorageSection
+
+    cluster = request.getfixturevalue("pg_cluster") if backend == "postgresql" else None
+    databases: dict[Path, str] = {}
+
+    def section(storage_dir: Path, **keys: object) -> StorageSection:
+        url = None
+        if backend == "postgresql":
+            key = Path(storage_dir).resolve()
+            if key not in databases:
+                name = f"t{os.getpid()}_{next(_PG_DATABASES)}"
+                databases[key] = cluster.create_database(name)  # type: ignore[attr-defined]
+            url = databases[key]
+        return StorageSection(dir=storage_dir, database=url, **keys)  # type: ignore[arg-type]
+
+    return section
+
+
+@pytest.fixture
+def open_store(
+    backend: str, storage_section: Callable[..., object]
+) -> Iterator[Callable[[Path], object]]:
+    """``open_store(storage_dir)``: the node's store on the test's backend.
+
+    SQLite: the embedded store in ``storage_dir``. PostgreSQL: the database of
+    ``storage_section(storage_dir)`` (every call with the same dir reopens the same one).
+    """
     from ich_node.queue.backend import open_store as open_backend
 
-    url = request.getfixturevalue("pg_url") if backend == "postgresql" else None
     opened: list[object] = []
 
     def open_(storage_dir: Path) -> object:
-        store = open_backend(StorageSection(dir=storage_dir, database=url))
-        if url is not None:
+        store = open_backend(storage_section(storage_dir))  # type: ignore[arg-type]
+        if backend == "postgresql":
             store.place_store_id()  # as serve does at start: the spool is this database's
         opened.append(store)
         return store

@@ -1,15 +1,22 @@
-"""Series assembly on real phantom files spooled into a real store, time injected."""
+"""Series assembly on real phantom files spooled into a real store, time injected.
+
+Every test runs on both store backends (SQLite, PostgreSQL): the same tests.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
 
-from ich_node.config import SeriesSection
+from ich_node.config import QueueSection, SeriesSection
 from ich_node.ingest.assemble import Assembler
 from ich_node.ingest.spool import Spool, instance_record
+from ich_node.queue.backend import job_queue
 from ich_node.queue.store import Store
+
+OpenStore = Callable[[Path], Store]
 
 
 def _spool_files(spool: Spool, paths: list[Path], now: float, **override: str | None) -> None:
@@ -24,18 +31,21 @@ def _spool_files(spool: Spool, paths: list[Path], now: float, **override: str | 
         spool.save(path.read_bytes(), record, now)
 
 
-def _setup(tmp_path: Path, **series: object) -> tuple[Store, Spool, Assembler]:
-    store = Store.open(tmp_path / "node")
+def _setup(
+    open_store: OpenStore, tmp_path: Path, **series: object
+) -> tuple[Store, Spool, Assembler]:
+    """A store on the test's backend, its spool in ``tmp_path/node``, and an assembler."""
+    store = open_store(tmp_path / "node")
     spool = Spool(tmp_path / "node", store, min_free_mb=0)
     settings: dict[str, object] = {"stable_seconds": 5.0, "min_slices": 8, **series}
     config = SeriesSection(**settings)  # type: ignore[arg-type]
-    return store, spool, Assembler(store, config)
+    return store, spool, Assembler(store, config, queue=job_queue(store, QueueSection()))
 
 
 def test_series_complete_after_quiet_period_and_versioned_on_late_instance(
-    tmp_path: Path, phantom_series: object
+    open_store: OpenStore, tmp_path: Path, phantom_series: object
 ) -> None:
-    store, spool, assembler = _setup(tmp_path)
+    store, spool, assembler = _setup(open_store, tmp_path)
     paths = list(phantom_series.paths)  # type: ignore[attr-defined]
     _spool_files(spool, paths[:-1], now=100.0, ImagesInAcquisition=None)
     assert assembler.run_once(now=104.9) == []
@@ -50,18 +60,22 @@ def test_series_complete_after_quiet_period_and_versioned_on_late_instance(
 
 
 def test_series_complete_early_when_all_expected_images_arrived(
-    tmp_path: Path, phantom_series: object
+    open_store: OpenStore, tmp_path: Path, phantom_series: object
 ) -> None:
-    _store, spool, assembler = _setup(tmp_path)
+    _store, spool, assembler = _setup(open_store, tmp_path)
     paths = list(phantom_series.paths)  # type: ignore[attr-defined]
     _spool_files(spool, paths, now=100.0, ImagesInAcquisition=str(len(paths)))
     (decision,) = assembler.run_once(now=100.1)
     assert decision.queued
 
 
-def test_skipped_series_are_recorded_with_reason(tmp_path: Path, phantom_series: object) -> None:
+def test_skipped_series_are_recorded_with_reason(
+    open_store: OpenStore, tmp_path: Path, phantom_series: object
+) -> None:
     paths = list(phantom_series.paths)  # type: ignore[attr-defined]
-    store, spool, assembler = _setup(tmp_path, series_description_patterns=(r"(?i)brain",))
+    store, spool, assembler = _setup(
+        open_store, tmp_path, series_description_patterns=(r"(?i)brain",)
+    )
     _spool_files(spool, paths, now=0.0, SeriesDescription="AX SOFT TISSUE NECK")
     (decision,) = assembler.run_once(now=10.0)
     assert not decision.queued
@@ -69,23 +83,23 @@ def test_skipped_series_are_recorded_with_reason(tmp_path: Path, phantom_series:
     record = store.series(decision.series_instance_uid)
     assert record is not None and record.state == "skipped" and record.reason == decision.reason
 
-    store, spool, assembler = _setup(tmp_path / "few", min_slices=100)
+    store, spool, assembler = _setup(open_store, tmp_path / "few", min_slices=100)
     _spool_files(spool, paths, now=0.0)
     (decision,) = assembler.run_once(now=10.0)
     assert "series.min_slices is 100" in decision.reason
 
-    store, spool, assembler = _setup(tmp_path / "mr")
+    store, spool, assembler = _setup(open_store, tmp_path / "mr")
     _spool_files(spool, paths, now=0.0, Modality="MR")
     (decision,) = assembler.run_once(now=10.0)
     assert decision.reason.startswith("modality 'MR'")
     assert store.jobs() == []
 
 
-def test_tilted_series_beyond_tolerance_is_skipped(tmp_path: Path) -> None:
+def test_tilted_series_beyond_tolerance_is_skipped(open_store: OpenStore, tmp_path: Path) -> None:
     from training.phantom import write_series
 
     tilted = write_series(tmp_path / "tilted", seed=2, n_slices=10, matrix=64, tilt_deg=20.0)
-    _store, spool, assembler = _setup(tmp_path, max_tilt_degrees=10.0)
+    _store, spool, assembler = _setup(open_store, tmp_path, max_tilt_degrees=10.0)
     _spool_files(spool, list(tilted.paths), now=0.0)
     (decision,) = assembler.run_once(now=10.0)
     assert not decision.queued
@@ -103,10 +117,10 @@ def _spool_each(spool: Spool, paths: list[Path], now: float, **override: object)
 
 
 def test_per_acquisition_count_does_not_end_the_series_early(
-    tmp_path: Path, phantom_series: object
+    open_store: OpenStore, tmp_path: Path, phantom_series: object
 ) -> None:
     """A GE-like series: one acquisition per image, ImagesInAcquisition 1 on each."""
-    store, spool, assembler = _setup(tmp_path)
+    store, spool, assembler = _setup(open_store, tmp_path)
     paths = list(phantom_series.paths)  # type: ignore[attr-defined]
     decisions = []
     for i, path in enumerate(paths):  # one image a second, the quiet period is 5 s
@@ -125,9 +139,9 @@ def test_per_acquisition_count_does_not_end_the_series_early(
 
 
 def test_series_count_ends_early_and_late_instances_wait_for_quiet(
-    tmp_path: Path, phantom_series: object
+    open_store: OpenStore, tmp_path: Path, phantom_series: object
 ) -> None:
-    store, spool, assembler = _setup(tmp_path)
+    store, spool, assembler = _setup(open_store, tmp_path)
     paths = list(phantom_series.paths)  # type: ignore[attr-defined]
     n = len(paths)
     _spool_files(spool, paths[:-2], now=100.0, NumberOfSeriesRelatedInstances=str(n - 2))
@@ -142,8 +156,10 @@ def test_series_count_ends_early_and_late_instances_wait_for_quiet(
     assert [j.cause for j in store.jobs()] == ["first read", "2 late instances"]
 
 
-def test_slow_adder_gets_at_most_max_versions(tmp_path: Path, phantom_series: object) -> None:
-    store, spool, assembler = _setup(tmp_path, max_versions=3)
+def test_slow_adder_gets_at_most_max_versions(
+    open_store: OpenStore, tmp_path: Path, phantom_series: object
+) -> None:
+    store, spool, assembler = _setup(open_store, tmp_path, max_versions=3)
     paths = list(phantom_series.paths)  # type: ignore[attr-defined]
     now = 0.0
     for path in paths:  # each image after the series was quiet: a version per image at most

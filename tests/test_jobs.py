@@ -171,7 +171,9 @@ def test_extend_pushes_the_lease_and_fails_once_it_is_lost(
         queue.extend(leased, now=20.0)
 
 
-def test_worker_heartbeat_extends_the_lease_of_a_long_job(tmp_path: Path) -> None:
+def test_worker_heartbeat_extends_the_lease_of_a_long_job(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
     """A real heartbeat thread keeps a 2 s lease alive for 4 s of work."""
     import os
     import time
@@ -180,7 +182,7 @@ def test_worker_heartbeat_extends_the_lease_of_a_long_job(tmp_path: Path) -> Non
     from ich_node.worker import Worker, _Heartbeat
 
     config = parse_config({"queue": {"lease_seconds": 2.0}, "storage": {"dir": str(tmp_path)}})
-    store = Store.open(tmp_path)
+    store = open_store(tmp_path)
     worker = Worker(config, "worker-0", store, classifier=None)
     _enqueue(worker.queue, now=time.time())
     job = worker.queue.lease("worker-0", now=time.time())

@@ -35,6 +35,7 @@ def _record(
 
 
 def test_store_uses_wal_and_survives_reopen(tmp_path: Path) -> None:
+    # SQLite only: it reads the journal mode of the SQLite file itself.
     store = Store.open(tmp_path)
     assert store.add_instance(_record("1.1"), tmp_path / "a.dcm", 10, now=5.0)
     store.close()
@@ -105,6 +106,8 @@ def test_whole_series_count_only_from_counts_that_describe_the_series(
 
 
 def test_store_written_before_series_keyed_instances_is_migrated(tmp_path: Path) -> None:
+    # SQLite only: a SQLite file of an older layout; PostgreSQL's versioned migrations
+    # are tested in tests/test_postgres.py.
     db = sqlite3.connect(tmp_path / DB_NAME)
     db.executescript(
         """CREATE TABLE instances (sop_instance_uid TEXT PRIMARY KEY,
