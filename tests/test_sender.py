@@ -1,9 +1,13 @@
-"""The sender against a real DCMTK storescp; backoff, parking and resend, time injected."""
+"""The sender against a real DCMTK storescp; backoff, parking and resend, time injected.
+
+Every test runs on both store backends (SQLite, PostgreSQL): the same tests.
+"""
 
 from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -11,17 +15,22 @@ import pydicom
 from benchmarks.common import free_port
 from ich_node.config import Destination, QueueSection, SenderSection, parse_config
 from ich_node.ops import resend
-from ich_node.queue.jobs import JobQueue, job_id_for
+from ich_node.queue.backend import job_queue
+from ich_node.queue.jobs import job_id_for
 from ich_node.queue.layout import results_dir
 from ich_node.queue.store import InstanceRecord, Store
 from ich_node.sender import Sender
 from tests.conftest import dcmtk
 
+OpenStore = Callable[[Path], Store]
 
-def _job_with_outbox(storage: Path, phantom_series: object, n: int = 3) -> str:
+
+def _job_with_outbox(
+    open_store: OpenStore, storage: Path, phantom_series: object, n: int = 3
+) -> str:
     """A done job whose outbox holds ``n`` CT files (real DICOM objects to send)."""
-    store = Store.open(storage)
-    queue = JobQueue(store, QueueSection())
+    store = open_store(storage)
+    queue = job_queue(store, QueueSection())
     uid = "1.2.3.4"
     store.add_instance(
         InstanceRecord("1.2.3.4.1", "1.2", "1.2", uid, "CT", "", "", "", None), storage, 1, 0.0
@@ -39,16 +48,19 @@ def _job_with_outbox(storage: Path, phantom_series: object, n: int = 3) -> str:
 
 
 def test_delivery_retries_with_backoff_then_parks_and_resend_delivers(
-    tmp_path: Path, phantom_series: object
+    open_store: OpenStore,
+    storage_section: Callable[[Path], object],
+    tmp_path: Path,
+    phantom_series: object,
 ) -> None:
     storage = tmp_path / "node"
-    job_id = _job_with_outbox(storage, phantom_series)
+    job_id = _job_with_outbox(open_store, storage, phantom_series)
     port = free_port()
     destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
     config = SenderSection(
         max_attempts=3, backoff_base_seconds=10.0, backoff_max_seconds=15.0, timeout_seconds=5.0
     )
-    store = Store.open(storage)
+    store = open_store(storage)
     sender = Sender(store, [destination], config, storage, "ICH_NODE")
     assert [sender.backoff(n) for n in (1, 2, 3)] == [10.0, 15.0, 15.0]
 
@@ -62,7 +74,8 @@ def test_delivery_retries_with_backoff_then_parks_and_resend_delivers(
     assert outcome.state == "parked" and outcome.reason.startswith("after 3 attempts")
     assert sender.run_once(now=10_000.0) == []
 
-    node_config = parse_config({"storage": {"dir": str(storage)}})
+    database = storage_section(storage).database  # type: ignore[attr-defined]
+    node_config = parse_config({"storage": {"dir": str(storage), "database": database}})
     assert resend(node_config, job_id) == 0
     assert resend(node_config, "no-such-job") == 1
     received = tmp_path / "pacs"
@@ -93,11 +106,13 @@ def test_delivery_retries_with_backoff_then_parks_and_resend_delivers(
     assert delivery.state == "done"
 
 
-def test_missing_outbox_file_is_a_recorded_failure(tmp_path: Path, phantom_series: object) -> None:
+def test_missing_outbox_file_is_a_recorded_failure(
+    open_store: OpenStore, tmp_path: Path, phantom_series: object
+) -> None:
     storage = tmp_path / "node"
-    job_id = _job_with_outbox(storage, phantom_series)
+    job_id = _job_with_outbox(open_store, storage, phantom_series)
     (results_dir(storage, job_id) / "outbox" / "0.dcm").unlink()
-    store = Store.open(storage)
+    store = open_store(storage)
     destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=free_port())
     sender = Sender(store, [destination], SenderSection(max_attempts=1), storage, "ICH_NODE")
     (outcome,) = sender.run_once(now=1.0)
@@ -106,14 +121,14 @@ def test_missing_outbox_file_is_a_recorded_failure(tmp_path: Path, phantom_serie
 
 
 def test_a_retry_sends_only_what_the_destination_has_not_accepted(
-    tmp_path: Path, phantom_series: object
+    open_store: OpenStore, tmp_path: Path, phantom_series: object
 ) -> None:
     """A destination fails mid-job: the retry sends the rest, never an accepted object again."""
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
     storage = tmp_path / "node"
-    job_id = _job_with_outbox(storage, phantom_series, n=5)
+    job_id = _job_with_outbox(open_store, storage, phantom_series, n=5)
     received: list[str] = []
     calls = {"n": 0}
 
@@ -132,7 +147,7 @@ def test_a_retry_sends_only_what_the_destination_has_not_accepted(
     )
     try:
         destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
-        store = Store.open(storage)
+        store = open_store(storage)
         sender = Sender(
             store, [destination], SenderSection(backoff_base_seconds=0.0), storage, "ICH_NODE"
         )
