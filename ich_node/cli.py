@@ -2,7 +2,7 @@
 
 Commands and flags are a stable interface (admins' scripts call them)::
 
-    ich-node check-config PATH
+    ich-node check-config PATH [--role all|listener|worker]
     ich-node predict --bundle B --out DIR [--device D] [--batch-size N] [--heatmaps H]
                      [--negative-top-slices N] [--parametric-map] [--no-dicom] INPUT...
     ich-node serve   --config PATH [--role all|listener|worker]
@@ -52,32 +52,53 @@ def _config_or_exit(path: Path) -> NodeConfig:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate a configuration file and its model bundle; 0 when valid, 2 with the reason."""
+    """Validate a configuration file for ``serve --role``; 0 when valid, 2 with the reason.
+
+    Checks what ``serve`` with the same role checks before it starts (see
+    :func:`ich_node.service.serve`): ``all`` and ``worker`` the notification
+    targets' files and the model bundle (header, checksum, architecture);
+    ``listener`` neither (it loads no model and sends no alerts); ``listener``
+    and ``worker`` need ``storage.database``.
+    """
     try:
         config = load_config(args.path)
     except ConfigError as exc:
         print(f"ich-node: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from ich_node.delivery.outbox import check_targets
-
-    problems = check_targets(config.notifications)
-    if problems:
-        print(f"ich-node: {args.path}: " + "\n  ".join(problems), file=sys.stderr)
+    role = args.role
+    if role != "all" and config.storage.database is None:
+        print(
+            f"ich-node: {args.path}: storage.database: --role {role} needs a shared store; "
+            "set storage.database to a postgresql:// URL (docs/deployment.md)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
-    bundle = config.model.bundle
-    described = "(not set: serve needs model.bundle)"
-    if bundle is not None:
-        # The whole check serve's worker does: header, checksum, architecture.
-        from ich_node.bundle import BUNDLE_HELP, BundleError, load_bundle
+    described = "not checked: a listener loads no model"
+    if role != "listener":  # the roles that send alerts and load the model
+        from ich_node.delivery.outbox import check_targets
 
-        try:
-            card = load_bundle(bundle).card
-        except BundleError as exc:
-            print(f"ich-node: {args.path}: model.bundle: {exc}", file=sys.stderr)
-            print(f"  {BUNDLE_HELP}", file=sys.stderr)
+        problems = check_targets(config.notifications)
+        if problems:
+            print(f"ich-node: {args.path}: " + "\n  ".join(problems), file=sys.stderr)
             return EXIT_USAGE
-        described = f"{bundle}: {card.display_name}, {card.arch}, verified"
-    print(f"{args.path}: OK (node {config.node.ae_title} on {config.node.host}:{config.node.port},")
+        bundle = config.model.bundle
+        described = "(not set: serve needs model.bundle)"
+        if bundle is not None:
+            # The whole check serve's worker does: header, checksum, architecture.
+            from ich_node.bundle import BUNDLE_HELP, BundleError, load_bundle
+
+            try:
+                card = load_bundle(bundle).card
+            except BundleError as exc:
+                print(f"ich-node: {args.path}: model.bundle: {exc}", file=sys.stderr)
+                print(f"  {BUNDLE_HELP}", file=sys.stderr)
+                return EXIT_USAGE
+            described = f"{bundle}: {card.display_name}, {card.arch}, verified"
+    for_role = "" if role == "all" else f" for --role {role}"
+    print(
+        f"{args.path}: OK{for_role} (node {config.node.ae_title} on "
+        f"{config.node.host}:{config.node.port},"
+    )
     print(
         f"  {len(config.callers)} caller(s), {len(config.destinations)} destination(s), "
         f"{len(config.notifications)} notification target(s),"
@@ -348,6 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="validate a node configuration file")
     p.add_argument("path", type=Path, metavar="PATH")
+    p.add_argument(
+        "--role",
+        choices=("all", "listener", "worker"),
+        default="all",
+        help="check what serve --role checks: all and worker verify the model bundle and "
+        "the notification targets' files; listener neither (listener/worker need "
+        "storage.database)",
+    )
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("predict", help="classify CT series from files or folders, offline")

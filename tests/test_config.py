@@ -133,3 +133,56 @@ def test_check_config_console_script(tmp_path: Path) -> None:
     )
     assert run.returncode == 2
     assert "model.device" in run.stderr and "'gpu'" in run.stderr
+
+
+@pytest.mark.parametrize(("role", "code"), [("listener", 0), ("worker", 2), ("all", 2), (None, 2)])
+def test_check_config_role_checks_what_that_role_serves(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], role: str | None, code: int
+) -> None:
+    # A listener host of a multi-host node has no bundle and no alert secrets
+    # (systemd runs `check-config --role %i` before `serve --role %i`).
+    bundle = tmp_path / "models" / "absent.safetensors"
+    path = tmp_path / "node.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"bundle": str(bundle)},
+                "storage": {
+                    "dir": str(tmp_path / "shared"),
+                    "database": "postgresql://ich@127.0.0.1:5432/ich",
+                },
+                "notifications": [
+                    {
+                        "name": "pager",
+                        "kind": "webhook",
+                        "url": "https://gw.example/h",
+                        "secret_file": str(tmp_path / "absent.key"),
+                    }
+                ],
+            }
+        )
+    )
+    flags = [] if role is None else ["--role", role]
+    assert main(["check-config", *flags, str(path)]) == code
+    out, err = capsys.readouterr()
+    if code == 0:
+        assert "OK for --role listener" in out and "not checked" in out
+        assert err == ""
+        return
+    assert "notifications[0] (pager): secret_file of pager unreadable" in err
+    (tmp_path / "absent.key").write_text("k3y\n")
+    assert main(["check-config", *flags, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "model.bundle" in err and str(bundle) in err, err
+
+
+@pytest.mark.parametrize("role", ["listener", "worker"])
+def test_check_config_role_needs_storage_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], role: str
+) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump({"storage": {"dir": str(tmp_path / "s")}}))
+    assert main(["check-config", "--role", role, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "storage.database" in err and f"--role {role}" in err
+    assert main(["check-config", str(path)]) == 0
