@@ -252,7 +252,11 @@ class WebhookTarget(_Target):
 
 
 class EmailTarget(_Target):
-    """``notifications[]`` with ``kind: email``: SMTP with STARTTLS."""
+    """``notifications[]`` with ``kind: email``: SMTP with STARTTLS (RFC 3207).
+
+    A login (``credentials_file``) needs ``starttls: true``: the sender has no
+    implicit TLS (SMTPS), so a login without STARTTLS would be sent in clear.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
@@ -277,6 +281,18 @@ class EmailTarget(_Target):
     @classmethod
     def _to(cls, value: Any) -> Any:
         return _one_or_many(value)
+
+    @model_validator(mode="after")
+    def _login_encrypted(self) -> EmailTarget:
+        # smtplib logs in over whatever the connection is: without STARTTLS (the only
+        # TLS this sender speaks; no implicit-TLS SMTPS) the password would cross in clear.
+        if self.credentials_file is not None and not self.starttls:
+            raise ValueError(
+                f"target {self.name!r}: starttls: false with credentials_file would send "
+                "the SMTP login unencrypted; set starttls: true, or drop credentials_file "
+                "for a relay that needs no login"
+            )
+        return self
 
 
 #: One entry of ``notifications``, told apart by ``kind``.

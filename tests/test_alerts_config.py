@@ -125,3 +125,28 @@ def test_check_config_names_unusable_target_files(
     creds.write_text("user\npassword\n")
     assert check("", ", credentials_file: creds") == 0
     assert "2 notification target(s)" in capsys.readouterr().out
+
+
+def test_email_login_without_starttls_is_refused(tmp_path: Path) -> None:
+    # No implicit TLS (SMTPS) in the sender: a login without STARTTLS would go in clear.
+    plain = {**EMAIL, "starttls": False, "credentials_file": "creds"}
+    with pytest.raises(ConfigError) as info:
+        parse_config({"notifications": [HL7, plain]}, source="node.yaml")
+    message = str(info.value)
+    assert message.startswith("node.yaml:")
+    assert "notifications[1].email" in message and "'mail'" in message
+    assert "starttls: false" in message and "credentials_file" in message
+    assert "unencrypted" in message
+    # Either key alone stays valid: a relay without login, or a login over STARTTLS.
+    relay = parse_config({"notifications": [{**EMAIL, "starttls": False}]}).notifications[0]
+    assert isinstance(relay, EmailTarget) and relay.starttls is False
+    login = parse_config({"notifications": [{**EMAIL, "credentials_file": "c"}]}).notifications
+    assert isinstance(login[0], EmailTarget) and login[0].credentials_file == Path("c")
+    path = tmp_path / "node.yaml"
+    path.write_text(
+        "notifications:\n  - {name: mail, kind: email, host: smtp, from: n@x.org,"
+        " to: a@x.org, starttls: false, credentials_file: creds}\n"
+    )
+    from ich_node.cli import main
+
+    assert main(["check-config", str(path)]) == 2
