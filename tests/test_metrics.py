@@ -1,8 +1,13 @@
-"""The Prometheus endpoint, scraped over HTTP while the listener takes a real C-STORE."""
+"""The Prometheus endpoint, scraped over HTTP while the listener takes a real C-STORE.
+
+It runs on both store backends (SQLite, PostgreSQL): the gauges and stage times are read
+from the store.
+"""
 
 from __future__ import annotations
 
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from pynetdicom import AE
@@ -17,14 +22,19 @@ from ich_node.queue.store import Store
 
 
 def test_metrics_endpoint_counts_instances_states_and_stage_latencies(
-    tmp_path: Path, free_port: int, phantom_series
+    tmp_path: Path,
+    free_port: int,
+    phantom_series,
+    open_store: Callable[[Path], Store],
+    storage_section: Callable[[Path], object],
 ) -> None:  # type: ignore[no-untyped-def]
+    database = storage_section(tmp_path / "node").database  # type: ignore[attr-defined]
     config = parse_config({
         "node": {"ae_title": "ICH_NODE", "host": "127.0.0.1", "port": free_port},
         "callers": ({"ae_title": "MODALITY"},),
-        "storage": {"dir": str(tmp_path / "node"), "min_free_mb": 0},
+        "storage": {"dir": str(tmp_path / "node"), "database": database, "min_free_mb": 0},
     })  # fmt: skip
-    store = Store.open(config.storage.dir)
+    store = open_store(config.storage.dir)
     metrics = Metrics(store)
     address = f"127.0.0.1:{another_port()}"
     http = metrics.serve(address)
