@@ -7,7 +7,8 @@
    storage SCP run by this script), sends held-back studies with DCMTK ``storescu``
    (pynetdicom when DCMTK is absent), waits until the SR and heatmaps arrive back at
    the PACS and prints them, and prints the HL7 alert (ORU^R01) that a RIS stand-in
-   (python-hl7's MLLP server) received for the positive study before the SR.
+   (python-hl7's MLLP server) received for the positive study, with how long before
+   (or after) the study's SR reached the PACS.
 
 Everything happens under ``demo/`` (ignored by git); delete it to start over. The
 demo model is trained on synthetic phantoms and every output it produces says so.
@@ -38,6 +39,8 @@ TRAIN = DEMO / "train"
 HOLDOUT = DEMO / "holdout"
 MODEL = DEMO / "model"
 RESULTS = DEMO / "results"
+#: How often the demo looks for the results at the PACS (seconds).
+POLL_SECONDS = 0.2
 LABELS = ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
 
 
@@ -148,6 +151,8 @@ class Pacs:
         self.folder = folder
         self.port = _free_port()
         self.received: list[pydicom.Dataset] = []
+        # StudyInstanceUID -> time.perf_counter() when its first SR arrived.
+        self._sr_at: dict[str, float] = {}
         self._lock = threading.Lock()
         folder.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title=self.ae_title)
@@ -159,12 +164,20 @@ class Pacs:
         )
 
     def _on_store(self, event: object) -> int:
+        arrived = time.perf_counter()
         ds = event.dataset  # type: ignore[attr-defined]
         ds.file_meta = event.file_meta  # type: ignore[attr-defined]
         ds.save_as(self.folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
         with self._lock:
             self.received.append(ds)
+            if ds.Modality == "SR":
+                self._sr_at.setdefault(str(ds.StudyInstanceUID), arrived)
         return 0x0000
+
+    def sr_arrival(self, study_uid: str) -> float | None:
+        """``time.perf_counter()`` when the study's first SR arrived, or ``None`` yet."""
+        with self._lock:
+            return self._sr_at.get(study_uid)
 
     def of_study(self, study_uid: str, modality: str) -> list[pydicom.Dataset]:
         with self._lock:
@@ -228,6 +241,7 @@ class OrthancPacs:
             plugins=[plugin] if plugin else [],
         )
         self.viewer = plugin is not None
+        self._sr_seen: dict[str, float] = {}
 
     def send(self, folder: Path) -> None:
         self.server.upload(sorted(folder.glob("*.dcm")))
@@ -241,6 +255,16 @@ class OrthancPacs:
             for s in self.server.get(f"/studies/{study}/series")
             if s["MainDicomTags"].get("Modality") == modality
         ]
+
+    def sr_arrival(self, study_uid: str) -> float | None:
+        """``time.perf_counter()`` when this demo first saw the study's SR in Orthanc.
+
+        Orthanc's own ReceptionDate has whole seconds only; the demo polls every
+        ``POLL_SECONDS``, so this is at most that much after the SR arrived.
+        """
+        if study_uid not in self._sr_seen and self._series(study_uid, "SR"):
+            self._sr_seen[study_uid] = time.perf_counter()
+        return self._sr_seen.get(study_uid)
 
     def of_study(self, study_uid: str, modality: str) -> list[pydicom.Dataset]:
         from io import BytesIO
@@ -376,15 +400,15 @@ def network_demo(bundle: Path) -> int:
                 send_study(send / series_uid, node_port)
         print("Waiting for the SR and heatmaps to arrive at the PACS...")
         deadline = time.monotonic() + 600
-        while not all(pacs.of_study(s, "SR") for s in studies.values()):
+        while not all(pacs.sr_arrival(s) is not None for s in studies.values()):
             if node.poll() is not None or time.monotonic() > deadline:
                 print("results did not arrive in time; see", net / "node.log")
                 return 1
-            time.sleep(1.0)
+            time.sleep(POLL_SECONDS)
         time.sleep(2.0)  # let the heatmap association finish
         print(f"Results arrived {time.monotonic() - start:.0f} s after sending "
               "(including the quiet periods that close a series).\n")  # fmt: skip
-        _print_alerts(ris)
+        _print_alerts(ris, {s: pacs.sr_arrival(s) for s in studies.values()})
         for series_uid, study_uid in studies.items():
             (sr,) = pacs.of_study(study_uid, "SR")[:1]
             heatmaps = pacs.of_study(study_uid, "OT") + pacs.of_study(study_uid, "SC")
@@ -409,11 +433,28 @@ def network_demo(bundle: Path) -> int:
         log.close()
 
 
-def _print_alerts(ris: object) -> None:
-    """What the RIS received: one ORU^R01 for the positive study, none for the negative."""
+def alert_lead(alert_at: float, sr_at: float | None) -> str:
+    """When an alert reached the RIS relative to its study's SR at the PACS.
+
+    Both times are ``time.perf_counter()`` seconds of this process (the RIS stand-in
+    and the PACS record them on arrival).
+    """
+    if sr_at is None:
+        return "its SR has not reached the PACS"
+    lead = sr_at - alert_at
+    if abs(lead) < 0.05:
+        return "together with its SR"
+    return f"{abs(lead):.1f} s {'before' if lead > 0 else 'after'} its SR reached the PACS"
+
+
+def _print_alerts(ris: object, sr_at: dict[str, float | None]) -> None:
+    """What the RIS received: one ORU^R01 for the positive study, none for the negative.
+
+    ``sr_at``: StudyInstanceUID -> when its SR reached the PACS (see ``alert_lead``).
+    """
     arrived = getattr(ris, "arrived", [])
     print(f"Alerts at the demo RIS (HL7 ORU^R01 over MLLP): {len(arrived)}")
-    for _, message in arrived:
+    for alert_at, message in arrived:
         # OBX-3 component 2 is the finding's name, OBX-5 the probability, OBX-8 A/N.
         rows = [
             (message.unescape(str(o(3))).split("^")[1], str(o(5)), str(o(8)))
@@ -421,8 +462,11 @@ def _print_alerts(ris: object) -> None:
         ]
         accession = message.extract_field("ORC", 1, 2)
         priority = message.extract_field("ORC", 1, 7, 1, 6)
+        # OBX-1's value (OBX-5) is the Study Instance UID (ich_node.delivery.hl7).
+        study_uid = str(message.segments("OBX")[0](5))
         print(f"  accession {accession}: priority {priority}, result status "
-              f"{message.extract_field('OBR', 1, 25)}")  # fmt: skip
+              f"{message.extract_field('OBR', 1, 25)}; arrived "
+              f"{alert_lead(alert_at, sr_at.get(study_uid))}")  # fmt: skip
         for name, probability, flag in rows:
             print(f"    {name}: {probability}" + ("  <- flagged" if flag == "A" else ""))
         print(f"  NTE: {message.extract_field('NTE', 1, 3)}")

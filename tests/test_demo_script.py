@@ -1,0 +1,111 @@
+"""Pieces of ``scripts/demo.py`` (``make demo`` itself takes 20+ minutes).
+
+The demo says when the positive study's HL7 alert reached its RIS stand-in
+relative to the SR at its PACS; here a real MLLP receiver, a real pynetdicom
+storage SCP (the demo's own ``Pacs``) and, where installed, Orthanc.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from benchmarks.common import MLLPReceiver
+from ich_node.delivery import hl7 as hl7_alert
+from tests.orthanc_util import orthanc_binary
+from tests.test_alerts_transports import _alert, _hl7_target
+
+REPO = Path(__file__).resolve().parents[1]
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+
+
+@pytest.fixture(scope="module")
+def demo() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("ich_demo", REPO / "scripts" / "demo.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ich_demo"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sr(study_uid: str, folder: Path) -> tuple[pydicom.Dataset, Path]:
+    """A minimal SR header of ``study_uid`` (what the PACS keys on), also as a file."""
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = COMPREHENSIVE_SR
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "SR"
+    ds.PatientID = "DEMO"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path = folder / "sr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return ds, path
+
+
+def test_alert_lead_says_before_or_after(demo: ModuleType) -> None:
+    assert demo.alert_lead(10.0, 11.5) == "1.5 s before its SR reached the PACS"
+    assert demo.alert_lead(10.0, 8.0) == "2.0 s after its SR reached the PACS"
+    assert demo.alert_lead(10.0, 10.01) == "together with its SR"
+    assert demo.alert_lead(10.0, None) == "its SR has not reached the PACS"
+
+
+def test_alert_and_sr_arrivals_are_printed_in_order(
+    demo: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pynetdicom import AE
+
+    ris = MLLPReceiver()
+    pacs = demo.Pacs(tmp_path / "pacs")
+    try:
+        target = _hl7_target(ris.port)
+        alert = _alert(target)
+        study = alert.study_instance_uid
+        assert pacs.sr_arrival(study) is None
+        hl7_alert.send_oru(alert, target)  # the alert first, as the node sends it
+        sr, _ = _sr(study, tmp_path)
+        ae = AE(ae_title="ICH_NODE")
+        ae.add_requested_context(COMPREHENSIVE_SR, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", pacs.port, ae_title=pacs.ae_title)
+        assert assoc.is_established
+        assert assoc.send_c_store(sr).Status == 0x0000
+        assoc.release()
+        sr_at = pacs.sr_arrival(study)
+        (alert_at, _message), *_ = ris.arrived
+        assert sr_at is not None and alert_at < sr_at
+        demo._print_alerts(ris, {study: sr_at, "1.2.3.other": None})
+        out = capsys.readouterr().out
+        assert "Alerts at the demo RIS (HL7 ORU^R01 over MLLP): 1" in out
+        assert f"arrived {demo.alert_lead(alert_at, sr_at)}" in out
+        assert "accession ACC123: priority S" in out
+        assert "Subdural hemorrhage: 0.9100  <- flagged" in out
+    finally:
+        pacs.stop()
+        ris.close()
+
+
+@pytest.mark.skipif(orthanc_binary() is None, reason="Orthanc is not installed")
+def test_orthanc_pacs_sees_the_sr_arrive(demo: ModuleType, tmp_path: Path) -> None:
+    from benchmarks.common import free_port
+
+    pacs = demo.OrthancPacs(tmp_path / "orthanc", free_port())
+    try:
+        study = generate_uid()
+        assert pacs.sr_arrival(study) is None
+        _, path = _sr(study, tmp_path)
+        pacs.server.upload([path])
+        first = pacs.sr_arrival(study)
+        assert first is not None
+        assert pacs.sr_arrival(study) == first  # the first sighting is kept
+    finally:
+        pacs.server.stop()  # not pacs.stop(): that leaves the demo's Orthanc running
