@@ -260,7 +260,8 @@ def run_multihost(
         if acked - recorded:
             report["violations"].append(f"{len(acked - recorded)} acknowledged not recorded")
         report["hosts_seen"] = sorted(store.heartbeats())
-        from ich_node.ops import HEARTBEAT_STALE_SECONDS, health
+        from ich_node.ops import health
+        from ich_node.queue.interface import HEARTBEAT_STALE_SECONDS
 
         # health counts a worker alive while its last heartbeat is recent: wait until
         # the killed host's last one has aged past that, however fast the run went.

@@ -19,11 +19,10 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from ich_node.config import NodeConfig, ServerTLS
 from ich_node.log import redact
 from ich_node.queue.backend import existing_store, is_shared, job_queue, storage_ready
+from ich_node.queue.interface import HEARTBEAT_STALE_SECONDS
 from ich_node.queue.layout import STORE_ID_NAME
 from ich_node.queue.store import JobRecord, Store
 
-#: A worker whose last heartbeat is older than this is not alive.
-HEARTBEAT_STALE_SECONDS: Final = 15.0
 #: How many recent failures ``status`` lists.
 RECENT_FAILURES: Final = 10
 

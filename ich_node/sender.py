@@ -145,6 +145,13 @@ class Sender:
         ``storage.dir`` (the outbox is under ``results/<job_id>/outbox``).
     calling_ae : str
         The node's AE title.
+    metrics : Metrics, optional
+        Deliveries, failures and time to notification are counted there.
+    targets : sequence of NotificationTarget
+        ``notifications`` section (alerts are deliveries ``alert:<name>``).
+    holder : str
+        The heartbeat name of the process that sends (``serve``'s): a shared store
+        gives its claims to other hosts once that heartbeat is stale.
     """
 
     def __init__(
@@ -156,6 +163,7 @@ class Sender:
         calling_ae: str,
         metrics: Metrics | None = None,
         targets: Sequence[NotificationTarget] = (),
+        holder: str = "",
     ) -> None:
         self.metrics = metrics
         self.targets = tuple(targets)
@@ -164,6 +172,7 @@ class Sender:
         self.config = config
         self.storage_dir = Path(storage_dir)
         self.calling_ae = calling_ae
+        self.holder = holder
         self._storage = StorageWatch(
             store,
             "sender.storage_not_mounted",
@@ -309,5 +318,24 @@ class Sender:
         return [
             self.deliver(d, now)
             for d in due
-            if self.store.claim_delivery(d.job_id, d.destination, now)
+            if self.store.claim_delivery(
+                d.job_id,
+                d.destination,
+                now,
+                holder=self.holder,
+                lease_seconds=2.0 * self.attempt_seconds(d),
+            )
         ]
+
+    def attempt_seconds(self, delivery: DeliveryRecord) -> float:
+        """The longest one attempt of ``delivery`` can take, by its timeouts (seconds).
+
+        A shared store leases the delivery for twice this, so that another host
+        never sends it beside a live, slow sender.
+        """
+        if delivery.destination.startswith(ALERT_PREFIX):
+            name = delivery.destination.removeprefix(ALERT_PREFIX)
+            timeouts = [t.timeout_seconds for t in self.targets if t.name == name]
+            return 3.0 * (timeouts[0] if timeouts else self.config.timeout_seconds)
+        # An association, then each object's C-STORE within the timeout.
+        return self.config.timeout_seconds * (delivery.n_files + 2)

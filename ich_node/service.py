@@ -38,8 +38,8 @@ from ich_node.ingest.assemble import Assembler
 from ich_node.ingest.listener import start_listener
 from ich_node.ingest.spool import Spool
 from ich_node.metrics import Metrics
-from ich_node.ops import HEARTBEAT_STALE_SECONDS
 from ich_node.queue.backend import assembly_turn, is_shared, job_queue, open_store
+from ich_node.queue.interface import HEARTBEAT_STALE_SECONDS
 from ich_node.queue.jobs import JobQueue
 from ich_node.queue.store import Store
 from ich_node.retention import CLEAN_EVERY_SECONDS, Cleaner
@@ -569,6 +569,7 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float], role: str = "a
         config.node.ae_title,
         metrics,
         targets=config.notifications,
+        holder=beat_name,
     )
     supervisor = Supervisor(config, queue, prefix)
     cleaner = Cleaner(store, config.storage.dir, config.storage.keep_hours, shared=shared)
@@ -611,6 +612,13 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float], role: str = "a
         supervisor.stop()
         store.close()
         return EXIT_FAILED
+    if works and shared:
+        # Beat before sending: a claim whose holder has no fresh heartbeat goes to
+        # others. What this node id held when it last stopped is due again now.
+        store.heartbeat(beat_name, os.getpid(), clock())
+        released = store.release_claims(beat_name, clock())  # type: ignore[attr-defined]
+        if released:
+            log.info("serve.deliveries_released", n=released)
     sender_stop = threading.Event()
     sender_thread = _SenderThread(sender, sender_stop)
     alert_thread = _SenderThread(sender, sender_stop, alerts=True)

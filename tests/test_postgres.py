@@ -286,3 +286,111 @@ def test_a_node_id_in_use_by_a_live_node_is_refused(tmp_path: Path, pg_url: str)
     # A previous run of this node that died a moment ago: recent, but no longer beating.
     assert node_id_in_use(store, names, wait=0.5) is None
     store.close()
+
+
+def test_a_dead_senders_claim_goes_to_another_once_its_heartbeat_is_stale(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Host a claims a delivery (an alert, say) and dies mid-send: host b sends it
+    once a's heartbeat is stale, not after the whole lease; while a lives, never."""
+    from ich_node.queue.interface import HEARTBEAT_STALE_SECONDS
+
+    a, b = _store(tmp_path, pg_url), _store(tmp_path, pg_url)
+    queue = job_queue(a, QueueSection())
+    for n in (7, 8):
+        a.add_instance(_record(f"1.{n}.1", f"1.{n}"), Path(f"/{n}.dcm"), 1, 0.0)
+        a.queue_series(f"1.{n}", 1, job_id_for, 0.0)
+    jobs = [queue.lease("w", now=1.0), queue.lease("w", now=1.0)]
+    for job in jobs:
+        assert job is not None
+        queue.complete(job, ["pacs"], 1, now=1.0)
+    first, second = (j.job_id for j in jobs if j is not None)
+
+    def beat(host: str, at: float) -> None:
+        a.heartbeat(f"{host}.all", 1, at)
+
+    beat("a", 2.0)
+    beat("b", 2.0)
+    assert a.claim_delivery(first, "pacs", 2.0, holder="a.all", lease_seconds=1200.0)
+    (row,) = [d for d in a.deliveries(first)]
+    assert row.next_at >= 2.0 + 1200.0  # a slow live sender keeps it for its whole attempt
+    # a lives, past the default lease: b can neither see nor take it.
+    t = 2.0 + postgres.DELIVERY_LEASE_SECONDS + 10.0
+    beat("a", t)
+    beat("b", t)
+    assert [d.job_id for d in b.due_deliveries(t)] == [second]
+    assert not b.claim_delivery(first, "pacs", t, holder="b.all")
+    # a dies (its heartbeat stops): stale seconds later b sends it.
+    dead = t + HEARTBEAT_STALE_SECONDS + 1.0
+    beat("b", dead)
+    assert sorted(d.job_id for d in b.due_deliveries(dead)) == sorted([first, second])
+    assert b.claim_delivery(first, "pacs", dead, holder="b.all")
+    assert not a.claim_delivery(first, "pacs", dead, holder="a.all")  # b holds it, alive
+    b.finish_delivery(first, "pacs", "done", "", dead, dead)  # the ack ends the claim
+    assert first not in {d.job_id for d in b.due_deliveries(dead + 10_000.0)}
+    # A node restarting under its id gives back what it held at once.
+    beat("b", dead)
+    assert b.claim_delivery(second, "pacs", dead, holder="b.all")
+    assert b.due_deliveries(dead) == []
+    assert b.release_claims("b.all", dead + 1.0) == 1
+    assert [d.job_id for d in a.due_deliveries(dead + 1.0)] == [second]
+    a.close()
+    b.close()
+
+
+def test_the_sender_leases_a_delivery_for_longer_than_its_attempt_can_take(
+    tmp_path: Path,
+) -> None:
+    from ich_node.queue.interface import DeliveryRecord
+    from ich_node.sender import Sender
+
+    config = parse_config(
+        {
+            "storage": {"dir": str(tmp_path / "node")},
+            "sender": {"timeout_seconds": 30.0},
+            "notifications": [
+                {"name": "ris", "kind": "hl7", "host": "127.0.0.1", "port": 9,
+                 "receiving_application": "RIS", "receiving_facility": "H",
+                 "timeout_seconds": 600},
+            ],
+        }
+    )  # fmt: skip
+    sender = Sender(
+        object(),  # type: ignore[arg-type]  # attempt_seconds reads no store
+        config.destinations,
+        config.sender,
+        config.storage.dir,
+        "ICH_NODE",
+        targets=config.notifications,
+    )
+
+    def record(destination: str, n_files: int) -> DeliveryRecord:
+        return DeliveryRecord("j", destination, "pending", 0, 0.0, "", n_files, 0.0, 0.0)
+
+    assert sender.attempt_seconds(record("alert:ris", 0)) == 3 * 600.0
+    assert sender.attempt_seconds(record("pacs", 41)) == 30.0 * 43
+    assert postgres.DELIVERY_LEASE_SECONDS < 2 * 3 * 600.0  # hence the lease it passes
+
+
+def test_connections_keep_tcp_alive_both_ways_and_keep_the_urls_options(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A host that loses power is found dead by the server within about a minute
+    (its session locks released), not after the system's ~2 h default."""
+    from urllib.parse import quote
+
+    url = f"{pg_url}?options={quote('-c statement_timeout=12345')}"
+    kwargs = postgres.connect_kwargs(StorageSection(dir=tmp_path, database=url))
+    with psycopg.connect(url, **kwargs) as conn:
+        settings = {
+            name: conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
+            for name in ("tcp_keepalives_idle", "tcp_keepalives_interval",
+                         "tcp_keepalives_count", "statement_timeout")
+        }  # fmt: skip
+    idle, interval, count = postgres.KEEPALIVE
+    assert settings == {
+        "tcp_keepalives_idle": str(idle),
+        "tcp_keepalives_interval": str(interval),
+        "tcp_keepalives_count": str(count),
+        "statement_timeout": "12345ms",  # the admin's own options are kept
+    }

@@ -16,7 +16,11 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Final, Literal, Protocol
+
+#: A process whose last heartbeat is older than this (seconds) is not alive: its
+#: workers are reported dead, and on a shared store what it held goes to others.
+HEARTBEAT_STALE_SECONDS: Final = 15.0
 
 #: The states of a series (see :mod:`ich_node.ingest.assemble`).
 SeriesState = Literal["receiving", "queued", "skipped", "capped", "purged"]
@@ -256,7 +260,15 @@ class DeliveryStore(Protocol):
 
     def due_deliveries(self, now: float) -> list[DeliveryRecord]: ...
 
-    def claim_delivery(self, job_id: str, destination: str, now: float) -> bool: ...
+    def claim_delivery(
+        self,
+        job_id: str,
+        destination: str,
+        now: float,
+        *,
+        holder: str = "",
+        lease_seconds: float | None = None,
+    ) -> bool: ...
 
     def finish_delivery(
         self,

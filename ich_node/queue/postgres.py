@@ -39,11 +39,19 @@ from typing import Any, Final
 
 import psycopg
 import psycopg.rows
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from ich_node.config import QueueSection, StorageSection
 from ich_node.durable import fsync_dir
-from ich_node.queue.interface import AddResult, InstanceRecord, JobRecord
+from ich_node.queue.interface import (
+    HEARTBEAT_STALE_SECONDS,
+    AddResult,
+    DeliveryRecord,
+    DeliveryState,
+    InstanceRecord,
+    JobRecord,
+)
 from ich_node.queue.jobs import JobQueue, Released
 from ich_node.queue.layout import StorageLayout
 from ich_node.queue.store import Store
@@ -173,6 +181,17 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     );
     CREATE INDEX alerts_series ON alerts(series_instance_uid, target, version);
     """,
+    # 3: who holds each claimed delivery, so that a dead host's claims go to others
+    # once its heartbeat is stale instead of after the whole lease.
+    """
+    CREATE TABLE delivery_claims (
+        job_id TEXT NOT NULL,
+        destination TEXT NOT NULL,
+        holder TEXT NOT NULL,
+        PRIMARY KEY (job_id, destination)
+    );
+    CREATE INDEX delivery_claims_holder ON delivery_claims(holder);
+    """,
 )
 
 #: The schema version this code writes and reads.
@@ -249,12 +268,35 @@ def password(config: StorageSection) -> str | None:
     return text.splitlines()[0] if text else ""
 
 
+#: TCP keepalives, both ways (seconds idle, between probes, probes): a host that
+#: loses power is found dead within about a minute, so the session locks it held
+#: (the assembly turn) go with it, instead of after the system default of ~2 h.
+#: The server side is set per session (``tcp_keepalives_*`` are user settings).
+KEEPALIVE: Final = (30, 10, 3)
+
+
 def connect_kwargs(config: StorageSection) -> dict[str, Any]:
-    """Keyword arguments for :func:`psycopg.connect` beside the URL (autocommit, password)."""
+    """Keyword arguments for :func:`psycopg.connect` beside the URL.
+
+    Autocommit, the password from ``storage.database_password_file``, a connect
+    timeout, and TCP keepalives on both ends (:data:`KEEPALIVE`), added to any
+    ``options`` the URL gives.
+    """
+    idle, interval, count = KEEPALIVE
+    server = (
+        f"-c tcp_keepalives_idle={idle} -c tcp_keepalives_interval={interval} "
+        f"-c tcp_keepalives_count={count}"
+    )
+    given = conninfo_to_dict(config.database or "").get("options")
     kwargs: dict[str, Any] = {
         "autocommit": True,
         "application_name": "ich-node",
         "connect_timeout": int(POOL_TIMEOUT_SECONDS),
+        "keepalives": 1,
+        "keepalives_idle": idle,
+        "keepalives_interval": interval,
+        "keepalives_count": count,
+        "options": f"{given} {server}" if given else server,
     }
     secret = password(config)
     if secret is not None:
@@ -441,20 +483,91 @@ class PgStore(Store):
             self.notify_jobs()
             return job
 
-    def claim_delivery(self, job_id: str, destination: str, now: float) -> bool:
-        """Lease a due delivery to this sender: its ``next_at`` moves past the lease.
+    # A claimed delivery whose holder's heartbeat is stale (the host died while
+    # sending): due again at once, without waiting for the rest of its lease.
+    _ORPHANED = """EXISTS (SELECT 1 FROM delivery_claims c
+        WHERE c.job_id = deliveries.job_id AND c.destination = deliveries.destination
+        AND NOT EXISTS (SELECT 1 FROM heartbeats h WHERE h.name = c.holder AND h.at >= ?))"""
 
-        Exactly one sender of the cluster gets ``True`` for a due delivery; a
-        sender that dies before :meth:`finish_delivery` (the ack) leaves it due
-        again after :data:`DELIVERY_LEASE_SECONDS`.
+    def due_deliveries(self, now: float) -> list[DeliveryRecord]:
+        """Deliveries due at ``now``: past ``next_at``, or claimed by a dead sender."""
+        rows = self._query(
+            f"""SELECT * FROM deliveries WHERE state IN ('pending', 'retry')
+            AND (next_at <= ? OR {self._ORPHANED}) ORDER BY next_at""",
+            (now, now - HEARTBEAT_STALE_SECONDS),
+        )
+        return [DeliveryRecord(**dict(r)) for r in rows]
+
+    def claim_delivery(
+        self,
+        job_id: str,
+        destination: str,
+        now: float,
+        *,
+        holder: str = "",
+        lease_seconds: float | None = None,
+    ) -> bool:
+        """Lease a due delivery to ``holder``: its ``next_at`` moves past the lease.
+
+        Exactly one sender of the cluster gets ``True`` for a due delivery. The
+        lease is ``lease_seconds`` (at least :data:`DELIVERY_LEASE_SECONDS`; the
+        sender gives more when one attempt may take longer, so that a slow live
+        sender is never doubled). A sender that dies before :meth:`finish_delivery`
+        (the ack) leaves it due again when ``holder``'s heartbeat is older than
+        :data:`ich_node.queue.interface.HEARTBEAT_STALE_SECONDS`, or when
+        :meth:`release_claims` runs at its restart; an anonymous holder (``""``)
+        only when the lease ends.
         """
+        lease = max(DELIVERY_LEASE_SECONDS, lease_seconds or 0.0)
         with self.row_transaction() as db:
             cur = db.execute(
-                """UPDATE deliveries SET next_at = ? WHERE job_id = ? AND destination = ?
-                AND state IN ('pending', 'retry') AND next_at <= ?""",
-                (now + DELIVERY_LEASE_SECONDS, job_id, destination, now),
+                f"""UPDATE deliveries SET next_at = ? WHERE job_id = ? AND destination = ?
+                AND state IN ('pending', 'retry') AND (next_at <= ? OR {self._ORPHANED})""",
+                (now + lease, job_id, destination, now, now - HEARTBEAT_STALE_SECONDS),
             )
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            if holder:
+                db.execute(
+                    """INSERT INTO delivery_claims VALUES (?, ?, ?)
+                    ON CONFLICT (job_id, destination) DO UPDATE SET holder = excluded.holder""",
+                    (job_id, destination, holder),
+                )
+            else:
+                db.execute(
+                    "DELETE FROM delivery_claims WHERE job_id = ? AND destination = ?",
+                    (job_id, destination),
+                )
+            return True
+
+    def finish_delivery(
+        self,
+        job_id: str,
+        destination: str,
+        state: DeliveryState,
+        reason: str,
+        next_at: float,
+        now: float,
+    ) -> None:
+        """Record an attempt's outcome (the ack of :meth:`claim_delivery`); the claim ends."""
+        with self.transaction() as db:
+            super().finish_delivery(job_id, destination, state, reason, next_at, now)
+            db.execute(
+                "DELETE FROM delivery_claims WHERE job_id = ? AND destination = ?",
+                (job_id, destination),
+            )
+
+    def release_claims(self, holder: str, now: float) -> int:
+        """Make the deliveries ``holder`` claimed due now (its process restarted); their count."""
+        with self.transaction() as db:
+            cur = db.execute(
+                """UPDATE deliveries SET next_at = ? WHERE state IN ('pending', 'retry')
+                AND (job_id, destination) IN
+                    (SELECT job_id, destination FROM delivery_claims WHERE holder = ?)""",
+                (now, holder),
+            )
+            db.execute("DELETE FROM delivery_claims WHERE holder = ?", (holder,))
+            return int(cur.rowcount)
 
     @contextmanager
     def assembly_turn(self) -> Iterator[bool]:

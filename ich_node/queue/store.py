@@ -602,12 +602,21 @@ class Store:
         )
         return [DeliveryRecord(**dict(r)) for r in rows]
 
-    def claim_delivery(self, job_id: str, destination: str, now: float) -> bool:
+    def claim_delivery(
+        self,
+        job_id: str,
+        destination: str,
+        now: float,
+        *,
+        holder: str = "",
+        lease_seconds: float | None = None,
+    ) -> bool:
         """Whether this sender may attempt a due delivery now (lease/ack of deliveries).
 
         With the embedded store one node sends: always ``True``. A shared store
-        (:class:`ich_node.queue.postgres.PgStore`) leases the delivery so that one
-        sender in the cluster attempts it; :meth:`finish_delivery` is the ack.
+        (:class:`ich_node.queue.postgres.PgStore`) leases the delivery to
+        ``holder`` (the sending process's heartbeat name) so that one sender in
+        the cluster attempts it; :meth:`finish_delivery` is the ack.
         """
         return True
 
