@@ -15,6 +15,17 @@ gone are removed as well, whatever their age. With a shared store (PostgreSQL,
 several hosts on one ``storage.dir``) a pid names a process of some host, not
 necessarily this one: such folders are then removed only once older than the
 keep period.
+
+Orphans in the spool (both backends): a half-written instance
+(``spool/<study>/<series>/.<name>.<pid>.<n>.tmp``) or an instance file the store
+does not record, last modified more than :data:`ORPHAN_AGE_SECONDS` ago. Neither
+was ever acknowledged (Success goes out only after write, fsync, rename and
+record), and no C-STORE takes that long to write and record one instance, so
+neither is being written any more. On one host (SQLite) the spool's start-up
+recovery removes them too; on a shared ``storage.dir`` (PostgreSQL) it cannot,
+another host's listener may be writing them, so this age rule is what removes
+what a killed listener host left. The spool is walked at most once every
+:data:`ORPHAN_SCAN_EVERY_SECONDS` per node (a big spool on NFS is slow to list).
 """
 
 from __future__ import annotations
@@ -22,18 +33,34 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import structlog
 
-from ich_node.queue.layout import StorageLayout
+from ich_node.queue.backend import storage_ready
+from ich_node.queue.layout import StorageLayout, is_temp, spool_key
 from ich_node.queue.store import Store
 
 log = structlog.get_logger(__name__)
 
 #: Seconds between two clean-up passes of the running node.
 CLEAN_EVERY_SECONDS = 300.0
+
+#: Age (seconds since last modified) past which a spool file that is half-written or
+#: not recorded in the store is an orphan. Writing and recording one instance takes
+#: seconds, minutes at worst (an NFS server or a database connection that stalls
+#: until TCP gives up, ~15 min); an hour is far past that. Not tied to
+#: ``storage.keep_hours``, which says how long read images are kept, not how long
+#: a write can take.
+ORPHAN_AGE_SECONDS: Final = 3600.0
+#: Seconds between two walks of the spool for orphans, per node.
+ORPHAN_SCAN_EVERY_SECONDS: Final = 3600.0
+#: Names a file system gives files that are deleted but still open (NFS "silly
+#: rename", FUSE): not ours to remove, the file system does when they are closed.
+_HIDDEN_BY_FS: Final = (".nfs", ".fuse_hidden")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +71,8 @@ class Cleaned:
     instance_files: int
     result_folders: int
     temp_folders: int
+    orphan_temp_files: int = 0  # half-written spool files, older than ORPHAN_AGE_SECONDS
+    orphan_unrecorded_files: int = 0  # spool files the store does not record, as old
 
 
 def _pid_alive(pid: int) -> bool:
@@ -85,6 +114,11 @@ class Cleaner:
         self.storage_dir = Path(storage_dir)
         self.layout = StorageLayout(self.storage_dir)
         self.keep_seconds = keep_hours * 3600.0
+        self._orphans_due: float | None = None  # the first pass looks
+
+    def spool_checked(self, now: float) -> None:
+        """The spool was just made whole (:meth:`Spool.recover`): next orphan walk in an hour."""
+        self._orphans_due = now + ORPHAN_SCAN_EVERY_SECONDS
 
     def run_once(self, now: float) -> Cleaned:
         """One pass at time ``now``; never raises (a failure is logged, retried next pass)."""
@@ -126,7 +160,15 @@ class Cleaner:
                         shutil.rmtree(folder, ignore_errors=True)
         except Exception as exc:  # log and go on; the next pass tries again
             log.error("retention.failed", error=type(exc).__name__)
-        cleaned = Cleaned(n_series, n_files, n_results, n_temp)
+        orphans = (0, 0)
+        if self._orphans_due is None or now >= self._orphans_due:
+            # Due again in an hour even when this walk fails: never a walk each pass.
+            self._orphans_due = now + ORPHAN_SCAN_EVERY_SECONDS
+            try:
+                orphans = self._remove_orphans(now - ORPHAN_AGE_SECONDS)
+            except Exception as exc:  # log and go on; the next walk tries again
+                log.error("cleaner.orphans_failed", error=type(exc).__name__)
+        cleaned = Cleaned(n_series, n_files, n_results, n_temp, *orphans)
         if n_series or n_results or n_temp:
             log.info(
                 "retention.cleaned",
@@ -136,3 +178,81 @@ class Cleaner:
                 temp_folders=n_temp,
             )
         return cleaned
+
+    def _remove_orphans(self, before: float) -> tuple[int, int]:
+        """Remove spool files never acknowledged, last modified before ``before`` (epoch s).
+
+        Returns (half-written files, unrecorded files) removed. A recorded file is
+        never touched, whatever its age; a file is judged by its path under
+        ``spool/`` against :func:`spool_key` of the recorded paths, as
+        :meth:`ich_node.ingest.spool.Spool.recover` does.
+        """
+        root = self.layout.spool
+        if not root.is_dir() or not storage_ready(self.store):
+            return 0, 0  # a shared storage.dir not mounted here: an empty mount point
+        # Read before the walk: a file recorded after this was written after it too
+        # (young, kept), unless its write stalled past ORPHAN_AGE_SECONDS.
+        recorded = {spool_key(name) for name in self.store.instance_files()}
+        n_temp = n_unrecorded = n_failed = 0
+        for folder, _subfolders, names in os.walk(root):
+            for name in names:
+                if name.startswith(_HIDDEN_BY_FS):
+                    continue
+                path = Path(folder) / name
+                try:
+                    if is_temp(path):
+                        status = os.lstat(path)
+                        # A name of its own per write (pid, id): nobody writes an
+                        # old one again, and a writer that is somehow still on it
+                        # fails at its rename and answers no Success.
+                        if status.st_mtime < before:
+                            path.unlink(missing_ok=True)
+                            n_temp += 1
+                    elif path.relative_to(root) not in recorded and _remove_if_old(path, before):
+                        n_unrecorded += 1
+                except OSError:  # gone meanwhile (retention), stale handle: next walk
+                    n_failed += 1
+        if n_temp or n_unrecorded:
+            log.info("cleaner.orphans_removed", n_temp=n_temp, n_unrecorded=n_unrecorded)
+        if n_failed:
+            log.warning("cleaner.orphans_not_checked", n=n_failed)
+        return n_temp, n_unrecorded
+
+
+def _remove_if_old(path: Path, before: float) -> bool:
+    """Remove the unrecorded file ``path`` if it is a regular file last modified before ``before``.
+
+    The same name is written again when the same instance is re-sent (its name
+    is its content digest), and then recorded. So that a copy written between
+    the look and the removal is never removed, the file is first renamed to a
+    name of this process (atomic), looked at again through an open descriptor
+    (fresh attributes, on NFS too), and put back unless it is still the old file.
+
+    Raises
+    ------
+    OSError
+        When the file cannot be looked at, renamed or removed.
+    """
+    status = os.lstat(path)
+    if not stat.S_ISREG(status.st_mode) or status.st_mtime >= before:
+        return False
+    aside = path.with_name(f".{path.name}.{os.getpid()}.orphan.tmp")
+    os.rename(path, aside)
+    fd = os.open(aside, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        now_there = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if (now_there.st_ino, now_there.st_mtime_ns) == (status.st_ino, status.st_mtime_ns):
+        aside.unlink()
+        return True
+    # A listener wrote it again just now: put it back (beside an even newer copy, keep that).
+    try:
+        os.link(aside, path)
+    except FileExistsError:
+        pass
+    except OSError:  # no hard links here: rename back (same name, same content)
+        os.rename(aside, path)
+        return False
+    aside.unlink()
+    return False

@@ -579,13 +579,15 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float], role: str = "a
         supervisor.release_all("the node restarted during the job", clock())
     # Before listening: what a crash left half-done was never acknowledged. In a
     # shared storage.dir other listeners write the spool right now: their files
-    # are not this node's to judge, so the spool's recovery runs on one host only.
+    # are not this node's to judge, so the spool's recovery runs on one host only;
+    # there the cleaner removes what no C-STORE can still be writing (an hour old).
     if shared:
         from ich_node.ingest.spool import Recovery
 
         recovered = Recovery(0, 0, 0)
     else:
         recovered = spool.recover()
+        cleaner.spool_checked(clock())  # its hourly orphan walk: not again right now
         cleaner.run_once(clock())  # also removes dead workers' half-written results
     if recovered.temp_files or recovered.unrecorded_files or recovered.missing_files:
         log.info(

@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset
 from ich_node.durable import fsync_dir
 from ich_node.queue.backend import storage_ready
 from ich_node.queue.interface import Added, InstanceRecord, InstanceStore
-from ich_node.queue.layout import STORE_ID_NAME, StorageLayout, is_temp
+from ich_node.queue.layout import STORE_ID_NAME, StorageLayout, is_temp, spool_key
 
 log = structlog.get_logger(__name__)
 
@@ -181,7 +181,7 @@ class Spool:
         """
         # Compared by the path under spool/ (<study>/<series>/<sop>.dcm), so a
         # storage.dir that was moved never makes recorded files look unrecorded.
-        recorded = {Path(*Path(name).parts[-3:]): name for name in self.store.instance_files()}
+        recorded = {spool_key(name): name for name in self.store.instance_files()}
         temp = unrecorded = 0
         present: set[Path] = set()
         for path in self.root.rglob("*"):

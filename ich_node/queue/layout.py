@@ -37,6 +37,17 @@ def path_part(uid: str) -> str:
     return uid if _UID.match(uid) and ".." not in uid else hashlib.sha256(uid.encode()).hexdigest()
 
 
+def spool_key(path: Path | str) -> Path:
+    """The place of a spool file under ``spool/``: ``<study>/<series>/<file>``.
+
+    The last three parts of ``path``, whatever ``storage.dir`` it was recorded
+    under (a moved ``storage.dir``, another host's mount point, or PostgreSQL's
+    paths relative to ``storage.dir``). Spool recovery and the cleaner compare
+    it with a file's path relative to ``spool/``.
+    """
+    return Path(*Path(path).parts[-3:])
+
+
 def is_temp(path: Path) -> bool:
     """Whether ``path`` is a half-written file or folder (``.<name>.tmp``)."""
     return path.name.startswith(".") and path.name.endswith(".tmp")
