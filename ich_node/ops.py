@@ -154,10 +154,9 @@ def status(config: NodeConfig, as_json: bool) -> int:
     alerts = report["alerts"]
     if alerts["states"]:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(alerts["states"].items()))
-        print(
-            f"alerts: {counts} (median time to notification "
-            f"{alerts['median_time_to_notification_s']} s)"
-        )
+        median = alerts["median_time_to_notification_s"]
+        waited = "none accepted yet" if median is None else f"{median} s"
+        print(f"alerts: {counts} (median time to notification {waited})")
     oldest = report["oldest_waiting_job"]
     print(
         "oldest waiting job: "

@@ -153,3 +153,30 @@ def test_serve_refuses_a_database_newer_than_the_code(tmp_path: Path, pg_url: st
     finally:
         for sig, handler in handlers.items():  # serve installs its own
             signal.signal(sig, handler)
+
+
+def test_status_prints_the_alerts_line_on_both_backends(
+    config: NodeConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ich_node.ops import status
+    from ich_node.queue.interface import AlertRecord
+
+    store = open_store(config.storage)
+    try:
+        now = time.time()
+        job_id = _spool_and_queue(store, config, "1.2.3", now)
+        assert status(config, as_json=False) == 0
+        assert "alerts:" not in capsys.readouterr().out  # no alert recorded: no line
+        alerts = [
+            AlertRecord(job_id, t, "1.2.3", 1, f"key-{t}", "F", None, ("any",), now, now + 1)
+            for t in ("ris", "pager")
+        ]
+        assert store.record_alerts(alerts, "alert:", now + 1) == 2
+        assert status(config, as_json=False) == 0
+        out = capsys.readouterr().out
+        assert "alerts: pending 2 (median time to notification none accepted yet)" in out
+        store.alert_accepted(job_id, "ris", now + 4.5)
+        assert status(config, as_json=False) == 0
+        assert "alerts: pending 2 (median time to notification 4.5 s)" in capsys.readouterr().out
+    finally:
+        store.close()
