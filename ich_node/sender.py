@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import structlog
 from pydicom.filereader import read_file_meta_info
@@ -35,6 +37,9 @@ from ich_node.queue.layout import outbox_files
 from ich_node.tls import client_context
 
 log = structlog.get_logger(__name__)
+
+#: Alerts sent at the same time (each to its own target) by one sender pass.
+MAX_PARALLEL_ALERTS: Final = 8
 
 
 class DeliveryError(RuntimeError):
@@ -313,19 +318,28 @@ class Sender:
         due.sort(key=lambda d: not d.destination.startswith(ALERT_PREFIX))
         if alerts is not None:
             due = [d for d in due if d.destination.startswith(ALERT_PREFIX) == alerts]
+
         # A shared store leases each delivery to one sender of the cluster (always yes on
         # SQLite); one another sender holds is left to it.
-        return [
-            self.deliver(d, now)
-            for d in due
-            if self.store.claim_delivery(
-                d.job_id,
-                d.destination,
-                now,
-                holder=self.holder,
-                lease_seconds=2.0 * self.attempt_seconds(d),
+        def claim(d: DeliveryRecord) -> bool:
+            lease = 2.0 * self.attempt_seconds(d)
+            return self.store.claim_delivery(
+                d.job_id, d.destination, now, holder=self.holder, lease_seconds=lease
             )
-        ]
+
+        # Alerts go out side by side: a target that hangs until its timeout never
+        # holds back another target's alert. DICOM results go one at a time.
+        alerts_due = [d for d in due if d.destination.startswith(ALERT_PREFIX) and claim(d)]
+        outcomes: list[DeliveryOutcome] = []
+        if len(alerts_due) > 1:
+            workers = min(len(alerts_due), MAX_PARALLEL_ALERTS)
+            with ThreadPoolExecutor(workers, thread_name_prefix="alert") as pool:
+                outcomes += pool.map(lambda d: self.deliver(d, now), alerts_due)
+        else:
+            outcomes += [self.deliver(d, now) for d in alerts_due]
+        results_due = (d for d in due if not d.destination.startswith(ALERT_PREFIX))
+        outcomes += [self.deliver(d, now) for d in results_due if claim(d)]
+        return outcomes
 
     def attempt_seconds(self, delivery: DeliveryRecord) -> float:
         """The longest one attempt of ``delivery`` can take, by its timeouts (seconds).

@@ -301,6 +301,41 @@ def test_target_down_then_up_is_delivered_once(
         mllp.close()
 
 
+def test_a_target_that_hangs_does_not_hold_back_the_others(
+    tmp_path: Path, study: PhantomSeries, positive: Classifier, open_store: OpenStore
+) -> None:
+    """The RIS accepts the connection and answers only after 4 s: the other
+    targets' alerts are accepted meanwhile, not after it (one pass, in parallel)."""
+    slow, fast = MLLPServer("slow", delay=4.0), MLLPServer("AA")
+    try:
+        targets = [
+            {"name": name, "kind": "hl7", "host": "127.0.0.1", "port": port,
+             "receiving_application": "RIS", "receiving_facility": "HOSP",
+             "timeout_seconds": 10.0}
+            for name, port in (("a-slow-ris", slow.port), ("b-fast-ris", fast.port))
+        ]  # fmt: skip
+        config = parse_config(
+            {
+                "storage": {"dir": str(tmp_path / "node")},
+                "queue": {"lease_seconds": 60.0, "max_attempts": 2},
+                "sender": {"max_attempts": 3, "timeout_seconds": 10.0},
+                "notifications": targets,
+            }
+        )
+        store, job_id = _read(open_store, config, positive, study)
+        outcomes = _sender(config, store).run_once(time.time(), alerts=True)
+        assert sorted(o.state for o in outcomes) == ["done", "done"]
+        accepted = {a.target: a.accepted_at for a in store.alerts(job_id)}
+        assert None not in accepted.values()
+        # Sent one after the other, the fast target (second in the pass) would be
+        # accepted only after the slow one's ACK.
+        assert accepted["b-fast-ris"] < accepted["a-slow-ris"]  # type: ignore[operator]
+        assert len(slow.messages) == 1 and len(fast.messages) == 1
+    finally:
+        slow.close()
+        fast.close()
+
+
 def test_hl7_ae_is_parked_with_the_ack_text_and_resend_delivers(
     tmp_path: Path,
     storage_section: Section,
