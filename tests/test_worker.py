@@ -4,6 +4,7 @@ Reader (lease, headers, decoding), model and results run in three threads
 (:meth:`ich_node.worker.Worker.run`). These tests check that the pipeline gives
 the same findings as one series read alone, that its stages really overlap, and
 that a failure in any stage ends in a recorded state without stalling the rest.
+They run on both store backends (SQLite, PostgreSQL), the same tests.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,9 @@ from ich_node.queue.layout import results_dir
 from ich_node.queue.store import JobRecord, Store
 from ich_node.worker import Worker
 from training.phantom import PhantomSeries, write_series
+
+OpenStore = Callable[[Path], Store]
+Section = Callable[[Path], Any]  # conftest's storage_section: the test's backend
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +47,13 @@ def classifier(tiny_bundle: Path) -> Classifier:
     return Classifier(load_bundle(tiny_bundle), device="cpu", batch_size=4)
 
 
-def _config(tmp_path: Path) -> NodeConfig:
+def _config(tmp_path: Path, storage: Section) -> NodeConfig:
     return parse_config(
         {
-            "storage": {"dir": str(tmp_path / "node")},
+            "storage": {
+                "dir": str(tmp_path / "node"),
+                "database": storage(tmp_path / "node").database,
+            },
             "queue": {"lease_seconds": 60.0, "max_attempts": 3, "retry_base_seconds": 1.0},
         }
     )
@@ -72,10 +80,14 @@ def _run_until_settled(worker: Worker, n_jobs: int, timeout: float = 120.0) -> N
 
 
 def test_pipeline_gives_each_job_the_findings_of_its_series_alone(
-    tmp_path: Path, phantoms: list[PhantomSeries], classifier: Classifier
+    tmp_path: Path,
+    phantoms: list[PhantomSeries],
+    classifier: Classifier,
+    open_store: OpenStore,
+    storage_section: Section,
 ) -> None:
-    config = _config(tmp_path)
-    store = Store.open(config.storage.dir)
+    config = _config(tmp_path, storage_section)
+    store = open_store(config.storage.dir)
     jobs = [queue_series(store, p.paths, time.time() - 10) for p in phantoms]
     worker = Worker(config, "w0", store, classifier, batches_ahead=1)
     _run_until_settled(worker, len(jobs))
@@ -96,11 +108,15 @@ def test_pipeline_gives_each_job_the_findings_of_its_series_alone(
 
 
 def test_next_job_is_on_the_model_while_the_last_ones_results_are_written(
-    tmp_path: Path, phantoms: list[PhantomSeries], classifier: Classifier
+    tmp_path: Path,
+    phantoms: list[PhantomSeries],
+    classifier: Classifier,
+    open_store: OpenStore,
+    storage_section: Section,
 ) -> None:
     """Job 1's results stage waits until job 2 reaches the model: a serial worker never would."""
-    config = _config(tmp_path)
-    store = Store.open(config.storage.dir)
+    config = _config(tmp_path, storage_section)
+    store = open_store(config.storage.dir)
     first, second = (
         queue_series(store, p.paths, time.time() - 10 + i) for i, p in enumerate(phantoms[:2])
     )
@@ -125,15 +141,19 @@ def test_next_job_is_on_the_model_while_the_last_ones_results_are_written(
 
 
 def test_a_series_that_fails_to_decode_is_recorded_and_the_next_one_runs(
-    tmp_path: Path, phantoms: list[PhantomSeries], classifier: Classifier
+    tmp_path: Path,
+    phantoms: list[PhantomSeries],
+    classifier: Classifier,
+    open_store: OpenStore,
+    storage_section: Section,
 ) -> None:
     """Headers read, pixels undecodable in the third batch: retry with the reason, no stall."""
     import pydicom
     from pydicom.encaps import encapsulate
     from pydicom.uid import RLELossless
 
-    config = _config(tmp_path)
-    store = Store.open(config.storage.dir)
+    config = _config(tmp_path, storage_section)
+    store = open_store(config.storage.dir)
     broken_dir = tmp_path / "broken"
     broken = write_series(broken_dir, seed=41, subtypes=(), n_slices=10, matrix=128)
     last = broken.paths[-1]  # slice 10 of 10: in the third batch of 4
@@ -157,10 +177,14 @@ def test_a_series_that_fails_to_decode_is_recorded_and_the_next_one_runs(
 
 
 def test_a_series_with_unreadable_headers_is_recorded_and_the_next_one_runs(
-    tmp_path: Path, phantoms: list[PhantomSeries], classifier: Classifier
+    tmp_path: Path,
+    phantoms: list[PhantomSeries],
+    classifier: Classifier,
+    open_store: OpenStore,
+    storage_section: Section,
 ) -> None:
-    config = _config(tmp_path)
-    store = Store.open(config.storage.dir)
+    config = _config(tmp_path, storage_section)
+    store = open_store(config.storage.dir)
     gone = write_series(tmp_path / "gone", seed=42, subtypes=(), n_slices=4, matrix=128)
     bad = queue_series(store, gone.paths, time.time() - 10)
     for path in gone.paths:  # deleted behind the node's back
@@ -175,10 +199,14 @@ def test_a_series_with_unreadable_headers_is_recorded_and_the_next_one_runs(
 
 
 def test_stop_finishes_the_leased_jobs_and_leases_no_more(
-    tmp_path: Path, phantoms: list[PhantomSeries], classifier: Classifier
+    tmp_path: Path,
+    phantoms: list[PhantomSeries],
+    classifier: Classifier,
+    open_store: OpenStore,
+    storage_section: Section,
 ) -> None:
-    config = _config(tmp_path)
-    store = Store.open(config.storage.dir)
+    config = _config(tmp_path, storage_section)
+    store = open_store(config.storage.dir)
     jobs = [queue_series(store, p.paths, time.time() - 10 + i) for i, p in enumerate(phantoms)]
     leased_once = threading.Event()
 
@@ -206,13 +234,17 @@ def test_stop_finishes_the_leased_jobs_and_leases_no_more(
 
 
 def test_a_worker_holds_at_most_three_jobs(
-    tmp_path: Path, phantoms: list[PhantomSeries], classifier: Classifier
+    tmp_path: Path,
+    phantoms: list[PhantomSeries],
+    classifier: Classifier,
+    open_store: OpenStore,
+    storage_section: Section,
 ) -> None:
     """With the results stage stuck, the reader stops leasing at MAX_HELD_JOBS."""
     from ich_node.worker import MAX_HELD_JOBS
 
-    config = _config(tmp_path)
-    store = Store.open(config.storage.dir)
+    config = _config(tmp_path, storage_section)
+    store = open_store(config.storage.dir)
     extra = [
         write_series(tmp_path / f"x{i}", seed=60 + i, subtypes=(), n_slices=4, matrix=128)
         for i in range(2)
@@ -253,12 +285,16 @@ def test_a_worker_holds_at_most_three_jobs(
 
 
 def test_stop_gives_back_a_job_that_never_reached_the_model(
-    tmp_path: Path, phantoms: list[PhantomSeries], classifier: Classifier
+    tmp_path: Path,
+    phantoms: list[PhantomSeries],
+    classifier: Classifier,
+    open_store: OpenStore,
+    storage_section: Section,
 ) -> None:
     """Stopped while job 1 is on the model: job 1 ends done, job 2 (read ahead) is
     given back with its attempt not counted, job 3 is never leased."""
-    config = _config(tmp_path)
-    store = Store.open(config.storage.dir)
+    config = _config(tmp_path, storage_section)
+    store = open_store(config.storage.dir)
     first, second, third = (
         queue_series(store, p.paths, time.time() - 10 + i) for i, p in enumerate(phantoms)
     )
