@@ -302,7 +302,11 @@ def test_target_down_then_up_is_delivered_once(
 
 
 def test_a_target_that_hangs_does_not_hold_back_the_others(
-    tmp_path: Path, study: PhantomSeries, positive: Classifier, open_store: OpenStore
+    tmp_path: Path,
+    study: PhantomSeries,
+    positive: Classifier,
+    open_store: OpenStore,
+    storage_section: Section,
 ) -> None:
     """The RIS accepts the connection and answers only after 4 s: the other
     targets' alerts are accepted meanwhile, not after it (one pass, in parallel)."""
@@ -316,7 +320,10 @@ def test_a_target_that_hangs_does_not_hold_back_the_others(
         ]  # fmt: skip
         config = parse_config(
             {
-                "storage": {"dir": str(tmp_path / "node")},
+                "storage": {
+                    "dir": str(tmp_path / "node"),
+                    "database": storage_section(tmp_path / "node").database,
+                },
                 "queue": {"lease_seconds": 60.0, "max_attempts": 2},
                 "sender": {"max_attempts": 3, "timeout_seconds": 10.0},
                 "notifications": targets,
