@@ -347,22 +347,25 @@ def backslash_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_results_error_parks_the_job_on_its_first_attempt(
-    tmp_path: Path, backslash_bundle: Path, phantom: Any
+    tmp_path: Path, backslash_bundle: Path, phantom: Any, open_store: Any, storage_section: Any
 ) -> None:
+    """On both store backends (SQLite, PostgreSQL): the queue parks without a retry."""
     import time
 
     from benchmarks.common import queue_series
     from ich_node.config import parse_config
-    from ich_node.queue.store import Store
     from ich_node.worker import Worker
 
     config = parse_config(
         {
-            "storage": {"dir": str(tmp_path / "node")},
+            "storage": {
+                "dir": str(tmp_path / "node"),
+                "database": storage_section(tmp_path / "node").database,
+            },
             "queue": {"lease_seconds": 60.0, "max_attempts": 5, "retry_base_seconds": 1.0},
         }
     )
-    store = Store.open(config.storage.dir)
+    store = open_store(config.storage.dir)
     job = queue_series(store, phantom.paths[:3], time.time() - 10)
     classifier = Classifier(load_bundle(backslash_bundle), device="cpu", batch_size=4)
     worker = Worker(config, "w0", store, classifier)
