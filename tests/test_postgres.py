@@ -394,3 +394,67 @@ def test_connections_keep_tcp_alive_both_ways_and_keep_the_urls_options(
         "tcp_keepalives_count": str(count),
         "statement_timeout": "12345ms",  # the admin's own options are kept
     }
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_waits_out_the_database_going_away_and_carries_on(
+    tmp_path: Path,
+    pg_url: str,
+    pg_cluster: object,
+    tiny_bundle: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The failure table's row "the database": a worker whose database is down logs
+    ``worker.lease_failed`` and waits (the process does not exit); when it is back
+    the same worker takes the job and reads it, once."""
+    import shutil
+    import time
+
+    from benchmarks.common import queue_series, wait_for
+    from ich_node.bundle import load_bundle
+    from ich_node.inference import Classifier
+    from ich_node.worker import Worker
+    from training.phantom import write_series
+
+    config = parse_config(
+        {
+            "storage": {"dir": str(tmp_path / "node"), "database": pg_url},
+            "queue": {"lease_seconds": 60.0, "max_attempts": 3, "retry_base_seconds": 0.2},
+            "results": {"heatmaps": "none"},
+        }
+    )
+    store = open_store(config.storage)
+    assert store.place_store_id()  # type: ignore[attr-defined]
+    series = write_series(tmp_path / "src", seed=9, n_slices=6, matrix=64)
+    spooled = tmp_path / "node" / "spool" / "s"
+    spooled.mkdir(parents=True)
+    paths = [Path(shutil.copy2(p, spooled / p.name)) for p in series.paths]
+    job = queue_series(store, paths, time.time() - 5)
+    worker = Worker(config, "w0", store, Classifier(load_bundle(tiny_bundle), device="cpu"))
+    stop = threading.Event()
+    runner = threading.Thread(target=worker.run, args=(stop,), kwargs={"poll_seconds": 0.1})
+    pg_cluster.kill()  # type: ignore[attr-defined]
+    down = True
+    try:
+        runner.start()
+        seen = ""
+        deadline = time.monotonic() + 30.0
+        while "worker.lease_failed" not in seen and time.monotonic() < deadline:
+            time.sleep(0.5)  # a lease waits for the pool's 5 s timeout, then fails
+            seen += capsys.readouterr().out
+        assert "worker.lease_failed" in seen
+        assert runner.is_alive()
+        pg_cluster.start()  # type: ignore[attr-defined]
+        down = False
+        check = open_store(config.storage)
+        wait_for("the job done", lambda: check.job(job.job_id).state == "done", 120, every=0.2)  # type: ignore[union-attr]
+        done = check.job(job.job_id)
+        assert done is not None and done.attempts == 1
+        check.close()
+    finally:
+        if down:
+            pg_cluster.start()  # type: ignore[attr-defined]
+        stop.set()
+        runner.join(60)
+    assert not runner.is_alive()
+    store.close()
