@@ -467,8 +467,9 @@ def test_later_version_that_changes_the_answer_sends_a_correction(
     study: PhantomSeries,
     positive: Classifier,
     ca: CertAuthority,
+    receivers: Receivers,
 ) -> None:
-    config = _config(storage_section, tmp_path, None, ca, hook_url="https://127.0.0.1:1/h")
+    config = _config(storage_section, tmp_path, receivers, ca)
     store, job_id = _read(open_store, config, positive, study)
     first = store.alerts(job_id)
     header = pydicom.dcmread(study.paths[0], stop_before_pixels=True)
@@ -492,3 +493,17 @@ def test_later_version_that_changes_the_answer_sends_a_correction(
     assert by_target["oncall"].positive is False
     assert version(3, False) == []  # the same job again (a crash and re-run): nothing new
     assert base.positive is True
+
+    # Sent to the real receivers and parsed back: the first alert, then its correction.
+    sender = _sender(config, store)
+    for job in (job_id, f"{job_id}-v3"):
+        _drain(sender, store, job)
+    first_key = next(a.key for a in first if a.target == "oncall")
+    bodies = {b["idempotency_key"]: b for b in receivers.hook.bodies()}
+    correction = bodies[by_target["oncall"].key]
+    assert correction["supersedes"] == first_key and bodies[first_key]["supersedes"] is None
+    assert correction["positive"] is False
+    statuses = [str(m.segment("OBR")[25]) for m in receivers.mllp.messages]
+    assert statuses == ["F", "C"]  # OBR-25: final, then corrected
+    corrected = receivers.mllp.messages[1]
+    assert {str(obx[11]) for obx in corrected.segments("OBX")} == {"C"}  # OBX-11
