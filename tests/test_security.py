@@ -118,7 +118,7 @@ def test_sender_delivers_over_tls_with_a_client_certificate(
     tmp_path: Path, pki: Path, phantom_series
 ) -> None:  # type: ignore[no-untyped-def]
     storage = tmp_path / "node"
-    job_id = _job_with_outbox(storage, phantom_series)
+    job_id = _job_with_outbox(Store.open, storage, phantom_series)  # TLS, not the store: SQLite
     port = free_port()
     received = tmp_path / "pacs"
     received.mkdir()
