@@ -430,7 +430,7 @@ def test_sigkill_between_record_and_ack_no_duplicate_key(
             env={**os.environ, "PYTHONPATH": str(REPO)},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        try:  # killed as soon as one target holds the alert and has not answered yet
+        try:  # killed as soon as a target holds the alert and has not answered yet
             assert wait_for(lambda: hook.arrived or mllp.messages, timeout=60)
         finally:
             child.send_signal(signal.SIGKILL)
@@ -447,8 +447,9 @@ def test_sigkill_between_record_and_ack_no_duplicate_key(
         assert len({raw for _, raw in hook.arrived}) == 1  # the same body, byte for byte
         controls = [str(m.segment("MSH")(10)) for m in mllp.messages]
         assert set(controls) == {alert_key(job_id, "ris")}
-        # The one in flight at the kill arrived twice with one key; the other once.
-        assert sorted([len(keys), len(controls)]) == [1, 2]
+        # What was in flight at the kill arrived twice with one key, the rest once
+        # (alerts go out side by side: both targets may have been in flight).
+        assert 2 in (len(keys), len(controls)) and {len(keys), len(controls)} <= {1, 2}
         assert {d.state for d in store.deliveries(job_id)} == {"done"}
     finally:
         hook.close()
