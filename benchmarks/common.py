@@ -88,8 +88,8 @@ def random_bundle(
     """
     import torch
 
-    from ich_node.bundle import ModelCard, save_bundle
-    from ich_node.model import build_model
+    from ich_node.model.bundle import ModelCard, save_bundle
+    from ich_node.model.networks import build_model
 
     torch.manual_seed(0)
     fields: dict[str, Any] = {"version": "0", "training_data": "none: random weights", **card}
@@ -157,7 +157,7 @@ def serve_argv(config_path: Path) -> list[str]:
         sys.executable,
         "-c",
         "import sys; from ich_node.config import load_config; "
-        "from ich_node.service import serve; sys.exit(serve(load_config(sys.argv[1])))",
+        "from ich_node.service.serve import serve; sys.exit(serve(load_config(sys.argv[1])))",
         str(config_path),
     ]
 

@@ -56,7 +56,7 @@ from benchmarks.common import (
 NODE_AE = "ICH_NODE"
 _SERVE = (
     "import sys; from ich_node.config import load_config; "
-    "from ich_node.service import serve; sys.exit(serve(load_config(sys.argv[1])))"
+    "from ich_node.service.serve import serve; sys.exit(serve(load_config(sys.argv[1])))"
 )
 
 
@@ -193,7 +193,7 @@ def sender_rows(
 ) -> list[dict[str, Any]]:
     """Send a job's outbox to DCMTK storescp: the node's sender, and with TCP_NODELAY."""
     from ich_node.config import Destination as DestinationConfig
-    from ich_node.sender import send_files
+    from ich_node.delivery.sender import send_files
 
     rows = []
     where = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1"}

@@ -37,12 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import best_of, load_average, table, write_json
 from benchmarks.inference import interleaved
-from ich_node.bundle import Bundle, ModelCard
-from ich_node.explain import explain
 from ich_node.imaging import read_series
-from ich_node.inference import Classifier, resolve_device
 from ich_node.labels import LABELS
-from ich_node.model import build_model
+from ich_node.model.bundle import Bundle, ModelCard
+from ich_node.model.explain import explain
+from ich_node.model.inference import Classifier, resolve_device
+from ich_node.model.networks import build_model
 from training.phantom import write_series
 
 

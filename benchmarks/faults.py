@@ -48,9 +48,9 @@ if str(REPO) not in sys.path:
 
 from benchmarks.common import free_port, random_bundle, serve_argv, wait_for  # noqa: E402
 from ich_node.config import NodeConfig, load_config  # noqa: E402
-from ich_node.ops import echo  # noqa: E402
 from ich_node.queue.layout import outbox_files  # noqa: E402
 from ich_node.queue.store import Store  # noqa: E402
+from ich_node.service.ops import echo  # noqa: E402
 
 CALLER = "FAULTS"
 

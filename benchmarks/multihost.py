@@ -48,8 +48,8 @@ if str(REPO) not in sys.path:
 from benchmarks.common import free_port, random_bundle, wait_for  # noqa: E402
 from benchmarks.faults import Feeder, node_config  # noqa: E402
 from ich_node.config import StorageSection, load_config  # noqa: E402
-from ich_node.ops import echo  # noqa: E402
 from ich_node.queue.backend import open_store  # noqa: E402
+from ich_node.service.ops import echo  # noqa: E402
 
 #: SOP Class UID of the node's SR (Comprehensive 3D SR, PS3.4 B.5) and any SR.
 SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
@@ -103,7 +103,14 @@ class Host:
         self.log = self.config_path.parent / f"{self.name}.log"
         out = open(self.log, "ab")  # noqa: SIM115 (the child owns it)
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        argv = [sys.executable, "-m", "ich_node.cli", "serve", "--config", str(self.config_path)]
+        argv = [
+            sys.executable,
+            "-m",
+            "ich_node.service.cli",
+            "serve",
+            "--config",
+            str(self.config_path),
+        ]
         self.process = subprocess.Popen(
             [*argv, "--role", self.role], stdout=out, stderr=out, cwd=str(REPO), env=env
         )
@@ -260,8 +267,8 @@ def run_multihost(
         if acked - recorded:
             report["violations"].append(f"{len(acked - recorded)} acknowledged not recorded")
         report["hosts_seen"] = sorted(store.heartbeats())
-        from ich_node.ops import health
         from ich_node.queue.interface import HEARTBEAT_STALE_SECONDS
+        from ich_node.service.ops import health
 
         # health counts a worker alive while its last heartbeat is recent: wait until
         # the killed host's last one has aged past that, however fast the run went.
@@ -280,7 +287,7 @@ def run_multihost(
             name: health(load_config(hosts[name].config_path), role=hosts[name].role)
             for name in ("l1", "w2", "w1")
         }  # 0: healthy; w1 was killed
-        from ich_node.ops import collect_status
+        from ich_node.service.ops import collect_status
 
         report["status_heartbeats"] = sorted(collect_status(store, time.time())["heartbeats"])
     finally:

@@ -26,10 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import best_of, load_average, table, write_json
-from ich_node.bundle import ModelCard, load_bundle, save_bundle
 from ich_node.imaging import read_series
-from ich_node.inference import Classifier
-from ich_node.model import SequenceStage, build_model
+from ich_node.model.bundle import ModelCard, load_bundle, save_bundle
+from ich_node.model.inference import Classifier
+from ich_node.model.networks import SequenceStage, build_model
 from training.phantom import write_series
 
 

@@ -42,12 +42,12 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.inference import raw_forward
-from ich_node.bundle import load_bundle
 from ich_node.config import parse_config
-from ich_node.inference import Classifier
 from ich_node.log import configure_logging
+from ich_node.model.bundle import load_bundle
+from ich_node.model.inference import Classifier
 from ich_node.queue.store import Store
-from ich_node.worker import Worker
+from ich_node.service.worker import Worker
 from training.phantom import PhantomSeries, write_series
 
 

@@ -1,6 +1,6 @@
 """The model card: what a bundle says about its model, without the weights.
 
-Kept apart from :mod:`ich_node.bundle` (which imports torch) so that the results
+Kept apart from :mod:`ich_node.model.bundle` (which imports torch) so that the results
 stage, which names the model in every output, imports no torch.
 """
 

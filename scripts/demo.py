@@ -69,7 +69,7 @@ def ich_node(*args: str) -> None:
 def bundle_ok(path: Path) -> bool:
     if not path.is_file():
         return False
-    from ich_node.bundle import BundleError, load_bundle
+    from ich_node.model.bundle import BundleError, load_bundle
 
     try:
         load_bundle(path)
@@ -88,7 +88,7 @@ def truth_by_series(folder: Path) -> dict[str, dict[str, int]]:
 
 
 def report() -> int:
-    from ich_node.cli import short_uid
+    from ich_node.service.cli import short_uid
 
     truth = truth_by_series(HOLDOUT)
     rows = []

@@ -95,7 +95,7 @@ def test_paths_resolve_against_the_file(tmp_path: Path) -> None:
 def test_check_config_names_unusable_target_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from ich_node.cli import main
+    from ich_node.service.cli import main
 
     secret = tmp_path / "s.key"
     creds = tmp_path / "creds"
@@ -147,6 +147,6 @@ def test_email_login_without_starttls_is_refused(tmp_path: Path) -> None:
         "notifications:\n  - {name: mail, kind: email, host: smtp, from: n@x.org,"
         " to: a@x.org, starttls: false, credentials_file: creds}\n"
     )
-    from ich_node.cli import main
+    from ich_node.service.cli import main
 
     assert main(["check-config", str(path)]) == 2

@@ -25,20 +25,20 @@ import pydicom
 import pytest
 
 from benchmarks.common import free_port, queue_series, random_bundle
-from ich_node.bundle import load_bundle
 from ich_node.config import NodeConfig, parse_config
 from ich_node.delivery.alerts import ALERT_PREFIX, alert_key, read_alert
 from ich_node.delivery.outbox import prepare_alerts
-from ich_node.inference import Classifier
+from ich_node.delivery.sender import Sender
 from ich_node.labels import LABELS
 from ich_node.log import configure_logging
 from ich_node.metrics import Metrics
-from ich_node.ops import collect_status
+from ich_node.model.bundle import load_bundle
+from ich_node.model.inference import Classifier
 from ich_node.queue.layout import results_dir
 from ich_node.queue.store import Store
 from ich_node.results.findings import LabelFinding, SeriesFindings
-from ich_node.sender import Sender
-from ich_node.worker import Worker
+from ich_node.service.ops import collect_status
+from ich_node.service.worker import Worker
 from tests.alert_servers import (
     CertAuthority,
     MLLPServer,
@@ -368,7 +368,7 @@ def test_hl7_ae_is_parked_with_the_ack_text_and_resend_delivers(
         # The admin fixes the RIS and resends: the same message (same control ID) again.
         mllp.mode = "AA"
         result = subprocess.run(
-            [sys.executable, "-m", "ich_node.cli", "resend", "--config", str(_yaml(tmp_path, config)),
+            [sys.executable, "-m", "ich_node.service.cli", "resend", "--config", str(_yaml(tmp_path, config)),
              job_id], capture_output=True, text=True, timeout=120,
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )  # fmt: skip
@@ -396,7 +396,7 @@ def _yaml(tmp_path: Path, config: NodeConfig) -> Path:
 _SEND_LOOP = """
 import os, sys, time
 from ich_node.config import load_config
-from ich_node.sender import Sender
+from ich_node.delivery.sender import Sender
 from ich_node.queue.backend import open_store
 config = load_config(sys.argv[1])
 store = open_store(config.storage)

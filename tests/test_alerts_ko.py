@@ -11,10 +11,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from ich_node.bundle import load_bundle
-from ich_node.explain import explain_series
 from ich_node.imaging import read_series
-from ich_node.inference import Classifier
+from ich_node.model.bundle import load_bundle
+from ich_node.model.explain import explain_series
+from ich_node.model.inference import Classifier
 from ich_node.results.build import ResultOptions, build_results, write_results
 from ich_node.results.findings import ExplainedSeries, LabelFinding
 from ich_node.results.ko import key_slices

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ich_node.bundle import BundleError, ModelCard, load_bundle, read_card, save_bundle
-from ich_node.cli import main
 from ich_node.imaging import DEFAULT_WINDOWS
 from ich_node.labels import LABELS
-from ich_node.model import PretrainedWeightsError, build_model
+from ich_node.model.bundle import BundleError, ModelCard, load_bundle, read_card, save_bundle
+from ich_node.model.networks import PretrainedWeightsError, build_model
+from ich_node.service.cli import main
 
 
 def _card(**changes: object) -> ModelCard:
@@ -149,8 +149,8 @@ def test_bundle_info_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 
 def test_torch_free_check_agrees_with_the_model(tmp_path: Path) -> None:
-    from ich_node.bundle import ARCHITECTURE_NAMES, check_bundle, weights_sha256
-    from ich_node.model import ARCHITECTURES
+    from ich_node.model.bundle import ARCHITECTURE_NAMES, check_bundle, weights_sha256
+    from ich_node.model.networks import ARCHITECTURES
 
     assert set(ARCHITECTURE_NAMES) == set(ARCHITECTURES)
     model = build_model("resnet18")
@@ -166,7 +166,7 @@ def test_checking_a_bundle_imports_no_torch(tmp_path: Path) -> None:
 
     save_bundle(tmp_path / "m.safetensors", build_model("resnet18"), _card(arch="resnet18"))
     code = (
-        "import sys; from ich_node.bundle import check_bundle; "
+        "import sys; from ich_node.model.bundle import check_bundle; "
         f"check_bundle({str(tmp_path / 'm.safetensors')!r}); "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ich_node.cli import format_findings_table, short_uid
 from ich_node.labels import LABELS
 from ich_node.results.findings import LabelFinding, ModelInfo, SeriesFindings, SliceFinding
+from ich_node.service.cli import format_findings_table, short_uid
 
 THRESHOLDS = {"any": 0.28, "epidural": 0.73, **{k: 0.5 for k in LABELS[2:]}}
 

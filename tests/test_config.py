@@ -10,8 +10,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from ich_node.cli import main
 from ich_node.config import ConfigError, NodeConfig, load_config, parse_config
+from ich_node.service.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "config" / "node.yaml"
@@ -126,7 +126,7 @@ def test_check_config_console_script(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  device: gpu\n")
     run = subprocess.run(
-        [sys.executable, "-m", "ich_node.cli", "check-config", str(bad)],
+        [sys.executable, "-m", "ich_node.service.cli", "check-config", str(bad)],
         capture_output=True,
         text=True,
         check=False,

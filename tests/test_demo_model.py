@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ich_node.bundle import load_bundle
-from ich_node.explain import explain
 from ich_node.imaging import read_series
-from ich_node.inference import Classifier
+from ich_node.model.bundle import load_bundle
+from ich_node.model.explain import explain
+from ich_node.model.inference import Classifier
 from ich_node.results.common import cam_to_source
 from training.metrics import roc_auc
 from training.phantom import write_series

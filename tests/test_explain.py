@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from ich_node.bundle import Bundle, ModelCard, load_bundle
-from ich_node.explain import explain, slices_to_explain
 from ich_node.imaging import read_series
-from ich_node.inference import Classifier
 from ich_node.labels import LABELS
-from ich_node.model import build_model
+from ich_node.model.bundle import Bundle, ModelCard, load_bundle
+from ich_node.model.explain import explain, slices_to_explain
+from ich_node.model.inference import Classifier
+from ich_node.model.networks import build_model
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ pytestmark = [
 
 def test_fit_with_bf16_and_channels_last_on_cuda(tmp_path: Path) -> None:
     """A short run learns, in bf16 autocast and channels-last, and exports a bundle."""
-    from ich_node.bundle import load_bundle
+    from ich_node.model.bundle import load_bundle
     from training.phantom import write_dataset
     from training.settings import resolve
     from training.train import fit
@@ -56,9 +56,9 @@ def test_fit_with_bf16_and_channels_last_on_cuda(tmp_path: Path) -> None:
 
 
 def test_compiled_bf16_classifier_on_cuda_matches_eager(tiny_bundle: Path, tmp_path: Path) -> None:
-    from ich_node.bundle import load_bundle
     from ich_node.imaging import read_series
-    from ich_node.inference import Classifier
+    from ich_node.model.bundle import load_bundle
+    from ich_node.model.inference import Classifier
     from training.phantom import write_series
 
     phantom = write_series(tmp_path / "s", seed=4, subtypes=("subdural",), n_slices=7, matrix=128)
@@ -78,13 +78,13 @@ def test_compiled_bf16_classifier_on_cuda_matches_eager(tiny_bundle: Path, tmp_p
 def test_worker_pipeline_on_cuda_gives_the_cpu_findings(tiny_bundle: Path, tmp_path: Path) -> None:
     """Worker.run on the GPU: every job done, probabilities within bf16 of the CPU's."""
     from benchmarks.common import queue_series
-    from ich_node.bundle import load_bundle
     from ich_node.config import parse_config
     from ich_node.imaging import read_series
-    from ich_node.inference import Classifier
+    from ich_node.model.bundle import load_bundle
+    from ich_node.model.inference import Classifier
     from ich_node.queue.layout import results_dir
     from ich_node.queue.store import Store
-    from ich_node.worker import Worker
+    from ich_node.service.worker import Worker
     from training.phantom import write_series
 
     config = parse_config({"storage": {"dir": str(tmp_path / "node")}})

@@ -15,7 +15,6 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from ich_node.bundle import load_bundle
 from ich_node.config import SeriesSection
 from ich_node.imaging import (
     DEFAULT_MAX_GAP_MM,
@@ -27,6 +26,7 @@ from ich_node.imaging import (
     load_series_hu,
     read_series,
 )
+from ich_node.model.bundle import load_bundle
 from training.phantom import PhantomSeries, write_series
 
 N = 12
@@ -52,7 +52,7 @@ def clean_hu(clean_series: CTSeries) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def classifier(tiny_bundle: Path):  # type: ignore[no-untyped-def]
-    from ich_node.inference import Classifier
+    from ich_node.model.inference import Classifier
 
     return Classifier(load_bundle(tiny_bundle), device="cpu", batch_size=16, prefetch=False)
 
@@ -499,7 +499,7 @@ def test_results_of_a_multi_frame_source_reference_frames_and_validate(
 
     from highdicom.legacy import LegacyConvertedEnhancedCTImage
 
-    from ich_node.cli import main
+    from ich_node.service.cli import main
     from tests.conftest import dcmtk
 
     dciodvfy = dcmtk("dciodvfy")
@@ -580,8 +580,8 @@ def test_same_head_stored_another_way_gives_the_same_result(
     how: str,
     to_source,  # type: ignore[no-untyped-def]
 ) -> None:
-    from ich_node.explain import explain
     from ich_node.imaging.orientation import Reorientation
+    from ich_node.model.explain import explain
 
     paths = _restore(list(clean.paths), tmp_path, how)
     series = read_series(paths)
@@ -653,10 +653,10 @@ def test_worker_reads_records_and_parks_a_refused_series_at_once(
 
     from benchmarks.common import queue_series
     from ich_node.config import parse_config
-    from ich_node.inference import Classifier
+    from ich_node.model.inference import Classifier
     from ich_node.queue.layout import results_dir
     from ich_node.queue.store import Store
-    from ich_node.worker import Worker
+    from ich_node.service.worker import Worker
 
     good = _copy(clean, tmp_path / "good")
     ds = pydicom.dcmread(good[4])

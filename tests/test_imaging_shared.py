@@ -89,7 +89,7 @@ def test_predict_over_all_shared_series_reads_or_refuses_each(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from ich_node.cli import main
+    from ich_node.service.cli import main
 
     groups = group_series([real_ct, cases])
     assert UNREADABLE not in groups

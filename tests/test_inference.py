@@ -10,16 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from ich_node.bundle import Bundle, ModelCard, load_bundle
 from ich_node.imaging import read_series
-from ich_node.inference import (
+from ich_node.labels import LABELS
+from ich_node.model.bundle import Bundle, ModelCard, load_bundle
+from ich_node.model.inference import (
     Classifier,
     cam_head,
     resolve_device,
     resolve_precision,
 )
-from ich_node.labels import LABELS
-from ich_node.model import build_model
+from ich_node.model.networks import build_model
 
 
 @pytest.fixture(scope="module")

@@ -179,7 +179,7 @@ def test_worker_heartbeat_extends_the_lease_of_a_long_job(
     import time
 
     from ich_node.config import parse_config
-    from ich_node.worker import Worker, _Heartbeat
+    from ich_node.service.worker import Worker, _Heartbeat
 
     config = parse_config({"queue": {"lease_seconds": 2.0}, "storage": {"dir": str(tmp_path)}})
     store = open_store(tmp_path)

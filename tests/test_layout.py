@@ -39,8 +39,8 @@ def test_hostile_uids_never_leave_the_spool(tmp_path: Path) -> None:
 
 def test_serving_process_does_not_import_the_worker_module() -> None:
     code = (
-        "import sys; import ich_node.service, ich_node.sender, ich_node.ingest.listener; "
-        "bad = [m for m in ('ich_node.worker', 'torch', 'ich_node.inference') if m in sys.modules]; "
+        "import sys; import ich_node.service.serve, ich_node.delivery.sender, ich_node.ingest.listener; "
+        "bad = [m for m in ('ich_node.service.worker', 'torch', 'ich_node.model.inference') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -158,8 +158,8 @@ def test_low_disk_space_gets_0xA700_and_leaves_no_file(
 
 def test_listener_modules_do_not_import_torch() -> None:
     code = (
-        "import sys; import ich_node.service, ich_node.ingest.listener, ich_node.ops, "
-        "ich_node.sender, ich_node.ingest.assemble, ich_node.worker; "
+        "import sys; import ich_node.service.serve, ich_node.ingest.listener, ich_node.service.ops, "
+        "ich_node.delivery.sender, ich_node.ingest.assemble, ich_node.service.worker; "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     started = time.monotonic()

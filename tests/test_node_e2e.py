@@ -20,8 +20,8 @@ import yaml
 
 from benchmarks import common
 from ich_node.config import NodeConfig, load_config
-from ich_node.ops import echo, health, status
 from ich_node.queue.store import Store
+from ich_node.service.ops import echo, health, status
 from tests.conftest import dcmtk
 
 CALLER = "MODALITY"

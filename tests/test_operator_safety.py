@@ -20,8 +20,8 @@ import yaml
 
 from benchmarks import common
 from ich_node.config import load_config
-from ich_node.ops import echo
 from ich_node.queue.store import Store
+from ich_node.service.ops import echo
 from tests.conftest import dcmtk
 from tests.test_node_e2e import Node, wait_for
 
@@ -47,7 +47,7 @@ def _config(tmp_path: Path, bundle: Path | str, **sections: dict[str, Any]) -> P
 
 def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ich_node.cli", *args],
+        [sys.executable, "-m", "ich_node.service.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -199,7 +199,7 @@ def test_worker_that_cannot_load_the_model_stops_serve_before_it_listens(
     path = _config(tmp_path, bundle)
     port = load_config(path).node.port
     process = subprocess.Popen(
-        [sys.executable, "-m", "ich_node.cli", "serve", "--config", str(path)],
+        [sys.executable, "-m", "ich_node.service.cli", "serve", "--config", str(path)],
         stderr=subprocess.PIPE,
         text=True,
         env=ENV,

@@ -259,7 +259,7 @@ def test_database_going_away_refuses_images_and_recovers(
 
 
 def test_a_node_id_in_use_by_a_live_node_is_refused(tmp_path: Path, pg_url: str) -> None:
-    from ich_node.service import node_id_in_use
+    from ich_node.service.serve import node_id_in_use
 
     store = _store(tmp_path, pg_url)
     beating = threading.Event()
@@ -341,8 +341,8 @@ def test_a_dead_senders_claim_goes_to_another_once_its_heartbeat_is_stale(
 def test_the_sender_leases_a_delivery_for_longer_than_its_attempt_can_take(
     tmp_path: Path,
 ) -> None:
+    from ich_node.delivery.sender import Sender
     from ich_node.queue.interface import DeliveryRecord
-    from ich_node.sender import Sender
 
     config = parse_config(
         {
@@ -412,9 +412,9 @@ def test_a_worker_waits_out_the_database_going_away_and_carries_on(
     import time
 
     from benchmarks.common import queue_series, wait_for
-    from ich_node.bundle import load_bundle
-    from ich_node.inference import Classifier
-    from ich_node.worker import Worker
+    from ich_node.model.bundle import load_bundle
+    from ich_node.model.inference import Classifier
+    from ich_node.service.worker import Worker
     from training.phantom import write_series
 
     config = parse_config(

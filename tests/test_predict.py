@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from ich_node.bundle import load_bundle
-from ich_node.cli import main
 from ich_node.imaging import preprocess_hu, read_series
-from ich_node.inference import Classifier
 from ich_node.labels import LABELS
+from ich_node.model.bundle import load_bundle
+from ich_node.model.inference import Classifier
 from ich_node.results.findings import read_findings
+from ich_node.service.cli import main
 from training.phantom import write_series
 
 

@@ -26,8 +26,8 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from benchmarks.faults import free_port, wait_for
 from ich_node.config import load_config
-from ich_node.ops import echo
 from ich_node.queue.store import Store
+from ich_node.service.ops import echo
 
 _LISTENER = """
 import sys, signal, threading

@@ -13,11 +13,11 @@ import pytest
 import structlog
 from pydicom.uid import RE_VALID_UID
 
-from ich_node.bundle import Bundle, load_bundle
-from ich_node.explain import explain_series
 from ich_node.imaging import read_series
-from ich_node.inference import Classifier, Prediction
 from ich_node.labels import LABELS
+from ich_node.model.bundle import Bundle, load_bundle
+from ich_node.model.explain import explain_series
+from ich_node.model.inference import Classifier, Prediction
 from ich_node.results.build import (
     ResultOptions,
     ResultSet,
@@ -309,8 +309,8 @@ def test_results_import_no_torch_model_or_network() -> None:
         "import sys\n"
         "import ich_node.results.build, ich_node.results.sr, ich_node.results.sc\n"
         "import ich_node.results.pm, ich_node.results.findings, ich_node.results.common\n"
-        "bad = ['torch', 'torchvision', 'pytorch_grad_cam', 'ich_node.model', 'ich_node.bundle',\n"
-        "       'ich_node.inference', 'ich_node.explain', 'pynetdicom', 'ich_node.sender',\n"
+        "bad = ['torch', 'torchvision', 'pytorch_grad_cam', 'ich_node.model.networks', 'ich_node.model.bundle',\n"
+        "       'ich_node.model.inference', 'ich_node.model.explain', 'pynetdicom', 'ich_node.delivery.sender',\n"
         "       'ich_node.ingest.listener', 'ich_node.net']\n"
         "print(sorted(m for m in bad if m in sys.modules))\n"
     )
@@ -354,7 +354,7 @@ def test_a_results_error_parks_the_job_on_its_first_attempt(
 
     from benchmarks.common import queue_series
     from ich_node.config import parse_config
-    from ich_node.worker import Worker
+    from ich_node.service.worker import Worker
 
     config = parse_config(
         {
@@ -380,7 +380,7 @@ def test_a_results_error_parks_the_job_on_its_first_attempt(
 def test_predict_goes_on_after_each_results_failure(
     tmp_path: Path, backslash_bundle: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from ich_node.cli import main
+    from ich_node.service.cli import main
     from training.phantom import write_series
 
     a = write_series(tmp_path / "in" / "a", seed=21, n_slices=3, matrix=96)
@@ -400,7 +400,7 @@ def test_predict_goes_on_after_each_results_failure(
 def test_predict_delivers_every_shared_header_case(
     tmp_path: Path, tiny_bundle: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from ich_node.cli import main
+    from ich_node.service.cli import main
 
     cases = Path(__file__).resolve().parents[2] / "shared" / "cases"
     folders = [cases / "charset", cases / "invalid-values"]

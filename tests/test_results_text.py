@@ -22,11 +22,11 @@ import structlog
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 
-from ich_node.bundle import Bundle, load_bundle
-from ich_node.explain import explain_series
 from ich_node.imaging import read_series
-from ich_node.inference import Classifier
 from ich_node.labels import LABELS
+from ich_node.model.bundle import Bundle, load_bundle
+from ich_node.model.explain import explain_series
+from ich_node.model.inference import Classifier
 from ich_node.results.build import ResultOptions, build_results, write_results
 from ich_node.results.common import (
     EQUIPMENT_KEYWORDS,

@@ -17,11 +17,11 @@ import pytest
 
 from benchmarks.faults import NodeProcess, RecordingSCP, free_port, node_config, wait_for
 from ich_node.config import Destination, SenderSection, parse_config
+from ich_node.delivery.sender import Sender
 from ich_node.ingest.listener import start_listener
 from ich_node.ingest.spool import Spool
 from ich_node.queue.store import DB_NAME, Store
 from ich_node.retention import Cleaner
-from ich_node.sender import Sender
 from tests.conftest import dcmtk
 from tests.test_sender import _job_with_outbox
 
@@ -149,8 +149,8 @@ def test_sender_delivers_over_tls_with_a_client_certificate(
             {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port,
              "tls": {"ca": str(pki / "rogue.crt")}}
         )  # fmt: skip
+        from ich_node.delivery.sender import DeliveryError, send_files
         from ich_node.queue.layout import outbox_files
-        from ich_node.sender import DeliveryError, send_files
 
         with pytest.raises((DeliveryError, OSError)):
             send_files(outbox_files(storage, job_id), plain, "ICH_NODE", 10.0)
@@ -259,7 +259,7 @@ def test_no_phi_in_logs_metrics_or_store_owner_only_files_and_retention(
 @pytest.mark.parametrize("require", [False, True])
 def test_health_echo_speaks_tls(tmp_path: Path, free_port: int, pki: Path, require: bool) -> None:
     """`ich-node health` reaches a TLS-only listener (with its own certificate when required)."""
-    from ich_node.ops import echo
+    from ich_node.service.ops import echo
 
     config = parse_config(
         {

@@ -14,12 +14,12 @@ import pydicom
 
 from benchmarks.common import free_port
 from ich_node.config import Destination, QueueSection, SenderSection, parse_config
-from ich_node.ops import resend
+from ich_node.delivery.sender import Sender
 from ich_node.queue.backend import job_queue
 from ich_node.queue.jobs import job_id_for
 from ich_node.queue.layout import results_dir
 from ich_node.queue.store import InstanceRecord, Store
-from ich_node.sender import Sender
+from ich_node.service.ops import resend
 from tests.conftest import dcmtk
 
 OpenStore = Callable[[Path], Store]

@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ich_node.bundle import (
+from ich_node.imaging import add_slice_context, context_channels, read_series
+from ich_node.labels import LABELS
+from ich_node.model.bundle import (
     CARD_KEY,
     SEQUENCE_PREFIX,
     BundleError,
@@ -22,9 +24,7 @@ from ich_node.bundle import (
     save_bundle,
     weights_sha256,
 )
-from ich_node.imaging import add_slice_context, context_channels, read_series
-from ich_node.labels import LABELS
-from ich_node.model import ICHClassifier, SequenceStage, build_model, neighbour_differences
+from ich_node.model.networks import ICHClassifier, SequenceStage, build_model, neighbour_differences
 
 
 def _card(**kw: object) -> ModelCard:
@@ -184,9 +184,9 @@ def test_classifier_runs_cnn_then_sequence_with_context(tmp_path: Path) -> None:
     Batches of 4 slices: the context across batch borders must be the real
     neighbours, i.e. equal to building the input for the whole series at once.
     """
-    from ich_node.imaging.pixels import load_series_hu
     from ich_node.imaging.preprocess import model_hu, preprocess_hu
-    from ich_node.inference import Classifier
+    from ich_node.imaging.series import load_series_hu
+    from ich_node.model.inference import Classifier
     from training.phantom import write_series
 
     ph = write_series(tmp_path / "s", seed=3, subtypes=("subdural",), n_slices=10, matrix=96)
@@ -218,7 +218,7 @@ def test_classifier_runs_cnn_then_sequence_with_context(tmp_path: Path) -> None:
 
 
 def test_tta_averages_the_mirror_and_is_recorded(tmp_path: Path, tiny_bundle: Path) -> None:
-    from ich_node.inference import Classifier
+    from ich_node.model.inference import Classifier
     from ich_node.results.findings import SeriesFindings
     from ich_node.results.sr import summary_text
     from training.phantom import write_series
@@ -253,7 +253,7 @@ def test_tta_averages_the_mirror_and_is_recorded(tmp_path: Path, tiny_bundle: Pa
 
 
 def test_model_rejects_images_of_the_wrong_channel_count(tiny_bundle: Path) -> None:
-    from ich_node.inference import Classifier
+    from ich_node.model.inference import Classifier
 
     clf = Classifier(load_bundle(tiny_bundle), device="cpu")
     with pytest.raises(ValueError, match=r"\(S, 3, H, W\)"):
@@ -264,7 +264,7 @@ def test_model_rejects_images_of_the_wrong_channel_count(tiny_bundle: Path) -> N
 def test_training_dataset_builds_the_same_context_as_the_node(tmp_path: Path) -> None:
     """SliceDataset(context=1) gives each slice exactly the node's 2.5D input."""
     from ich_node.imaging import DEFAULT_WINDOWS
-    from ich_node.inference import Classifier
+    from ich_node.model.inference import Classifier
     from training.data import SliceDataset, build_index
     from training.phantom import write_dataset
 
@@ -283,7 +283,7 @@ def test_training_dataset_builds_the_same_context_as_the_node(tmp_path: Path) ->
 
 
 def test_predict_cli_with_a_two_stage_bundle_and_tta(tmp_path: Path) -> None:
-    from ich_node.cli import main
+    from ich_node.service.cli import main
     from training.phantom import write_series
 
     ph = write_series(tmp_path / "in", seed=6, subtypes=("subdural",), n_slices=6, matrix=96)
@@ -303,10 +303,10 @@ def test_the_node_worker_serves_a_two_stage_context_bundle_with_tta(tmp_path: Pa
 
     from benchmarks.common import queue_series
     from ich_node.config import parse_config
-    from ich_node.inference import Classifier
+    from ich_node.model.inference import Classifier
     from ich_node.queue.layout import results_dir
     from ich_node.queue.store import Store
-    from ich_node.worker import Worker
+    from ich_node.service.worker import Worker
     from training.phantom import write_series
 
     ph = write_series(tmp_path / "s", seed=8, subtypes=("subdural",), n_slices=9, matrix=96)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ich_node.bundle import load_bundle
+from ich_node.model.bundle import load_bundle
 from training.cli import main as train_cli
 from training.evaluate import evaluate_bundle
 from training.settings import resolve

@@ -22,12 +22,12 @@ import pydicom
 import pytest
 
 from benchmarks.common import queue_series, random_bundle, wait_for
-from ich_node.bundle import load_bundle
 from ich_node.config import parse_config
 from ich_node.imaging import ImagingError, StorageUnavailable, read_series
-from ich_node.inference import Classifier
+from ich_node.model.bundle import load_bundle
+from ich_node.model.inference import Classifier
 from ich_node.queue.store import Store
-from ich_node.worker import Worker
+from ich_node.service.worker import Worker
 from training.phantom import write_series
 
 
@@ -248,8 +248,8 @@ def test_the_shared_storage_going_away_and_coming_back_under_a_live_node(
     from benchmarks.common import free_port, restamp_series
     from benchmarks.multihost import Host, PacsSCP
     from ich_node.config import StorageSection, load_config
-    from ich_node.ops import echo, health
     from ich_node.queue.backend import open_store
+    from ich_node.service.ops import echo, health
 
     src = list(write_series(tmp_path / "src", seed=72, n_slices=8, matrix=64).paths)
     studies = [
@@ -321,8 +321,8 @@ def test_workers_and_senders_wait_for_the_mount_then_carry_on(
     nothing (the job stays queued, the delivery due, no attempt charged); both carry
     on when the mount is there."""
     from ich_node.config import StorageSection
+    from ich_node.delivery.sender import Sender
     from ich_node.queue.postgres import PgStore
-    from ich_node.sender import Sender
 
     shared = tmp_path / "shared"
     first = PgStore(StorageSection(dir=shared, database=pg_url))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ich_node.bundle import ModelCard
 from ich_node.labels import LABELS
+from ich_node.model.bundle import ModelCard
 from ich_node.results.findings import ModelInfo, summarise
 from ich_node.results.sr import FINDING_CODES, summary_text
 

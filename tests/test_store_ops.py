@@ -73,7 +73,7 @@ def test_retention_purges_finished_series_on_both_backends(config: NodeConfig) -
 def test_resend_requeues_parked_work_on_both_backends(
     config: NodeConfig, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from ich_node.ops import resend
+    from ich_node.service.ops import resend
 
     store = open_store(config.storage)
     queue = job_queue(store, config.queue)
@@ -93,7 +93,7 @@ def test_resend_requeues_parked_work_on_both_backends(
 
 
 def test_sqlite_store_migrates_to_postgresql(tmp_path: Path, pg_url: str) -> None:
-    from ich_node.cli import main
+    from ich_node.service.cli import main
 
     sqlite_config = _config(tmp_path, None)
     store = open_store(sqlite_config.storage)
@@ -125,7 +125,7 @@ def test_sqlite_store_migrates_to_postgresql(tmp_path: Path, pg_url: str) -> Non
 
 
 def test_a_role_without_a_shared_store_is_refused(tmp_path: Path) -> None:
-    from ich_node.service import EXIT_CONFIG, serve
+    from ich_node.service.serve import EXIT_CONFIG, serve
 
     config = _config(tmp_path, None)
     for role in ("listener", "worker"):
@@ -137,7 +137,7 @@ def test_serve_refuses_a_database_newer_than_the_code(tmp_path: Path, pg_url: st
     import psycopg
 
     from ich_node.queue import postgres
-    from ich_node.service import EXIT_CONFIG, serve
+    from ich_node.service.serve import EXIT_CONFIG, serve
 
     config = _config(tmp_path, pg_url)
     open_store(config.storage).close()
@@ -158,8 +158,8 @@ def test_serve_refuses_a_database_newer_than_the_code(tmp_path: Path, pg_url: st
 def test_status_prints_the_alerts_line_on_both_backends(
     config: NodeConfig, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from ich_node.ops import status
     from ich_node.queue.interface import AlertRecord
+    from ich_node.service.ops import status
 
     store = open_store(config.storage)
     try:

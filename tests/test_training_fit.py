@@ -12,8 +12,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from ich_node.bundle import load_bundle
 from ich_node.labels import LABELS
+from ich_node.model.bundle import load_bundle
 from training.settings import FitSettings, resolve
 from training.train import DistInfo, fit
 
@@ -177,7 +177,7 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(
 
 
 def _initial_params() -> dict[str, torch.Tensor]:
-    from ich_node.model import build_model
+    from ich_node.model.networks import build_model
 
     torch.manual_seed(0)
     state = build_model("resnet18").state_dict()

@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 
 from benchmarks.common import queue_series
-from ich_node.bundle import load_bundle
 from ich_node.config import NodeConfig, parse_config
 from ich_node.imaging import read_series
-from ich_node.inference import Classifier
+from ich_node.model.bundle import load_bundle
+from ich_node.model.inference import Classifier
 from ich_node.queue.layout import results_dir
 from ich_node.queue.store import JobRecord, Store
-from ich_node.worker import Worker
+from ich_node.service.worker import Worker
 from training.phantom import PhantomSeries, write_series
 
 OpenStore = Callable[[Path], Store]
@@ -241,7 +241,7 @@ def test_a_worker_holds_at_most_three_jobs(
     storage_section: Section,
 ) -> None:
     """With the results stage stuck, the reader stops leasing at MAX_HELD_JOBS."""
-    from ich_node.worker import MAX_HELD_JOBS
+    from ich_node.service.worker import MAX_HELD_JOBS
 
     config = _config(tmp_path, storage_section)
     store = open_store(config.storage.dir)

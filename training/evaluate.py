@@ -21,9 +21,9 @@ import numpy as np
 import structlog
 from torch.utils.data import DataLoader
 
-from ich_node.bundle import load_bundle
-from ich_node.inference import Classifier, SliceOutputs
 from ich_node.labels import LABELS
+from ich_node.model.bundle import load_bundle
+from ich_node.model.inference import Classifier, SliceOutputs
 from training import metrics as M
 from training.data import SliceDataset, build_index, collate_skip_none, read_study_list
 

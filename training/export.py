@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from ich_node.bundle import ModelCard, save_bundle
 from ich_node.imaging import DEFAULT_WINDOWS
 from ich_node.labels import LABELS
-from ich_node.model import ICHClassifier
+from ich_node.model.bundle import ModelCard, save_bundle
+from ich_node.model.networks import ICHClassifier
 from training import metrics as M
 from training.data import DataIndex, SliceDataset, Split
 from training.settings import FitSettings

@@ -44,9 +44,9 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from ich_node.bundle import Bundle, ModelCard, load_bundle, save_bundle
 from ich_node.labels import LABELS
-from ich_node.model import ICHClassifier, SequenceStage
+from ich_node.model.bundle import Bundle, ModelCard, load_bundle, save_bundle
+from ich_node.model.networks import ICHClassifier, SequenceStage
 from training import metrics as M
 from training.data import (
     DataIndex,

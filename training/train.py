@@ -30,10 +30,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ich_node.bundle import ModelCard
 from ich_node.imaging import DEFAULT_WINDOWS, context_channels
 from ich_node.labels import LABELS, RSNA_WEIGHTS
-from ich_node.model import ICHClassifier, build_model, pretrained_help
+from ich_node.model.bundle import ModelCard
+from ich_node.model.networks import ICHClassifier, build_model, pretrained_help
 from training.data import (
     BlockShardSampler,
     DataIndex,

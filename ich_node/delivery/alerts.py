@@ -3,7 +3,7 @@
 An :class:`Alert` is made in the worker as soon as the probabilities are known
 (before heatmaps and the SR), written to ``<storage.dir>/alerts/<job_id>/`` with
 fsync, and recorded in the store in the same step as its delivery row; the
-sender then sends it (see :mod:`ich_node.sender`). Each alert carries an
+sender then sends it (see :mod:`ich_node.delivery.sender`). Each alert carries an
 idempotency key, derived from the job (series + version) and the target, that
 every message repeats (HL7 MSH-10, the webhook's ``Idempotency-Key``, the
 email's Message-ID): a receiver that sees a key twice has seen one alert.

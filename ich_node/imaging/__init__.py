@@ -32,7 +32,7 @@ from ich_node.imaging.files import (
     group_series,
     iter_dicom_files,
 )
-from ich_node.imaging.pixels import AIR_HU, check_hu_plausible, load_hu, load_series_hu
+from ich_node.imaging.pixels import AIR_HU, check_hu_plausible, load_hu
 from ich_node.imaging.preprocess import (
     DEFAULT_WINDOWS,
     Window,
@@ -50,6 +50,7 @@ from ich_node.imaging.series import (
     DEFAULT_PREFERRED_KERNELS,
     CTSeries,
     CTSlice,
+    load_series_hu,
     read_series,
     slice_position_mm,
     unit_normal,

@@ -28,7 +28,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import numpy as np
 import pydicom
@@ -45,9 +45,6 @@ from ich_node.imaging.files import (
     storage_error,
 )
 from ich_node.imaging.orientation import Reorientation
-
-if TYPE_CHECKING:
-    from ich_node.imaging.series import CTSeries
 
 #: HU given to padding and to sentinel values below the physical range (air).
 AIR_HU: Final[float] = -1024.0
@@ -424,43 +421,3 @@ def check_hu_plausible(hu: np.ndarray, what: str) -> None:
             f"{brain:.1%} in 0..100 HU, {dense:.1%} above 3000 HU); refused rather than "
             "read wrong"
         )
-
-
-def load_series_hu(series: CTSeries) -> np.ndarray:
-    """Decode every slice of a series to HU.
-
-    Parameters
-    ----------
-    series : CTSeries
-        From :func:`read_series` (or a run of its slices).
-
-    Returns
-    -------
-    numpy.ndarray
-        (S, H, W) float32 HU, in ``series.slices`` order (inferior -> superior).
-        Frames of a multi-frame image are read one by one (``CTSlice.frame_number``).
-
-    Raises
-    ------
-    ImagingError
-        When slices differ in matrix size, or any slice fails :func:`load_hu`.
-    """
-    if not series.slices:
-        raise ImagingError(f"series {series.series_instance_uid}: no slices")
-    first = series.slices[0]
-    for s in series.slices[1:]:
-        if (s.rows, s.columns) != (first.rows, first.columns):
-            raise ImagingError(
-                f"{s.path}: matrix {s.rows}x{s.columns} differs from {first.path} "
-                f"({first.rows}x{first.columns}) in one series",
-                s.path,
-            )
-    out = np.empty((len(series.slices), first.rows, first.columns), dtype=np.float32)
-    for i, s in enumerate(series.slices):
-        hu = load_hu(s.path, s.frame_number)
-        if hu.shape != out.shape[1:]:
-            raise ImagingError(
-                f"{s.path}: pixel data is {hu.shape}, header says {out.shape[1:]}", s.path
-            )
-        out[i] = hu
-    return out

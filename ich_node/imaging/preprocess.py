@@ -17,8 +17,7 @@ from typing import Final
 import numpy as np
 
 from ich_node.imaging.orientation import Reorientation
-from ich_node.imaging.pixels import load_series_hu
-from ich_node.imaging.series import CTSeries
+from ich_node.imaging.series import CTSeries, load_series_hu
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,7 @@ from pydicom.uid import RE_VALID_UID
 
 from ich_node.imaging.files import ImagingError, _optional_int, _uid, read_dataset
 from ich_node.imaging.orientation import Reorientation
-from ich_node.imaging.pixels import functional_group, hu_transform, pixel_data_problem
+from ich_node.imaging.pixels import functional_group, hu_transform, load_hu, pixel_data_problem
 from ich_node.imaging.records import Coverage, Dropped, Note
 
 log = structlog.get_logger(__name__)
@@ -1069,3 +1069,43 @@ def _nothing_usable(paths: Sequence[Path], dropped: list[Dropped]) -> ImagingErr
     return ImagingError(
         f"no usable axial CT image among {len(paths)} file(s): {shown}{more}", first
     )
+
+
+def load_series_hu(series: CTSeries) -> np.ndarray:
+    """Decode every slice of a series to HU.
+
+    Parameters
+    ----------
+    series : CTSeries
+        From :func:`read_series` (or a run of its slices).
+
+    Returns
+    -------
+    numpy.ndarray
+        (S, H, W) float32 HU, in ``series.slices`` order (inferior -> superior).
+        Frames of a multi-frame image are read one by one (``CTSlice.frame_number``).
+
+    Raises
+    ------
+    ImagingError
+        When slices differ in matrix size, or any slice fails :func:`load_hu`.
+    """
+    if not series.slices:
+        raise ImagingError(f"series {series.series_instance_uid}: no slices")
+    first = series.slices[0]
+    for s in series.slices[1:]:
+        if (s.rows, s.columns) != (first.rows, first.columns):
+            raise ImagingError(
+                f"{s.path}: matrix {s.rows}x{s.columns} differs from {first.path} "
+                f"({first.rows}x{first.columns}) in one series",
+                s.path,
+            )
+    out = np.empty((len(series.slices), first.rows, first.columns), dtype=np.float32)
+    for i, s in enumerate(series.slices):
+        hu = load_hu(s.path, s.frame_number)
+        if hu.shape != out.shape[1:]:
+            raise ImagingError(
+                f"{s.path}: pixel data is {hu.shape}, header says {out.shape[1:]}", s.path
+            )
+        out[i] = hu
+    return out

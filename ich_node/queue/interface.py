@@ -28,7 +28,7 @@ SeriesState = Literal["receiving", "queued", "skipped", "capped", "purged"]
 JobState = Literal["queued", "leased", "retry", "done", "parked"]
 #: Where a leased job is in a worker's pipeline: read ahead, on the model, writing results.
 JobStage = Literal["", "read", "model", "results"]
-#: The states of one delivery (see :mod:`ich_node.sender`).
+#: The states of one delivery (see :mod:`ich_node.delivery.sender`).
 DeliveryState = Literal["pending", "retry", "done", "parked"]
 
 

@@ -282,7 +282,7 @@ def read_findings(path: Path) -> SeriesFindings:
 
 @dataclass(frozen=True, slots=True)
 class SliceExplanation:
-    """The Grad-CAM map of one slice (made in the model stage, :mod:`ich_node.explain`).
+    """The Grad-CAM map of one slice (made in the model stage, :mod:`ich_node.model.explain`).
 
     Attributes
     ----------

@@ -240,7 +240,7 @@ def health(config: NodeConfig, role: str = "all") -> int:
     ``role`` (a multi-host node's ``serve --role``): ``listener`` checks the
     listener only, ``worker`` this node id's workers only, ``all`` both.
     """
-    from ich_node.service import node_id
+    from ich_node.service.serve import node_id
 
     shared = is_shared(config.storage)
     prefix = f"{node_id(config)}." if shared else ""
@@ -274,7 +274,7 @@ def health(config: NodeConfig, role: str = "all") -> int:
     if not mounted:
         parts.append(f"storage: {config.storage.dir} not mounted ({STORE_ID_NAME} missing)")
     print("; ".join(parts))
-    from ich_node.service import workers_state
+    from ich_node.service.serve import workers_state
 
     # The node's supervisor records workers it gave up on (rewritten at each start).
     gave_up = {

@@ -32,19 +32,19 @@ from typing import Final
 
 import structlog
 
-from ich_node.bundle import BUNDLE_HELP, BundleError, check_bundle
 from ich_node.config import NodeConfig
+from ich_node.delivery.sender import Sender
 from ich_node.ingest.assemble import Assembler
 from ich_node.ingest.listener import start_listener
 from ich_node.ingest.spool import Spool
 from ich_node.metrics import Metrics
+from ich_node.model.bundle import BUNDLE_HELP, BundleError, check_bundle
 from ich_node.queue.backend import assembly_turn, is_shared, job_queue, open_store
 from ich_node.queue.interface import HEARTBEAT_STALE_SECONDS
 from ich_node.queue.jobs import JobQueue
 from ich_node.queue.store import Store
 from ich_node.retention import CLEAN_EVERY_SECONDS, Cleaner
-from ich_node.sender import Sender
-from ich_node.spawn import worker_process
+from ich_node.service.spawn import worker_process
 
 log = structlog.get_logger(__name__)
 

@@ -31,7 +31,7 @@ from ich_node.labels import LABELS
 if TYPE_CHECKING:  # torch is imported where weights are handled, never by check_bundle
     import torch
 
-    from ich_node.model import ICHClassifier, SequenceStage
+    from ich_node.model.networks import ICHClassifier, SequenceStage
 
 CARD_KEY: Final = "ich_node.model_card"
 #: Prefix of the sequence stage's tensor names in a two-stage bundle.
@@ -317,7 +317,7 @@ def load_bundle(path: Path) -> Bundle:
     from safetensors import safe_open
 
     from ich_node.imaging.preprocess import context_channels
-    from ich_node.model import ICHClassifier, SequenceStage
+    from ich_node.model.networks import ICHClassifier, SequenceStage
 
     path = Path(path)
     card = check_bundle(path)

@@ -16,10 +16,10 @@ Speed (measured in ``docs/performance.md``):
   pays the compilation once at worker start, and batches are padded to
   ``batch_size`` so that one graph serves every series;
 - for a network ending in global average pooling and a linear layer (the ResNet
-  family of :mod:`ich_node.model`), the same forward pass that gives the
+  family of :mod:`ich_node.model.networks`), the same forward pass that gives the
   probabilities also gives each label's class activation map (the label's ``fc``
   weights applied to the last stage's feature maps). For such a head Grad-CAM
-  equals this CAM up to a positive factor, so :mod:`ich_node.explain` needs no
+  equals this CAM up to a positive factor, so :mod:`ich_node.model.explain` needs no
   second pass (see :func:`cam_head`);
 - a bundle with 2.5D slice context (card ``context``) gets its neighbour channels
   from :func:`ich_node.imaging.add_slice_context`, the function training uses; each
@@ -51,10 +51,10 @@ import torch
 import torchvision
 from torch import nn
 
-from ich_node.bundle import Bundle
 from ich_node.imaging import CTSeries, ImagingError, load_series_hu, preprocess_hu
 from ich_node.imaging.pixels import check_hu_plausible
 from ich_node.imaging.preprocess import add_slice_context, context_channels, model_hu
+from ich_node.model.bundle import Bundle
 from ich_node.results.findings import ModelInfo, SeriesFindings, summarise
 
 log = structlog.get_logger(__name__)

@@ -9,7 +9,7 @@ anywhere before that transaction leaves the job leased; the supervisor (or the
 lease expiry) gives it back and the whole job runs again, replacing the folder,
 so each series version is delivered once.
 
-Run by :mod:`ich_node.service` through ``multiprocessing`` (spawn); this is the
+Run by :mod:`ich_node.service.serve` through ``multiprocessing`` (spawn); this is the
 only process of the node that imports torch.
 """
 
@@ -274,7 +274,7 @@ class Worker:
         Runs in the thread that runs the model, so the results stage gets plain
         data and never touches the classifier.
         """
-        from ich_node.explain import explain_series
+        from ich_node.model.explain import explain_series
 
         options = self._options()
         return explain_series(
@@ -724,8 +724,8 @@ def worker_main(
     heartbeat = _Heartbeat(store, name, os.getppid() if parent is None else parent)
     heartbeat.start()
 
-    from ich_node.bundle import load_bundle
-    from ich_node.inference import Classifier
+    from ich_node.model.bundle import load_bundle
+    from ich_node.model.inference import Classifier
 
     if config.model.bundle is None:
         log.error("worker.no_bundle", worker=name)
@@ -769,7 +769,7 @@ def _process_entry(config: NodeConfig, name: str, parent: int | None = None) -> 
     any other exception is one log line and exit code 1, never a traceback on
     stderr (the supervisor logs each death and bounds the restarts).
     """
-    from ich_node.bundle import BUNDLE_HELP, BundleError
+    from ich_node.model.bundle import BUNDLE_HELP, BundleError
 
     try:
         code = worker_main(config, name, parent=parent)

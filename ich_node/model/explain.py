@@ -37,8 +37,8 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from ich_node.imaging.preprocess import series_reorientation
-from ich_node.inference import Classifier, Prediction
 from ich_node.labels import LABELS
+from ich_node.model.inference import Classifier, Prediction
 from ich_node.results.common import source_header
 from ich_node.results.findings import ExplainedSeries, SeriesFindings, SliceExplanation
 

@@ -1,7 +1,7 @@
 """The target of a worker process, importable without the worker module.
 
 ``multiprocessing`` (spawn) pickles the target by reference, so the serving
-process imports the target's module. This one imports :mod:`ich_node.worker`
+process imports the target's module. This one imports :mod:`ich_node.service.worker`
 only inside the child: the process that accepts images never loads the worker
 module (nor, through it, the model code).
 """
@@ -13,6 +13,6 @@ from ich_node.config import NodeConfig
 
 def worker_process(config: NodeConfig, name: str, parent: int | None = None) -> None:
     """Run a worker in this (child) process; exits with the worker's code."""
-    from ich_node.worker import _process_entry
+    from ich_node.service.worker import _process_entry
 
     _process_entry(config, name, parent)
