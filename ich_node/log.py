@@ -8,16 +8,18 @@ every line is JSON.
 No patient name, ID or birth date reaches a log line, a stored reason or a
 status output. Library messages quote the values they complain about (pydicom:
 ``Invalid value for VR DA: '1901-02-03'``; highdicom: ``The string "DOE" is
-unlikely to represent the intended person name``), so two nets catch them:
-
-1. :func:`redact` replaces every quoted value that is not an attribute name
-   (keyword or tag), a VR, a UID or a path by ``'<redacted>'``;
-2. the values of the datasets being handled are registered
-   (:func:`handling_phi`, :func:`phi_values`) and removed wherever they appear,
-   quoted or not.
-
-Both run on every field of every event (a structlog processor), and ``redact``
-is applied to failure reasons before they are stored.
+unlikely to represent the intended person name``), and peers quote them too (an
+HL7 ACK's MSA-3, an HTTP error body, an SMTP reply). The values of the datasets
+and alerts being handled are registered (:func:`handling_phi`,
+:func:`phi_values`) and :func:`redact` replaces each wherever it appears, quoted
+or not, by the name of its attribute (``<PatientName>``). Only registered values
+are replaced: charset names (``'utf-8'``), SOP class names, modalities
+(``'MR'``), configuration values (``'cuda'``) and status texts stay readable.
+:func:`redact` runs on every field of every event (a structlog processor) and on
+failure reasons and peers' answers before they are stored. Messages of other
+libraries get a second net (:func:`library_text`): a quoted value that names
+nothing the node knows (an attribute, a VR, a UID or its name, a charset, a path)
+is replaced, since libraries also quote header values outside any job.
 
 Library warnings repeat (pydicom warns once per file about RSNA's ``ID_...``
 UIDs: 1.5 million lines over the RSNA set). Each kind (logger and message with
@@ -68,27 +70,17 @@ OWN_LOGGERS: Final = ("ich_node", "training", "benchmarks", "scripts", "__main__
 #: The context key that names the current job (bound by :func:`job_context`).
 SCOPE_KEY: Final = "job_id"
 
+_NUMBER = re.compile(r"\d+(\.\d+)?")
 # A quoted value: '...', "..." or b'...', not an apostrophe inside a word.
 _QUOTED = re.compile(r"""(?<![A-Za-z0-9])(b?)(['"])([^'"\n]*?)\2(?![A-Za-z0-9])""")
 _TAG = re.compile(r"^\(?[0-9A-Fa-f]{4},? ?[0-9A-Fa-f]{4}\)?$")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+){3,}$")
 _VR = re.compile(r"^[A-Z][A-Z]$")
-_NUMBER = re.compile(r"\d+(\.\d+)?")
 _DIGITS = re.compile(r"\D")
-
-
-def _kept(value: str) -> bool:
-    """A quoted text that names something rather than quoting a header value."""
-    if value == "" or _TAG.match(value) or _UID.match(value) or value.startswith("/"):
-        return True
-    if value.startswith("<") and value.endswith(">"):  # already replaced: <PatientName>
-        return True
-    from pydicom.datadict import tag_for_keyword
-    from pydicom.valuerep import VR
-
-    if _VR.match(value):
-        return value in VR.__members__
-    return value.isidentifier() and value[0].isupper() and tag_for_keyword(value) is not None
+#: Person name components (PS3.5 6.2, PN): family, given, middle, prefix, suffix. The
+#: prefix and suffix ("Mr", "Dr", "Jr") identify no one and would hide words such as
+#: the modality 'MR' wherever they appear: only the first three are registered.
+_NAME_PARTS: Final = 3
 
 
 class PhiRegistry:
@@ -141,21 +133,80 @@ class PhiRegistry:
 PHI = PhiRegistry()
 
 
-def redact(text: str) -> str:
-    """``text`` without the registered PHI values and without quoted header values.
+def _kept(value: str) -> bool:
+    """A quoted text in a library message that names something, not a header value:
+    an attribute keyword or tag, a VR, a UID or a UID's name (SOP classes, transfer
+    syntaxes), a charset, an absolute path, a value already replaced."""
+    if value == "" or _TAG.match(value) or _UID.match(value) or value.startswith("/"):
+        return True
+    if value.startswith("<") and value.endswith(">"):  # already replaced: <PatientName>
+        return True
+    import codecs
 
-    Quoted attribute keywords (``'PatientBirthDate'``), tags (``(0010,0030)``),
-    VRs, UIDs and absolute paths stay: a reason names the attribute, never its value.
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.uid import UID_dictionary
+    from pydicom.valuerep import VR
+
+    if _VR.match(value):
+        return value in VR.__members__
+    if value in _UID_NAMES or value in UID_dictionary:
+        return True
+    try:
+        codecs.lookup(value)
+        return True
+    except LookupError:
+        pass
+    return value.isidentifier() and value[0].isupper() and tag_for_keyword(value) is not None
+
+
+def _uid_names() -> frozenset[str]:
+    from pydicom.uid import UID_dictionary
+
+    return frozenset(str(entry[0]) for entry in UID_dictionary.values())
+
+
+_UID_NAMES: Final = _uid_names()
+
+
+def library_text(text: str) -> str:
+    """A library's message fit for the log: :func:`redact`, then every quoted value that
+    does not name something (:func:`_kept`) replaced by ``'<redacted>'``.
+
+    Libraries quote header values they complain about (pydicom's ``Invalid value for
+    VR DA: '1901-02-03'``), also outside a job where nothing is registered; their
+    quoted names ('CT Image Storage', 'utf-8', 'PatientBirthDate') stay.
     """
-    pattern = PHI.pattern()
-    if pattern is not None:
-        text = pattern.sub(lambda m: PHI.name_of(m.group(0)), text)
 
     def _sub(match: re.Match[str]) -> str:
         prefix, quote, value = match.groups()
         return match.group(0) if _kept(value) else f"{prefix}{quote}{REDACTED}{quote}"
 
-    return _QUOTED.sub(_sub, text)
+    return _QUOTED.sub(_sub, redact(text))
+
+
+def redact(text: str) -> str:
+    """``text`` with each registered PHI value replaced by ``<Keyword>`` of its attribute.
+
+    Only values registered with :func:`handling_phi` (or :data:`PHI`) are replaced,
+    quoted or not, in any case, as whole words; everything else stays as it is.
+    """
+    pattern = PHI.pattern()
+    if pattern is None:
+        return text
+    return pattern.sub(lambda m: PHI.name_of(m.group(0)), text)
+
+
+def scrub_peer_text(text: str, limit: int = 200) -> str:
+    """What a peer said (an ACK's text, an HTTP body, an SMTP reply), fit to be recorded.
+
+    Control characters become spaces, runs of white space one space, registered PHI
+    values are replaced (:func:`redact`) and the result is cut to ``limit``
+    characters (an ellipsis marks a cut). Cut after scrubbing, so that a value is
+    never half-kept at the end.
+    """
+    flat = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    clean = redact(flat)
+    return clean if len(clean) <= limit else clean[: max(limit - 1, 0)] + "\u2026"
 
 
 def _text(value: Any) -> list[str]:
@@ -190,8 +241,13 @@ def phi_values(dataset: Any) -> dict[str, str]:
         for text in _text(element.value):
             if not text:
                 continue
-            forms = {text, text.replace("^", " ").strip()}
-            forms |= {part.strip() for part in re.split(r"[\^=\\]", text)}
+            forms = {text}
+            for group in text.split("="):  # PN groups: alphabetic=ideographic=phonetic
+                parts = group.split("^")
+                if keyword.endswith("Name"):
+                    parts = parts[:_NAME_PARTS]
+                forms |= {" ".join(p for p in parts if p).strip()}
+                forms |= {part.strip() for part in parts for part in part.split("\\")}
             digits = _DIGITS.sub("", text)
             if keyword == "PatientBirthDate" and len(digits) == 8:
                 forms |= {digits, f"{digits[:4]}-{digits[4:6]}-{digits[6:]}"}
@@ -268,7 +324,7 @@ def warning_counts(scope: str | None, *, clear: bool = True) -> dict[str, int]:
 
 
 def _kind(name: str, message: str) -> str:
-    return f"{name.split('.')[0]}: {_NUMBER.sub('N', redact(message))}"[:200]
+    return f"{name.split('.')[0]}: {_NUMBER.sub('N', library_text(message))}"[:200]
 
 
 def _shown_again(n: int) -> bool:
@@ -290,10 +346,10 @@ class _LibraryFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a library's bad format string must not kill logging
             message = str(record.msg)
-        record.msg, record.args = redact(message), ()
+        record.msg, record.args = library_text(message), ()
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
-            record.msg += f" ({type(exc).__name__}: {redact(str(exc))})"
+            record.msg += f" ({type(exc).__name__}: {library_text(str(exc))})"
             record.exc_info, record.exc_text = None, None
         if record.levelno < logging.WARNING:
             return True

@@ -9,23 +9,61 @@ from pathlib import Path
 
 import pydicom
 
-from ich_node.log import handling_phi, phi_values, redact
+from ich_node.log import handling_phi, library_text, phi_values, redact, scrub_peer_text
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_redact_keeps_names_of_attributes_and_drops_quoted_values() -> None:
+def test_redact_replaces_registered_values_only() -> None:
+    """Charsets, SOP classes, modalities, config values and status texts stay readable;
+    the registered values of the dataset being handled go, quoted or not."""
+    ds = pydicom.Dataset()
+    ds.PatientName = "Smith^John^^Mr"
+    ds.PatientBirthDate = "19010203"
+    ds.AccessionNumber = "ACC-42"
     text = (
-        "ValueError: Unable to convert '1901-02-03' to 'DA' object for 'PatientBirthDate' "
-        "(0010,0030); The string \"Smith\" is unlikely; b'Doe^J'; uid '1.2.840.10008.5.1.4' "
-        "in '/var/lib/ich-node/spool/x.dcm'; doesn't quote 'LI'"
+        "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9; 'ascii' codec; "
+        "No presentation context for 'Comprehensive 3D SR Storage' has been accepted; "
+        "modality 'MR' is not in series.modalities; model.device is 'cuda'; "
+        "status 0xB000 'Coercion of data elements'; "
+        "Unable to convert '1901-02-03' to 'DA' object for 'PatientBirthDate' (0010,0030); "
+        'The string "Smith" is unlikely; order ACC-42 of SMITH JOHN'
     )
-    out = redact(text)
+    assert redact(text) == text  # nothing registered: nothing replaced
+    with handling_phi(phi_values(ds)):
+        out = redact(text)
+    for gone in ("1901-02-03", "Smith", "SMITH", "JOHN", "ACC-42"):
+        assert gone not in out
+    for kept in ("'utf-8'", "'ascii'", "'Comprehensive 3D SR Storage'", "'MR'", "'cuda'",
+                 "'Coercion of data elements'", "'DA'", "'PatientBirthDate'", "(0010,0030)"):  # fmt: skip
+        assert kept in out
+    assert "'<PatientBirthDate>'" in out and '"<PatientName>"' in out
+    assert "order <AccessionNumber> of <PatientName>" in out
+
+
+def test_library_messages_lose_quoted_values_but_keep_names() -> None:
+    text = (
+        "Unable to convert '1901-02-03' to 'DA' object for 'PatientBirthDate' (0010,0030); "
+        "The string \"Smith\" is unlikely; b'Doe^J'; uid '1.2.840.10008.5.1.4' in "
+        "'/var/lib/ich-node/spool/x.dcm'; No presentation context for 'CT Image Storage' "
+        "with 'Implicit VR Little Endian'; 'utf-8' codec; doesn't quote 'LI'"
+    )
+    out = library_text(text)
     for gone in ("1901-02-03", "Smith", "Doe^J", "'LI'"):
         assert gone not in out
-    for kept in ("'DA'", "'PatientBirthDate'", "(0010,0030)", "'1.2.840.10008.5.1.4'"):
+    for kept in ("'DA'", "'PatientBirthDate'", "(0010,0030)", "'1.2.840.10008.5.1.4'",
+                 "'/var/lib/ich-node/spool/x.dcm'", "'CT Image Storage'",
+                 "'Implicit VR Little Endian'", "'utf-8'", "doesn't"):  # fmt: skip
         assert kept in out
-    assert "'/var/lib/ich-node/spool/x.dcm'" in out and "doesn't" in out
+
+
+def test_peer_text_is_flattened_scrubbed_and_bounded() -> None:
+    ds = pydicom.Dataset()
+    ds.PatientName = "Qvist^Anna"
+    with handling_phi(phi_values(ds)):
+        text = scrub_peer_text("Patient QVIST, ANNA\r\nnot found\x00 " + "x" * 500, limit=60)
+    assert text.startswith("Patient <PatientName>, <PatientName> not found x")
+    assert len(text) == 60 and text.endswith("\u2026")
 
 
 def test_registered_values_are_removed_unquoted_and_in_any_case() -> None:
@@ -39,7 +77,7 @@ def test_registered_values_are_removed_unquoted_and_in_any_case() -> None:
         out = redact("patient li wei, id a12345, born '1937-04-05'; listener and Wei-x")
     # Replaced by the attribute's keyword: a reason names the attribute, never the value.
     assert out == (
-        "patient <PatientName> <PatientName>, id <PatientID>, born '<PatientBirthDate>'; "
+        "patient <PatientName>, id <PatientID>, born '<PatientBirthDate>'; "
         "listener and <PatientName>-x"
     )
     assert redact("patient li") == "patient li"  # released with its block

@@ -31,7 +31,7 @@ import structlog
 from ich_node.config import SeriesSection
 from ich_node.imaging import ImagingError, StorageUnavailable, read_series
 from ich_node.imaging.records import one_line
-from ich_node.log import redact
+from ich_node.log import handling_phi, phi_values_of_file, redact
 from ich_node.metrics import Metrics
 from ich_node.queue.backend import StorageWatch
 from ich_node.queue.interface import InstanceStore, SeriesQueue, SeriesRecord
@@ -170,6 +170,17 @@ class Assembler:
 
     def decide(self, record: SeriesRecord, now: float) -> Decision:
         """Read the headers of a complete series and queue it or skip it."""
+        # While the headers are read, the patient's values are scrubbed from every
+        # message (library warnings quote them; log.redact replaces registered values
+        # only). Read raw from the first, middle and last file, as the worker does.
+        paths = self.store.instance_paths(record.series_instance_uid)
+        values: dict[str, str] = {}
+        for path in {paths[0], paths[len(paths) // 2], paths[-1]} if paths else ():
+            values |= phi_values_of_file(path)
+        with handling_phi(values):
+            return self._decide(record, now)
+
+    def _decide(self, record: SeriesRecord, now: float) -> Decision:
         uid = record.series_instance_uid
         n = record.n_instances
         if record.version >= self.config.max_versions:
