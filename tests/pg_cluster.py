@@ -58,6 +58,18 @@ class Cluster:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
+    def require_password(self, role: str) -> None:
+        """Make ``role`` log in over TCP with its password (scram-sha-256); others stay trusted.
+
+        The line goes first in pg_hba.conf (the first match wins), then the server
+        reloads its configuration.
+        """
+        hba = self.folder / "data" / "pg_hba.conf"
+        hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+        done = self._run(str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"), "reload")
+        if done.returncode != 0:
+            raise RuntimeError(f"pg_ctl reload failed: {done.stderr.strip()}")
+
     def stop(self) -> None:
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "fast", "stop")
         shutil.rmtree(self.folder, ignore_errors=True)

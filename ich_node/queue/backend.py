@@ -9,6 +9,7 @@ hosts share. psycopg is imported only for the latter.
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import structlog
 
 from ich_node.config import QueueSection, StorageSection
+from ich_node.queue.interface import StoreUnusable
 from ich_node.queue.jobs import JobQueue
 from ich_node.queue.layout import StorageLayout
 from ich_node.queue.store import Store
@@ -35,32 +37,48 @@ def is_shared(config: StorageSection) -> bool:
     return config.database is not None
 
 
-def open_store(config: StorageSection, *, now: float | None = None) -> Store:
+def open_store(
+    config: StorageSection,
+    *,
+    now: float | None = None,
+    migrate: bool = True,
+    write: bool = True,
+) -> Store:
     """The node's store: SQLite in ``storage.dir``, or PostgreSQL at ``storage.database``.
 
-    Opening PostgreSQL applies missing schema migrations (see
-    :func:`ich_node.queue.postgres.migrate`).
+    With ``migrate`` (``serve`` and its workers) a missing store is created and an
+    older schema brought up to date (:func:`ich_node.queue.postgres.migrate`);
+    without it the store is used as it is and must be this code's. ``write``
+    (PostgreSQL): the role must be able to change every table.
 
     Raises
     ------
-    psycopg.OperationalError
-        When the PostgreSQL database cannot be reached.
-    ich_node.queue.postgres.SchemaTooNew
-        When its schema is newer than this code.
+    StoreUnusable
+        One line and an exit code (1: no store yet, or the database does not
+        answer; 2: a file or database that cannot be used as configured: a newer
+        schema (:class:`ich_node.queue.postgres.SchemaTooNew`), missing
+        privileges, a wrong password).
     """
     if config.database is None:
-        return Store.open(config.dir)
+        path = StorageLayout(Path(config.dir)).db
+        if not migrate:
+            return Store(path, migrate=False)
+        try:
+            return Store(path)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreUnusable(f"storage.dir: {path}: cannot open the store: {exc}", 2) from None
     from ich_node.queue.postgres import PgStore
 
-    return PgStore(config, now=time.time() if now is None else now)
+    return PgStore(config, now=time.time() if now is None else now, migrate=migrate, write=write)
 
 
-def existing_store(config: StorageSection) -> Store | None:
-    """The store for read-only commands (``status``, ``health``); ``None`` when none exists yet."""
-    if config.database is None:
-        path = StorageLayout(Path(config.dir)).db
-        return Store(path) if path.is_file() else None
-    return open_store(config)
+def existing_store(config: StorageSection, *, write: bool = False) -> Store:
+    """The store for the commands that must not change it (``status``, ``health``, ...).
+
+    Never creates or migrates a schema: see :func:`open_store` (``migrate=False``)
+    for what it raises; ``write``: the command changes rows (``resend``).
+    """
+    return open_store(config, migrate=False, write=write)
 
 
 def job_queue(store: Store, config: QueueSection) -> JobQueue:

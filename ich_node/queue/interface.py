@@ -32,6 +32,22 @@ JobStage = Literal["", "read", "model", "results"]
 DeliveryState = Literal["pending", "retry", "done", "parked"]
 
 
+class StoreUnusable(Exception):
+    """The store cannot be used by this command, for a reason one line says.
+
+    ``exit_code`` is what a command exits with (``ich_node.service.cli``): 2 for a
+    configuration or permission problem an admin must fix (a schema newer or
+    older than this code, a role without the privileges it needs, a database or
+    file that cannot be opened), 1 when the node is simply not there yet or not
+    reachable now (no store under ``storage.dir``, an empty database, a database
+    server that does not answer).
+    """
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class Added(enum.Enum):
     """What recording one received instance did (the key is series + SOP Instance UID)."""
 

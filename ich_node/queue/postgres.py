@@ -30,6 +30,7 @@ is newer than this code (:class:`SchemaTooNew`). Times are seconds since the epo
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -39,6 +40,7 @@ from typing import Any, Final
 
 import psycopg
 import psycopg.rows
+import structlog
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
@@ -51,11 +53,13 @@ from ich_node.queue.interface import (
     DeliveryState,
     InstanceRecord,
     JobRecord,
+    StoreUnusable,
 )
 from ich_node.queue.jobs import JobQueue, Released
 from ich_node.queue.layout import StorageLayout
 from ich_node.queue.store import Store
 
+log = structlog.get_logger(__name__)
 #: Advisory lock keys (one 64-bit namespace per purpose; "ICH" in the high bytes).
 MIGRATION_LOCK: Final = 0x49434800_00000001
 WRITE_LOCK: Final = 0x49434800_00000002
@@ -198,8 +202,60 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
-class SchemaTooNew(RuntimeError):
+#: The tables the migrations create (the store's tables on PostgreSQL).
+TABLES: Final = (
+    *(n for m in MIGRATIONS for n in re.findall(r"CREATE TABLE (\w+)", m) if n != "meta"),
+    "meta",
+    "ich_schema_migrations",
+)
+
+
+class SchemaTooNew(StoreUnusable):
     """The database's schema is newer than this code: upgrade ich-node on this host."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 2)
+
+
+#: Words of libpq's connection errors that an admin must fix (exit 2): a wrong
+#: role, database or password, an address pg_hba.conf refuses, TLS settings.
+#: Anything else (refused, timed out, the server starting up) may pass (exit 1).
+_CONFIG_ERRORS: Final = (
+    "password authentication failed",
+    "authentication failed",
+    "does not exist",
+    "no pg_hba.conf entry",
+    "permission denied",
+    "no password supplied",
+    "certificate",
+    "SSL",
+    "invalid",
+)
+
+
+def store_problem(exc: BaseException, url: str) -> StoreUnusable:
+    """``exc``, raised while opening the store at ``url``, as one line and an exit code.
+
+    2 for what an admin must fix (:data:`_CONFIG_ERRORS`, a missing privilege, an
+    unreadable password file), 1 for a database that does not answer now.
+    """
+    if isinstance(exc, StoreUnusable):
+        return exc
+    where = f"storage.database {_display(url)}"
+    if isinstance(exc, OSError):  # storage.database_password_file
+        return StoreUnusable(f"storage.database_password_file: {exc}", 2)
+    text = " ".join(str(exc).split())[:300]
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return StoreUnusable(f"{where}: {text}", 2)
+    if isinstance(exc, psycopg.OperationalError):
+        code = 2 if any(w in text for w in _CONFIG_ERRORS) else 1
+        return StoreUnusable(f"{where}: {text}", code)
+    return StoreUnusable(f"{where}: {type(exc).__name__}: {text}", 2)
+
+
+def _display(url: str) -> str:
+    """The URL as it can be printed (it never holds a password: see the config)."""
+    return url.split("?", 1)[0]
 
 
 class _Row:
@@ -305,7 +361,7 @@ def connect_kwargs(config: StorageSection) -> dict[str, Any]:
 
 
 def schema_version(conn: psycopg.Connection[Any]) -> int:
-    """The highest migration applied to the database (0 for an empty one)."""
+    """The highest migration applied to the database (0 for an empty one); reads only."""
     exists = conn.execute("SELECT to_regclass('ich_schema_migrations')").fetchone()
     if exists is None or exists[0] is None:
         return 0
@@ -313,17 +369,121 @@ def schema_version(conn: psycopg.Connection[Any]) -> int:
     return int(row[0]) if row else 0
 
 
+def _too_new(current: int) -> SchemaTooNew:
+    return SchemaTooNew(
+        f"storage.database: the database's schema is version {current}, this ich-node "
+        f"knows up to {SCHEMA_VERSION}: upgrade ich-node on this host (never downgrade a "
+        "shared database)"
+    )
+
+
+def _role(conn: psycopg.Connection[Any]) -> tuple[str, str]:
+    row = conn.execute("SELECT current_user, current_schema()").fetchone()
+    return (str(row[0]), str(row[1])) if row else ("?", "?")
+
+
+def check_schema(conn: psycopg.Connection[Any]) -> int:
+    """The schema version, checked for a command that must not change it.
+
+    Raises
+    ------
+    SchemaTooNew
+        A schema newer than this code (exit 2).
+    StoreUnusable
+        An empty database (exit 1: the node has not run on it), or a schema older
+        than this code (exit 2: ``serve`` of this version migrates it).
+    """
+    current = schema_version(conn)
+    if current > SCHEMA_VERSION:
+        raise _too_new(current)
+    if current == 0:
+        raise StoreUnusable(
+            "storage.database: the database holds no node store yet (has the node ever run on it?)",
+            1,
+        )
+    if current < SCHEMA_VERSION:
+        raise StoreUnusable(
+            f"storage.database: the database's schema is version {current}, this ich-node "
+            f"needs {SCHEMA_VERSION}: `ich-node serve` of this version migrates it",
+            2,
+        )
+    return current
+
+
+def check_privileges(conn: psycopg.Connection[Any], *, write: bool) -> None:
+    """Raise when the connected role cannot read (and with ``write``, change) every table.
+
+    Sequences need USAGE (``stage_times``' ids). Checked at open, so that a role
+    granted too little exits 2 with what is missing, not at its first write.
+
+    Raises
+    ------
+    StoreUnusable
+        Naming the role, the first tables and the privileges missing (exit 2).
+    """
+    wanted = ["SELECT", "INSERT", "UPDATE", "DELETE"] if write else ["SELECT"]
+    # has_table_privilege('A, B') is true when any one is held: one row per privilege.
+    rows = conn.execute(
+        """SELECT c.relname, p.priv FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        CROSS JOIN unnest(%s::text[]) AS p(priv)
+        WHERE n.nspname = current_schema() AND c.relkind = 'r' AND c.relname = ANY(%s)
+        AND NOT has_table_privilege(c.oid, p.priv)
+        UNION ALL
+        SELECT s.relname, 'USAGE' FROM pg_class s
+        JOIN pg_depend d ON d.objid = s.oid AND d.classid = 'pg_class'::regclass
+        JOIN pg_class t ON t.oid = d.refobjid
+        JOIN pg_namespace n ON n.oid = t.relnamespace
+        WHERE %s AND s.relkind = 'S' AND n.nspname = current_schema()
+        AND t.relname = ANY(%s)
+        AND CASE WHEN s.relkind = 'S' THEN NOT has_sequence_privilege(s.oid, 'USAGE, UPDATE')
+            ELSE false END
+        ORDER BY 1, 2""",
+        (wanted, list(TABLES), write, list(TABLES)),
+    ).fetchall()
+    if rows:
+        user, schema = _role(conn)
+        missing: dict[str, list[str]] = {}
+        for name, priv in rows:
+            missing.setdefault(str(name), []).append(str(priv))
+        names = "; ".join(f"{', '.join(p)} on {t}" for t, p in list(missing.items())[:3])
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise StoreUnusable(
+            f"storage.database: role {user} lacks {names}{more} in schema {schema}: "
+            "GRANT them (docs/deployment.md)",
+            2,
+        )
+
+
 def migrate(conn: psycopg.Connection[Any], now: float) -> int:
     """Apply the missing migrations, under a session advisory lock; returns the version.
 
     Several processes starting together wait for each other on the lock; each
-    migration is one transaction.
+    migration is one transaction. A database already at :data:`SCHEMA_VERSION` is
+    only read: a role with privileges on the tables alone can serve it.
 
     Raises
     ------
     SchemaTooNew
         When the database's schema is newer than :data:`SCHEMA_VERSION`.
+    StoreUnusable
+        When migrations are due and the role may not create tables (exit 2).
     """
+    current = schema_version(conn)
+    if current > SCHEMA_VERSION:
+        raise _too_new(current)
+    if current == SCHEMA_VERSION:
+        return current
+    row = conn.execute("SELECT has_schema_privilege(current_schema(), 'CREATE')").fetchone()
+    if not (row and row[0]):
+        user, schema = _role(conn)
+        raise StoreUnusable(
+            f"storage.database: the schema is at version {current}, this ich-node needs "
+            f"{SCHEMA_VERSION}, and role {user} may not create tables in schema {schema}: "
+            "start the node once as the database owner, or GRANT CREATE ON SCHEMA "
+            f"{schema} TO {user}",
+            2,
+        )
     conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
     try:
         conn.execute(
@@ -332,11 +492,7 @@ def migrate(conn: psycopg.Connection[Any], now: float) -> int:
         )
         current = schema_version(conn)
         if current > SCHEMA_VERSION:
-            raise SchemaTooNew(
-                f"the database's schema is version {current}, this ich-node knows up to "
-                f"{SCHEMA_VERSION}: upgrade ich-node on this host (never downgrade a "
-                "shared database)"
-            )
+            raise _too_new(current)
         for version in range(current + 1, SCHEMA_VERSION + 1):
             with conn.transaction():
                 conn.execute(MIGRATIONS[version - 1])
@@ -344,6 +500,9 @@ def migrate(conn: psycopg.Connection[Any], now: float) -> int:
         return SCHEMA_VERSION
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+
+_migrate = migrate  # PgStore's parameter of the same name hides it there
 
 
 class PgStore(Store):
@@ -356,16 +515,30 @@ class PgStore(Store):
         ``database_pool_size``, ``dir`` (the shared spool and results).
     now : float
         The time recorded with migrations applied at open.
+    migrate : bool
+        Apply missing migrations (``serve``); ``False`` for the commands that
+        must not change the database (``status``, ``health``, ``check-config``,
+        ``resend``): the schema must then be this code's.
+    write : bool
+        Whether the role must be able to change every table (checked at open).
 
     Raises
     ------
-    psycopg.OperationalError
-        When the database cannot be reached (within the pool's timeout).
-    SchemaTooNew
-        When the database's schema is newer than this code.
+    StoreUnusable
+        When the database cannot be used, with its exit code (see
+        :func:`store_problem`): unreachable (1), empty when ``migrate`` is off
+        (1), a schema newer (:class:`SchemaTooNew`) or older than this code, a
+        role without the privileges it needs, a wrong password (2).
     """
 
-    def __init__(self, config: StorageSection, *, now: float = 0.0) -> None:
+    def __init__(
+        self,
+        config: StorageSection,
+        *,
+        now: float = 0.0,
+        migrate: bool = True,
+        write: bool = True,
+    ) -> None:
         if config.database is None:
             raise ValueError("PgStore needs storage.database (a postgresql:// URL)")
         self.config = config
@@ -373,16 +546,25 @@ class PgStore(Store):
         self.path = Path(config.dir)
         self._local = threading.local()
         self._listening: list[psycopg.Connection[Any]] = []  # LISTEN connections, per thread
-        kwargs = connect_kwargs(config)
-        with psycopg.connect(self.url, **kwargs) as conn:
-            migrate(conn, now)
-            row = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
-            self.store_id = str(row[0]) if row else ""
+        try:
+            self._kwargs = connect_kwargs(config)
+            with psycopg.connect(self.url, **self._kwargs) as conn:
+                if migrate:
+                    _migrate(conn, now)
+                else:
+                    check_schema(conn)
+                check_privileges(conn, write=write)
+                row = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+                self.store_id = str(row[0]) if row else ""
+        except Exception as exc:  # one line and an exit code, never a traceback
+            raise store_problem(exc, self.url) from None
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             self.url,
             min_size=1,
             max_size=config.database_pool_size,
-            kwargs=kwargs,
+            # Called for each new connection: a changed password file is read then,
+            # so a rotated password needs no restart.
+            kwargs=self._fresh_kwargs,
             open=True,
             name="ich-node",
             # A connection the database dropped (restart, failover) is replaced when
@@ -393,6 +575,20 @@ class PgStore(Store):
             # answered 0xA700 well within the peer's DIMSE timeout.
             timeout=POOL_TIMEOUT_SECONDS,
         )
+
+    def _fresh_kwargs(self) -> dict[str, Any]:
+        """:func:`connect_kwargs` read now; the last good ones when the file cannot be read."""
+        try:
+            self._kwargs = connect_kwargs(self.config)
+        except OSError as exc:
+            log.warning(
+                "store.password_file_unreadable",
+                key="storage.database_password_file",
+                path=str(self.config.database_password_file),
+                error=exc.strerror or type(exc).__name__,
+                action="connecting with the password read before",
+            )
+        return self._kwargs
 
     @classmethod
     def open(cls, storage_dir: Path) -> Store:  # pragma: no cover - a URL is needed
@@ -590,7 +786,7 @@ class PgStore(Store):
         """Block until a job is notified or ``timeout`` seconds pass; whether one was."""
         conn: psycopg.Connection[Any] | None = getattr(self._local, "listen", None)
         if conn is None or conn.closed:
-            conn = psycopg.connect(self.url, **connect_kwargs(self.config))
+            conn = psycopg.connect(self.url, **self._fresh_kwargs())
             conn.execute(f"LISTEN {JOBS_CHANNEL}")
             self._local.listen = conn
             self._listening.append(conn)

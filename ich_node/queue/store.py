@@ -14,6 +14,7 @@ that tests drive time.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -36,6 +37,7 @@ from ich_node.queue.interface import (
     SeriesRecord,
     SeriesState,
     SrReference,
+    StoreUnusable,
 )
 
 __all__ = [
@@ -183,6 +185,10 @@ _ADDED_COLUMNS: Final = (
 )
 
 
+#: The tables of the store, in the order of ``_SCHEMA``.
+_TABLES: Final = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))
+
+
 def _columns(db: sqlite3.Connection, table: str) -> set[str]:
     return {str(r[1]) for r in db.execute(f"PRAGMA table_info({table})")}
 
@@ -226,14 +232,17 @@ class Store:
     serialised by a lock); each process opens its own.
     """
 
-    def __init__(self, path: Path, *, timeout: float = 30.0) -> None:
+    def __init__(self, path: Path, *, timeout: float = 30.0, migrate: bool = True) -> None:
         self.path = Path(path)
+        self._lock = threading.RLock()
+        if not migrate:
+            self._db = self._open_existing(timeout)
+            return
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         # The store holds UIDs, states and timings only, but the folder beside it
         # holds images: owner-only (the database and its -wal/-shm files too).
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
-        self._lock = threading.RLock()
         self._db = sqlite3.connect(
             str(self.path), timeout=timeout, isolation_level=None, check_same_thread=False
         )
@@ -252,6 +261,56 @@ class Store:
             side = self.path.with_name(self.path.name + suffix)
             if side.exists():
                 os.chmod(side, 0o600)
+
+    def _open_existing(self, timeout: float) -> sqlite3.Connection:
+        """Connect to the store as it is: no file, table or column is created.
+
+        For the commands that only look (``status``, ``health``, ``check-config``)
+        and ``resend``.
+
+        Raises
+        ------
+        StoreUnusable
+            Exit code 1 when there is no store yet (no file, or no table in it); 2
+            when the file cannot be opened, is not a database, or was written by
+            an older ich-node (``serve`` brings it up to date).
+        """
+        where = f"storage.dir: {self.path}"
+        if not self.path.is_file():
+            raise StoreUnusable(f"{where}: no node store (has the node ever run here?)", 1)
+        try:
+            db = sqlite3.connect(
+                f"file:{self.path}?mode=rw",
+                uri=True,
+                timeout=timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA synchronous=FULL")
+            present = {
+                str(r[0]) for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            if not present & set(_TABLES):
+                db.close()
+                raise StoreUnusable(f"{where}: no node store (has the node ever run here?)", 1)
+            missing = [t for t in _TABLES if t not in present]
+            missing += [
+                f"{t}.{c}"
+                for t, c, _ in _ADDED_COLUMNS
+                if t in present and c not in _columns(db, t)
+            ]
+        except sqlite3.Error as exc:
+            raise StoreUnusable(f"{where}: cannot open the store: {exc}", 2) from None
+        if missing:
+            db.close()
+            raise StoreUnusable(
+                f"{where}: the store was written by an older ich-node (no "
+                f"{', '.join(missing[:3])}): `ich-node serve` of this version brings it "
+                "up to date",
+                2,
+            )
+        return db
 
     @classmethod
     def open(cls, storage_dir: Path) -> Store:

@@ -460,7 +460,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "batch_size", 1) < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # never a traceback on the terminal: one line, exit 1
+        from ich_node.log import redact
+
+        text = redact(" ".join(f"{type(exc).__name__}: {exc}".split())[:500])
+        if args.command == "serve":  # its stderr is the log: one more log line
+            import structlog
+
+            structlog.get_logger("ich_node.service.cli").error("serve.failed", error=text)
+        else:
+            print(f"ich-node {args.command}: unexpected error: {text}", file=sys.stderr)
+        return EXIT_FAILED
     return result
 
 

@@ -1,7 +1,11 @@
 """Operations: ``ich-node status``, ``health`` and ``resend``.
 
 They read (and for ``resend`` update) the node's store under ``storage.dir``;
-they work whether the node is running or not. ``health`` also opens a real
+they work whether the node is running or not. None of them creates or migrates
+a store: on one they cannot use they print one line and exit 1 (no store yet,
+an empty database, a database that does not answer) or 2 (a schema newer or
+older than this code, a role without the privileges it needs, a file that
+cannot be opened). ``health`` also opens a real
 association to the listener (C-ECHO, calling AE = the node's own AE title, which
 the listener accepts from the loopback address).
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import sys
 import time
 from typing import Any, Final
 
@@ -19,7 +24,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from ich_node.config import NodeConfig, ServerTLS
 from ich_node.log import redact
 from ich_node.queue.backend import existing_store, is_shared, job_queue, storage_ready
-from ich_node.queue.interface import HEARTBEAT_STALE_SECONDS
+from ich_node.queue.interface import HEARTBEAT_STALE_SECONDS, StoreUnusable
 from ich_node.queue.layout import STORE_ID_NAME
 from ich_node.queue.store import JobRecord, Store
 
@@ -27,8 +32,13 @@ from ich_node.queue.store import JobRecord, Store
 RECENT_FAILURES: Final = 10
 
 
-def _open(config: NodeConfig) -> Store | None:
-    return existing_store(config.storage)
+def _open(config: NodeConfig, *, write: bool = False) -> Store | int:
+    """The store as it is, or the exit code after one line on stderr saying why not."""
+    try:
+        return existing_store(config.storage, write=write)
+    except StoreUnusable as exc:
+        print(f"ich-node: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 def series_counts(store: Store) -> dict[str, int]:
@@ -135,11 +145,10 @@ def collect_status(store: Store, now: float) -> dict[str, Any]:
 
 
 def status(config: NodeConfig, as_json: bool) -> int:
-    """Print the node's state; 0, or 1 when there is no store yet."""
+    """Print the node's state; 0, else 1 or 2 with one line (see the module)."""
     store = _open(config)
-    if store is None:
-        print(f"no node store under {config.storage.dir} (has the node ever run?)")
-        return 1
+    if isinstance(store, int):
+        return store
     try:
         report = collect_status(store, time.time())
     finally:
@@ -245,7 +254,10 @@ def health(config: NodeConfig, role: str = "all") -> int:
     shared = is_shared(config.storage)
     prefix = f"{node_id(config)}." if shared else ""
     ok_echo = echo(config) if role != "worker" else True
-    store = _open(config)
+    opened = _open(config)
+    if opened == 2:
+        return 2  # said why: a store this node cannot use (schema, privileges)
+    store = opened if isinstance(opened, Store) else None
     alive = 0
     mounted = True
     if store is not None:
@@ -293,10 +305,9 @@ def resend(config: NodeConfig, job_id: str) -> int:
     Returns 0 when something was re-queued, 1 when the job is unknown or nothing
     of it is parked.
     """
-    store = _open(config)
-    if store is None:
-        print(f"no node store under {config.storage.dir}")
-        return 1
+    store = _open(config, write=True)
+    if isinstance(store, int):
+        return store
     try:
         job = store.job(job_id)
         if job is None:

@@ -40,7 +40,7 @@ from ich_node.ingest.spool import Spool
 from ich_node.metrics import Metrics
 from ich_node.model.bundle import BUNDLE_HELP, BundleError, check_bundle
 from ich_node.queue.backend import assembly_turn, is_shared, job_queue, open_store
-from ich_node.queue.interface import HEARTBEAT_STALE_SECONDS
+from ich_node.queue.interface import HEARTBEAT_STALE_SECONDS, StoreUnusable
 from ich_node.queue.jobs import JobQueue
 from ich_node.queue.store import Store
 from ich_node.retention import CLEAN_EVERY_SECONDS, Cleaner
@@ -524,11 +524,15 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float], role: str = "a
     shared = is_shared(config.storage)
     try:
         store = open_store(config.storage)
-    except Exception as exc:  # the database is unreachable or its schema is newer
+    except StoreUnusable as exc:
+        # 2 (no restart helps): a newer schema, missing privileges, a wrong password;
+        # 1 (systemd restarts): a database that does not answer yet.
+        key = "storage.database" if shared else "storage.dir"
+        log.error("serve.store_failed", key=key, error=str(exc)[:500], exit=exc.exit_code)
+        return EXIT_CONFIG if exc.exit_code == 2 else EXIT_FAILED
+    except Exception as exc:  # anything else: one line, and systemd tries again
         log.error("serve.store_failed", error=f"{type(exc).__name__}: {exc}"[:500])
-        # A schema newer than this code needs an upgrade, not a restart (exit 2).
-        too_new = type(exc).__name__ == "SchemaTooNew"
-        return EXIT_CONFIG if too_new else EXIT_FAILED
+        return EXIT_FAILED
     prefix = f"{node_id(config)}." if shared else ""
     beat_name = f"{prefix}{role}" if shared else "node"
     listens, works = role in ("all", "listener"), role in ("all", "worker")
