@@ -25,6 +25,9 @@ from ich_node.model.bundle import load_bundle
 from ich_node.model.inference import Classifier
 from ich_node.queue.layout import results_dir
 from ich_node.queue.store import JobRecord, Store
+from ich_node.service.model_stage import ModelStage
+from ich_node.service.read_stage import ReadStage
+from ich_node.service.results_stage import ResultsStage
 from ich_node.service.worker import Worker
 from training.phantom import PhantomSeries, write_series
 
@@ -123,16 +126,21 @@ def test_next_job_is_on_the_model_while_the_last_ones_results_are_written(
     on_model = threading.Event()
     seen: dict[str, bool] = {}
 
-    class Watched(Worker):
-        def _infer(self, item: Any) -> Any:
+    class WatchedModel(ModelStage):
+        def infer(self, item: Any) -> Any:
             if item.job.job_id == second.job_id:
                 on_model.set()
-            return super()._infer(item)
+            return super().infer(item)
 
-        def _write_outputs(self, job: JobRecord, prediction: Any, folder: Path) -> int:
+    class WatchedResults(ResultsStage):
+        def write_outputs(self, job: JobRecord, explained: Any, folder: Path) -> Any:
             if job.job_id == first.job_id:
                 seen["overlapped"] = on_model.wait(30)  # False after 30 s if serial
-            return super()._write_outputs(job, prediction, folder)
+            return super().write_outputs(job, explained, folder)
+
+    class Watched(Worker):
+        model_stage = WatchedModel
+        results_stage = WatchedResults
 
     worker = Watched(config, "w0", store, classifier)
     _run_until_settled(worker, 2)
@@ -210,10 +218,13 @@ def test_stop_finishes_the_leased_jobs_and_leases_no_more(
     jobs = [queue_series(store, p.paths, time.time() - 10 + i) for i, p in enumerate(phantoms)]
     leased_once = threading.Event()
 
-    class StopAfterFirstLease(Worker):
-        def _read(self, job: JobRecord, times: dict[str, float]) -> Any:
+    class ReadOnce(ReadStage):
+        def read(self, job: JobRecord, times: dict[str, float]) -> Any:
             leased_once.set()
-            return super()._read(job, times)
+            return super().read(job, times)
+
+    class StopAfterFirstLease(Worker):
+        read_stage = ReadOnce
 
     worker = StopAfterFirstLease(config, "w0", store, classifier)
     stop = threading.Event()
@@ -255,10 +266,13 @@ def test_a_worker_holds_at_most_three_jobs(
     ]
     release = threading.Event()
 
-    class SlowResults(Worker):
-        def _write_outputs(self, job: JobRecord, prediction: Any, folder: Path) -> int:
+    class Slow(ResultsStage):
+        def write_outputs(self, job: JobRecord, explained: Any, folder: Path) -> Any:
             release.wait(60)
-            return super()._write_outputs(job, prediction, folder)
+            return super().write_outputs(job, explained, folder)
+
+    class SlowResults(Worker):
+        results_stage = Slow
 
     worker = SlowResults(config, "w0", store, classifier)
     stop = threading.Event()
@@ -300,12 +314,15 @@ def test_stop_gives_back_a_job_that_never_reached_the_model(
     )
     on_model, go_on = threading.Event(), threading.Event()
 
-    class HeldOnTheModel(Worker):
-        def _infer(self, item: Any) -> Any:
+    class Held(ModelStage):
+        def infer(self, item: Any) -> Any:
             if item.job.job_id == first.job_id:
                 on_model.set()
                 go_on.wait(60)
-            return super()._infer(item)
+            return super().infer(item)
+
+    class HeldOnTheModel(Worker):
+        model_stage = Held
 
     worker = HeldOnTheModel(config, "w0", store, classifier, batches_ahead=1)
     stop = threading.Event()

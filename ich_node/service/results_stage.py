@@ -1,0 +1,252 @@
+"""The worker's third stage: write the results and bring each job to a recorded state.
+
+:class:`ResultsStage` writes ``findings.json`` and the DICOM results
+(:mod:`ich_node.results`) into a temporary folder, renames it to
+``<storage.dir>/results/<job_id>`` and then, in one transaction, marks the job done
+and writes its outbox (:meth:`ich_node.queue.jobs.JobQueue.complete`). A failure in
+any stage is recorded here with its reason (retry or parked); a job given back at a
+stop is returned to the queue here. Each job ends with one summary line in the log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import structlog
+
+from ich_node.config import NodeConfig
+from ich_node.durable import fsync_dir
+from ich_node.imaging import SeriesRefused
+from ich_node.imaging.records import one_line
+from ich_node.log import PHI, job_context, redact, warning_counts
+from ich_node.queue.jobs import LeaseLost
+from ich_node.queue.layout import StorageLayout
+from ich_node.queue.store import JobRecord, SrReference, Store
+from ich_node.service.read_stage import LeasedJob, Leases
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutcome:
+    """What one job attempt ended with."""
+
+    job_id: str
+    state: str  # done | retry | parked | lost | queued (given back at a stop)
+    n_files: int
+    reason: str
+
+
+def result_options(config: NodeConfig) -> Any:
+    """The ``results`` section as :class:`ich_node.results.build.ResultOptions`."""
+    from ich_node.results.build import ResultOptions
+
+    return ResultOptions(
+        heatmaps=config.results.heatmaps,
+        negative_top_slices=config.results.negative_top_slices,
+        parametric_map=config.results.parametric_map,
+        key_objects=config.results.key_objects,
+    )
+
+
+class ResultsStage:
+    """Stage 3: results written, folder in place, job completed, or the failure recorded.
+
+    Parameters
+    ----------
+    config : NodeConfig
+        ``results``, ``storage.dir``, ``destinations``.
+    store : Store
+        The node's store (the previous version's SR, stage times).
+    leases : Leases
+        The worker's held jobs; a job reaching its recorded state is let go.
+    card : ich_node.card.ModelCard
+        The model's card, named in every result.
+    """
+
+    def __init__(self, config: NodeConfig, store: Store, leases: Leases, card: Any) -> None:
+        self.config = config
+        self.store = store
+        self.leases = leases
+        self.queue = leases.queue
+        self.card = card
+
+    def write_outputs(
+        self, job: JobRecord, explained: Any, folder: Path
+    ) -> tuple[int, SrReference | None]:
+        """``findings.json`` and the DICOM results into ``folder``.
+
+        Returns the number of DICOM objects written and the UIDs of the SR (which
+        a later version of the series names as its predecessor).
+        """
+        from ich_node.results.build import ResultsSkipped, build_results, write_results
+        from ich_node.results.findings import write_findings
+
+        write_findings(
+            folder / "findings.json", dataclasses.replace(explained.findings, version=job.version)
+        )
+        # The SR of the latest earlier version that was done and sent: this one supersedes it.
+        previous = self.store.previous_sr(job.series_instance_uid, job.version)
+        previous_sr = None
+        if previous is not None:
+            previous_sr = pydicom.Dataset()
+            previous_sr.StudyInstanceUID = previous.study_instance_uid
+            previous_sr.SeriesInstanceUID = previous.series_instance_uid
+            previous_sr.SOPClassUID = previous.sop_class_uid
+            previous_sr.SOPInstanceUID = previous.sop_instance_uid
+        try:
+            results = build_results(
+                explained,
+                self.card,
+                result_options(self.config),
+                version=job.version,
+                previous_sr=previous_sr,
+            )
+        except ResultsSkipped as exc:
+            log.info("job.results_skipped", job_id=job.job_id, reason=str(exc))
+            return 0, None
+        written = write_results(results, folder / "outbox")
+        sr = results.sr
+        reference = SrReference(
+            str(sr.StudyInstanceUID),
+            str(sr.SeriesInstanceUID),
+            str(sr.SOPClassUID),
+            str(sr.SOPInstanceUID),
+        )
+        return sum(1 for p in written if p.suffix == ".dcm"), reference
+
+    def finish(
+        self,
+        item: LeasedJob,
+        explained: Any,
+        error: Exception | None,
+        clock: Callable[[], float],
+    ) -> JobOutcome:
+        """Bring a job to a recorded state (done, retry, parked or lost); never raises."""
+        job, times = item.job, item.times
+        layout = StorageLayout(self.config.storage.dir)
+        final = layout.results_dir(job.job_id)
+        tmp = layout.results_temp(job.job_id, os.getpid())
+        try:
+            if error is not None:
+                raise error
+            t = time.perf_counter()
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            n_files, sr = self.write_outputs(job, explained, tmp)
+            times["results_s"] = time.perf_counter() - t
+            times["positive"] = float(
+                sum(1 for f in explained.findings.series.values() if f.positive)
+            )
+            shutil.rmtree(final, ignore_errors=True)  # a crashed earlier attempt's output
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+            self.queue.complete(
+                job, [d.name for d in self.config.destinations], n_files, clock(), sr=sr
+            )
+            outcome = JobOutcome(job.job_id, "done", n_files, "")
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            outcome = self._failed(job, exc, clock)
+        finally:
+            self.leases.let_go(item)
+        self.report(item, outcome, clock)
+        return outcome
+
+    def _failed(self, job: JobRecord, exc: Exception, clock: Callable[[], float]) -> JobOutcome:
+        """Record ``exc`` as the job's retry or parking reason (or find the lease lost)."""
+        from ich_node.results.build import ResultsError
+
+        if isinstance(exc, LeaseLost):
+            return JobOutcome(job.job_id, "lost", 0, str(exc))
+        # An encoding error, or a series refused for its content, comes back on
+        # every attempt: parked at once, with its reason.
+        permanent = isinstance(exc, ResultsError | SeriesRefused)
+        # One line (decoders list their plugins' errors on several): the refusal record,
+        # naming attributes, never header values (ich_node.log.redact).
+        reason = redact(
+            one_line(
+                exc.reason if isinstance(exc, ResultsError) else f"{type(exc).__name__}: {exc}",
+                500,
+            )
+        )
+        try:
+            state = self.queue.fail(job, reason, clock(), permanent=permanent)
+        except LeaseLost:
+            state = "lost"
+        except Exception as db_exc:  # the lease expires and the job runs again
+            log.error("job.fail_not_recorded", job_id=job.job_id, error=type(db_exc).__name__)
+            state = "lost"
+        return JobOutcome(job.job_id, state, 0, reason)
+
+    def give_back(self, item: LeasedJob, clock: Callable[[], float]) -> JobOutcome:
+        """A job that never reached the model, returned to the queue at a stop; never raises."""
+        job = item.job
+        item.cancel.set()
+        if item.error is None:  # its reader is decoding: take the rest, up to END
+            item.drain()
+        try:
+            self.queue.give_back(job, clock())
+            outcome = JobOutcome(job.job_id, "queued", 0, "given back at stop, not run")
+        except LeaseLost as exc:
+            outcome = JobOutcome(job.job_id, "lost", 0, str(exc))
+        except Exception as exc:  # the lease expires and the job runs again
+            outcome = JobOutcome(job.job_id, "lost", 0, f"{type(exc).__name__}: {exc}"[:500])
+        finally:
+            self.leases.let_go(item)
+        self.report(item, outcome, clock)
+        return outcome
+
+    def report(self, item: LeasedJob, outcome: JobOutcome, clock: Callable[[], float]) -> None:
+        """Stage times into the store (metrics) and the job's one summary line."""
+        job, times = item.job, item.times
+        total_s = time.perf_counter() - item.started
+        try:  # stage latencies for the metrics (the serving process exports them)
+            stages: dict[str, float] = {
+                k: times[k] for k in ("read_s", "infer_s", "results_s") if k in times
+            }
+            if outcome.state == "done":
+                stages["job_s"] = total_s
+            if stages:
+                self.store.add_stage_times(job.job_id, stages, clock())
+        except Exception as exc:  # metrics must never fail a job
+            log.warning("job.timings_not_recorded", job_id=job.job_id, error=type(exc).__name__)
+        # One summary line per job: times of each stage, UIDs and counts only.
+        log.info(
+            "job.finished",
+            job_id=job.job_id,
+            series_instance_uid=job.series_instance_uid,
+            version=job.version,
+            attempt=job.attempts,
+            state=outcome.state,
+            n_files=outcome.n_files,
+            n_slices=int(times.get("n_slices", 0)),
+            positive_labels=int(times.get("positive", 0)),
+            read_s=round(times.get("read_s", 0.0), 3),
+            infer_s=round(times.get("infer_s", 0.0), 3),
+            results_s=round(times.get("results_s", 0.0), 3),
+            alert_s=round(times["alert_s"], 3) if "alert_s" in times else None,
+            total_s=round(total_s, 3),
+            reason=outcome.reason or None,
+            library_warnings=warning_counts(job.job_id) or None,
+        )
+        PHI.release(item.phi)
+
+    def run(self, finishing: queue.Queue[Any], clock: Callable[[], float]) -> None:
+        """The results thread: finish each (item, explained, error) until ``None``."""
+        while (entry := finishing.get()) is not None:
+            item, explained, error = entry
+            try:
+                with job_context(item.job.job_id):
+                    self.finish(item, explained, error, clock)
+            except Exception as exc:  # finish records everything itself; never stop here
+                log.error("job.finish_failed", job_id=item.job.job_id, error=type(exc).__name__)
