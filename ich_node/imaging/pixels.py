@@ -36,6 +36,7 @@ import pydicom.encaps
 import pydicom.pixels
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from ich_node.imaging.files import (
     ImagingError,
@@ -248,7 +249,12 @@ def pixel_data_problem(ds: Dataset, n_frames: int = 1) -> str | None:
     tell = getattr(raw, "value_tell", None)
     if length is None or getattr(raw, "value", b"") is not None:
         length = len(ds.PixelData)
-    elif tell is not None and getattr(ds, "filename", None):
+    elif (
+        tell is not None
+        and getattr(ds, "filename", None)
+        and syntax != DeflatedExplicitVRLittleEndian
+    ):
+        # (A deflated data set's offsets are in the inflated stream, not the file.)
         with contextlib.suppress(OSError):  # a file cut short: the length runs past its end
             length = min(length, os.path.getsize(ds.filename) - tell)
     if length < expected:
