@@ -10,7 +10,7 @@ import pytest
 from ich_node.config import NodeConfig, QueueSection, parse_config
 from ich_node.ingest.spool import Spool
 from ich_node.queue.backend import job_queue, open_store
-from ich_node.queue.interface import InstanceRecord
+from ich_node.queue.interface import InstanceRecord, SeriesRead
 from ich_node.queue.jobs import job_id_for
 from ich_node.queue.layout import StorageLayout
 from ich_node.queue.store import Store
@@ -102,9 +102,15 @@ def test_sqlite_store_migrates_to_postgresql(tmp_path: Path, pg_url: str) -> Non
     job_id = _spool_and_queue(store, sqlite_config, "1.6", now)
     job = queue.lease("w", now)
     assert job is not None
-    queue.complete(job, ["pacs"], 1, now)
+    read = SeriesRead(
+        job_id, "1.2", "1.6", "ACC", 1, "f" * 64, 1, "m", "1", "a" * 64,
+        {"any": 0.5}, {"any": 0.7}, ("any",), False, 2,
+    )  # fmt: skip
+    queue.complete(job, ["pacs"], 1, now, read=read)
     store.accept_object(job_id, "pacs", "9.9.9", now)
     before = (store.series("1.6"), store.jobs(), store.deliveries(), store.instance_files())
+    ledger = store.reads()
+    assert len(ledger) == 1 and ledger[0].coverage_complete is False
     store.close()
     path = tmp_path / "node.yaml"
     path.write_text(f"storage:\n  dir: {sqlite_config.storage.dir}\n  database: {pg_url}\n")
@@ -115,6 +121,7 @@ def test_sqlite_store_migrates_to_postgresql(tmp_path: Path, pg_url: str) -> Non
         before
     )
     assert moved.accepted_objects(job_id, "pacs") == {"9.9.9"}
+    assert moved.reads() == ledger  # the results ledger too (BOOLEAN from SQLite's 0/1)
     import psycopg
 
     with psycopg.connect(pg_url) as conn:

@@ -30,12 +30,14 @@ from PIL import Image
 from ich_node.config import EmailTarget, NotificationTarget
 from ich_node.durable import fsync_dir
 from ich_node.labels import LABELS
+from ich_node.queue import interface
 from ich_node.queue.layout import StorageLayout
 from ich_node.results.findings import SeriesFindings
 from ich_node.results.sr import FINDING_CODES
 
-#: The prefix that tells an alert's delivery row from a DICOM destination's.
-ALERT_PREFIX: Final = "alert:"
+#: The prefix that tells an alert's delivery row from a DICOM destination's (the
+#: store's, which dates a version's first DICOM delivery apart from its alerts).
+ALERT_PREFIX: Final = interface.ALERT_PREFIX
 #: Longest side of the email's key image, pixels.
 KEY_IMAGE_SIZE: Final = 256
 

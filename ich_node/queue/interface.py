@@ -22,6 +22,9 @@ from typing import Final, Literal, Protocol
 #: workers are reported dead, and on a shared store what it held goes to others.
 HEARTBEAT_STALE_SECONDS: Final = 15.0
 
+#: The prefix of an alert's delivery row (``alert:<target>``), apart from DICOM destinations.
+ALERT_PREFIX: Final = "alert:"
+
 #: The states of a series (see :mod:`ich_node.ingest.assemble`).
 SeriesState = Literal["receiving", "queued", "skipped", "capped", "purged"]
 #: The states of a reading job (see :mod:`ich_node.queue.jobs`).
@@ -181,6 +184,97 @@ class SrReference:
 
 
 @dataclass(frozen=True, slots=True)
+class SeriesRead:
+    """One series version the node read and answered: a row of the results ledger.
+
+    Written by :meth:`JobStore.complete` in the transaction that marks the job
+    ``done``, and kept beyond image retention (``storage.keep_hours`` removes the
+    images, never these rows), so that the node remembers what it answered for a
+    series whose images are gone. No patient name, ID or birth date is kept: UIDs,
+    the accession number, the model and the answer only.
+
+    Attributes
+    ----------
+    job_id : str
+        The reading job (one per series version).
+    study_instance_uid, series_instance_uid : str
+        The source study and series (DICOM UIDs).
+    accession_number : str
+        AccessionNumber (0008,0050) of the source study; empty when absent.
+    version : int
+        Which read of the series this is (1, 2, ...).
+    content_fingerprint : str
+        SHA-256 (hex) over the sorted content identities of the instances the
+        version read (:func:`ich_node.imaging.identity.fingerprint`): equal for
+        the same content in any transfer syntax.
+    n_instances : int
+        Instances the version read.
+    model_name, model_version, model_sha256 : str
+        The bundle that answered (its card's name and version, SHA-256 of its weights).
+    thresholds, probabilities : dict of str to float
+        Per label (:data:`ich_node.labels.LABELS`): the threshold in use and the
+        series-level probability in [0, 1].
+    positive_labels : tuple of str
+        The labels reported positive, in ``LABELS`` order (empty: negative).
+    coverage_complete : bool
+        Whether the slices covered the head without a hole above ``series.max_gap_mm``.
+    n_notes : int
+        Notes the reading made (corrections, irregularities; ``findings.json`` ``notes``).
+    first_received_at : float or None
+        When the first instance of the version arrived (seconds since the epoch).
+    completed_at : float or None
+        When the series version was complete and queued.
+    read_at : float or None
+        When the read was done (the job completed).
+    first_alert_at, first_delivery_at : float or None
+        When a notification target first accepted an alert of this version, and
+        when a DICOM destination first accepted all of its results; ``None``
+        until then (updated when it happens).
+    sr_series_instance_uid, sr_sop_class_uid, sr_sop_instance_uid : str
+        The SR the version sent (empty when it sent none); the SR is in the source study.
+    cause : str
+        Why this version was read ("first read", "3 late instances", ...).
+    """
+
+    job_id: str
+    study_instance_uid: str
+    series_instance_uid: str
+    accession_number: str
+    version: int
+    content_fingerprint: str
+    n_instances: int
+    model_name: str
+    model_version: str
+    model_sha256: str
+    thresholds: dict[str, float]
+    probabilities: dict[str, float]
+    positive_labels: tuple[str, ...]
+    coverage_complete: bool
+    n_notes: int
+    first_received_at: float | None = None
+    completed_at: float | None = None
+    read_at: float | None = None
+    first_alert_at: float | None = None
+    first_delivery_at: float | None = None
+    sr_series_instance_uid: str = ""
+    sr_sop_class_uid: str = ""
+    sr_sop_instance_uid: str = ""
+    cause: str = ""
+
+    @property
+    def sr(self) -> SrReference | None:
+        """The SR this version sent, as a reference a later SR names; ``None`` when none."""
+        if not self.sr_sop_instance_uid:
+            return None
+        return SrReference(
+            self.study_instance_uid,
+            self.sr_series_instance_uid,
+            self.sr_sop_class_uid,
+            self.sr_sop_instance_uid,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class RereadCounts:
     """Series read more than once, and why (for ``status``)."""
 
@@ -258,6 +352,7 @@ class JobStore(Protocol):
         n_files: int,
         now: float,
         sr: SrReference | None = None,
+        read: SeriesRead | None = None,
     ) -> None: ...
 
     def give_back(self, job: JobRecord, now: float) -> None: ...
@@ -267,6 +362,14 @@ class JobStore(Protocol):
     def requeue(self, job_id: str, now: float) -> bool: ...
 
     def previous_sr(self, series_instance_uid: str, version: int) -> SrReference | None: ...
+
+    def reads(
+        self,
+        series_instance_uid: str | None = None,
+        *,
+        study_instance_uid: str | None = None,
+        accession_number: str | None = None,
+    ) -> list[SeriesRead]: ...
 
 
 class DeliveryStore(Protocol):

@@ -27,6 +27,7 @@ from ich_node.queue.interface import (
     JobState,
     JobStore,
     SeriesQueue,
+    SeriesRead,
     SrReference,
 )
 from ich_node.queue.store import JobRecord, Store
@@ -86,6 +87,20 @@ class JobQueue:
     def previous_sr(self, series_instance_uid: str, version: int) -> SrReference | None:
         """The SR of the latest earlier version of a series that sent one."""
         return self.store.previous_sr(series_instance_uid, version)
+
+    def reads(
+        self,
+        series_instance_uid: str | None = None,
+        *,
+        study_instance_uid: str | None = None,
+        accession_number: str | None = None,
+    ) -> list[SeriesRead]:
+        """Rows of the results ledger (see :meth:`Store.reads`)."""
+        return self.store.reads(
+            series_instance_uid,
+            study_instance_uid=study_instance_uid,
+            accession_number=accession_number,
+        )
 
     def _backoff(self, attempts: int) -> float:
         return self.config.retry_base_seconds * 2.0 ** max(attempts - 1, 0)
@@ -150,11 +165,14 @@ class JobQueue:
         n_files: int,
         now: float,
         sr: SrReference | None = None,
+        read: SeriesRead | None = None,
     ) -> None:
         """Mark a leased job done and write its outbox, in one transaction.
 
         ``sr`` (the UIDs of the SR the job sends) is kept so that the next version
-        of the series names it as its predecessor.
+        of the series names it as its predecessor. ``read`` is the version's row of
+        the results ledger (:class:`ich_node.queue.interface.SeriesRead`), written in
+        the same transaction (:meth:`Store.record_read`).
 
         Raises
         ------
@@ -182,6 +200,8 @@ class JobQueue:
                     job.job_id,
                 ),
             )
+            if read is not None:
+                self.store.record_read(db, job, read, now)
             for name in destinations if n_files else ():
                 db.execute(
                     """INSERT INTO deliveries (job_id, destination, state, next_at, n_files,

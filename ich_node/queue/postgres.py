@@ -196,6 +196,38 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     );
     CREATE INDEX delivery_claims_holder ON delivery_claims(holder);
     """,
+    # 4: the results ledger: one row per series version read, kept beyond retention.
+    """
+    CREATE TABLE series_reads (
+        job_id TEXT PRIMARY KEY,
+        study_instance_uid TEXT NOT NULL,
+        series_instance_uid TEXT NOT NULL,
+        accession_number TEXT NOT NULL DEFAULT '',
+        version INTEGER NOT NULL,
+        content_fingerprint TEXT NOT NULL DEFAULT '',
+        n_instances INTEGER NOT NULL DEFAULT 0,
+        model_name TEXT NOT NULL,
+        model_version TEXT NOT NULL,
+        model_sha256 TEXT NOT NULL,
+        thresholds TEXT NOT NULL,
+        probabilities TEXT NOT NULL,
+        positive_labels TEXT NOT NULL DEFAULT '',
+        coverage_complete BOOLEAN NOT NULL,
+        n_notes INTEGER NOT NULL DEFAULT 0,
+        first_received_at DOUBLE PRECISION,
+        completed_at DOUBLE PRECISION,
+        read_at DOUBLE PRECISION,
+        first_alert_at DOUBLE PRECISION,
+        first_delivery_at DOUBLE PRECISION,
+        sr_series_instance_uid TEXT NOT NULL DEFAULT '',
+        sr_sop_class_uid TEXT NOT NULL DEFAULT '',
+        sr_sop_instance_uid TEXT NOT NULL DEFAULT '',
+        cause TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX series_reads_series ON series_reads(series_instance_uid, version);
+    CREATE INDEX series_reads_study ON series_reads(study_instance_uid);
+    CREATE INDEX series_reads_accession ON series_reads(accession_number);
+    """,
 )
 
 #: The schema version this code writes and reads.
@@ -909,6 +941,7 @@ _COPIED_TABLES: Final = (
     "deliveries",
     "accepted_objects",
     "alerts",
+    "series_reads",
     "stage_times",
 )
 
@@ -972,6 +1005,8 @@ def copy_from_sqlite(sqlite_path: Path, target: PgStore) -> dict[str, int]:
                     item = {c: r[c] for c in columns}
                     if table == "instances":
                         item["path"] = target._relative(item["path"])
+                    if table == "series_reads":  # SQLite's 0/1, PostgreSQL's BOOLEAN
+                        item["coverage_complete"] = bool(item["coverage_complete"])
                     values.append(tuple(item[c] for c in columns))
                 marks = ", ".join("?" for _ in columns)
                 db.executemany(

@@ -13,6 +13,7 @@ that tests drive time.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
@@ -20,10 +21,11 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from ich_node.queue import layout
 from ich_node.queue.interface import (
+    ALERT_PREFIX,
     Added,
     AddResult,
     AlertRecord,
@@ -34,6 +36,7 @@ from ich_node.queue.interface import (
     JobStage,
     JobState,
     RereadCounts,
+    SeriesRead,
     SeriesRecord,
     SeriesState,
     SrReference,
@@ -52,6 +55,7 @@ __all__ = [
     "JobStage",
     "JobState",
     "RereadCounts",
+    "SeriesRead",
     "SeriesRecord",
     "SeriesState",
     "SrReference",
@@ -162,6 +166,38 @@ CREATE TABLE IF NOT EXISTS alerts (
     PRIMARY KEY (job_id, target)
 );
 CREATE INDEX IF NOT EXISTS alerts_series ON alerts(series_instance_uid, target, version);
+-- The results ledger: one row per series version read and answered, written with the
+-- job's completion and kept beyond image retention (no patient name, ID or birth
+-- date). Times are NULL until they happen.
+CREATE TABLE IF NOT EXISTS series_reads (
+    job_id TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    accession_number TEXT NOT NULL DEFAULT '',
+    version INTEGER NOT NULL,
+    content_fingerprint TEXT NOT NULL DEFAULT '',
+    n_instances INTEGER NOT NULL DEFAULT 0,
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    model_sha256 TEXT NOT NULL,
+    thresholds TEXT NOT NULL,
+    probabilities TEXT NOT NULL,
+    positive_labels TEXT NOT NULL DEFAULT '',
+    coverage_complete INTEGER NOT NULL,
+    n_notes INTEGER NOT NULL DEFAULT 0,
+    first_received_at REAL,
+    completed_at REAL,
+    read_at REAL,
+    first_alert_at REAL,
+    first_delivery_at REAL,
+    sr_series_instance_uid TEXT NOT NULL DEFAULT '',
+    sr_sop_class_uid TEXT NOT NULL DEFAULT '',
+    sr_sop_instance_uid TEXT NOT NULL DEFAULT '',
+    cause TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS series_reads_series ON series_reads(series_instance_uid, version);
+CREATE INDEX IF NOT EXISTS series_reads_study ON series_reads(study_instance_uid);
+CREATE INDEX IF NOT EXISTS series_reads_accession ON series_reads(accession_number);
 CREATE TABLE IF NOT EXISTS stage_times (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
@@ -629,6 +665,98 @@ class Store:
             str(r["sr_sop_uid"]),
         )
 
+    # -- the results ledger -------------------------------------------------------
+
+    def record_read(self, db: Any, job: JobRecord, read: SeriesRead, now: float) -> None:
+        """Write the ledger row of a job completing in transaction ``db``.
+
+        Called by :meth:`ich_node.queue.jobs.JobQueue.complete` inside its
+        transaction (``db``: a ``sqlite3.Connection`` or the PostgreSQL store's
+        cursor wrapper, both with ``?`` placeholders). The store fills the times
+        it knows: ``completed_at`` (the job's creation), ``read_at`` (``now``) and
+        ``first_received_at`` (the first instance of the version) when the record
+        leaves them ``None``.
+        """
+        first = read.first_received_at
+        if first is None:
+            row = db.execute(
+                """SELECT MIN(received_at) AS t FROM instances WHERE series_instance_uid = ?
+                AND received_at <= ?""",
+                (job.series_instance_uid, job.created_at),
+            ).fetchone()
+            first = None if row is None or row["t"] is None else float(row["t"])
+        first_alert = read.first_alert_at
+        if first_alert is None:  # alerts go out before the job completes
+            row = db.execute(
+                "SELECT MIN(accepted_at) AS t FROM alerts WHERE job_id = ?", (job.job_id,)
+            ).fetchone()
+            first_alert = None if row is None or row["t"] is None else float(row["t"])
+        db.execute(
+            """INSERT INTO series_reads (job_id, study_instance_uid, series_instance_uid,
+                accession_number, version, content_fingerprint, n_instances, model_name,
+                model_version, model_sha256, thresholds, probabilities, positive_labels,
+                coverage_complete, n_notes, first_received_at, completed_at, read_at,
+                first_alert_at, first_delivery_at, sr_series_instance_uid, sr_sop_class_uid,
+                sr_sop_instance_uid, cause)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            ON CONFLICT (job_id) DO NOTHING""",
+            (
+                job.job_id, read.study_instance_uid, job.series_instance_uid,
+                read.accession_number, job.version, read.content_fingerprint,
+                read.n_instances, read.model_name, read.model_version, read.model_sha256,
+                json.dumps(read.thresholds, sort_keys=True),
+                json.dumps(read.probabilities, sort_keys=True),
+                ",".join(read.positive_labels), bool(read.coverage_complete), read.n_notes,
+                first, job.created_at if read.completed_at is None else read.completed_at,
+                now if read.read_at is None else read.read_at, first_alert,
+                read.first_delivery_at, read.sr_series_instance_uid, read.sr_sop_class_uid,
+                read.sr_sop_instance_uid, read.cause or job.cause,
+            ),
+        )  # fmt: skip
+
+    @staticmethod
+    def _read_record(row: Any) -> SeriesRead:
+        data = dict(row)
+        data["thresholds"] = json.loads(data["thresholds"])
+        data["probabilities"] = json.loads(data["probabilities"])
+        labels = str(data["positive_labels"])
+        data["positive_labels"] = tuple(labels.split(",")) if labels else ()
+        data["coverage_complete"] = bool(data["coverage_complete"])
+        return SeriesRead(**data)
+
+    def reads(
+        self,
+        series_instance_uid: str | None = None,
+        *,
+        study_instance_uid: str | None = None,
+        accession_number: str | None = None,
+    ) -> list[SeriesRead]:
+        """Ledger rows, oldest read first; filtered by series, study and accession when given."""
+        where, params = [], []
+        for column, value in (
+            ("series_instance_uid", series_instance_uid),
+            ("study_instance_uid", study_instance_uid),
+            ("accession_number", accession_number),
+        ):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._query(
+            f"SELECT * FROM series_reads {clause} ORDER BY read_at, version, job_id",
+            tuple(params),
+        )
+        return [self._read_record(r) for r in rows]
+
+    def latest_read(self, series_instance_uid: str) -> SeriesRead | None:
+        """The ledger row of the highest version of a series read, or ``None``."""
+        rows = self._query(
+            """SELECT * FROM series_reads WHERE series_instance_uid = ?
+            ORDER BY version DESC LIMIT 1""",
+            (series_instance_uid,),
+        )
+        return self._read_record(rows[0]) if rows else None
+
     # -- jobs -------------------------------------------------------------------
 
     def job(self, job_id: str) -> JobRecord | None:
@@ -694,6 +822,12 @@ class Store:
                     next_at = ?, updated_at = ? WHERE job_id = ? AND destination = ?""",
                 (state, reason, next_at, now, job_id, destination),
             )
+            if state == "done" and not destination.startswith(ALERT_PREFIX):
+                db.execute(
+                    """UPDATE series_reads SET first_delivery_at = ?
+                    WHERE job_id = ? AND first_delivery_at IS NULL""",
+                    (now, job_id),
+                )
 
     def requeue_deliveries(self, job_id: str, now: float) -> int:
         """Parked deliveries of ``job_id`` back to pending with fresh attempts.
@@ -804,6 +938,11 @@ class Store:
                 """UPDATE alerts SET accepted_at = COALESCE(accepted_at, ?)
                 WHERE job_id = ? AND target = ?""",
                 (now, job_id, target),
+            )
+            db.execute(
+                """UPDATE series_reads SET first_alert_at = ?
+                WHERE job_id = ? AND first_alert_at IS NULL""",
+                (now, job_id),
             )
 
     # -- heartbeats and counts ---------------------------------------------------

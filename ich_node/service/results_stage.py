@@ -26,8 +26,10 @@ import structlog
 from ich_node.config import NodeConfig
 from ich_node.durable import fsync_dir
 from ich_node.imaging import SeriesRefused
+from ich_node.imaging.identity import fingerprint, version_identities
 from ich_node.imaging.records import one_line
 from ich_node.log import PHI, job_context, redact, warning_counts
+from ich_node.queue.interface import SeriesRead
 from ich_node.queue.jobs import LeaseLost
 from ich_node.queue.layout import StorageLayout
 from ich_node.queue.store import JobRecord, SrReference, Store
@@ -124,6 +126,41 @@ class ResultsStage:
         )
         return sum(1 for p in written if p.suffix == ".dcm"), reference
 
+    def ledger_row(self, job: JobRecord, explained: Any, sr: SrReference | None) -> SeriesRead:
+        """This version's row of the results ledger (written when the job completes).
+
+        The content fingerprint covers every instance the version read; the slices
+        already decoded to HU are not decoded again (:func:`version_identities`).
+        """
+        uid = job.series_instance_uid
+        paths = self.store.instance_paths(uid, received_by=job.created_at)
+        identities = version_identities(
+            paths or self.store.instance_paths(uid), explained.series.slices, explained.hu
+        )
+        findings = explained.findings
+        accession = explained.header.get("AccessionNumber", "")
+        return SeriesRead(
+            job_id=job.job_id,
+            study_instance_uid=findings.study_instance_uid,
+            series_instance_uid=uid,
+            accession_number="" if accession is None else str(accession).strip(),
+            version=job.version,
+            content_fingerprint=fingerprint(identities.values()),
+            n_instances=len(identities),
+            model_name=findings.model.name,
+            model_version=findings.model.version,
+            model_sha256=findings.model.sha256,
+            thresholds={k: float(f.threshold) for k, f in findings.series.items()},
+            probabilities={k: float(f.probability) for k, f in findings.series.items()},
+            positive_labels=findings.positive_labels,
+            coverage_complete=bool(findings.coverage_complete),
+            n_notes=len(findings.notes),
+            sr_series_instance_uid="" if sr is None else sr.series_instance_uid,
+            sr_sop_class_uid="" if sr is None else sr.sop_class_uid,
+            sr_sop_instance_uid="" if sr is None else sr.sop_instance_uid,
+            cause=job.cause,
+        )
+
     def finish(
         self,
         item: LeasedJob,
@@ -147,11 +184,12 @@ class ResultsStage:
             times["positive"] = float(
                 sum(1 for f in explained.findings.series.values() if f.positive)
             )
+            read = self.ledger_row(job, explained, sr)
             shutil.rmtree(final, ignore_errors=True)  # a crashed earlier attempt's output
             os.replace(tmp, final)
             fsync_dir(final.parent)
             self.queue.complete(
-                job, [d.name for d in self.config.destinations], n_files, clock(), sr=sr
+                job, [d.name for d in self.config.destinations], n_files, clock(), sr=sr, read=read
             )
             outcome = JobOutcome(job.job_id, "done", n_files, "")
         except Exception as exc:
