@@ -21,13 +21,16 @@ $(STAMP): pyproject.toml
 
 # Real peers and validators for the tests: DCMTK (storescu, storescp, echoscu, dcmcjpeg,
 # dsrdump...), dicom3tools (dciodvfy), Orthanc with its web viewer (the PACS loop),
-# Chromium (viewer screenshots), openssl (TLS certificates), PostgreSQL (the shared-store tests
-# start a throwaway cluster with its initdb/pg_ctl). Installed when run as root;
+# Chromium and its chromedriver (viewer screenshots, the web console's Selenium tests),
+# openssl (TLS certificates), PostgreSQL (the shared-store tests start a throwaway cluster
+# with its initdb/pg_ctl). Installed when run as root;
 # otherwise the tests that need them skip and say so.
-SYSTEM_PACKAGES := dcmtk dicom3tools orthanc orthanc-webviewer chromium openssl postgresql
+SYSTEM_PACKAGES := dcmtk dicom3tools orthanc orthanc-webviewer chromium chromium-driver openssl \
+	postgresql
 system-deps:
 	@if command -v dciodvfy >/dev/null && [ -x /usr/bin/storescp ] && [ -x /usr/sbin/Orthanc ] \
-		&& command -v chromium >/dev/null && command -v openssl >/dev/null \
+		&& command -v chromium >/dev/null && [ -x /usr/bin/chromedriver ] \
+		&& command -v openssl >/dev/null \
 		&& ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \

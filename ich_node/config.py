@@ -379,6 +379,43 @@ class MetricsSection(_Section):
     address: Annotated[str, Field(pattern=r"^[^\s:]*:[0-9]{1,5}$")] | None = None
 
 
+class WebTLS(_Section):
+    """``web.tls``: HTTPS for the web console (certificate and key files, PEM)."""
+
+    cert: Path  # the console's certificate (PEM), chain included
+    key: Path  # its private key (PEM)
+
+    @field_validator("cert", "key", mode="before")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        return _path(value)
+
+
+class WebSection(_Section):
+    """``web``: the web console (``ich-node web``), a process apart from ``serve``."""
+
+    address: Annotated[str, Field(pattern=r"^[^\s:]*:[0-9]{1,5}$")] = "127.0.0.1:8090"
+    tls: WebTLS | None = None
+    # name:role:argon2-hash lines, written by `ich-node web-user add`; required by `web`.
+    users_file: Path | None = None
+    # A file of random bytes that signs session cookies (sessions then outlive a restart
+    # of the console); null: a new random key at each start.
+    secret_file: Path | None = None
+    # A session ends after this many minutes without a page, and 12 hours after login.
+    session_minutes: Annotated[float, Field(gt=0, le=720)] = 30.0
+    # Patient name, ID and birth date on the pages (logged-in users only, never logged).
+    show_patient: bool = False
+    # Failed logins allowed per user name within login_window_minutes (4x per address).
+    login_max_failures: Annotated[int, Field(ge=1, le=1000)] = 5
+    login_window_minutes: Annotated[float, Field(gt=0, le=1440)] = 15.0
+    page_size: Annotated[int, Field(ge=5, le=500)] = 50
+
+    @field_validator("users_file", "secret_file", mode="before")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        return _path(value)
+
+
 class NodeConfig(_Section):
     """The whole configuration file; each part of the node receives its own section."""
 
@@ -393,6 +430,7 @@ class NodeConfig(_Section):
     storage: StorageSection = StorageSection()
     logging: LoggingSection = LoggingSection()
     metrics: MetricsSection = MetricsSection()
+    web: WebSection = WebSection()
     # Alerts to a RIS/worklist (HL7), a chat/pager gateway (webhook) or people (email).
     notifications: tuple[NotificationTarget, ...] = ()
 
@@ -499,6 +537,11 @@ def load_config(path: Path | str) -> NodeConfig:
             else d.model_copy(update={"tls": _resolve_paths(d.tls, base, ("ca", "cert", "key"))})
             for d in config.destinations
         )
+    if config.web != WebSection():
+        web = _resolve_paths(config.web, base, ("users_file", "secret_file"))
+        if web.tls is not None:
+            web = web.model_copy(update={"tls": _resolve_paths(web.tls, base, ("cert", "key"))})
+        updates["web"] = web
     if config.notifications:
         updates["notifications"] = tuple(
             _resolve_paths(t, base, ("secret_file", "ca_file"))

@@ -77,6 +77,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, A_P_ABORT
 from pynetdicom.presentation import negotiate_as_acceptor
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from ich_node.ingest.refusals import RefusalTally
 from ich_node.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -222,6 +223,8 @@ class Guard:
         self._connections: set[Connection] = set()
         self._by_assoc: dict[int, Connection] = {}
         self._log: dict[str, _PeerLog] = {}
+        # By peer, calling AE and reason, for the web console (ingest/refusals.py).
+        self.tally = RefusalTally()
 
     # -- slots ---------------------------------------------------------------
     def counts(self) -> tuple[int, int]:
@@ -326,6 +329,7 @@ class Guard:
         if self.metrics is not None:
             with contextlib.suppress(Exception):
                 self.metrics.refusals.labels(reason).inc()
+        self.tally.add(conn.host, conn.calling_ae, reason)
         if suppressed is not None:
             log.warning(
                 "association.refused",

@@ -9,6 +9,8 @@
     results/<job_id>/outbox/                       what is sent (*.dcm; PNG previews stay)
     results/.<job_id>.<pid>.tmp/                   a job's results being written
     alerts/<job_id>/<target>.json (.png)           a job's alert to one target (key image)
+    refusals/<process>.json                        refused associations by peer (a listener's)
+    audit/latest/report.json, report.html          the latest ``ich-node audit`` report
 
 UIDs become path parts only when they are digits and dots (PS3.5 9.1); any other
 value is replaced by its SHA-256, so a hostile UID never names a path outside
@@ -30,6 +32,7 @@ DB_NAME: Final = "node.sqlite3"
 STORE_ID_NAME: Final = ".ich-node-store-id"
 
 _UID: Final = re.compile(r"^[0-9][0-9.]{0,63}$")
+_NAME: Final = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
 
 
 def path_part(uid: str) -> str:
@@ -84,6 +87,20 @@ class StorageLayout:
     @property
     def alerts(self) -> Path:
         return self.root / "alerts"
+
+    @property
+    def refusals(self) -> Path:
+        return self.root / "refusals"
+
+    def refusals_file(self, process: str) -> Path:
+        """Where a listener process (its heartbeat name) writes its refusals by peer."""
+        name = process if _NAME.match(process) else hashlib.sha256(process.encode()).hexdigest()
+        return self.refusals / f"{name}.json"
+
+    @property
+    def audit_latest(self) -> Path:
+        """The latest ``ich-node audit`` report (``report.json``, ``report.html``)."""
+        return self.root / "audit" / "latest"
 
     def alerts_dir(self, job_id: str) -> Path:
         """Where a job's alert records (one per notification target) live."""

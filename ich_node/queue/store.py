@@ -512,19 +512,19 @@ class Store:
         data["expected"] = self._whole_series_count(str(row["series_instance_uid"]))
         return SeriesRecord(**data)
 
-    def _whole_series_count(self, series_instance_uid: str) -> int | None:
-        # ImagesInAcquisition counts one acquisition (PS3.3 C.7.6.1): it is the
-        # series size only when every instance says it and all share one
-        # AcquisitionNumber. NumberOfSeriesRelatedInstances counts the series.
-        row = self._query(
-            """SELECT COUNT(*) AS n, MAX(series_related) AS related,
-                COUNT(DISTINCT acquisition) AS acquisitions,
+    #: Per series: what :meth:`_expected` needs to know the whole series' size.
+    _COUNTS_SQL: Final = """SELECT series_instance_uid, COUNT(*) AS n,
+                MAX(series_related) AS related, COUNT(DISTINCT acquisition) AS acquisitions,
                 SUM(CASE WHEN acquisition = '' THEN 1 ELSE 0 END) AS no_acquisition,
                 COUNT(images_in_acquisition) AS with_count,
                 MIN(images_in_acquisition) AS lo, MAX(images_in_acquisition) AS hi
-            FROM instances WHERE series_instance_uid = ?""",
-            (series_instance_uid,),
-        )[0]
+            FROM instances"""
+
+    @staticmethod
+    def _expected(row: sqlite3.Row) -> int | None:
+        # ImagesInAcquisition counts one acquisition (PS3.3 C.7.6.1): it is the
+        # series size only when every instance says it and all share one
+        # AcquisitionNumber. NumberOfSeriesRelatedInstances counts the series.
         if row["related"] is not None and int(row["related"]) > 0:
             return int(row["related"])
         if (
@@ -537,6 +537,28 @@ class Store:
         ):
             return int(row["hi"])
         return None
+
+    def _whole_series_count(self, series_instance_uid: str) -> int | None:
+        row = self._query(
+            self._COUNTS_SQL + " WHERE series_instance_uid = ? GROUP BY series_instance_uid",
+            (series_instance_uid,),
+        )
+        return self._expected(row[0]) if row else None
+
+    def series_list(self) -> list[SeriesRecord]:
+        """Every series, the most recently received first (the web console's list).
+
+        Two queries whatever the number of series (no query per series).
+        """
+        expected = {
+            str(r["series_instance_uid"]): self._expected(r)
+            for r in self._query(self._COUNTS_SQL + " GROUP BY series_instance_uid")
+        }
+        rows = self._query("SELECT * FROM series ORDER BY last_at DESC, series_instance_uid")
+        return [
+            SeriesRecord(**{**dict(r), "expected": expected.get(str(r["series_instance_uid"]))})
+            for r in rows
+        ]
 
     def series(self, series_instance_uid: str) -> SeriesRecord | None:
         rows = self._query(

@@ -11,6 +11,8 @@ Commands and flags are a stable interface (admins' scripts call them)::
     ich-node health  --config PATH [--role all|listener|worker]
     ich-node resend  --config PATH JOB
     ich-node bundle-info BUNDLE
+    ich-node web     --config PATH
+    ich-node web-user add NAME --role viewer|admin --config PATH [--password-stdin]
 
 Exit codes: 0 success, 1 a run that failed for some inputs, 2 bad usage or
 configuration. For ``predict``, a series refused with its reason (one line on
@@ -326,6 +328,18 @@ def cmd_resend(args: argparse.Namespace) -> int:
     return resend(config, args.job)
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    from ich_node.web.run import run_web
+
+    return run_web(_config_or_exit(args.config))
+
+
+def cmd_web_user(args: argparse.Namespace) -> int:
+    from ich_node.web.run import web_user_add
+
+    return web_user_add(_config_or_exit(args.config), args.name, args.role, args.password_stdin)
+
+
 def cmd_migrate_store(args: argparse.Namespace) -> int:
     """Copy the embedded SQLite store of ``storage.dir`` into ``storage.database``."""
     config = _config_or_exit(args.config)
@@ -418,8 +432,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path, metavar="BUNDLE")
     p.set_defaults(func=cmd_bundle_info)
 
+    p = sub.add_parser("web-user", help="manage the web console's users (web.users_file)")
+    users = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = users.add_parser("add", help="add a user, or give one a new role and password")
+    p.add_argument("name", metavar="NAME", help="user name ([A-Za-z0-9_.@-], 64 at most)")
+    p.add_argument("--role", choices=("viewer", "admin"), required=True)
+    p.add_argument("--config", type=Path, required=True, metavar="PATH")
+    p.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input (for scripts)",
+    )
+    p.set_defaults(func=cmd_web_user)
+
     for name, func, text in (
         ("serve", cmd_serve, "run the DICOM node until SIGTERM/SIGINT"),
+        ("web", cmd_web, "run the web console (web.address) until SIGTERM/SIGINT"),
         ("status", cmd_status, "counts per state, oldest waiting job, recent failures"),
         ("health", cmd_health, "exit 0 when the listener answers C-ECHO and workers live"),
         ("resend", cmd_resend, "send a parked job's results again"),

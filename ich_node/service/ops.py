@@ -13,9 +13,11 @@ the listener accepts from the loopback address).
 from __future__ import annotations
 
 import json
+import math
 import ssl
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Final
 
 from pynetdicom import AE
@@ -41,8 +43,8 @@ def _open(config: NodeConfig, *, write: bool = False) -> Store | int:
         return exc.exit_code
 
 
-def series_counts(store: Store) -> dict[str, int]:
-    """Series per state, a ``queued`` series told by how far its latest job got.
+def series_shown_states(store: Store) -> dict[str, str]:
+    """The state of every series as ``status`` and the web console show it.
 
     The store keeps ``queued`` once a series has a job; here it becomes
     ``queued`` (job waiting or retrying), ``reading`` (leased), ``sending``
@@ -56,7 +58,7 @@ def series_counts(store: Store) -> dict[str, int]:
     deliveries: dict[str, list[str]] = {}
     for d in store.deliveries():
         deliveries.setdefault(d.job_id, []).append(d.state)
-    counts: dict[str, int] = {}
+    shown_states: dict[str, str] = {}
     for uid, state in store.series_states().items():
         last = latest.get(uid)
         shown: str = state
@@ -71,8 +73,36 @@ def series_counts(store: Store) -> dict[str, int]:
                     shown = "parked"
                 else:
                     shown = "delivered" if all(s == "done" for s in sent) else "sending"
+        shown_states[uid] = shown
+    return shown_states
+
+
+def series_counts(store: Store) -> dict[str, int]:
+    """Series per state, as :func:`series_shown_states` tells them."""
+    counts: dict[str, int] = {}
+    for shown in series_shown_states(store).values():
         counts[shown] = counts.get(shown, 0) + 1
     return counts
+
+
+def notification_times(store: Store, since: float | None = None) -> list[float]:
+    """Seconds from a series' last received instance to each alert's acceptance, sorted.
+
+    Only accepted alerts; with ``since``, only those accepted at or after it.
+    """
+    return sorted(
+        a.accepted_at - a.last_received_at
+        for a in store.alerts()
+        if a.accepted_at is not None and (since is None or a.accepted_at >= since)
+    )
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile (0 < q <= 1) of sorted ``values`` by nearest rank
+    (the smallest value with at least ``q`` of them at or below it); ``None`` when empty."""
+    if not values:
+        return None
+    return values[max(0, math.ceil(q * len(values)) - 1)]
 
 
 def collect_status(store: Store, now: float) -> dict[str, Any]:
@@ -110,13 +140,13 @@ def collect_status(store: Store, now: float) -> dict[str, Any]:
     for d in store.deliveries():
         if d.destination.startswith("alert:"):
             alert_states[d.state] = alert_states.get(d.state, 0) + 1
-    waits = sorted(
-        a.accepted_at - a.last_received_at for a in store.alerts() if a.accepted_at is not None
-    )
+    waits = notification_times(store)
+    p95 = percentile(waits, 0.95)
     return {
         "alerts": {
             "states": alert_states,
             "median_time_to_notification_s": round(waits[len(waits) // 2], 2) if waits else None,
+            "p95_time_to_notification_s": None if p95 is None else round(p95, 2),
         },
         "instances": store.n_instances(),
         "series": series_counts(store),
@@ -299,6 +329,40 @@ def health(config: NodeConfig, role: str = "all") -> int:
     return 0 if ok_echo and ok_workers and mounted and not gave_up else 1
 
 
+@dataclass(frozen=True, slots=True)
+class Resent:
+    """What :func:`requeue_parked` did to one job."""
+
+    job_id: str
+    job_state: str  # the job's state before
+    job_requeued: bool
+    deliveries: int  # parked deliveries (results and alerts) re-queued
+
+    @property
+    def anything(self) -> bool:
+        return self.job_requeued or self.deliveries > 0
+
+    def describe(self) -> str:
+        """One line for a person (``resend`` and the web console)."""
+        if not self.anything:
+            return f"job {self.job_id}: nothing parked (job {self.job_state})"
+        return (
+            f"job {self.job_id}: "
+            + ("job re-queued; " if self.job_requeued else "")
+            + f"{self.deliveries} deliveries re-queued; the running node sends them"
+        )
+
+
+def requeue_parked(store: Store, config: NodeConfig, job_id: str, now: float) -> Resent | None:
+    """Re-queue a parked job and its parked deliveries; ``None`` when the job is unknown."""
+    job = store.job(job_id)
+    if job is None:
+        return None
+    job_requeued = job_queue(store, config.queue).requeue(job_id, now)
+    n = store.requeue_deliveries(job_id, now)
+    return Resent(job_id, job.state, job_requeued, n)
+
+
 def resend(config: NodeConfig, job_id: str) -> int:
     """Re-queue a parked job and its parked deliveries; the running node does the rest.
 
@@ -309,21 +373,11 @@ def resend(config: NodeConfig, job_id: str) -> int:
     if isinstance(store, int):
         return store
     try:
-        job = store.job(job_id)
-        if job is None:
-            print(f"no job {job_id!r}")
-            return 1
-        now = time.time()
-        job_requeued = job_queue(store, config.queue).requeue(job_id, now)
-        n = store.requeue_deliveries(job_id, now)
+        done = requeue_parked(store, config, job_id, time.time())
     finally:
         store.close()
-    if not job_requeued and n == 0:
-        print(f"job {job_id}: nothing parked (job {job.state})")
+    if done is None:
+        print(f"no job {job_id!r}")
         return 1
-    print(
-        f"job {job_id}: "
-        + ("job re-queued; " if job_requeued else "")
-        + f"{n} deliveries re-queued; the running node sends them"
-    )
-    return 0
+    print(done.describe())
+    return 0 if done.anything else 1

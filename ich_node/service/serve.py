@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Final
 
@@ -35,13 +36,16 @@ import structlog
 from ich_node.config import NodeConfig
 from ich_node.delivery.sender import Sender
 from ich_node.ingest.assemble import Assembler
+from ich_node.ingest.guard import GuardedServer
 from ich_node.ingest.listener import start_listener
+from ich_node.ingest.refusals import write_refusals
 from ich_node.ingest.spool import Spool
 from ich_node.metrics import Metrics
 from ich_node.model.bundle import BUNDLE_HELP, BundleError, check_bundle
 from ich_node.queue.backend import assembly_turn, is_shared, job_queue, open_store
 from ich_node.queue.interface import HEARTBEAT_STALE_SECONDS, StoreUnusable
 from ich_node.queue.jobs import JobQueue
+from ich_node.queue.layout import StorageLayout
 from ich_node.queue.store import Store
 from ich_node.retention import CLEAN_EVERY_SECONDS, Cleaner
 from ich_node.service.spawn import worker_process
@@ -52,6 +56,8 @@ log = structlog.get_logger(__name__)
 SHUTDOWN_GRACE_SECONDS: Final = 30.0
 #: Seconds between two passes of the main loop and of the sender.
 LOOP_SECONDS: Final = 0.2
+#: At most this often the listener's refusals by peer are written for the console.
+REFUSALS_EVERY_SECONDS: Final = 2.0
 #: Restart delay of a worker that died: doubles per quick death, up to the max.
 RESTART_BASE_SECONDS: Final = 0.5
 RESTART_MAX_SECONDS: Final = 60.0
@@ -365,6 +371,35 @@ class _SenderThread(threading.Thread):
             self.stop.wait(LOOP_SECONDS)
 
 
+class _RefusalsWriter:
+    """Writes the listener's refusals by peer for the web console (ingest/refusals.py).
+
+    Only after a change and at most every :data:`REFUSALS_EVERY_SECONDS`; nothing
+    when this process does not listen.
+    """
+
+    def __init__(self, path: Path, started_at: float, server: GuardedServer | None) -> None:
+        self.path = path
+        self.started_at = started_at
+        self.tally = server.guard.tally if server is not None else None
+        self.written = 0
+        self.at = 0.0
+
+    def run_once(self, now: float) -> None:
+        if self.tally is None or self.tally.changes == self.written:
+            return
+        if now - self.at < REFUSALS_EVERY_SECONDS:
+            return
+        changes = self.tally.changes
+        self.at = now
+        try:
+            write_refusals(self.path, self.tally.rows(), self.started_at)
+        except OSError as exc:  # a full disk must not stop the loop (and its heartbeat)
+            log.warning("serve.refusals_not_written", error=type(exc).__name__)
+            return
+        self.written = changes
+
+
 def _check_bundle(config: NodeConfig) -> bool:
     """Log why ``model.bundle`` cannot be served (one line); True when it can."""
     path = config.model.bundle
@@ -639,6 +674,9 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float], role: str = "a
         workers=config.node.workers if works else 0,
     )
     cleaned_at = clock()
+    refusals = _RefusalsWriter(
+        StorageLayout(config.storage.dir).refusals_file(beat_name), clock(), server
+    )
     while not stop.is_set():
         now = clock()
         try:
@@ -649,6 +687,7 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float], role: str = "a
                     if mine:  # one assembler in the whole cluster decides a series
                         assembler.run_once(now)
             metrics.run_once()
+            refusals.run_once(now)
             if listens and now - cleaned_at >= CLEAN_EVERY_SECONDS:
                 cleaner.run_once(now)
                 cleaned_at = now
