@@ -35,6 +35,7 @@ from ich_node.imaging.records import Coverage, Dropped
 from ich_node.ingest.refusals import PeerRefusals, RefusalTally, read_refusals, write_refusals
 from ich_node.labels import LABELS
 from ich_node.queue.backend import job_queue
+from ich_node.queue.interface import SeriesRead
 from ich_node.queue.jobs import job_id_for
 from ich_node.queue.layout import StorageLayout
 from ich_node.results.findings import (
@@ -137,7 +138,15 @@ def build(storage: Path, store: object, now: float) -> Built:
         buffer = io.BytesIO()
         Image.new("RGB", (64, 64), (n * 20, 0, 0)).save(buffer, format="PNG")
         (heatmaps / f"{n}.png").write_bytes(buffer.getvalue())
-    jobs.complete(leased, ["pacs"], 4, now - 40)
+    header = pydicom.dcmread(positive.paths[0], stop_before_pixels=True)
+    read = SeriesRead(
+        job.job_id, positive.study_instance_uid, positive.series_instance_uid,
+        str(header.AccessionNumber), 1, "f" * 64, 8, "test model", "1.0", "0" * 64,
+        {label: SUBDURAL_THRESHOLD for label in LABELS},
+        {label: findings.series[label].probability for label in LABELS},
+        ("any", "subdural"), True, 1, read_at=now - 40,
+    )  # fmt: skip
+    jobs.complete(leased, ["pacs"], 4, now - 40, read=read)
     store.finish_delivery(  # type: ignore[attr-defined]
         job.job_id, "pacs", "parked", "after 8 attempts: connection refused by 127.0.0.1:104",
         now - 30, now - 30,
@@ -155,7 +164,6 @@ def build(storage: Path, store: object, now: float) -> Built:
     tally.add("10.1.2.3", "STRANGER", "calling_ae_not_recognised", now - 4)
     tally.add("10.9.9.9", None, "negotiation_timeout", now - 3)
     write_refusals(layout.refusals_file("node"), tally.rows(), now - 3600)
-    header = pydicom.dcmread(positive.paths[0], stop_before_pixels=True)
     return Built(
         storage, positive.series_instance_uid, job.job_id, parked.series_instance_uid,
         second.job_id, small.series_instance_uid, str(header.AccessionNumber),
@@ -336,6 +344,28 @@ def test_series_version_page(console: Console) -> None:
         # A viewer has no Resend button, even beside a parked delivery.
         assert 'class="resend"' not in text
         assert "parked" in client.get(f"/series/{b.parked_uid}").text
+
+
+def test_after_retention_the_ledger_answers(console: Console) -> None:
+    """Retention removed the images and the results: the list, the version page and the
+    Overview still say what the node answered, from the results ledger."""
+    import shutil
+
+    b = console.built
+    layout = StorageLayout(b.storage)
+    shutil.rmtree(layout.results_dir(b.positive_job))
+    shutil.rmtree(layout.spool / "a")
+    with console.client() as client:
+        login(client, VIEWER)
+        found = client.get("/series", params={"q": b.accession}).text
+        assert re.findall(r'data-series="([^"]+)"', found) == [b.positive_uid]
+        assert '<strong class="positive">any, subdural</strong>' in found
+        page = client.get(f"/series/{b.positive_uid}").text
+        assert 'id="ledger"' in page and "removed by retention" in page
+        results = dict(re.findall(r'data-label="([a-z]+)">(\w+)<', page))
+        assert results["subdural"] == "POSITIVE" and results["epidural"] == "negative"
+        assert "heatmaps/1.png" not in page
+        assert re.search(r'id="positives-24h">1<', client.get("/").text)
 
 
 def test_probability_plot() -> None:

@@ -224,7 +224,8 @@ class Web:
                 return response
             except NoStore as exc:
                 status = 503
-                return self.message(request, user, 503, "No node store yet", str(exc))
+                title = "No node store yet" if exc.exit_code == 1 else "The store cannot be used"
+                return self.message(request, user, 503, title, str(exc))
             except Exception as exc:  # the store is unreachable or a file is odd: a page
                 status = 503
                 log.error("web.page_failed", path=request.url.path, error=type(exc).__name__)
@@ -336,7 +337,7 @@ def create_app(
         if state:
             rows = [r for r in rows if r.state == state]
         if positive:
-            rows = [r for r in rows if r.findings is not None and r.findings.positive_labels]
+            rows = [r for r in rows if r.positive_labels]
         if q:
             rows = [r for r in rows if _matches(r, q.lower())]
         size = config.web.page_size
@@ -351,8 +352,9 @@ def create_app(
             s.series_instance_uid, s.study_instance_uid, s.modality, s.study_description,
             s.series_description, row.state, row.job.job_id if row.job else "",
         ]  # fmt: skip
-        if row.findings is not None:
-            fields += row.findings.positive_labels
+        fields += row.positive_labels or ()
+        if row.read is not None:
+            fields.append(row.read.accession_number)
         if any(q in f.lower() for f in fields):
             return True
         header = console.header(s, row.job)

@@ -35,7 +35,9 @@ from ich_node.queue.interface import (
     AlertRecord,
     DeliveryRecord,
     JobRecord,
+    SeriesRead,
     SeriesRecord,
+    StoreUnusable,
 )
 from ich_node.queue.jobs import job_id_for
 from ich_node.queue.layout import StorageLayout
@@ -83,13 +85,37 @@ class StudyHeader:
 
 @dataclass(frozen=True, slots=True)
 class SeriesRow:
-    """One line of the Series list: the series, its latest read and where it stands."""
+    """One line of the Series list: the series, its latest read and where it stands.
+
+    The answer comes from ``findings.json`` while it is kept, else from the results
+    ledger (``series_reads``), which outlives retention.
+    """
 
     series: SeriesRecord
     state: str  # as `ich-node status` tells it (queued, reading, sending, delivered, parked, ...)
     job: JobRecord | None  # the latest version's job
     findings: SeriesFindings | None  # the latest version's findings, while kept
+    read: SeriesRead | None  # the latest version's ledger row
     header: StudyHeader | None
+
+    @property
+    def positive_labels(self) -> tuple[str, ...] | None:
+        """The labels reported positive; ``None`` while the series has no answer."""
+        if self.findings is not None:
+            return self.findings.positive_labels
+        return None if self.read is None else self.read.positive_labels
+
+    @property
+    def coverage_complete(self) -> bool | None:
+        if self.findings is not None:
+            return self.findings.coverage_complete
+        return None if self.read is None else self.read.coverage_complete
+
+    @property
+    def accession_number(self) -> str:
+        if self.header is not None and self.header.accession_number:
+            return self.header.accession_number
+        return "" if self.read is None else self.read.accession_number
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +138,7 @@ class VersionView:
     job: JobRecord | None
     findings: SeriesFindings | None
     findings_error: str  # why a findings.json that exists could not be read
+    read: SeriesRead | None  # the version's row of the results ledger (outlives retention)
     header: StudyHeader | None
     deliveries: tuple[DeliveryRecord, ...]  # to the DICOM destinations
     alerts: tuple[AlertView, ...]
@@ -167,7 +194,11 @@ class AuditReport:
 
 
 class NoStore(RuntimeError):
-    """There is no node store yet (the node never ran on this ``storage.dir``)."""
+    """The node's store cannot be opened: none yet (``exit_code`` 1) or unusable (2)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class Console:
@@ -192,9 +223,10 @@ class Console:
         """The node's store; :class:`NoStore` while it does not exist."""
         with self._lock:
             if self._store is None:
-                self._store = existing_store(self.config.storage)
-            if self._store is None:
-                raise NoStore(f"no node store under {self.config.storage.dir} yet")
+                try:  # as the node left it: never created or migrated from here
+                    self._store = existing_store(self.config.storage)
+                except StoreUnusable as exc:
+                    raise NoStore(str(exc), exc.exit_code) from None
             return self._store
 
     def close(self) -> None:
@@ -300,17 +332,19 @@ class Console:
         store = self.store()
         states = series_shown_states(store)
         latest = self._latest_jobs(store)
+        reads = {r.job_id: r for r in store.reads()}
         rows = []
         for series in store.series_list():
             uid = series.series_instance_uid
             job = latest.get(uid)
             found = self.findings(job.job_id)[0] if job is not None else None
-            rows.append(SeriesRow(series, states.get(uid, series.state), job, found, None))
+            read = reads.get(job.job_id) if job is not None else None
+            rows.append(SeriesRow(series, states.get(uid, series.state), job, found, read, None))
         return rows
 
     def with_header(self, row: SeriesRow) -> SeriesRow:
         header = self.header(row.series, row.job)
-        return SeriesRow(row.series, row.state, row.job, row.findings, header)
+        return SeriesRow(row.series, row.state, row.job, row.findings, row.read, header)
 
     def version(self, series_uid: str, version: int | None) -> VersionView | None:
         """One version of a series (the latest when ``version`` is ``None``)."""
@@ -334,6 +368,7 @@ class Console:
             if d.destination.startswith("alert:")
         )
         state = series_shown_states(store).get(series_uid, series.state)
+        read = next((r for r in store.reads(series_uid) if r.version == version), None)
         return VersionView(
             series=series,
             state=state,
@@ -342,6 +377,7 @@ class Console:
             job=job,
             findings=found,
             findings_error=why,
+            read=read,
             header=self.header(series, job),
             deliveries=tuple(d for d in deliveries if not d.destination.startswith("alert:")),
             alerts=alerts,
@@ -364,10 +400,14 @@ class Console:
             free_mb = None
         since = now - RECENT_SECONDS
         reads = [j for j in store.jobs("done") if j.updated_at >= since]
+        ledger = {r.job_id: r for r in store.reads()}
         positives = 0
         for job in reads:
             found = self.findings(job.job_id)[0]
-            positives += bool(found is not None and found.series["any"].positive)
+            if found is not None:
+                positives += found.series["any"].positive
+            elif job.job_id in ledger:  # the results are gone (retention): the ledger says
+                positives += "any" in ledger[job.job_id].positive_labels
         parked = {j.job_id for j in store.jobs("parked") if j.updated_at >= since}
         parked |= {
             d.job_id for d in store.deliveries() if d.state == "parked" and d.updated_at >= since
