@@ -145,6 +145,9 @@ class SeriesSection(_Section):
     stable_seconds: Annotated[float, Field(ge=0, le=86400)] = 30.0
     # Versions of one series the node reads at most (late instances, changed re-sends).
     max_versions: Annotated[int, Field(ge=1, le=1000)] = 5
+    # A series re-sent after retention purged its images, with the content its last
+    # read answered: read again (true) or not (false: no new read, no new SR).
+    reread_identical: bool = False
     min_slices: Annotated[int, Field(ge=1)] = 10
     max_tilt_degrees: Annotated[float, Field(ge=0, le=45)] = 30.0
     # A hole between slices larger than this: coverage incomplete, said in the results.

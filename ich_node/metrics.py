@@ -85,7 +85,7 @@ class Metrics:
         )
         self.series = Counter(
             "ich_node_series_decisions",
-            "Series decisions by outcome (queued, skipped)",
+            "Series decisions by outcome (queued, skipped, identical: a re-send not read again)",
             ["outcome"],
             registry=r,
         )

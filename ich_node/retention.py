@@ -135,7 +135,7 @@ class Cleaner:
                         # not empty (another series of the study) or gone: kept
                         with contextlib.suppress(OSError):
                             empty.rmdir()
-                self.store.purge_series(uid)
+                self.store.purge_series(uid, now)
                 n_series += 1
             results = self.layout.results
             if results.is_dir():

@@ -10,7 +10,11 @@ acquisitions counts each one), and only when the count is at least
 (see :mod:`ich_node.ingest.spool`) start the quiet period again and one new version is
 read once it is quiet, never one per instance; at most ``series.max_versions``
 versions are read (the series is then ``capped``, its later instances stored but
-not read). The selection rules of the ``series`` section then decide: modality, optional
+not read). A re-send that only repeats what the last read answered is not read
+again (:meth:`Assembler.compare_with_last_read`): the same images re-encoded in
+another transfer syntax, or the whole series re-sent after retention purged its
+images (then ``series.reread_identical: true`` asks for a fresh read). The
+selection rules of the ``series`` section then decide: modality, optional
 patterns on body part and descriptions, exclusion patterns on the series
 description, then the headers themselves (:func:`ich_node.imaging.read_series`:
 axial within the tilt tolerance, localizers dropped) and the slice count. A
@@ -23,13 +27,16 @@ previous one).
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
-from typing import Final
+from pathlib import Path
+from typing import Final, Literal
 
 import structlog
 
 from ich_node.config import SeriesSection
 from ich_node.imaging import ImagingError, StorageUnavailable, read_series
+from ich_node.imaging.identity import content_identity, fingerprint
 from ich_node.imaging.records import one_line
 from ich_node.log import handling_phi, phi_values_of_file, redact
 from ich_node.metrics import Metrics
@@ -43,6 +50,10 @@ log = structlog.get_logger(__name__)
 #: it is skipped with that reason.
 STORAGE_RETRY_SECONDS: Final = 5.0
 STORAGE_GIVE_UP_SECONDS: Final = 600.0
+#: Seconds of decoding per assembly pass to compare re-sent instances with what was
+#: read (:meth:`Assembler.compare_with_last_read`); the rest waits for the next pass,
+#: so a big re-sent series never holds up the decisions on others.
+IDENTITY_BUDGET_SECONDS: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +64,19 @@ class Decision:
     queued: bool
     job_id: str | None
     version: int
-    reason: str  # why it was skipped; empty when queued
-    deferred: bool = False  # neither: a spooled file could not be read, tried again later
+    reason: str  # why it was skipped or not read again; empty when queued
+    deferred: bool = False  # neither: decided on a later pass (storage, a read in progress)
+    identical: bool = False  # not read again: the same content as the last read
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """How a series that was read before compares with its last read (see
+    :meth:`Assembler.compare_with_last_read`)."""
+
+    outcome: Literal["identical", "changed", "wait"]
+    version: int  # the version compared with (0: none)
+    detail: str = ""
 
 
 def _search(patterns: tuple[str, ...], value: str) -> bool:
@@ -132,6 +154,8 @@ class Assembler:
         self._storage = StorageWatch(
             store, "series.storage_not_mounted", action="no series decided until it is"
         )
+        # End of this pass's decoding for re-send comparisons (perf_counter time).
+        self._identity_deadline = 0.0
 
     def is_complete(self, record: SeriesRecord, now: float) -> bool:
         """Whether ``record`` is complete at ``now`` (see the module's rules)."""
@@ -180,11 +204,102 @@ class Assembler:
         with handling_phi(values):
             return self._decide(record, now)
 
+    def compare_with_last_read(self, record: SeriesRecord) -> Comparison:
+        """Whether a re-sent series holds the content its last read answered.
+
+        Compared only when nothing was added since that read: instances re-sent
+        with other bytes (``n_replaced``), or the series re-sent after retention
+        purged its images (``purged_at``). Late instances are new content: not
+        compared. The last read is the results ledger's row of the latest version
+        (:class:`ich_node.queue.interface.SeriesRead`); while that version is still
+        being read, the answer is ``wait``; when it was parked (no answer), ``changed``.
+
+        Equal when the instances' digests as received give the version's bytes
+        fingerprint (nothing decoded), else when their content identities
+        (:func:`ich_node.imaging.identity.content_identity`: decoded HU and the
+        clinically relevant attributes; kept per instance once computed) give its
+        content fingerprint. Decoding stops at this pass's share of
+        :data:`IDENTITY_BUDGET_SECONDS` (``wait``; the next pass goes on).
+        """
+        uid = record.series_instance_uid
+        purged = record.purged_at is not None
+        if record.version < 1 or not (
+            purged or (record.n_replaced > 0 and record.n_instances <= record.n_read)
+        ):
+            return Comparison("changed", 0, "new instances")
+        job = self.store.latest_job(uid)
+        if job is None:
+            return Comparison("changed", 0, "no earlier read")
+        if job.state in ("queued", "leased", "retry"):
+            return Comparison("wait", job.version, f"version {job.version} is being read")
+        last = self.store.latest_read(uid)
+        if job.state != "done" or last is None or last.version != job.version:
+            return Comparison("changed", job.version, f"version {job.version} gave no answer")
+        current = self.store.instance_identities(uid)
+        if len(current) != last.n_instances:
+            return Comparison(
+                "changed", last.version, f"{len(current)} instances, {last.n_instances} read"
+            )
+        digests = [i.digest for i in current]
+        if (
+            last.bytes_fingerprint
+            and all(digests)
+            and fingerprint(digests) == last.bytes_fingerprint
+        ):
+            return Comparison("identical", last.version, "the same bytes")
+        computed: dict[Path, str] = {}
+        missing = [i.path for i in current if not i.content_id]
+        try:
+            for path in missing:
+                if time.perf_counter() > self._identity_deadline:
+                    break
+                computed[path] = content_identity(path)
+        except (ImagingError, StorageUnavailable) as exc:
+            # Not comparable (a file gone, or not DICOM): read it, the read says why.
+            return Comparison("changed", last.version, type(exc).__name__)
+        finally:
+            self.store.set_content_ids(computed)  # kept: the next pass goes on from here
+        if len(computed) < len(missing):
+            return Comparison(
+                "wait", last.version, f"{len(missing) - len(computed)} instances to compare"
+            )
+        ids = [i.content_id or computed[i.path] for i in current]
+        if fingerprint(ids) == last.content_fingerprint:
+            return Comparison("identical", last.version, "the same content decoded")
+        return Comparison("changed", last.version, "other content")
+
     def _decide(self, record: SeriesRecord, now: float) -> Decision:
         uid = record.series_instance_uid
         n = record.n_instances
         if record.version >= self.config.max_versions:
             return self.cap(record)
+        cause: str | None = None
+        comparison = self.compare_with_last_read(record)
+        if comparison.outcome == "wait":
+            return Decision(uid, False, None, record.version, comparison.detail, deferred=True)
+        if comparison.outcome == "identical":
+            purged = record.purged_at is not None
+            if purged and self.config.reread_identical:
+                cause = (
+                    "re-sent after its images were purged, the same content as version "
+                    f"{comparison.version}: read again (series.reread_identical)"
+                )
+            else:
+                what = "re-sent after its images were purged" if purged else "re-sent"
+                same = (
+                    f"{what}, the same content as version {comparison.version} "
+                    f"({comparison.detail}): answered already, not read again"
+                )
+                self.store.settle_series(uid, n, same, seen_last_at=record.last_at)
+                log.info(
+                    "series.resend_identical",
+                    series_instance_uid=uid,
+                    instances=n,
+                    version=comparison.version,
+                    purged=purged,
+                    compared=comparison.detail,
+                )
+                return Decision(uid, False, None, record.version, same, identical=True)
         reason = select_headers(record, self.config)
         if reason is None:
             try:
@@ -227,7 +342,7 @@ class Assembler:
             self.store.skip_series(uid, n, reason, seen_last_at=record.last_at)
             log.info("series.skipped", series_instance_uid=uid, instances=n, reason=reason)
             return Decision(uid, False, None, record.version, reason)
-        job = self.queue.enqueue_series(uid, n, now, seen_last_at=record.last_at)
+        job = self.queue.enqueue_series(uid, n, now, seen_last_at=record.last_at, cause=cause)
         log.info(
             "series.queued",
             series_instance_uid=uid,
@@ -243,6 +358,7 @@ class Assembler:
         decisions: list[Decision] = []
         if not self._storage.ready():  # a shared storage.dir that is not mounted here
             return decisions
+        self._identity_deadline = time.perf_counter() + IDENTITY_BUDGET_SECONDS
         for record in self.store.receiving_series():
             if not self.is_complete(record, now):
                 continue
@@ -253,7 +369,13 @@ class Assembler:
                 decision = self.decide(record, now)
                 decisions.append(decision)
                 if self.metrics is not None and not decision.deferred:
-                    label = "queued" if decision.queued else "skipped"
+                    label = (
+                        "queued"
+                        if decision.queued
+                        else "identical"
+                        if decision.identical
+                        else "skipped"
+                    )
                     self.metrics.series.labels(label).inc()
             except Exception as exc:  # log and go on; the series stays receiving
                 log.error(

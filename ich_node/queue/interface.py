@@ -115,6 +115,18 @@ class SeriesRecord:
     state: SeriesState
     version: int
     reason: str
+    # When retention last removed its images (None: never, or read again since):
+    # what comes next is a re-send of a series the node already answered.
+    purged_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceIdentity:
+    """What the store knows of one instance's content (see :mod:`ich_node.imaging.identity`)."""
+
+    path: Path
+    digest: str  # SHA-256 of the data set as received (the fast path); "" when not recorded
+    content_id: str  # its content identity once computed (by a read or a comparison); else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +221,9 @@ class SeriesRead:
         the same content in any transfer syntax.
     n_instances : int
         Instances the version read.
+    bytes_fingerprint : str
+        The same over the SHA-256 of each instance as received (empty when one
+        was not recorded): equal bytes are equal content, nothing decoded.
     model_name, model_version, model_sha256 : str
         The bundle that answered (its card's name and version, SHA-256 of its weights).
     thresholds, probabilities : dict of str to float
@@ -260,6 +275,9 @@ class SeriesRead:
     sr_sop_class_uid: str = ""
     sr_sop_instance_uid: str = ""
     cause: str = ""
+    # SHA-256 over the sorted digests of the instances as received (the fast path of
+    # a comparison: equal bytes, equal content); "" when a digest was not recorded.
+    bytes_fingerprint: str = ""
 
     @property
     def sr(self) -> SrReference | None:
@@ -317,18 +335,37 @@ class InstanceStore(Protocol):
 
     def n_instances(self) -> int: ...
 
+    def instance_identities(
+        self, series_instance_uid: str, received_by: float | None = None
+    ) -> list[InstanceIdentity]: ...
+
+    def set_content_ids(self, content_ids: dict[Path, str]) -> None: ...
+
+    def latest_read(self, series_instance_uid: str) -> SeriesRead | None: ...
+
+    def latest_job(self, series_instance_uid: str) -> JobRecord | None: ...
+
+    def settle_series(
+        self, series_instance_uid: str, n_read: int, reason: str, seen_last_at: float | None = None
+    ) -> None: ...
+
     def reread_counts(self) -> RereadCounts: ...
 
     def expired_series(self, cutoff: float) -> list[str]: ...
 
-    def purge_series(self, series_instance_uid: str) -> None: ...
+    def purge_series(self, series_instance_uid: str, now: float | None = None) -> None: ...
 
 
 class SeriesQueue(Protocol):
     """How the assembler queues a complete series: a new version and its job."""
 
     def enqueue_series(
-        self, series_instance_uid: str, n_read: int, now: float, seen_last_at: float | None
+        self,
+        series_instance_uid: str,
+        n_read: int,
+        now: float,
+        seen_last_at: float | None,
+        cause: str | None = None,
     ) -> JobRecord: ...
 
 

@@ -71,11 +71,16 @@ class JobQueue:
         self.config = config
 
     def enqueue_series(
-        self, series_instance_uid: str, n_read: int, now: float, seen_last_at: float | None
+        self,
+        series_instance_uid: str,
+        n_read: int,
+        now: float,
+        seen_last_at: float | None,
+        cause: str | None = None,
     ) -> JobRecord:
         """Bump the series' version and queue its job (see :meth:`Store.queue_series`)."""
         return self.store.queue_series(
-            series_instance_uid, n_read, job_id_for, now, seen_last_at=seen_last_at
+            series_instance_uid, n_read, job_id_for, now, seen_last_at=seen_last_at, cause=cause
         )
 
     def job(self, job_id: str) -> JobRecord | None:

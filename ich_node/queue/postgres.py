@@ -51,6 +51,7 @@ from ich_node.queue.interface import (
     AddResult,
     DeliveryRecord,
     DeliveryState,
+    InstanceIdentity,
     InstanceRecord,
     JobRecord,
     StoreUnusable,
@@ -227,6 +228,13 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX series_reads_series ON series_reads(series_instance_uid, version);
     CREATE INDEX series_reads_study ON series_reads(study_instance_uid);
     CREATE INDEX series_reads_accession ON series_reads(accession_number);
+    """,
+    # 5: content identity of re-sends: each instance's (cached once computed), when a
+    # series' images were purged, and the ledger's fingerprint of the bytes.
+    """
+    ALTER TABLE instances ADD COLUMN content_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE series ADD COLUMN purged_at DOUBLE PRECISION;
+    ALTER TABLE series_reads ADD COLUMN bytes_fingerprint TEXT NOT NULL DEFAULT '';
     """,
 )
 
@@ -696,6 +704,17 @@ class PgStore(Store):
 
     def instance_files(self) -> dict[str, str]:
         return {str(self._absolute(p)): uid for p, uid in super().instance_files().items()}
+
+    def instance_identities(
+        self, series_instance_uid: str, received_by: float | None = None
+    ) -> list[InstanceIdentity]:
+        return [
+            InstanceIdentity(self._absolute(i.path), i.digest, i.content_id)
+            for i in super().instance_identities(series_instance_uid, received_by)
+        ]
+
+    def set_content_ids(self, content_ids: dict[Path, str]) -> None:
+        super().set_content_ids({Path(self._relative(p)): c for p, c in content_ids.items()})
 
     def forget_instance(self, path: str) -> None:
         super().forget_instance(self._relative(path))

@@ -31,6 +31,7 @@ from ich_node.queue.interface import (
     AlertRecord,
     DeliveryRecord,
     DeliveryState,
+    InstanceIdentity,
     InstanceRecord,
     JobRecord,
     JobStage,
@@ -79,6 +80,7 @@ CREATE TABLE IF NOT EXISTS instances (
     acquisition TEXT NOT NULL DEFAULT '',
     images_in_acquisition INTEGER,
     series_related INTEGER,
+    content_id TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (series_instance_uid, sop_instance_uid)
 );
 CREATE INDEX IF NOT EXISTS instances_sop ON instances(sop_instance_uid);
@@ -97,7 +99,8 @@ CREATE TABLE IF NOT EXISTS series (
     last_at REAL NOT NULL,
     state TEXT NOT NULL,
     version INTEGER NOT NULL DEFAULT 0,
-    reason TEXT NOT NULL DEFAULT ''
+    reason TEXT NOT NULL DEFAULT '',
+    purged_at REAL
 );
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
@@ -193,7 +196,8 @@ CREATE TABLE IF NOT EXISTS series_reads (
     sr_series_instance_uid TEXT NOT NULL DEFAULT '',
     sr_sop_class_uid TEXT NOT NULL DEFAULT '',
     sr_sop_instance_uid TEXT NOT NULL DEFAULT '',
-    cause TEXT NOT NULL DEFAULT ''
+    cause TEXT NOT NULL DEFAULT '',
+    bytes_fingerprint TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS series_reads_series ON series_reads(series_instance_uid, version);
 CREATE INDEX IF NOT EXISTS series_reads_study ON series_reads(study_instance_uid);
@@ -218,6 +222,9 @@ _ADDED_COLUMNS: Final = (
     ("jobs", "sr_series_uid", "TEXT NOT NULL DEFAULT ''"),
     ("jobs", "sr_sop_class_uid", "TEXT NOT NULL DEFAULT ''"),
     ("jobs", "sr_sop_uid", "TEXT NOT NULL DEFAULT ''"),
+    ("instances", "content_id", "TEXT NOT NULL DEFAULT ''"),
+    ("series", "purged_at", "REAL"),
+    ("series_reads", "bytes_fingerprint", "TEXT NOT NULL DEFAULT ''"),
 )
 
 
@@ -422,7 +429,7 @@ class Store:
                 db.execute(
                     """UPDATE instances SET path = ?, size = ?, received_at = ?, digest = ?,
                         sop_class_uid = ?, acquisition = ?, images_in_acquisition = ?,
-                        series_related = ?
+                        series_related = ?, content_id = ''
                     WHERE series_instance_uid = ? AND sop_instance_uid = ?""",
                     (
                         str(path),
@@ -600,18 +607,21 @@ class Store:
         job_id_for: Callable[[str, int], str],
         now: float,
         seen_last_at: float | None = None,
+        cause: str | None = None,
     ) -> JobRecord:
         """Bump the series version and enqueue its job, in one transaction.
 
         ``job_id_for`` is called with (series UID, version) and returns the job id.
         The job's ``cause`` says why this version is read: the first read, late
-        instances, changed re-sends. The series stays ``receiving`` when an
+        instances, changed re-sends, a re-send after its images were purged (or
+        ``cause`` when given). The series stays ``receiving`` when an
         instance came after ``seen_last_at`` (the ``last_at`` the decision saw).
         """
         seen = float("inf") if seen_last_at is None else seen_last_at
         with self.transaction() as db:
             row = db.execute(
-                "SELECT version, n_read, n_replaced FROM series WHERE series_instance_uid = ?",
+                """SELECT version, n_read, n_replaced, purged_at FROM series
+                WHERE series_instance_uid = ?""",
                 (series_instance_uid,),
             ).fetchone()
             version = int(row["version"]) + 1
@@ -624,8 +634,12 @@ class Store:
                 (series_instance_uid, now),
             ).fetchone()
             n_read = min(n_read, int(counted["n"])) if int(counted["n"]) else n_read
-            if version == 1:
+            if cause is not None:
+                pass
+            elif version == 1:
                 cause = "first read"
+            elif row["purged_at"] is not None:
+                cause = f"{n_read} instances re-sent after their images were purged"
             else:
                 late = max(n_read - int(row["n_read"]), 0)
                 parts = [f"{late} late instances"] if late else []
@@ -635,7 +649,7 @@ class Store:
             db.execute(
                 """UPDATE series SET state = CASE WHEN n_instances > ? OR last_at > ?
                     THEN 'receiving' ELSE 'queued' END, n_read = ?, version = ?, reason = '',
-                    n_replaced = 0
+                    n_replaced = 0, purged_at = NULL
                 WHERE series_instance_uid = ?""",
                 (n_read, seen, n_read, version, series_instance_uid),
             )
@@ -677,6 +691,15 @@ class Store:
             AND sr_sop_uid != '' ORDER BY version DESC LIMIT 1""",
             (series_instance_uid, version),
         )
+        if not rows:  # the ledger keeps it too (beyond retention)
+            rows = self._query(
+                """SELECT study_instance_uid AS sr_study_uid,
+                    sr_series_instance_uid AS sr_series_uid, sr_sop_class_uid,
+                    sr_sop_instance_uid AS sr_sop_uid FROM series_reads
+                WHERE series_instance_uid = ? AND version < ? AND sr_sop_instance_uid != ''
+                ORDER BY version DESC LIMIT 1""",
+                (series_instance_uid, version),
+            )
         if not rows:
             return None
         r = rows[0]
@@ -719,8 +742,8 @@ class Store:
                 model_version, model_sha256, thresholds, probabilities, positive_labels,
                 coverage_complete, n_notes, first_received_at, completed_at, read_at,
                 first_alert_at, first_delivery_at, sr_series_instance_uid, sr_sop_class_uid,
-                sr_sop_instance_uid, cause)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                sr_sop_instance_uid, cause, bytes_fingerprint)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT (job_id) DO NOTHING""",
             (
                 job.job_id, read.study_instance_uid, job.series_instance_uid,
@@ -732,7 +755,7 @@ class Store:
                 first, job.created_at if read.completed_at is None else read.completed_at,
                 now if read.read_at is None else read.read_at, first_alert,
                 read.first_delivery_at, read.sr_series_instance_uid, read.sr_sop_class_uid,
-                read.sr_sop_instance_uid, read.cause or job.cause,
+                read.sr_sop_instance_uid, read.cause or job.cause, read.bytes_fingerprint,
             ),
         )  # fmt: skip
 
@@ -998,6 +1021,68 @@ class Store:
     def n_instances(self) -> int:
         return int(self._query("SELECT COUNT(*) AS n FROM instances")[0]["n"])
 
+    # -- content identity (re-sends) ----------------------------------------------
+
+    def instance_identities(
+        self, series_instance_uid: str, received_by: float | None = None
+    ) -> list[InstanceIdentity]:
+        """Path, digest and content identity of each instance of a series (by path).
+
+        With ``received_by``, only those received by then (a version's instances).
+        """
+        sql = """SELECT path, digest, content_id FROM instances
+            WHERE series_instance_uid = ?"""
+        params: tuple[object, ...] = (series_instance_uid,)
+        if received_by is not None:
+            sql += " AND received_at <= ?"
+            params = (series_instance_uid, received_by)
+        rows = self._query(sql + " ORDER BY path", params)
+        return [
+            InstanceIdentity(Path(r["path"]), str(r["digest"]), str(r["content_id"])) for r in rows
+        ]
+
+    def set_content_ids(self, content_ids: dict[Path, str]) -> None:
+        """Remember the content identity of instance files (a cache: by path).
+
+        The path holds the digest of the copy (``<sop>.<digest>.dcm``), so an
+        identity computed from a file replaced since is never stored on its successor.
+        """
+        if not content_ids:
+            return
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE instances SET content_id = ? WHERE path = ?",
+                [(cid, str(path)) for path, cid in content_ids.items()],
+            )
+
+    def latest_job(self, series_instance_uid: str) -> JobRecord | None:
+        """The job of the highest version of a series, or ``None``."""
+        rows = self._query(
+            """SELECT * FROM jobs WHERE series_instance_uid = ?
+            ORDER BY version DESC LIMIT 1""",
+            (series_instance_uid,),
+        )
+        return JobRecord(**dict(rows[0])) if rows else None
+
+    def settle_series(
+        self, series_instance_uid: str, n_read: int, reason: str, seen_last_at: float | None = None
+    ) -> None:
+        """Record that a series holds what its last read answered: no new version.
+
+        Its state goes back to ``queued`` (read; its latest job tells how far) with
+        ``reason``; it stays ``receiving`` when an instance came after
+        ``seen_last_at`` or beyond ``n_read`` instances.
+        """
+        seen = float("inf") if seen_last_at is None else seen_last_at
+        with self.transaction() as db:
+            db.execute(
+                """UPDATE series SET state = CASE WHEN n_instances > ? OR last_at > ?
+                    THEN 'receiving' ELSE 'queued' END, n_read = ?, n_replaced = 0,
+                    purged_at = NULL, reason = ?
+                WHERE series_instance_uid = ?""",
+                (n_read, seen, n_read, reason, series_instance_uid),
+            )
+
     # -- timings (metrics) and retention ------------------------------------------
 
     def add_stage_times(self, job_id: str, times: dict[str, float], now: float) -> None:
@@ -1056,17 +1141,23 @@ class Store:
         )
         return [str(r["series_instance_uid"]) for r in rows]
 
-    def purge_series(self, series_instance_uid: str) -> None:
-        """Forget a purged series' instances; keep its UIDs, state and timings."""
+    def purge_series(self, series_instance_uid: str, now: float | None = None) -> None:
+        """Forget a purged series' instances; keep its UIDs, state and timings.
+
+        Its counts start again from zero (they count the instances the node holds),
+        and ``purged_at`` (``now``, else its last activity) marks that what comes
+        next is a re-send of a series already answered (see the results ledger).
+        """
         with self.transaction() as db:
             db.execute(
                 "DELETE FROM instances WHERE series_instance_uid = ?", (series_instance_uid,)
             )
             db.execute(
                 """UPDATE series SET state = 'purged', body_part = '', study_description = '',
-                    series_description = ''
+                    series_description = '', n_instances = 0, n_read = 0, n_replaced = 0,
+                    purged_at = COALESCE(?, last_at)
                 WHERE series_instance_uid = ?""",
-                (series_instance_uid,),
+                (now, series_instance_uid),
             )
 
     def results_expired(self, job_id: str, cutoff: float) -> bool:

@@ -133,10 +133,15 @@ class ResultsStage:
         already decoded to HU are not decoded again (:func:`version_identities`).
         """
         uid = job.series_instance_uid
-        paths = self.store.instance_paths(uid, received_by=job.created_at)
+        # This version's instances, as the read stage took them (all when clocks disagree).
+        known = self.store.instance_identities(uid, received_by=job.created_at)
+        known = known or self.store.instance_identities(uid)
         identities = version_identities(
-            paths or self.store.instance_paths(uid), explained.series.slices, explained.hu
+            [i.path for i in known], explained.series.slices, explained.hu
         )
+        # Kept with each instance: a later re-send is compared without decoding these again.
+        self.store.set_content_ids(identities)
+        digests = [i.digest for i in known]
         findings = explained.findings
         accession = explained.header.get("AccessionNumber", "")
         return SeriesRead(
@@ -159,6 +164,7 @@ class ResultsStage:
             sr_sop_class_uid="" if sr is None else sr.sop_class_uid,
             sr_sop_instance_uid="" if sr is None else sr.sop_instance_uid,
             cause=job.cause,
+            bytes_fingerprint=fingerprint(digests) if all(digests) else "",
         )
 
     def finish(
