@@ -19,6 +19,7 @@ BENCHMARKS = (
     "inference",
     "worker",
     "explain",
+    "head_mask",
     "end_to_end",
     "memory",
     "store_backends",

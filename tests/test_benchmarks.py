@@ -43,6 +43,15 @@ def test_explain_quick(tmp_path: Path) -> None:
     assert result["min_correlation"] > 0.999
 
 
+def test_head_mask_quick(tmp_path: Path) -> None:
+    from benchmarks import head_mask
+
+    result = _run(head_mask, tmp_path)
+    (row,) = result["rows"]
+    assert row["slices"] == 16 and row["matrix"] == "256x256"
+    assert row["s/series"] > 0 and 5 < row["head voxels %"] < 60
+
+
 def test_ingest_quick(tmp_path: Path) -> None:
     dcmtk("storescu")
     from benchmarks import ingest

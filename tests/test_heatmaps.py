@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
+import pydicom
 import pytest
 
+from ich_node.card import ModelCard
+from ich_node.imaging import head_mask, read_series
+from ich_node.labels import LABELS
+from ich_node.model.bundle import Bundle, load_bundle
+from ich_node.model.explain import explain_series
+from ich_node.model.inference import Classifier
+from ich_node.results.build import ResultOptions, write_results
+from ich_node.results.build import build_results as encode
 from ich_node.results.common import cam_to_source
-from ich_node.results.sc import ALPHA_MAX, CAM_FLOOR, render_overlay, turbo
+from ich_node.results.findings import ExplainedSeries
+from ich_node.results.sc import ALPHA_MAX, CAM_FLOOR, render_overlay, slice_text, turbo
 
 
 def test_turbo_runs_blue_to_red() -> None:
@@ -80,3 +94,99 @@ def test_below_the_floor_the_overlay_is_the_plain_brain_window_image() -> None:
     grey = plain[150, -1, 0] / 255.0
     top = hot[150, -1] / 255.0
     assert np.all(np.abs(top - grey) <= ALPHA_MAX + 1 / 255)
+
+
+# ------------------------------------------------------- heatmaps inside the head
+
+
+def _colour_outside(
+    explained: ExplainedSeries, card: ModelCard, tmp_path: Path, *, parametric_map: bool = False
+) -> tuple[dict[int, np.ndarray], np.ndarray, list[Path]]:
+    """Encode with a map of 1 everywhere (the worst spill), read the SC pixels back.
+
+    Returns the coloured pixels of each heatmap (those that differ from the same
+    image rendered without a map, so text and legend do not count), the series'
+    head mask and the files written.
+    """
+    size = card.input_size
+    spill = tuple(replace(e, cam=np.ones((size, size), np.float32)) for e in explained.explanations)
+    assert spill, "the test needs explained slices"
+    explained = replace(explained, explanations=spill)
+    results = encode(explained, card, ResultOptions(parametric_map=parametric_map))
+    files = write_results(results, tmp_path)
+    head = head_mask(explained.hu, explained.series.slices[0].pixel_spacing)
+    coloured = {}
+    for path in sorted((tmp_path / "heatmaps").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        i = int(ds.InstanceNumber) - 1
+        e = next(e for e in spill if e.index == i)
+        plain = render_overlay(
+            explained.hu[i], None, slice_text(explained.findings, card, i, e.labels)
+        )
+        coloured[i] = np.any(ds.pixel_array != plain, axis=-1)
+    return coloured, head, files
+
+
+def _explained(tiny_bundle: Path, paths: list[Path]) -> tuple[ExplainedSeries, ModelCard]:
+    bundle = load_bundle(tiny_bundle)
+    # Every slice positive for any: every slice gets a heatmap.
+    card = dataclasses.replace(bundle.card, thresholds=dict.fromkeys(LABELS, 1.01) | {"any": 0.0})
+    classifier = Classifier(Bundle(bundle.path, card, bundle.model), device="cpu", batch_size=8)
+    prediction = classifier.predict_series(read_series(paths))
+    return explain_series(prediction, classifier), card
+
+
+def test_no_colour_on_the_table_or_head_holder_of_a_phantom(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    from training.phantom import SUPPORT, write_series
+
+    phantom = write_series(
+        tmp_path / "src", seed=21, subtypes=("subdural",), n_slices=10, matrix=256, support=True
+    )
+    explained, card = _explained(tiny_bundle, list(phantom.paths))
+    coloured, head, files = _colour_outside(explained, card, tmp_path / "out", parametric_map=True)
+    tissue = phantom.volume.tissue
+    assert len(coloured) == len(tissue)
+    brain_seen = 0
+    for i, colour in coloured.items():
+        assert not (colour & ~head[i]).any(), f"slice {i + 1}: colour outside the head"
+        assert not (colour & (tissue[i] == SUPPORT)).any(), f"slice {i + 1}: colour on the support"
+        # Inside: every brain pixel below the text and the legend is coloured.
+        brain = np.isin(tissue[i], (4, 5, 6, 7, 8, 9)) & (np.arange(256)[:, None] > 128)
+        assert colour[brain].all()
+        brain_seen += int(brain.sum() > 1000)
+    assert brain_seen >= 6
+    # The parametric map carries the map only inside the head too.
+    pm = pydicom.dcmread(next(p for p in files if p.name == "parametric_map.dcm"))
+    z_of = {round(s.image_position[2], 2): i for i, s in enumerate(explained.series.slices)}
+    for frame, group in zip(pm.pixel_array, pm.PerFrameFunctionalGroupsSequence, strict=True):
+        i = z_of[round(float(group.PlanePositionSequence[0].ImagePositionPatient[2]), 2)]
+        assert np.array_equal(frame > 0, head[i]) and frame.max() == pytest.approx(1.0)
+
+
+def test_no_colour_outside_the_head_of_the_real_ge_series(
+    real_ct: Path, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """The GE head CT lies in a head holder (two strips beside the head, about +350 HU)."""
+    from scipy import ndimage
+
+    folder = real_ct / "neurolabusc+dcm_qa_ct" / "In" / "GE"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not present")
+    explained, card = _explained(tiny_bundle, sorted(folder.glob("*.dcm")))
+    coloured, head, _ = _colour_outside(explained, card, tmp_path)
+    assert len(coloured) == 28
+    # Independent of the mask: the holder is what is dense (plastic and bone are above
+    # +250 HU, skin and ears below) but apart from the head in the series' projection:
+    # the two strips, which touch the ears on some slices.
+    dense = explained.hu > 250
+    labels, _ = ndimage.label(dense.max(axis=0))
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    holder = dense & ((labels > 0) & (labels != sizes.argmax()))[None]
+    assert (holder.sum(axis=(1, 2)) > 300).all()  # the strips are on every slice
+    for i, colour in coloured.items():
+        assert not (colour & ~head[i]).any(), f"slice {i + 1}: colour outside the head"
+        assert not (colour & holder[i]).any(), f"slice {i + 1}: colour on the holder"
+        assert colour[head[i]].mean() > 0.9  # the head itself is coloured

@@ -66,6 +66,7 @@ CSF_VENTRICLE: Final[int] = 6  #: lateral, third and fourth ventricles
 CSF_SULCI: Final[int] = 7  #: sulci, convexity CSF rim and interhemispheric fissure
 CISTERN: Final[int] = 8  #: basal (perimesencephalic, suprasellar) cisterns, Sylvian fissures
 EXTRA_AXIAL: Final[int] = 9  #: space opened between inner table and brain by an EDH/SDH
+SUPPORT: Final[int] = 10  #: not the patient: head holder (cradle) and table (``support=True``)
 
 #: Names of the tissue codes, index = code.
 TISSUE_NAMES: Final[tuple[str, ...]] = (
@@ -79,6 +80,7 @@ TISSUE_NAMES: Final[tuple[str, ...]] = (
     "csf_sulci",
     "cistern",
     "extra_axial",
+    "support",
 )
 
 #: A slice is positive for a subtype when its mask covers at least this many pixels
@@ -93,6 +95,17 @@ SLICE_SPACING_MM: Final[float] = 5.0
 Z_TOP_MM: Final[float] = 80.0
 #: Short series are spread over at least this craniocaudal extent, mm.
 MIN_COVERAGE_MM: Final[float] = 110.0
+
+#: The patient support of ``support=True``, as on the real GE series in shared/real-ct:
+#: a head holder (a U-shaped cradle shell around the back and sides of the head, a
+#: cushion of foam between, drawn as air) and the table plate behind it.
+SUPPORT_GAP_MM: Final[float] = 6.0  #: default cushion between scalp and cradle
+CRADLE_MM: Final[float] = 3.0  #: cradle shell thickness
+CRADLE_HU: Final[float] = 350.0  #: plastic of the holder (the GE holder reads +300 … +380)
+TABLE_MM: Final[float] = 5.0  #: table plate thickness
+TABLE_HU: Final[float] = 200.0  #: carbon-fibre table
+#: The cradle reaches this far anterior of the head centre, mm (its side strips).
+_CRADLE_FRONT_MM: Final[float] = 40.0
 
 #: Radius (mm, scaled with the head) of the sphere the sulcal pattern is drawn on.
 _SULCAL_SPHERE_MM: Final[float] = 70.0
@@ -486,8 +499,39 @@ def _to_head(p: np.ndarray, head: _Head) -> np.ndarray:
 # --------------------------------------------------------------------------- rendering
 
 
+@dataclass(frozen=True, slots=True)
+class _Support:
+    """Head holder and table, fixed in the scanner (patient frame, no yaw), mm."""
+
+    centre: tuple[float, float]  # (x, y) of the cradle's axis: the head centre
+    inner: tuple[float, float]  # cradle inner semi-axes (x, y)
+    table_y: float  # anterior face of the table plate
+
+    @staticmethod
+    def around(head: _Head, gap_mm: float) -> _Support:
+        """The cradle ``gap_mm`` from the scalp's widest section, the table behind it."""
+        a, b, _ = head.outer
+        ox, oy, _ = head.offset
+        inner = (a + gap_mm, b + gap_mm)
+        return _Support((ox, oy), inner, oy + inner[1] + CRADLE_MM + 2.0)
+
+    def draw(self, px: np.ndarray, py: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(H, W) bool cradle and table pixels (outside the patient's tissue)."""
+        (cx, cy), (ax, ay) = self.centre, self.inner
+        dx, dy = px - cx, py - cy
+        q_in = (dx / ax) ** 2 + (dy / ay) ** 2
+        q_out = (dx / (ax + CRADLE_MM)) ** 2 + (dy / (ay + CRADLE_MM)) ** 2
+        cradle = (q_in >= 1) & (q_out < 1) & (dy > -_CRADLE_FRONT_MM)
+        plate = (py >= self.table_y) & (py < self.table_y + TABLE_MM)  # (H, 1): whole rows
+        return cradle, np.broadcast_to(plate, cradle.shape).copy()
+
+
 def _render_slice(
-    k: int, geo: _Geometry, head: _Head, lesions: list[_Lesion]
+    k: int,
+    geo: _Geometry,
+    head: _Head,
+    lesions: list[_Lesion],
+    support: _Support | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Render slice ``k``: (H, W) float32 HU before blur/noise, uint8 tissue, bool masks."""
     n = geo.matrix
@@ -597,7 +641,7 @@ def _render_slice(
         tissue[m] = CSF_VENTRICLE
 
     # Base HU from the tissue map; cortical bone is denser toward the skull base.
-    lut = np.array([head.hu[t] for t in range(len(TISSUE_NAMES))], dtype=f32)
+    lut = np.array([head.hu.get(t, CRADLE_HU) for t in range(len(TISSUE_NAMES))], dtype=f32)
     hu = lut[tissue]
     base = np.clip((-10.0 * s - z) / (40.0 * s), 0.0, 1.0) * f32(head.bone_base_extra)
     hu = np.where(tissue == BONE, hu + base, hu)
@@ -636,6 +680,13 @@ def _render_slice(
             masks[les.kind] |= clot
     for les in lesions:
         hu[masks[les.kind]] = les.hu
+    if support is not None:
+        cradle, table = support.draw(px, py)
+        free = tissue == AIR  # a support never overlaps the patient
+        for part, value in ((cradle, CRADLE_HU), (table, TABLE_HU)):
+            part &= free
+            tissue[part] = SUPPORT
+            hu[part] = value
     return hu, tissue, masks
 
 
@@ -687,6 +738,8 @@ def make_volume(
     n_slices: int = 28,
     matrix: int = 512,
     tilt_deg: float = 0.0,
+    support: bool = False,
+    support_gap_mm: float = SUPPORT_GAP_MM,
 ) -> PhantomVolume:
     """Draw and render one synthetic head CT.
 
@@ -704,6 +757,14 @@ def make_volume(
         Rows = columns; the field of view is fixed at :data:`FOV_MM`.
     tilt_deg : float
         Gantry tilt, degrees, in [-30, 30].
+    support : bool
+        Also draw what the head lies on (tissue code ``SUPPORT``): a head holder, a
+        :data:`CRADLE_MM` shell of +350 HU around the back and sides of the head, and
+        the table plate behind it (+200 HU, where it falls in the field of view). The
+        head, lesions and noise are those of the same generator state without it.
+    support_gap_mm : float
+        Cushion between the scalp's widest section and the cradle, mm, >= 0; 0 lays
+        the back of the head on the cradle.
 
     Returns
     -------
@@ -724,8 +785,12 @@ def make_volume(
     for name in wanted:
         if name not in SUBTYPE_NAMES:
             raise ValueError(f"subtype must be one of {SUBTYPE_NAMES}, got {name!r}")
+    if not (math.isfinite(support_gap_mm) and support_gap_mm >= 0):
+        raise ValueError(f"support_gap_mm must be >= 0, got {support_gap_mm!r}")
     geo = _geometry(n_slices, matrix, tilt_deg)
     head = _draw_head(rng)
+    # No random draw: the head, lesions and noise stay those of the same seed without it.
+    holder = _Support.around(head, support_gap_mm) if support else None
     labels = None
     for _attempt in range(12):
         lesions = [_snap(_draw_lesion(k, rng, head), head, geo, rng) for k in wanted]
@@ -733,7 +798,7 @@ def make_volume(
         tissue = np.empty((n_slices, matrix, matrix), dtype=np.uint8)
         masks = {name: np.zeros(hu_f.shape, dtype=bool) for name in SUBTYPE_NAMES}
         for k in range(n_slices):
-            h, t, m = _render_slice(k, geo, head, lesions)
+            h, t, m = _render_slice(k, geo, head, lesions, holder)
             hu_f[k], tissue[k] = h, t
             for name in wanted:
                 masks[name][k] = m[name]
@@ -969,6 +1034,7 @@ def write_series(
     shuffle_instance_numbers: bool = False,
     taken_ids: set[str] | None = None,
     context_bleed: bool | None = None,
+    support: bool = False,
 ) -> PhantomSeries:
     """Write one phantom study (one axial CT series) as DICOM files.
 
@@ -995,6 +1061,9 @@ def write_series(
     context_bleed : bool or None
         ``None``: an ordinary phantom. ``False`` / ``True``: a context phantom
         (:func:`add_context_foci`) without / with a thin bleed; give no ``subtypes``.
+    support : bool
+        Draw the head holder and table (:func:`make_volume`); the series gets other
+        UIDs than the same seed without them.
 
     Returns
     -------
@@ -1010,9 +1079,13 @@ def write_series(
         raise ValueError(f"seed must be >= 0, got {seed!r}")
     wanted = tuple(dict.fromkeys(subtypes))
     rng = np.random.default_rng(seed)
-    vol = make_volume(rng, subtypes=wanted, n_slices=n_slices, matrix=matrix, tilt_deg=tilt_deg)
+    vol = make_volume(
+        rng, subtypes=wanted, n_slices=n_slices, matrix=matrix, tilt_deg=tilt_deg, support=support
+    )
     geo = _geometry(n_slices, matrix, tilt_deg)
     key: tuple[object, ...] = (seed, ",".join(sorted(wanted)), n_slices, matrix, _ds(tilt_deg))
+    if support:  # other pixels, so other UIDs than the same seed without the support
+        key = (*key, "support")
     if context_bleed is not None:  # other UIDs than the ordinary phantom of this seed
         vol = add_context_foci(vol, np.random.default_rng([seed, 3]), bleed=context_bleed)
         key = (*key, f"context-{int(context_bleed)}")

@@ -16,6 +16,9 @@ sees in service. The package follows the pipeline's own steps:
 4. :mod:`~ich_node.imaging.preprocess`: :func:`apply_windows` maps HU to one [0, 1]
    channel per display window; :func:`resize` pads to a square and resizes with
    antialiased bilinear interpolation.
+5. :mod:`~ich_node.imaging.head`: :func:`head_mask` finds the head region (the
+   largest connected body, without table and head holder) that heatmaps are
+   coloured in.
 
 ``from ich_node.imaging import X`` keeps working for every public name. This
 package must not import torch at import time: the listener process reads headers
@@ -32,6 +35,7 @@ from ich_node.imaging.files import (
     group_series,
     iter_dicom_files,
 )
+from ich_node.imaging.head import head_mask
 from ich_node.imaging.pixels import AIR_HU, check_hu_plausible, load_hu
 from ich_node.imaging.preprocess import (
     DEFAULT_WINDOWS,
@@ -78,6 +82,7 @@ __all__ = [
     "check_hu_plausible",
     "context_channels",
     "group_series",
+    "head_mask",
     "iter_dicom_files",
     "load_hu",
     "load_series_hu",

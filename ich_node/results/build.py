@@ -34,7 +34,12 @@ from ich_node.results.common import apply_study, study_attributes
 from ich_node.results.findings import ExplainedSeries
 from ich_node.results.ko import build_key_objects
 from ich_node.results.pm import build_parametric_map
-from ich_node.results.sc import build_heatmap_series, png_bytes, render_heatmaps
+from ich_node.results.sc import (
+    build_heatmap_series,
+    png_bytes,
+    render_heatmaps,
+    series_head_mask,
+)
 from ich_node.results.sr import build_sr
 
 log = structlog.get_logger(__name__)
@@ -309,7 +314,10 @@ def _build(
     )
     evidence = source_evidence(series, study.plain)
     explanations = inputs.explanations
-    images = render_heatmaps(inputs, card, which=options.heatmaps)
+    # The head region, once per series: heatmap colour and map values stay inside it.
+    wants_head = options.heatmaps != "none" or options.parametric_map
+    head = series_head_mask(inputs) if explanations and wants_head else None
+    images = render_heatmaps(inputs, card, which=options.heatmaps, head=head)
     heatmaps = build_heatmap_series(
         series,
         images,
@@ -351,6 +359,7 @@ def _build(
             evidence,
             series_instance_uid=uid("parametric map series"),
             sop_instance_uid=uid("parametric map"),
+            head=head,
         )
     pm = [parametric_map] if parametric_map is not None else []
     sr = build_sr(

@@ -24,6 +24,7 @@ def build_parametric_map(
     series_instance_uid: str,
     sop_instance_uid: str,
     series_number: int = 9902,
+    head: np.ndarray | None = None,
 ) -> pydicom.Dataset:
     """The Grad-CAM values as a float Parametric Map (PS3.3 A.75), one frame per slice explained.
 
@@ -43,6 +44,10 @@ def build_parametric_map(
         New UIDs.
     series_number : int
         SeriesNumber (0020,0011).
+    head : numpy.ndarray, optional
+        (S, rows, columns) bool head region of the series
+        (:func:`ich_node.results.sc.series_head_mask`): values outside it are 0, as
+        the heatmaps are not coloured there. None keeps every value.
     """
     if not explanations:
         raise ValueError("explanations must not be empty")
@@ -51,6 +56,8 @@ def build_parametric_map(
     frames = np.stack([cam_to_source(e.cam, rows, columns) for e in explanations]).astype(
         np.float32
     )  # (F, rows, columns) float32 in [0, 1]
+    if head is not None:
+        frames *= head[[e.index for e in explanations]]
     first = slices[explanations[0].index]
     spacing = series.slice_spacing_mm
     thickness = float(np.median(spacing)) if spacing else 1.0

@@ -1,9 +1,10 @@
 """Grad-CAM heatmaps as a Secondary Capture series a radiologist opens in any viewer.
 
 Each image is the source slice at its own resolution in the brain window, with the
-Grad-CAM map blended in (yellow to red) only where it is above :data:`CAM_FLOOR`, a colour
-legend and burned-in text: the suspected subtype(s) with their probability on that
-slice, the model's name and version, and "AI result - not for diagnosis". Built with
+Grad-CAM map blended in (yellow to red) only where it is above :data:`CAM_FLOOR` and
+inside the head (:func:`ich_node.imaging.head_mask`), a colour legend and burned-in
+text: the suspected subtype(s) with their probability on that slice, the model's name
+and version, and "AI result - not for diagnosis". Built with
 highdicom's :class:`highdicom.sc.SCImage` (PS3.3 A.8.1 Secondary Capture Image IOD),
 which writes the modules the IOD needs and validates pixel encodings.
 """
@@ -20,7 +21,7 @@ import pydicom
 from PIL import Image, ImageDraw, ImageFont
 
 from ich_node.card import ModelCard
-from ich_node.imaging import CTSeries, CTSlice, Window
+from ich_node.imaging import CTSeries, CTSlice, Window, head_mask
 from ich_node.results.common import MANUFACTURER, cam_to_source, contributing_equipment
 from ich_node.results.findings import ExplainedSeries, SeriesFindings
 
@@ -121,14 +122,12 @@ def _colour(level: np.ndarray) -> np.ndarray:
     return turbo(low + (high - low) * np.asarray(level))
 
 
-#: Pixels above this HU are the head (soft tissue, bone, brain); below is air.
-_HEAD_MIN_HU = -300.0
-
-
 def render_overlay(
     hu: np.ndarray,
     cam: np.ndarray | None,
     text: Sequence[str],
+    *,
+    head: np.ndarray | None = None,
 ) -> np.ndarray:
     """Draw one heatmap image.
 
@@ -141,6 +140,11 @@ def render_overlay(
         :func:`cam_to_source`); None draws the brain window and text only.
     text : sequence of str
         Lines burned in at the top left (wrapped to the image width).
+    head : numpy.ndarray, optional
+        (rows, columns) bool, the head region of this slice
+        (:func:`ich_node.imaging.head_mask` of the whole series, which tells the
+        head from its holder best); colour is drawn only there. Default: the
+        head mask of this slice alone, at 0.5 mm pixels.
 
     Returns
     -------
@@ -155,10 +159,14 @@ def render_overlay(
     if cam is not None:
         if cam.shape != hu.shape:
             raise ValueError(f"cam shape {cam.shape} differs from the slice's {hu.shape}")
+        if head is None:
+            head = head_mask(hu)
+        elif head.shape != hu.shape:
+            raise ValueError(f"head shape {head.shape} differs from the slice's {hu.shape}")
         level = np.clip((cam - CAM_FLOOR) / (1.0 - CAM_FLOOR), 0.0, 1.0)
-        # Colour only the head: the upsampled map spills into the air around it,
-        # where it would suggest a finding outside the patient.
-        alpha = ALPHA_MAX * level * (cam > CAM_FLOOR) * (hu > _HEAD_MIN_HU)
+        # Colour only the head: the upsampled map spills into the air, the table and
+        # the head holder, where it would suggest a finding outside the patient.
+        alpha = ALPHA_MAX * level * (cam > CAM_FLOOR) * head
         rgb = (1.0 - alpha[..., None]) * rgb + alpha[..., None] * _colour(level)
     image = Image.fromarray(np.round(rgb * 255.0).astype(np.uint8))
     draw = ImageDraw.Draw(image)
@@ -223,11 +231,25 @@ def slice_text(
     return lines
 
 
+def series_head_mask(inputs: ExplainedSeries) -> np.ndarray:
+    """The head region of every slice: :func:`ich_node.imaging.head_mask` of the series.
+
+    Returns
+    -------
+    numpy.ndarray
+        (S, rows, columns) bool, on ``inputs.hu``'s grid (the source slices' pixels,
+        at the first slice's PixelSpacing).
+    """
+    spacing = inputs.series.slices[0].pixel_spacing if inputs.series.slices else (0.5, 0.5)
+    return head_mask(inputs.hu, spacing)
+
+
 def render_heatmaps(
     inputs: ExplainedSeries,
     card: ModelCard,
     *,
     which: str = "positive",
+    head: np.ndarray | None = None,
 ) -> tuple[HeatmapImage, ...]:
     """Render the images of the heatmap series, in series order.
 
@@ -241,12 +263,17 @@ def render_heatmaps(
     which : {"positive", "all", "none"}
         ``positive``: one image per explained slice; ``all``: one per slice
         (slices without an explanation get no overlay); ``none``: no images.
+    head : numpy.ndarray, optional
+        (S, rows, columns) bool head region of the series (:func:`series_head_mask`);
+        computed here when not given and a slice has an overlay.
     """
     if which not in ("positive", "all", "none"):
         raise ValueError(f"which must be 'positive', 'all' or 'none', got {which!r}")
     if which == "none":
         return ()
     by_index = {e.index: e for e in inputs.explanations}
+    if head is None and by_index:
+        head = series_head_mask(inputs)
     indices = range(len(inputs.hu)) if which == "all" else sorted(by_index)
     out: list[HeatmapImage] = []
     for i in indices:
@@ -254,7 +281,8 @@ def render_heatmaps(
         e = by_index.get(i)
         cam = cam_to_source(e.cam, *hu.shape) if e is not None else None
         labels = e.labels if e is not None else ()
-        rgb = render_overlay(hu, cam, slice_text(inputs.findings, card, i, labels))
+        text = slice_text(inputs.findings, card, i, labels)
+        rgb = render_overlay(hu, cam, text, head=head[i] if head is not None else None)
         out.append(HeatmapImage(index=i, rgb=rgb, labels=labels))
     return tuple(out)
 
