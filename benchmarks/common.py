@@ -101,15 +101,28 @@ def random_bundle(
 
 def queue_series(store: Any, paths: Sequence[Path], now: float) -> Any:
     """Record the files of one series in the node's store, as the listener would, and
-    queue version 1 of it: the job a worker then leases (a ``JobRecord``)."""
+    queue version 1 of it: the job a worker then leases (a ``JobRecord``).
+
+    Files outside the store's ``storage.dir/spool`` are copied in first (the node reads
+    only what lies there); files already in it are recorded where they are.
+    """
+    import shutil
+
     import pydicom
 
     from ich_node.ingest.spool import instance_record
     from ich_node.queue.jobs import job_id_for
+    from ich_node.queue.layout import StorageLayout, path_part
 
+    spool = StorageLayout(store.storage_dir).spool
     for path in paths:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         record = instance_record(ds, ds.SOPClassUID, ds.SOPInstanceUID)
+        if spool.resolve() not in Path(path).resolve().parents:
+            folder = spool / path_part(record.study_instance_uid)
+            folder = folder / path_part(record.series_instance_uid)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path = Path(shutil.copy2(path, folder / Path(path).name))
         store.add_instance(record, path, path.stat().st_size, now)
         uid = str(ds.SeriesInstanceUID)
     return store.queue_series(uid, 1, job_id_for, now)

@@ -41,7 +41,7 @@ from typing import Final
 import structlog
 
 from ich_node.queue.backend import storage_ready
-from ich_node.queue.layout import StorageLayout, is_temp, spool_key
+from ich_node.queue.layout import OutsideStorage, StorageLayout, is_temp, spool_key
 from ich_node.queue.store import Store
 
 log = structlog.get_logger(__name__)
@@ -116,6 +116,15 @@ class Cleaner:
         self.keep_seconds = keep_hours * 3600.0
         self._orphans_due: float | None = None  # the first pass looks
 
+    def _own(self, folder: Path) -> bool:
+        """Whether ``folder`` may be walked: not a link out of ``storage.dir`` (else refused)."""
+        try:
+            self.layout.own_dir(folder)
+        except OutsideStorage as exc:
+            self.store.refuse_path(exc, "storage folder")
+            return False
+        return True
+
     def spool_checked(self, now: float) -> None:
         """The spool was just made whole (:meth:`Spool.recover`): next orphan walk in an hour."""
         self._orphans_due = now + ORPHAN_SCAN_EVERY_SECONDS
@@ -126,19 +135,24 @@ class Cleaner:
         n_series = n_files = n_results = n_temp = 0
         try:
             for uid in self.store.expired_series(cutoff):
+                # Only paths inside spool/ come back (the store refuses the others).
                 paths = self.store.instance_paths(uid)
                 for path in paths:
                     path.unlink(missing_ok=True)
                     n_files += 1
+                spool = Path(os.path.realpath(self.layout.spool))
                 for folder in {p.parent for p in paths}:
                     for empty in (folder, folder.parent):
-                        # not empty (another series of the study) or gone: kept
+                        # Only folders under spool/, never spool/ itself; not empty
+                        # (another series of the study) or gone: kept.
+                        if spool not in Path(os.path.realpath(empty)).parents:
+                            continue
                         with contextlib.suppress(OSError):
                             empty.rmdir()
                 self.store.purge_series(uid, now)
                 n_series += 1
             results = self.layout.results
-            if results.is_dir():
+            if results.is_dir() and self._own(results):
                 for folder in results.iterdir():
                     owner = self.layout.results_temp_owner(folder.name)
                     if owner is not None:
@@ -154,7 +168,7 @@ class Cleaner:
                         n_results += 1
             # Alert records (they hold patient identifiers for HL7): same rule.
             alerts = self.layout.alerts
-            if alerts.is_dir():
+            if alerts.is_dir() and self._own(alerts):
                 for folder in alerts.iterdir():
                     if self.store.results_expired(folder.name, cutoff):
                         shutil.rmtree(folder, ignore_errors=True)
@@ -190,6 +204,8 @@ class Cleaner:
         root = self.layout.spool
         if not root.is_dir() or not storage_ready(self.store):
             return 0, 0  # a shared storage.dir not mounted here: an empty mount point
+        if not self._own(root):
+            return 0, 0
         # Read before the walk: a file recorded after this was written after it too
         # (young, kept), unless its write stalled past ORPHAN_AGE_SECONDS.
         recorded = {spool_key(name) for name in self.store.instance_files()}

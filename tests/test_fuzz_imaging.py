@@ -160,10 +160,12 @@ def test_assembler_records_a_reason_for_every_unreadable_series(
 ) -> None:  # type: ignore[no-untyped-def]
     folder = tmp_path_factory.mktemp("asm")
     store = Store.open(folder / "node")
+    spooled = folder / "node" / "spool" / "s"  # the node reads only what is in its spool
+    spooled.mkdir(parents=True)
     paths = []
     for i, src in enumerate(source):
         ds = pydicom.dcmread(src)
-        out = folder / f"{i}.dcm"
+        out = spooled / f"{i}.dcm"
         if i == 0:
             _write(ds, out, changes)
         else:

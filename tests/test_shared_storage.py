@@ -80,7 +80,7 @@ def test_the_worker_retries_a_series_whose_file_is_missing_and_reads_it_whole_wh
         }
     )
     store = Store.open(config.storage.dir)
-    paths = _copy(series_dir, tmp_path / "spooled")
+    paths = _copy(series_dir, tmp_path / "node" / "spool" / "s")  # recorded where they are
     job = queue_series(store, paths, time.time() - 10)
     hidden = paths[5].with_name("elsewhere.dcm")
     paths[5].rename(hidden)  # the storage lost it for a while

@@ -37,14 +37,14 @@ def _record(
 def test_store_uses_wal_and_survives_reopen(tmp_path: Path) -> None:
     # SQLite only: it reads the journal mode of the SQLite file itself.
     store = Store.open(tmp_path)
-    assert store.add_instance(_record("1.1"), tmp_path / "a.dcm", 10, now=5.0)
+    assert store.add_instance(_record("1.1"), tmp_path / "spool" / "a.dcm", 10, now=5.0)
     store.close()
     db = sqlite3.connect(tmp_path / DB_NAME)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
     store = Store.open(tmp_path)
     assert store.has_instance("1.1")
-    assert store.instance_paths("1.2.3") == [tmp_path / "a.dcm"]
+    assert store.instance_paths("1.2.3") == [tmp_path / "spool" / "a.dcm"]
 
 
 def test_repeated_sop_instance_is_recorded_once(tmp_path: Path, open_store: OpenStore) -> None:
@@ -59,22 +59,23 @@ def test_repeated_sop_instance_is_recorded_once(tmp_path: Path, open_store: Open
 
 def test_instances_are_keyed_by_series_and_sop_uid(tmp_path: Path, open_store: OpenStore) -> None:
     store = open_store(tmp_path)
-    store.add_instance(_record("1.1", series="9.1"), tmp_path / "a.dcm", 10, now=1.0, digest="x")
+    spool = tmp_path / "spool" / "1.2"  # instance paths lie in storage.dir/spool
+    store.add_instance(_record("1.1", series="9.1"), spool / "a.dcm", 10, now=1.0, digest="x")
     other = store.add_instance(
-        _record("1.1", series="9.2"), tmp_path / "b.dcm", 10, now=2.0, digest="x"
+        _record("1.1", series="9.2"), spool / "b.dcm", 10, now=2.0, digest="x"
     )
     assert other.added is Added.NEW and other.reused_in == ("9.1",)
-    assert store.instance_paths("9.1") == [tmp_path / "a.dcm"]
-    assert store.instance_paths("9.2") == [tmp_path / "b.dcm"]
+    assert store.instance_paths("9.1") == [spool / "a.dcm"]
+    assert store.instance_paths("9.2") == [spool / "b.dcm"]
     assert store.reread_counts().sop_uid_reused == 2
     job = store.queue_series("9.1", 1, job_id_for, now=3.0)
     changed = store.add_instance(
-        _record("1.1", series="9.1"), tmp_path / "c.dcm", 10, now=4.0, digest="y"
+        _record("1.1", series="9.1"), spool / "c.dcm", 10, now=4.0, digest="y"
     )
-    assert changed.added is Added.REPLACED and changed.replaced_path == tmp_path / "a.dcm"
+    assert changed.added is Added.REPLACED and changed.replaced_path == spool / "a.dcm"
     record = store.series("9.1")
     assert record is not None and record.state == "receiving" and record.n_instances == 1
-    assert record.n_replaced == 1 and store.instance_paths("9.1") == [tmp_path / "c.dcm"]
+    assert record.n_replaced == 1 and store.instance_paths("9.1") == [spool / "c.dcm"]
     assert store.instance_paths("9.1", received_by=job.created_at) == []
     job2 = store.queue_series("9.1", 1, job_id_for, now=5.0)
     assert (job.cause, job2.cause) == ("first read", "1 changed re-sends")
@@ -109,23 +110,27 @@ def test_store_written_before_series_keyed_instances_is_migrated(tmp_path: Path)
     # SQLite only: a SQLite file of an older layout; PostgreSQL's versioned migrations
     # are tested in tests/test_postgres.py.
     db = sqlite3.connect(tmp_path / DB_NAME)
+    spooled = tmp_path / "spool" / "1.2" / "1.2.3" / "x.dcm"
     db.executescript(
         """CREATE TABLE instances (sop_instance_uid TEXT PRIMARY KEY,
             series_instance_uid TEXT NOT NULL, sop_class_uid TEXT NOT NULL, path TEXT NOT NULL,
             size INTEGER NOT NULL, received_at REAL NOT NULL);
         CREATE INDEX instances_series ON instances(series_instance_uid);
-        INSERT INTO instances VALUES ('1.1', '1.2.3', '1.2.840.10008.5.1.4.1.1.2', '/x', 5, 1.0);
+        INSERT INTO instances VALUES ('1.1', '1.2.3', '1.2.840.10008.5.1.4.1.1.2', 'SPOOLED',
+            5, 1.0);
         CREATE TABLE jobs (job_id TEXT PRIMARY KEY, series_instance_uid TEXT NOT NULL,
             version INTEGER NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
             not_before REAL NOT NULL, lease_until REAL, worker TEXT,
             reason TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL,
             updated_at REAL NOT NULL);
         INSERT INTO jobs (job_id, series_instance_uid, version, state, not_before, created_at,
-            updated_at) VALUES ('j', '1.2.3', 1, 'done', 0, 0, 0);"""
+            updated_at) VALUES ('j', '1.2.3', 1, 'done', 0, 0, 0);""".replace(
+            "SPOOLED", str(spooled)
+        )
     )
     db.close()
     store = Store.open(tmp_path)
-    assert store.instance_paths("1.2.3") == [Path("/x")]
+    assert store.instance_paths("1.2.3") == [spooled]
     assert store.has_instance("1.1", "1.2.3")
     (job,) = store.jobs()
     assert job.state == "done" and job.stage == "" and job.cause == ""

@@ -193,7 +193,10 @@ def test_a_series_with_unreadable_headers_is_recorded_and_the_next_one_runs(
 ) -> None:
     config = _config(tmp_path, storage_section)
     store = open_store(config.storage.dir)
-    gone = write_series(tmp_path / "gone", seed=42, subtypes=(), n_slices=4, matrix=128)
+    # Written in the spool, so the files the store records are these.
+    gone = write_series(
+        config.storage.dir / "spool" / "gone", seed=42, subtypes=(), n_slices=4, matrix=128
+    )
     bad = queue_series(store, gone.paths, time.time() - 10)
     for path in gone.paths:  # deleted behind the node's back
         path.unlink()

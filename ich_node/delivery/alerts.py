@@ -31,7 +31,7 @@ from ich_node.config import EmailTarget, NotificationTarget
 from ich_node.durable import fsync_dir
 from ich_node.labels import LABELS
 from ich_node.queue import interface
-from ich_node.queue.layout import StorageLayout
+from ich_node.queue.layout import StorageLayout, plain_name
 from ich_node.results.findings import SeriesFindings
 from ich_node.results.sr import FINDING_CODES
 
@@ -295,7 +295,9 @@ def alerts_dir(storage_dir: Path, job_id: str) -> Path:
 
 def _write_durably(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
+    # O_NOFOLLOW: a link planted under the temp name is never written through.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
@@ -308,11 +310,16 @@ def write_alert(storage_dir: Path, alert: Alert, key_image: bytes | None = None)
     Written with fsync and rename before the delivery row is committed: a row
     always has its record.
     """
-    folder = alerts_dir(storage_dir, alert.job_id)
+    layout = StorageLayout(Path(storage_dir))
+    folder = layout.alerts_dir(alert.job_id)
+    target = plain_name(alert.target, "target name")
+    if layout.alerts.exists() or layout.alerts.is_symlink():
+        layout.own_dir(layout.alerts)  # never written through a planted link
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    layout.own_dir(folder)
     if key_image is not None:
-        _write_durably(folder / f"{alert.target}.png", key_image)
-    path = folder / f"{alert.target}.json"
+        _write_durably(folder / f"{target}.png", key_image)
+    path = folder / f"{target}.json"
     _write_durably(path, alert.to_json())
     fsync_dir(folder)
     fsync_dir(folder.parent)
@@ -326,10 +333,16 @@ def read_alert(storage_dir: Path, job_id: str, target: str) -> tuple[Alert, byte
     ------
     FileNotFoundError
         When the record is gone.
+    OutsideStorage
+        When the job id or target (from the store) is not a plain name, or the
+        record leads outside ``storage.dir`` (a symbolic link): nothing is read.
     """
-    folder = alerts_dir(storage_dir, job_id)
-    alert = Alert.from_json((folder / f"{target}.json").read_bytes())
-    png = folder / f"{target}.png"
+    layout = StorageLayout(Path(storage_dir))
+    folder = layout.alerts_dir(job_id)
+    name = plain_name(target, "target name")
+    record = layout.confine(folder / f"{name}.json", layout.alerts, read=True)
+    alert = Alert.from_json(record.read_bytes())
+    png = layout.confine(folder / f"{name}.png", layout.alerts, read=True)
     return alert, (png.read_bytes() if png.is_file() else None)
 
 

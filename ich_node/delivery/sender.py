@@ -33,7 +33,7 @@ from ich_node.metrics import Metrics
 from ich_node.net import set_nodelay
 from ich_node.queue.backend import StorageWatch
 from ich_node.queue.interface import DeliveryRecord, DeliveryState, DeliveryStore
-from ich_node.queue.layout import outbox_files
+from ich_node.queue.layout import OutsideStorage, outbox_files
 from ich_node.tls import client_context
 
 log = structlog.get_logger(__name__)
@@ -218,7 +218,10 @@ class Sender:
             state, reason, next_at = "done", "", now
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"[:500]
-            if attempt >= self.config.max_attempts:
+            if isinstance(exc, OutsideStorage):  # a planted link: never read, never sent
+                self.store.refuse_path(exc, "outbox file")
+                state, next_at = "parked", now
+            elif attempt >= self.config.max_attempts:
                 state, next_at = "parked", now
                 reason = f"after {attempt} attempts: {reason}"
             else:
@@ -267,6 +270,9 @@ class Sender:
             state, reason, logged, next_at = "done", "", "", now
         except Exception as exc:
             permanent = isinstance(exc, AlertFailed) and exc.permanent
+            if isinstance(exc, OutsideStorage):  # a planted link: never read, never sent
+                self.store.refuse_path(exc, "alert record")
+                permanent = True
             # Logs get the node's own words; the store also keeps the peer's text.
             logged = f"{type(exc).__name__}: {exc}"[:500]
             reason = exc.recorded[:500] if isinstance(exc, AlertFailed) else logged

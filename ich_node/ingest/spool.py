@@ -16,6 +16,8 @@ overwrites.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -26,16 +28,34 @@ from pathlib import Path
 import structlog
 from pydicom.dataset import Dataset
 
-from ich_node.durable import fsync_dir
 from ich_node.queue.backend import storage_ready
 from ich_node.queue.interface import Added, InstanceRecord, InstanceStore
-from ich_node.queue.layout import STORE_ID_NAME, StorageLayout, is_temp, spool_key
+from ich_node.queue.layout import (
+    STORE_ID_NAME,
+    OutsideStorage,
+    StorageLayout,
+    is_temp,
+    spool_key,
+)
 
 log = structlog.get_logger(__name__)
 
 
 class SpoolError(OSError):
-    """An instance could not be made durable (disk full, I/O error, low free space)."""
+    """An instance could not be made durable (disk full, I/O error, low free space).
+
+    ``reason`` names the kind for the counts and the C-STORE's Error Comment:
+    ``disk_low`` (``storage.min_free_mb``), ``path_outside_storage`` (a symbolic
+    link in the spool), ``storage_not_mounted``, ``not_durable`` (anything else).
+    """
+
+    def __init__(self, message: str, reason: str = "not_durable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+#: Opening a spool folder: never through a symbolic link, never inherited.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +173,16 @@ class Spool:
 
     Notes
     -----
-    Folders are created 0700 and files 0600: the spool holds patient data.
+    Folders are created 0700 and files 0600: the spool holds patient data. No
+    symbolic link is followed: each folder under ``spool/`` is opened with
+    ``O_NOFOLLOW`` relative to the one above it, and the file written and renamed
+    inside that open folder, so a link planted in the spool makes the C-STORE fail
+    (0xA700, ``path_outside_storage``) instead of writing elsewhere.
+
+    Raises
+    ------
+    OutsideStorage
+        When ``spool/`` itself is a symbolic link or leads outside ``storage.dir``.
     """
 
     def __init__(
@@ -165,8 +194,10 @@ class Spool:
     ) -> None:
         self.layout = StorageLayout(Path(storage_dir))
         self.root = self.layout.spool
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
+        if not self.root.is_symlink():
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.layout.own_dir(self.root)
+        os.chmod(self.root, 0o700, follow_symlinks=False)
         self.store = store
         self.min_free_bytes = min_free_mb * 1024 * 1024
         self.free_space = free_space
@@ -203,6 +234,39 @@ class Spool:
                 self.store.forget_instance(name)
         return Recovery(temp, unrecorded, missing)
 
+    def _open_folder(self, folder: Path) -> int:
+        """Open ``folder`` (``spool/<study>/<series>``), creating what is missing.
+
+        Each part is opened relative to the one above with ``O_NOFOLLOW``, from
+        ``spool/`` down: a symbolic link anywhere on the way raises instead of
+        being followed.
+
+        Raises
+        ------
+        SpoolError
+            ``path_outside_storage`` for a symbolic link (logged and counted).
+        """
+        parts = folder.relative_to(self.root).parts
+        fd = os.open(self.root, _DIR_FLAGS)
+        try:
+            for part in parts:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o700, dir_fd=fd)
+                try:
+                    child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    refused = OutsideStorage(folder, "a symbolic link in the spool")
+                    self.store.refuse_path(refused, "spool folder")
+                    raise SpoolError(str(refused), "path_outside_storage") from None
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def path_for(self, record: InstanceRecord, digest: str) -> Path:
         """The spool file of ``record`` with content ``digest`` (hex)."""
         return self.layout.instance_file(
@@ -232,39 +296,52 @@ class Spool:
             # A shared storage.dir (PostgreSQL) that is not mounted here: its empty
             # mount point would take the file, and the mount hide it when it is back.
             if not storage_ready(self.store):
-                raise SpoolError(f"{STORE_ID_NAME} missing: the shared storage.dir is not mounted")
+                raise SpoolError(
+                    f"{STORE_ID_NAME} missing: the shared storage.dir is not mounted",
+                    "storage_not_mounted",
+                )
             if self.store.instance_digest(series, sop) == digest:
                 return Spooled(final, new=False, added=Added.DUPLICATE)
         except SpoolError:
             raise
         except Exception as exc:  # sqlite3.Error: cannot tell, so cannot answer Success
             raise SpoolError(f"{type(exc).__name__}: {exc}") from exc
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.{id(data):x}.tmp")
+        tmp = f".{final.name}.{os.getpid()}.{id(data):x}.tmp"
+        folder: int | None = None
         try:
-            final.parent.parent.mkdir(mode=0o700, exist_ok=True)
-            final.parent.mkdir(mode=0o700, exist_ok=True)
+            folder = self._open_folder(final.parent)
             free = self.free_space(final.parent)
             if free - len(data) < self.min_free_bytes:
-                raise SpoolError(f"{free // 2**20} MiB free, storage.min_free_mb not met")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                raise SpoolError(
+                    f"{free // 2**20} MiB free, storage.min_free_mb not met", "disk_low"
+                )
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(tmp, flags, 0o600, dir_fd=folder)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, final)
-            fsync_dir(final.parent)
+            os.replace(tmp, final.name, src_dir_fd=folder, dst_dir_fd=folder)
+            os.fsync(folder)
             result = self.store.add_instance(record, final, len(data), now, digest)
         except SpoolError:
             raise
         except Exception as exc:  # OSError, sqlite3.Error: the instance is not durable
             raise SpoolError(f"{type(exc).__name__}: {exc}") from exc
         finally:
-            tmp.unlink(missing_ok=True)
+            if folder is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=folder)
+                os.close(folder)
         if result.replaced_path is not None:
             # Superseded and no longer recorded; a failure here leaves a file that
-            # recover() removes at the next start.
+            # recover() removes at the next start. The path comes from the store:
+            # removed only inside the spool.
             try:
-                result.replaced_path.unlink(missing_ok=True)
+                old = self.layout.confine(result.replaced_path, self.root, read=True)
+                old.unlink(missing_ok=True)
+            except OutsideStorage as exc:
+                self.store.refuse_path(exc, "replaced instance path")
             except OSError as exc:
                 log.warning("spool.old_copy_kept", error=type(exc).__name__)
         if result.added is Added.REPLACED:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
+from ich_node.queue.layout import OutsideStorage
+
 #: A process whose last heartbeat is older than this (seconds) is not alive: its
 #: workers are reported dead, and on a shared store what it held goes to others.
 HEARTBEAT_STALE_SECONDS: Final = 15.0
@@ -303,6 +305,21 @@ class RereadCounts:
     sop_uid_reused: int  # instances whose SOP Instance UID is also in another series
 
 
+@dataclass(frozen=True, slots=True)
+class RefusalCount:
+    """How often the node refused something for one reason (for ``status``).
+
+    ``reason`` is a short name (``disk_low``, ``path_outside_storage``, ...);
+    ``detail`` what the last one said (no patient data).
+    """
+
+    reason: str
+    n: int
+    first_at: float
+    last_at: float
+    detail: str = ""
+
+
 class InstanceStore(Protocol):
     """Instances and series (spool, assembly, retention, recovery)."""
 
@@ -354,6 +371,10 @@ class InstanceStore(Protocol):
     def expired_series(self, cutoff: float) -> list[str]: ...
 
     def purge_series(self, series_instance_uid: str, now: float | None = None) -> None: ...
+
+    def refuse_path(self, exc: OutsideStorage, what: str) -> None: ...
+
+    def count_refusals(self, counts: dict[str, tuple[int, str]], now: float) -> None: ...
 
 
 class SeriesQueue(Protocol):
@@ -445,6 +466,8 @@ class DeliveryStore(Protocol):
     ) -> None: ...
 
     def alert_accepted(self, job_id: str, target: str, now: float) -> None: ...
+
+    def refuse_path(self, exc: OutsideStorage, what: str) -> None: ...
 
 
 class AlertStore(Protocol):

@@ -14,14 +14,25 @@
 
 UIDs become path parts only when they are digits and dots (PS3.5 9.1); any other
 value is replaced by its SHA-256, so a hostile UID never names a path outside
-the spool. Nothing here touches the disk except :meth:`StorageLayout.outbox_files`,
-which lists a folder.
+the spool. Job ids and target names become path parts only when they are plain
+names (:func:`plain_name`).
+
+The node never acts outside ``storage.dir``: a path read from the store, or an
+entry found under it, is checked by :meth:`StorageLayout.confine` before it is
+opened, written or deleted. Its folder is resolved (symbolic links followed) and
+must lie inside the part of ``storage.dir`` it belongs to (``spool/`` for an
+instance), and a file that is read must not itself be a symbolic link; anything
+else raises :class:`OutsideStorage`, which the caller logs and counts. Folders
+are listed only after the same check (:meth:`StorageLayout.own_dir`). Only
+these checks and :meth:`StorageLayout.outbox_files` touch the disk here.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -32,7 +43,38 @@ DB_NAME: Final = "node.sqlite3"
 STORE_ID_NAME: Final = ".ich-node-store-id"
 
 _UID: Final = re.compile(r"^[0-9][0-9.]{0,63}$")
-_NAME: Final = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
+_NAME: Final = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+
+
+class OutsideStorage(ValueError):
+    """A path that would make the node act outside its ``storage.dir``; nothing was done.
+
+    Raised for a path read from the store that leads outside the folder it must be
+    in (absolute elsewhere, ``../``, through a symbolic link), a file that is a
+    symbolic link, or a job id or target name that is not a plain name.
+    """
+
+    def __init__(self, path: object, why: str) -> None:
+        super().__init__(f"{path}: {why}; refused (the node acts only inside storage.dir)")
+        self.path = str(path)
+        self.why = why
+
+
+def plain_name(value: str, what: str = "name") -> str:
+    """``value`` when it is a plain file name (letters, digits, ``._-``, no leading dot).
+
+    Raises
+    ------
+    OutsideStorage
+        For anything else (``..``, a slash, an empty or hidden name).
+    """
+    if not _NAME.match(value):  # no slash, not ".", "..", hidden or empty
+        raise OutsideStorage(value, f"not a plain {what}")
+    return value
+
+
+def _inside(path: Path, base: Path) -> bool:
+    return path == base or base in path.parents
 
 
 def path_part(uid: str) -> str:
@@ -67,6 +109,50 @@ class StorageLayout:
     """
 
     root: Path
+
+    def confine(self, path: Path | str, under: Path | None = None, *, read: bool = False) -> Path:
+        """The entry ``path`` names, checked to lie inside ``under`` (default ``storage.dir``).
+
+        A relative ``path`` is taken under ``storage.dir`` (as PostgreSQL records
+        them). Its folder is resolved, symbolic links followed, and must be inside
+        ``under`` resolved; the entry itself is not followed: the returned path is
+        its name in that real folder, so deleting it removes the entry, never what a
+        link points at. With ``read``, the entry must not be a symbolic link.
+
+        Raises
+        ------
+        OutsideStorage
+            When it leads elsewhere; nothing was opened, written or deleted.
+        """
+        given = Path(path)
+        full = given if given.is_absolute() else self.root / given
+        if full.name in ("", ".", ".."):
+            raise OutsideStorage(path, "not a file name")
+        base = Path(os.path.realpath(self.root if under is None else under))
+        folder = Path(os.path.realpath(full.parent))
+        if not _inside(folder, base):
+            raise OutsideStorage(path, f"outside {base}")
+        entry = folder / full.name
+        if read and entry.is_symlink():
+            raise OutsideStorage(path, "a symbolic link")
+        return entry
+
+    def own_dir(self, folder: Path) -> Path:
+        """``folder`` (one of this layout's) when it is a real folder inside ``storage.dir``.
+
+        Checked before a folder is listed or written into: a planted symbolic link
+        (``spool`` -> ``/``) would make the node walk or write elsewhere.
+
+        Raises
+        ------
+        OutsideStorage
+            When it is a symbolic link or resolves outside ``storage.dir``.
+        """
+        if folder.is_symlink():
+            raise OutsideStorage(folder, "a symbolic link")
+        if not _inside(Path(os.path.realpath(folder)), Path(os.path.realpath(self.root))):
+            raise OutsideStorage(folder, "outside storage.dir")
+        return folder
 
     @property
     def db(self) -> Path:
@@ -103,8 +189,14 @@ class StorageLayout:
         return self.root / "audit" / "latest"
 
     def alerts_dir(self, job_id: str) -> Path:
-        """Where a job's alert records (one per notification target) live."""
-        return self.alerts / job_id
+        """Where a job's alert records (one per notification target) live.
+
+        Raises
+        ------
+        OutsideStorage
+            When ``job_id`` is not a plain name (it comes from the store).
+        """
+        return self.alerts / plain_name(job_id, "job id")
 
     def instance_file(self, study_uid: str, series_uid: str, sop_uid: str, digest: str) -> Path:
         """The spool file of one instance; ``digest`` is its content digest (hex, 16+ digits)."""
@@ -116,12 +208,18 @@ class StorageLayout:
         )
 
     def results_dir(self, job_id: str) -> Path:
-        """Where a job's ``findings.json`` and ``outbox/`` live."""
-        return self.results / job_id
+        """Where a job's ``findings.json`` and ``outbox/`` live.
+
+        Raises
+        ------
+        OutsideStorage
+            When ``job_id`` is not a plain name (it comes from the store).
+        """
+        return self.results / plain_name(job_id, "job id")
 
     def results_temp(self, job_id: str, pid: int) -> Path:
         """The folder a worker (process ``pid``) writes a job's results into before renaming."""
-        return self.results / f".{job_id}.{pid}.tmp"
+        return self.results / f".{plain_name(job_id, 'job id')}.{pid}.tmp"
 
     @staticmethod
     def results_temp_owner(name: str) -> int | None:
@@ -135,9 +233,30 @@ class StorageLayout:
         return self.results_dir(job_id) / "outbox"
 
     def outbox_files(self, job_id: str) -> list[Path]:
-        """The DICOM objects a job sends (``*.dcm``), in a stable order."""
+        """The DICOM objects a job sends (``*.dcm``), in a stable order.
+
+        Raises
+        ------
+        OutsideStorage
+            When the outbox or one of its entries is a symbolic link, or ``job_id``
+            is not a plain name: what it points at is never read nor sent.
+        """
         folder = self.outbox(job_id)
-        return sorted(p for p in folder.rglob("*.dcm") if p.is_file()) if folder.is_dir() else []
+        if self.results.exists() or self.results.is_symlink():
+            self.own_dir(self.results)
+        self.confine(folder.parent, self.results, read=True)  # results/<job_id>
+        if not folder.is_dir() and not folder.is_symlink():
+            return []
+        self.confine(folder, self.results, read=True)
+        files = []
+        for top, folders, names in os.walk(folder):  # never into a linked folder
+            for name in [*folders, *names]:
+                entry = Path(top) / name
+                if entry.is_symlink():
+                    raise OutsideStorage(entry, "a symbolic link")
+                if name.endswith(".dcm") and stat.S_ISREG(os.lstat(entry).st_mode):
+                    files.append(entry)
+        return sorted(files)
 
 
 def results_dir(storage_dir: Path, job_id: str) -> Path:

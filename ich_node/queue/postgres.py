@@ -236,6 +236,16 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE series ADD COLUMN purged_at DOUBLE PRECISION;
     ALTER TABLE series_reads ADD COLUMN bytes_fingerprint TEXT NOT NULL DEFAULT '';
     """,
+    # 6: what the node refused, by reason (status and health show them).
+    """
+    CREATE TABLE refusals (
+        reason TEXT PRIMARY KEY,
+        n BIGINT NOT NULL,
+        first_at DOUBLE PRECISION NOT NULL,
+        last_at DOUBLE PRECISION NOT NULL,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    """,
 )
 
 #: The schema version this code writes and reads.
@@ -697,10 +707,12 @@ class PgStore(Store):
             return result
         return AddResult(result.added, self._absolute(result.replaced_path), result.reused_in)
 
-    def instance_paths(
-        self, series_instance_uid: str, received_by: float | None = None
-    ) -> list[Path]:
-        return [self._absolute(p) for p in super().instance_paths(series_instance_uid, received_by)]
+    @property
+    def storage_dir(self) -> Path:
+        return self.path
+
+    def _to_path(self, recorded: str) -> Path:
+        return self._absolute(recorded)
 
     def instance_files(self) -> dict[str, str]:
         return {str(self._absolute(p)): uid for p, uid in super().instance_files().items()}
@@ -962,6 +974,7 @@ _COPIED_TABLES: Final = (
     "alerts",
     "series_reads",
     "stage_times",
+    "refusals",
 )
 
 

@@ -18,10 +18,13 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, Literal
+
+import structlog
 
 from ich_node.queue import layout
 from ich_node.queue.interface import (
@@ -36,6 +39,7 @@ from ich_node.queue.interface import (
     JobRecord,
     JobStage,
     JobState,
+    RefusalCount,
     RereadCounts,
     SeriesRead,
     SeriesRecord,
@@ -55,6 +59,7 @@ __all__ = [
     "JobRecord",
     "JobStage",
     "JobState",
+    "RefusalCount",
     "RereadCounts",
     "SeriesRead",
     "SeriesRecord",
@@ -62,6 +67,8 @@ __all__ = [
     "SrReference",
     "Store",
 ]
+
+log = structlog.get_logger(__name__)
 
 #: The database file inside ``storage.dir`` (re-exported from the layout).
 DB_NAME: Final = layout.DB_NAME
@@ -208,6 +215,15 @@ CREATE TABLE IF NOT EXISTS stage_times (
     stage TEXT NOT NULL,
     seconds REAL NOT NULL,
     at REAL NOT NULL
+);
+-- What the node refused, by reason (images for low disk, paths outside storage.dir):
+-- counts and the last detail, for status and health.
+CREATE TABLE IF NOT EXISTS refusals (
+    reason TEXT PRIMARY KEY,
+    n INTEGER NOT NULL,
+    first_at REAL NOT NULL,
+    last_at REAL NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
 );
 """
 
@@ -500,6 +516,11 @@ class Store:
         A job reads the instances its series version was queued with (received by
         the job's creation): later ones belong to the next version, so each
         version's results are its own, delivered once.
+
+        Every path is checked to lead into ``storage.dir/spool`` without a symbolic
+        link (:meth:`ich_node.queue.layout.StorageLayout.confine`); one that does
+        not is left out, logged (``store.path_refused``) and counted
+        (``path_outside_storage``): no caller opens, reads or deletes it.
         """
         if received_by is None:
             rows = self._query(
@@ -512,7 +533,37 @@ class Store:
                 ORDER BY path""",
                 (series_instance_uid, received_by),
             )
-        return [Path(r["path"]) for r in rows]
+        return self._confined([self._to_path(str(r["path"])) for r in rows])
+
+    @property
+    def storage_dir(self) -> Path:
+        """``storage.dir``: the folder the database file is in."""
+        return self.path.parent
+
+    def _to_path(self, recorded: str) -> Path:
+        """A path as recorded, as this host opens it (PostgreSQL records them relative)."""
+        return Path(recorded)
+
+    def _confined(self, paths: list[Path]) -> list[Path]:
+        """``paths`` that stay inside ``storage.dir/spool``; the others refused (see above)."""
+        where = layout.StorageLayout(self.storage_dir)
+        kept: list[Path] = []
+        for path in paths:
+            try:
+                where.confine(path, where.spool, read=True)
+            except layout.OutsideStorage as exc:
+                self.refuse_path(exc, "instance path")
+                continue
+            kept.append(path)
+        return kept
+
+    def refuse_path(self, exc: layout.OutsideStorage, what: str) -> None:
+        """Log and count a path the node refused to act on (never raises)."""
+        log.error("store.path_refused", what=what, path=exc.path, reason=exc.why)
+        try:
+            self.count_refusals({"path_outside_storage": (1, f"{what}: {exc.why}")}, time.time())
+        except Exception as err:  # a read-only store, a busy database: logged above
+            log.warning("store.refusal_not_counted", error=type(err).__name__)
 
     def _series_record(self, row: sqlite3.Row) -> SeriesRecord:
         data = dict(row)
@@ -1092,6 +1143,33 @@ class Store:
                 "INSERT INTO stage_times (job_id, stage, seconds, at) VALUES (?, ?, ?, ?)",
                 [(job_id, stage, float(sec), now) for stage, sec in times.items()],
             )
+
+    def count_refusals(self, counts: dict[str, tuple[int, str]], now: float) -> None:
+        """Add ``{reason: (n, detail)}`` to the refusal counts (one transaction)."""
+        if not counts:
+            return
+        with self.transaction() as db:
+            for reason, (n, detail) in counts.items():
+                db.execute(
+                    """INSERT INTO refusals (reason, n, first_at, last_at, detail)
+                    VALUES (?, ?, ?, ?, ?) ON CONFLICT (reason) DO UPDATE SET
+                        n = refusals.n + excluded.n, last_at = excluded.last_at,
+                        detail = excluded.detail""",
+                    (reason, n, now, now, detail[:300]),
+                )
+
+    def refusals(self) -> dict[str, RefusalCount]:
+        """The refusal counts by reason."""
+        return {
+            str(r["reason"]): RefusalCount(
+                str(r["reason"]),
+                int(r["n"]),
+                float(r["first_at"]),
+                float(r["last_at"]),
+                str(r["detail"]),
+            )
+            for r in self._query("SELECT * FROM refusals ORDER BY reason")
+        }
 
     def stage_times_after(self, last_id: int) -> list[tuple[int, str, float]]:
         """``(id, stage, seconds)`` rows recorded after row ``last_id``."""

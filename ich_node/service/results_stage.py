@@ -31,7 +31,7 @@ from ich_node.imaging.records import one_line
 from ich_node.log import PHI, job_context, redact, warning_counts
 from ich_node.queue.interface import SeriesRead
 from ich_node.queue.jobs import LeaseLost
-from ich_node.queue.layout import StorageLayout
+from ich_node.queue.layout import OutsideStorage, StorageLayout
 from ich_node.queue.store import JobRecord, SrReference, Store
 from ich_node.service.read_stage import LeasedJob, Leases
 
@@ -177,14 +177,19 @@ class ResultsStage:
         """Bring a job to a recorded state (done, retry, parked or lost); never raises."""
         job, times = item.job, item.times
         layout = StorageLayout(self.config.storage.dir)
-        final = layout.results_dir(job.job_id)
-        tmp = layout.results_temp(job.job_id, os.getpid())
+        # Named by the job id from the store: a plain name only, else refused below.
+        tmp = layout.results / f".refused.{os.getpid()}.tmp"
         try:
+            final = layout.results_dir(job.job_id)
+            tmp = layout.results_temp(job.job_id, os.getpid())
             if error is not None:
                 raise error
             t = time.perf_counter()
+            # Never written through a link planted for results/ (OutsideStorage).
+            layout.results.mkdir(mode=0o700, parents=True, exist_ok=True)
+            layout.own_dir(layout.results)
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            tmp.mkdir()
             n_files, sr = self.write_outputs(job, explained, tmp)
             times["results_s"] = time.perf_counter() - t
             times["positive"] = float(
@@ -214,7 +219,9 @@ class ResultsStage:
             return JobOutcome(job.job_id, "lost", 0, str(exc))
         # An encoding error, or a series refused for its content, comes back on
         # every attempt: parked at once, with its reason.
-        permanent = isinstance(exc, ResultsError | SeriesRefused)
+        permanent = isinstance(exc, ResultsError | SeriesRefused | OutsideStorage)
+        if isinstance(exc, OutsideStorage):  # a planted link or a tampered job id
+            self.store.refuse_path(exc, "results folder")
         # One line (decoders list their plugins' errors on several): the refusal record,
         # naming attributes, never header values (ich_node.log.redact).
         reason = redact(
