@@ -51,7 +51,6 @@ from ich_node.queue.interface import (
     AddResult,
     DeliveryRecord,
     DeliveryState,
-    InstanceIdentity,
     InstanceRecord,
     JobRecord,
     StoreUnusable,
@@ -716,14 +715,6 @@ class PgStore(Store):
 
     def instance_files(self) -> dict[str, str]:
         return {str(self._absolute(p)): uid for p, uid in super().instance_files().items()}
-
-    def instance_identities(
-        self, series_instance_uid: str, received_by: float | None = None
-    ) -> list[InstanceIdentity]:
-        return [
-            InstanceIdentity(self._absolute(i.path), i.digest, i.content_id)
-            for i in super().instance_identities(series_instance_uid, received_by)
-        ]
 
     def set_content_ids(self, content_ids: dict[Path, str]) -> None:
         super().set_content_ids({Path(self._relative(p)): c for p, c in content_ids.items()})

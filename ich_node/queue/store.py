@@ -1080,6 +1080,8 @@ class Store:
         """Path, digest and content identity of each instance of a series (by path).
 
         With ``received_by``, only those received by then (a version's instances).
+        A path outside ``storage.dir/spool`` is left out, logged and counted, as by
+        :meth:`instance_paths`.
         """
         sql = """SELECT path, digest, content_id FROM instances
             WHERE series_instance_uid = ?"""
@@ -1088,9 +1090,13 @@ class Store:
             sql += " AND received_at <= ?"
             params = (series_instance_uid, received_by)
         rows = self._query(sql + " ORDER BY path", params)
-        return [
-            InstanceIdentity(Path(r["path"]), str(r["digest"]), str(r["content_id"])) for r in rows
+        found = [
+            InstanceIdentity(self._to_path(str(r["path"])), str(r["digest"]), str(r["content_id"]))
+            for r in rows
         ]
+        # Only files inside storage.dir/spool are ever opened (see instance_paths).
+        kept = set(self._confined([i.path for i in found]))
+        return [i for i in found if i.path in kept]
 
     def set_content_ids(self, content_ids: dict[Path, str]) -> None:
         """Remember the content identity of instance files (a cache: by path).
