@@ -140,7 +140,11 @@ def alert_key(job_id: str, target: str) -> str:
 
 def answer(findings: SeriesFindings, target: NotificationTarget) -> tuple[str, ...]:
     """The positive labels ``target`` watches, in :data:`LABELS` order (empty: negative)."""
-    positive = set(findings.positive_labels)
+    return watched_labels(findings.positive_labels, target)
+
+
+def watched_labels(positive: Sequence[str], target: NotificationTarget) -> tuple[str, ...]:
+    """Of ``positive`` labels, those ``target`` watches, in :data:`LABELS` order."""
     watched = LABELS if "any" in target.labels else target.labels
     return tuple(label for label in LABELS if label in positive and label in watched)
 

@@ -10,8 +10,10 @@ then delivers them like DICOM results, with :func:`send_alert`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Final
 
 import numpy as np
 import pydicom
@@ -22,15 +24,18 @@ from ich_node.delivery.alerts import (
     Alert,
     AlertFailed,
     Previous,
+    alert_key,
     answer,
     decide,
     key_image_png,
     make_alert,
     read_alert,
     wants_key_image,
+    watched_labels,
     write_alert,
 )
-from ich_node.queue.interface import AlertRecord
+from ich_node.labels import LABELS
+from ich_node.queue.interface import AlertRecord, AlertsChanged
 from ich_node.queue.store import Store
 from ich_node.results.findings import SeriesFindings
 
@@ -41,6 +46,73 @@ def key_image_lines(alert: Alert) -> list[str]:
     slice_ = alert.key_slice
     lines = [f"Suspected: {found}" + (f" (any p={slice_.probability:.2f})" if slice_ else "")]
     return [*lines, f"{alert.model_name} {alert.model_version}", alert.notice]
+
+
+def study_key(header: pydicom.Dataset, study_instance_uid: str) -> str:
+    """What alerts are per: the study's AccessionNumber, else its StudyInstanceUID."""
+    accession = str(header.get("AccessionNumber", "") or "").strip()
+    return f"accession:{accession}" if accession else f"study:{study_instance_uid}"
+
+
+#: Times an alert decision is made again when another series of the study recorded
+#: one meanwhile (series read side by side by several workers).
+_DECIDE_ATTEMPTS: Final = 10
+
+
+def _other_series(
+    store: Store,
+    key: str,
+    findings: SeriesFindings,
+    target: NotificationTarget,
+    accession: str,
+) -> list[tuple[tuple[str, ...], dict[str, float]]]:
+    """The latest answer of each other series of the study for ``target``.
+
+    (positive labels the target watches, probability per label where known) per
+    series: its latest alert decision for the target (sent or not), or its latest
+    read in the results ledger when that is newer (or the only one).
+    """
+    if accession:
+        reads = store.reads(accession_number=accession)
+    else:
+        reads = [
+            r
+            for r in store.reads(study_instance_uid=findings.study_instance_uid)
+            if not r.accession_number
+        ]
+    latest: dict[str, tuple[int, tuple[str, ...], dict[str, float]]] = {}
+    for r in reads:  # oldest first: the latest version of each series wins
+        if r.series_instance_uid != findings.series_instance_uid:
+            latest[r.series_instance_uid] = (
+                r.version, watched_labels(r.positive_labels, target), r.probabilities
+            )  # fmt: skip
+    for uid, decision in store.latest_alerts(key, target.name).items():
+        known = latest.get(uid)
+        if uid != findings.series_instance_uid and (known is None or decision.version > known[0]):
+            latest[uid] = (decision.version, decision.positive_labels, {})  # being read
+    return [(labels, probabilities) for _, labels, probabilities in latest.values()]
+
+
+def study_answer(alert: Alert, others: list[tuple[tuple[str, ...], dict[str, float]]]) -> Alert:
+    """``alert`` (one series') as its study's answer: the union of the series' answers.
+
+    A label positive in another series of the study is positive in the alert, with
+    the highest probability known for it among the study's series (a series whose
+    read is still in progress and sent nothing has no probability recorded yet).
+    """
+    labels = set(alert.positive_labels)
+    for other, _ in others:
+        labels |= set(other)
+    if labels == set(alert.positive_labels):
+        return alert
+    rows = []
+    for f in alert.findings:
+        if f.label in labels and not f.positive:
+            best = max([f.probability] + [p.get(f.label, 0.0) for _, p in others])
+            f = dataclasses.replace(f, probability=round(float(best), 4), positive=True)
+        rows.append(f)
+    union = tuple(label for label in LABELS if label in labels)
+    return dataclasses.replace(alert, positive=True, positive_labels=union, findings=tuple(rows))
 
 
 def prepare_alerts(
@@ -57,6 +129,12 @@ def prepare_alerts(
     now: float,
 ) -> list[Alert]:
     """Decide, write and record the alerts of one series version; returns the new ones.
+
+    Alerts go **per study** (AccessionNumber, else StudyInstanceUID): the study's
+    answer for a target is the union of the latest answers of its series (this
+    version's, the others' from the results ledger). The first answer sends a
+    first alert; a later series or version sends nothing while the study's answer
+    stays the same, and a correction when it changes (:func:`decide`).
 
     Parameters
     ----------
@@ -75,20 +153,60 @@ def prepare_alerts(
     """
     if not targets:
         return []
+    for _ in range(_DECIDE_ATTEMPTS):
+        try:
+            return _prepare(
+                store, storage_dir, targets, job_id=job_id, version=version,
+                created_at=created_at, findings=findings, header=header, hu_of=hu_of, now=now,
+            )  # fmt: skip
+        except AlertsChanged:  # another series of the study alerted meanwhile
+            continue
+    raise AlertsChanged(f"the study's alerts kept changing ({_DECIDE_ATTEMPTS} decisions)")
+
+
+def _prepare(
+    store: Store,
+    storage_dir: Path,
+    targets: Sequence[NotificationTarget],
+    *,
+    job_id: str,
+    version: int,
+    created_at: float,
+    findings: SeriesFindings,
+    header: pydicom.Dataset,
+    hu_of: Callable[[int], np.ndarray] | None,
+    now: float,
+) -> list[Alert]:
     uid = findings.series_instance_uid
-    done = {a.target for a in store.alerts(job_id)}
+    key = study_key(header, findings.study_instance_uid)
+    accession = str(header.get("AccessionNumber", "") or "").strip()
+    done = store.decided_targets(job_id)  # decided by an earlier attempt
     last = store.last_received_at(uid, created_at) or created_at
     records: list[AlertRecord] = []
     alerts: list[Alert] = []
+    expected: dict[str, str | None] = {}
     for target in targets:
-        if target.name in done:  # recorded by an earlier attempt of this job
+        if target.name in done:
             continue
+        others = _other_series(store, key, findings, target, accession)
         labels = answer(findings, target)
-        prev = store.previous_alert(uid, version, target.name)
+        labels = tuple(
+            label for label in LABELS if label in set(labels).union(*(o for o, _ in others))
+        )
+        prev = store.previous_study_alert(key, target.name, job_id)
+        expected[target.name] = None if prev is None else prev.key
+        if prev is None:  # alerts recorded before they were kept per study
+            prev = store.previous_alert(uid, version, target.name)
         status = decide(
             target, labels, None if prev is None else Previous(prev.key, prev.positive_labels)
         )
-        if status is None:
+        if status is None:  # kept: other series of the study learn this one's answer
+            records.append(
+                AlertRecord(
+                    job_id, target.name, uid, version, alert_key(job_id, target.name), "",
+                    None, labels, last, now, study_key=key,
+                )
+            )  # fmt: skip
             continue
         alert = make_alert(
             findings,
@@ -101,6 +219,7 @@ def prepare_alerts(
             result_time=now,
             last_received_at=last,
         )
+        alert = study_answer(alert, [(o, p) for o, p in others if o])
         png = None
         if wants_key_image(target) and alert.key_slice is not None and hu_of is not None:
             png = key_image_png(hu_of(alert.key_slice.index), key_image_lines(alert))
@@ -108,11 +227,11 @@ def prepare_alerts(
         records.append(
             AlertRecord(
                 job_id, target.name, uid, version, alert.key, alert.status, alert.supersedes,
-                alert.positive_labels, last, now,
+                alert.positive_labels, last, now, study_key=key,
             )
         )  # fmt: skip
         alerts.append(alert)
-    store.record_alerts(records, ALERT_PREFIX, now)
+    store.record_alerts(records, ALERT_PREFIX, now, expected=expected)
     return alerts
 
 

@@ -172,19 +172,32 @@ class DeliveryRecord:
 
 @dataclass(frozen=True, slots=True)
 class AlertRecord:
-    """One alert to one notification target (see :mod:`ich_node.delivery.alerts`)."""
+    """One alert decision for one notification target (see :mod:`ich_node.delivery.alerts`).
+
+    ``status`` ``F`` or ``C``: an alert sent (with its delivery row). ``""``: the
+    decision that nothing was sent because the study's answer did not change; kept
+    so that other series of the study know this series' answer before its read
+    completes (alerts go per study, :func:`ich_node.delivery.outbox.prepare_alerts`).
+    """
 
     job_id: str
     target: str
     series_instance_uid: str
     version: int
     key: str  # idempotency key, repeated in every message
-    status: str  # F (first) | C (correction)
+    status: str  # F (first) | C (correction) | "" (nothing sent: the study's answer unchanged)
     supersedes: str | None  # the key of the alert this one corrects
     positive_labels: tuple[str, ...]  # the answer this alert gave (empty: negative)
     last_received_at: float
     created_at: float
     accepted_at: float | None = None
+    # The study it is about: "accession:<AccessionNumber>", else "study:<StudyInstanceUID>".
+    # Alerts go per study: later series and versions compare with its latest alert.
+    study_key: str = ""
+
+
+class AlertsChanged(RuntimeError):
+    """Another series of the study recorded an alert meanwhile: decide again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,10 +491,32 @@ class AlertStore(Protocol):
 
     def alerts(self, job_id: str | None = None) -> list[AlertRecord]: ...
 
+    def decided_targets(self, job_id: str) -> set[str]: ...
+
     def previous_alert(
         self, series_instance_uid: str, version: int, target: str
     ) -> AlertRecord | None: ...
 
-    def record_alerts(self, alerts: list[AlertRecord], prefix: str, now: float) -> int: ...
+    def record_alerts(
+        self,
+        alerts: list[AlertRecord],
+        prefix: str,
+        now: float,
+        expected: dict[str, str | None] | None = None,
+    ) -> int: ...
+
+    def previous_study_alert(
+        self, study_key: str, target: str, job_id: str
+    ) -> AlertRecord | None: ...
+
+    def latest_alerts(self, study_key: str, target: str) -> dict[str, AlertRecord]: ...
+
+    def reads(
+        self,
+        series_instance_uid: str | None = None,
+        *,
+        study_instance_uid: str | None = None,
+        accession_number: str | None = None,
+    ) -> list[SeriesRead]: ...
 
     def alert_accepted(self, job_id: str, target: str, now: float) -> None: ...

@@ -245,6 +245,11 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         detail TEXT NOT NULL DEFAULT ''
     );
     """,
+    # 7: alerts per study (AccessionNumber, else StudyInstanceUID), not per series.
+    """
+    ALTER TABLE alerts ADD COLUMN study_key TEXT NOT NULL DEFAULT '';
+    CREATE INDEX alerts_study ON alerts(study_key, target, created_at);
+    """,
 )
 
 #: The schema version this code writes and reads.

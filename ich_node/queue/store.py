@@ -32,6 +32,7 @@ from ich_node.queue.interface import (
     Added,
     AddResult,
     AlertRecord,
+    AlertsChanged,
     DeliveryRecord,
     DeliveryState,
     InstanceIdentity,
@@ -173,6 +174,7 @@ CREATE TABLE IF NOT EXISTS alerts (
     last_received_at REAL NOT NULL,
     created_at REAL NOT NULL,
     accepted_at REAL,
+    study_key TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (job_id, target)
 );
 CREATE INDEX IF NOT EXISTS alerts_series ON alerts(series_instance_uid, target, version);
@@ -241,6 +243,7 @@ _ADDED_COLUMNS: Final = (
     ("instances", "content_id", "TEXT NOT NULL DEFAULT ''"),
     ("series", "purged_at", "REAL"),
     ("series_reads", "bytes_fingerprint", "TEXT NOT NULL DEFAULT ''"),
+    ("alerts", "study_key", "TEXT NOT NULL DEFAULT ''"),
 )
 
 
@@ -265,6 +268,8 @@ def _add_columns(db: sqlite3.Connection) -> None:
     for table, column, declaration in _ADDED_COLUMNS:
         if column not in _columns(db, table):
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+    # Indexes on added columns (after them, for stores written before).
+    db.execute("CREATE INDEX IF NOT EXISTS alerts_study ON alerts(study_key, target, created_at)")
     if _columns(db, "instances_before_v2"):
         db.execute(
             """INSERT OR IGNORE INTO instances (series_instance_uid, sop_instance_uid,
@@ -981,12 +986,22 @@ class Store:
         return AlertRecord(**data)
 
     def alerts(self, job_id: str | None = None) -> list[AlertRecord]:
-        """The recorded alerts (of one job when given), oldest first."""
+        """The recorded alerts sent or to be sent (of one job when given), oldest first."""
         if job_id is None:
-            rows = self._query("SELECT * FROM alerts ORDER BY created_at, target")
+            rows = self._query(
+                "SELECT * FROM alerts WHERE status != '' ORDER BY created_at, target"
+            )
         else:
-            rows = self._query("SELECT * FROM alerts WHERE job_id = ? ORDER BY target", (job_id,))
+            rows = self._query(
+                "SELECT * FROM alerts WHERE job_id = ? AND status != '' ORDER BY target",
+                (job_id,),
+            )
         return [self._alert_record(r) for r in rows]
+
+    def decided_targets(self, job_id: str) -> set[str]:
+        """The targets whose alert decision for ``job_id`` is recorded (sent or not)."""
+        rows = self._query("SELECT target FROM alerts WHERE job_id = ?", (job_id,))
+        return {str(r["target"]) for r in rows}
 
     def previous_alert(
         self, series_instance_uid: str, version: int, target: str
@@ -994,30 +1009,75 @@ class Store:
         """The latest alert to ``target`` of an earlier version of the series, or ``None``."""
         rows = self._query(
             """SELECT * FROM alerts WHERE series_instance_uid = ? AND target = ? AND version < ?
-            ORDER BY version DESC LIMIT 1""",
+            AND status != '' ORDER BY version DESC LIMIT 1""",
             (series_instance_uid, target, version),
         )
         return self._alert_record(rows[0]) if rows else None
 
-    def record_alerts(self, alerts: list[AlertRecord], prefix: str, now: float) -> int:
+    def previous_study_alert(self, study_key: str, target: str, job_id: str) -> AlertRecord | None:
+        """The latest alert to ``target`` about the study ``study_key`` from another job."""
+        rows = self._query(
+            """SELECT * FROM alerts WHERE study_key = ? AND target = ? AND job_id != ?
+            AND status != '' ORDER BY created_at DESC, version DESC LIMIT 1""",
+            (study_key, target, job_id),
+        )
+        return self._alert_record(rows[0]) if rows else None
+
+    def latest_alerts(self, study_key: str, target: str) -> dict[str, AlertRecord]:
+        """The latest alert decision for ``target`` of each series of the study (sent or
+        not: its answer), by SeriesInstanceUID."""
+        rows = self._query(
+            "SELECT * FROM alerts WHERE study_key = ? AND target = ? ORDER BY version",
+            (study_key, target),
+        )
+        return {str(r["series_instance_uid"]): self._alert_record(r) for r in rows}
+
+    def record_alerts(
+        self,
+        alerts: list[AlertRecord],
+        prefix: str,
+        now: float,
+        expected: dict[str, str | None] | None = None,
+    ) -> int:
         """Record alerts and their delivery rows (``prefix + target``) in one transaction.
 
         An alert already recorded for the same job and target is left as it is
         (a job run again after a crash): exactly one per target per version.
+        ``expected`` (target -> key of the study's latest alert the decision was
+        made on, ``None`` for none) is checked in the same transaction, so that two
+        series of one study read side by side never both send a first alert.
         Returns how many were new.
+
+        Raises
+        ------
+        AlertsChanged
+            When a target's latest study alert is no longer the expected one
+            (nothing is recorded; the caller decides again).
         """
         n = 0
         with self.transaction() as db:
             for a in alerts:
+                if expected is None or a.target not in expected or not a.study_key:
+                    continue
+                row = db.execute(
+                    """SELECT key FROM alerts WHERE study_key = ? AND target = ?
+                    AND job_id != ? AND status != '' ORDER BY created_at DESC, version DESC
+                    LIMIT 1""",
+                    (a.study_key, a.target, a.job_id),
+                ).fetchone()
+                if (None if row is None else str(row["key"])) != expected[a.target]:
+                    raise AlertsChanged(f"another alert to {a.target} about this study")
+            for a in alerts:
                 cur = db.execute(
                     """INSERT INTO alerts (job_id, target, series_instance_uid, version,
-                        key, status, supersedes, positive_labels, last_received_at, created_at)
-                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
+                        key, status, supersedes, positive_labels, last_received_at, created_at,
+                        study_key)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
                     (a.job_id, a.target, a.series_instance_uid, a.version, a.key, a.status,
                      a.supersedes, ",".join(a.positive_labels), a.last_received_at,
-                     a.created_at),
+                     a.created_at, a.study_key),
                 )  # fmt: skip
-                if cur.rowcount:
+                if cur.rowcount and a.status:  # a decision to send nothing has no delivery
                     n += 1
                     db.execute(
                         """INSERT INTO deliveries (job_id, destination, state, next_at,
