@@ -9,6 +9,9 @@
    the PACS and prints them, and prints the HL7 alert (ORU^R01) that a RIS stand-in
    (python-hl7's MLLP server) received for the positive study, with how long before
    (or after) the study's SR reached the PACS.
+5. Starts the web console (``ich-node web``) on the node's storage and prints its
+   address, user and password; it keeps running, like the demo's Orthanc, until
+   ``make demo-stop``.
 
 Everything happens under ``demo/`` (ignored by git); delete it to start over. The
 demo model is trained on synthetic phantoms and every output it produces says so.
@@ -304,6 +307,55 @@ def _port_free(port: int) -> bool:
         return True
 
 
+#: The console's preferred port (the next free one when taken).
+WEB_PORT = 8090
+
+
+def start_console(config: Path, folder: Path) -> tuple[str, str]:
+    """Start ``ich-node web`` for the node of ``config`` (which names ``web.address`` and
+    ``web.users_file``) with a user ``demo`` (admin) and a new random password.
+
+    Returns the console's address and the password; the console keeps running
+    (``demo/web.pid``) until :func:`stop_console`.
+    """
+    import secrets
+
+    password = secrets.token_urlsafe(12)
+    argv = [sys.executable, "-m", "ich_node.cli"]
+    subprocess.run(
+        [*argv, "web-user", "add", "demo", "--role", "admin", "--config", str(config),
+         "--password-stdin"],
+        input=password + "\n", text=True, check=True, cwd=REPO, capture_output=True,
+    )  # fmt: skip
+    address = json.loads(config.read_text())["web"]["address"]
+    log = open(folder / "web.log", "w")  # noqa: SIM115 - the console's log, kept open by it
+    console = subprocess.Popen(
+        [*argv, "web", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
+        cwd=REPO, start_new_session=True,
+    )  # fmt: skip
+    log.close()
+    (DEMO / "web.pid").write_text(str(console.pid))
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + 60
+    while _port_free(int(port)):
+        if console.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the web console did not start; see {folder / 'web.log'}")
+        time.sleep(0.2)
+    return f"http://{host}:{port}/", password
+
+
+def stop_console() -> None:
+    """Stop the console an earlier demo left running (``make demo-stop``)."""
+    pid_file = DEMO / "web.pid"
+    if not pid_file.is_file():
+        return
+    pid = int(pid_file.read_text())
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        print(f"stopped the demo's web console (pid {pid})")
+    pid_file.unlink()
+
+
 def _orthanc_installed() -> bool:
     return Path("/usr/sbin/Orthanc").is_file() or shutil.which("Orthanc") is not None
 
@@ -312,9 +364,11 @@ def network_demo(bundle: Path) -> int:
     """Serve the node, send it studies through a PACS, wait for the results there."""
     net = DEMO / "network"
     stop_orthanc()
+    stop_console()
     shutil.rmtree(net, ignore_errors=True)
     net.mkdir(parents=True)
     node_port = _free_port()
+    web_port = WEB_PORT if _port_free(WEB_PORT) else _free_port()
     pacs: Pacs | OrthancPacs
     if _orthanc_installed():
         print("\nOrthanc is installed: it is the demo PACS (the shipped rule routes head CTs).")
@@ -357,6 +411,11 @@ def network_demo(bundle: Path) -> int:
                 ],
                 "storage": {"dir": str(net / "node"), "min_free_mb": 50},
                 "logging": {"format": "json", "level": "INFO"},
+                "web": {
+                    "address": f"127.0.0.1:{web_port}",
+                    "users_file": str(net / "web-users"),
+                    "show_patient": True,  # phantoms: synthetic names only
+                },
             },
             indent=2,
         )
@@ -421,6 +480,10 @@ def network_demo(bundle: Path) -> int:
                 print(pacs.where(study_uid))
         if isinstance(pacs, Pacs):
             print(f"\nThe PACS's copies are in {pacs.folder}")
+        url, password = start_console(config, net)
+        print(f"\nWeb console: {url}  (user demo, password {password}; the studies, their "
+              "findings, heatmaps, deliveries and alerts; it keeps running until "
+              "`make demo-stop`)")  # fmt: skip
         return 0
     finally:
         node.send_signal(signal.SIGTERM)
@@ -505,6 +568,7 @@ def _sr_summary(sr: pydicom.Dataset) -> list[str]:
 def main() -> int:
     if sys.argv[1:] == ["stop"]:
         stop_orthanc()
+        stop_console()
         return 0
     start = time.monotonic()
     DEMO.mkdir(exist_ok=True)

@@ -109,3 +109,42 @@ def test_orthanc_pacs_sees_the_sr_arrive(demo: ModuleType, tmp_path: Path) -> No
         assert pacs.sr_arrival(study) == first  # the first sighting is kept
     finally:
         pacs.server.stop()  # not pacs.stop(): that leaves the demo's Orthanc running
+
+
+def test_the_demo_starts_the_web_console_and_prints_how_to_log_in(
+    demo: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """start_console: a real ``ich-node web`` on the demo's config; its user logs in."""
+    import json
+    import re
+    import time
+
+    import httpx
+
+    from benchmarks.common import free_port
+
+    monkeypatch.setattr(demo, "DEMO", tmp_path)
+    port = free_port()
+    config = tmp_path / "node.yaml"
+    config.write_text(json.dumps({
+        "storage": {"dir": str(tmp_path / "node")},
+        "web": {"address": f"127.0.0.1:{port}", "users_file": str(tmp_path / "web-users")},
+    }))  # fmt: skip
+    url, password = demo.start_console(config, tmp_path)
+    try:
+        assert url == f"http://127.0.0.1:{port}/" and len(password) >= 16
+        with httpx.Client(base_url=url) as client:
+            token = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text)
+            assert token is not None
+            answer = client.post("/login", data={"csrf": token.group(1), "name": "demo",
+                                                 "password": password, "next": "/"})  # fmt: skip
+            assert answer.status_code == 303 and answer.headers["location"] == "/"
+            page = client.get("/validation")
+            assert page.status_code == 200 and "demo (admin)" in page.text
+    finally:
+        demo.stop_console()
+    assert not (tmp_path / "web.pid").exists()
+    deadline = time.monotonic() + 30
+    while not demo._port_free(port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert demo._port_free(port), "the console did not stop"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import re
+import ssl
 import subprocess
 import sys
 import threading
@@ -631,3 +632,47 @@ def test_console_imports_no_model_listener_or_worker() -> None:
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_web_process_over_tls_with_a_secret_file(tmp_path: Path) -> None:
+    """``ich-node web`` with ``web.tls``: HTTPS only, Secure cookies; a short secret file or
+    a bad certificate stops it at start with one line naming the key (exit 2)."""
+    from tests.alert_servers import make_ca
+
+    ca = make_ca(tmp_path / "ca")
+    add_user(tmp_path / "users", ADMIN, "admin", PASSWORD)
+    (tmp_path / "secret").write_bytes(b"s" * 48)
+    port = free_port()
+    config = tmp_path / "node.yaml"
+    web = {"address": f"127.0.0.1:{port}", "users_file": "users", "secret_file": "secret",
+           "tls": {"cert": str(ca.cert), "key": str(ca.key)}}  # fmt: skip
+    config.write_text(f"storage: {{dir: node}}\nweb: {web!r}\n".replace("'", '"'))
+    argv = [sys.executable, "-m", "ich_node.cli", "web", "--config", str(config)]
+    with open(tmp_path / "web.log", "wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=log)
+    try:
+        trust = ssl.create_default_context(cafile=str(ca.ca))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with httpx.Client(verify=trust, base_url=f"https://127.0.0.1:{port}") as c:
+                    page = c.get("/login")
+                break
+            except httpx.ConnectError:
+                time.sleep(0.2)
+        assert process.poll() is None, (tmp_path / "web.log").read_text()
+        assert page.status_code == 200
+        assert "secure" in page.headers["set-cookie"].lower()
+        with pytest.raises(httpx.HTTPError):  # no plain HTTP on the port
+            httpx.get(f"http://127.0.0.1:{port}/login", timeout=5)
+    finally:
+        process.terminate()
+        process.wait(30)
+    (tmp_path / "secret").write_bytes(b"short")
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "web.secret_file" in run.stderr and "at least 32" in run.stderr
+    (tmp_path / "secret").write_bytes(b"s" * 48)
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    config.write_text(config.read_text().replace(str(ca.cert), str(tmp_path / "bad.pem")))
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "web.tls: cannot load" in run.stderr

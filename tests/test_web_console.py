@@ -209,6 +209,18 @@ def status_code(driver: object) -> int:
     )
 
 
+def navigate(driver: object, action: object) -> None:
+    """Do ``action`` (a click or a submit that loads a page) and wait for the new page."""
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    old = driver.find_element("tag name", "html")  # type: ignore[attr-defined]
+    action() if callable(action) else action.click()  # type: ignore[attr-defined]
+    wait = WebDriverWait(driver, 60)
+    wait.until(expected_conditions.staleness_of(old))
+    wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def text(driver: object, css: str) -> str:
     return str(driver.find_element("css selector", css).text)  # type: ignore[attr-defined]
 
@@ -217,20 +229,23 @@ def login(driver: object, site: Site, name: str, password: str, path: str = "/")
     driver.get(site.web_url + path)  # type: ignore[attr-defined]
     driver.find_element("id", "name").send_keys(name)  # type: ignore[attr-defined]
     driver.find_element("id", "password").send_keys(password)  # type: ignore[attr-defined]
-    driver.find_element("id", "login").click()  # type: ignore[attr-defined]
+    navigate(driver, driver.find_element("id", "login"))  # type: ignore[attr-defined]
 
 
 def logout(driver: object) -> None:
     buttons = driver.find_elements("id", "logout")  # type: ignore[attr-defined]
     if buttons:
-        buttons[0].click()
-        assert wait_for(lambda: "/login" in driver.current_url, 20)  # type: ignore[attr-defined]
+        navigate(driver, buttons[0])
+        assert "/login" in driver.current_url  # type: ignore[attr-defined]
 
 
 def shot(driver: object, name: str) -> None:
-    if SHOTS:
+    if SHOTS:  # the whole page, then the usual window again
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        height = driver.execute_script("return document.documentElement.scrollHeight")  # type: ignore[attr-defined]
+        driver.set_window_size(1280, min(3000, max(600, int(height) + 140)))  # type: ignore[attr-defined]
         driver.save_screenshot(str(Path(SHOTS) / f"web-{name}.png"))  # type: ignore[attr-defined]
+        driver.set_window_size(1280, 1000)  # type: ignore[attr-defined]
 
 
 # -- the tests, in the order a session goes ----------------------------------------------
@@ -253,7 +268,7 @@ def test_admin_finds_the_positive_study_and_opens_its_heatmaps(browser: object, 
     assert text(browser, "#ttn-median-24h").endswith(" s")  # the RIS accepted the alert
     shot(browser, "overview")
 
-    browser.find_element("link text", "Series").click()  # type: ignore[attr-defined]
+    navigate(browser, browser.find_element("link text", "Series"))  # type: ignore[attr-defined]
     rows = browser.find_elements("css selector", "#series tr.row")  # type: ignore[attr-defined]
     assert {r.get_attribute("data-series") for r in rows} == {site.series_uid, site.skipped_uid}
     skipped = browser.find_element(  # type: ignore[attr-defined]
@@ -263,13 +278,13 @@ def test_admin_finds_the_positive_study_and_opens_its_heatmaps(browser: object, 
     shot(browser, "series")
     browser.find_element("id", "positive").click()  # type: ignore[attr-defined]
     browser.find_element("id", "q").send_keys(site.accession)  # type: ignore[attr-defined]
-    browser.find_element("id", "search").click()  # type: ignore[attr-defined]
+    navigate(browser, browser.find_element("id", "search"))  # type: ignore[attr-defined]
     rows = browser.find_elements("css selector", "#series tr.row")  # type: ignore[attr-defined]
     assert [r.get_attribute("data-series") for r in rows] == [site.series_uid]
     assert "subdural" in rows[0].find_element("css selector", "td.labels").text
     assert rows[0].find_element("css selector", "td.patient").text == site.patient_name
 
-    rows[0].find_element("css selector", "a.open").click()
+    navigate(browser, rows[0].find_element("css selector", "a.open"))
     assert text(browser, "#accession") == site.accession
     assert text(browser, "#patient-id") == site.patient_id  # web.show_patient: true
     results = browser.find_elements("css selector", "#findings td.result")  # type: ignore[attr-defined]
@@ -287,7 +302,7 @@ def test_admin_finds_the_positive_study_and_opens_its_heatmaps(browser: object, 
         30,
     ), "heatmap previews did not load"
     shot(browser, "series-version")
-    images[4].find_element("xpath", "..").click()  # open one heatmap
+    navigate(browser, images[4].find_element("xpath", ".."))  # open one heatmap
     assert browser.current_url.endswith("/heatmaps/5.png")  # type: ignore[attr-defined]
     width = browser.execute_script(  # type: ignore[attr-defined]
         "return document.images[0].naturalWidth"
@@ -308,7 +323,7 @@ def test_admin_post_without_csrf_token_is_refused(browser: object, site: Site) -
     browser.execute_script(  # type: ignore[attr-defined]
         "document.querySelectorAll('form.inline input[name=csrf]').forEach(e => e.remove())"
     )
-    browser.find_element("css selector", "#deliveries button.resend").click()  # type: ignore[attr-defined]
+    navigate(browser, browser.find_element("css selector", "#deliveries button.resend"))  # type: ignore[attr-defined]
     assert text(browser, "#message-title") == "Refused"
     assert status_code(browser) == 403
     assert {d.state for d in site.store().deliveries() if d.destination == "pacs"} == {
@@ -327,7 +342,7 @@ def test_viewer_has_no_resend_button_and_gets_403(browser: object, site: Site) -
     assert "parked" in text(browser, "#deliveries")
     assert not browser.find_elements("css selector", "button.resend")  # type: ignore[attr-defined]
     # The POST a Resend button would send, with the viewer's own valid CSRF token.
-    browser.execute_script(  # type: ignore[attr-defined]
+    post = lambda: browser.execute_script(  # type: ignore[attr-defined]  # noqa: E731
         """const f = document.createElement('form');
         f.method = 'post'; f.action = '/problems/resend';
         const values = {csrf: document.querySelector('form.logout input[name=csrf]').value,
@@ -339,7 +354,7 @@ def test_viewer_has_no_resend_button_and_gets_403(browser: object, site: Site) -
         document.body.appendChild(f); f.submit();""",
         job_id,
     )
-    assert wait_for(lambda: browser.find_elements("id", "message-title"), 20)  # type: ignore[attr-defined]
+    navigate(browser, post)
     assert text(browser, "#message-title") == "Not allowed"
     assert status_code(browser) == 403
     assert {d.state for d in site.store().deliveries() if d.destination == "pacs"} == {"parked"}
@@ -356,7 +371,7 @@ def test_admin_resends_the_parked_job_and_sees_it_delivered(
     try:
         assert wait_for(lambda: port_open(site.pacs_port), 30)
         login(browser, site, ADMIN, ADMIN_PASSWORD, "/problems")
-        browser.find_element("css selector", "#deliveries button.resend").click()  # type: ignore[attr-defined]
+        navigate(browser, browser.find_element("css selector", "#deliveries button.resend"))  # type: ignore[attr-defined]
         assert "re-queued" in text(browser, "p.flash")
         browser.get(f"{site.web_url}/series/{site.series_uid}")  # type: ignore[attr-defined]
 
@@ -394,7 +409,7 @@ def test_an_expired_session_is_refused(browser: object, site: Site, tmp_path: Pa
         browser.get(url + "/problems")  # type: ignore[attr-defined]
         browser.find_element("id", "name").send_keys(VIEWER)  # type: ignore[attr-defined]
         browser.find_element("id", "password").send_keys(VIEWER_PASSWORD)  # type: ignore[attr-defined]
-        browser.find_element("id", "login").click()  # type: ignore[attr-defined]
+        navigate(browser, browser.find_element("id", "login"))  # type: ignore[attr-defined]
         assert text(browser, "h1") == "Problems"
         time.sleep(4)
         browser.get(url + "/series")  # type: ignore[attr-defined]

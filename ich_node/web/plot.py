@@ -18,7 +18,7 @@ from ich_node.results.findings import SeriesFindings
 COLOURS: Final = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#CC79A7", "#D55E00")
 WIDTH: Final = 720
 HEIGHT: Final = 260
-_LEFT, _RIGHT, _TOP, _BOTTOM = 44, 150, 12, 36
+_LEFT, _RIGHT, _TOP, _BOTTOM = 44, 175, 12, 36
 
 
 def probability_svg(findings: SeriesFindings) -> str:
