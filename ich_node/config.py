@@ -115,11 +115,26 @@ class NodeSection(_Section):
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 8
     max_pending: Annotated[int, Field(ge=1, le=10000)] = 32
     max_pending_per_host: Annotated[int, Field(ge=1, le=10000)] = 8
+    # None: twice max_pending_per_host. Counts one /24 (IPv4) or /64 (IPv6) network.
+    max_pending_per_network: Annotated[int, Field(ge=1, le=10000)] | None = None
+    # None: a quarter of max_pending. Pending slots only known callers may take.
+    pending_reserve: Annotated[int, Field(ge=0, le=10000)] | None = None
+    # Refuse a request whose called AE title is not ae_title (A-ASSOCIATE-RJ 1/1/7).
+    require_called_ae: bool = False
     negotiation_timeout: Annotated[float, Field(ge=1, le=300)] = 10.0
     max_dataset_mb: Annotated[int, Field(ge=1, le=65536)] = 1024
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     worker_max_crashes: Annotated[int, Field(ge=1, le=1000)] = 5
     tls: ServerTLS | None = None
+
+    @model_validator(mode="after")
+    def _reserve_below_total(self) -> NodeSection:
+        if self.pending_reserve is not None and self.pending_reserve >= self.max_pending:
+            raise ValueError(
+                f"pending_reserve ({self.pending_reserve}) must be less than max_pending "
+                f"({self.max_pending}): the rest is what callers not yet known can use"
+            )
+        return self
 
 
 class Caller(_Section):

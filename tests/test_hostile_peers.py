@@ -261,6 +261,75 @@ def test_pending_limit_per_host_leaves_other_hosts_and_later_callers_in(
             sock.close()
 
 
+# -- pending slots shared fairly: networks and known callers -----------------------------
+
+
+def _silent(port: int, sources: list[str], each: int) -> list[socket.socket]:
+    """``each`` connections from every address in ``sources`` that never send a byte."""
+    socks = []
+    for source in sources:
+        for _ in range(each):
+            socks.append(connect(port, source))
+    return socks
+
+
+def test_silent_connections_from_four_addresses_of_one_network_leave_a_known_caller_in(
+    listen: Start, free_port: int
+) -> None:
+    # Long enough that the silent connections hold their slots through every echo.
+    server, metrics = listen(negotiation_timeout=60)  # max_pending 32, 8 per host
+    known = pynetdicom_echo(free_port)  # 127.0.0.1 has associated: a known caller
+    assert known.is_established
+    known.release()
+    # 32 silent connections from 4 addresses of 127.0.0.0/24, 8 each (the per-host limit).
+    socks = _silent(free_port, [f"127.0.0.{i}" for i in range(2, 6)], 8)
+    try:
+        eventually(
+            "the refusals", lambda: refused(metrics, "too_many_pending_from_network") == 16, SLACK
+        )
+        assert sum(server.guard.counts()) == 16
+        # Before: 32 pending filled every slot, and a caller got through 9 times in 30.
+        assert all(dcmtk_echo(free_port) == 0 for _ in range(10))
+        # A caller from another network, never seen, gets a slot too.
+        other = pynetdicom_echo(free_port, source="127.0.1.7")
+        assert other.is_established
+        other.release()
+        assert refused(metrics, "too_many_pending") == 0
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_silent_connections_from_many_networks_leave_the_reserve_to_known_callers(
+    listen: Start, free_port: int
+) -> None:
+    server, metrics = listen(negotiation_timeout=60)  # reserve: a quarter of 32
+    known = pynetdicom_echo(free_port)
+    assert known.is_established
+    known.release()
+    # Four networks, eight each: 24 slots are all an unknown peer may take.
+    socks = _silent(free_port, [f"127.0.{n}.1" for n in range(11, 15)], 8)
+    try:
+        eventually("the refusals", lambda: refused(metrics, "too_many_pending") == 8, SLACK)
+        assert sum(server.guard.counts()) == 24
+        assert all(dcmtk_echo(free_port) == 0 for _ in range(5))  # known: in the reserve
+        stranger = pynetdicom_echo(free_port, source="127.0.20.1")  # unknown: refused
+        assert not stranger.is_established
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_the_network_of_an_address() -> None:
+    from ich_node.ingest.guard import network_of
+
+    assert network_of("192.0.2.77") == "192.0.2.0/24"
+    assert network_of("::ffff:192.0.2.77") == "192.0.2.0/24"
+    assert network_of("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
+    assert network_of("fe80::1%eth0") == "fe80::/64"
+    assert network_of("not an address") == "not an address"
+
+
 # -- garbage connections free their slot when they close ---------------------------------
 
 
@@ -520,7 +589,7 @@ def test_a_connection_whose_thread_never_ran_is_dropped_after_twice_the_deadline
         assert guard.open(sock, ("10.1.2.4", 1)) is not None
 
 
-def test_refusals_are_logged_once_per_peer_per_minute_and_all_counted() -> None:
+def test_refusals_are_logged_once_per_peer_and_reason_per_minute_and_all_counted() -> None:
     now = [1000.0]
     metrics = Metrics()
     limits = GuardLimits(1, 4, 2, DEADLINE, 16382, 2**20)
@@ -529,9 +598,17 @@ def test_refusals_are_logged_once_per_peer_per_minute_and_all_counted() -> None:
         for i in range(5):
             guard.refuse(Connection("10.1.2.3", 40000 + i, 0.0, socket.socket()), "malformed_pdu")
         guard.refuse(Connection("10.9.9.9", 40100, 0.0, socket.socket()), "malformed_pdu")
-        now[0] += LOG_INTERVAL_S + 1
+        # Another reason from the same peer a moment later: its own line, not hidden.
+        now[0] += 49
         guard.refuse(Connection("10.1.2.3", 40200, 0.0, socket.socket()), "pdu_too_large")
-    peers = [(e["peer"].split(":")[0], e["not_logged_since_last"]) for e in logs]
-    assert peers == [("10.1.2.3", 0), ("10.9.9.9", 0), ("10.1.2.3", 4)]
-    assert refused(metrics, "malformed_pdu") == 6
+        now[0] += LOG_INTERVAL_S
+        guard.refuse(Connection("10.1.2.3", 40300, 0.0, socket.socket()), "malformed_pdu")
+    lines = [(e["peer"].split(":")[0], e["reason"], e["not_logged_since_last"]) for e in logs]
+    assert lines == [
+        ("10.1.2.3", "malformed_pdu", 0),
+        ("10.9.9.9", "malformed_pdu", 0),
+        ("10.1.2.3", "pdu_too_large", 0),
+        ("10.1.2.3", "malformed_pdu", 4),
+    ]
+    assert refused(metrics, "malformed_pdu") == 7
     assert refused(metrics, "pdu_too_large") == 1

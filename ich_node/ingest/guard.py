@@ -6,10 +6,17 @@ images, and no peer can make the listener read more than it advertised:
 
 - **Connections before A-ASSOCIATE-AC** ("pending": TLS handshake, waiting for
   or reading the A-ASSOCIATE-RQ, waiting for the peer to close after a reject)
-  are limited in total (``node.max_pending``) and per peer address
-  (``node.max_pending_per_host``), apart from the established associations
-  (``node.max_associations``). Over a limit, the TCP connection is closed at
-  accept, before any thread or buffer is spent on it.
+  are limited in total (``node.max_pending``), per peer address
+  (``node.max_pending_per_host``) and per network (``node.max_pending_per_network``:
+  a /24 for IPv4, a /64 for IPv6), apart from the established associations
+  (``node.max_associations``). ``node.pending_reserve`` of the pending slots are
+  kept for **known callers**: addresses an association was established from
+  before (remembered since the listener started, the last
+  :data:`MAX_KNOWN_ADDRESSES`). Known callers are bound by the total and their
+  own address's limit only, so silent connections from many addresses of one
+  network, or from many networks, cannot keep a caller that has sent before
+  from associating. Over a limit, the TCP connection is closed at accept,
+  before any thread or buffer is spent on it.
 - **A fixed negotiation deadline** (``node.negotiation_timeout``) runs from the
   moment the connection is accepted, whatever the peer sends: the TLS handshake
   and the A-ASSOCIATE-RQ must both be done by then, or the connection is shut
@@ -33,7 +40,13 @@ images, and no peer can make the listener read more than it advertised:
 - **Every refusal and abort** is counted by reason
   (``ich_node_associations_refused_total{reason=...}``) and logged with the
   calling AE title (when known), the peer address and the reason, at most once
-  per peer address per minute (later lines carry how many were not logged).
+  per peer address and reason per minute (later lines carry how many were not
+  logged): a flood of one kind never hides a refusal of another kind.
+- **The called AE title** a request names is compared with ``node.ae_title``: a
+  mismatch is logged once per peer address and title
+  (``association.called_ae_mismatch``) and, with ``node.require_called_ae``,
+  rejected (A-ASSOCIATE-RJ 1/1/7 "called AE title not recognised", PS3.8 9.3.4;
+  as Orthanc's ``DicomCheckCalledAet``).
 
 How pynetdicom is extended (its 3.0 extension points, no patch):
 ``AE.make_server(server_class=...)`` gives :class:`GuardedServer` (a
@@ -51,6 +64,7 @@ pynetdicom documents as the place to reject an association.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -58,6 +72,7 @@ import struct
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, cast
@@ -90,8 +105,11 @@ MAX_REQUEST_PDU: Final = 256 * 1024
 #: One log line per peer address per this many seconds.
 LOG_INTERVAL_S: Final = 60.0
 
-#: Peer addresses remembered for rate-limited logging (oldest forgotten first).
+#: Keys (peer, reason) remembered for rate-limited logging (oldest forgotten first).
 _MAX_LOG_KEYS: Final = 4096
+
+#: Addresses an association was established from, remembered (oldest forgotten first).
+MAX_KNOWN_ADDRESSES: Final = 4096
 
 _PDU_CLASSES: Final[dict[int, type[Any]]] = {
     0x01: A_ASSOCIATE_RQ,
@@ -105,10 +123,12 @@ _PDU_CLASSES: Final[dict[int, type[Any]]] = {
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 _RJ_CALLING_AE: Final = (0x01, 0x01, 0x03)
+_RJ_CALLED_AE: Final = (0x01, 0x01, 0x07)
 _RJ_NO_CONTEXT: Final = (0x01, 0x01, 0x01)
 _RJ_LIMIT: Final = (0x02, 0x03, 0x02)
 _RJ_REASONS: Final = {
     _RJ_CALLING_AE: "calling_ae_not_recognised",
+    _RJ_CALLED_AE: "called_ae_not_recognised",
     _RJ_LIMIT: "too_many_associations",
 }
 
@@ -116,11 +136,13 @@ _RJ_REASONS: Final = {
 REASONS: Final = (
     "calling_ae_not_recognised",  # A-ASSOCIATE-RJ 1/1/3
     "calling_ae_wrong_host",  # A-ASSOCIATE-RJ 1/1/3
+    "called_ae_not_recognised",  # A-ASSOCIATE-RJ 1/1/7 (node.require_called_ae)
     "no_acceptable_context",  # A-ASSOCIATE-RJ 1/1/1
     "too_many_associations",  # A-ASSOCIATE-RJ 2/3/2
     "rejected",  # any other A-ASSOCIATE-RJ
     "too_many_pending",  # TCP close at accept
     "too_many_pending_from_host",  # TCP close at accept
+    "too_many_pending_from_network",  # TCP close at accept
     "negotiation_timeout",  # TCP shutdown at the deadline
     "tls_handshake_failed",  # TCP close
     "pdu_too_large",  # A-ABORT
@@ -148,6 +170,17 @@ class GuardLimits:
         Maximum Length we advertise (bytes, PS3.8 D.1); 0 means no limit.
     max_dataset : int
         Bytes of one DIMSE message's dataset.
+    max_pending_per_network : int, optional
+        Connections not yet associated, from one /24 (IPv4) or /64 (IPv6) network,
+        from addresses not known; default twice ``max_pending_per_host``.
+    pending_reserve : int, optional
+        Pending slots only known callers may take; default a quarter of
+        ``max_pending``.
+    ae_title : str
+        The node's AE title (the called AE title requests should name); empty:
+        not checked.
+    require_called_ae : bool
+        Reject a request whose called AE title is not ``ae_title``.
     """
 
     max_associations: int
@@ -156,6 +189,38 @@ class GuardLimits:
     negotiation_timeout: float
     max_pdu: int
     max_dataset: int
+    max_pending_per_network: int | None = None
+    pending_reserve: int | None = None
+    ae_title: str = ""
+    require_called_ae: bool = False
+
+    @property
+    def per_network(self) -> int:
+        if self.max_pending_per_network is not None:
+            return self.max_pending_per_network
+        return 2 * self.max_pending_per_host
+
+    @property
+    def reserve(self) -> int:
+        if self.pending_reserve is not None:
+            return min(self.pending_reserve, self.max_pending - 1)
+        return self.max_pending // 4
+
+
+def network_of(host: str) -> str:
+    """The network ``host`` counts in for the pending limits: its /24 (IPv4) or /64 (IPv6).
+
+    An IPv4-mapped IPv6 address counts as its IPv4 address; anything that is not
+    an IP address is its own network.
+    """
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    prefix = 24 if address.version == 4 else 64
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 
 @dataclass(slots=True, eq=False)  # identity: kept in a set
@@ -172,6 +237,8 @@ class Connection:
     refused: bool = False  # a reason was recorded (no second one for this connection)
     dataset_bytes: int = 0
     accepted_ids: frozenset[int] | None = None  # presentation contexts of the association
+    known: bool = False  # an association was established from its address before
+    network: str = ""  # network_of(host)
 
 
 def _printable(value: object, limit: int = 16) -> str:
@@ -198,6 +265,38 @@ class _PeerLog:
     suppressed: int = 0
 
 
+class RateLimit:
+    """One log line per key (peer and reason) per ``interval`` seconds (thread-safe, bounded).
+
+    :meth:`allow` says whether a line may be written now and, when it may, how many
+    were held back for that key since the last one.
+    """
+
+    def __init__(
+        self, interval: float = LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval = interval
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._keys: dict[tuple[str, ...], _PeerLog] = {}
+
+    def allow(self, *key: str) -> int | None:
+        """``None`` when a line for ``key`` was written less than ``interval`` ago;
+        else the number held back since (0 the first time)."""
+        with self._lock:
+            now = self.clock()
+            entry = self._keys.get(key)
+            if entry is not None and now - entry.last < self.interval:
+                entry.suppressed += 1
+                return None
+            suppressed = entry.suppressed if entry is not None else 0
+            self._keys.pop(key, None)
+            self._keys[key] = _PeerLog(now)
+            while len(self._keys) > _MAX_LOG_KEYS:
+                del self._keys[next(iter(self._keys))]
+            return suppressed
+
+
 class Guard:
     """Slots, deadlines and refusal accounting of one listener (thread-safe).
 
@@ -222,7 +321,9 @@ class Guard:
         self._lock = threading.Lock()
         self._connections: set[Connection] = set()
         self._by_assoc: dict[int, Connection] = {}
-        self._log: dict[str, _PeerLog] = {}
+        self._log = RateLimit(LOG_INTERVAL_S, clock)
+        self._known: OrderedDict[str, None] = OrderedDict()  # addresses, oldest first
+        self._called_logged: OrderedDict[tuple[str, str], None] = OrderedDict()
         # By peer, calling AE and reason, for the web console (ingest/refusals.py).
         self.tally = RefusalTally()
 
@@ -234,21 +335,50 @@ class Guard:
             return pending, sum(1 for c in self._connections if c.state == "associated")
 
     def open(self, sock: socket.socket, address: tuple[Any, ...]) -> Connection | None:
-        """A connection was accepted: its record, or None (refused) over a pending limit."""
+        """A connection was accepted: its record, or None (refused) over a pending limit.
+
+        A known caller (see the module) is bound by ``max_pending`` and its
+        address's limit; anyone else also by its network's limit and by
+        ``max_pending`` less the reserve.
+        """
         host, port = str(address[0]), int(address[1])
+        limits = self.limits
+        network = network_of(host)
         reason = None
         with self._lock:
+            known = host in self._known
             pending = [c for c in self._connections if c.state == "pending"]
-            if len(pending) >= self.limits.max_pending:
+            if len(pending) >= limits.max_pending - (0 if known else limits.reserve):
                 reason = "too_many_pending"
-            elif sum(1 for c in pending if c.host == host) >= self.limits.max_pending_per_host:
+            elif sum(1 for c in pending if c.host == host) >= limits.max_pending_per_host:
                 reason = "too_many_pending_from_host"
+            elif not known and limits.per_network <= sum(
+                1 for c in pending if not c.known and c.network == network
+            ):
+                reason = "too_many_pending_from_network"
             else:
-                conn = Connection(host, port, self.clock() + self.limits.negotiation_timeout, sock)
+                deadline = self.clock() + limits.negotiation_timeout
+                conn = Connection(host, port, deadline, sock, known=known, network=network)
                 self._connections.add(conn)
                 return conn
-        self.refuse(Connection(host, port, 0.0, sock), reason)
+        self.refuse(Connection(host, port, 0.0, sock, network=network), reason)
         return None
+
+    def known(self, host: str) -> bool:
+        """Whether an association was established from ``host`` since the start."""
+        with self._lock:
+            return host in self._known
+
+    def called_ae_first_seen(self, host: str, called: str) -> bool:
+        """True the first time ``called`` (not our AE title) comes from ``host``."""
+        key = (host, called)
+        with self._lock:
+            if key in self._called_logged:
+                return False
+            self._called_logged[key] = None
+            while len(self._called_logged) > _MAX_LOG_KEYS:
+                self._called_logged.popitem(last=False)
+            return True
 
     def bind(self, conn: Connection, assoc: Any) -> None:
         with self._lock:
@@ -268,6 +398,11 @@ class Guard:
             if associated >= self.limits.max_associations:
                 return False
             conn.state = "associated"
+            # Known from now on: its later connections may use the reserve.
+            self._known.pop(conn.host, None)
+            self._known[conn.host] = None
+            while len(self._known) > MAX_KNOWN_ADDRESSES:
+                self._known.popitem(last=False)
             return True
 
     def close(self, conn: Connection) -> None:
@@ -315,17 +450,8 @@ class Guard:
             conn.refused = True
             if calling_ae is not None:
                 conn.calling_ae = calling_ae
-            now = self.clock()
-            entry = self._log.get(conn.host)
-            if entry is not None and now - entry.last < LOG_INTERVAL_S:
-                entry.suppressed += 1
-                suppressed = None
-            else:
-                suppressed = entry.suppressed if entry is not None else 0
-                self._log.pop(conn.host, None)
-                self._log[conn.host] = _PeerLog(now)
-                while len(self._log) > _MAX_LOG_KEYS:
-                    del self._log[next(iter(self._log))]
+        # Per peer and reason: another kind of refusal from the same peer is logged.
+        suppressed = self._log.allow(conn.host, reason)
         if self.metrics is not None:
             with contextlib.suppress(Exception):
                 self.metrics.refusals.labels(reason).inc()
@@ -493,6 +619,9 @@ class GuardedServer(ThreadedAssociationServer):
         self.guard = guard
         self._local = threading.local()
         self._accepted: dict[int, Connection] = {}  # accept thread -> connection thread
+        # C-STORE refusals by reason (ich_node.ingest.listener.StoreRefusals), set by
+        # start_listener; the serving loop adds them to the store.
+        self.store_refusals: Any = None
         super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
@@ -574,12 +703,16 @@ def on_requested(event: evt.Event, guard: Guard, callers: AllowList) -> None:
         return  # not ours (pynetdicom negotiates as usual)
     try:
         calling = _printable(primitive.calling_ae_title)
+        called = _printable(primitive.called_ae_title)
         conn.calling_ae = calling
         reason, rj = None, None
+        own = guard.limits.ae_title
         if calling not in callers.allowed(assoc.requestor.address):
             known = calling in callers.titles
             reason = "calling_ae_wrong_host" if known else "calling_ae_not_recognised"
             rj = _RJ_CALLING_AE
+        elif own and called != own and _called_ae_refused(guard, conn, calling, called):
+            reason, rj = "called_ae_not_recognised", _RJ_CALLED_AE
         else:
             roles = {
                 uid: (item.scu_role, item.scp_role)
@@ -601,6 +734,21 @@ def on_requested(event: evt.Event, guard: Guard, callers: AllowList) -> None:
     guard.refuse(conn, cast(str, reason), conn.calling_ae)
     assoc.acse.send_reject(*rj)
     assoc.kill()  # as pynetdicom does after its own rejections: the RJ is sent first
+
+
+def _called_ae_refused(guard: Guard, conn: Connection, calling: str, called: str) -> bool:
+    """Log a called AE title that is not ours (once per peer and title); refuse it?"""
+    refuse = guard.limits.require_called_ae
+    if guard.called_ae_first_seen(conn.host, called):
+        log.warning(
+            "association.called_ae_mismatch",
+            called_ae=called,
+            expected=guard.limits.ae_title,
+            calling_ae=calling,
+            peer=conn.host,
+            action="refused (node.require_called_ae)" if refuse else "accepted",
+        )
+    return refuse
 
 
 def on_rejected(event: evt.Event, guard: Guard) -> None:

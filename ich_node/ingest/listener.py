@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final, cast
 
 import structlog
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -49,12 +51,19 @@ from ich_node.ingest.guard import (
     GuardedRequestHandler,
     GuardedServer,
     GuardLimits,
+    RateLimit,
     on_conn_close,
     on_rejected,
     on_requested,
     quiet_pynetdicom_tracebacks,
 )
-from ich_node.ingest.spool import Spool, SpoolError, instance_record
+from ich_node.ingest.spool import (
+    CANNOT_UNDERSTAND,
+    Spool,
+    SpoolError,
+    UnusableInstance,
+    instance_record,
+)
 from ich_node.metrics import Metrics
 from ich_node.net import set_nodelay
 from ich_node.tls import server_context
@@ -91,7 +100,16 @@ _LOOPBACK: Final = frozenset({"127.0.0.1", "::1", "localhost"})
 # C-STORE statuses (PS3.4 B.2.3)
 SUCCESS: Final = 0x0000
 OUT_OF_RESOURCES: Final = 0xA700
-CANNOT_UNDERSTAND: Final = 0xC210
+# CANNOT_UNDERSTAND (0xC210) and INVALID_UID (0xC000): see ich_node.ingest.spool.
+
+#: The Error Comment of a 0xA700 answer, by SpoolError reason (PS3.7 C.4.2.1.4:
+#: at most 64 characters; what the PACS shows its admin, never patient data).
+_NOT_STORED: Final = {
+    "disk_low": "storage.min_free_mb not met: the node is out of disk space",
+    "path_outside_storage": "a symbolic link in the node's spool: refused",
+    "storage_not_mounted": "the node's shared storage.dir is not mounted",
+    "not_durable": "the instance could not be stored durably",
+}
 
 
 def _addresses(host: str) -> frozenset[str]:
@@ -141,9 +159,52 @@ class CallerAllowList:
         return len(self._rules)
 
 
+class StoreRefusals:
+    """C-STORE refusals counted by reason, in memory (thread-safe).
+
+    The handler only counts; the serving loop adds the counts to the store
+    (:meth:`flush`, ``refusals`` in ``status``), so a refusal never waits on the
+    database, and one the database cannot take now is added at the next pass.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, tuple[int, str]] = {}
+
+    def add(self, reason: str, detail: str) -> None:
+        with self._lock:
+            n, _ = self._counts.get(reason, (0, ""))
+            self._counts[reason] = (n + 1, detail)
+
+    def flush(self, store: Any, now: float) -> None:
+        """Add what was counted since the last flush to ``store`` (kept when that fails)."""
+        with self._lock:
+            counts, self._counts = self._counts, {}
+        if not counts:
+            return
+        try:
+            store.count_refusals(counts, now)
+        except Exception:
+            with self._lock:
+                for reason, (n, detail) in counts.items():
+                    m, newer = self._counts.get(reason, (0, ""))
+                    self._counts[reason] = (n + m, newer or detail)
+            raise
+
+
 def handle_echo(event: evt.Event) -> int:
     """C-ECHO: always Success (PS3.7 9.3.5)."""
     return SUCCESS
+
+
+def _answer(status: int, comment: str, keyword: str | None = None) -> Dataset:
+    """A failure status with its Error Comment (and Offending Element), PS3.7 C.4.2.1.4."""
+    answer = Dataset()
+    answer.Status = status
+    answer.ErrorComment = comment[:64]
+    if keyword is not None:
+        answer.OffendingElement = [Tag(keyword)]
+    return answer
 
 
 def handle_store(
@@ -151,16 +212,22 @@ def handle_store(
     spool: Spool,
     clock: Callable[[], float],
     metrics: Metrics | None = None,
-) -> int:
+    refusals: StoreRefusals | None = None,
+    limit: RateLimit | None = None,
+) -> int | Dataset:
     """C-STORE: spool durably, then answer; never raises.
 
     Returns 0x0000 once the instance is written, fsync'ed, renamed and recorded
-    (or was already); 0xA700 when it could not be made durable (disk full, low
-    free space, I/O error); 0xC210 when the dataset cannot be decoded or lacks
-    its UIDs.
+    (or was already). A failure is answered with a status data set whose Error
+    Comment says why (PS3.7 C.4.2.1.4, no patient data): 0xA700 when it could
+    not be made durable (disk full, less than ``storage.min_free_mb`` free, I/O
+    error, a link in the spool); 0xC210 when the dataset cannot be decoded or
+    lacks a UID, 0xC000 when a UID is not a valid UID (both with the Offending
+    Element). Each failure is counted by reason (``refusals``) and logged, at most
+    once per peer and reason per minute (``limit``).
     """
     started = time.perf_counter()
-    status = _store(event, spool, clock, started)
+    status = _store(event, spool, clock, started, refusals, limit or _LOG_LIMIT)
     if metrics is not None:
         with contextlib.suppress(Exception):  # metrics never change the answer
             metrics.instances.labels(status[1]).inc()
@@ -168,9 +235,47 @@ def handle_store(
     return status[0]
 
 
+#: Rate limit of the store.rejected / store.failed lines when none is given.
+_LOG_LIMIT: Final = RateLimit()
+
+
+def _refused(
+    event: evt.Event,
+    refusals: StoreRefusals | None,
+    limit: RateLimit,
+    reason: str,
+    answer: Dataset,
+    **fields: Any,
+) -> None:
+    """Count one failed C-STORE by ``reason`` and log it (rate-limited per peer and reason)."""
+    if refusals is not None:
+        refusals.add(reason, str(answer.ErrorComment))
+    requestor = event.assoc.requestor
+    peer = str(requestor.address)
+    suppressed = limit.allow(peer, reason)
+    if suppressed is None:
+        return
+    failed = answer.Status == OUT_OF_RESOURCES
+    (log.error if failed else log.warning)(
+        "store.failed" if failed else "store.rejected",
+        status=f"0x{answer.Status:04X}",
+        reason=reason,
+        comment=str(answer.ErrorComment),
+        calling_ae=str(requestor.ae_title).strip(),
+        peer=peer,
+        not_logged_since_last=suppressed,
+        **fields,
+    )
+
+
 def _store(
-    event: evt.Event, spool: Spool, clock: Callable[[], float], started: float
-) -> tuple[int, str]:
+    event: evt.Event,
+    spool: Spool,
+    clock: Callable[[], float],
+    started: float,
+    refusals: StoreRefusals | None,
+    limit: RateLimit,
+) -> tuple[int | Dataset, str]:
     request: Any = event.request
     try:
         try:
@@ -179,27 +284,32 @@ def _store(
                 str(request.AffectedSOPClassUID or ""),
                 str(request.AffectedSOPInstanceUID or ""),
             )
-        except Exception as exc:  # undecodable dataset or missing UIDs
-            log.warning(
-                "store.rejected",
-                status="0xC210",
-                error=type(exc).__name__,
-                calling_ae=event.assoc.requestor.ae_title,
-            )
-            return CANNOT_UNDERSTAND, "rejected"
+        except UnusableInstance as exc:  # a UID missing or outside the UI repertoire
+            answer = _answer(exc.status, exc.comment, exc.keyword)
+            _refused(event, refusals, limit, exc.reason, answer, keyword=exc.keyword)
+            return answer, "rejected"
+        except Exception as exc:  # undecodable dataset
+            answer = _answer(CANNOT_UNDERSTAND, "the data set cannot be decoded")
+            _refused(event, refusals, limit, "cannot_decode", answer, error=type(exc).__name__)
+            return answer, "rejected"
         try:
             # The bytes exactly as received with their file meta: no re-encoding.
             data = event.encoded_dataset(include_meta=True)
             spooled = spool.save(data, record, clock())
         except SpoolError as exc:
-            log.error(
-                "store.failed",
-                status="0xA700",
+            comment = _NOT_STORED.get(exc.reason, _NOT_STORED["not_durable"])
+            answer = _answer(OUT_OF_RESOURCES, comment)
+            _refused(
+                event,
+                refusals,
+                limit,
+                exc.reason,
+                answer,
                 error=type(exc.__cause__ or exc).__name__,
                 detail=str(exc) if exc.__cause__ is None else None,
                 sop_instance_uid=record.sop_instance_uid,
             )
-            return OUT_OF_RESOURCES, "out_of_resources"
+            return answer, "out_of_resources"
         log.debug(
             "store.ok",
             sop_instance_uid=record.sop_instance_uid,
@@ -209,8 +319,10 @@ def _store(
         )
         return SUCCESS, "stored" if spooled.new else "duplicate"
     except Exception as exc:  # anything else: the instance is not durable
-        log.error("store.failed", status="0xA700", error=type(exc).__name__)
-        return OUT_OF_RESOURCES, "out_of_resources"
+        answer = _answer(OUT_OF_RESOURCES, _NOT_STORED["not_durable"])
+        with contextlib.suppress(Exception):
+            _refused(event, refusals, limit, "not_durable", answer, error=type(exc).__name__)
+        return answer, "out_of_resources"
 
 
 def build_ae(config: NodeConfig) -> AE:
@@ -270,12 +382,17 @@ def start_listener(
             negotiation_timeout=node.negotiation_timeout,
             max_pdu=ae.maximum_pdu_size,
             max_dataset=node.max_dataset_mb * 2**20,
+            max_pending_per_network=node.max_pending_per_network,
+            pending_reserve=node.pending_reserve,
+            ae_title=node.ae_title,
+            require_called_ae=node.require_called_ae,
         ),
         metrics,
     )
+    refusals = StoreRefusals()
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [spool, clock, metrics]),
+        (evt.EVT_C_STORE, handle_store, [spool, clock, metrics, refusals, RateLimit()]),
         (evt.EVT_CONN_OPEN, set_nodelay),
         (evt.EVT_REQUESTED, on_requested, [guard, ae._require_calling_aet]),
         (evt.EVT_REJECTED, on_rejected, [guard]),
@@ -295,6 +412,7 @@ def start_listener(
             request_handler=GuardedRequestHandler,
         ),
     )
+    server.store_refusals = refusals  # the serving loop adds them to the store
     thread = threading.Thread(
         target=server.serve_forever, name=f"AcceptorServer@{node.port}", daemon=True
     )

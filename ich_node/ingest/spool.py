@@ -20,10 +20,12 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import structlog
 from pydicom.dataset import Dataset
@@ -102,6 +104,48 @@ def _text(ds: Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip()
 
 
+#: C-STORE statuses of an instance that can never be stored (PS3.4 B.2.3, "Error:
+#: Cannot understand", C000-CFFF): a data set that cannot be decoded or lacks a UID
+#: the node files it under (0xC210, pynetdicom's "failed to decode"), and a UID
+#: outside the UI value representation (0xC000): a NUL, a letter, a space, a
+#: backslash (several values), more than 64 characters (PS3.5 6.2, 9.1).
+CANNOT_UNDERSTAND: Final = 0xC210
+INVALID_UID: Final = 0xC000
+
+#: The UI value representation: digits and dots, 1 to 64 characters (PS3.5 6.2).
+_UI: Final = re.compile(r"^[0-9.]{1,64}$")
+
+
+class UnusableInstance(ValueError):
+    """A received data set the node can never store, with the C-STORE answer to give.
+
+    ``status`` is :data:`CANNOT_UNDERSTAND` or :data:`INVALID_UID`; ``comment`` is
+    the Error Comment (PS3.7 C.4.2.1.4: at most 64 characters, no patient data);
+    ``keyword`` names the attribute at fault (the response's Offending Element).
+    """
+
+    def __init__(self, comment: str, status: int, keyword: str | None = None) -> None:
+        super().__init__(comment)
+        self.comment = comment[:64]
+        self.status = status
+        self.keyword = keyword
+        self.reason = "invalid_uid" if status == INVALID_UID else "missing_uid"
+
+
+def _uid(ds: Dataset, keyword: str, given: str = "", required: bool = True) -> str:
+    """The UID ``keyword`` of ``ds`` (else ``given``, from the request), checked."""
+    value = ds.get(keyword)
+    text = "" if value is None else str(value).strip(" \0")
+    text = text or given.strip(" \0")
+    if not text:
+        if required:
+            raise UnusableInstance(f"no {keyword} in the data set", CANNOT_UNDERSTAND, keyword)
+        return ""
+    if not _UI.match(text):
+        raise UnusableInstance(f"{keyword} is not a valid UID (PS3.5 9.1)", INVALID_UID, keyword)
+    return text
+
+
 def instance_record(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> InstanceRecord:
     """The header fields the node records, from a (lazily decoded) dataset.
 
@@ -114,19 +158,19 @@ def instance_record(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> I
 
     Raises
     ------
-    ValueError
-        When the Study or Series Instance UID is missing.
+    UnusableInstance
+        When the Study, Series or SOP Instance UID is missing (0xC210), or one of
+        them or the SOP Class UID is not a valid UID (0xC000).
+    Exception
+        Whatever decoding one of these elements raises (0xC210 for the listener).
     """
-    study = _text(ds, "StudyInstanceUID")
-    series = _text(ds, "SeriesInstanceUID")
-    if not study or not series:
-        raise ValueError("the dataset has no StudyInstanceUID or SeriesInstanceUID")
-    sop = _text(ds, "SOPInstanceUID") or sop_instance_uid
-    if not sop:
-        raise ValueError("the dataset has no SOPInstanceUID")
+    study = _uid(ds, "StudyInstanceUID")
+    series = _uid(ds, "SeriesInstanceUID")
+    sop = _uid(ds, "SOPInstanceUID", sop_instance_uid)
+    sop_class = _uid(ds, "SOPClassUID", sop_class_uid, required=False)
     return InstanceRecord(
         sop_instance_uid=sop,
-        sop_class_uid=_text(ds, "SOPClassUID") or sop_class_uid,
+        sop_class_uid=sop_class,
         study_instance_uid=study,
         series_instance_uid=series,
         modality=_text(ds, "Modality"),

@@ -688,6 +688,8 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float], role: str = "a
                         assembler.run_once(now)
             metrics.run_once()
             refusals.run_once(now)
+            if server is not None:  # C-STORE refusals by reason, for status and health
+                server.store_refusals.flush(store, now)
             if listens and now - cleaned_at >= CLEAN_EVERY_SECONDS:
                 cleaner.run_once(now)
                 cleaned_at = now
