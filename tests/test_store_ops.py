@@ -185,5 +185,18 @@ def test_status_prints_the_alerts_line_on_both_backends(
         store.alert_accepted(job_id, "ris", now + 4.5)
         assert status(config, as_json=False) == 0
         assert "alerts: pending 2 (median time to notification 4.5 s)" in capsys.readouterr().out
+        # Two accepted: the median is the mean of the two middle values, not the upper one.
+        store.alert_accepted(job_id, "pager", now + 7.0)
+        assert status(config, as_json=False) == 0
+        assert "(median time to notification 5.75 s)" in capsys.readouterr().out
     finally:
         store.close()
+
+
+def test_median_is_the_true_median() -> None:
+    """The mean of the two middle values for an even count (status and the web console)."""
+    from ich_node.service.ops import median
+
+    assert median([0.98, 7.0]) == pytest.approx(3.99)
+    assert median([7.0, 0.98, 3.0]) == 3.0
+    assert median([4.5]) == 4.5 and median([]) is None

@@ -46,6 +46,7 @@ from ich_node.results.findings import SeriesFindings, read_findings
 from ich_node.service.ops import (
     Resent,
     collect_status,
+    median,
     notification_times,
     percentile,
     requeue_parked,
@@ -423,7 +424,7 @@ class Console:
             reads_24h=len(reads),
             positives_24h=positives,
             parked_24h=len(parked),
-            ttn_median_24h=percentile(waits, 0.5),
+            ttn_median_24h=median(waits),
             ttn_p95_24h=percentile(waits, 0.95),
         )
 
