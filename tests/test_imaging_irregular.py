@@ -267,7 +267,7 @@ def test_a_hole_is_measured_and_a_negative_result_says_coverage_is_incomplete(
 
     text = summary_text(negative, _Card())  # type: ignore[arg-type]
     assert "No hemorrhage detected" in text and "incomplete coverage" in text
-    assert f"{len(LABELS)}" and "1 gap(s)" in text
+    assert f"{len(LABELS)}" and ", 1 gap." in text
 
 
 # ------------------------------------------------------- kind 4: reconstructions

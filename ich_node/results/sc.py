@@ -216,7 +216,7 @@ def slice_text(
 
     The first line names the slice as the SR's summary does: its number counted
     from 1 in the series' spatial order (inferior to superior, the numbering of
-    "slices 8, 11-28" in the SR) and its position along the slice normal in mm
+    "slices 8 and 11-28" in the SR) and its position along the slice normal in mm
     (``ImagePositionPatient`` · normal, also written as SliceLocation).
     """
     probabilities = findings.slices[index].probabilities

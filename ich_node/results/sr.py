@@ -67,8 +67,8 @@ _PRIVATE_SCHEME = CodingSchemeIdentificationItem(
 )
 
 
-def _ranges(indices: Sequence[int]) -> str:
-    """1-based slice numbers as compact ranges: [11, 12, 13, 15] -> '12-14, 16'."""
+def _ranges(indices: Sequence[int]) -> list[str]:
+    """1-based slice numbers as compact ranges: [11, 12, 13, 15] -> ['12-14', '16']."""
     numbers = sorted(i + 1 for i in indices)
     parts: list[str] = []
     start = prev = None
@@ -81,7 +81,20 @@ def _ranges(indices: Sequence[int]) -> str:
             continue
         parts.append(f"{start}" if start == prev else f"{start}-{prev}")
         start = prev = n
-    return ", ".join(parts)
+    return parts
+
+
+def slices_phrase(indices: Sequence[int]) -> str:
+    """Slice indices in words, 1-based: 'slice 12', 'slices 12-14', 'slices 3, 5-7 and 9'."""
+    parts = _ranges(indices)
+    word = "slice" if len(indices) == 1 else "slices"
+    listed = parts[0] if len(parts) < 2 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+    return f"{word} {listed}"
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 gap', '0 gaps', '3 images'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def summary_text(findings: SeriesFindings, card: ModelCard) -> str:
@@ -97,8 +110,8 @@ def summary_text(findings: SeriesFindings, card: ModelCard) -> str:
         for label in subtypes or ["any"]:
             name = "hemorrhage (type unspecified)" if label == "any" else label
             p = findings.series[label].probability
-            where = _ranges(findings.positive_slices(label))
-            parts.append(f"{name} (p={p:.2f}) on slices {where}")
+            where = slices_phrase(findings.positive_slices(label))
+            parts.append(f"{name} (p={p:.2f}) on {where}")
         body = (
             "Suspected intracranial hemorrhage: "
             + "; ".join(parts)
@@ -136,13 +149,14 @@ def reading_text(findings: SeriesFindings) -> str:
             else f", median spacing {cov.median_spacing_mm:g} mm"
         )
         parts.append(
-            f"Read {findings.n_slices} slice(s) from {cov.z_min_mm:.1f} to {cov.z_max_mm:.1f} mm"
-            f"{spacing}, largest gap {cov.largest_gap_mm:g} mm, {cov.n_gaps} gap(s)."
+            f"Read {_count(findings.n_slices, 'slice')} from {cov.z_min_mm:.1f} to "
+            f"{cov.z_max_mm:.1f} mm{spacing}, largest gap {cov.largest_gap_mm:g} mm, "
+            f"{_count(cov.n_gaps, 'gap')}."
         )
     if findings.dropped:
         shown = "; ".join(f"{d.sop_instance_uid or '?'}: {d.reason}" for d in findings.dropped[:5])
         more = f" (and {len(findings.dropped) - 5} more)" if len(findings.dropped) > 5 else ""
-        parts.append(f"{len(findings.dropped)} image(s) left out: {shown}{more}.")
+        parts.append(f"{_count(len(findings.dropped), 'image')} left out: {shown}{more}.")
     parts.extend(n if n.endswith(".") else f"{n}." for n in findings.notes)
     return "".join(f" {p}" for p in parts)
 
