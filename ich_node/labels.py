@@ -17,6 +17,18 @@ LABELS: Final[tuple[str, ...]] = (
     "subdural",
 )
 
+#: What people read for each label wherever a coded value is shown with text (the
+#: HL7 alert's OBX-3 text): the label itself, even where the code's own meaning says
+#: otherwise (intraparenchymal is SNOMED CT 274100004, meaning "Cerebral hemorrhage").
+LABEL_NAMES: Final[dict[str, str]] = {
+    "any": "Intracranial hemorrhage",
+    "epidural": "Epidural hemorrhage",
+    "intraparenchymal": "Intraparenchymal hemorrhage",
+    "intraventricular": "Intraventricular hemorrhage",
+    "subarachnoid": "Subarachnoid hemorrhage",
+    "subdural": "Subdural hemorrhage",
+}
+
 #: The five hemorrhage subtypes (every label except ``any``).
 SUBTYPES: Final[tuple[str, ...]] = LABELS[1:]
 

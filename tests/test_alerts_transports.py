@@ -27,8 +27,9 @@ from ich_node.delivery.alerts import (
     key_image_png,
     make_alert,
 )
-from ich_node.labels import LABELS
+from ich_node.labels import LABEL_NAMES, LABELS
 from ich_node.results.findings import LabelFinding, ModelInfo, SeriesFindings, SliceFinding
+from ich_node.results.sr import FINDING_CODES
 from tests.alert_servers import CertAuthority, MLLPServer, SMTPServer, WebhookServer, make_ca
 
 PATIENT_NAME = "Doe^Jane"
@@ -143,6 +144,17 @@ def test_oru_content_parsed_back() -> None:
     assert str(sdh(3)(1)(3)) == "SCT" and float(str(sdh(5))) == pytest.approx(0.91)
     assert str(sdh(8)) == "A" and str(sdh(11)) == "F"
     assert str(by_code["EDH"](8)) == "N"
+    # The text people read names the project's label (as the SR summary and the
+    # tables do), while the code stays SNOMED CT's: 274100004 means "Cerebral hemorrhage".
+    for o in obx[1:]:
+        code, text, scheme = (str(o(3)(1)(k)) for k in (1, 2, 3))
+        label = next(f.label for f in _alert(target).findings if f.code_value == code)
+        assert (code, scheme) == (
+            FINDING_CODES[label].value,
+            FINDING_CODES[label].scheme_designator,
+        )
+        assert text == LABEL_NAMES[label] and (label == "any" or label in text.lower())
+    assert str(by_code["274100004"](3)(1)(2)) == "Intraparenchymal hemorrhage"
     nte = str(again.segment("NTE")(3))
     assert "not a diagnosis" in nte and "ich-test 1.0.0" in nte
 

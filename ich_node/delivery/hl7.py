@@ -14,7 +14,10 @@ hand. Segments (HL7 v2.5.1 ch. 7, ORU_R01):
 - ``NTE`` the notice ("AI result for triage support, not a diagnosis") with model
   name and version;
 - ``OBX`` the Study Instance UID, then one per label, coded as in the SR (SNOMED CT
-  where certain), value type NM, the probability, abnormal flag A when positive.
+  where certain), with the label's name as the text people read (OBX-3.2,
+  :data:`ich_node.labels.LABEL_NAMES`: "Intraparenchymal hemorrhage" for SNOMED CT
+  274100004, whose meaning is "Cerebral hemorrhage"), value type NM, the probability,
+  abnormal flag A when positive.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from hl7.mllp import open_hl7_connection
 
 from ich_node.config import HL7Target
 from ich_node.delivery.alerts import Alert, AlertFailed
+from ich_node.labels import LABEL_NAMES
 
 #: DICOM code for the Study Instance UID observation (PS3.16 CID 7010 / IHE RAD-28).
 STUDY_UID_CODE: Final = ("110180", "Study Instance UID", "DCM")
@@ -134,7 +138,9 @@ def build_oru(alert: Alert, target: HL7Target) -> hl7.Message:
                 "OBX",
                 str(i),
                 "NM",
-                _field(f.code_value, f.meaning, f.coding_scheme),
+                # CWE: code, the text a RIS shows (the label, as in the SR's summary
+                # and the tables), coding system.
+                _field(f.code_value, LABEL_NAMES.get(f.label, f.meaning), f.coding_scheme),
                 "",
                 f"{f.probability:.4f}",
                 _field("{probability}", "probability", "UCUM"),
