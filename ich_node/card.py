@@ -22,7 +22,21 @@ DEMO_NOTICE: Final = "DEMO model trained on synthetic phantoms - not for clinica
 
 
 class BundleError(ValueError):
-    """A bundle that cannot be served: missing, tampered, or inconsistent."""
+    """A bundle that cannot be served: missing, tampered, inconsistent or unreadable.
+
+    Parameters
+    ----------
+    message : str
+        What is wrong, naming the file.
+    advice : str, optional
+        What to do about this kind of failure (e.g. file permissions for a bundle
+        the node's user may not read); None: get a bundle
+        (:data:`ich_node.model.bundle.BUNDLE_HELP`, see ``bundle_help``).
+    """
+
+    def __init__(self, message: str, *, advice: str | None = None) -> None:
+        super().__init__(message)
+        self.advice = advice
 
 
 @dataclass(frozen=True, slots=True)

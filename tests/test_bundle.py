@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -172,3 +176,62 @@ def test_checking_a_bundle_imports_no_torch(tmp_path: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def _without_root_overrides() -> list[str]:
+    """A command prefix under which file permissions apply, root or not.
+
+    Root reads any file (CAP_DAC_OVERRIDE); dropping that capability and
+    CAP_DAC_READ_SEARCH from the bounding set (util-linux ``setpriv``) makes the
+    owner's mode bits count again, as for the unprivileged user a node runs as.
+    """
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: file permissions do not apply")
+    return [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--"]
+
+
+@pytest.mark.parametrize("locked", ["file", "folder"])
+def test_a_bundle_the_user_may_not_read_says_permission_not_train(
+    tiny_bundle: Path, tmp_path: Path, locked: str
+) -> None:
+    """EACCES on the file, or on a folder above it: a permission message, no traceback."""
+    bundle = tmp_path / "models" / "model.safetensors"
+    bundle.parent.mkdir()
+    shutil.copyfile(tiny_bundle, bundle)
+    config = tmp_path / "node.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "callers": [{"ae_title": "CT1"}],
+                "destinations": [
+                    {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 11112}
+                ],
+                "model": {"bundle": str(bundle)},
+                "storage": {"dir": str(tmp_path / "storage")},
+            }
+        )
+    )
+    locked_path = bundle if locked == "file" else bundle.parent
+    mode = locked_path.stat().st_mode
+    locked_path.chmod(0)
+    try:
+        for argv in (["bundle-info", str(bundle)], ["check-config", str(config)]):
+            run = subprocess.run(
+                [*_without_root_overrides(), sys.executable, "-m", "ich_node.cli", *argv],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=120,
+            )
+            assert run.returncode == 2, run.stderr
+            assert f"{bundle}: permission denied" in run.stderr, run.stderr
+            assert "let the user the node runs as read the file" in run.stderr
+            assert "Traceback" not in run.stderr
+            assert "Train one" not in run.stderr and "make demo" not in run.stderr
+    finally:
+        locked_path.chmod(mode)
+    # Readable again: the same file verifies, so the message was about access only.
+    assert main(["bundle-info", str(bundle)]) == 0

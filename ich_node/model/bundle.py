@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pwd
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,6 +49,37 @@ BUNDLE_HELP: Final = (
     "docs/training.md, section 4 'Deploying the bundle to the node'), or run `make demo` "
     "for a DEMO bundle (demo/model/model.safetensors, not for clinical use)."
 )
+#: What to do when the file is there but this process may not read it.
+ACCESS_HELP: Final = (
+    "The bundle itself may be fine: let the user the node runs as read the file and "
+    "enter every folder above it (e.g. `chmod a+r FILE` and `chmod a+x` on the folders, "
+    "or give them the node's group), then run check-config again."
+)
+
+
+def bundle_help(exc: BundleError) -> str:
+    """The advice that fits ``exc``: its own (e.g. file access), else how to get a bundle."""
+    return exc.advice or BUNDLE_HELP
+
+
+def _unreadable(path: Path, exc: OSError) -> BundleError:
+    """The BundleError of an OSError met while reading ``path``, by kind."""
+    if isinstance(exc, PermissionError):
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:  # a uid without a passwd entry (containers)
+            user = f"uid {os.geteuid()}"
+        return BundleError(
+            f"{path}: permission denied: user {user} may not read the file or enter a "
+            "folder above it",
+            advice=ACCESS_HELP,
+        )
+    return BundleError(
+        f"{path}: cannot be read ({exc.strerror or type(exc).__name__})",
+        advice="The file system reported an error: check the disk, or copy the bundle again.",
+    )
+
+
 #: safetensors dtype codes and the torch dtype names the checksum uses.
 _DTYPE_NAMES: Final = {
     "BOOL": "torch.bool",
@@ -152,9 +185,13 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int, int]:
     The format (https://huggingface.co/docs/safetensors): an unsigned 64-bit
     little-endian header length N, N bytes of JSON, then the tensors' bytes.
     """
-    if not path.exists():
+    try:
+        exists, is_file = path.exists(), path.is_file()  # EACCES on a folder raises
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    if not exists:
         raise BundleError(f"{path}: no such model bundle (no such file)")
-    if not path.is_file():
+    if not is_file:
         raise BundleError(f"{path}: not a file")
     try:
         size = path.stat().st_size
@@ -170,7 +207,7 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int, int]:
                 )
             raw = fh.read(n)
     except OSError as exc:
-        raise BundleError(f"{path}: cannot be read ({exc.strerror})") from None
+        raise _unreadable(path, exc) from None
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -294,7 +331,7 @@ def check_bundle(path: Path) -> ModelCard:
                     digest.update(chunk)
                     remaining -= len(chunk)
     except OSError as exc:
-        raise BundleError(f"{path}: cannot be read ({exc.strerror})") from None
+        raise _unreadable(path, exc) from None
     actual = digest.hexdigest()
     if actual != card.sha256:
         raise BundleError(
@@ -314,13 +351,14 @@ def load_bundle(path: Path) -> Bundle:
         from the card (tampered or corrupted), or the weights do not fit the
         card's architecture and labels.
     """
+    path = Path(path)
+    card = check_bundle(path)  # first: a file that fails costs no torch import
+
     from safetensors import safe_open
 
     from ich_node.imaging.preprocess import context_channels
     from ich_node.model.networks import ICHClassifier, SequenceStage
 
-    path = Path(path)
-    card = check_bundle(path)
     try:
         state: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt") as handle:

@@ -87,13 +87,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         described = "(not set: serve needs model.bundle)"
         if bundle is not None:
             # The whole check serve's worker does: header, checksum, architecture.
-            from ich_node.model.bundle import BUNDLE_HELP, BundleError, load_bundle
+            from ich_node.model.bundle import BundleError, bundle_help, load_bundle
 
             try:
                 card = load_bundle(bundle).card
             except BundleError as exc:
                 print(f"ich-node: {args.path}: model.bundle: {exc}", file=sys.stderr)
-                print(f"  {BUNDLE_HELP}", file=sys.stderr)
+                print(f"  {bundle_help(exc)}", file=sys.stderr)
                 return EXIT_USAGE
             described = f"{bundle}: {card.display_name}, {card.arch}, verified"
     for_role = "" if role == "all" else f" for --role {role}"
@@ -287,12 +287,13 @@ def _say(message: str) -> None:
 
 def cmd_bundle_info(args: argparse.Namespace) -> int:
     """Print a bundle's model card after verifying the weights."""
-    from ich_node.model.bundle import BundleError, load_bundle
+    from ich_node.model.bundle import BundleError, bundle_help, load_bundle
 
     try:
         bundle = load_bundle(args.bundle)
     except BundleError as exc:
         print(f"ich-node: {exc}", file=sys.stderr)
+        print(f"  {bundle_help(exc)}", file=sys.stderr)
         return EXIT_USAGE
     print(json.dumps(json.loads(bundle.card.to_json()), indent=2))
     return EXIT_OK

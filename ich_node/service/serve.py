@@ -41,7 +41,7 @@ from ich_node.ingest.listener import start_listener
 from ich_node.ingest.refusals import write_refusals
 from ich_node.ingest.spool import Spool
 from ich_node.metrics import Metrics
-from ich_node.model.bundle import BUNDLE_HELP, BundleError, check_bundle
+from ich_node.model.bundle import BUNDLE_HELP, BundleError, bundle_help, check_bundle
 from ich_node.queue.backend import assembly_turn, is_shared, job_queue, open_store
 from ich_node.queue.interface import HEARTBEAT_STALE_SECONDS, StoreUnusable
 from ich_node.queue.jobs import JobQueue
@@ -419,7 +419,7 @@ def _check_bundle(config: NodeConfig) -> bool:
             key="model.bundle",
             path=str(path),
             error=str(exc),
-            help=BUNDLE_HELP,
+            help=bundle_help(exc),
         )
         return False
     if card.demo:

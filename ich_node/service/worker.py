@@ -336,13 +336,17 @@ def _process_entry(config: NodeConfig, name: str, parent: int | None = None) -> 
     any other exception is one log line and exit code 1, never a traceback on
     stderr (the supervisor logs each death and bounds the restarts).
     """
-    from ich_node.model.bundle import BUNDLE_HELP, BundleError
+    from ich_node.model.bundle import BundleError, bundle_help
 
     try:
         code = worker_main(config, name, parent=parent)
     except BundleError as exc:
         log.error(
-            "worker.bad_bundle", worker=name, key="model.bundle", error=str(exc), help=BUNDLE_HELP
+            "worker.bad_bundle",
+            worker=name,
+            key="model.bundle",
+            error=str(exc),
+            help=bundle_help(exc),
         )
         code = 2
     except Exception as exc:
