@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -248,8 +249,13 @@ class HL7Target(_Target):
     port: Port
     sending_application: HL7Name = "ICH_NODE"
     sending_facility: HL7Name = "ICH_NODE"
-    receiving_application: HL7Name
-    receiving_facility: HL7Name
+    # Required: the RIS's own names for itself, which it checks on every message.
+    receiving_application: Annotated[
+        HL7Name, Field(description="MSH-5: the receiving application, as the RIS names it")
+    ]
+    receiving_facility: Annotated[
+        HL7Name, Field(description="MSH-6: the receiving facility, as the RIS names it")
+    ]
     # ORC-7/OBR-27 priority of a positive result (HL7 table 0027: S = STAT, A = ASAP).
     priority_positive: Literal["S", "A", "R", "P", "C", "T"] = "S"
 
@@ -473,17 +479,111 @@ class NodeConfig(_Section):
         return value
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _strip(annotation: Any) -> Any:
+    """``Annotated[X, ...]`` -> ``X``; ``X | None`` -> ``X``."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return _strip(args[0])
+    return annotation
+
+
+def _models_of(annotation: Any) -> list[type[BaseModel]]:
+    """The section classes an annotation allows (several for a union of kinds)."""
+    annotation = _strip(annotation)
+    if get_origin(annotation) in (Union, UnionType):
+        return [m for a in get_args(annotation) for m in _models_of(a)]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return []
+
+
+def _kind(model: type[BaseModel]) -> str:
+    """The ``kind`` value of one class of a discriminated union (``Literal["hl7"]``)."""
+    return str(get_args(_strip(model.model_fields["kind"].annotation))[0])
+
+
+def _key(model: type[BaseModel], name: str) -> str:
+    field = model.model_fields[name]
+    return field.alias or name
+
+
+def _entry_form(item: Any) -> str:
+    """How one entry of a list is written, from its section class(es): 'a mapping of ...'."""
+    models = _models_of(item)
+    if not models:
+        return "a single value"
+    if len(models) > 1:  # told apart by `kind`
+        kinds = [_kind(m) for m in models]
+        return f"a mapping of name, kind ({', '.join(kinds)}) and that kind's keys"
+    model = models[0]
+    required = [_key(model, n) for n, f in model.model_fields.items() if f.is_required()]
+    optional = [_key(model, n) for n, f in model.model_fields.items() if not f.is_required()]
+    form = f"a mapping of {', '.join(required)} (required)"
+    return form + (f" and {', '.join(optional)} (optional)" if optional else "")
+
+
+def _item(annotation: Any) -> Any:
+    """The entry type of a ``tuple[X, ...]`` annotation (None for anything else)."""
+    stripped = _strip(annotation)
+    return get_args(stripped)[0] if get_origin(stripped) is tuple else None
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[str, Any]:
+    """The key path as written in YAML and the annotation found at ``loc``.
+
+    A discriminated union puts the kind in the location (``notifications.0.hl7.x``);
+    it is shown as ``notifications[0] (kind: hl7).x``.
+    """
     path = ""
-    for part in error["loc"]:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    path = path or "(top level)"
-    message = error["msg"]
-    if error["type"] == "extra_forbidden":
+    annotation: Any = NodeConfig
+    for part in loc:
+        annotation = _strip(annotation) if annotation is not None else None
+        if isinstance(part, int):
+            path += f"[{part}]"
+            args = get_args(annotation) if get_origin(annotation) is tuple else ()
+            annotation = args[0] if args else None
+            continue
+        models = _models_of(annotation) if annotation is not None else []
+        if len(models) > 1:  # the kind of a union entry
+            path += f" (kind: {part})"
+            annotation = next((m for m in models if _kind(m) == part), None)
+            continue
+        path += f".{part}" if path else str(part)
+        model = models[0] if models else None
+        fields = model.model_fields if model is not None else {}
+        name = next((n for n, f in fields.items() if n == part or f.alias == part), None)
+        annotation = fields[name].annotation if name is not None else None
+    return path or "(top level)", annotation
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One line per validation error: the key path as written, what is wrong, the value."""
+    loc = tuple(error["loc"])
+    path, annotation = _walk(loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
         return f"{path}: unknown key (value {error['input']!r}); see config/node.yaml for the keys"
-    if error["type"] == "missing":
-        return f"{path}: required key is missing"
-    return f"{path}: {message} (got {error['input']!r})"
+    if kind == "missing":
+        models = _models_of(_walk(loc[:-1])[1])
+        field = models[0].model_fields.get(str(loc[-1])) if len(models) == 1 else None
+        why = f" ({field.description})" if field is not None and field.description else ""
+        return f"{path}: required key is missing{why}"
+    if kind == "tuple_type":  # one value or a mapping where a list belongs
+        form = _entry_form(_item(annotation))
+        got = error["input"]
+        return f"{path}: must be a list, one `- ` line per entry, each {form}; got {got!r}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        if loc and isinstance(loc[-1], int):  # an entry of a list
+            form = _entry_form(_item(_walk(loc[:-1])[1]))
+            return f"{path}: each entry must be {form}; got {error['input']!r}"
+        return (
+            f"{path}: must be a section (a mapping of its keys, config/node.yaml); "
+            f"got {error['input']!r}"
+        )
+    return f"{path}: {error['msg']} (got {error['input']!r})"
 
 
 def parse_config(data: Any, *, source: str = "<config>") -> NodeConfig:

@@ -55,15 +55,18 @@ def test_labels_as_one_word_or_a_list() -> None:
     ("target", "expected"),
     [
         ({**HL7, "kind": "fax"}, "notifications[0]: Input tag 'fax'"),
-        ({**HL7, "prio": "S"}, "notifications[0].hl7.prio: unknown key"),
-        ({**HL7, "priority_positive": "X"}, "notifications[0].hl7.priority_positive"),
-        ({**HL7, "port": 0}, "notifications[0].hl7.port"),
-        ({**HL7, "receiving_facility": "A|B"}, "notifications[0].hl7.receiving_facility"),
-        ({**WEBHOOK, "url": "http://gw.example/h"}, "notifications[0].webhook.url"),
-        ({**WEBHOOK, "when": "sometimes"}, "notifications[0].webhook.when"),
-        ({**EMAIL, "labels": ["bleed"]}, "notifications[0].email.labels[0]"),
-        ({**EMAIL, "to": []}, "notifications[0].email.to"),
-        ({k: v for k, v in EMAIL.items() if k != "from"}, "notifications[0].email.from: required"),
+        ({**HL7, "prio": "S"}, "notifications[0] (kind: hl7).prio: unknown key"),
+        ({**HL7, "priority_positive": "X"}, "notifications[0] (kind: hl7).priority_positive"),
+        ({**HL7, "port": 0}, "notifications[0] (kind: hl7).port"),
+        ({**HL7, "receiving_facility": "A|B"}, "notifications[0] (kind: hl7).receiving_facility"),
+        ({**WEBHOOK, "url": "http://gw.example/h"}, "notifications[0] (kind: webhook).url"),
+        ({**WEBHOOK, "when": "sometimes"}, "notifications[0] (kind: webhook).when"),
+        ({**EMAIL, "labels": ["bleed"]}, "notifications[0] (kind: email).labels[0]"),
+        ({**EMAIL, "to": []}, "notifications[0] (kind: email).to"),
+        (
+            {k: v for k, v in EMAIL.items() if k != "from"},
+            "notifications[0] (kind: email).from: required",
+        ),
     ],
 )
 def test_bad_targets_name_the_key_and_the_value(target: dict[str, object], expected: str) -> None:
@@ -134,7 +137,7 @@ def test_email_login_without_starttls_is_refused(tmp_path: Path) -> None:
         parse_config({"notifications": [HL7, plain]}, source="node.yaml")
     message = str(info.value)
     assert message.startswith("node.yaml:")
-    assert "notifications[1].email" in message and "'mail'" in message
+    assert "notifications[1] (kind: email)" in message and "'mail'" in message
     assert "starttls: false" in message and "credentials_file" in message
     assert "unencrypted" in message
     # Either key alone stays valid: a relay without login, or a login over STARTTLS.

@@ -92,6 +92,17 @@ def test_loading_gives_typed_frozen_objects(tmp_path: Path) -> None:
         ({"model": {"batch_size": 0}}, "model.batch_size: Input should be greater than or equal to 1 (got 0)"),
         ({"destinations": [{"name": "a", "ae_title": "A", "host": "h", "port": 1}] * 2}, "destination name 'a' is used more than once"),
         ([1, 2], "the top level must be a mapping"),
+        # A list written as one value or as a mapping: what a list entry looks like.
+        ({"callers": "CT1"}, "callers: must be a list, one `- ` line per entry, each a mapping of ae_title (required) and host (optional); got 'CT1'"),
+        ({"callers": {"ae_title": "CT1"}}, "callers: must be a list, one `- ` line per entry, each a mapping of ae_title"),
+        ({"callers": ["CT1"]}, "callers[0]: each entry must be a mapping of ae_title (required) and host (optional); got 'CT1'"),
+        ({"destinations": {"name": "pacs"}}, "destinations: must be a list, one `- ` line per entry, each a mapping of name, ae_title, host, port (required) and tls (optional)"),
+        ({"series": {"modalities": "CT"}}, "series.modalities: must be a list, one `- ` line per entry, each a single value; got 'CT'"),
+        ({"notifications": "ris"}, "notifications: must be a list, one `- ` line per entry, each a mapping of name, kind (hl7, webhook, email) and that kind's keys"),
+        ({"node": "ICH"}, "node: must be a section (a mapping of its keys, config/node.yaml); got 'ICH'"),
+        # HL7 targets: the receiving names are required, and the message says what they are.
+        ({"notifications": [{"kind": "hl7", "name": "ris", "host": "h", "port": 2575}]}, "notifications[0] (kind: hl7).receiving_application: required key is missing (MSH-5: the receiving application, as the RIS names it)"),
+        ({"notifications": [{"kind": "hl7", "name": "ris", "host": "h", "port": 2575, "receiving_application": "RIS"}]}, "notifications[0] (kind: hl7).receiving_facility: required key is missing (MSH-6"),
     ],
 )  # fmt: skip
 def test_bad_values_name_the_key_and_the_value(data: object, expected: str) -> None:
