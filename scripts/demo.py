@@ -19,7 +19,6 @@ demo model is trained on synthetic phantoms and every output it produces says so
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
@@ -58,7 +57,9 @@ def _shown(arg: str) -> str:
 def run(*args: str) -> None:
     # Echoed as run, interpreter included: the line works when pasted in the repository.
     print("$", shlex.join(_shown(a) for a in args), flush=True)
-    subprocess.run(args, check=True, cwd=REPO)
+    # Unbuffered: each epoch's line and the estimate show as they come, also through a pipe.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run(args, check=True, cwd=REPO, env=env)
 
 
 def ich_train(*args: str) -> None:
@@ -91,16 +92,18 @@ def truth_by_series(folder: Path) -> dict[str, dict[str, int]]:
 
 
 def report() -> int:
-    from ich_node.service.cli import short_uid
+    from ich_node.service.cli import short_uid, table_order
 
     truth = truth_by_series(HOLDOUT)
     rows = []
     thresholds: dict[str, float] = {}
     correct = total = 0
-    for uid, labels in truth.items():
+    # predict's order (the whole UID), with the same shortened UIDs.
+    for uid in sorted(truth, key=table_order):
+        labels = truth[uid]
         path = RESULTS / uid / "findings.json"
         if not path.is_file():
-            rows.append((uid, "missing", "", ""))
+            rows.append((short_uid(uid), "missing", "", ""))
             continue
         findings = json.loads(path.read_text())
         predicted = {label for label in LABELS if findings["series"][label]["positive"]}
@@ -117,7 +120,6 @@ def report() -> int:
                 f"{p_any:.2f}",
             )
         )
-    rows.sort(key=lambda row: row[0])  # the order and short UIDs of predict's table
     print()
     print("Held-back phantom studies: truth against the demo model")
     header = ("series", "truth (subtypes)", "predicted (subtypes)", "p(any)")
@@ -282,12 +284,8 @@ class OrthancPacs:
     def where(self, study_uid: str) -> str:
         study = self.server.study_id(study_uid)
         lines = [f"  Orthanc Explorer: {self.server.url}/app/explorer.html#study?uuid={study}"]
-        if self.viewer:
-            for series in self._series(study_uid, "OT") + self._series(study_uid, "SC"):
-                lines.append(
-                    f"  heatmaps in the web viewer: {self.server.url}"
-                    f"/web-viewer/app/viewer.html?series={series['ID']}"
-                )
+        heatmaps = self._series(study_uid, "OT") + self._series(study_uid, "SC")
+        lines += viewer_lines(self.server.url, [s["ID"] for s in heatmaps], self.viewer)
         return "\n".join(lines)
 
     def stop(self) -> None:
@@ -296,6 +294,24 @@ class OrthancPacs:
         print(
             f"\nOrthanc keeps running at {self.server.url} (pid {pid}); `make demo-stop` stops it."
         )
+
+
+#: Why a demo with Orthanc prints no web-viewer links.
+NO_VIEWER = (
+    "  (no web-viewer links: Orthanc's web viewer plugin is not installed; "
+    "`apt-get install orthanc-webviewer` adds it. Orthanc Explorer above shows the "
+    "heatmap images too.)"
+)
+
+
+def viewer_lines(url: str, series_ids: list[str], viewer: bool) -> list[str]:
+    """One web-viewer link per heatmap series, or the line that says why there are none."""
+    if not viewer:
+        return [NO_VIEWER]
+    return [
+        f"  heatmaps in the web viewer: {url}/web-viewer/app/viewer.html?series={sid}"
+        for sid in series_ids
+    ]
 
 
 def _port_free(port: int) -> bool:
@@ -344,16 +360,9 @@ def start_console(config: Path, folder: Path) -> tuple[str, str]:
     return f"http://{host}:{port}/", password
 
 
-def stop_console() -> None:
-    """Stop the console an earlier demo left running (``make demo-stop``)."""
-    pid_file = DEMO / "web.pid"
-    if not pid_file.is_file():
-        return
-    pid = int(pid_file.read_text())
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-        print(f"stopped the demo's web console (pid {pid})")
-    pid_file.unlink()
+def stop_console() -> str:
+    """Stop the console an earlier demo left running; see :func:`_stop_recorded`."""
+    return _stop_recorded(DEMO / "web.pid", "web console")
 
 
 def _orthanc_installed() -> bool:
@@ -373,6 +382,8 @@ def network_demo(bundle: Path) -> int:
     if _orthanc_installed():
         print("\nOrthanc is installed: it is the demo PACS (the shipped rule routes head CTs).")
         pacs = OrthancPacs(net / "orthanc", node_port)
+        if not pacs.viewer:
+            print(NO_VIEWER.strip())
         caller = OrthancPacs.ae_title
     else:
         print("\nOrthanc is not installed: a built-in receiver plays the PACS "
@@ -537,16 +548,35 @@ def _print_alerts(ris: object, sr_at: dict[str, float | None]) -> None:
     print()
 
 
-def stop_orthanc() -> None:
-    """Stop the Orthanc an earlier demo left running (``make demo-stop``)."""
-    pid_file = DEMO / "orthanc.pid"
+def _stop_recorded(pid_file: Path, what: str) -> str:
+    """SIGTERM the process an earlier demo recorded in ``pid_file``.
+
+    Returns ``"stopped"``, ``"gone"`` (the file named a process that had already
+    ended) or ``"none"`` (no file); prints a line only for what it stopped.
+    """
     if not pid_file.is_file():
-        return
+        return "none"
     pid = int(pid_file.read_text())
-    with contextlib.suppress(ProcessLookupError):
+    try:
         os.kill(pid, signal.SIGTERM)
-        print(f"stopped the demo's Orthanc (pid {pid})")
+        print(f"stopped the demo's {what} (pid {pid})")
+        outcome = "stopped"
+    except ProcessLookupError:
+        outcome = "gone"
     pid_file.unlink()
+    return outcome
+
+
+def stop_orthanc() -> str:
+    """Stop the Orthanc an earlier demo left running; see :func:`_stop_recorded`."""
+    return _stop_recorded(DEMO / "orthanc.pid", "Orthanc")
+
+
+def demo_stop() -> None:
+    """``make demo-stop``: stop what the demo left running, or say nothing was."""
+    outcomes = (stop_orthanc(), stop_console())
+    if "stopped" not in outcomes:
+        print("no Orthanc or web console of an earlier demo is running: nothing to stop")
 
 
 def _sr_summary(sr: pydicom.Dataset) -> list[str]:
@@ -565,10 +595,31 @@ def _sr_summary(sr: pydicom.Dataset) -> list[str]:
     return found
 
 
+def training_notice(preset: Path, load: float) -> str:
+    """What to expect before the demo trains: epochs, the idle pace, the present load.
+
+    The idle figure is the preset's own (measured on 2 idle cores, docs/training.md);
+    ``ich-train fit`` prints an estimate for this machine after the first epoch.
+    """
+    import yaml
+
+    epochs = int(yaml.safe_load(preset.read_text())["epochs"])
+    cores = os.cpu_count() or 1
+    busy = (
+        f"; the load is {load:.1f} on {cores} cores now, so expect it to take longer"
+        if load > cores
+        else ""
+    )
+    return (
+        f"Training the demo model: {epochs} epochs, about 14 s each on 2 idle cores "
+        f"(about {epochs * 14 / 60:.0f} min){busy}. After the first epoch, training prints "
+        "an estimate for this machine."
+    )
+
+
 def main() -> int:
     if sys.argv[1:] == ["stop"]:
-        stop_orthanc()
-        stop_console()
+        demo_stop()
         return 0
     start = time.monotonic()
     DEMO.mkdir(exist_ok=True)
@@ -578,6 +629,7 @@ def main() -> int:
         ich_train("phantom", "--out", str(HOLDOUT), "--studies", "8", "--seed", "2")
     bundle = MODEL / "model.safetensors"
     if not bundle_ok(bundle):
+        print(training_notice(REPO / "config" / "train_demo.yaml", os.getloadavg()[0]))
         ich_train(
             "fit",
             "--config", str(REPO / "config" / "train_demo.yaml"),

@@ -107,6 +107,11 @@ def test_orthanc_pacs_sees_the_sr_arrive(demo: ModuleType, tmp_path: Path) -> No
         first = pacs.sr_arrival(study)
         assert first is not None
         assert pacs.sr_arrival(study) == first  # the first sighting is kept
+        # Without the web viewer plugin, the study's lines say why there are no links.
+        pacs.viewer = False
+        where = pacs.where(study)
+        assert "Orthanc Explorer" in where and "orthanc-webviewer" in where
+        assert "/web-viewer/" not in where
     finally:
         pacs.server.stop()  # not pacs.stop(): that leaves the demo's Orthanc running
 
@@ -148,3 +153,100 @@ def test_the_demo_starts_the_web_console_and_prints_how_to_log_in(
     while not demo._port_free(port) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert demo._port_free(port), "the console did not stop"
+
+
+def _series_column(text: str, header: str) -> list[str]:
+    """The first column of the table whose header line starts with ``header``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 1 :]:
+        first = line.split()[0] if line.strip() else ""
+        if first == "threshold":
+            continue
+        if not (first.startswith("...") or first[:1].isdigit()):  # a UID, whole or cut
+            break
+        rows.append(first)
+    return rows
+
+
+def test_truth_table_lists_series_in_predicts_order(
+    demo: ModuleType,
+    tiny_bundle: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The demo's truth table and ``predict``'s table: one order, the same short UIDs."""
+    import csv
+
+    from ich_node.service.cli import main, short_uid
+    from training.phantom import write_dataset
+
+    holdout = tmp_path / "holdout"
+    write_dataset(holdout, 4, seed=2, n_slices=3, matrix=64)
+    with open(holdout / "phantom_truth.csv", newline="") as handle:
+        uids = [row["series_instance_uid"] for row in csv.DictReader(handle)]
+    # These UIDs sort differently by their shortened form than whole: the old fault.
+    assert sorted(uids) != sorted(uids, key=short_uid)
+    results = tmp_path / "results"
+    argv = ["predict", "--bundle", str(tiny_bundle), "--out", str(results), str(holdout / "images")]
+    assert main([*argv, "--no-dicom"]) == 0
+    predicted = _series_column(capsys.readouterr().out, "series ")
+    monkeypatch.setattr(demo, "HOLDOUT", holdout)
+    monkeypatch.setattr(demo, "RESULTS", results)
+    assert demo.report() == 0
+    truth = _series_column(capsys.readouterr().out, "series ")
+    assert predicted == truth == [short_uid(u) for u in sorted(uids)]
+
+
+def test_web_viewer_links_or_why_there_are_none(demo: ModuleType) -> None:
+    url = "http://127.0.0.1:8042"
+    assert demo.viewer_lines(url, ["abc", "def"], True) == [
+        f"  heatmaps in the web viewer: {url}/web-viewer/app/viewer.html?series=abc",
+        f"  heatmaps in the web viewer: {url}/web-viewer/app/viewer.html?series=def",
+    ]
+    (why,) = demo.viewer_lines(url, ["abc"], False)
+    assert "no web-viewer links" in why and "apt-get install orthanc-webviewer" in why
+
+
+def test_demo_stop_says_when_nothing_was_running(
+    demo: ModuleType,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import subprocess
+
+    monkeypatch.setattr(demo, "DEMO", tmp_path)
+    # A running "Orthanc" (a sleeping child of this test): stopped, pid file gone.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    (tmp_path / "orthanc.pid").write_text(f"{child.pid}\n")
+    demo.demo_stop()
+    assert child.wait(timeout=30) != 0
+    assert capsys.readouterr().out == f"stopped the demo's Orthanc (pid {child.pid})\n"
+    assert not (tmp_path / "orthanc.pid").exists()
+    # A second `make demo-stop`: says there was nothing to stop.
+    nothing = "no Orthanc or web console of an earlier demo is running: nothing to stop\n"
+    demo.demo_stop()
+    assert capsys.readouterr().out == nothing
+    # Pid files left by processes that ended on their own: nothing to stop either.
+    for name in ("orthanc.pid", "web.pid"):
+        (tmp_path / name).write_text(f"{child.pid}\n")
+    demo.demo_stop()
+    assert capsys.readouterr().out == nothing
+    assert not (tmp_path / "orthanc.pid").exists() and not (tmp_path / "web.pid").exists()
+    # The demo's own clean-up at its start stays quiet.
+    assert demo.stop_orthanc() == "none" and demo.stop_console() == "none"
+    assert capsys.readouterr().out == ""
+
+
+def test_training_notice_before_the_demo_trains(demo: ModuleType) -> None:
+    import os
+
+    preset = REPO / "config" / "train_demo.yaml"
+    quiet = demo.training_notice(preset, 0.1)
+    assert quiet.startswith("Training the demo model: 12 epochs, about 14 s each on 2 idle cores")
+    assert "estimate for this machine" in quiet and "load" not in quiet
+    busy = demo.training_notice(preset, 10.0 * (os.cpu_count() or 1))
+    assert "expect it to take longer" in busy

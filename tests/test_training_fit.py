@@ -112,7 +112,12 @@ def test_fit_learns_phantom_hemorrhage(phantom_data: Path, tmp_path: Path) -> No
 
 
 def test_resume_continues_where_it_stopped(phantom_data: Path, tmp_path: Path) -> None:
-    full = fit(_settings(phantom_data, tmp_path / "full"), say=lambda _m: None)
+    said: list[str] = []
+    full = fit(_settings(phantom_data, tmp_path / "full"), say=said.append)
+    # After the first of the two epochs: an estimate of the rest, from its time.
+    first = next(i for i, m in enumerate(said) if m.startswith("epoch 1/2"))
+    assert said[first + 1].startswith("estimate: the remaining 1 epoch take at most about ")
+    assert not any(m.startswith("estimate:") for m in said[first + 2 :])
     part = fit(_settings(phantom_data, tmp_path / "part", stop_after_epochs=1), say=lambda _m: None)
     assert part.bundle_path is None
     assert torch.load(part.checkpoint_path, weights_only=True)["epoch"] == 1
@@ -226,3 +231,11 @@ def test_cli_fit_then_evaluate(phantom_data: Path, tmp_path: Path, capsys) -> No
     md = report_path.with_suffix(".md").read_text()
     assert "| f1 | macro |" in md and "published ResNeXt-101" in md
     assert np.isfinite(report["images"]["accuracy"])
+
+
+def test_remaining_estimate_wording() -> None:
+    from training.train import remaining_estimate
+
+    assert "the remaining 11 epochs take at most about 3 min " in remaining_estimate(14.0, 11)
+    assert "the remaining 1 epoch take at most about 40 s " in remaining_estimate(40.0, 1)
+    assert "about 51 min" in remaining_estimate(279.0, 11)

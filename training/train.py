@@ -357,6 +357,30 @@ def _save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, epoch: 
     tmp.replace(path)
 
 
+def remaining_estimate(first_epoch_s: float, remaining: int) -> str:
+    """What the rest of a run will take, from the first epoch of this call.
+
+    The first epoch also fills the slice cache (``preprocess_cache``) and warms
+    up, so the later ones are usually shorter: the estimate is an upper bound at
+    the machine's present load.
+
+    Parameters
+    ----------
+    first_epoch_s : float
+        Seconds the first epoch took, validation included.
+    remaining : int
+        Epochs still to run (>= 1).
+    """
+    total = first_epoch_s * remaining
+    shown = f"{total:.0f} s" if total < 90 else f"{total / 60:.0f} min"
+    noun = "epoch" if remaining == 1 else "epochs"
+    return (
+        f"estimate: the remaining {remaining} {noun} take at most about {shown} at this "
+        "pace (the first epoch also filled the slice cache; later ones are usually shorter, "
+        "unless the machine gets busier)"
+    )
+
+
 _MUST_MATCH_ON_RESUME = ("arch", "image_size", "context", "epochs", "batch_size",
                          "accum_steps", "seed", "optimizer", "lr", "val_fraction")  # fmt: skip
 
@@ -489,6 +513,8 @@ def fit(
                 + (f" study {study_any:.3f}" if study_any is not None else "")
                 + f" ({row['time_s']:.0f} s; training {row['train_slices_per_s']:.1f} slices/s)"
             )  # fmt: skip
+            if epoch == start_epoch and last_epoch - epoch > 1:
+                say(remaining_estimate(row["time_s"], last_epoch - epoch - 1))
 
     if last_epoch < settings.epochs:
         say(f"stopped after epoch {last_epoch} of {settings.epochs}; resume with "

@@ -118,13 +118,22 @@ def short_uid(uid: str, width: int = 24) -> str:
     return uid if len(uid) <= width else "..." + uid[-(width - 3) :]
 
 
+def table_order(series_instance_uid: str) -> str:
+    """The sort key of every per-series table (``predict``'s and the demo's truth table).
+
+    The whole SeriesInstanceUID, never its shortened form (:func:`short_uid` keeps the
+    end, so two tables sorted by what they print would differ).
+    """
+    return series_instance_uid
+
+
 def format_findings_table(rows: Sequence[SeriesFindings]) -> str:
-    """A plain-text table: one row per series (by SeriesInstanceUID), the probability of
+    """A plain-text table: one row per series (:func:`table_order`), the probability of
     each label (* = at or above that label's threshold), and a row of the thresholds.
     """
     header = ["series", "slices", *LABELS]
     lines = [header]
-    ordered = sorted(rows, key=lambda f: f.series_instance_uid)
+    ordered = sorted(rows, key=lambda f: table_order(f.series_instance_uid))
     if ordered:
         first = ordered[0].series
         lines.append(["threshold", "", *(f"{first[label].threshold:.2f}" for label in LABELS)])
