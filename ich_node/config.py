@@ -9,6 +9,7 @@ or a bad value raises :class:`ConfigError` with the key path and the value.
 from __future__ import annotations
 
 import re
+import zoneinfo
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
@@ -127,6 +128,25 @@ class NodeSection(_Section):
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     worker_max_crashes: Annotated[int, Field(ge=1, le=1000)] = 5
     tls: ServerTLS | None = None
+    # The zone results are dated in when the source study names none (its
+    # TimezoneOffsetFromUTC wins): an IANA name; None = the system's zone.
+    timezone: str | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                zoneinfo.ZoneInfo(value)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+                raise ValueError(
+                    f"{value!r} is not an IANA time zone name (e.g. Europe/Berlin, Asia/Tokyo)"
+                ) from exc
+        return value
+
+    def zone(self) -> zoneinfo.ZoneInfo | None:
+        """``timezone`` as a zone; ``None`` for the system's."""
+        return None if self.timezone is None else zoneinfo.ZoneInfo(self.timezone)
 
     @model_validator(mode="after")
     def _reserve_below_total(self) -> NodeSection:

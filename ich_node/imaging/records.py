@@ -9,9 +9,10 @@ and the log all read them from :class:`ich_node.imaging.CTSeries` (or from
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 #: Kinds of :class:`Note`; stable strings (``findings.json`` consumers may key on them).
 NoteKind = Literal[
@@ -25,6 +26,7 @@ NoteKind = Literal[
     "transfer_syntax",  # no file meta: the transfer syntax detected when read
     "multi_frame",  # frames of an Enhanced/Legacy Converted Enhanced CT image
     "reoriented",  # model input turned to the reference patient orientation
+    "lossy_compression",  # images lossy-compressed on the way (PS3.3 C.7.6.1.1.5)
     "dropped",  # a summary of the images left out
 ]
 
@@ -56,6 +58,63 @@ class Dropped:
         if self.frame_number is not None:
             out["frame_number"] = self.frame_number
         return out
+
+
+#: Transfer syntaxes whose compression is lossy (or may be: JPEG 2000, HTJ2K), with
+#: the LossyImageCompressionMethod defined term of each (PS3.3 C.7.6.1.1.5.1).
+LOSSY_TRANSFER_SYNTAXES: Final[dict[str, str]] = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",  # JPEG-LS Lossy (Near-Lossless)
+    "1.2.840.10008.1.2.4.91": "ISO_15444_1",  # JPEG 2000 (lossy allowed)
+    "1.2.840.10008.1.2.4.93": "ISO_15444_2",  # JPEG 2000 Part 2 Multi-component (lossy allowed)
+    "1.2.840.10008.1.2.4.203": "ISO_15444_15",  # High-Throughput JPEG 2000 (lossy allowed)
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LossyCompression:
+    """That, and how, an image was lossy-compressed (PS3.3 C.7.6.1.1.5).
+
+    Attributes
+    ----------
+    methods : tuple of str
+        LossyImageCompressionMethod (0028,2114) of the source, else the defined
+        term of the lossy transfer syntax it came in; empty when unknown.
+    ratios : tuple of str
+        LossyImageCompressionRatio (0028,2112), one per method, when the source
+        gives them (DS values, as written); empty otherwise.
+    transfer_syntax : str
+        The lossy transfer syntax the file came in (its name); empty when it came
+        in a lossless one (LossyImageCompression "01": compressed before).
+    """
+
+    methods: tuple[str, ...] = ()
+    ratios: tuple[str, ...] = ()
+    transfer_syntax: str = ""
+
+
+def describe_lossy(images: Sequence[LossyCompression]) -> str:
+    """What is known of how images were lossy-compressed, in a few words, for a note.
+
+    ``"JPEG Baseline (Process 1); ISO_10918_1; ratio 5.9:1 to 15.7:1"``: the
+    transfer syntaxes they came in, the methods, and the range of the ratios given.
+    """
+    syntaxes = dict.fromkeys(c.transfer_syntax for c in images if c.transfer_syntax)
+    methods = dict.fromkeys(m for c in images for m in c.methods)
+    ratios = []
+    for c in images:
+        for r in c.ratios:
+            try:
+                ratios.append(float(r))
+            except ValueError:
+                continue
+    parts = [", ".join(syntaxes), ", ".join(methods) or "method not given"]
+    if ratios:
+        lo, hi = min(ratios), max(ratios)
+        parts.append(f"ratio {lo:.1f}:1" if f"{lo:.1f}" == f"{hi:.1f}" else
+                     f"ratio {lo:.1f}:1 to {hi:.1f}:1")  # fmt: skip
+    return "; ".join(p for p in parts if p)
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,12 +38,19 @@ from typing import Any, Final
 import numpy as np
 import structlog
 from pydicom.dataset import Dataset
-from pydicom.uid import RE_VALID_UID
+from pydicom.uid import RE_VALID_UID, UID
 
 from ich_node.imaging.files import ImagingError, _optional_int, _uid, read_dataset
 from ich_node.imaging.orientation import Reorientation
 from ich_node.imaging.pixels import functional_group, hu_transform, load_hu, pixel_data_problem
-from ich_node.imaging.records import Coverage, Dropped, Note
+from ich_node.imaging.records import (
+    LOSSY_TRANSFER_SYNTAXES,
+    Coverage,
+    Dropped,
+    LossyCompression,
+    Note,
+    describe_lossy,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -150,6 +157,8 @@ class CTSlice:
     instance_number: int | None
     frame_number: int | None = None
     slice_thickness_mm: float | None = None
+    # Lossy-compressed on the way (LossyImageCompression "01" or a lossy transfer syntax).
+    lossy: LossyCompression | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +214,23 @@ class CTSeries:
     notes: tuple[Note, ...] = ()
     coverage: Coverage | None = None
     max_gap_mm: float = DEFAULT_MAX_GAP_MM
+
+    @property
+    def lossy(self) -> LossyCompression | None:
+        """How the series' lossy-compressed slices were compressed, or None when none was.
+
+        The methods of all of them, in order of first appearance; the ratios only
+        when every lossy slice gives the same ones (else they are not known for the
+        series as a whole); the transfer syntax when they all came in one.
+        """
+        found = [s.lossy for s in self.slices if s.lossy is not None]
+        if not found:
+            return None
+        methods = tuple(dict.fromkeys(m for lossy in found for m in lossy.methods))
+        pairs = {(lossy.methods, lossy.ratios) for lossy in found}
+        ratios = found[0].ratios if len(pairs) == 1 and found[0].methods == methods else ()
+        syntaxes = {lossy.transfer_syntax for lossy in found}
+        return LossyCompression(methods, ratios, syntaxes.pop() if len(syntaxes) == 1 else "")
 
     @property
     def coverage_incomplete(self) -> str | None:
@@ -316,6 +342,7 @@ class _Header:
     pixel_problem: str | None = None
     hu_note: tuple[str, str] | None = None  # (kind, text) of a correction to note
     syntax_note: str | None = None
+    lossy: LossyCompression | None = None
     normal: Any = field(default=None, compare=False)  # np.ndarray once placed
 
 
@@ -368,6 +395,31 @@ def _hu_note(ds: Dataset, frame_index: int | None, path: Path) -> tuple[str, str
     return None
 
 
+def _lossy(ds: Dataset) -> LossyCompression | None:
+    """Whether (and how) an image was lossy-compressed: LossyImageCompression "01"
+    (PS3.3 C.7.6.1.1.5), or a transfer syntax that compresses lossily; else None."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+    lossy_syntax = syntax in LOSSY_TRANSFER_SYNTAXES
+    if str(ds.get("LossyImageCompression", "") or "").strip() != "01" and not lossy_syntax:
+        return None
+
+    def values(keyword: str) -> tuple[str, ...]:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return ()
+        items = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+        return tuple(str(v).strip() for v in items if str(v).strip())
+
+    methods = values("LossyImageCompressionMethod")
+    ratios = values("LossyImageCompressionRatio")
+    if not methods and lossy_syntax:
+        methods = (LOSSY_TRANSFER_SYNTAXES[syntax],)
+    if len(ratios) != len(methods):
+        ratios = ()  # a ratio is paired with its method (PS3.3 C.7.6.1.1.5.2)
+    return LossyCompression(methods, ratios, UID(syntax).name if lossy_syntax else "")
+
+
 def _headers(path: Path) -> list[_Header]:
     """One header per image: one for a single-frame file, one per frame otherwise."""
     ds = read_dataset(path, defer=True)
@@ -400,6 +452,7 @@ def _headers(path: Path) -> list[_Header]:
             instance_number=_optional_int(ds, "InstanceNumber"),
             acquisition_number=_optional_int(ds, "AcquisitionNumber"),
             syntax_note=syntax_note,
+            lossy=_lossy(ds),
         )
         try:
             tilt = _floats(ds, "GantryDetectorTilt", 1, path)
@@ -828,6 +881,7 @@ def read_series(
             instance_number=h.instance_number,
             frame_number=h.frame_number,
             slice_thickness_mm=h.thickness,
+            lossy=h.lossy,
         )
         for h, pos in usable
     )
@@ -1021,6 +1075,15 @@ def _describe_reading(usable: list[tuple[_Header, float]], record: _Record) -> C
         record.note(kind, f"{text} ({n} image(s))")
     for text, n in Counter(h.syntax_note for h, _ in usable if h.syntax_note).items():
         record.note("transfer_syntax", f"{text} ({n} image(s))")
+    lossy = [h.lossy for h, _ in usable if h.lossy is not None]
+    if lossy:
+        how = describe_lossy(lossy)
+        record.note(
+            "lossy_compression",
+            f"{len(lossy)} of {len(usable)} image(s) read were lossy-compressed before they "
+            f"reached the node ({how}): their HU differ from the scanner's, and the result "
+            "rests on these images",
+        )
     frames = [h for h, _ in usable if h.frame_number is not None]
     if frames:
         record.note(

@@ -30,8 +30,14 @@ from ich_node.card import ModelCard
 from ich_node.durable import write_atomic
 from ich_node.imaging import CTSeries
 from ich_node.labels import LABELS
-from ich_node.results.common import apply_study, study_attributes
-from ich_node.results.findings import ExplainedSeries
+from ich_node.results.common import (
+    apply_study,
+    mark_lossy,
+    output_time,
+    stamp_output_time,
+    study_attributes,
+)
+from ich_node.results.findings import ExplainedSeries, OutputTime
 from ich_node.results.ko import build_key_objects
 from ich_node.results.pm import build_parametric_map
 from ich_node.results.sc import (
@@ -256,6 +262,7 @@ def build_results(
     *,
     version: int = 1,
     previous_sr: pydicom.Dataset | None = None,
+    when: OutputTime | None = None,
 ) -> ResultSet:
     """Build the SR, the heatmap series and (optionally) the parametric map.
 
@@ -273,6 +280,11 @@ def build_results(
     previous_sr : pydicom.Dataset, optional
         Study, Series, SOP Class and SOP Instance UIDs of the SR this one
         supersedes; it goes to the Predecessor Documents Sequence (PS3.3 C.17.2).
+    when : OutputTime, optional
+        When the outputs are made and in which zone (their content, creation and
+        series dates and times, and TimezoneOffsetFromUTC); by default now, in the
+        source's zone when it has TimezoneOffsetFromUTC, else the system's
+        (:func:`ich_node.results.common.output_time`).
 
     Returns
     -------
@@ -286,7 +298,8 @@ def build_results(
         When encoding fails otherwise: the same inputs would fail again.
     """
     try:
-        return _build(inputs, card, options, version=version, previous_sr=previous_sr)
+        when = output_time(inputs.header) if when is None else when
+        return _build(inputs, card, options, version=version, previous_sr=previous_sr, when=when)
     except (ResultsSkipped, MemoryError):
         raise
     except Exception as exc:
@@ -305,6 +318,7 @@ def _build(
     *,
     version: int,
     previous_sr: pydicom.Dataset | None,
+    when: OutputTime,
 ) -> ResultSet:
     series = inputs.series
     check_source(series)
@@ -384,9 +398,22 @@ def _build(
             device_uid=name_uid("ich-node device", card.name, card.version, card.sha256),
         )
     ko = [key_objects] if key_objects is not None else []
+    # A heatmap keeps its own source slice's compression (PS3.3 C.7.6.1.1.5: derived
+    # images copy the source's method and ratio); the SR and map the series'.
+    lossy_of = {
+        id(ds): series.slices[image.index].lossy
+        for ds, image in zip(heatmaps, images, strict=True)
+        if series.slices[image.index].lossy is not None
+    }
     for ds in (sr, *heatmaps, *pm, *ko):
         # The exact source values and their character set (see common.py).
         apply_study(ds, study)
+        # Made now, in the study's zone (or node.timezone), the zone named.
+        stamp_output_time(ds, when)
+        # From lossy-compressed images: the images and the SR say so (not the KOS,
+        # a list of references), with the method and ratio.
+        if ds is not key_objects:
+            mark_lossy(ds, lossy_of.get(id(ds), series.lossy))
         # General Series module: SeriesDate/Time are optional, but PACS and viewers
         # (Orthanc Explorer among them) group and sort series by them.
         if "SeriesDate" not in ds and "ContentDate" in ds:

@@ -35,6 +35,8 @@ from pydicom.valuerep import PersonName, validate_value
 
 from ich_node.card import ModelCard
 from ich_node.imaging import CTSeries
+from ich_node.imaging.records import LossyCompression
+from ich_node.results.findings import OutputTime
 
 MANUFACTURER: Final = "ich-node"
 #: PS3.16 CID 7005 "Contributing Equipment Purposes of Reference": DCM 109103.
@@ -95,6 +97,98 @@ _ASCII_VRS: Final = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "
 _TEXT_VRS: Final = frozenset({"ST", "LT", "UT"})  # may hold CR, LF, FF, TAB and backslash
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _TEXT_CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+
+
+#: TimezoneOffsetFromUTC (0008,0201): "&ZZXX", & being + or - (PS3.3 C.12.1, SOP Common).
+_UTC_OFFSET: Final = re.compile(r"^([+-])(\d{2})(\d{2})$")
+#: The dates and times an output gets when it is made (the node's, not the source's):
+#: SOP Common, General Image/Content, SC Image, General Series.
+OUTPUT_DATE_TIMES: Final[tuple[tuple[str, str], ...]] = (
+    ("InstanceCreationDate", "InstanceCreationTime"),
+    ("ContentDate", "ContentTime"),
+    ("DateOfSecondaryCapture", "TimeOfSecondaryCapture"),
+    ("SeriesDate", "SeriesTime"),
+)
+
+
+def source_utc_offset(header: pydicom.Dataset) -> datetime.timezone | None:
+    """The source's TimezoneOffsetFromUTC (0008,0201) as a fixed zone; ``None`` when
+    absent or not a valid offset (-12:00 to +14:00, PS3.3 C.12.1, SOP Common)."""
+    match = _UTC_OFFSET.match(str(header.get("TimezoneOffsetFromUTC", "") or "").strip())
+    if match is None or int(match[3]) >= 60:
+        return None
+    delta = datetime.timedelta(hours=int(match[2]), minutes=int(match[3]))
+    delta = -delta if match[1] == "-" else delta
+    if not datetime.timedelta(hours=-12) <= delta <= datetime.timedelta(hours=14):
+        return None
+    return datetime.timezone(delta)
+
+
+def output_time(
+    header: pydicom.Dataset,
+    node_zone: datetime.tzinfo | None = None,
+    node_zone_name: str = "",
+    now: datetime.datetime | None = None,
+) -> OutputTime:
+    """When outputs made ``now`` say they were made, and in which zone.
+
+    The source study's zone when its header has TimezoneOffsetFromUTC; else
+    ``node_zone`` (``node.timezone``); else the system's zone.
+
+    Parameters
+    ----------
+    header : pydicom.Dataset
+        The source's first header.
+    node_zone : datetime.tzinfo, optional
+        The configured ``node.timezone`` (``zoneinfo.ZoneInfo``), named ``node_zone_name``.
+    now : datetime.datetime, optional
+        Timezone-aware; the current time by default.
+    """
+    utc = (now or datetime.datetime.now(datetime.UTC)).astimezone(datetime.UTC)
+    offset = source_utc_offset(header)
+    if offset is not None:
+        return OutputTime(utc.astimezone(offset), "source")
+    if node_zone is not None:
+        return OutputTime(utc.astimezone(node_zone), "node.timezone", node_zone_name)
+    local = utc.astimezone()
+    return OutputTime(local, "system", local.tzname() or "")
+
+
+def stamp_output_time(ds: pydicom.Dataset, time: OutputTime) -> None:
+    """Write the output's own dates and times (:data:`OUTPUT_DATE_TIMES`) as ``time``.
+
+    Each pair present in ``ds`` (made by highdicom with the process's clock) is
+    replaced, and each ContributionDateTime of the Contributing Equipment;
+    TimezoneOffsetFromUTC (0008,0201) names the zone, which also applies to the
+    dates and times copied from the source (PS3.3 C.12.1, SOP Common).
+    """
+    when = time.when
+    for date_keyword, time_keyword in OUTPUT_DATE_TIMES:
+        if date_keyword in ds:
+            setattr(ds, date_keyword, when.strftime("%Y%m%d"))
+            setattr(ds, time_keyword, when.strftime("%H%M%S.%f"))
+    # When ich-node and highdicom contributed (PS3.3 C.12.1.1.7): now, a DT with its
+    # offset (the source's acquisition equipment item carries no time).
+    for item in ds.get("ContributingEquipmentSequence", ()):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S.%f%z")
+    ds.TimezoneOffsetFromUTC = when.strftime("%z")
+
+
+def mark_lossy(ds: pydicom.Dataset, lossy: LossyCompression | None) -> None:
+    """Say on an output that its source images were lossy-compressed (PS3.3 C.7.6.1.1.5).
+
+    An image derived from lossy-compressed images keeps LossyImageCompression
+    "01", with the method(s) and ratio(s) copied when known; the SR says it too,
+    since its findings rest on those images. Nothing is set for a lossless source.
+    """
+    if lossy is None:
+        return
+    ds.LossyImageCompression = "01"
+    if lossy.methods:
+        ds.LossyImageCompressionMethod = list(lossy.methods)
+        if lossy.ratios:
+            ds.LossyImageCompressionRatio = list(lossy.ratios)
 
 
 def contributing_equipment(card: ModelCard) -> hd.ContributingEquipment:

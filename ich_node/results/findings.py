@@ -11,7 +11,9 @@
       "coverage": {"z_min_mm", "z_max_mm", "median_spacing_mm", "largest_gap_mm",
                    "n_gaps", "complete"},
       "dropped": [{"sop_instance_uid", "reason"}, ...],
-      "notes": ["readable line", ...]
+      "notes": ["readable line", ...],
+      "time": {"written": "2024-03-15T08:41:07+09:00", "utc_offset": "+09:00",
+               "zone_from": "source", "zone_name": ""}
     }
 
 A slice that is a frame of a multi-frame image also has ``frame_number`` (1-based).
@@ -28,6 +30,7 @@ is reported positive only when ``any`` is positive too.
 
 from __future__ import annotations
 
+import datetime
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +85,44 @@ class SliceFinding:
 
 
 @dataclass(frozen=True, slots=True)
+class OutputTime:
+    """When the outputs of a read were made, and the time zone they are written in.
+
+    Attributes
+    ----------
+    when : datetime.datetime
+        Timezone-aware: the outputs' dates and times are ``when`` in its own zone,
+        and its UTC offset is their TimezoneOffsetFromUTC (0008,0201).
+    zone_from : {"source", "node.timezone", "system"}
+        Whose zone: the source study's TimezoneOffsetFromUTC, the configured
+        ``node.timezone``, or the system's.
+    zone_name : str
+        The IANA name of the zone (``node.timezone``, or the system's when known);
+        empty for the source's fixed offset.
+    """
+
+    when: datetime.datetime
+    zone_from: str
+    zone_name: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "written": self.when.isoformat(timespec="seconds"),
+            "utc_offset": self.when.strftime("%z")[:3] + ":" + self.when.strftime("%z")[3:],
+            "zone_from": self.zone_from,
+            "zone_name": self.zone_name,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, str]) -> OutputTime:
+        return cls(
+            datetime.datetime.fromisoformat(data["written"]),
+            str(data.get("zone_from", "")),
+            str(data.get("zone_name", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class SeriesFindings:
     """Everything the classifier says about one series."""
 
@@ -97,6 +138,8 @@ class SeriesFindings:
     # Which read of the series this is (1, 2, ...): a later version supersedes the
     # earlier ones (late instances, a changed re-send; see docs/admin.md).
     version: int = 1
+    # When the outputs were written and in which zone (findings.json "time").
+    time: OutputTime | None = None
 
     @property
     def n_slices(self) -> int:
@@ -161,6 +204,7 @@ class SeriesFindings:
             else {**self.coverage.to_dict(), "complete": self.coverage_complete},
             "dropped": [d.to_dict() for d in self.dropped],
             "notes": list(self.notes),
+            **({} if self.time is None else {"time": self.time.to_dict()}),
         }
 
     @classmethod
@@ -190,6 +234,7 @@ class SeriesFindings:
             ),
             notes=tuple(str(n) for n in data.get("notes", ())),
             version=int(data.get("version", 1)),
+            time=OutputTime.from_dict(data["time"]) if data.get("time") else None,
         )
 
 

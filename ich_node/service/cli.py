@@ -23,6 +23,7 @@ or inputs where no series could be read at all, give 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -38,7 +39,7 @@ from ich_node.labels import LABELS
 if TYPE_CHECKING:
     from ich_node.imaging import CTSeries
     from ich_node.model.inference import Classifier, Prediction
-    from ich_node.results.findings import SeriesFindings
+    from ich_node.results.findings import OutputTime, SeriesFindings
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -171,6 +172,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ich_node.log import configure_logging, handling_phi, warning_counts
     from ich_node.model.bundle import BundleError, load_bundle
     from ich_node.model.inference import Classifier
+    from ich_node.results.common import output_time, source_header
     from ich_node.results.findings import write_findings
 
     # Library warnings go through the scrubbing, summarising renderer (stderr).
@@ -219,11 +221,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
             for line in _reading_lines(series):
                 _say(f"ich-node: series {uid}: {line}")
             out_dir = Path(args.out) / _safe_name(series.series_instance_uid)
-            write_findings(out_dir / "findings.json", prediction.findings)
+            # Dated in the study's zone when it names one, else the system's.
+            when = output_time(source_header(series))
+            write_findings(
+                out_dir / "findings.json", dataclasses.replace(prediction.findings, time=when)
+            )
             done.append(prediction.findings)
             if not args.no_dicom:
                 try:
-                    _predict_dicom(args, classifier, prediction, out_dir)
+                    _predict_dicom(args, classifier, prediction, out_dir, when)
                 except Exception as exc:  # one line, then the next series
                     failures += 1
                     _say(
@@ -241,7 +247,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _predict_dicom(
-    args: argparse.Namespace, classifier: Classifier, prediction: Prediction, out_dir: Path
+    args: argparse.Namespace,
+    classifier: Classifier,
+    prediction: Prediction,
+    out_dir: Path,
+    when: OutputTime | None = None,
 ) -> None:
     """Explain (model stage), encode and write one series' DICOM results.
 
@@ -267,7 +277,7 @@ def _predict_dicom(
         explain_slices=options.needs_explanations,
     )
     try:
-        results = build_results(explained, classifier.card, options)
+        results = build_results(explained, classifier.card, options, when=when)
     except ResultsSkipped as exc:
         uid = prediction.series.series_instance_uid
         _say(f"ich-node: series {uid}: findings.json written; DICOM results skipped: {exc.reason}")

@@ -33,6 +33,7 @@ from ich_node.queue.interface import SeriesRead
 from ich_node.queue.jobs import LeaseLost
 from ich_node.queue.layout import OutsideStorage, StorageLayout
 from ich_node.queue.store import JobRecord, SrReference, Store
+from ich_node.results.common import output_time
 from ich_node.service.read_stage import LeasedJob, Leases
 
 log = structlog.get_logger(__name__)
@@ -93,8 +94,13 @@ class ResultsStage:
         from ich_node.results.build import ResultsSkipped, build_results, write_results
         from ich_node.results.findings import write_findings
 
+        # Dated in the study's zone (its TimezoneOffsetFromUTC), else node.timezone.
+        when = output_time(
+            explained.header, self.config.node.zone(), self.config.node.timezone or ""
+        )
         write_findings(
-            folder / "findings.json", dataclasses.replace(explained.findings, version=job.version)
+            folder / "findings.json",
+            dataclasses.replace(explained.findings, version=job.version, time=when),
         )
         # The SR of the latest earlier version that was done and sent: this one supersedes it.
         previous = self.store.previous_sr(job.series_instance_uid, job.version)
@@ -112,6 +118,7 @@ class ResultsStage:
                 result_options(self.config),
                 version=job.version,
                 previous_sr=previous_sr,
+                when=when,
             )
         except ResultsSkipped as exc:
             log.info("job.results_skipped", job_id=job.job_id, reason=str(exc))
