@@ -20,15 +20,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Real peers and validators for the tests: DCMTK (storescu, storescp, echoscu, dcmcjpeg,
-# dsrdump...), dicom3tools (dciodvfy), Orthanc with its web viewer (the PACS loop),
+# dsrdump...), dicom3tools (dciodvfy), Orthanc with its web viewer (the PACS loop) and its
+# DICOMweb plugin (STOW-RS destinations),
 # Chromium and its chromedriver (viewer screenshots, the web console's Selenium tests),
 # openssl (TLS certificates), PostgreSQL (the shared-store tests start a throwaway cluster
 # with its initdb/pg_ctl). Installed when run as root;
 # otherwise the tests that need them skip and say so.
-SYSTEM_PACKAGES := dcmtk dicom3tools orthanc orthanc-webviewer chromium chromium-driver openssl \
-	postgresql
+SYSTEM_PACKAGES := dcmtk dicom3tools orthanc orthanc-webviewer orthanc-dicomweb chromium \
+	chromium-driver openssl postgresql
 system-deps:
 	@if command -v dciodvfy >/dev/null && [ -x /usr/bin/storescp ] && [ -x /usr/sbin/Orthanc ] \
+		&& [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
 		&& command -v chromium >/dev/null && [ -x /usr/bin/chromedriver ] \
 		&& command -v openssl >/dev/null \
 		&& ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \

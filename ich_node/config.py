@@ -165,14 +165,80 @@ class Caller(_Section):
     host: str | None = None
 
 
+#: ``destinations[i].sr_sop_class``: which SR class the SR goes in (``auto``: the
+#: richest the destination accepts, Comprehensive 3D SR first).
+SrSopClass = Literal["auto", "comprehensive3d", "comprehensive", "enhanced"]
+
+
 class Destination(_Section):
-    """One entry of ``destinations``: where results are sent (C-STORE SCU)."""
+    """One entry of ``destinations``: where results are sent.
+
+    ``kind: dicom`` (default) sends by C-STORE (``ae_title``, ``host``, ``port``,
+    optional ``tls``); ``kind: dicomweb`` by STOW-RS (PS3.18 10.5) to ``url`` (the
+    DICOMweb service root, e.g. ``https://pacs/dicom-web``), with a bearer token
+    from ``token_file`` or a user and password (two lines) from
+    ``credentials_file``, and ``ca_file`` to trust besides the system's CAs.
+    """
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
-    ae_title: AETitle
-    host: Annotated[str, Field(min_length=1)]
-    port: Port
+    kind: Literal["dicom", "dicomweb"] = "dicom"
+    ae_title: AETitle | None = None
+    host: Annotated[str, Field(min_length=1)] | None = None
+    port: Port | None = None
     tls: ClientTLS | None = None
+    sr_sop_class: SrSopClass = "auto"
+    url: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$")] | None = None
+    token_file: Path | None = None
+    credentials_file: Path | None = None
+    ca_file: Path | None = None
+
+    @field_validator("token_file", "credentials_file", "ca_file", mode="before")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        return _path(value)
+
+    @model_validator(mode="after")
+    def _by_kind(self) -> Destination:
+        if self.kind == "dicom":
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(
+                    f"destination {self.name!r} (kind: dicom) needs {', '.join(missing)}"
+                )
+            extra = [k for k in ("url", "token_file", "credentials_file", "ca_file")
+                     if getattr(self, k) is not None]  # fmt: skip
+            if extra:
+                raise ValueError(
+                    f"destination {self.name!r}: {', '.join(extra)} belong to kind: dicomweb"
+                )
+        else:
+            if self.url is None:
+                raise ValueError(f"destination {self.name!r} (kind: dicomweb) needs url")
+            if self.token_file is not None and self.credentials_file is not None:
+                raise ValueError(
+                    f"destination {self.name!r}: give token_file (bearer) or "
+                    "credentials_file (basic), not both"
+                )
+            extra = [k for k in ("ae_title", "host", "port", "tls") if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(
+                    f"destination {self.name!r}: {', '.join(extra)} belong to kind: dicom "
+                    "(a dicomweb destination has url, token_file/credentials_file, ca_file)"
+                )
+        return self
+
+
+def sr_classes_needed(destinations: tuple[Destination, ...] | list[Destination]) -> tuple[str, ...]:
+    """The SR classes besides Comprehensive 3D SR that the destinations may need.
+
+    ``auto`` may fall back to Comprehensive SR, then Enhanced SR; a forced class needs
+    only itself. The worker encodes the SR in each (``results.build``).
+    """
+    needed: list[str] = []
+    for d in destinations:
+        wanted = ["comprehensive", "enhanced"] if d.sr_sop_class == "auto" else [d.sr_sop_class]
+        needed += [c for c in wanted if c != "comprehensive3d" and c not in needed]
+    return tuple(c for c in ("comprehensive", "enhanced") if c in needed)
 
 
 class SeriesSection(_Section):
@@ -668,11 +734,17 @@ def load_config(path: Path | str) -> NodeConfig:
         updates["node"] = config.node.model_copy(
             update={"tls": _resolve_paths(config.node.tls, base, ("cert", "key", "ca"))}
         )
-    if any(d.tls is not None for d in config.destinations):
+    if config.destinations:
         updates["destinations"] = tuple(
-            d
-            if d.tls is None
-            else d.model_copy(update={"tls": _resolve_paths(d.tls, base, ("ca", "cert", "key"))})
+            _resolve_paths(
+                d
+                if d.tls is None
+                else d.model_copy(
+                    update={"tls": _resolve_paths(d.tls, base, ("ca", "cert", "key"))}
+                ),
+                base,
+                ("token_file", "credentials_file", "ca_file"),
+            )
             for d in config.destinations
         )
     if config.web != WebSection():

@@ -458,6 +458,8 @@ def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
     # highdicom says at INFO which modules it copies from the source: noise per job.
     logging.getLogger("highdicom").setLevel(max(logging.WARNING, root.level))
+    # dicomweb-client logs each request's headers at DEBUG: a bearer token among them.
+    logging.getLogger("dicomweb_client").setLevel(max(logging.INFO, root.level))
     # Warnings become log records (scrubbed, counted); every occurrence reaches the
     # filter, which shows each kind once per scope.
     warnings.showwarning = _showwarning

@@ -76,13 +76,18 @@ class _LoopThread:
 
 @dataclass
 class MLLPServer:
-    """``mode``: ``AA``, ``AE`` (with ``text``), ``AR``, or ``slow`` (AA after ``delay`` s)."""
+    """``mode``: ``AA``, ``AE`` (with ``text``), ``AR``, or ``slow`` (AA after ``delay`` s).
+
+    ``ack``, when set, makes the answer's bytes from the message (an ACK dialect:
+    LF segment ends, Latin-1 text...); python-hl7's server frames them (MLLP).
+    """
 
     mode: str = "AA"
     text: str = "Unknown accession"
     delay: float = 0.0
     messages: list[hl7.Message] = field(default_factory=list)
     port: int = 0
+    ack: Any = None
 
     def __post_init__(self) -> None:
         self._loop = _LoopThread()
@@ -98,6 +103,10 @@ class MLLPServer:
                 self.messages.append(message)
                 if self.mode == "slow":
                     await asyncio.sleep(self.delay)
+                if self.ack is not None:
+                    writer.writeblock(self.ack(message))
+                    await writer.drain()
+                    continue
                 code = "AA" if self.mode == "slow" else self.mode
                 ack = message.create_ack(code)
                 if code != "AA":

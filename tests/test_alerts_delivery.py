@@ -343,7 +343,7 @@ def test_a_target_that_hangs_does_not_hold_back_the_others(
         fast.close()
 
 
-def test_hl7_ae_is_parked_with_the_ack_text_and_resend_delivers(
+def test_hl7_ar_is_parked_with_the_ack_text_and_resend_delivers(
     tmp_path: Path,
     storage_section: Section,
     open_store: OpenStore,
@@ -351,7 +351,7 @@ def test_hl7_ae_is_parked_with_the_ack_text_and_resend_delivers(
     positive: Classifier,
     ca: CertAuthority,
 ) -> None:
-    mllp = MLLPServer("AE", text="Order ACC not found in RIS")
+    mllp = MLLPServer("AR", text="Order ACC not found in RIS")
     hook = WebhookServer(ca, SECRET)
     try:
         config = _config(storage_section, tmp_path, None, ca, hook_url=hook.url, hl7_port=mllp.port)
@@ -359,8 +359,8 @@ def test_hl7_ae_is_parked_with_the_ack_text_and_resend_delivers(
         sender = _sender(config, store)
         _drain(sender, store, job_id)
         ris = next(d for d in store.deliveries(job_id) if d.destination == "alert:ris")
-        assert ris.state == "parked" and ris.attempts == 1  # an AE is not retried
-        assert "AE" in ris.reason and "Order ACC not found in RIS" in ris.reason
+        assert ris.state == "parked" and ris.attempts == 1  # an AR (reject) is not retried
+        assert "AR" in ris.reason and "Order ACC not found in RIS" in ris.reason
         report = collect_status(store, time.time())
         assert report["deliveries"]["parked"] == 1
         assert report["alerts"]["states"] == {"parked": 1, "done": 1}

@@ -27,7 +27,9 @@ from ich_node.delivery.alerts import (
     key_image_png,
     make_alert,
 )
+from ich_node.delivery.outbox import alert_phi
 from ich_node.labels import LABEL_NAMES, LABELS
+from ich_node.log import handling_phi
 from ich_node.results.findings import LabelFinding, ModelInfo, SeriesFindings, SliceFinding
 from ich_node.results.sr import FINDING_CODES
 from tests.alert_servers import CertAuthority, MLLPServer, SMTPServer, WebhookServer, make_ca
@@ -191,21 +193,25 @@ def test_mllp_aa_is_delivered() -> None:
         server.close()
 
 
-def test_mllp_ae_is_permanent_with_the_ack_text() -> None:
-    server = MLLPServer("AE", text="Unknown accession ACC123")
+def test_mllp_ar_is_parked_with_the_scrubbed_ack_text() -> None:
+    """HL7 v2.5.1 AR (reject): permanent, parked with MSA-3, the patient's values replaced."""
+    server = MLLPServer("AR", text=f"Unknown accession for {PATIENT_NAME.replace('^', ' ')}")
     try:
         target = _hl7_target(server.port)
-        with pytest.raises(AlertFailed) as info:
-            hl7_alert.send_oru(_alert(target), target)
+        alert = _alert(target)
+        with handling_phi(alert_phi(alert)), pytest.raises(AlertFailed) as info:
+            hl7_alert.send_oru(alert, target)
         assert info.value.permanent
-        assert "AE" in str(info.value) and "Unknown accession" in info.value.recorded
+        assert "AR" in str(info.value) and "Unknown accession" in info.value.recorded
         assert "Unknown accession" not in str(info.value)  # the log line: no peer text
+        assert "Doe" not in info.value.recorded and "<PatientName>" in info.value.recorded
     finally:
         server.close()
 
 
-def test_mllp_ar_and_timeout_and_refused_are_retried(free_port: int) -> None:
-    for server in (MLLPServer("AR"), MLLPServer("slow", delay=3.0)):
+def test_mllp_ae_and_timeout_and_refused_are_retried(free_port: int) -> None:
+    """AE (an error while processing) is retried, as are no answer and no listener."""
+    for server in (MLLPServer("AE"), MLLPServer("slow", delay=3.0)):
         try:
             target = _hl7_target(server.port, timeout_seconds=1.0)
             with pytest.raises(AlertFailed) as info:

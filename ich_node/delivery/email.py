@@ -10,6 +10,7 @@ suspicious slice, with the notice burned in, is attached when
 from __future__ import annotations
 
 import smtplib
+import socket
 import ssl
 import time
 from email.message import EmailMessage
@@ -17,6 +18,8 @@ from email.utils import formatdate
 
 from ich_node.config import EmailTarget
 from ich_node.delivery.alerts import Alert, AlertFailed, findings_text
+from ich_node.delivery.deadline import Deadline
+from ich_node.log import scrub_peer_text
 
 
 def subject(alert: Alert) -> str:
@@ -80,22 +83,52 @@ def read_credentials(target: EmailTarget) -> tuple[str, str] | None:
     return lines[0], lines[1]
 
 
-def send_email(alert: Alert, target: EmailTarget, key_image: bytes | None) -> int:
+class _SMTP(smtplib.SMTP):
+    """``smtplib.SMTP`` whose sockets the attempt's :class:`Deadline` can cut.
+
+    smtplib's timeout bounds each read: a server that sends a ``220-`` continuation
+    line every two seconds would hold it forever. The socket is handed to the
+    deadline as soon as it is connected, before the greeting is read.
+    """
+
+    def __init__(self, deadline: Deadline) -> None:
+        super().__init__(timeout=deadline.op_timeout(deadline.seconds))
+        self.deadline = deadline
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        self.deadline.check()
+        sock: socket.socket = super()._get_socket(host, port, timeout)  # type: ignore[misc]
+        return self.deadline.watch(sock)
+
+
+def _reply(exc: smtplib.SMTPResponseException) -> str:
+    text = exc.smtp_error
+    return scrub_peer_text(text.decode("utf-8", "replace") if isinstance(text, bytes) else text)
+
+
+def send_email(
+    alert: Alert, target: EmailTarget, key_image: bytes | None, deadline: Deadline | None = None
+) -> int:
     """Send the alert's email to every address of ``to``; returns how many were refused.
 
     Some recipients refused and others accepted: delivered (sending again would
-    reach the others twice); the count is logged.
+    reach the others twice); the count is logged. The whole session (connect,
+    greeting, STARTTLS, login, message) ends within ``timeout_seconds``.
 
     Raises
     ------
     AlertFailed
-        No connection, TLS failure or a 4xx answer (retried); failed login or a
-        5xx refusal of the message or of every recipient (``permanent``).
+        No connection, TLS failure, the deadline or a 4xx answer (retried); failed
+        login or a 5xx refusal of the message or of every recipient
+        (``permanent``). The server's reply text is kept, scrubbed and cut.
     """
     message = build_message(alert, target, key_image)
     credentials = read_credentials(target)
+    deadline = deadline or Deadline(target.timeout_seconds)
     try:
-        with smtplib.SMTP(target.host, target.port, timeout=target.timeout_seconds) as smtp:
+        with _SMTP(deadline) as smtp:
+            smtp._host = target.host  # type: ignore[attr-defined]  # STARTTLS checks the name
+            smtp.connect(target.host, target.port)
             if target.starttls:
                 smtp.starttls(context=ssl.create_default_context())
             if credentials is not None:
@@ -103,7 +136,7 @@ def send_email(alert: Alert, target: EmailTarget, key_image: bytes | None) -> in
             refused = smtp.send_message(message)
     except smtplib.SMTPAuthenticationError as exc:
         message_ = f"{target.name} refused the login ({exc.smtp_code})"
-        raise AlertFailed(message_, permanent=True) from None
+        raise AlertFailed(message_, permanent=True, detail=_reply(exc)) from None
     except smtplib.SMTPRecipientsRefused as exc:
         codes = sorted({code for code, _ in exc.recipients.values()})
         raise AlertFailed(
@@ -112,8 +145,12 @@ def send_email(alert: Alert, target: EmailTarget, key_image: bytes | None) -> in
         ) from None
     except smtplib.SMTPResponseException as exc:
         raise AlertFailed(
-            f"{target.name} answered {exc.smtp_code}", permanent=exc.smtp_code >= 500
+            f"{target.name} answered {exc.smtp_code}",
+            permanent=exc.smtp_code >= 500,
+            detail=_reply(exc),
         ) from None
     except (smtplib.SMTPException, OSError) as exc:
+        if deadline.cut:
+            raise AlertFailed(f"SMTP to {target.name}: {deadline.reason()}") from None
         raise AlertFailed(f"SMTP to {target.name}: {type(exc).__name__}: {exc}") from None
     return len(refused)

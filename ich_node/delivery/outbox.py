@@ -18,7 +18,13 @@ from typing import Final
 import numpy as np
 import pydicom
 
-from ich_node.config import EmailTarget, HL7Target, NotificationTarget, WebhookTarget
+from ich_node.config import (
+    Destination,
+    EmailTarget,
+    HL7Target,
+    NotificationTarget,
+    WebhookTarget,
+)
 from ich_node.delivery.alerts import (
     ALERT_PREFIX,
     Alert,
@@ -34,7 +40,9 @@ from ich_node.delivery.alerts import (
     watched_labels,
     write_alert,
 )
+from ich_node.delivery.deadline import Deadline
 from ich_node.labels import LABELS
+from ich_node.log import handling_phi, phi_values
 from ich_node.queue.interface import AlertRecord, AlertsChanged
 from ich_node.queue.store import Store
 from ich_node.results.findings import SeriesFindings
@@ -250,8 +258,26 @@ def target_of(destination: str, targets: Sequence[NotificationTarget]) -> Notifi
     raise AlertFailed(f"notification target {name!r} is not configured")
 
 
-def send_alert(storage_dir: Path, target: NotificationTarget, job_id: str) -> Alert:
+def alert_phi(alert: Alert) -> dict[str, str]:
+    """The alert's patient values in every form a peer may quote (``log.phi_values``)."""
+    ds = pydicom.Dataset()
+    p = alert.patient
+    for keyword, value in (
+        ("PatientName", p.name), ("PatientID", p.id), ("IssuerOfPatientID", p.issuer),
+        ("PatientBirthDate", p.birth_date), ("AccessionNumber", alert.accession_number),
+    ):  # fmt: skip
+        if value:
+            ds.add_new(keyword, "LO", value)  # raw strings: no PN/DA validation
+    return phi_values(ds)
+
+
+def send_alert(
+    storage_dir: Path, target: NotificationTarget, job_id: str, deadline: Deadline | None = None
+) -> Alert:
     """Send the recorded alert of ``job_id`` to ``target``; returns it once accepted.
+
+    While it is sent, the alert's patient values are registered (:data:`ich_node.log.PHI`):
+    what the peer answers is scrubbed of them before it is kept or logged.
 
     Raises
     ------
@@ -262,23 +288,29 @@ def send_alert(storage_dir: Path, target: NotificationTarget, job_id: str) -> Al
         alert, png = read_alert(storage_dir, job_id, target.name)
     except FileNotFoundError:
         raise AlertFailed(f"the alert record of {target.name} is gone", permanent=True) from None
-    if isinstance(target, HL7Target):
-        from ich_node.delivery.hl7 import send_oru
+    deadline = deadline or Deadline(target.timeout_seconds)
+    with handling_phi(alert_phi(alert)):
+        if isinstance(target, HL7Target):
+            from ich_node.delivery.hl7 import send_oru
 
-        send_oru(alert, target)
-    elif isinstance(target, WebhookTarget):
-        from ich_node.delivery.webhook import post
+            send_oru(alert, target, deadline)
+        elif isinstance(target, WebhookTarget):
+            from ich_node.delivery.webhook import post
 
-        post(alert, target)
-    elif isinstance(target, EmailTarget):
-        from ich_node.delivery.email import send_email
+            post(alert, target, deadline)
+        elif isinstance(target, EmailTarget):
+            from ich_node.delivery.email import send_email
 
-        send_email(alert, target, png)
+            send_email(alert, target, png, deadline)
     return alert
 
 
-def check_targets(targets: Sequence[NotificationTarget]) -> list[str]:
+def check_targets(
+    targets: Sequence[NotificationTarget], destinations: Sequence[Destination] = ()
+) -> list[str]:
     """Problems with the files the targets name, one line each (``notifications[i].key: ...``).
+
+    Also the files of ``kind: dicomweb`` destinations (token, credentials, CA).
 
     Run by ``check-config`` and at ``serve``'s start, so that a secret or
     credentials file that cannot be used stops the node with its key named,
@@ -301,4 +333,13 @@ def check_targets(targets: Sequence[NotificationTarget]) -> list[str]:
                 read_credentials(target)
         except AlertFailed as exc:
             problems.append(f"{where}: {exc}")
+    for i, destination in enumerate(destinations):
+        if destination.kind != "dicomweb":
+            continue
+        from ich_node.delivery.dicomweb import StowError, check_destination
+
+        try:
+            check_destination(destination)
+        except StowError as exc:
+            problems.append(f"destinations[{i}] ({destination.name}): {exc}")
     return problems

@@ -12,26 +12,24 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import json
+import socket
 import ssl
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from typing import Any, Final
 
 from ich_node.config import WebhookTarget
 from ich_node.delivery.alerts import Alert, AlertFailed
+from ich_node.delivery.deadline import Deadline
+from ich_node.log import scrub_peer_text
 
 SIGNATURE_HEADER: Final = "X-ICH-Signature"
 #: Answers that say "try again later" (RFC 9110 408, RFC 6585 429).
 _RETRY_STATUS: Final = (408, 425, 429)
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # urllib would follow a 301/302 with a GET and no body, and a 2xx answer to that
-    # GET would count as delivered: an alert lost. A 3xx is an error here instead.
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
+#: How much of an error answer's body is read (it is scrubbed and cut to 200 characters).
+_BODY_BYTES: Final = 2048
 
 
 def body(alert: Alert, *, include_patient: bool = False) -> dict[str, Any]:
@@ -113,46 +111,66 @@ def tls_context(target: WebhookTarget) -> ssl.SSLContext:
     return context
 
 
-def post(alert: Alert, target: WebhookTarget) -> int:
+class _Connection(http.client.HTTPSConnection):
+    """``http.client`` over a socket the attempt's :class:`Deadline` can cut."""
+
+    def __init__(self, host: str, port: int | None, context: ssl.SSLContext, deadline: Deadline):
+        super().__init__(host, port, timeout=deadline.op_timeout(deadline.seconds), context=context)
+        self.deadline = deadline
+
+        def create(address: Any, timeout: Any = None, source: Any = None) -> socket.socket:
+            deadline.check()
+            return deadline.watch(socket.create_connection(address, timeout, source))
+
+        self._create_connection = create
+
+
+def post(alert: Alert, target: WebhookTarget, deadline: Deadline | None = None) -> int:
     """POST the alert; returns the HTTP status (2xx).
+
+    The whole exchange (connect, TLS, request, the answer's every byte) ends within
+    ``timeout_seconds`` (:class:`~ich_node.delivery.deadline.Deadline`): a server that
+    answers one byte a second is cut there. Redirects are not followed.
 
     Raises
     ------
     AlertFailed
-        No connection, TLS failure, timeout or 5xx/408/425/429 (retried); a 3xx
-        (redirects are not followed) or any other 4xx is ``permanent`` (parked
-        with the status and the start of the answer).
+        No connection, TLS failure, the deadline or 5xx/408/425/429 (retried); a 3xx
+        or any other 4xx is ``permanent`` (parked with the status and the start of
+        the answer, scrubbed of the alert's patient values).
     """
     raw = encode(alert, include_patient=target.include_patient)
-    request = urllib.request.Request(
-        target.url,
-        data=raw,
-        method="POST",
-        headers={
-            "Content-Type": "application/json",
-            "User-Agent": "ich-node",
-            SIGNATURE_HEADER: signature(read_secret(target), raw),
-            "Idempotency-Key": alert.key,
-        },
-    )
-    opener = urllib.request.build_opener(
-        _NoRedirect, urllib.request.HTTPSHandler(context=tls_context(target))
-    )
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "ich-node",
+        SIGNATURE_HEADER: signature(read_secret(target), raw),
+        "Idempotency-Key": alert.key,
+    }
+    url = urllib.parse.urlsplit(target.url)
+    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    deadline = deadline or Deadline(target.timeout_seconds)
+    connection = _Connection(url.hostname or "", url.port, tls_context(target), deadline)
     try:
-        with opener.open(request, timeout=target.timeout_seconds) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        text = exc.read(300).decode("utf-8", "replace") if exc.fp is not None else ""
-        raise AlertFailed(
-            f"{target.name} answered HTTP {exc.code}"
-            + (
-                " (redirects are not followed: set url to the final address)"
-                if 300 <= exc.code < 400
-                else ""
-            ),
-            permanent=300 <= exc.code < 500 and exc.code not in _RETRY_STATUS,
-            detail=text,
-        ) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise AlertFailed(f"POST to {target.name}: {type(reason).__name__}: {reason}") from None
+        connection.request("POST", path, body=raw, headers=headers)
+        response = connection.getresponse()
+        status = int(response.status)
+        text = response.read(_BODY_BYTES) if not 200 <= status < 300 else b""
+    except (OSError, http.client.HTTPException) as exc:
+        if deadline.cut:
+            raise AlertFailed(f"POST to {target.name}: {deadline.reason()}") from None
+        raise AlertFailed(f"POST to {target.name}: {type(exc).__name__}: {exc}") from None
+    finally:
+        connection.close()
+    if 200 <= status < 300:
+        return status
+    charset = response.headers.get_content_charset() or "utf-8"
+    raise AlertFailed(
+        f"{target.name} answered HTTP {status}"
+        + (
+            " (redirects are not followed: set url to the final address)"
+            if 300 <= status < 400
+            else ""
+        ),
+        permanent=300 <= status < 500 and status not in _RETRY_STATUS,
+        detail=scrub_peer_text(text.decode(charset, "replace")),
+    )

@@ -77,6 +77,10 @@ def _inside(path: Path, base: Path) -> bool:
     return path == base or base in path.parents
 
 
+#: The folder of a job's results that holds its SR in other SR classes.
+SR_CLASSES_DIR: Final = "sr-classes"
+
+
 def path_part(uid: str) -> str:
     """``uid`` as a file-name part: itself when a plain UID, else its SHA-256 (hex)."""
     return uid if _UID.match(uid) and ".." not in uid else hashlib.sha256(uid.encode()).hexdigest()
@@ -231,6 +235,10 @@ class StorageLayout:
 
     def outbox(self, job_id: str) -> Path:
         return self.results_dir(job_id) / "outbox"
+
+    def sr_classes(self, job_id: str) -> Path:
+        """The job's SR in other SR classes (``<class>.dcm``), beside the outbox."""
+        return self.results_dir(job_id) / SR_CLASSES_DIR
 
     def outbox_files(self, job_id: str) -> list[Path]:
         """The DICOM objects a job sends (``*.dcm``), in a stable order.

@@ -812,6 +812,26 @@ class PgStore(Store):
                 (job_id, destination),
             )
 
+    def release_delivery(self, job_id: str, destination: str, holder: str, now: float) -> None:
+        """Give back ``holder``'s claim of one delivery without an outcome: due at ``now``.
+
+        The sender calls it (in a ``finally``) when it claimed a delivery and could
+        not attempt or record it, so that another pass takes it within seconds
+        instead of after the claim's lease.
+        """
+        with self.transaction() as db:
+            cur = db.execute(
+                """DELETE FROM delivery_claims WHERE job_id = ? AND destination = ?
+                AND holder = ?""",
+                (job_id, destination, holder),
+            )
+            if cur.rowcount or not holder:
+                db.execute(
+                    """UPDATE deliveries SET next_at = ? WHERE job_id = ? AND destination = ?
+                    AND state IN ('pending', 'retry') AND next_at > ?""",
+                    (now, job_id, destination, now),
+                )
+
     def release_claims(self, holder: str, now: float) -> int:
         """Make the deliveries ``holder`` claimed due now (its process restarted); their count."""
         with self.transaction() as db:

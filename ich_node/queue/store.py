@@ -908,6 +908,12 @@ class Store:
         """
         return True
 
+    def release_delivery(self, job_id: str, destination: str, holder: str, now: float) -> None:
+        """Give back a claim whose attempt was not recorded: due again at ``now``.
+
+        The embedded store takes no claims (:meth:`claim_delivery`): nothing to do.
+        """
+
     def finish_delivery(
         self,
         job_id: str,

@@ -127,6 +127,9 @@ class ResultOptions:
     negative_top_slices: int = 0
     parametric_map: bool = False
     key_objects: bool = False  # a KOS "Of Interest" of the positive slices (results/ko.py)
+    # Other SR classes to encode the same report in (sr.SR_CLASSES keys), for
+    # destinations that do not take Comprehensive 3D SR (the sender picks one).
+    sr_classes: tuple[str, ...] = ()
 
     @property
     def needs_explanations(self) -> bool:
@@ -164,6 +167,8 @@ class ResultSet:
     parametric_map: pydicom.Dataset | None
     previews: tuple[tuple[str, bytes], ...] = field(default=())
     key_objects: pydicom.Dataset | None = None  # KOS "Of Interest" when asked and positive
+    # The SR in the other classes asked for (ResultOptions.sr_classes): class -> dataset.
+    sr_alternatives: tuple[tuple[str, pydicom.Dataset], ...] = field(default=())
 
     def datasets(self) -> tuple[pydicom.Dataset, ...]:
         """All instances in sending order: referenced images first, the SR, then the KOS."""
@@ -376,16 +381,25 @@ def _build(
             head=head,
         )
     pm = [parametric_map] if parametric_map is not None else []
-    sr = build_sr(
-        inputs.findings,
-        series,
-        card,
-        [*evidence, *heatmaps, *pm],
-        series_instance_uid=uid("sr series"),
-        sop_instance_uid=uid("sr"),
-        device_uid=name_uid("ich-node device", card.name, card.version, card.sha256),
-        tracking_uids=[uid("tracking", label) for label in LABELS],
-        previous_versions=() if previous_sr is None else (previous_sr,),
+
+    def sr_in(sop_class: str) -> pydicom.Dataset:
+        # One SOP Instance UID per class: an instance's UID names one class only.
+        return build_sr(
+            inputs.findings,
+            series,
+            card,
+            [*evidence, *heatmaps, *pm],
+            series_instance_uid=uid("sr series"),
+            sop_instance_uid=uid("sr") if sop_class == "comprehensive3d" else uid("sr", sop_class),
+            device_uid=name_uid("ich-node device", card.name, card.version, card.sha256),
+            tracking_uids=[uid("tracking", label) for label in LABELS],
+            previous_versions=() if previous_sr is None else (previous_sr,),
+            sop_class=sop_class,
+        )
+
+    sr = sr_in("comprehensive3d")
+    alternatives = tuple(
+        (name, sr_in(name)) for name in options.sr_classes if name != "comprehensive3d"
     )
     key_objects = None
     if options.key_objects:
@@ -405,7 +419,7 @@ def _build(
         for ds, image in zip(heatmaps, images, strict=True)
         if series.slices[image.index].lossy is not None
     }
-    for ds in (sr, *heatmaps, *pm, *ko):
+    for ds in (sr, *(alt for _, alt in alternatives), *heatmaps, *pm, *ko):
         # The exact source values and their character set (see common.py).
         apply_study(ds, study)
         # Made now, in the study's zone (or node.timezone), the zone named.
@@ -432,6 +446,7 @@ def _build(
         parametric_map=parametric_map,
         previews=previews,
         key_objects=key_objects,
+        sr_alternatives=alternatives,
     )
 
 
@@ -475,5 +490,23 @@ def write_results(results: ResultSet, out_dir: Path) -> list[Path]:
     if results.key_objects is not None:
         path = out_dir / "key_objects.dcm"
         _write_atomic(path, results.key_objects)
+        written.append(path)
+    return written
+
+
+def write_sr_alternatives(results: ResultSet, out_dir: Path) -> list[Path]:
+    """Write the SR in its other classes as ``out_dir/<class>.dcm`` (``sr.SR_CLASSES`` keys).
+
+    Kept beside the outbox, not in it: the sender sends one of them in place of
+    ``sr.dcm`` to a destination that does not take Comprehensive 3D SR.
+    """
+    written: list[Path] = []
+    if not results.sr_alternatives:
+        return written
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, ds in results.sr_alternatives:
+        path = out_dir / f"{name}.dcm"
+        _write_atomic(path, ds)
         written.append(path)
     return written

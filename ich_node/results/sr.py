@@ -38,6 +38,20 @@ from ich_node.results.findings import SeriesFindings
 
 SERIES_DESCRIPTION: Final = "ICH AI results"
 
+#: The SR classes that can hold this report (TID 1500 without 3D coordinates),
+#: richest first: Comprehensive 3D SR (PS3.3 A.35.13), Comprehensive SR (A.35.3),
+#: Enhanced SR (A.35.2). ``destinations[i].sr_sop_class`` names them.
+SR_CLASSES: Final[dict[str, str]] = {
+    "comprehensive3d": "1.2.840.10008.5.1.4.1.1.88.34",
+    "comprehensive": "1.2.840.10008.5.1.4.1.1.88.33",
+    "enhanced": "1.2.840.10008.5.1.4.1.1.88.22",
+}
+_SR_TYPES: Final = {
+    "comprehensive3d": hd.sr.Comprehensive3DSR,
+    "comprehensive": hd.sr.ComprehensiveSR,
+    "enhanced": hd.sr.EnhancedSR,
+}
+
 #: Finding codes per label. SNOMED CT where the concept ID is certain; the private
 #: scheme 99ICH (PS3.16 8.1: "99" prefix) where it is not (see docs/results.md).
 FINDING_CODES: Final[dict[str, Code]] = {
@@ -246,8 +260,13 @@ def build_sr(
     tracking_uids: Sequence[str],
     series_number: int = 9900,
     previous_versions: Sequence[pydicom.Dataset] = (),
-) -> hd.sr.Comprehensive3DSR:
+    sop_class: str = "comprehensive3d",
+) -> hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR:
     """Build the SR of one series.
+
+    The same content tree in any of :data:`SR_CLASSES`: the report holds no 3D
+    coordinates, so highdicom encodes it in Comprehensive SR and Enhanced SR as
+    well, for a PACS that does not take Comprehensive 3D SR.
 
     Parameters
     ----------
@@ -273,7 +292,16 @@ def build_sr(
     previous_versions : sequence of pydicom.Dataset
         SRs this one supersedes (their Study, Series, SOP Class and SOP Instance
         UIDs): the Predecessor Documents Sequence (PS3.3 C.17.2).
+    sop_class : {"comprehensive3d", "comprehensive", "enhanced"}
+        The SR class (:data:`SR_CLASSES`).
+
+    Raises
+    ------
+    ValueError
+        For another ``sop_class``, or when ``evidence`` is empty.
     """
+    if sop_class not in _SR_TYPES:
+        raise ValueError(f"sop_class must be one of {sorted(_SR_TYPES)}, got {sop_class!r}")
     if not evidence:
         raise ValueError("evidence must hold at least the source slices")
     device = hd.sr.DeviceObserverIdentifyingAttributes(
@@ -312,7 +340,9 @@ def build_sr(
         ]
     )
     report[0].ContentSequence.append(evaluations)
-    return hd.sr.Comprehensive3DSR(
+    return _SR_TYPES[
+        sop_class
+    ](
         evidence=list(evidence),
         content=report[0],
         series_instance_uid=series_instance_uid,

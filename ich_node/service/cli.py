@@ -80,7 +80,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if role != "listener":  # the roles that send alerts and load the model
         from ich_node.delivery.outbox import check_targets
 
-        problems = check_targets(config.notifications)
+        problems = check_targets(config.notifications, config.destinations)
         if problems:
             print(f"ich-node: {args.path}: " + "\n  ".join(problems), file=sys.stderr)
             return EXIT_USAGE

@@ -23,7 +23,7 @@ from typing import Any
 import pydicom
 import structlog
 
-from ich_node.config import NodeConfig
+from ich_node.config import NodeConfig, sr_classes_needed
 from ich_node.durable import fsync_dir
 from ich_node.imaging import SeriesRefused
 from ich_node.imaging.identity import fingerprint, version_identities
@@ -31,7 +31,7 @@ from ich_node.imaging.records import one_line
 from ich_node.log import PHI, job_context, redact, warning_counts
 from ich_node.queue.interface import SeriesRead
 from ich_node.queue.jobs import LeaseLost
-from ich_node.queue.layout import OutsideStorage, StorageLayout
+from ich_node.queue.layout import SR_CLASSES_DIR, OutsideStorage, StorageLayout
 from ich_node.queue.store import JobRecord, SrReference, Store
 from ich_node.results.common import output_time
 from ich_node.service.read_stage import LeasedJob, Leases
@@ -58,6 +58,7 @@ def result_options(config: NodeConfig) -> Any:
         negative_top_slices=config.results.negative_top_slices,
         parametric_map=config.results.parametric_map,
         key_objects=config.results.key_objects,
+        sr_classes=sr_classes_needed(config.destinations),
     )
 
 
@@ -91,7 +92,12 @@ class ResultsStage:
         Returns the number of DICOM objects written and the UIDs of the SR (which
         a later version of the series names as its predecessor).
         """
-        from ich_node.results.build import ResultsSkipped, build_results, write_results
+        from ich_node.results.build import (
+            ResultsSkipped,
+            build_results,
+            write_results,
+            write_sr_alternatives,
+        )
         from ich_node.results.findings import write_findings
 
         # Dated in the study's zone (its TimezoneOffsetFromUTC), else node.timezone.
@@ -124,6 +130,7 @@ class ResultsStage:
             log.info("job.results_skipped", job_id=job.job_id, reason=str(exc))
             return 0, None
         written = write_results(results, folder / "outbox")
+        write_sr_alternatives(results, folder / SR_CLASSES_DIR)
         sr = results.sr
         reference = SrReference(
             str(sr.StudyInstanceUID),

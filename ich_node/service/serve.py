@@ -54,6 +54,10 @@ log = structlog.get_logger(__name__)
 
 #: Seconds the workers get to finish the jobs they hold at shutdown.
 SHUTDOWN_GRACE_SECONDS: Final = 30.0
+#: Seconds the sender gets at shutdown once its attempts in flight are cut: a SIGTERM
+#: ends the node within about this plus the listener's and the workers' stop (a
+#: worker idle or between jobs stops in under a second): 15 s in all (docs/admin.md).
+SENDER_STOP_SECONDS: Final = 5.0
 #: Seconds between two passes of the main loop and of the sender.
 LOOP_SECONDS: Final = 0.2
 #: At most this often the listener's refusals by peer are written for the console.
@@ -354,18 +358,17 @@ class Supervisor:
 
 
 class _SenderThread(threading.Thread):
-    # alerts: True sends only alerts, False only DICOM results (one thread each, so
-    # that an alert never waits behind a slow C-STORE).
-    def __init__(self, sender: Sender, stop: threading.Event, alerts: bool = False) -> None:
-        super().__init__(name="alerts" if alerts else "sender", daemon=True)
+    # Starts the sender's lanes (one thread per destination and per alert target) and
+    # returns at once; a slow receiver holds only its own lane.
+    def __init__(self, sender: Sender, stop: threading.Event) -> None:
+        super().__init__(name="sender", daemon=True)
         self.sender = sender
         self.stop = stop
-        self.alerts = alerts
 
     def run(self) -> None:
         while not self.stop.is_set():
             try:
-                self.sender.run_once(time.time(), alerts=self.alerts)
+                self.sender.dispatch(time.time())
             except Exception as exc:  # log and go on
                 log.error("sender.loop_error", error=type(exc).__name__)
             self.stop.wait(LOOP_SECONDS)
@@ -517,7 +520,7 @@ def serve(config: NodeConfig, *, clock: Callable[[], float] = time.time, role: s
     if role != "listener":  # the role that sends alerts: their files must be usable
         from ich_node.delivery.outbox import check_targets
 
-        problems = check_targets(config.notifications)
+        problems = check_targets(config.notifications, config.destinations)
         for problem in problems:
             log.error("serve.bad_notification_target", error=problem)
         if problems:
@@ -662,10 +665,8 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float], role: str = "a
             log.info("serve.deliveries_released", n=released)
     sender_stop = threading.Event()
     sender_thread = _SenderThread(sender, sender_stop)
-    alert_thread = _SenderThread(sender, sender_stop, alerts=True)
     if works:
         sender_thread.start()
-        alert_thread.start()
     log.info(
         "serve.started",
         pid=os.getpid(),
@@ -698,13 +699,16 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float], role: str = "a
             log.error("serve.loop_error", error=type(exc).__name__)
         stop.wait(LOOP_SECONDS)
     log.info("serve.stopping")
+    # Sends in flight are cut first (their claims given back, not charged: sent again
+    # after the restart), so the sender never holds the stop (SENDER_STOP_SECONDS).
+    sender_stop.set()
+    if works:
+        sender_thread.join(LOOP_SECONDS * 5)
+        if not sender.stop(SENDER_STOP_SECONDS):
+            log.warning("serve.sender_still_busy", action="exiting; its claims are given back")
     if server is not None:
         server.shutdown()  # no new associations; running ones are closed
     supervisor.stop()
-    sender_stop.set()
-    if works:
-        sender_thread.join(config.sender.timeout_seconds + 5)
-        alert_thread.join(max((t.timeout_seconds for t in config.notifications), default=0) + 5)
     if metrics_server is not None:
         metrics_server.shutdown()  # type: ignore[attr-defined]
     store.close()

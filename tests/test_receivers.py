@@ -1,0 +1,472 @@
+"""Results to the PACS as real receivers take them (issue #24), on 127.0.0.1.
+
+- DCMTK ``storescp +xi`` (Implicit VR Little Endian only) receives the SR and every
+  heatmap: each object is offered in its own syntax, Explicit and Implicit VR LE.
+- DCMTK ``storescp`` with a restricted SOP class list (``-xf``) that takes no
+  Comprehensive 3D SR receives the SR in a class it takes (highdicom encodes the
+  report in Comprehensive SR and Enhanced SR too); one that takes no SR class at
+  all gets a reason naming the class and the syntaxes, at the first attempt.
+- C-STORE warnings count as stored, the warning recorded (a pynetdicom SCP).
+- A hung destination beside a healthy one: the healthy one gets each study's
+  results within seconds of its job (each destination in its own lane).
+- DICOMweb (STOW-RS) into a real Orthanc with its DICOMweb plugin, and a
+  token-checking proxy in front of it that refuses a wrong bearer token.
+"""
+
+from __future__ import annotations
+
+import http.server
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from benchmarks.common import free_port, queue_series, random_bundle
+from ich_node.config import Destination, QueueSection, SenderSection, parse_config
+from ich_node.delivery.sender import Sender
+from ich_node.labels import LABELS
+from ich_node.model.bundle import load_bundle
+from ich_node.model.inference import Classifier
+from ich_node.queue.backend import job_queue
+from ich_node.queue.jobs import job_id_for
+from ich_node.queue.layout import outbox_files, results_dir
+from ich_node.queue.store import InstanceRecord, Store
+from ich_node.results.sr import SR_CLASSES
+from ich_node.service.worker import Worker
+from tests.conftest import dcmtk
+from training.phantom import write_series
+
+SR_3D, SR_COMPREHENSIVE, SR_ENHANCED = (SR_CLASSES[k] for k in SR_CLASSES)
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real job's results folder: outbox (SR + a heatmap per slice) and sr-classes/."""
+    root = tmp_path_factory.mktemp("receivers")
+    study = write_series(root / "s", seed=11, subtypes=("subdural",), n_slices=10, matrix=128)
+    bundle = random_bundle(root / "m.safetensors", name="receiver test model", version="1.0.0",
+                           thresholds=dict.fromkeys(LABELS, 0.01))  # fmt: skip
+    config = parse_config(
+        {
+            "storage": {"dir": str(root / "node")},
+            "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 1}],
+            "results": {"heatmaps": "all"},
+        }
+    )
+    store = Store.open(config.storage.dir)
+    job = queue_series(store, study.paths, time.time() - 5)
+    classifier = Classifier(load_bundle(bundle), device="cpu", batch_size=8)
+    outcome = Worker(config, "w0", store, classifier).run_once(time.time())
+    assert outcome is not None and outcome.state == "done", outcome
+    store.close()
+    return results_dir(config.storage.dir, job.job_id)
+
+
+def _job(storage: Path, template: Path, destinations: list[str], series: str = "1.2.3.4") -> str:
+    """A done job whose results folder is a copy of ``template``, one delivery per name."""
+    store = Store.open(storage)
+    queue = job_queue(store, QueueSection())
+    store.add_instance(
+        InstanceRecord(f"{series}.1", "1.2", "1.2", series, "CT", "", "", "", None), storage, 1, 0.0
+    )
+    job = store.queue_series(series, 1, job_id_for, now=time.time())
+    shutil.copytree(template, results_dir(storage, job.job_id))
+    leased = queue.lease("w", now=time.time())
+    assert leased is not None
+    n = len(outbox_files(storage, job.job_id))
+    queue.complete(leased, destinations, n, now=time.time())
+    store.close()
+    return job.job_id
+
+
+def _classes(folder: Path) -> list[str]:
+    """SOP Class UIDs of the DICOM files under ``folder`` (PNG previews left out)."""
+    return sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID)
+                  for p in folder.rglob("*") if p.is_file() and p.suffix != ".png")  # fmt: skip
+
+
+def _syntaxes(folder: Path) -> set[str]:
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+            for p in folder.rglob("*") if p.is_file()}  # fmt: skip
+
+
+class Storescp:
+    """DCMTK's storescp on 127.0.0.1 with extra options; files land in ``folder``."""
+
+    def __init__(self, folder: Path, *options: str) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [dcmtk("storescp"), "-aet", "PACS", *options, "-od", str(folder), str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError("storescp did not start")
+
+    def destination(self, **kw: Any) -> Destination:
+        return Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=self.port, **kw)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def _restricted(tmp_path: Path, classes: list[str]) -> list[str]:
+    """``-xf`` options: a storescp profile that accepts only ``classes`` (DCMTK names)."""
+    contexts = "\n".join(f"PresentationContext{i} = {c}\\Uncompressed"
+                         for i, c in enumerate(classes, start=1))  # fmt: skip
+    cfg = tmp_path / "storescp.cfg"
+    cfg.write_text(
+        "[[TransferSyntaxes]]\n[Uncompressed]\nTransferSyntax1 = LocalEndianExplicit\n"
+        "TransferSyntax2 = LittleEndianImplicit\n\n"
+        f"[[PresentationContexts]]\n[Restricted]\n{contexts}\n\n"
+        "[[Profiles]]\n[Default]\nPresentationContexts = Restricted\n"
+    )
+    return ["-xf", str(cfg), "Default"]
+
+
+def _send(storage: Path, destination: Destination, **sender: Any) -> Any:
+    store = Store.open(storage)
+    try:
+        config = SenderSection(**({"max_attempts": 3, "timeout_seconds": 10.0} | sender))
+        (outcome,) = Sender(store, [destination], config, storage, "ICH_NODE").run_once(time.time())
+        return outcome, store.deliveries()
+    finally:
+        store.close()
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    done = subprocess.run([dcmtk("dciodvfy"), str(path)], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    return [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("Error")]
+
+
+def test_implicit_vr_only_pacs_receives_the_sr_and_every_heatmap(
+    tmp_path: Path, template: Path
+) -> None:
+    job_id = _job(tmp_path / "node", template, ["pacs"])
+    pacs = Storescp(tmp_path / "pacs", "+xi")  # accepts Implicit VR Little Endian only
+    try:
+        outcome, _ = _send(tmp_path / "node", pacs.destination())
+    finally:
+        pacs.stop()
+    assert outcome.state == "done", outcome.reason
+    sent = _classes(template / "outbox")
+    assert _classes(pacs.folder) == sent and sent.count(SR_3D) == 1
+    assert sent.count(SECONDARY_CAPTURE) == 10  # a heatmap per slice
+    assert _syntaxes(pacs.folder) == {"1.2.840.10008.1.2"}  # re-encoded in Implicit VR LE
+    sr = next(p for p in pacs.folder.iterdir() if pydicom.dcmread(p).SOPClassUID == SR_3D)
+    assert _dciodvfy_errors(sr) == []
+    assert job_id
+
+
+@pytest.mark.parametrize(
+    ("accepted", "forced", "expected"),
+    [
+        (["ComprehensiveSRStorage", "EnhancedSRStorage"], "auto", SR_COMPREHENSIVE),
+        (["EnhancedSRStorage"], "auto", SR_ENHANCED),
+        (["ComprehensiveSRStorage", "EnhancedSRStorage", "Comprehensive3DSRStorage"], "enhanced",
+         SR_ENHANCED),
+    ],
+)  # fmt: skip
+def test_a_pacs_without_comprehensive_3d_sr_receives_the_sr_in_a_class_it_takes(
+    tmp_path: Path, template: Path, accepted: list[str], forced: str, expected: str
+) -> None:
+    _job(tmp_path / "node", template, ["pacs"])
+    options = _restricted(tmp_path, ["SecondaryCaptureImageStorage", *accepted])
+    pacs = Storescp(tmp_path / "pacs", *options)
+    try:
+        outcome, _ = _send(tmp_path / "node", pacs.destination(sr_sop_class=forced))
+    finally:
+        pacs.stop()
+    assert outcome.state == "done", outcome.reason
+    received = _classes(pacs.folder)
+    assert received.count(expected) == 1 and received.count(SECONDARY_CAPTURE) == 10
+    assert SR_3D not in received
+    assert "SR sent as" in outcome.reason  # recorded with the done delivery
+    sr = next(p for p in pacs.folder.iterdir() if pydicom.dcmread(p).SOPClassUID == expected)
+    assert _dciodvfy_errors(sr) == []
+    texts = [str(e.value) for e in pydicom.dcmread(sr).iterall() if e.keyword == "TextValue"]
+    assert any("AI triage result, not a diagnosis" in t for t in texts)
+
+
+def test_a_pacs_that_takes_no_sr_class_is_told_which_class_and_syntaxes_at_once(
+    tmp_path: Path, template: Path
+) -> None:
+    job_id = _job(tmp_path / "node", template, ["pacs"])
+    pacs = Storescp(tmp_path / "pacs", *_restricted(tmp_path, ["SecondaryCaptureImageStorage"]))
+    try:
+        outcome, _ = _send(tmp_path / "node", pacs.destination())
+    finally:
+        pacs.stop()
+    assert outcome.state == "retry"  # the first attempt
+    for words in ("Comprehensive 3D SR Storage", "Comprehensive SR Storage",
+                  "Enhanced SR Storage", "Implicit VR Little Endian",
+                  "Explicit VR Little Endian"):  # fmt: skip
+        assert words in outcome.reason, outcome.reason
+    assert _classes(pacs.folder).count(SECONDARY_CAPTURE) == 10  # the heatmaps went
+    store = Store.open(tmp_path / "node")
+    assert len(store.accepted_objects(job_id, "pacs")) == 10
+    store.close()
+
+
+def test_cstore_warnings_count_as_stored_and_are_recorded(tmp_path: Path, template: Path) -> None:
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    _job(tmp_path / "node", template, ["pacs"])
+    codes = iter([0xB000, 0xB007, 0xB006])
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return next(codes, 0x0000)
+
+    scp = AE(ae_title="PACS")
+    scp.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False,
+                              evt_handlers=[(evt.EVT_C_STORE, on_store)])  # fmt: skip
+    try:
+        destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+        outcome, (delivery,) = _send(tmp_path / "node", destination)
+    finally:
+        server.shutdown()
+    assert outcome.state == "done" and delivery.state == "done"
+    assert len(received) == 11
+    for code in ("0xB000", "0xB007", "0xB006"):
+        assert code in delivery.reason
+    assert "stored with 3 warning(s)" in delivery.reason
+
+
+class HungPeer:
+    """Accepts TCP connections and never says a word."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_a_hung_destination_delays_only_itself(tmp_path: Path, template: Path) -> None:
+    storage = tmp_path / "node"
+    hung, pacs = HungPeer(), Storescp(tmp_path / "pacs")
+    destinations = [
+        Destination(name="hung", ae_title="HUNG", host="127.0.0.1", port=hung.port),
+        pacs.destination(),
+    ]
+    store = Store.open(storage)
+    sender = Sender(store, destinations, SenderSection(timeout_seconds=30.0), storage, "ICH_NODE")
+    stop = threading.Event()
+
+    def loop() -> None:  # as serve's sender thread: start lanes, never wait for them
+        while not stop.is_set():
+            sender.dispatch(time.time())
+            stop.wait(0.2)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        jobs = []
+        for i in range(3):
+            jobs.append(_job(storage, template, ["hung", "pacs"], series=f"1.2.3.{i + 5}"))
+            time.sleep(1.0)
+        for job_id in jobs:
+            finished = store.job(job_id).updated_at  # type: ignore[union-attr]
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                state = {d.destination: d for d in store.deliveries(job_id)}
+                if state["pacs"].state == "done":
+                    break
+                time.sleep(0.1)
+            delivered = {d.destination: d for d in store.deliveries(job_id)}["pacs"]
+            assert delivered.state == "done", delivered
+            assert delivered.updated_at - finished < 5.0, delivered.updated_at - finished
+            assert {d.destination: d.state for d in store.deliveries(job_id)}["hung"] == "pending"
+    finally:
+        stop.set()
+        thread.join(5)
+        assert sender.stop(5.0)  # the hung attempt is cut, its lane ends
+        hung.close()
+        pacs.stop()
+    assert len(list(pacs.folder.iterdir())) == 11  # the same objects each time (one template)
+    # The cut attempt was not charged: the hung destination's job is due again at once.
+    (first,) = [d for d in store.deliveries(jobs[0]) if d.destination == "hung"]
+    assert first.state == "pending" and first.attempts == 0
+    store.close()
+
+
+# -- DICOMweb ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Any]:
+    from tests.orthanc_util import find_plugin, free_ports, orthanc_binary, running_orthanc
+
+    plugin = find_plugin("libOrthancDicomWeb.so")
+    if orthanc_binary() is None or plugin is None:
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (orthanc-dicomweb)")
+    http_port, dicom_port = free_ports(2)
+    with running_orthanc(tmp_path / "orthanc", http_port=http_port, dicom_port=dicom_port,
+                         modalities={}, lua_scripts=(), plugins=[plugin]) as server:  # fmt: skip
+        yield server
+
+
+class BearerProxy:
+    """An HTTP reverse proxy to Orthanc that lets through only ``Bearer <token>``."""
+
+    def __init__(self, upstream: str, token: str) -> None:
+        outer = self
+        self.refused = 0
+        self.forwarded: list[int] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _forward(self) -> None:
+                if self.headers.get("Authorization") != f"Bearer {token}":
+                    outer.refused += 1
+                    body = b'{"error": "invalid bearer token"}'
+                    self.send_response(401)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                data = self.rfile.read(length) if length else _chunked(self.rfile)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "authorization", "transfer-encoding", "accept-encoding",
+                                                "content-length", "connection")}  # fmt: skip
+                request = urllib.request.Request(upstream + self.path, data=data,
+                                                 method=self.command, headers=headers)  # fmt: skip
+                outer.forwarded.append(len(data))
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as response:
+                        status, body, kind = response.status, response.read(), response.headers
+                except urllib.error.HTTPError as exc:
+                    status, body, kind = exc.code, exc.read(), exc.headers
+                self.send_response(status)
+                self.send_header("Content-Type", kind.get("Content-Type", "application/json"))
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_GET = _forward
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _chunked(stream: Any) -> bytes:
+    data = b""
+    while True:
+        size = int(stream.readline().strip() or b"0", 16)
+        if size == 0:
+            stream.readline()
+            return data
+        data += stream.read(size)
+        stream.readline()
+
+
+def _dicomweb(name: str, url: str, **kw: Any) -> Destination:
+    return parse_config({"destinations": [{"name": name, "kind": "dicomweb", "url": url, **kw}]}
+                        ).destinations[0]  # fmt: skip
+
+
+def test_stow_rs_puts_the_sr_and_heatmaps_in_the_study(
+    tmp_path: Path, template: Path, orthanc: Any
+) -> None:
+    job_id = _job(tmp_path / "node", template, ["web"])
+    destination = _dicomweb("web", f"{orthanc.url}/dicom-web")
+    outcome, _ = _send(tmp_path / "node", destination)
+    assert outcome.state == "done", outcome.reason
+    sr = pydicom.dcmread(template / "outbox" / "sr.dcm", stop_before_pixels=True)
+    study_id = orthanc.study_id(str(sr.StudyInstanceUID))
+    assert study_id is not None
+    instances = orthanc.get(f"/studies/{study_id}/instances")
+    classes = sorted(orthanc.get(f"/instances/{i['ID']}/tags?simplify")["SOPClassUID"]
+                     for i in instances)  # fmt: skip
+    assert classes == _classes(template / "outbox")  # the SR and the ten heatmaps
+    store = Store.open(tmp_path / "node")
+    assert len(store.accepted_objects(job_id, "web")) == 11
+    store.close()
+
+
+def test_a_token_protected_endpoint_parks_a_wrong_token_with_a_clear_reason(
+    tmp_path: Path, template: Path, orthanc: Any
+) -> None:
+    proxy = BearerProxy(orthanc.url, "right-token")
+    try:
+        good, bad = tmp_path / "good.token", tmp_path / "bad.token"
+        good.write_text("right-token\n")
+        bad.write_text("wrong-token\n")
+        url = f"http://127.0.0.1:{proxy.port}/dicom-web"
+        _job(tmp_path / "a", template, ["web"])
+        outcome, (delivery,) = _send(tmp_path / "a", _dicomweb("web", url, token_file=str(bad)))
+        assert outcome.state == "parked" and delivery.attempts == 1, outcome
+        assert "HTTP 401" in delivery.reason and "token_file" in delivery.reason
+        assert proxy.refused >= 1
+        _job(tmp_path / "b", template, ["web"])
+        outcome, _ = _send(tmp_path / "b", _dicomweb("web", url, token_file=str(good)))
+        assert outcome.state == "done", outcome.reason
+    finally:
+        proxy.close()
+
+
+def test_destination_keys_by_kind() -> None:
+    from ich_node.config import ConfigError
+
+    config = parse_config({"destinations": [{"name": "p", "ae_title": "P", "host": "h",
+                                             "port": 104}]})  # fmt: skip
+    assert config.destinations[0].kind == "dicom"
+    assert config.destinations[0].sr_sop_class == "auto"
+    for bad in (
+        {"name": "w", "kind": "dicomweb"},  # no url
+        {"name": "w", "kind": "dicomweb", "url": "https://x/dicom-web", "host": "h"},
+        {"name": "w", "kind": "dicomweb", "url": "https://x", "token_file": "t",
+         "credentials_file": "c"},
+        {"name": "p", "ae_title": "P", "host": "h"},  # no port
+        {"name": "p", "ae_title": "P", "host": "h", "port": 1, "sr_sop_class": "basic"},
+    ):  # fmt: skip
+        with pytest.raises(ConfigError):
+            parse_config({"destinations": [bad]})
