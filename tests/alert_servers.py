@@ -10,12 +10,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import http.server
 import json
 import logging
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -139,6 +141,7 @@ class WebhookServer:
     def __init__(self, ca: CertAuthority, secret: bytes, port: int = 0) -> None:
         self.secret = secret
         self.status = 200
+        self.answer = b"ok"  # the body of every answer
         self.delay = 0.0  # seconds before answering (the request is in `arrived` at once)
         self.arrived: list[tuple[dict[str, str], bytes]] = []
         self.received: list[tuple[dict[str, str], bytes]] = []
@@ -160,9 +163,10 @@ class WebhookServer:
                 if outer.status == 200:
                     outer.received.append((dict(self.headers), raw))
                 self.send_response(outer.status)
-                self.send_header("Content-Length", "2")
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(outer.answer)))
                 self.end_headers()
-                self.wfile.write(b"ok")
+                self.wfile.write(outer.answer)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -189,17 +193,21 @@ class WebhookServer:
 class _Collect:
     def __init__(self, sink: list[EmailMessage]) -> None:
         self.sink = sink
+        self.reply = "250 OK"  # what DATA is answered (a 5xx refuses the message)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         message = message_from_bytes(envelope.content, policy=policy.default)
-        self.sink.append(message)  # type: ignore[arg-type]
-        return "250 OK"
+        if self.reply.startswith("2"):
+            self.sink.append(message)  # type: ignore[arg-type]
+        return self.reply
 
 
 class SMTPServer:
     """aiosmtpd on 127.0.0.1 with STARTTLS required and a login (``user``/``secret``)."""
 
-    def __init__(self, ca: CertAuthority, user: str = "node", password: str = "s3cret") -> None:
+    def __init__(
+        self, ca: CertAuthority, user: str = "node", password: str = "s3cret", port: int = 0
+    ) -> None:
         from aiosmtpd.controller import Controller
         from aiosmtpd.smtp import AuthResult, LoginPassword
 
@@ -220,10 +228,11 @@ class SMTPServer:
 
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(ca.cert, ca.key)
+        self.handler = _Collect(self.messages)
         self.controller = Controller(
-            _Collect(self.messages),
+            self.handler,
             hostname="127.0.0.1",
-            port=free_port(),
+            port=port or free_port(),
             tls_context=context,
             require_starttls=True,
             authenticator=authenticator,
@@ -234,6 +243,68 @@ class SMTPServer:
 
     def close(self) -> None:
         self.controller.stop()
+
+
+class DripServer:
+    """A receiver that never finishes answering: one more piece every ``interval`` s.
+
+    ``kind="https"``: TLS (the test CA), reads the request, then sends an HTTP answer
+    one byte at a time. ``kind="smtp"``: plain TCP, sends ``220-`` continuation lines
+    of the greeting, one at a time, and never the last line. ``connections`` counts
+    the connections taken; ``arrived`` holds each HTTPS request's head.
+    """
+
+    def __init__(self, kind: str, ca: CertAuthority | None = None, interval: float = 1.0) -> None:
+        self.kind = kind
+        self.interval = interval
+        self.connections = 0
+        self.arrived: list[bytes] = []
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"https://127.0.0.1:{self.port}/hooks/ich"
+        self.context = None
+        if kind == "https":
+            assert ca is not None
+            self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.context.load_cert_chain(ca.cert, ca.key)
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        try:
+            if self.context is not None:
+                conn = self.context.wrap_socket(conn, server_side=True)
+                conn.settimeout(10)
+                self.arrived.append(conn.recv(65536))
+                pieces = (bytes([b]) for b in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" * 1000)
+            else:
+                pieces = (f"220-still greeting {i}\r\n".encode() for i in range(100000))
+            for piece in pieces:
+                if self.stopped.wait(self.interval):
+                    return
+                conn.sendall(piece)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.stopped.set()
+        with contextlib.suppress(OSError):  # wakes the accept() (a close alone does not)
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
 
 
 def wait_for(predicate: Any, timeout: float = 20.0) -> bool:

@@ -16,8 +16,6 @@
 from __future__ import annotations
 
 import http.server
-import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -31,18 +29,19 @@ import pydicom
 import pytest
 
 from benchmarks.common import free_port, queue_series, random_bundle
-from ich_node.config import Destination, QueueSection, SenderSection, parse_config
+from ich_node.config import Destination, SenderSection, parse_config
 from ich_node.delivery.sender import Sender
 from ich_node.labels import LABELS
 from ich_node.model.bundle import load_bundle
 from ich_node.model.inference import Classifier
-from ich_node.queue.backend import job_queue
-from ich_node.queue.jobs import job_id_for
-from ich_node.queue.layout import outbox_files, results_dir
-from ich_node.queue.store import InstanceRecord, Store
+from ich_node.queue.layout import results_dir
+from ich_node.queue.store import Store
 from ich_node.results.sr import SR_CLASSES
 from ich_node.service.worker import Worker
 from tests.conftest import dcmtk
+from tests.receiver_peers import HungPeer, Storescp
+from tests.receiver_peers import job_with_results as _job
+from tests.receiver_peers import restricted_profile as _restricted
 from training.phantom import write_series
 
 SR_3D, SR_COMPREHENSIVE, SR_ENHANCED = (SR_CLASSES[k] for k in SR_CLASSES)
@@ -72,23 +71,6 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return results_dir(config.storage.dir, job.job_id)
 
 
-def _job(storage: Path, template: Path, destinations: list[str], series: str = "1.2.3.4") -> str:
-    """A done job whose results folder is a copy of ``template``, one delivery per name."""
-    store = Store.open(storage)
-    queue = job_queue(store, QueueSection())
-    store.add_instance(
-        InstanceRecord(f"{series}.1", "1.2", "1.2", series, "CT", "", "", "", None), storage, 1, 0.0
-    )
-    job = store.queue_series(series, 1, job_id_for, now=time.time())
-    shutil.copytree(template, results_dir(storage, job.job_id))
-    leased = queue.lease("w", now=time.time())
-    assert leased is not None
-    n = len(outbox_files(storage, job.job_id))
-    queue.complete(leased, destinations, n, now=time.time())
-    store.close()
-    return job.job_id
-
-
 def _classes(folder: Path) -> list[str]:
     """SOP Class UIDs of the DICOM files under ``folder`` (PNG previews left out)."""
     return sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID)
@@ -98,48 +80,6 @@ def _classes(folder: Path) -> list[str]:
 def _syntaxes(folder: Path) -> set[str]:
     return {str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID)
             for p in folder.rglob("*") if p.is_file()}  # fmt: skip
-
-
-class Storescp:
-    """DCMTK's storescp on 127.0.0.1 with extra options; files land in ``folder``."""
-
-    def __init__(self, folder: Path, *options: str) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            [dcmtk("storescp"), "-aet", "PACS", *options, "-od", str(folder), str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.1)
-        raise RuntimeError("storescp did not start")
-
-    def destination(self, **kw: Any) -> Destination:
-        return Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=self.port, **kw)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
-
-
-def _restricted(tmp_path: Path, classes: list[str]) -> list[str]:
-    """``-xf`` options: a storescp profile that accepts only ``classes`` (DCMTK names)."""
-    contexts = "\n".join(f"PresentationContext{i} = {c}\\Uncompressed"
-                         for i, c in enumerate(classes, start=1))  # fmt: skip
-    cfg = tmp_path / "storescp.cfg"
-    cfg.write_text(
-        "[[TransferSyntaxes]]\n[Uncompressed]\nTransferSyntax1 = LocalEndianExplicit\n"
-        "TransferSyntax2 = LittleEndianImplicit\n\n"
-        f"[[PresentationContexts]]\n[Restricted]\n{contexts}\n\n"
-        "[[Profiles]]\n[Default]\nPresentationContexts = Restricted\n"
-    )
-    return ["-xf", str(cfg), "Default"]
 
 
 def _send(storage: Path, destination: Destination, **sender: Any) -> Any:
@@ -253,32 +193,6 @@ def test_cstore_warnings_count_as_stored_and_are_recorded(tmp_path: Path, templa
     for code in ("0xB000", "0xB007", "0xB006"):
         assert code in delivery.reason
     assert "stored with 3 warning(s)" in delivery.reason
-
-
-class HungPeer:
-    """Accepts TCP connections and never says a word."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.held: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.held.append(conn)
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.held:
-            conn.close()
 
 
 def test_a_hung_destination_delays_only_itself(tmp_path: Path, template: Path) -> None:

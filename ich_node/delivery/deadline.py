@@ -34,9 +34,10 @@ class AttemptCut(RuntimeError):
 class Deadline:
     """The end of one attempt, ``seconds`` from now (monotonic clock).
 
-    Use as a context manager around the attempt: the timer runs inside the block.
-    :meth:`stop` ends the attempt at once (the node is stopping): the attempt is
-    then not charged, and sent again after the restart.
+    Its timer runs from its creation; :meth:`close` (or leaving a ``with`` block)
+    ends it and releases what it holds. :meth:`stop` ends the attempt at once (the
+    node is stopping): the attempt is then not charged, and sent again after the
+    restart.
     """
 
     def __init__(self, seconds: float, what: str = "attempt") -> None:
@@ -50,7 +51,9 @@ class Deadline:
         self._lock = threading.Lock()
         self._closers: list[Callable[[], object]] = []
         self._dups: list[socket.socket] = []
-        self._timer: threading.Timer | None = None
+        self._timer = threading.Timer(self.seconds, self._fire, kwargs={"stopped": False})
+        self._timer.daemon = True
+        self._timer.start()
 
     # -- what the transports use -------------------------------------------------
 
@@ -125,14 +128,14 @@ class Deadline:
         self._fire(stopped=True)
 
     def __enter__(self) -> Deadline:
-        self._timer = threading.Timer(self.left(), self._fire, kwargs={"stopped": False})
-        self._timer.daemon = True
-        self._timer.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self.close()
+
+    def close(self) -> None:
+        """End the timer and release the sockets' duplicates (the attempt is over)."""
+        self._timer.cancel()
         with self._lock:
             dups, self._dups = self._dups, []
             self._closers = []

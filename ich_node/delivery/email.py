@@ -124,6 +124,7 @@ def send_email(
     """
     message = build_message(alert, target, key_image)
     credentials = read_credentials(target)
+    own = deadline is None
     deadline = deadline or Deadline(target.timeout_seconds)
     try:
         with _SMTP(deadline) as smtp:
@@ -153,4 +154,7 @@ def send_email(
         if deadline.cut:
             raise AlertFailed(f"SMTP to {target.name}: {deadline.reason()}") from None
         raise AlertFailed(f"SMTP to {target.name}: {type(exc).__name__}: {exc}") from None
+    finally:
+        if own:
+            deadline.close()
     return len(refused)

@@ -271,6 +271,7 @@ def send_oru(alert: Alert, target: HL7Target, deadline: Deadline | None = None) 
         an unreadable ACK, a wrong control ID, AE/CE (retried); AR/CR (``permanent``).
     """
     message = build_oru(alert, target)
+    own = deadline is None
     deadline = deadline or Deadline(target.timeout_seconds)
     try:
         block = asyncio.run(_exchange(message, target, deadline))
@@ -282,6 +283,9 @@ def send_oru(alert: Alert, target: HL7Target, deadline: Deadline | None = None) 
         ) from None
     except (OSError, EOFError, asyncio.IncompleteReadError) as exc:
         raise AlertFailed(f"MLLP to {target.name}: {type(exc).__name__}: {exc}") from None
+    finally:
+        if own:
+            deadline.close()
     try:
         ack, _ = decode_ack(block)
     except Exception as exc:  # python-hl7 raises several kinds on text that is no HL7

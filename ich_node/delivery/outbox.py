@@ -10,6 +10,7 @@ then delivers them like DICOM results, with :func:`send_alert`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -288,8 +289,11 @@ def send_alert(
         alert, png = read_alert(storage_dir, job_id, target.name)
     except FileNotFoundError:
         raise AlertFailed(f"the alert record of {target.name} is gone", permanent=True) from None
+    own = deadline is None
     deadline = deadline or Deadline(target.timeout_seconds)
-    with handling_phi(alert_phi(alert)):
+    with handling_phi(alert_phi(alert)), contextlib.ExitStack() as stack:
+        if own:
+            stack.callback(deadline.close)
         if isinstance(target, HL7Target):
             from ich_node.delivery.hl7 import send_oru
 

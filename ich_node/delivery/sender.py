@@ -225,7 +225,12 @@ def send_files(
     if not items:
         return SendReport()
     assert destination.host is not None and destination.port is not None
-    deadline = deadline or Deadline(timeout * (len(items) + 2))
+    if deadline is None:
+        with Deadline(timeout * (len(items) + 2), destination.name) as made:
+            return send_files(
+                files, destination, calling_ae, timeout, skip=skip, on_accepted=on_accepted,
+                deadline=made, alternatives=alternatives,
+            )  # fmt: skip
     ae = AE(ae_title=calling_ae)
     ae.connection_timeout = deadline.op_timeout(timeout)
     ae.acse_timeout = deadline.op_timeout(timeout)

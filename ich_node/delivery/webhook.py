@@ -148,6 +148,7 @@ def post(alert: Alert, target: WebhookTarget, deadline: Deadline | None = None) 
     }
     url = urllib.parse.urlsplit(target.url)
     path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    own = deadline is None
     deadline = deadline or Deadline(target.timeout_seconds)
     connection = _Connection(url.hostname or "", url.port, tls_context(target), deadline)
     try:
@@ -161,6 +162,8 @@ def post(alert: Alert, target: WebhookTarget, deadline: Deadline | None = None) 
         raise AlertFailed(f"POST to {target.name}: {type(exc).__name__}: {exc}") from None
     finally:
         connection.close()
+        if own:
+            deadline.close()
     if 200 <= status < 300:
         return status
     charset = response.headers.get_content_charset() or "utf-8"
