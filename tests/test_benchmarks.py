@@ -131,3 +131,13 @@ def test_store_backends_quick(tmp_path: Path) -> None:
     measures = {(r["backend"], r["measure"]) for r in result["rows"]}
     assert ("sqlite", "jobs/s, 2 workers") in measures
     assert all(r["value"] > 0 for r in result["rows"])
+
+
+def test_web_quick(tmp_path: Path) -> None:
+    from benchmarks import web
+
+    result = _run(web, tmp_path)
+    pages = {r["page"]: r for r in result["rows"]}
+    assert set(pages) == {"Series list", "Overview", "search by accession",
+                          "last page of the list", "series version", "Problems"}  # fmt: skip
+    assert all(r["series"] == 50 and r["best ms"] > 0 and r["KiB"] > 0 for r in pages.values())

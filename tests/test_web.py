@@ -369,6 +369,27 @@ def test_after_retention_the_ledger_answers(console: Console) -> None:
         assert re.search(r'id="positives-24h">1<', client.get("/").text)
 
 
+def test_links_planted_in_the_results_are_not_followed(console: Console, tmp_path: Path) -> None:
+    """A heatmap or findings.json that is a symbolic link (to a file outside the
+    storage) is never served or read: the store's path guard (StorageLayout.confine)."""
+    b = console.built
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"\x89PNG secret outside the storage")
+    folder = StorageLayout(b.storage).outbox(b.positive_job) / "heatmaps"
+    (folder / "2.png").unlink()
+    (folder / "2.png").symlink_to(outside)
+    results = StorageLayout(b.storage).results_dir(b.positive_job)
+    (results / "findings.json").rename(tmp_path / "findings.json")
+    (results / "findings.json").symlink_to(tmp_path / "findings.json")
+    with console.client() as client:
+        login(client, VIEWER)
+        assert client.get(f"/series/{b.positive_uid}/v/1/heatmaps/2.png").status_code == 404
+        assert client.get(f"/series/{b.positive_uid}/v/1/heatmaps/1.png").status_code == 200
+        page = client.get(f"/series/{b.positive_uid}").text
+    assert "RescaleSlope missing" not in page  # the linked findings.json was not read
+    assert 'id="ledger"' in page  # the ledger's answer instead
+
+
 def test_probability_plot() -> None:
     series = type("S", (), {"sop_instance_uids": tuple(f"1.2.{i}" for i in range(5)),
                             "study_instance_uid": "1.2", "series_instance_uid": "1.2.9"})()  # fmt: skip

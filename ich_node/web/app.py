@@ -357,6 +357,8 @@ def create_app(
             fields.append(row.read.accession_number)
         if any(q in f.lower() for f in fields):
             return True
+        if row.read is not None and not config.web.show_patient:
+            return False  # the ledger gave the accession: no file to read for this row
         header = console.header(s, row.job)
         if header is None:
             return False

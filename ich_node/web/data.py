@@ -40,7 +40,7 @@ from ich_node.queue.interface import (
     StoreUnusable,
 )
 from ich_node.queue.jobs import job_id_for
-from ich_node.queue.layout import StorageLayout
+from ich_node.queue.layout import OutsideStorage, StorageLayout
 from ich_node.queue.store import Store
 from ich_node.results.findings import SeriesFindings, read_findings
 from ich_node.service.ops import (
@@ -95,7 +95,7 @@ class SeriesRow:
     series: SeriesRecord
     state: str  # as `ich-node status` tells it (queued, reading, sending, delivered, parked, ...)
     job: JobRecord | None  # the latest version's job
-    findings: SeriesFindings | None  # the latest version's findings, while kept
+    findings: SeriesFindings | None  # the latest findings, read only without a ledger row
     read: SeriesRead | None  # the latest version's ledger row
     header: StudyHeader | None
 
@@ -242,16 +242,22 @@ class Console:
         return str(getattr(self.config.node, "mode", "live"))
 
     # -- files -------------------------------------------------------------------------
-    def _inside(self, path: Path) -> bool:
+    def _confined(self, path: Path, under: Path) -> Path | None:
+        """``path`` when it is a file inside ``under`` that is not a symbolic link
+        (:meth:`StorageLayout.confine`, the store's own path guard), else ``None``."""
         try:
-            return path.resolve().is_relative_to(self.layout.root.resolve())
-        except OSError:
-            return False
+            found = self.layout.confine(path, under, read=True)
+        except (OutsideStorage, OSError):
+            return None
+        return found if found.is_file() else None
 
     def findings(self, job_id: str) -> tuple[SeriesFindings | None, str]:
         """A job's ``findings.json`` (cached while unchanged) and why it is unreadable."""
-        path = self.layout.results_dir(job_id) / "findings.json"
+        results = self.layout.results
+        path = self._confined(self.layout.results_dir(job_id) / "findings.json", results)
         try:
+            if path is None:
+                raise FileNotFoundError(job_id)
             st = path.stat()
         except OSError:
             self._findings.pop(job_id, None)
@@ -272,12 +278,13 @@ class Console:
 
     def header(self, series: SeriesRecord, job: JobRecord | None) -> StudyHeader | None:
         """Study header values from the job's SR, else from a spooled image of the series."""
-        candidates: list[Path] = []
+        candidates: list[tuple[Path, Path]] = []
         if job is not None:
-            candidates.append(self.layout.outbox(job.job_id) / "sr.dcm")
+            candidates.append((self.layout.outbox(job.job_id) / "sr.dcm", self.layout.results))
         with contextlib.suppress(Exception):  # the store answers on the next page
-            candidates += self.store().instance_paths(series.series_instance_uid)[:1]
-        for path in candidates:
+            paths = self.store().instance_paths(series.series_instance_uid)[:1]
+            candidates += [(p, self.layout.spool) for p in paths]
+        for path, under in candidates:
             key = str(path)
             with self._lock:
                 if key in self._headers:
@@ -286,7 +293,7 @@ class Console:
                     if cached is not None:
                         return cached
                     continue
-            found = self._read_header(path)
+            found = self._read_header(path, under)
             with self._lock:
                 self._headers[key] = found
                 while len(self._headers) > MAX_HEADERS:
@@ -295,11 +302,12 @@ class Console:
                 return found
         return None
 
-    def _read_header(self, path: Path) -> StudyHeader | None:
-        if not self._inside(path) or not path.is_file():
+    def _read_header(self, path: Path, under: Path) -> StudyHeader | None:
+        confined = self._confined(path, under)
+        if confined is None:
             return None
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_TAGS))
+            ds = pydicom.dcmread(confined, stop_before_pixels=True, specific_tags=list(_TAGS))
         except Exception:  # a damaged file: no header values, never an error page
             return None
         return StudyHeader(*(str(ds.get(k, "") or "") for k in _TAGS))
@@ -316,8 +324,7 @@ class Console:
         stem, _, ext = name.partition(".")
         if ext != "png" or not stem.isdigit():
             return None
-        path = self.layout.outbox(job_id) / "heatmaps" / name
-        return path if self._inside(path) and path.is_file() else None
+        return self._confined(self.layout.outbox(job_id) / "heatmaps" / name, self.layout.results)
 
     # -- pages -------------------------------------------------------------------------
     def _latest_jobs(self, store: Store) -> dict[str, JobRecord]:
@@ -338,8 +345,10 @@ class Console:
         for series in store.series_list():
             uid = series.series_instance_uid
             job = latest.get(uid)
-            found = self.findings(job.job_id)[0] if job is not None else None
             read = reads.get(job.job_id) if job is not None else None
+            # The ledger row has what the list shows; findings.json only for reads older
+            # than the ledger (a file read per series costs most of the list's time).
+            found = self.findings(job.job_id)[0] if job is not None and read is None else None
             rows.append(SeriesRow(series, states.get(uid, series.state), job, found, read, None))
         return rows
 
@@ -404,11 +413,11 @@ class Console:
         ledger = {r.job_id: r for r in store.reads()}
         positives = 0
         for job in reads:
-            found = self.findings(job.job_id)[0]
-            if found is not None:
-                positives += found.series["any"].positive
-            elif job.job_id in ledger:  # the results are gone (retention): the ledger says
+            if job.job_id in ledger:  # what the node answered, kept beyond retention
                 positives += "any" in ledger[job.job_id].positive_labels
+                continue
+            found = self.findings(job.job_id)[0]
+            positives += bool(found is not None and found.series["any"].positive)
         parked = {j.job_id for j in store.jobs("parked") if j.updated_at >= since}
         parked |= {
             d.job_id for d in store.deliveries() if d.state == "parked" and d.updated_at >= since
