@@ -25,6 +25,7 @@ BENCHMARKS = (
     "store_backends",
     "alerts",
     "sequence",
+    "web",
 )
 
 

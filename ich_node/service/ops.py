@@ -18,6 +18,7 @@ import ssl
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -44,13 +45,29 @@ def _open(config: NodeConfig, *, write: bool = False) -> Store | int:
         return exc.exit_code
 
 
-def series_shown_states(store: Store) -> dict[str, str]:
-    """The state of every series as ``status`` and the web console show it.
+def shown_state(state: str, last: JobRecord | None, sent: Sequence[str]) -> str:
+    """A series' state as ``status`` and the web console show it.
 
     The store keeps ``queued`` once a series has a job; here it becomes
     ``queued`` (job waiting or retrying), ``reading`` (leased), ``sending``
-    (results made, deliveries pending), ``delivered`` or ``parked``.
+    (results made, deliveries pending), ``delivered`` or ``parked``. ``last`` is
+    the series' latest job, ``sent`` the states of that job's deliveries.
     """
+    if state != "queued" or last is None:
+        return state
+    if last.state == "leased":
+        return "reading"
+    if last.state == "parked":
+        return "parked"
+    if last.state == "done":
+        if "parked" in sent:
+            return "parked"
+        return "delivered" if all(s == "done" for s in sent) else "sending"
+    return state
+
+
+def series_shown_states(store: Store) -> dict[str, str]:
+    """The state of every series as :func:`shown_state` tells it, by SeriesInstanceUID."""
     latest: dict[str, JobRecord] = {}
     for job in store.jobs():
         held = latest.get(job.series_instance_uid)
@@ -59,23 +76,11 @@ def series_shown_states(store: Store) -> dict[str, str]:
     deliveries: dict[str, list[str]] = {}
     for d in store.deliveries():
         deliveries.setdefault(d.job_id, []).append(d.state)
-    shown_states: dict[str, str] = {}
+    shown: dict[str, str] = {}
     for uid, state in store.series_states().items():
         last = latest.get(uid)
-        shown: str = state
-        if state == "queued" and last is not None:
-            if last.state == "leased":
-                shown = "reading"
-            elif last.state == "parked":
-                shown = "parked"
-            elif last.state == "done":
-                sent = deliveries.get(last.job_id, [])
-                if "parked" in sent:
-                    shown = "parked"
-                else:
-                    shown = "delivered" if all(s == "done" for s in sent) else "sending"
-        shown_states[uid] = shown
-    return shown_states
+        shown[uid] = shown_state(state, last, deliveries.get(last.job_id, []) if last else [])
+    return shown
 
 
 def series_counts(store: Store) -> dict[str, int]:

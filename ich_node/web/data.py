@@ -51,6 +51,7 @@ from ich_node.service.ops import (
     percentile,
     requeue_parked,
     series_shown_states,
+    shown_state,
 )
 
 log = structlog.get_logger(__name__)
@@ -362,12 +363,14 @@ class Console:
         series = store.series(series_uid)
         if series is None:
             return None
-        jobs = [j for j in store.jobs() if j.series_instance_uid == series_uid]
-        versions = tuple(sorted({j.version for j in jobs}))
+        # A series' jobs are its versions' (job_id_for), at most series.max_versions.
+        found_jobs = (store.job(job_id_for(series_uid, v)) for v in range(1, series.version + 1))
+        jobs = {j.version: j for j in found_jobs if j is not None}
+        versions = tuple(sorted(jobs))
         if version is None:
             version = versions[-1] if versions else series.version
-        job = store.job(job_id_for(series_uid, version)) if versions else None
-        if job is None and versions and version not in versions:
+        job = jobs.get(version)
+        if job is None and versions:
             return None
         found, why = self.findings(job.job_id) if job is not None else (None, "")
         deliveries = tuple(store.deliveries(job.job_id)) if job is not None else ()
@@ -377,7 +380,9 @@ class Console:
             for d in deliveries
             if d.destination.startswith("alert:")
         )
-        state = series_shown_states(store).get(series_uid, series.state)
+        last = jobs[versions[-1]] if versions else None
+        sent = [d.state for d in store.deliveries(last.job_id)] if last is not None else []
+        state = shown_state(series.state, last, sent)
         read = next((r for r in store.reads(series_uid) if r.version == version), None)
         return VersionView(
             series=series,
