@@ -380,3 +380,21 @@ def test_delivery_imports_no_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert run.stdout.strip() == "[]", run.stdout + run.stderr
+
+
+def test_ack_charset_follows_msh18_and_falls_back_to_latin1() -> None:
+    """MSH-18 names the charset (HL7 table 0211); empty: UTF-8 when valid, else ISO 8859-1."""
+    ack = "MSH|^~\\&|RIS|H|N|N|20260101||ACK|1|P|2.5.1||||||{}\rMSA|AE|k|Preis {}\r"
+    cases = [
+        (ack.format("8859/15", "10 €").encode("iso8859-15"), "10 €", "iso8859-15"),
+        (ack.format("", "10 €").encode("utf-8"), "10 €", "utf-8"),
+        (ack.format("", "10 é").encode("iso8859-1"), "10 é", "iso8859-1"),
+        (ack.format("UNICODE UTF-8", "10 é").encode("iso8859-1"), "10 é", "iso8859-1"),
+        (ack.format("NO-SUCH-SET", "10 é").encode("iso8859-1"), "10 é", "iso8859-1"),
+    ]
+    for raw, text, codec in cases:
+        for end in (b"\r", b"\n", b"\r\n"):
+            message, used = hl7_alert.decode_ack(raw.replace(b"\r", end))
+            assert used == codec
+            assert str(message.segment("MSA")(3)) == f"Preis {text}"
+            assert str(message.segment("MSA")(1)) == "AE"

@@ -143,6 +143,10 @@ def test_a_pacs_without_comprehensive_3d_sr_receives_the_sr_in_a_class_it_takes(
     assert "SR sent as" in outcome.reason  # recorded with the done delivery
     sr = next(p for p in pacs.folder.iterdir() if pydicom.dcmread(p).SOPClassUID == expected)
     assert _dciodvfy_errors(sr) == []
+    import highdicom as hd
+
+    kind = {SR_COMPREHENSIVE: hd.sr.ComprehensiveSR, SR_ENHANCED: hd.sr.EnhancedSR}[expected]
+    assert isinstance(hd.sr.srread(sr), kind)  # highdicom reads it back in its class
     texts = [str(e.value) for e in pydicom.dcmread(sr).iterall() if e.keyword == "TextValue"]
     assert any("AI triage result, not a diagnosis" in t for t in texts)
 

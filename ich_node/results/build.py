@@ -46,7 +46,7 @@ from ich_node.results.sc import (
     render_heatmaps,
     series_head_mask,
 )
-from ich_node.results.sr import build_sr
+from ich_node.results.sr import build_sr, fits_class, relabelled
 
 log = structlog.get_logger(__name__)
 
@@ -167,8 +167,9 @@ class ResultSet:
     parametric_map: pydicom.Dataset | None
     previews: tuple[tuple[str, bytes], ...] = field(default=())
     key_objects: pydicom.Dataset | None = None  # KOS "Of Interest" when asked and positive
-    # The SR in the other classes asked for (ResultOptions.sr_classes): class -> dataset.
-    sr_alternatives: tuple[tuple[str, pydicom.Dataset], ...] = field(default=())
+    # The other SR classes asked for (ResultOptions.sr_classes) that the report fits:
+    # (class name, SOP Instance UID of the SR in that class).
+    sr_alternatives: tuple[tuple[str, str], ...] = field(default=())
 
     def datasets(self) -> tuple[pydicom.Dataset, ...]:
         """All instances in sending order: referenced images first, the SR, then the KOS."""
@@ -382,24 +383,23 @@ def _build(
         )
     pm = [parametric_map] if parametric_map is not None else []
 
-    def sr_in(sop_class: str) -> pydicom.Dataset:
-        # One SOP Instance UID per class: an instance's UID names one class only.
-        return build_sr(
-            inputs.findings,
-            series,
-            card,
-            [*evidence, *heatmaps, *pm],
-            series_instance_uid=uid("sr series"),
-            sop_instance_uid=uid("sr") if sop_class == "comprehensive3d" else uid("sr", sop_class),
-            device_uid=name_uid("ich-node device", card.name, card.version, card.sha256),
-            tracking_uids=[uid("tracking", label) for label in LABELS],
-            previous_versions=() if previous_sr is None else (previous_sr,),
-            sop_class=sop_class,
-        )
-
-    sr = sr_in("comprehensive3d")
+    sr = build_sr(
+        inputs.findings,
+        series,
+        card,
+        [*evidence, *heatmaps, *pm],
+        series_instance_uid=uid("sr series"),
+        sop_instance_uid=uid("sr"),
+        device_uid=name_uid("ich-node device", card.name, card.version, card.sha256),
+        tracking_uids=[uid("tracking", label) for label in LABELS],
+        previous_versions=() if previous_sr is None else (previous_sr,),
+    )
+    # The same report in the other SR classes asked for, each with its own SOP
+    # Instance UID (an instance's UID names one class); written by write_sr_alternatives.
     alternatives = tuple(
-        (name, sr_in(name)) for name in options.sr_classes if name != "comprehensive3d"
+        (name, uid("sr", name))
+        for name in options.sr_classes
+        if name != "comprehensive3d" and fits_class(sr, name)
     )
     key_objects = None
     if options.key_objects:
@@ -419,7 +419,7 @@ def _build(
         for ds, image in zip(heatmaps, images, strict=True)
         if series.slices[image.index].lossy is not None
     }
-    for ds in (sr, *(alt for _, alt in alternatives), *heatmaps, *pm, *ko):
+    for ds in (sr, *heatmaps, *pm, *ko):
         # The exact source values and their character set (see common.py).
         apply_study(ds, study)
         # Made now, in the study's zone (or node.timezone), the zone named.
@@ -505,8 +505,9 @@ def write_sr_alternatives(results: ResultSet, out_dir: Path) -> list[Path]:
         return written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, ds in results.sr_alternatives:
+    for name, sop_instance_uid in results.sr_alternatives:
         path = out_dir / f"{name}.dcm"
-        _write_atomic(path, ds)
+        with relabelled(results.sr, name, sop_instance_uid):
+            _write_atomic(path, results.sr)
         written.append(path)
     return written

@@ -21,7 +21,8 @@ written from. Codes and their sources are listed in ``docs/results.md``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Final
 
 import highdicom as hd
@@ -173,6 +174,66 @@ def reading_text(findings: SeriesFindings) -> str:
         parts.append(f"{_count(len(findings.dropped), 'image')} left out: {shown}{more}.")
     parts.extend(n if n.endswith(".") else f"{n}." for n in findings.notes)
     return "".join(f" {p}" for p in parts)
+
+
+def fits_class(sr: pydicom.Dataset, sop_class: str) -> bool:
+    """Whether the content tree of ``sr`` fits the IOD of ``sop_class`` (:data:`SR_CLASSES`).
+
+    What tells the three IODs apart is their content: SCOORD3D only in
+    Comprehensive 3D SR (PS3.3 A.35.13), and no by-reference relationships in
+    Enhanced SR (A.35.2.3.1); their modules are the same (the SR Document General
+    and Content modules, C.17.2, C.17.3). These are the checks highdicom's
+    ComprehensiveSR and EnhancedSR make on their content.
+    """
+    if sop_class not in SR_CLASSES:
+        raise ValueError(f"sop_class must be one of {sorted(SR_CLASSES)}, got {sop_class!r}")
+
+    def fits(items: Sequence[pydicom.Dataset]) -> bool:
+        for item in items:
+            if item.get("ValueType") == "SCOORD3D" and sop_class != "comprehensive3d":
+                return False
+            if "ReferencedContentItemIdentifier" in item and sop_class == "enhanced":
+                return False
+            if not fits(item.get("ContentSequence", [])):
+                return False
+        return True
+
+    return fits(sr.get("ContentSequence", []))
+
+
+@contextlib.contextmanager
+def relabelled(sr: pydicom.Dataset, sop_class: str, sop_instance_uid: str) -> Iterator[None]:
+    """``sr`` as an instance of ``sop_class`` with ``sop_instance_uid`` while the block runs.
+
+    The same highdicom-encoded report in another SR class (checked with
+    :func:`fits_class`), without a copy: encoding it again with highdicom's
+    ComprehensiveSR and EnhancedSR constructors tripled the SR's cost (1.86 s
+    against 0.62 s for a positive 28-slice series, most of it deep copies of the
+    content tree; docs/performance.md). Not thread-safe: the one dataset is
+    changed in place and restored.
+
+    Raises
+    ------
+    ValueError
+        When the content does not fit ``sop_class``.
+    """
+    if not fits_class(sr, sop_class):
+        raise ValueError(f"this SR's content does not fit {sop_class} (PS3.3 A.35)")
+    meta = sr.get("file_meta")
+    before = (sr.SOPClassUID, sr.SOPInstanceUID)
+    before_meta = None
+    if meta is not None and "MediaStorageSOPClassUID" in meta:
+        before_meta = (meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID)
+    try:
+        sr.SOPClassUID, sr.SOPInstanceUID = SR_CLASSES[sop_class], sop_instance_uid
+        if before_meta is not None:
+            meta.MediaStorageSOPClassUID = SR_CLASSES[sop_class]
+            meta.MediaStorageSOPInstanceUID = sop_instance_uid
+        yield
+    finally:
+        sr.SOPClassUID, sr.SOPInstanceUID = before
+        if before_meta is not None:
+            meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = before_meta
 
 
 def algorithm_identification(card: ModelCard) -> hd.sr.AlgorithmIdentification:
