@@ -12,7 +12,7 @@ import re
 import zoneinfo
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -179,6 +179,13 @@ class Destination(_Section):
     from ``token_file`` or a user and password (two lines) from
     ``credentials_file``, and ``ca_file`` to trust besides the system's CAs.
     """
+
+    #: How an entry is written, for config errors (which keys are required depends on `kind`).
+    ENTRY_FORM: ClassVar[str] = (
+        "a mapping of name, ae_title, host, port (required for kind: dicom, the default) and "
+        "tls, sr_sop_class (optional), or of name, kind: dicomweb, url (required) and "
+        "token_file or credentials_file, ca_file, sr_sop_class (optional)"
+    )
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     kind: Literal["dicom", "dicomweb"] = "dicom"
@@ -605,6 +612,9 @@ def _entry_form(item: Any) -> str:
         kinds = [_kind(m) for m in models]
         return f"a mapping of name, kind ({', '.join(kinds)}) and that kind's keys"
     model = models[0]
+    written = getattr(model, "ENTRY_FORM", None)  # keys required by another key's value
+    if isinstance(written, str):
+        return written
     required = [_key(model, n) for n, f in model.model_fields.items() if f.is_required()]
     optional = [_key(model, n) for n, f in model.model_fields.items() if not f.is_required()]
     form = f"a mapping of {', '.join(required)} (required)"

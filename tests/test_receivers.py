@@ -388,3 +388,30 @@ def test_destination_keys_by_kind() -> None:
     ):  # fmt: skip
         with pytest.raises(ConfigError):
             parse_config({"destinations": [bad]})
+
+
+def test_dicomweb_files_are_checked_at_start(tmp_path: Path) -> None:
+    """check-config and serve name a token, credentials or CA file that cannot be used."""
+    from ich_node.delivery.outbox import check_targets
+
+    empty = tmp_path / "empty.token"
+    empty.write_text("\n")
+    creds = tmp_path / "one-line.creds"
+    creds.write_text("user-only\n")
+    bad_ca = tmp_path / "ca.pem"
+    bad_ca.write_text("not a certificate")
+    destinations = [
+        _dicomweb("a", "https://x/dicom-web", token_file=str(tmp_path / "missing.token")),
+        _dicomweb("b", "https://x/dicom-web", token_file=str(empty)),
+        _dicomweb("c", "https://x/dicom-web", credentials_file=str(creds)),
+        _dicomweb("d", "https://x/dicom-web", ca_file=str(bad_ca)),
+        Destination(name="e", ae_title="E", host="h", port=104),
+    ]
+    problems = check_targets((), destinations)
+    assert [p.split(":")[0] for p in problems] == [
+        "destinations[0] (a)",
+        "destinations[1] (b)",
+        "destinations[2] (c)",
+        "destinations[3] (d)",
+    ]
+    assert "unreadable" in problems[0] and "empty" in problems[1] and "line 2" in problems[2]
