@@ -276,6 +276,13 @@ class SeriesSection(_Section):
     )
 
 
+#: The model's labels (RSNA 2019 names), in its order: what ``model.thresholds`` and a
+#: notification target's ``labels`` may name.
+AlertLabel = Literal[
+    "any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"
+]
+
+
 class ModelSection(_Section):
     """``model``: the bundle the worker serves and where it runs."""
 
@@ -286,6 +293,9 @@ class ModelSection(_Section):
     compile: bool = False
     decode_threads: Annotated[int, Field(ge=0, le=64)] = 0
     tta: bool = False
+    # The site's operating point: label -> threshold, overriding the bundle's for the
+    # labels named (the others keep the bundle's). Empty: the bundle's thresholds.
+    thresholds: dict[AlertLabel, Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=dict)
 
     @field_validator("bundle", mode="before")
     @classmethod
@@ -302,12 +312,6 @@ class ResultsSection(_Section):
     # A Key Object Selection document ("Of Interest", PS3.3 A.35.4) listing the
     # positive slices, sent with the SR.
     key_objects: bool = False
-
-
-#: Labels a notification target may name (``labels``); the model's own order.
-AlertLabel = Literal[
-    "any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"
-]
 
 
 def _one_or_many(value: Any) -> Any:

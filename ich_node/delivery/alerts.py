@@ -32,7 +32,7 @@ from ich_node.durable import fsync_dir
 from ich_node.labels import LABELS
 from ich_node.queue import interface
 from ich_node.queue.layout import StorageLayout, plain_name
-from ich_node.results.findings import SeriesFindings
+from ich_node.results.findings import THRESHOLD_SOURCE_TEXT, SeriesFindings
 from ich_node.results.sr import FINDING_CODES
 
 #: The prefix that tells an alert's delivery row from a DICOM destination's (the
@@ -56,6 +56,9 @@ class AlertFinding:
     probability: float  # series-level, in [0, 1]
     threshold: float
     positive: bool
+    # bundle: the model card's threshold; site: model.thresholds of the configuration.
+    # Added later: records written before it read as "bundle".
+    threshold_source: str = "bundle"
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +207,7 @@ def make_alert(
                 round(float(f.probability), 4),
                 float(f.threshold),
                 bool(f.positive),
+                str(f.threshold_source),
             )
         )
     key_slice = None
@@ -256,8 +260,24 @@ def findings_text(alert: Alert) -> list[str]:
     lines = [head]
     for f in alert.findings:
         mark = "POSITIVE" if f.positive else "negative"
-        lines.append(f"  {f.label}: p={f.probability:.2f} (threshold {f.threshold:.2f}) {mark}")
+        lines.append(
+            f"  {f.label}: p={f.probability:.2f} "
+            f"(threshold {f.threshold:.2f}, {THRESHOLD_SOURCE_TEXT[f.threshold_source]}) {mark}"
+        )
     return lines
+
+
+def thresholds_line(alert: Alert) -> str:
+    """The thresholds in use and their source, in one line (HL7 NTE, email)."""
+    sources = {f.threshold_source for f in alert.findings}
+    if len(sources) == 1:
+        (source,) = sources
+        listed = ", ".join(f"{f.label} {f.threshold:.2f}" for f in alert.findings)
+        return f"Thresholds: {listed} ({THRESHOLD_SOURCE_TEXT[source]})."
+    listed = ", ".join(
+        f"{f.label} {f.threshold:.2f} ({f.threshold_source})" for f in alert.findings
+    )
+    return f"Thresholds: {listed}; site = site configuration (model.thresholds)."
 
 
 def key_image_png(hu: np.ndarray, lines: Sequence[str]) -> bytes:

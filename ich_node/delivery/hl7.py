@@ -17,7 +17,8 @@ Segments (HL7 v2.5.1 ch. 7, ORU_R01):
   priority (ORC-7/OBR-27 TQ component 6, and TQ1-9): ``priority_positive`` on a
   positive result, R otherwise; OBR-25 result status F, or C for a correction;
 - ``NTE`` the notice ("AI result for triage support, not a diagnosis") with model
-  name and version;
+  name and version; a second ``NTE`` the thresholds in use and their source (the
+  model bundle, or the site's ``model.thresholds``);
 - ``OBX`` the Study Instance UID, then one per label, coded as in the SR (SNOMED CT
   where certain), with the label's name as the text people read (OBX-3.2,
   :data:`ich_node.labels.LABEL_NAMES`: "Intraparenchymal hemorrhage" for SNOMED CT
@@ -35,7 +36,7 @@ import hl7
 from hl7.mllp import open_hl7_connection
 
 from ich_node.config import HL7Target
-from ich_node.delivery.alerts import Alert, AlertFailed
+from ich_node.delivery.alerts import Alert, AlertFailed, thresholds_line
 from ich_node.delivery.deadline import Deadline
 from ich_node.labels import LABEL_NAMES
 from ich_node.log import scrub_peer_text
@@ -128,6 +129,8 @@ def build_oru(alert: Alert, target: HL7Target) -> hl7.Message:
             "L",
             _field(f"{alert.notice} Model: {alert.model_name} {alert.model_version}."),
         ),
+        # The operating point in use and its source (bundle or site configuration).
+        _segment("NTE", "2", "L", _field(thresholds_line(alert))),
         _segment(
             "OBX",
             "1",

@@ -50,6 +50,7 @@ def body(alert: Alert, *, include_patient: bool = False) -> dict[str, Any]:
                 "code": {"value": f.code_value, "scheme": f.coding_scheme, "meaning": f.meaning},
                 "probability": f.probability,
                 "threshold": f.threshold,
+                "threshold_source": f.threshold_source,
                 "positive": f.positive,
             }
             for f in alert.findings

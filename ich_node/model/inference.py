@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -55,7 +55,7 @@ from ich_node.imaging import CTSeries, ImagingError, load_series_hu, preprocess_
 from ich_node.imaging.pixels import check_hu_plausible
 from ich_node.imaging.preprocess import add_slice_context, context_channels, model_hu
 from ich_node.model.bundle import Bundle
-from ich_node.results.findings import ModelInfo, SeriesFindings, summarise
+from ich_node.results.findings import ModelInfo, SeriesFindings, Thresholds, summarise
 
 log = structlog.get_logger(__name__)
 
@@ -238,6 +238,15 @@ class Classifier:
     sequence
         Run the bundle's sequence stage when it has one (``False``: the CNN alone,
         e.g. to compare the stages).
+    thresholds
+        The site's thresholds (``model.thresholds``: label -> value in (0, 1]) that
+        replace the bundle's for the labels named; the findings say which came from
+        where (:class:`ich_node.results.findings.Thresholds`).
+
+    Raises
+    ------
+    ValueError
+        For a bad ``batch_size``, ``decode_threads`` or site threshold.
 
     Notes
     -----
@@ -262,10 +271,12 @@ class Classifier:
         decode_threads: int = 0,
         tta: bool = False,
         sequence: bool = True,
+        thresholds: Mapping[str, float] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
         self.card = bundle.card
+        self.thresholds = Thresholds.resolve(self.card.thresholds, thresholds)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.batch_size = batch_size
@@ -497,7 +508,7 @@ class Classifier:
             sop_instance_uids=tuple(s.sop_instance_uid for s in series.slices),
             positions_mm=tuple(s.position_mm for s in series.slices),
             probabilities=probabilities,
-            thresholds=self.card.thresholds,
+            thresholds=self.thresholds,
             model=self.info,
             source=series,
         )

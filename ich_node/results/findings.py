@@ -6,7 +6,9 @@
       "study_instance_uid": "...", "series_instance_uid": "...", "n_slices": 32,
       "model": {"name", "version", "arch", "sha256", "demo", "stages", "tta"},
       "notice": "AI result for triage support, not a diagnosis. ...",
-      "series": {"any": {"probability": 0.97, "positive": true, "threshold": 0.5}, ...},
+      "series": {"any": {"probability": 0.97, "positive": true, "threshold": 0.5,
+                         "threshold_source": "bundle"}, ...},
+      "thresholds_source": "bundle",
       "slices": [{"sop_instance_uid", "position_mm", "probabilities": {"any": ...}}, ...],
       "coverage": {"z_min_mm", "z_max_mm", "median_spacing_mm", "largest_gap_mm",
                    "n_gaps", "complete"},
@@ -21,6 +23,10 @@ A slice that is a frame of a multi-frame image also has ``frame_number`` (1-base
 (:mod:`ich_node.imaging.records`): the images left out, each correction and
 irregularity, and, for a negative result on a series whose coverage is incomplete
 (a hole above ``series.max_gap_mm``), a note saying the result does not cover it.
+``threshold_source`` says where each label's threshold came from: ``bundle`` (the
+model card's, chosen on validation data) or ``site`` (``model.thresholds`` of the
+node's configuration); ``thresholds_source`` sums them up (``bundle``, ``site`` or
+``bundle+site``). Both were added later; findings without them read as ``bundle``.
 
 Slices are in spatial order, inferior to superior. A series-level probability is the
 maximum over slices (a bleed on any slice makes the series positive). A series is
@@ -32,9 +38,10 @@ from __future__ import annotations
 
 import datetime
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import numpy as np
 import pydicom
@@ -45,6 +52,74 @@ from ich_node.imaging.records import Coverage, Dropped
 from ich_node.labels import LABELS
 
 NOTICE: Final = "AI result for triage support, not a diagnosis."
+
+#: Where a threshold came from: the model bundle's card, or the site's configuration.
+ThresholdSource = Literal["bundle", "site"]
+#: How each source is said in the SR, the alerts and the audit.
+THRESHOLD_SOURCE_TEXT: Final[dict[str, str]] = {
+    "bundle": "model bundle",
+    "site": "site configuration (model.thresholds)",
+    "bundle+site": (
+        "site configuration (model.thresholds) for some labels, model bundle for the rest"
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """The per-label thresholds in use and where each came from.
+
+    Attributes
+    ----------
+    values : dict of str to float
+        Label -> threshold in (0, 1]; a label is positive when its series
+        probability is at least its threshold.
+    sources : dict of str to {"bundle", "site"}
+        Label -> where its threshold came from.
+    """
+
+    values: dict[str, float]
+    sources: dict[str, ThresholdSource]
+
+    @classmethod
+    def resolve(
+        cls, bundle: Mapping[str, float], site: Mapping[str, float] | None = None
+    ) -> Thresholds:
+        """The bundle's thresholds, overridden by the site's (``model.thresholds``) per label.
+
+        Raises
+        ------
+        ValueError
+            When ``bundle`` lacks a label of :data:`LABELS`, or ``site`` names an
+            unknown label or a value outside (0, 1].
+        """
+        site = dict(site or {})
+        missing = [label for label in LABELS if label not in bundle]
+        if missing:
+            raise ValueError(f"bundle thresholds lack {missing}")
+        for label, value in site.items():
+            if label not in LABELS:
+                raise ValueError(f"site thresholds: unknown label {label!r}")
+            if not 0.0 < float(value) <= 1.0:
+                raise ValueError(f"site threshold of {label!r} must be in (0, 1], got {value!r}")
+        values = {label: float(site.get(label, bundle[label])) for label in LABELS}
+        sources: dict[str, ThresholdSource] = {
+            label: "site" if label in site else "bundle" for label in LABELS
+        }
+        return cls(values, sources)
+
+    @property
+    def source(self) -> str:
+        """``bundle``, ``site`` or ``bundle+site`` (some labels each)."""
+        return summarise_sources(self.sources.values())
+
+
+def summarise_sources(sources: Any) -> str:
+    """``bundle``, ``site`` or ``bundle+site`` for a collection of per-label sources."""
+    kinds = set(sources)
+    if kinds <= {"bundle"}:
+        return "bundle"
+    return "site" if kinds == {"site"} else "bundle+site"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +147,7 @@ class LabelFinding:
     probability: float
     positive: bool
     threshold: float
+    threshold_source: ThresholdSource = "bundle"
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +226,19 @@ class SeriesFindings:
         return tuple(label for label in LABELS if self.series[label].positive)
 
     @property
+    def thresholds(self) -> Thresholds:
+        """The thresholds in use for this series and their sources."""
+        return Thresholds(
+            {label: self.series[label].threshold for label in LABELS},
+            {label: self.series[label].threshold_source for label in LABELS},
+        )
+
+    @property
+    def thresholds_source(self) -> str:
+        """``bundle``, ``site`` or ``bundle+site`` (see :class:`Thresholds`)."""
+        return self.thresholds.source
+
+    @property
     def notice(self) -> str:
         if self.model.demo:
             return f"{NOTICE} DEMO model trained on synthetic data - not for clinical use."
@@ -187,9 +276,11 @@ class SeriesFindings:
                     "probability": self.series[label].probability,
                     "positive": self.series[label].positive,
                     "threshold": self.series[label].threshold,
+                    "threshold_source": self.series[label].threshold_source,
                 }
                 for label in LABELS
             },
+            "thresholds_source": self.thresholds_source,
             "slices": [
                 {
                     "sop_instance_uid": s.sop_instance_uid,
@@ -245,11 +336,14 @@ def summarise(
     sop_instance_uids: tuple[str, ...],
     positions_mm: tuple[float, ...],
     probabilities: np.ndarray,
-    thresholds: dict[str, float],
+    thresholds: Mapping[str, float] | Thresholds,
     model: ModelInfo,
     source: CTSeries | None = None,
 ) -> SeriesFindings:
     """Build findings from (S, 6) float per-slice probabilities in :data:`LABELS` order.
+
+    ``thresholds``: label -> threshold (all from the bundle), or a :class:`Thresholds`
+    that also says which came from the site's configuration.
 
     ``source``, the series as read, gives the frame numbers, ``coverage``,
     ``dropped`` and ``notes`` (:mod:`ich_node.imaging.records`); a negative result
@@ -261,19 +355,22 @@ def summarise(
             f"probabilities must have shape ({len(sop_instance_uids)}, {len(LABELS)}), "
             f"got {probabilities.shape}"
         )
+    if not isinstance(thresholds, Thresholds):
+        thresholds = Thresholds.resolve(thresholds)
     series: dict[str, LabelFinding] = {}
     any_positive = False
     for j, label in enumerate(LABELS):
         # Rounded once, here, so JSON, SR and heatmaps all show the very same number.
         p = round(float(probabilities[:, j].max()), 6) if len(probabilities) else 0.0
-        positive = p >= thresholds[label]
+        threshold = thresholds.values[label]
+        positive = p >= threshold
         if label == "any":
             any_positive = positive
         else:
             # A subtype is reported only in a series positive for hemorrhage at all:
             # "no hemorrhage, but a subdural" would contradict itself.
             positive = positive and any_positive
-        series[label] = LabelFinding(probability=p, positive=positive, threshold=thresholds[label])
+        series[label] = LabelFinding(p, positive, threshold, thresholds.sources[label])
     slices = tuple(
         SliceFinding(
             sop_instance_uid=uid,

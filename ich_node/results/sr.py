@@ -35,7 +35,7 @@ from ich_node.card import ModelCard
 from ich_node.imaging import CTSeries
 from ich_node.labels import LABELS
 from ich_node.results.common import MANUFACTURER, contributing_equipment
-from ich_node.results.findings import SeriesFindings
+from ich_node.results.findings import THRESHOLD_SOURCE_TEXT, SeriesFindings, Thresholds
 
 SERIES_DESCRIPTION: Final = "ICH AI results"
 
@@ -136,7 +136,7 @@ def summary_text(findings: SeriesFindings, card: ModelCard) -> str:
         p = findings.series["any"].probability
         t = findings.series["any"].threshold
         body = f"No hemorrhage detected (highest p={p:.2f}, threshold {t:.2f})."
-    text = f"{head} {body}{reading_text(findings)}"
+    text = f"{head} {body}{reading_text(findings)} {thresholds_text(findings)}"
     if "sequence" in findings.model.stages:
         text += " Per-slice CNN followed by a sequence model over the series."
     if findings.model.tta:
@@ -147,6 +147,22 @@ def summary_text(findings: SeriesFindings, card: ModelCard) -> str:
     if card.demo:
         text += " DEMO model trained on synthetic data - not for clinical use."
     return text
+
+
+def thresholds_text(findings: SeriesFindings) -> str:
+    """The thresholds in use and where they came from, in one sentence.
+
+    E.g. "Thresholds: any 0.50, epidural 0.50, ... (model bundle)." or, with the
+    site's operating point for some labels, each value followed by its source.
+    """
+    values = findings.thresholds
+    if values.source != "bundle+site":
+        listed = ", ".join(f"{label} {values.values[label]:.2f}" for label in LABELS)
+        return f"Thresholds: {listed} ({THRESHOLD_SOURCE_TEXT[values.source]})."
+    listed = ", ".join(
+        f"{label} {values.values[label]:.2f} ({values.sources[label]})" for label in LABELS
+    )
+    return f"Thresholds: {listed}; site = site configuration (model.thresholds)."
 
 
 def reading_text(findings: SeriesFindings) -> str:
@@ -236,13 +252,26 @@ def relabelled(sr: pydicom.Dataset, sop_class: str, sop_instance_uid: str) -> It
             meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = before_meta
 
 
-def algorithm_identification(card: ModelCard) -> hd.sr.AlgorithmIdentification:
-    """TID 4019: the model's name, version and the parameters that shape its output."""
+def algorithm_identification(
+    card: ModelCard, thresholds: Thresholds | None = None
+) -> hd.sr.AlgorithmIdentification:
+    """TID 4019: the model's name, version and the parameters that shape its output.
+
+    ``thresholds``: those in use (the site's ``model.thresholds`` may replace the
+    bundle's); ``None``: the bundle's. Their source is a parameter of its own.
+    """
+    thresholds = thresholds or Thresholds.resolve(card.thresholds)
     parameters = [
         f"architecture={card.arch}",
         f"input_size={card.input_size}",
         "windows=" + ";".join(f"{w.name}:{w.center:g}/{w.width:g}" for w in card.windows),
-        "thresholds=" + ";".join(f"{label}:{card.thresholds[label]:g}" for label in LABELS),
+        "thresholds=" + ";".join(f"{label}:{thresholds.values[label]:g}" for label in LABELS),
+        "thresholds_source="
+        + (
+            thresholds.source
+            if thresholds.source != "bundle+site"
+            else ";".join(f"{label}:{thresholds.sources[label]}" for label in LABELS)
+        ),
         f"weights_sha256={card.sha256}",
         "stages=" + "+".join(card.stages),
         f"slice_context={card.context}",
@@ -264,7 +293,7 @@ def measurement_groups(
     """One TID 1501 group per label, in :data:`LABELS` order."""
     if len(tracking_uids) != len(LABELS):
         raise ValueError(f"tracking_uids must hold {len(LABELS)} UIDs, got {len(tracking_uids)}")
-    algorithm = algorithm_identification(card)
+    algorithm = algorithm_identification(card, findings.thresholds)
     groups = []
     for label, uid in zip(LABELS, tracking_uids, strict=True):
         result = findings.series[label]

@@ -306,6 +306,7 @@ def worker_main(
         compile=config.model.compile,
         decode_threads=config.model.decode_threads,
         tta=config.model.tta,
+        thresholds={str(k): v for k, v in config.model.thresholds.items()},
     )
     # Compilation and kernel selection are paid here, once, not by the first study.
     warmup_s = classifier.warmup()
@@ -318,6 +319,8 @@ def worker_main(
         version=bundle.card.version,
         device=str(classifier.device),
         warmup_s=round(warmup_s, 2),
+        thresholds=classifier.thresholds.values,
+        thresholds_source=classifier.thresholds.source,
     )
     worker.run(stop, poll_seconds)
     # Joined, not left to die with the interpreter: a daemon thread woken during
