@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import zoneinfo
+from collections.abc import Sequence
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
@@ -128,6 +129,11 @@ class NodeSection(_Section):
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     worker_max_crashes: Annotated[int, Field(ge=1, le=1000)] = 5
     tls: ServerTLS | None = None
+    # live: results and alerts go to every destination and notification target;
+    # shadow: the node reads and records as usual but sends only to the targets that
+    # set `shadow: true` (a silent local validation, docs/validation.md).
+    mode: Literal["live", "shadow"] = "live"
+
     # The zone results are dated in when the source study names none (its
     # TimezoneOffsetFromUTC wins): an IANA name; None = the system's zone.
     timezone: str | None = None
@@ -183,8 +189,8 @@ class Destination(_Section):
     #: How an entry is written, for config errors (which keys are required depends on `kind`).
     ENTRY_FORM: ClassVar[str] = (
         "a mapping of name, ae_title, host, port (required for kind: dicom, the default) and "
-        "tls, sr_sop_class (optional), or of name, kind: dicomweb, url (required) and "
-        "token_file or credentials_file, ca_file, sr_sop_class (optional)"
+        "tls, sr_sop_class, shadow (optional), or of name, kind: dicomweb, url (required) and "
+        "token_file or credentials_file, ca_file, sr_sop_class, shadow (optional)"
     )
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
@@ -193,6 +199,8 @@ class Destination(_Section):
     host: Annotated[str, Field(min_length=1)] | None = None
     port: Port | None = None
     tls: ClientTLS | None = None
+    # Also sent to in shadow mode (node.mode: shadow), e.g. a research PACS.
+    shadow: bool = False
     sr_sop_class: SrSopClass = "auto"
     url: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$")] | None = None
     token_file: Path | None = None
@@ -327,6 +335,8 @@ class _Target(_Section):
     when: Literal["positive", "always"] = "positive"
     labels: Annotated[tuple[AlertLabel, ...], Field(min_length=1)] = ("any",)
     timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
+    # Also told in shadow mode (node.mode: shadow), e.g. the validation team's inbox.
+    shadow: bool = False
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -623,6 +633,36 @@ def _entry_form(item: Any) -> str:
     optional = [_key(model, n) for n, f in model.model_fields.items() if not f.is_required()]
     form = f"a mapping of {', '.join(required)} (required)"
     return form + (f" and {', '.join(optional)} (optional)" if optional else "")
+
+
+_Sent = TypeVar("_Sent", Destination, NotificationTarget)
+
+
+def sent_in_mode(targets: Sequence[_Sent], mode: Literal["live", "shadow"]) -> tuple[_Sent, ...]:
+    """The destinations or notification targets that are sent to in ``mode`` (``node.mode``).
+
+    ``live``: all of them; ``shadow``: only those with ``shadow: true``. Applied where
+    deliveries and alerts are created (the worker's completion,
+    :func:`ich_node.delivery.outbox.prepare_alerts`), so that nothing is queued
+    that will never be sent.
+    """
+    return tuple(targets) if mode == "live" else tuple(t for t in targets if t.shadow)
+
+
+def mode_fields(config: NodeConfig) -> dict[str, object]:
+    """``node.mode`` and, in shadow mode, the targets still sent to (for logs and status).
+
+    Names only: the destinations and notification targets with ``shadow: true``.
+    """
+    fields: dict[str, object] = {"mode": config.node.mode}
+    if config.node.mode == "shadow":
+        fields["shadow_destinations"] = [
+            d.name for d in sent_in_mode(config.destinations, "shadow")
+        ]
+        fields["shadow_notifications"] = [
+            t.name for t in sent_in_mode(config.notifications, "shadow")
+        ]
+    return fields
 
 
 def _item(annotation: Any) -> Any:

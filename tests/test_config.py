@@ -96,7 +96,7 @@ def test_loading_gives_typed_frozen_objects(tmp_path: Path) -> None:
         ({"callers": "CT1"}, "callers: must be a list, one `- ` line per entry, each a mapping of ae_title (required) and host (optional); got 'CT1'"),
         ({"callers": {"ae_title": "CT1"}}, "callers: must be a list, one `- ` line per entry, each a mapping of ae_title"),
         ({"callers": ["CT1"]}, "callers[0]: each entry must be a mapping of ae_title (required) and host (optional); got 'CT1'"),
-        ({"destinations": {"name": "pacs"}}, "destinations: must be a list, one `- ` line per entry, each a mapping of name, ae_title, host, port (required for kind: dicom, the default) and tls, sr_sop_class (optional), or of name, kind: dicomweb, url"),
+        ({"destinations": {"name": "pacs"}}, "destinations: must be a list, one `- ` line per entry, each a mapping of name, ae_title, host, port (required for kind: dicom, the default) and tls, sr_sop_class, shadow (optional), or of name, kind: dicomweb, url"),
         ({"series": {"modalities": "CT"}}, "series.modalities: must be a list, one `- ` line per entry, each a single value; got 'CT'"),
         ({"notifications": "ris"}, "notifications: must be a list, one `- ` line per entry, each a mapping of name, kind (hl7, webhook, email) and that kind's keys"),
         ({"node": "ICH"}, "node: must be a section (a mapping of its keys, config/node.yaml); got 'ICH'"),

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 import numpy as np
 import pydicom
@@ -25,6 +25,7 @@ from ich_node.config import (
     HL7Target,
     NotificationTarget,
     WebhookTarget,
+    sent_in_mode,
 )
 from ich_node.delivery.alerts import (
     ALERT_PREFIX,
@@ -136,6 +137,7 @@ def prepare_alerts(
     header: pydicom.Dataset,
     hu_of: Callable[[int], np.ndarray] | None,
     now: float,
+    mode: Literal["live", "shadow"] = "live",
 ) -> list[Alert]:
     """Decide, write and record the alerts of one series version; returns the new ones.
 
@@ -147,6 +149,10 @@ def prepare_alerts(
 
     Parameters
     ----------
+    targets
+        The configured notification targets; in ``mode`` ``shadow`` only those with
+        ``shadow: true`` are told (:func:`ich_node.config.sent_in_mode`): the others
+        get no record and no delivery row, so nothing waits to be sent.
     created_at
         When the job was queued: the version holds the instances received by then.
     header
@@ -160,6 +166,7 @@ def prepare_alerts(
         When a record cannot be written: the job fails and runs again, so an
         alert is never sent unrecorded nor lost.
     """
+    targets = sent_in_mode(targets, mode)
     if not targets:
         return []
     for _ in range(_DECIDE_ATTEMPTS):

@@ -69,6 +69,7 @@ class ModelStage:
             header=source_header(prediction.series),
             hu_of=lambda i: prediction.hu[i],
             now=time.time(),
+            mode=self.config.node.mode,
         )
         item.times["alert_s"] = time.perf_counter() - t
         if alerts:

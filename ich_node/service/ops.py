@@ -25,7 +25,7 @@ from typing import Any, Final
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from ich_node.config import NodeConfig, ServerTLS
+from ich_node.config import NodeConfig, ServerTLS, mode_fields, sent_in_mode
 from ich_node.log import redact
 from ich_node.queue.backend import existing_store, is_shared, job_queue, storage_ready
 from ich_node.queue.interface import HEARTBEAT_STALE_SECONDS, StoreUnusable
@@ -43,6 +43,20 @@ def _open(config: NodeConfig, *, write: bool = False) -> Store | int:
     except StoreUnusable as exc:
         print(f"ich-node: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def mode_line(config: NodeConfig) -> str:
+    """``node.mode`` in words, for ``status`` and ``health``."""
+    if config.node.mode == "live":
+        return "mode: live (results and alerts sent to every destination and target)"
+    sent = [t.name for t in sent_in_mode(config.destinations, "shadow")] + [
+        t.name for t in sent_in_mode(config.notifications, "shadow")
+    ]
+    return (
+        "mode: shadow (read and recorded, not sent; sent only to "
+        + (", ".join(sent) if sent else "no target")
+        + ": shadow: true)"
+    )
 
 
 def shown_state(state: str, last: JobRecord | None, sent: Sequence[str]) -> str:
@@ -196,9 +210,11 @@ def status(config: NodeConfig, as_json: bool) -> int:
         report = collect_status(store, time.time())
     finally:
         store.close()
+    report.update(mode_fields(config))
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0
+    print(mode_line(config))
     print(f"instances: {report['instances']}")
     for table in ("series", "jobs", "deliveries"):
         counts = ", ".join(f"{k} {v}" for k, v in sorted(report[table].items())) or "none"
@@ -329,6 +345,7 @@ def health(config: NodeConfig, role: str = "all") -> int:
     if not mounted:
         parts.append(f"storage: {config.storage.dir} not mounted ({STORE_ID_NAME} missing)")
     print("; ".join(parts))
+    print(mode_line(config))
     from ich_node.service.serve import workers_state
 
     # The node's supervisor records workers it gave up on (rewritten at each start).

@@ -23,7 +23,7 @@ from typing import Any
 import pydicom
 import structlog
 
-from ich_node.config import NodeConfig, sr_classes_needed
+from ich_node.config import NodeConfig, sent_in_mode, sr_classes_needed
 from ich_node.durable import fsync_dir
 from ich_node.imaging import SeriesRefused
 from ich_node.imaging.identity import fingerprint, version_identities
@@ -213,8 +213,11 @@ class ResultsStage:
             shutil.rmtree(final, ignore_errors=True)  # a crashed earlier attempt's output
             os.replace(tmp, final)
             fsync_dir(final.parent)
+            # Shadow mode: outbox rows only for the destinations that set `shadow: true`
+            # (nothing is queued that will never be sent); the results are made and kept.
+            destinations = sent_in_mode(self.config.destinations, self.config.node.mode)
             self.queue.complete(
-                job, [d.name for d in self.config.destinations], n_files, clock(), sr=sr, read=read
+                job, [d.name for d in destinations], n_files, clock(), sr=sr, read=read
             )
             outcome = JobOutcome(job.job_id, "done", n_files, "")
         except Exception as exc:

@@ -33,7 +33,7 @@ from typing import Final
 
 import structlog
 
-from ich_node.config import NodeConfig
+from ich_node.config import NodeConfig, mode_fields
 from ich_node.delivery.sender import Sender
 from ich_node.ingest.assemble import Assembler
 from ich_node.ingest.guard import GuardedServer
@@ -673,6 +673,7 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float], role: str = "a
         role=role,
         node=beat_name,
         workers=config.node.workers if works else 0,
+        **mode_fields(config),
     )
     cleaned_at = clock()
     refusals = _RefusalsWriter(

@@ -319,6 +319,7 @@ def worker_main(
         version=bundle.card.version,
         device=str(classifier.device),
         warmup_s=round(warmup_s, 2),
+        mode=config.node.mode,
         thresholds=classifier.thresholds.values,
         thresholds_source=classifier.thresholds.source,
     )
