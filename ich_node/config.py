@@ -461,6 +461,9 @@ class StorageSection(_Section):
 
     dir: Path = Path("/var/lib/ich-node")
     keep_hours: Annotated[float, Field(gt=0)] = 168.0
+    # The results ledger (one row per series version read, no images, no patient
+    # name/ID/birth date), kept for `ich-node audit` long after the images.
+    keep_results_days: Annotated[float, Field(gt=0)] = 730.0
     min_free_mb: Annotated[int, Field(ge=0)] = 1024
     database: str | None = None
     database_password_file: Path | None = None

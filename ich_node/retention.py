@@ -10,6 +10,10 @@ What goes, once it is older than the keep period:
 
 What stays: anything still receiving, queued, leased, retrying or parked (an
 admin may still ``resend`` it), and the store's rows (UIDs, states, timings).
+The results ledger (``series_reads``: one row per series version read, what
+``ich-node audit`` compares with the radiologists' reads) has its own, longer
+period, ``storage.keep_results_days`` (default 730): a row goes once its read is
+older than that.
 Half-written result folders (``results/.<job>.<pid>.tmp``) of a worker that is
 gone are removed as well, whatever their age. With a shared store (PostgreSQL,
 several hosts on one ``storage.dir``) a pid names a process of some host, not
@@ -73,6 +77,7 @@ class Cleaned:
     temp_folders: int
     orphan_temp_files: int = 0  # half-written spool files, older than ORPHAN_AGE_SECONDS
     orphan_unrecorded_files: int = 0  # spool files the store does not record, as old
+    reads: int = 0  # rows of the results ledger past storage.keep_results_days
 
 
 def _pid_alive(pid: int) -> bool:
@@ -104,12 +109,21 @@ class Cleaner:
         ``storage.keep_hours``.
     shared : bool
         Whether other hosts share ``storage.dir`` (``storage.database`` set).
+    keep_results_days : float
+        ``storage.keep_results_days``: how long the results ledger keeps a read.
     """
 
     def __init__(
-        self, store: Store, storage_dir: Path, keep_hours: float, *, shared: bool = False
+        self,
+        store: Store,
+        storage_dir: Path,
+        keep_hours: float,
+        *,
+        shared: bool = False,
+        keep_results_days: float = 730.0,
     ) -> None:
         self.shared = shared
+        self.keep_results_seconds = keep_results_days * 86400.0
         self.store = store
         self.storage_dir = Path(storage_dir)
         self.layout = StorageLayout(self.storage_dir)
@@ -174,6 +188,11 @@ class Cleaner:
                         shutil.rmtree(folder, ignore_errors=True)
         except Exception as exc:  # log and go on; the next pass tries again
             log.error("retention.failed", error=type(exc).__name__)
+        n_reads = 0
+        try:  # the results ledger: its own, longer period
+            n_reads = self.store.forget_reads(now - self.keep_results_seconds)
+        except Exception as exc:  # log and go on; the next pass tries again
+            log.error("retention.reads_failed", error=type(exc).__name__)
         orphans = (0, 0)
         if self._orphans_due is None or now >= self._orphans_due:
             # Due again in an hour even when this walk fails: never a walk each pass.
@@ -182,14 +201,15 @@ class Cleaner:
                 orphans = self._remove_orphans(now - ORPHAN_AGE_SECONDS)
             except Exception as exc:  # log and go on; the next walk tries again
                 log.error("cleaner.orphans_failed", error=type(exc).__name__)
-        cleaned = Cleaned(n_series, n_files, n_results, n_temp, *orphans)
-        if n_series or n_results or n_temp:
+        cleaned = Cleaned(n_series, n_files, n_results, n_temp, *orphans, reads=n_reads)
+        if n_series or n_results or n_temp or n_reads:
             log.info(
                 "retention.cleaned",
                 series=n_series,
                 instance_files=n_files,
                 result_folders=n_results,
                 temp_folders=n_temp,
+                ledger_reads=n_reads,
             )
         return cleaned
 

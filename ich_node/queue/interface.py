@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
@@ -264,6 +264,17 @@ class SeriesRead:
         The SR the version sent (empty when it sent none); the SR is in the source study.
     cause : str
         Why this version was read ("first read", "3 late instances", ...).
+    threshold_sources : dict of str to str
+        Per label, where its threshold came from: ``bundle`` (the model card) or
+        ``site`` (``model.thresholds``); empty in rows written before it was kept
+        (then every threshold was the bundle's).
+    mode : {"live", "shadow"}
+        ``node.mode`` when the version was read: in shadow mode nothing was sent
+        except to the targets with ``shadow: true``.
+    result_at : float or None
+        When the probabilities were known (the moment the alerts are recorded,
+        before heatmaps and the SR): in shadow mode, when an alert would have
+        been sent. ``None`` in rows written before it was kept.
     """
 
     job_id: str
@@ -293,6 +304,9 @@ class SeriesRead:
     # SHA-256 over the sorted digests of the instances as received (the fast path of
     # a comparison: equal bytes, equal content); "" when a digest was not recorded.
     bytes_fingerprint: str = ""
+    threshold_sources: dict[str, str] = field(default_factory=dict)
+    mode: str = "live"
+    result_at: float | None = None
 
     @property
     def sr(self) -> SrReference | None:

@@ -250,6 +250,14 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE alerts ADD COLUMN study_key TEXT NOT NULL DEFAULT '';
     CREATE INDEX alerts_study ON alerts(study_key, target, created_at);
     """,
+    # 8: the results ledger for `ich-node audit`: where each threshold came from
+    # (bundle or site), node.mode of the read, when the probabilities were known.
+    """
+    ALTER TABLE series_reads ADD COLUMN threshold_sources TEXT NOT NULL DEFAULT '';
+    ALTER TABLE series_reads ADD COLUMN mode TEXT NOT NULL DEFAULT 'live';
+    ALTER TABLE series_reads ADD COLUMN result_at DOUBLE PRECISION;
+    CREATE INDEX series_reads_read_at ON series_reads(read_at);
+    """,
 )
 
 #: The schema version this code writes and reads.

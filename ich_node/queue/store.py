@@ -206,8 +206,12 @@ CREATE TABLE IF NOT EXISTS series_reads (
     sr_sop_class_uid TEXT NOT NULL DEFAULT '',
     sr_sop_instance_uid TEXT NOT NULL DEFAULT '',
     cause TEXT NOT NULL DEFAULT '',
-    bytes_fingerprint TEXT NOT NULL DEFAULT ''
+    bytes_fingerprint TEXT NOT NULL DEFAULT '',
+    threshold_sources TEXT NOT NULL DEFAULT '',
+    mode TEXT NOT NULL DEFAULT 'live',
+    result_at REAL
 );
+CREATE INDEX IF NOT EXISTS series_reads_read_at ON series_reads(read_at);
 CREATE INDEX IF NOT EXISTS series_reads_series ON series_reads(series_instance_uid, version);
 CREATE INDEX IF NOT EXISTS series_reads_study ON series_reads(study_instance_uid);
 CREATE INDEX IF NOT EXISTS series_reads_accession ON series_reads(accession_number);
@@ -244,6 +248,10 @@ _ADDED_COLUMNS: Final = (
     ("series", "purged_at", "REAL"),
     ("series_reads", "bytes_fingerprint", "TEXT NOT NULL DEFAULT ''"),
     ("alerts", "study_key", "TEXT NOT NULL DEFAULT ''"),
+    # The results ledger, for `ich-node audit`: threshold sources, node.mode, result time.
+    ("series_reads", "threshold_sources", "TEXT NOT NULL DEFAULT ''"),
+    ("series_reads", "mode", "TEXT NOT NULL DEFAULT 'live'"),
+    ("series_reads", "result_at", "REAL"),
 )
 
 
@@ -798,8 +806,10 @@ class Store:
                 model_version, model_sha256, thresholds, probabilities, positive_labels,
                 coverage_complete, n_notes, first_received_at, completed_at, read_at,
                 first_alert_at, first_delivery_at, sr_series_instance_uid, sr_sop_class_uid,
-                sr_sop_instance_uid, cause, bytes_fingerprint)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                sr_sop_instance_uid, cause, bytes_fingerprint, threshold_sources, mode,
+                result_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+                ?, ?)
             ON CONFLICT (job_id) DO NOTHING""",
             (
                 job.job_id, read.study_instance_uid, job.series_instance_uid,
@@ -812,6 +822,9 @@ class Store:
                 now if read.read_at is None else read.read_at, first_alert,
                 read.first_delivery_at, read.sr_series_instance_uid, read.sr_sop_class_uid,
                 read.sr_sop_instance_uid, read.cause or job.cause, read.bytes_fingerprint,
+                json.dumps(read.threshold_sources, sort_keys=True)
+                if read.threshold_sources else "",
+                read.mode, read.result_at,
             ),
         )  # fmt: skip
 
@@ -823,6 +836,8 @@ class Store:
         labels = str(data["positive_labels"])
         data["positive_labels"] = tuple(labels.split(",")) if labels else ()
         data["coverage_complete"] = bool(data["coverage_complete"])
+        sources = str(data.get("threshold_sources") or "")
+        data["threshold_sources"] = json.loads(sources) if sources else {}
         return SeriesRead(**data)
 
     def reads(
@@ -848,6 +863,13 @@ class Store:
             tuple(params),
         )
         return [self._read_record(r) for r in rows]
+
+    def forget_reads(self, read_before: float) -> int:
+        """Delete the ledger rows of reads done before ``read_before`` (seconds since the
+        epoch); returns how many. ``storage.keep_results_days`` (:mod:`ich_node.retention`)."""
+        with self.transaction() as db:
+            cur = db.execute("DELETE FROM series_reads WHERE read_at < ?", (read_before,))
+            return int(cur.rowcount or 0)
 
     def latest_read(self, series_instance_uid: str) -> SeriesRead | None:
         """The ledger row of the highest version of a series read, or ``None``."""

@@ -50,7 +50,10 @@ class ModelStage:
         Before Grad-CAM, heatmaps and the SR: the serving process's alert thread
         sends them at once. A failure to record fails the job (it runs again;
         an alert is never sent unrecorded, and recorded ones are not repeated).
+        The moment is kept as the result time of the results ledger (``result_at``:
+        when an alert went, or in shadow mode would have gone).
         """
+        item.times["result_at"] = time.time()
         if not self.config.notifications:
             return
         from ich_node.delivery.outbox import prepare_alerts

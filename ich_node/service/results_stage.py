@@ -140,7 +140,13 @@ class ResultsStage:
         )
         return sum(1 for p in written if p.suffix == ".dcm"), reference
 
-    def ledger_row(self, job: JobRecord, explained: Any, sr: SrReference | None) -> SeriesRead:
+    def ledger_row(
+        self,
+        job: JobRecord,
+        explained: Any,
+        sr: SrReference | None,
+        result_at: float | None = None,
+    ) -> SeriesRead:
         """This version's row of the results ledger (written when the job completes).
 
         The content fingerprint covers every instance the version read; the slices
@@ -179,6 +185,9 @@ class ResultsStage:
             sr_sop_instance_uid="" if sr is None else sr.sop_instance_uid,
             cause=job.cause,
             bytes_fingerprint=fingerprint(digests) if all(digests) else "",
+            threshold_sources={k: str(f.threshold_source) for k, f in findings.series.items()},
+            mode=self.config.node.mode,
+            result_at=result_at,
         )
 
     def finish(
@@ -209,7 +218,7 @@ class ResultsStage:
             times["positive"] = float(
                 sum(1 for f in explained.findings.series.values() if f.positive)
             )
-            read = self.ledger_row(job, explained, sr)
+            read = self.ledger_row(job, explained, sr, times.get("result_at"))
             shutil.rmtree(final, ignore_errors=True)  # a crashed earlier attempt's output
             os.replace(tmp, final)
             fsync_dir(final.parent)

@@ -614,7 +614,13 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float], role: str = "a
         holder=beat_name,
     )
     supervisor = Supervisor(config, queue, prefix)
-    cleaner = Cleaner(store, config.storage.dir, config.storage.keep_hours, shared=shared)
+    cleaner = Cleaner(
+        store,
+        config.storage.dir,
+        config.storage.keep_hours,
+        shared=shared,
+        keep_results_days=config.storage.keep_results_days,
+    )
     # Workers of a previous run (killed with the node) exit when their parent is
     # gone; what they held runs again. Shared store: only this node id's leases.
     if works:
