@@ -3,25 +3,21 @@
 Except to the destinations and notification targets that set ``shadow: true``.
 The filter sits where deliveries and alerts are created (the worker's completion,
 ``prepare_alerts``): the store holds no row for a target that will never be sent
-to. Tested with a real worker on both store backends, and through ``serve`` with
-real peers (DCMTK storescp as the PACS and a research PACS, python-hl7's MLLP
-server as the RIS and the validation team's interface engine).
+to. Tested here with a real worker on both store backends; through ``serve`` with
+real peers in ``tests/test_audit_node.py`` (which then audits that node).
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from benchmarks.common import free_port, queue_series, random_bundle
-from benchmarks.end_to_end import Destination, Node, _send
 from ich_node.config import Destination as DestinationConfig
 from ich_node.config import parse_config, sent_in_mode
 from ich_node.labels import LABELS
@@ -30,7 +26,6 @@ from ich_node.model.inference import Classifier
 from ich_node.queue.layout import results_dir
 from ich_node.queue.store import Store
 from ich_node.service.worker import Worker
-from tests.alert_servers import MLLPServer, wait_for
 from training.phantom import PhantomSeries, write_series
 
 OpenStore = Callable[[Path], Store]
@@ -106,75 +101,19 @@ def test_worker_queues_only_what_the_mode_sends(
     assert (folder / "outbox" / "sr.dcm").is_file()
 
 
-@pytest.fixture
-def shadow_node(tmp_path: Path, study: PhantomSeries) -> Iterator[dict[str, Any]]:
-    bundle = random_bundle(tmp_path / "m.safetensors", name="shadow model",
-                           thresholds=dict.fromkeys(LABELS, 0.01))  # fmt: skip
-    pacs = Destination(tmp_path / "pacs")
-    research = Destination(tmp_path / "research")
-    ris, validation = MLLPServer("AA"), MLLPServer("AA")
-    targets = _targets(shadow_target=True)
-    targets[0]["port"], targets[1]["port"] = ris.port, validation.port
-    config = {
-        "node": {"mode": "shadow"},
-        "series": {"stable_seconds": 0.5, "min_slices": 8},
-        "model": {"bundle": str(bundle), "device": "cpu", "batch_size": 8},
-        "results": {"heatmaps": "none"},
-        "sender": {"backoff_base_seconds": 0.2, "backoff_max_seconds": 0.5},
-        "destinations": [
-            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port},
-            {"name": "research", "ae_title": "PACS", "host": "127.0.0.1", "port": research.port,
-             "shadow": True},
-        ],
-        "notifications": targets,
-    }  # fmt: skip
-    node = Node(tmp_path, config)
-    yield {"node": node, "pacs": pacs, "research": research, "ris": ris, "validation": validation}
-    node.stop()
-    for peer in (pacs, research):
-        peer.process.terminate()
-        peer.process.wait(10)
-    ris.close()
-    validation.close()
+def test_check_config_says_the_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ich_node.service.cli import main
 
-
-def test_served_shadow_node_sends_only_to_shadow_targets(
-    tmp_path: Path, study: PhantomSeries, shadow_node: dict[str, Any]
-) -> None:
-    node, research = shadow_node["node"], shadow_node["research"]
-    _send(list(study.paths), node.port, nodelay=True, calling="MODALITY")
-    assert wait_for(lambda: "SR" in research.modalities(study.study_instance_uid), 240), (
-        node.log_path.read_text()[-3000:]
-    )
-    assert wait_for(lambda: shadow_node["validation"].messages, 60)
-    store = Store.open(tmp_path / "node")
-    assert wait_for(lambda: {d.state for d in store.deliveries()} == {"done"}, 60)
-    assert [j.state for j in store.jobs()] == ["done"]
-    assert sorted(d.destination for d in store.deliveries()) == ["alert:validation", "research"]
-    store.close()
-    # Nothing reached the PACS or the RIS.
-    assert shadow_node["pacs"].modalities(study.study_instance_uid) == []
-    assert list(shadow_node["pacs"].folder.iterdir()) == []
-    assert shadow_node["ris"].messages == []
-    # The log, status and health say the mode.
-    (started,) = node.events("serve.started")
-    assert started["mode"] == "shadow"
-    assert started["shadow_destinations"] == ["research"]
-    assert started["shadow_notifications"] == ["validation"]
-    (ready,) = node.events("worker.ready")
-    assert ready["mode"] == "shadow"
-    cli = [sys.executable, "-m", "ich_node.cli"]
-    status = subprocess.run([*cli, "status", "--config", str(node.config_path)],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert status.returncode == 0, status.stderr
-    assert status.stdout.splitlines()[0] == (
-        "mode: shadow (read and recorded, not sent; sent only to research, validation: "
-        "shadow: true)"
-    )
-    as_json = subprocess.run([*cli, "status", "--config", str(node.config_path), "--json"],
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert json.loads(as_json.stdout)["mode"] == "shadow"
-    health = subprocess.run([*cli, "health", "--config", str(node.config_path)],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert health.returncode == 0, health.stdout + health.stderr
-    assert "mode: shadow" in health.stdout
+    path = tmp_path / "node.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "node": {"mode": "shadow"},
+                "destinations": [{"name": "research", "ae_title": "RES", "host": "h",
+                                  "port": 104, "shadow": True}],
+            }
+        )
+    )  # fmt: skip
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "mode: shadow (read and recorded, not sent; sent only to research: shadow: true)" in out

@@ -10,6 +10,8 @@ Commands and flags are a stable interface (admins' scripts call them)::
     ich-node status  --config PATH [--json]
     ich-node health  --config PATH [--role all|listener|worker]
     ich-node resend  --config PATH JOB
+    ich-node audit   --config PATH --reads READS.csv --out DIR [--since DATE] [--until DATE]
+                     [--target-sensitivity 0.95] [--report-zone ZONE]
     ich-node bundle-info BUNDLE
     ich-node web     --config PATH
     ich-node web-user add NAME --role viewer|admin --config PATH [--password-stdin]
@@ -107,6 +109,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"{len(config.notifications)} notification target(s),"
     )
     print(f"  model bundle {described})")
+    from ich_node.service.ops import mode_line
+
+    print(f"  {mode_line(config)}")
     return EXIT_OK
 
 
@@ -360,6 +365,22 @@ def cmd_web_user(args: argparse.Namespace) -> int:
     return web_user_add(_config_or_exit(args.config), args.name, args.role, args.password_stdin)
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Compare the node's results with the radiologists' reads (docs/validation.md)."""
+    config = _config_or_exit(args.config)
+    from ich_node.audit.report import run_audit
+
+    return run_audit(
+        config,
+        args.reads,
+        args.out,
+        since=args.since,
+        until=args.until,
+        target_sensitivity=args.target_sensitivity,
+        report_zone=args.report_zone,
+    )
+
+
 def cmd_migrate_store(args: argparse.Namespace) -> int:
     """Copy the embedded SQLite store of ``storage.dir`` into ``storage.database``."""
     config = _config_or_exit(args.config)
@@ -464,6 +485,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="read the password from the first line of standard input (for scripts)",
     )
     p.set_defaults(func=cmd_web_user)
+
+    p = sub.add_parser(
+        "audit",
+        help="compare the node's results with the radiologists' reads (a local validation)",
+        description="Join READS.csv (one row per study: accession_number or "
+        "study_instance_uid, ich 0/1, optional subtype columns with the RSNA names, optional "
+        "report_time) to the node's results ledger; write DIR/report.json and "
+        "DIR/report.html (and a copy in <storage.dir>/audit/latest/) and print a summary. "
+        "See docs/validation.md.",
+    )
+    p.add_argument("--config", type=Path, required=True, metavar="PATH")
+    p.add_argument("--reads", type=Path, required=True, metavar="READS.csv")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--since", metavar="DATE", help="first day (YYYY-MM-DD, UTC) of arrivals")
+    p.add_argument("--until", metavar="DATE", help="last day (YYYY-MM-DD, UTC), included")
+    p.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=0.95,
+        metavar="S",
+        help="sensitivity the operating point must reach (default 0.95)",
+    )
+    p.add_argument(
+        "--report-zone",
+        metavar="ZONE",
+        help="IANA time zone of report_time values without an offset (default: this machine's)",
+    )
+    p.set_defaults(func=cmd_audit)
 
     for name, func, text in (
         ("serve", cmd_serve, "run the DICOM node until SIGTERM/SIGINT"),
