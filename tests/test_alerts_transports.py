@@ -393,7 +393,7 @@ def test_ack_charset_follows_msh18_and_falls_back_to_latin1() -> None:
         (ack.format("NO-SUCH-SET", "10 é").encode("iso8859-1"), "10 é", "iso8859-1"),
     ]
     for raw, text, codec in cases:
-        for end in (b"\r", b"\n", b"\r\n"):
+        for end in (b"\r", b"\n", b"\r\n", b"\n\r", b"\r\r\n"):
             message, used = hl7_alert.decode_ack(raw.replace(b"\r", end))
             assert used == codec
             assert str(message.segment("MSA")(3)) == f"Preis {text}"

@@ -377,7 +377,7 @@ def wants_key_image(target: NotificationTarget) -> bool:
 class AlertFailed(RuntimeError):
     """A target did not accept an alert.
 
-    ``permanent`` failures (an HL7 AE, an HTTP 4xx) are parked at once: sending
+    ``permanent`` failures (an HL7 AR or CR, an HTTP 4xx) are parked at once: sending
     the same message again cannot change the answer. Others are retried.
     """
 

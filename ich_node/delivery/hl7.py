@@ -29,6 +29,7 @@ Segments (HL7 v2.5.1 ch. 7, ORU_R01):
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Final
 
@@ -233,8 +234,10 @@ def decode_ack(block: bytes) -> tuple[hl7.Message, str]:
     except (LookupError, UnicodeDecodeError):
         codec = "iso8859-1"
         text = block.decode(codec)
-    text = text.replace("\r\n", "\r").replace("\n", "\r").strip("\r\x00 \t\x0b\x1c")
-    return hl7.parse(text), codec
+    # Any mix of CR and LF ends a segment (CR, LF, CR LF, LF CR); blank lines and MLLP
+    # framing bytes left by a sloppy sender are dropped.
+    lines = (line.strip("\x00\x0b\x1c") for line in re.split(r"[\r\n]+", text))
+    return hl7.parse("\r".join(line for line in lines if line.strip())), codec
 
 
 async def _exchange(message: hl7.Message, target: HL7Target, deadline: Deadline) -> bytes:
