@@ -9,9 +9,13 @@
    the PACS and prints them, and prints the HL7 alert (ORU^R01) that a RIS stand-in
    (python-hl7's MLLP server) received for the positive study, with how long before
    (or after) the study's SR reached the PACS.
-5. Starts the web console (``ich-node web``) on the node's storage and prints its
-   address, user and password; it keeps running, like the demo's Orthanc, until
-   ``make demo-stop``.
+5. The audit: the other held-back studies go through the node too, and
+   ``ich-node audit`` compares the node's answers (its results ledger) with the
+   phantoms' truth, written as a radiologists' reads CSV; it prints its summary and
+   writes ``demo/network/audit/report.html`` (docs/validation.md).
+6. Starts the web console (``ich-node web``) on the node's storage and prints its
+   address, user and password (its Validation page shows the audit's report); it
+   keeps running, like the demo's Orthanc, until ``make demo-stop``.
 
 Everything happens under ``demo/`` (ignored by git); delete it to start over. The
 demo model is trained on synthetic phantoms and every output it produces says so.
@@ -457,10 +461,10 @@ def network_demo(bundle: Path) -> int:
         send = net / "send"
         for path in sorted((HOLDOUT / "images").glob("*.dcm")):
             ds = pydicom.dcmread(path, stop_before_pixels=True)
+            (send / ds.SeriesInstanceUID).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, send / ds.SeriesInstanceUID / path.name)
             if ds.SeriesInstanceUID in (positive, negative):
                 studies[ds.SeriesInstanceUID] = ds.StudyInstanceUID
-                (send / ds.SeriesInstanceUID).mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, send / ds.SeriesInstanceUID / path.name)
         start = time.monotonic()
         for series_uid in studies:
             print(f"Sending study ...{studies[series_uid][-12:]}")
@@ -491,11 +495,12 @@ def network_demo(bundle: Path) -> int:
                 print(pacs.where(study_uid))
         if isinstance(pacs, Pacs):
             print(f"\nThe PACS's copies are in {pacs.folder}")
+        code = audit_demo(config, net, node, pacs, node_port, sent=set(studies))
         url, password = start_console(config, net)
         print(f"\nWeb console: {url}  (user demo, password {password}; the studies, their "
-              "findings, heatmaps, deliveries and alerts; it keeps running until "
-              "`make demo-stop`)")  # fmt: skip
-        return 0
+              "findings, heatmaps, deliveries and alerts, and the audit's report; it keeps "
+              "running until `make demo-stop`)")  # fmt: skip
+        return code
     finally:
         node.send_signal(signal.SIGTERM)
         try:
@@ -505,6 +510,60 @@ def network_demo(bundle: Path) -> int:
         pacs.stop()
         ris.close()
         log.close()
+
+
+def audit_demo(
+    config: Path,
+    net: Path,
+    node: subprocess.Popen[bytes],
+    pacs: Pacs | OrthancPacs,
+    node_port: int,
+    sent: set[str],
+) -> int:
+    """The other held-back studies through the node, then ``ich-node audit`` of them all.
+
+    The phantoms' truth (``phantom_truth.csv``) becomes the radiologists' reads; the
+    node's answers come from its results ledger. No report times are made up: the
+    demo's reads have none, so the report's time-to-notification part stays empty.
+    """
+    from ich_node.config import load_config
+    from ich_node.queue.backend import existing_store
+
+    with open(HOLDOUT / "phantom_truth.csv", newline="") as handle:
+        truth = list(csv.DictReader(handle))
+    send = net / "send"
+    rest = [row["series_instance_uid"] for row in truth if row["series_instance_uid"] not in sent]
+    print(f"\nThe audit: sending the other {len(rest)} held-back studies, then comparing "
+          "the node's answers with the phantoms' truth (docs/validation.md).")  # fmt: skip
+    for series_uid in rest:
+        if isinstance(pacs, OrthancPacs):
+            pacs.send(send / series_uid)
+        else:
+            send_study(send / series_uid, node_port)
+    wanted = {row["series_instance_uid"] for row in truth}
+    deadline = time.monotonic() + 900
+    storage = load_config(config).storage
+    while True:
+        store = existing_store(storage)
+        try:
+            read = {r.series_instance_uid for r in store.reads()}
+        finally:
+            store.close()
+        if wanted <= read:
+            break
+        if node.poll() is not None or time.monotonic() > deadline:
+            print("the node did not read every study in time; see", net / "node.log")
+            return 1
+        time.sleep(1.0)
+    reads = net / "reads.csv"
+    with open(reads, "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["study_instance_uid", "ich", *LABELS[1:]])
+        for row in truth:
+            writer.writerow([row["study_instance_uid"], row["any"], *(row[k] for k in LABELS[1:])])
+    ich_node("audit", "--config", str(config), "--reads", str(reads), "--out", str(net / "audit"))
+    print(f"The report with its plots: {_shown(str(net / 'audit' / 'report.html'))}")
+    return 0
 
 
 def alert_lead(alert_at: float, sr_at: float | None) -> str:
