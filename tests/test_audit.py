@@ -232,6 +232,7 @@ def test_time_to_notification_against_the_report(tmp_path: Path, open_store: Ope
         _read(2, 0.9, JAN + 100),  # positive in shadow: result known at +38 s
         _read(3, 0.1, JAN + 200),  # negative: no alert
         _read(4, 0.8, JAN + 300),  # positive, but a false positive
+        _read(5, 0.9, JAN + 400, mode="live"),  # live, no alert accepted: not timed
     ]
     _record(store, ledger)
     rows = [
@@ -239,11 +240,13 @@ def test_time_to_notification_against_the_report(tmp_path: Path, open_store: Ope
         {"accession_number": "ACC0002", "ich": 1, "report_time": _iso(JAN + 100 + 1800)},
         {"accession_number": "ACC0003", "ich": 0, "report_time": _iso(JAN + 900)},
         {"accession_number": "ACC0004", "ich": 0, "report_time": _iso(JAN + 300 + 20)},
+        {"accession_number": "ACC0005", "ich": 1, "report_time": _iso(JAN + 4000)},
     ]
     path = _csv(tmp_path / "reads.csv", rows, ["accession_number", "ich", "report_time"])
     ttn = build_report(read_reads(path), store.reads())["time_to_notification"]
     leads = [3600 - 50.0, 1800 - 38.0, 20 - 38.0]
-    assert ttn["studies_with_report_time"] == 4
+    assert ttn["studies_with_report_time"] == 5
+    assert ttn["node_positive_not_notified"] == 1
     assert ttn["node_positive"]["n"] == 3
     assert ttn["node_positive"]["median_lead_s"] == pytest.approx(np.median(leads))
     assert ttn["node_positive"]["earlier"]["k"] == 2

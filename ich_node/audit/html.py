@@ -336,7 +336,11 @@ def render_html(report: dict[str, Any]) -> str:
 
     ttn = report["time_to_notification"]
     out.append("<h2>Time to notification against the signed report</h2>")
-    out.append(f"<p>{ttn['studies_with_report_time']} matched studies have a report_time.</p>")
+    out.append(
+        f"<p>{ttn['studies_with_report_time']} matched studies have a report_time; "
+        f"{ttn['node_positive_not_notified']} of those the node found positive were read "
+        "live and no notification target accepted an alert for them (not timed).</p>"
+    )
     out.append(
         "<table><tr><th class=l>studies</th><th>n</th><th>median lead</th>"
         "<th>quartiles</th><th>alert before the report</th><th class=l>alert time</th></tr>"

@@ -69,13 +69,15 @@ def notified(read: SeriesRead) -> tuple[float | None, str]:
     """When this read's alert was accepted, or when it would have gone; and which.
 
     ``alert accepted``: a notification target accepted its alert (``first_alert_at``);
-    ``result known``: no alert was accepted (shadow mode, or no target) but the read
-    was positive: the result time (``result_at``, else ``read_at``) is when an alert
-    would have gone. ``(None, "")`` for a negative read without an alert.
+    ``result known``: a positive read in shadow mode with no alert accepted (the node
+    was told to send none): the result time (``result_at``, else ``read_at``) is when
+    an alert would have gone. ``(None, "")`` otherwise: a negative read, or a live read
+    whose alert no target accepted (none configured, or not delivered): nobody was
+    told, and no would-be time stands in for it.
     """
     if read.first_alert_at is not None:
         return float(read.first_alert_at), "alert accepted"
-    if "any" in read.positive_labels:
+    if "any" in read.positive_labels and read.mode == "shadow":
         when = read.result_at if read.result_at is not None else read.read_at
         if when is not None:
             return float(when), "result known"
@@ -311,6 +313,8 @@ def timing_report(matched: Sequence[tuple[Truth, StudyAnswer]]) -> dict[str, Any
 
     Over the matched studies the node found positive (``any``) that have a
     ``report_time``; ``lead_s`` = report time - alert time (positive: earlier).
+    Positive studies with no alert time (live reads whose alert no target accepted)
+    are counted in ``node_positive_not_notified``.
     """
 
     def summary(leads: list[float], kinds: set[str]) -> dict[str, Any]:
@@ -329,13 +333,16 @@ def timing_report(matched: Sequence[tuple[Truth, StudyAnswer]]) -> dict[str, Any
     every: list[float] = []
     true_pos: list[float] = []
     kinds: set[str] = set()
-    with_report = 0
+    with_report = not_notified = 0
     for truth, answer in matched:
         if truth.report_time is None:
             continue
         with_report += 1
+        if not answer.positive("any"):
+            continue
         when, kind = answer.notified()
-        if when is None or not answer.positive("any"):
+        if when is None:
+            not_notified += 1
             continue
         lead = truth.report_time - when
         every.append(lead)
@@ -344,6 +351,7 @@ def timing_report(matched: Sequence[tuple[Truth, StudyAnswer]]) -> dict[str, Any
             true_pos.append(lead)
     return {
         "studies_with_report_time": with_report,
+        "node_positive_not_notified": not_notified,
         "node_positive": summary(every, kinds),
         "true_positive": summary(true_pos, kinds),
     }
@@ -465,8 +473,9 @@ def build_report(
             "month); positive rate compared with the first month by Fisher's exact test "
             "(scipy.stats.fisher_exact)",
             "time_to_notification": "report_time minus the study's first alert accepted by "
-            "a notification target, or, when none was (shadow mode, no target), the time "
-            "its positive result was known (when an alert would have gone)",
+            "a notification target, or, for a shadow-mode read that sent none, the time "
+            "its positive result was known (when an alert would have gone); live reads "
+            "whose alert no target accepted are counted apart, not timed",
         },
     }
 
