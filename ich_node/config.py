@@ -495,6 +495,14 @@ class StorageSection(_Section):
         return value
 
 
+class HealthSection(_Section):
+    """``health``: what ``ich-node health`` calls unhealthy beyond the listener and workers."""
+
+    # A delivery (to a destination or an alert target) parked longer than this fails
+    # health, naming it: results or alerts are not reaching someone.
+    max_parked_seconds: Annotated[float, Field(gt=0)] = 3600.0
+
+
 class LoggingSection(_Section):
     """``logging``: structlog output."""
 
@@ -562,6 +570,7 @@ class NodeConfig(_Section):
     queue: QueueSection = QueueSection()
     sender: SenderSection = SenderSection()
     storage: StorageSection = StorageSection()
+    health: HealthSection = HealthSection()
     logging: LoggingSection = LoggingSection()
     metrics: MetricsSection = MetricsSection()
     web: WebSection = WebSection()

@@ -96,7 +96,7 @@ def test_paths_resolve_against_the_file(tmp_path: Path) -> None:
 
 
 def test_check_config_names_unusable_target_files(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_bundle: Path
 ) -> None:
     from ich_node.service.cli import main
 
@@ -108,6 +108,8 @@ def test_check_config_names_unusable_target_files(
 
     def check(hook: str, mail: str) -> int:
         path.write_text(
+            f"callers: [{{ae_title: PACS}}]\nmodel: {{bundle: {tiny_bundle}, device: cpu}}\n"
+            "storage: {dir: node, min_free_mb: 0}\n"
             f"notifications:\n  - {{name: pager, kind: webhook, url: 'https://gw.example/', "
             f"secret_file: s.key{hook}}}\n"
             f"  - {{name: mail, kind: email, host: smtp, from: n@x.org, to: a@x.org{mail}}}\n"

@@ -554,22 +554,21 @@ def _yaml_blocks(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("doc", ["routing.md", "deployment.md"])
-def test_node_yaml_in_the_docs_is_valid(tmp_path: Path, doc: str, tiny_bundle: Path) -> None:
-    """Every node.yaml snippet of the routing and deployment guides passes check-config.
+def test_node_yaml_in_the_docs_is_valid(tmp_path: Path, doc: str) -> None:
+    """Every node.yaml snippet of the routing and deployment guides holds valid keys.
 
-    check-config opens the bundle a snippet names; the guides name a site's path
-    (/etc/ich-node/model.safetensors), so a real bundle stands in at that key.
+    Snippets show a section or two, so they are loaded as configuration files
+    (keys, types, values); ``check-config`` goes further (callers, storage, the
+    bundle on the device, the database) and needs a whole site.
     """
-    exe = Path(sys.executable).parent / "ich-node"
+    from ich_node.config import ConfigError, load_config
+
     blocks = _yaml_blocks(REPO / "docs" / doc)
     assert blocks
     for i, block in enumerate(blocks):
-        config = yaml.safe_load(block)
-        if isinstance(config.get("model"), dict) and "bundle" in config["model"]:
-            config["model"]["bundle"] = str(tiny_bundle)
         path = tmp_path / f"{i}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        done = subprocess.run(
-            [str(exe), "check-config", str(path)], capture_output=True, text=True, timeout=60
-        )
-        assert done.returncode == 0, f"{doc} block {i}:\n{block}\n{done.stderr}"
+        path.write_text(block)
+        try:
+            load_config(path)
+        except ConfigError as exc:
+            pytest.fail(f"{doc} block {i}:\n{block}\n{exc}")

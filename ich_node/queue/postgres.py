@@ -536,16 +536,7 @@ def migrate(conn: psycopg.Connection[Any], now: float) -> int:
         raise _too_new(current)
     if current == SCHEMA_VERSION:
         return current
-    row = conn.execute("SELECT has_schema_privilege(current_schema(), 'CREATE')").fetchone()
-    if not (row and row[0]):
-        user, schema = _role(conn)
-        raise StoreUnusable(
-            f"storage.database: the schema is at version {current}, this ich-node needs "
-            f"{SCHEMA_VERSION}, and role {user} may not create tables in schema {schema}: "
-            "start the node once as the database owner, or GRANT CREATE ON SCHEMA "
-            f"{schema} TO {user}",
-            2,
-        )
+    _check_can_migrate(conn, current)
     conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
     try:
         conn.execute(
@@ -562,6 +553,47 @@ def migrate(conn: psycopg.Connection[Any], now: float) -> int:
         return SCHEMA_VERSION
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+
+def _check_can_migrate(conn: psycopg.Connection[Any], current: int) -> None:
+    """Raise when migrations are due and the role may not create tables."""
+    row = conn.execute("SELECT has_schema_privilege(current_schema(), 'CREATE')").fetchone()
+    if not (row and row[0]):
+        user, schema = _role(conn)
+        raise StoreUnusable(
+            f"storage.database: the schema is at version {current}, this ich-node needs "
+            f"{SCHEMA_VERSION}, and role {user} may not create tables in schema {schema}: "
+            "start the node once as the database owner, or GRANT CREATE ON SCHEMA "
+            f"{schema} TO {user}",
+            2,
+        )
+
+
+def check_for_serve(config: StorageSection) -> int:
+    """What ``serve`` would find opening the store, found without changing anything.
+
+    For ``check-config``: connects, reads the schema version and checks the role's
+    privileges (to migrate when the schema is behind, on the tables when it is
+    not); returns the schema version (0: empty, ``serve`` creates it).
+
+    Raises
+    ------
+    StoreUnusable
+        As :class:`PgStore` would at ``serve``'s start (see :func:`store_problem`).
+    """
+    url = config.database or ""
+    try:
+        with psycopg.connect(url, **connect_kwargs(config)) as conn:
+            current = schema_version(conn)
+            if current > SCHEMA_VERSION:
+                raise _too_new(current)
+            if current < SCHEMA_VERSION:
+                _check_can_migrate(conn, current)
+            if current > 0:
+                check_privileges(conn, write=True)
+            return current
+    except Exception as exc:  # one line and an exit code, never a traceback
+        raise store_problem(exc, url) from None
 
 
 _migrate = migrate  # PgStore's parameter of the same name hides it there

@@ -1145,6 +1145,52 @@ class Store:
             for r in self._query("SELECT * FROM heartbeats")
         }
 
+    def forget_heartbeat(self, name: str) -> None:
+        """A process stopped cleanly: it is gone now, not only once its beat is stale."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM heartbeats WHERE name = ?", (name,))
+
+    def probe_write(self) -> None:
+        """Write a row and roll it back: raises when the store cannot be written now.
+
+        For ``health``: the database file or role must allow writes, the disk take
+        them; nothing is left.
+        """
+
+        class _Rollback(Exception):
+            pass
+
+        try:
+            with self.transaction() as db:
+                db.execute(
+                    "INSERT INTO heartbeats (name, pid, at) VALUES (?, 0, 0)",
+                    (f".health-probe.{os.getpid()}",),
+                )
+                raise _Rollback
+        except _Rollback:
+            pass
+
+    def parked_deliveries(self, before: float) -> list[DeliveryRecord]:
+        """Deliveries (results and alerts) parked at or before ``before``, oldest first."""
+        rows = self._query(
+            """SELECT * FROM deliveries WHERE state = 'parked' AND updated_at <= ?
+            ORDER BY updated_at""",
+            (before,),
+        )
+        return [DeliveryRecord(**dict(r)) for r in rows]
+
+    def skipped_series(self, limit: int) -> list[tuple[str, str, str, float]]:
+        """The latest series not read, with why: (UID, state, reason, when), newest first."""
+        rows = self._query(
+            """SELECT series_instance_uid, state, reason, last_at FROM series
+            WHERE state IN ('skipped', 'capped') ORDER BY last_at DESC LIMIT ?""",
+            (limit,),
+        )
+        return [
+            (str(r["series_instance_uid"]), str(r["state"]), str(r["reason"]), float(r["last_at"]))
+            for r in rows
+        ]
+
     def counts(self, table: Literal["series", "jobs", "deliveries"]) -> dict[str, int]:
         """Rows per state of ``series``, ``jobs`` or ``deliveries``."""
         if table not in ("series", "jobs", "deliveries"):

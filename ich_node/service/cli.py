@@ -8,7 +8,7 @@ Commands and flags are a stable interface (admins' scripts call them)::
     ich-node serve   --config PATH [--role all|listener|worker]
     ich-node migrate-store --config PATH
     ich-node status  --config PATH [--json]
-    ich-node health  --config PATH [--role all|listener|worker]
+    ich-node health  --config PATH [--role all|listener|worker] [--json]
     ich-node resend  --config PATH JOB
     ich-node audit   --config PATH --reads READS.csv --out DIR [--since DATE] [--until DATE]
                      [--target-sensitivity 0.95] [--report-zone ZONE]
@@ -57,48 +57,34 @@ def _config_or_exit(path: Path) -> NodeConfig:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate a configuration file for ``serve --role``; 0 when valid, 2 with the reason.
+    """Check what ``serve --role`` will need; 0 when it can start, else one line and 2 (or 1).
 
-    Checks what ``serve`` with the same role checks before it starts (see
-    :func:`ich_node.service.serve`): ``all`` and ``worker`` the notification
-    targets' files and the model bundle (header, checksum, architecture);
-    ``listener`` neither (it loads no model and sends no alerts); ``listener``
-    and ``worker`` need ``storage.database``.
+    The checks of :mod:`ich_node.service.preflight`, in its order, stopping at the
+    first problem (one line naming the key and the file): the keys, callers and
+    destinations, ``storage.dir`` writable and its lock free, TLS files, the
+    notification targets' files, the model bundle, the store as it is (never
+    created or migrated), and for ``all``/``worker`` ``model.device`` and the bundle
+    loaded onto it. 1 only for a database that does not answer now. Nothing is
+    changed. Warnings (alerts only, low disk, a DEMO bundle) go to stderr.
     """
+    from ich_node.service.preflight import check_all
+
     try:
         config = load_config(args.path)
     except ConfigError as exc:
         print(f"ich-node: {exc}", file=sys.stderr)
         return EXIT_USAGE
     role = args.role
-    if role != "all" and config.storage.database is None:
-        print(
-            f"ich-node: {args.path}: storage.database: --role {role} needs a shared store; "
-            "set storage.database to a postgresql:// URL (docs/deployment.md)",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    described = "not checked: a listener loads no model"
-    if role != "listener":  # the roles that send alerts and load the model
-        from ich_node.delivery.outbox import check_targets
-
-        problems = check_targets(config.notifications, config.destinations)
-        if problems:
-            print(f"ich-node: {args.path}: " + "\n  ".join(problems), file=sys.stderr)
-            return EXIT_USAGE
-        bundle = config.model.bundle
-        described = "(not set: serve needs model.bundle)"
-        if bundle is not None:
-            # The whole check serve's worker does: header, checksum, architecture.
-            from ich_node.model.bundle import BundleError, bundle_help, load_bundle
-
-            try:
-                card = load_bundle(bundle).card
-            except BundleError as exc:
-                print(f"ich-node: {args.path}: model.bundle: {exc}", file=sys.stderr)
-                print(f"  {bundle_help(exc)}", file=sys.stderr)
-                return EXIT_USAGE
-            described = f"{bundle}: {card.display_name}, {card.arch}, verified"
+    report = check_all(config, role)
+    for warning in report.warnings:
+        print(f"ich-node: {args.path}: warning: {warning}", file=sys.stderr)
+    if report.problem is not None:
+        print(f"ich-node: {args.path}: {report.problem.line()}", file=sys.stderr)
+        return report.problem.exit_code
+    if role == "listener":
+        described = "not checked: a listener loads no model"
+    else:
+        described = f"{config.model.bundle}: verified, loads on model.device {config.model.device}"
     for_role = "" if role == "all" else f" for --role {role}"
     print(
         f"{args.path}: OK{for_role} (node {config.node.ae_title} on "
@@ -106,7 +92,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     )
     print(
         f"  {len(config.callers)} caller(s), {len(config.destinations)} destination(s), "
-        f"{len(config.notifications)} notification target(s),"
+        f"{len(config.notifications)} notification target(s), storage {config.storage.dir},"
     )
     print(f"  model bundle {described})")
     from ich_node.service.ops import mode_line
@@ -343,7 +329,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     config = _config_or_exit(args.config)
     from ich_node.service.ops import health
 
-    return health(config, role=args.role)
+    return health(config, role=args.role, as_json=args.json)
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
@@ -518,7 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("serve", cmd_serve, "run the DICOM node until SIGTERM/SIGINT"),
         ("web", cmd_web, "run the web console (web.address) until SIGTERM/SIGINT"),
         ("status", cmd_status, "counts per state, oldest waiting job, recent failures"),
-        ("health", cmd_health, "exit 0 when the listener answers C-ECHO and workers live"),
+        (
+            "health",
+            cmd_health,
+            "exit 0 when this node can do its job now (listener, disk, store, workers, "
+            "destinations); else 1 naming each failing part",
+        ),
         ("resend", cmd_resend, "send a parked job's results again"),
         (
             "migrate-store",
@@ -531,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "health":
+            p.add_argument(
+                "--json", action="store_true", help="the parts checked, machine-readable"
+            )
             p.add_argument(
                 "--role",
                 choices=("all", "listener", "worker"),

@@ -12,12 +12,16 @@ the listener accepts from the loopback address).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import shutil
 import ssl
 import statistics
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -29,11 +33,13 @@ from ich_node.config import NodeConfig, ServerTLS, mode_fields, sent_in_mode
 from ich_node.log import redact
 from ich_node.queue.backend import existing_store, is_shared, job_queue, storage_ready
 from ich_node.queue.interface import HEARTBEAT_STALE_SECONDS, StoreUnusable
-from ich_node.queue.layout import STORE_ID_NAME
+from ich_node.queue.layout import STORE_ID_NAME, StorageLayout
 from ich_node.queue.store import JobRecord, Store
 
 #: How many recent failures ``status`` lists.
 RECENT_FAILURES: Final = 10
+#: How many of the latest series not read ``status`` lists, with their reasons.
+RECENT_SKIPS: Final = 5
 
 
 def _open(config: NodeConfig, *, write: bool = False) -> Store | int:
@@ -198,7 +204,54 @@ def collect_status(store: Store, now: float) -> dict[str, Any]:
             name: {"pid": pid, "age_s": round(now - at, 1)}
             for name, (pid, at) in sorted(store.heartbeats().items())
         },
+        # What the node refused, by reason (images for low disk, invalid UIDs, paths
+        # outside storage.dir), and the latest series it did not read, with why.
+        "refusals": {
+            reason: {"n": r.n, "last_age_s": round(now - r.last_at, 1), "last": r.detail}
+            for reason, r in store.refusals().items()
+        },
+        "recent_skips": [
+            {
+                "series_instance_uid": uid,
+                "state": state,
+                "reason": redact(reason),
+                "age_s": round(now - at, 1),
+            }
+            for uid, state, reason, at in store.skipped_series(RECENT_SKIPS)
+        ],
     }
+
+
+@dataclass(frozen=True, slots=True)
+class Disk:
+    """Free space where images are spooled, against ``storage.min_free_mb``."""
+
+    free_mb: int | None  # None: storage.dir cannot be looked at
+    min_free_mb: int
+    error: str = ""
+
+    @property
+    def accepting(self) -> bool:
+        return self.free_mb is not None and self.free_mb >= self.min_free_mb
+
+    def describe(self) -> str:
+        if self.free_mb is None:
+            return f"cannot be looked at: {self.error}"
+        if self.accepting:
+            return f"{self.free_mb} MiB free (storage.min_free_mb {self.min_free_mb})"
+        return (
+            f"{self.free_mb} MiB free, below storage.min_free_mb {self.min_free_mb}: "
+            "images are refused (0xA700) until space is freed"
+        )
+
+
+def disk(config: NodeConfig) -> Disk:
+    """Free space on ``storage.dir`` now (what the listener checks at each C-STORE)."""
+    try:
+        free = shutil.disk_usage(config.storage.dir).free // 2**20
+    except OSError as exc:
+        return Disk(None, config.storage.min_free_mb, exc.strerror or type(exc).__name__)
+    return Disk(int(free), config.storage.min_free_mb)
 
 
 def status(config: NodeConfig, as_json: bool) -> int:
@@ -211,6 +264,12 @@ def status(config: NodeConfig, as_json: bool) -> int:
     finally:
         store.close()
     report.update(mode_fields(config))
+    room = disk(config)
+    report["disk"] = {
+        "free_mb": room.free_mb,
+        "min_free_mb": room.min_free_mb,
+        "accepting": room.accepting,
+    }
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0
@@ -252,6 +311,17 @@ def status(config: NodeConfig, as_json: bool) -> int:
         )
     for name, beat in report["heartbeats"].items():
         print(f"heartbeat {name}: pid {beat['pid']}, {beat['age_s']} s ago")
+    print(f"disk: {room.describe()}")
+    refusals = report["refusals"]
+    print(
+        "refusals: " + (", ".join(f"{reason} {r['n']}" for reason, r in refusals.items()) or "none")
+    )
+    for reason, r in refusals.items():
+        print(f"  {reason}: last {r['last_age_s']} s ago: {r['last']}")
+    skips = report["recent_skips"]
+    print(f"recent skips: {len(skips)}")
+    for skip in skips:
+        print(f"  series {skip['series_instance_uid']} [{skip['state']}]: {skip['reason']}")
     print(f"recent failures: {len(report['recent_failures'])}")
     for f in report["recent_failures"]:
         where = f" -> {f['destination']}" if f["kind"] == "delivery" else ""
@@ -300,63 +370,156 @@ def _self_check_context(tls: ServerTLS) -> ssl.SSLContext:
     return context
 
 
-def health(config: NodeConfig, role: str = "all") -> int:
-    """0 when the listener answers C-ECHO, ``node.workers`` workers beat recently and
-    the node has not given up restarting any of them (``node.worker_max_crashes``);
-    with PostgreSQL, also only while this host sees the shared ``storage.dir``.
+@dataclass(frozen=True, slots=True)
+class HealthPart:
+    """One thing ``health`` checks: its name, whether it is fine, what was found."""
 
-    ``role`` (a multi-host node's ``serve --role``): ``listener`` checks the
-    listener only, ``worker`` this node id's workers only, ``all`` both.
+    name: str
+    ok: bool
+    detail: str
+
+
+def _writable(config: NodeConfig, store: Store | None) -> str:
+    """Why images could not be stored now ('' when they could): the spool and the store."""
+    spool = StorageLayout(config.storage.dir).spool
+    folder = spool if spool.is_dir() else config.storage.dir
+    probe = folder / f".ich-node-health.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"{folder} not writable: {exc.strerror or exc}"
+    if store is None:
+        return "no store yet"
+    try:
+        store.probe_write()
+    except Exception as exc:  # read-only file or role, database gone, disk full
+        return f"the store cannot be written: {type(exc).__name__}: {exc}"[:300]
+    return ""
+
+
+def check_health(config: NodeConfig, role: str = "all") -> tuple[list[HealthPart], int | None]:
+    """What ``health`` checks, part by part (see :func:`health`).
+
+    Returns the parts and, when the store cannot be used by this code (a newer
+    schema, missing privileges), its exit code (2) after one line on stderr.
     """
-    from ich_node.service.serve import node_id
+    from ich_node.service.serve import node_id, workers_state
 
     shared = is_shared(config.storage)
     prefix = f"{node_id(config)}." if shared else ""
-    ok_echo = echo(config) if role != "worker" else True
-    opened = _open(config)
+    parts: list[HealthPart] = []
+    listens, works = role != "worker", role != "listener"
+    if listens:
+        answered = echo(config)
+        parts.append(
+            HealthPart("listener", answered, "answers C-ECHO" if answered else "no C-ECHO answer")
+        )
+    opened = _open(config, write=listens)
     if opened == 2:
-        return 2  # said why: a store this node cannot use (schema, privileges)
+        return parts, 2  # said why: a store this node cannot use (schema, privileges)
     store = opened if isinstance(opened, Store) else None
-    alive = 0
-    mounted = True
-    if store is not None:
-        try:
-            now = time.time()
-            # A shared storage.dir: this host sees it only while it is mounted.
-            mounted = storage_ready(store)
-            beats = store.heartbeats()
+    now = time.time()
+    try:
+        if listens:
+            room = disk(config)
+            parts.append(HealthPart("disk", room.accepting, room.describe()))
+            why = _writable(config, store)
+            parts.append(HealthPart("store", not why, why or "writable"))
+        if store is not None and shared and not storage_ready(store):
+            parts.append(
+                HealthPart(
+                    "storage",
+                    False,
+                    f"{config.storage.dir} not mounted ({STORE_ID_NAME} missing)",
+                )
+            )
+        if works:
+            beats = store.heartbeats() if store is not None else {}
             alive = sum(
                 1
                 for name, (_, at) in beats.items()
                 if name.startswith(f"{prefix}worker-") and now - at <= HEARTBEAT_STALE_SECONDS
             )
-            if shared:  # every host's listeners and workers sharing the database
-                for name, (pid, at) in sorted(beats.items()):
-                    state = "alive" if now - at <= HEARTBEAT_STALE_SECONDS else "stale"
-                    print(f"{name}: pid {pid}, heartbeat {now - at:.1f} s ago ({state})")
-        finally:
+            # The node's supervisor records workers it gave up on (rewritten at each start).
+            gave_up = {
+                n: str(w["gave_up"])
+                for n, w in workers_state(config.storage.dir, prefix).items()
+                if w.get("gave_up")
+            }
+            detail = f"workers alive: {alive}/{config.node.workers}"
+            detail += "".join(f"; {n}: not restarted: {why}" for n, why in sorted(gave_up.items()))
+            parts.append(
+                HealthPart("workers", alive >= config.node.workers and not gave_up, detail)
+            )
+            limit = config.health.max_parked_seconds
+            parked = store.parked_deliveries(now - limit) if store is not None else []
+            by_destination: dict[str, list[float]] = {}
+            for d in parked:
+                by_destination.setdefault(d.destination, []).append(now - d.updated_at)
+            if by_destination:
+                detail = "; ".join(
+                    f"{name}: {len(ages)} parked, the oldest {max(ages) / 60:.0f} min"
+                    for name, ages in sorted(by_destination.items())
+                )
+                detail += f" (health.max_parked_seconds {limit:g}; `ich-node resend` once fixed)"
+            else:
+                detail = f"none parked longer than {limit:g} s"
+            parts.append(HealthPart("destinations", not by_destination, detail))
+        if shared and store is not None:  # every host's listeners and workers, for the admin
+            for name, (pid, at) in sorted(store.heartbeats().items()):
+                state = "alive" if now - at <= HEARTBEAT_STALE_SECONDS else "stale"
+                beat = f"pid {pid}, {now - at:.1f} s ago ({state})"
+                parts.append(HealthPart(f"heartbeat {name}", True, beat))
+    finally:
+        if store is not None:
             store.close()
-    ok_workers = alive >= config.node.workers or role == "listener"
-    parts = []
-    if role != "worker":
-        parts.append(f"listener: {'ok' if ok_echo else 'no C-ECHO answer'}")
-    if role != "listener":
-        parts.append(f"workers alive: {alive}/{config.node.workers}")
-    if not mounted:
-        parts.append(f"storage: {config.storage.dir} not mounted ({STORE_ID_NAME} missing)")
-    print("; ".join(parts))
-    print(mode_line(config))
-    from ich_node.service.serve import workers_state
+    return parts, None
 
-    # The node's supervisor records workers it gave up on (rewritten at each start).
-    gave_up = {
-        n: s["gave_up"]
-        for n, s in workers_state(config.storage.dir, prefix).items()
-        if s.get("gave_up") and role != "listener"
-    }
-    for name, why in sorted(gave_up.items()):
-        print(f"{name}: not restarted: {why}")
-    return 0 if ok_echo and ok_workers and mounted and not gave_up else 1
+
+def health(config: NodeConfig, role: str = "all", as_json: bool = False) -> int:
+    """0 when this node can do its job now, else 1 naming each failing part.
+
+    The parts (``--role`` a multi-host node's ``serve --role``: ``listener`` the
+    first three, ``worker`` the last two, ``all`` every one):
+
+    - ``listener``: it answers a C-ECHO (calling AE = ``node.ae_title``);
+    - ``disk``: ``storage.dir`` has at least ``storage.min_free_mb`` free (else
+      every image is refused with 0xA700);
+    - ``store``: a file can be created in the spool and a row written to the store
+      (both removed again);
+    - ``storage`` (PostgreSQL): this host sees the shared ``storage.dir``;
+    - ``workers``: ``node.workers`` workers of this node beat in the last 15 s (a
+      clean stop removes their heartbeats at once) and none was given up on
+      (``node.worker_max_crashes``);
+    - ``destinations``: no delivery to a destination or an alert target has been
+      parked longer than ``health.max_parked_seconds``.
+
+    ``as_json`` prints ``{"ok": ..., "parts": [{"name", "ok", "detail"}, ...]}``.
+    2 (one line on stderr) for a store this code cannot use.
+    """
+    parts, code = check_health(config, role)
+    ok = all(p.ok for p in parts)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "ok": ok,
+                    "role": role,
+                    "parts": [dataclasses.asdict(p) for p in parts],
+                    **mode_fields(config),
+                },
+                indent=2,
+            )
+        )
+    else:
+        for part in parts:
+            print(f"{part.name}: {'ok' if part.ok else 'FAIL'}: {part.detail}")
+        print(mode_line(config))
+    if code is not None:
+        return code
+    return 0 if ok else 1
 
 
 @dataclass(frozen=True, slots=True)

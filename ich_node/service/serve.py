@@ -16,6 +16,7 @@ they still hold, and returns 0. This process never imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import multiprocessing
@@ -41,14 +42,14 @@ from ich_node.ingest.listener import start_listener
 from ich_node.ingest.refusals import write_refusals
 from ich_node.ingest.spool import Spool
 from ich_node.metrics import Metrics
-from ich_node.model.bundle import BUNDLE_HELP, BundleError, bundle_help, check_bundle
+from ich_node.model.bundle import BUNDLE_HELP
 from ich_node.queue.backend import assembly_turn, is_shared, job_queue, open_store
 from ich_node.queue.interface import HEARTBEAT_STALE_SECONDS, StoreUnusable
 from ich_node.queue.jobs import JobQueue
 from ich_node.queue.layout import StorageLayout
 from ich_node.queue.store import Store
 from ich_node.retention import CLEAN_EVERY_SECONDS, Cleaner
-from ich_node.service.spawn import worker_process
+from ich_node.service.spawn import WORKER_EXIT_BAD_DEVICE, worker_process
 
 log = structlog.get_logger(__name__)
 
@@ -153,6 +154,8 @@ def _exit_text(code: int | None) -> str:
         return f"killed by {name}{hint}"
     if code == WORKER_EXIT_BAD_BUNDLE:
         return "exit code 2: the model bundle cannot be loaded"
+    if code == WORKER_EXIT_BAD_DEVICE:
+        return f"exit code {code}: model.device cannot take the model"
     return f"exit code {code}"
 
 
@@ -244,6 +247,11 @@ class Supervisor:
         """True when no worker will be started again."""
         return all(slot.gave_up for slot in self.slots)
 
+    def bad_device(self) -> bool:
+        """True when a worker said ``model.device`` cannot take the model."""
+        return any(slot.last_exit.startswith(f"exit code {WORKER_EXIT_BAD_DEVICE}")
+                   for slot in self.slots)  # fmt: skip
+
     def bad_bundle(self) -> bool:
         """True when a worker said the bundle cannot be loaded."""
         return any(slot.last_exit.startswith("exit code 2") for slot in self.slots)
@@ -305,6 +313,8 @@ class Supervisor:
                 slot.not_before = now + delay
                 if process.exitcode == WORKER_EXIT_BAD_BUNDLE:
                     slot.gave_up = "the model bundle cannot be loaded (see worker.bad_bundle)"
+                elif process.exitcode == WORKER_EXIT_BAD_DEVICE:
+                    slot.gave_up = "model.device cannot take the model (see worker.bad_device)"
                 elif slot.failures >= self.max_crashes:
                     slot.gave_up = (
                         f"{slot.failures} crashes in a row (node.worker_max_crashes), "
@@ -355,6 +365,9 @@ class Supervisor:
                 slot.process.kill()
                 slot.process.join(5.0)
             self.queue.release_worker(slot.name, "node stopped during the job", time.time())
+            if not slot.process.is_alive():  # gone: health says so at once
+                with contextlib.suppress(Exception):
+                    self.queue.store.forget_heartbeat(slot.name)
 
 
 class _SenderThread(threading.Thread):
@@ -403,31 +416,32 @@ class _RefusalsWriter:
         self.written = changes
 
 
-def _check_bundle(config: NodeConfig) -> bool:
-    """Log why ``model.bundle`` cannot be served (one line); True when it can."""
-    path = config.model.bundle
-    if path is None:
-        log.error(
-            "serve.bad_bundle",
-            key="model.bundle",
-            error="model.bundle is not set; serve needs a model bundle",
-            help=BUNDLE_HELP,
-        )
-        return False
-    try:
-        card = check_bundle(path)
-    except BundleError as exc:
-        log.error(
-            "serve.bad_bundle",
-            key="model.bundle",
-            path=str(path),
-            error=str(exc),
-            help=bundle_help(exc),
-        )
-        return False
-    if card.demo:
-        log.warning("serve.demo_bundle", model=card.display_name, path=str(path))
-    return True
+def _preflight(config: NodeConfig, role: str) -> int | None:
+    """What ``check-config`` checks without torch (:mod:`ich_node.service.preflight`).
+
+    The first problem is one log line naming the key and the file (``serve.bad_bundle``
+    for the model bundle, else ``serve.config_error``); returns its exit code, or
+    ``None`` when ``serve`` may go on. Warnings are logged (``serve.config_warning``;
+    a DEMO bundle: ``serve.demo_bundle``).
+    """
+    from ich_node.service.preflight import check_static
+
+    report = check_static(config, role, lock=False)  # the lock: taken next, by serve
+    for warning in report.warnings:
+        if warning.startswith("model.bundle:"):
+            log.warning("serve.demo_bundle", model=warning.split(": ", 1)[1],
+                        path=str(config.model.bundle))  # fmt: skip
+        else:
+            log.warning("serve.config_warning", warning=warning)
+    problem = report.problem
+    if problem is None:
+        return None
+    fields: dict[str, object] = {"key": problem.key, "path": problem.path, "error": problem.message}
+    if problem.help:
+        fields["help"] = problem.help
+    event = "serve.bad_bundle" if problem.key == "model.bundle" else "serve.config_error"
+    log.error(event, **fields)
+    return problem.exit_code
 
 
 def _await_worker(
@@ -446,6 +460,15 @@ def _await_worker(
                 path=str(supervisor.config.model.bundle),
                 error="a worker could not load it (see worker.bad_bundle)",
                 help=BUNDLE_HELP,
+            )
+            return EXIT_CONFIG
+        if supervisor.bad_device():
+            log.error(
+                "serve.config_error",
+                key="model.device",
+                path=str(supervisor.config.model.bundle),
+                error=f"model.device {supervisor.config.model.device!r} cannot take the model "
+                "(see worker.bad_device)",
             )
             return EXIT_CONFIG
         if supervisor.all_gave_up():
@@ -495,10 +518,13 @@ def serve(config: NodeConfig, *, clock: Callable[[], float] = time.time, role: s
     encode, send); the last two need a shared store (``storage.database``).
 
     0 after a clean stop; 1 when the port cannot be bound, no worker could
-    load the model or the database cannot be reached; 2 when ``model.bundle``
-    is unusable, a notification target's secret, CA or credentials file cannot be
-    used, ``storage.dir`` is held by another node (embedded SQLite), or
-    the role needs a shared store (nothing is changed then).
+    load the model or the database cannot be reached; 2, with one line naming the
+    key and the file, for what ``check-config`` finds (:mod:`ich_node.service.preflight`:
+    no callers or destinations, ``storage.dir`` not writable, TLS files that do not
+    load or match, a notification target's file, an unusable ``model.bundle``),
+    ``model.device`` that cannot take the model (the first worker says so), a
+    ``storage.dir`` held by another node (embedded SQLite), a store this code
+    cannot use (schema, privileges, password); nothing is changed then.
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -508,26 +534,18 @@ def serve(config: NodeConfig, *, clock: Callable[[], float] = time.time, role: s
         configure_logging(config.logging.format, config.logging.level)
     except ImportError:
         pass
-    if role != "all" and not is_shared(config.storage):
-        log.error(
-            "serve.role_needs_shared_store",
-            role=role,
-            action="set storage.database to a postgresql:// URL (docs/deployment.md)",
-        )
-        return EXIT_CONFIG
-    if role != "listener" and not _check_bundle(config):
-        return EXIT_CONFIG
-    if role != "listener":  # the role that sends alerts: their files must be usable
-        from ich_node.delivery.outbox import check_targets
-
-        problems = check_targets(config.notifications, config.destinations)
-        for problem in problems:
-            log.error("serve.bad_notification_target", error=problem)
-        if problems:
-            return EXIT_CONFIG
+    # What check-config checks, without torch: the first problem is one line, exit 2.
+    code = _preflight(config, role)
+    if code is not None:
+        return code
     # The spool, the outbox and the store hold patient data: owner-only.
     os.umask(0o077)
-    config.storage.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        config.storage.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:  # checked above; changed since
+        log.error("serve.config_error", key="storage.dir", path=str(config.storage.dir),
+                  error=f"cannot be created: {exc.strerror or exc}")  # fmt: skip
+        return EXIT_CONFIG
     if is_shared(config.storage):
         # Several nodes share storage.dir by design: no storage lock (it protects the
         # embedded SQLite mode); each node's recovery touches only its own node id.
@@ -539,6 +557,10 @@ def serve(config: NodeConfig, *, clock: Callable[[], float] = time.time, role: s
         log.error(
             "serve.storage_locked", storage_dir=str(config.storage.dir), pid=exc.pid, error=str(exc)
         )
+        return EXIT_CONFIG
+    except OSError as exc:  # checked above; changed since
+        log.error("serve.config_error", key="storage.dir", path=str(config.storage.dir),
+                  error=f"the lock cannot be taken: {exc.strerror or exc}")  # fmt: skip
         return EXIT_CONFIG
     try:
         return _serve_locked(config, clock, role)
@@ -718,6 +740,11 @@ def _serve_locked(config: NodeConfig, clock: Callable[[], float], role: str = "a
     supervisor.stop()
     if metrics_server is not None:
         metrics_server.shutdown()  # type: ignore[attr-defined]
+    if server is not None:  # what the listener refused since the last pass
+        with contextlib.suppress(Exception):
+            server.store_refusals.flush(store, clock())
+    with contextlib.suppress(Exception):  # a clean stop: this process is gone now
+        store.forget_heartbeat(beat_name)
     store.close()
     log.info("serve.stopped")
     return 0

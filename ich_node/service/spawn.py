@@ -8,7 +8,13 @@ module (nor, through it, the model code).
 
 from __future__ import annotations
 
+from typing import Final
+
 from ich_node.config import NodeConfig
+
+#: Exit code of a worker whose ``model.device`` cannot be used (``cuda`` without
+#: CUDA, the model not fitting on it): restarting it cannot help, ``serve`` exits 2.
+WORKER_EXIT_BAD_DEVICE: Final = 4
 
 
 def worker_process(config: NodeConfig, name: str, parent: int | None = None) -> None:

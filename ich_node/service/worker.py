@@ -39,6 +39,7 @@ from ich_node.queue.store import JobRecord, JobStage, Store
 from ich_node.service.model_stage import ModelStage
 from ich_node.service.read_stage import MAX_HELD_JOBS, LeasedJob, Leases, ReadStage
 from ich_node.service.results_stage import JobOutcome, ResultsStage
+from ich_node.service.spawn import WORKER_EXIT_BAD_DEVICE
 
 log = structlog.get_logger(__name__)
 
@@ -268,6 +269,10 @@ class _Heartbeat(threading.Thread):
             self.stop.wait(HEARTBEAT_SECONDS / 4 if runner is None else HEARTBEAT_SECONDS)
 
 
+class DeviceUnusable(RuntimeError):
+    """``model.device`` cannot take the model (no CUDA, too little memory)."""
+
+
 def worker_main(
     config: NodeConfig, name: str, poll_seconds: float = 0.05, parent: int | None = None
 ) -> int:
@@ -298,16 +303,27 @@ def worker_main(
         log.error("worker.no_bundle", worker=name)
         return 2
     bundle = load_bundle(config.model.bundle)
-    classifier = Classifier(
-        bundle,
-        device=config.model.device,
-        batch_size=config.model.batch_size,
-        precision=config.model.precision,
-        compile=config.model.compile,
-        decode_threads=config.model.decode_threads,
-        tta=config.model.tta,
-        thresholds={str(k): v for k, v in config.model.thresholds.items()},
-    )
+    from ich_node.model.inference import resolve_device
+
+    try:
+        device = resolve_device(config.model.device)  # cuda without CUDA: ValueError
+    except ValueError as exc:
+        raise DeviceUnusable(" ".join(str(exc).split())[:300]) from exc
+    try:
+        classifier = Classifier(
+            bundle,
+            device=config.model.device,
+            batch_size=config.model.batch_size,
+            precision=config.model.precision,
+            compile=config.model.compile,
+            decode_threads=config.model.decode_threads,
+            tta=config.model.tta,
+            thresholds={str(k): v for k, v in config.model.thresholds.items()},
+        )
+    except RuntimeError as exc:  # the model does not fit on the GPU (out of memory)
+        if device.type == "cpu":
+            raise
+        raise DeviceUnusable(" ".join(str(exc).split())[:300]) from exc
     # Compilation and kernel selection are paid here, once, not by the first study.
     warmup_s = classifier.warmup()
     worker = Worker(config, name, store, classifier)
@@ -329,6 +345,10 @@ def worker_main(
     # exception", seen in the Docker image on Debian's Python 3.11).
     heartbeat.stop.set()
     heartbeat.join(4 * HEARTBEAT_SECONDS)
+    try:  # a clean stop: gone now, not only once the beat is stale (health)
+        store.forget_heartbeat(name)
+    except Exception as exc:  # it goes stale instead
+        log.warning("worker.heartbeat_not_removed", error=type(exc).__name__)
     log.info("worker.stopped", worker=name)
     return 0
 
@@ -336,7 +356,9 @@ def worker_main(
 def _process_entry(config: NodeConfig, name: str, parent: int | None = None) -> None:
     """``multiprocessing`` target: exit with :func:`worker_main`'s code.
 
-    A bundle that cannot be loaded exits 2 (the supervisor does not restart it);
+    A bundle that cannot be loaded exits 2, a ``model.device`` that cannot be used
+    :data:`~ich_node.service.spawn.WORKER_EXIT_BAD_DEVICE` (the supervisor restarts
+    neither);
     any other exception is one log line and exit code 1, never a traceback on
     stderr (the supervisor logs each death and bounds the restarts).
     """
@@ -353,6 +375,15 @@ def _process_entry(config: NodeConfig, name: str, parent: int | None = None) -> 
             help=bundle_help(exc),
         )
         code = 2
+    except DeviceUnusable as exc:
+        log.error(
+            "worker.bad_device",
+            worker=name,
+            key="model.device",
+            device=config.model.device,
+            error=str(exc),
+        )
+        code = WORKER_EXIT_BAD_DEVICE
     except Exception as exc:
         log.error("worker.crashed", worker=name, error=f"{type(exc).__name__}: {exc}"[:500])
         code = 1
