@@ -101,7 +101,9 @@ def test_worker_queues_only_what_the_mode_sends(
     assert (folder / "outbox" / "sr.dcm").is_file()
 
 
-def test_check_config_says_the_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_config_says_the_mode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_bundle: Path
+) -> None:
     from ich_node.service.cli import main
 
     path = tmp_path / "node.yaml"
@@ -109,6 +111,10 @@ def test_check_config_says_the_mode(tmp_path: Path, capsys: pytest.CaptureFixtur
         json.dumps(
             {
                 "node": {"mode": "shadow"},
+                # check-config checks what serve needs: callers, a bundle, storage.
+                "callers": [{"ae_title": "CT1"}],
+                "model": {"bundle": str(tiny_bundle), "device": "cpu"},
+                "storage": {"dir": str(tmp_path / "node"), "min_free_mb": 0},
                 "destinations": [{"name": "research", "ae_title": "RES", "host": "h",
                                   "port": 104, "shadow": True}],
             }
