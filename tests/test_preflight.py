@@ -151,7 +151,29 @@ def test_cuda_without_cuda_exits_2_from_check_config_and_serve_without_a_crash_l
     path = _config(tmp_path, tiny_bundle, model={"device": "cuda"})
     line = _check_config(path)
     assert "model.device: is 'cuda' but no CUDA device is available" in line
-    run = _cli("serve", "--config", str(path))
+    error = _serve(path)  # one line, before any worker starts (before: 5 crashes in 28 s)
+    assert error["event"] == "serve.config_error" and error["key"] == "model.device"
+    assert "no CUDA device is available" in error["error"]
+    assert not (tmp_path / "node").exists()
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="needs a machine without CUDA")
+def test_a_worker_that_cannot_use_the_device_stops_serve_with_exit_2(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    # What the host check cannot see (a GPU torch cannot use, a driver that does not
+    # match): the first worker says so. The serving process is told a GPU is there
+    # (the host check replaced, nothing else); the worker's torch finds none.
+    path = _config(tmp_path, tiny_bundle, model={"device": "cuda"})
+    code = (
+        "import sys; from ich_node.service import preflight; "
+        "preflight._gpu_present = lambda: True; "
+        "from ich_node.service.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, "serve", "--config", str(path)],
+        capture_output=True, text=True, timeout=240, env=ENV, check=False,
+    )  # fmt: skip
     assert run.returncode == 2, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
     events = [json.loads(line) for line in run.stderr.splitlines() if line.strip()]
@@ -161,7 +183,7 @@ def test_cuda_without_cuda_exits_2_from_check_config_and_serve_without_a_crash_l
     assert bad["key"] == "model.device" and "no CUDA device" in bad["error"]
     (error,) = [e for e in events if e["event"] == "serve.config_error"]
     assert error["key"] == "model.device" and error["path"] == str(tiny_bundle)
-    assert "serve.started" not in names
+    assert "serve.started" not in names and "listener.started" not in names
 
 
 def test_the_shipped_config_does_not_pass(tmp_path: Path) -> None:

@@ -10,7 +10,9 @@ now, which a restart may cure):
 2. someone may send (``callers``, roles ``all`` and ``listener``) and results go
    somewhere (``destinations``; with none but ``notifications`` a warning: alerts
    only; role ``listener`` sends nothing, a warning only);
-3. ``model.bundle`` is set (roles ``all`` and ``worker``);
+3. ``model.bundle`` is set, and with ``model.device: cuda`` the host shows an
+   NVIDIA GPU (its device files or the driver's GPU list; roles ``all`` and
+   ``worker``);
 4. ``storage.dir`` is usable: a folder this process can write (a probe file is
    created and removed; a folder that does not exist yet must be creatable),
    ``spool/`` is not a link out of it, and on the embedded store its lock is free
@@ -22,9 +24,10 @@ now, which a restart may cure):
 
 Only ``check-config`` goes on with what needs torch, which the serving process
 never imports: 8. ``model.device`` is available (``cuda`` needs CUDA), and 9.
-the bundle loads onto it. ``serve`` learns these from its first worker, which
-exits with :data:`ich_node.service.spawn.WORKER_EXIT_BAD_DEVICE` or the bad
-bundle code; ``serve`` then exits 2 naming the key, before it listens. And
+the bundle loads onto it. ``serve`` learns what step 3 cannot see (a GPU torch
+cannot use, too little memory) from its first worker, which exits with
+:data:`ich_node.service.spawn.WORKER_EXIT_BAD_DEVICE` or the bad bundle code;
+``serve`` then exits 2 naming the key, before it listens. And
 ``check-config`` opens the store as it is (never creating or migrating it):
 a schema newer than this code, a role without the privileges ``serve`` needs or
 a wrong password are problems; an empty or older store is not (``serve``
@@ -91,7 +94,8 @@ def check_static(config: NodeConfig, role: str, *, lock: bool = True) -> Report:
     """
     warnings: list[str] = []
     storage = _storage if lock else _storage_unlocked
-    for step in (_roles, _parties, _bundle_set, storage, _tls, _targets, _bundle_file):
+    steps = (_roles, _parties, _bundle_set, _device_present, storage, _tls, _targets, _bundle_file)
+    for step in steps:
         problem = step(config, role, warnings)
         if problem is not None:
             return Report(problem, tuple(warnings))
@@ -160,6 +164,33 @@ def _parties(config: NodeConfig, role: str, warnings: list[str]) -> Problem | No
 def _bundle_set(config: NodeConfig, role: str, warnings: list[str]) -> Problem | None:
     if role != "listener" and config.model.bundle is None:
         return Problem("model.bundle", None, "not set: serve needs a model bundle")
+    return None
+
+
+def _gpu_present() -> bool:
+    """Whether this host shows an NVIDIA GPU to processes (without torch or CUDA calls).
+
+    Its device files (``/dev/nvidia0``...) or the driver's list of GPUs
+    (``/proc/driver/nvidia/gpus``). Neither: ``cuda`` certainly cannot work; either:
+    the worker, which loads the model, has the last word.
+    """
+    if any(Path("/dev").glob("nvidia[0-9]*")):
+        return True
+    gpus = Path("/proc/driver/nvidia/gpus")
+    try:
+        return gpus.is_dir() and any(gpus.iterdir())
+    except OSError:
+        return False
+
+
+def _device_present(config: NodeConfig, role: str, warnings: list[str]) -> Problem | None:
+    if role != "listener" and config.model.device == "cuda" and not _gpu_present():
+        return Problem(
+            "model.device",
+            None,
+            "is 'cuda' but no CUDA device is available (no NVIDIA GPU or driver on this "
+            "host): set model.device to cpu or auto, or run the worker on a GPU host",
+        )
     return None
 
 
