@@ -216,3 +216,41 @@ def test_the_spool_write_path_keeps_its_digest_names(tmp_path: Path) -> None:
     assert oct(os.stat(saved.path).st_mode & 0o777) == "0o600"
     assert [p.name for p in saved.path.parent.iterdir()] == [saved.path.name]  # no temp left
     store.close()
+
+
+def test_a_worker_never_writes_results_through_a_planted_link(
+    open_store: OpenStore,
+    storage_section: Callable[..., object],
+    tmp_path: Path,
+    tiny_bundle: Path,
+) -> None:
+    from benchmarks.common import queue_series
+    from ich_node.config import parse_config
+    from ich_node.model.bundle import load_bundle
+    from ich_node.model.inference import Classifier
+    from ich_node.service.worker import Worker
+    from training.phantom import write_series
+
+    outside = _outside(tmp_path)
+    storage = tmp_path / "node"
+    database = storage_section(storage).database  # type: ignore[attr-defined]
+    config = parse_config(
+        {
+            "storage": {"dir": str(storage), "database": database},
+            "queue": {"lease_seconds": 60.0, "max_attempts": 3},
+            "results": {"heatmaps": "none"},
+        }
+    )
+    store = open_store(storage)
+    series = write_series(tmp_path / "src", seed=3, subtypes=(), n_slices=6, matrix=64)
+    job = queue_series(store, list(series.paths), time.time() - 5)
+    (storage / "results").symlink_to(tmp_path / "outside")  # planted before the job ends
+    worker = Worker(config, "w0", store, Classifier(load_bundle(tiny_bundle), device="cpu"))
+    outcome = worker.run_once(time.time())
+    assert outcome is not None and outcome.state == "parked", outcome
+    assert "symbolic link" in outcome.reason
+    _untouched(outside)
+    assert sorted(p.name for p in (tmp_path / "outside").iterdir()) == ["a.dcm", "b.dcm", "sub"]
+    assert store.refusals()["path_outside_storage"].n == 1
+    record = store.job(job.job_id)
+    assert record is not None and record.state == "parked"
