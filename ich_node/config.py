@@ -126,6 +126,9 @@ class NodeSection(_Section):
     require_called_ae: bool = False
     negotiation_timeout: Annotated[float, Field(ge=1, le=300)] = 10.0
     max_dataset_mb: Annotated[int, Field(ge=1, le=65536)] = 1024
+    # Maximum PDU length the listener advertises and accepts (PS3.8 D.1), KiB: a
+    # sender splits each image into PDUs of at most this; fewer PDUs, less work per image.
+    max_pdu_kb: Annotated[int, Field(ge=4, le=16384)] = 256
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     worker_max_crashes: Annotated[int, Field(ge=1, le=1000)] = 5
     tls: ServerTLS | None = None

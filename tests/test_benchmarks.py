@@ -60,6 +60,10 @@ def test_ingest_quick(tmp_path: Path) -> None:
     receivers = {(r["receiver"], r["associations"]) for r in result["rows"]}
     assert len(receivers) == 6  # three receivers x (1, 8) associations
     assert all(r["files/s"] > 0 and r["MB/s"] > 0 for r in result["rows"])
+    # Each run is paired with pynetdicom's in the same round; the node's CPU is measured.
+    assert all(r["vs pynetdicom"] > 0 for r in result["rows"])
+    node = [r for r in result["rows"] if r["receiver"].startswith("ich-node")]
+    assert len(node) == 2 and all(r["CPU ms/file"] > 0 for r in node)
 
 
 @pytest.mark.parametrize("peers", ["dcmtk", "pynetdicom"])

@@ -341,6 +341,10 @@ def build_ae(config: NodeConfig) -> AE:
     ae.acse_timeout = node.negotiation_timeout
     ae.dimse_timeout = 60
     ae.network_timeout = 60
+    # The Maximum Length advertised in the A-ASSOCIATE-AC (PS3.8 D.1): a 512 KiB CT
+    # image comes in 2 PDUs instead of 32 at pynetdicom's 16 KiB, and the DUL and
+    # the guard's per-PDU checks run that many times less.
+    ae.maximum_pdu_size = node.max_pdu_kb * 1024
     ae.add_supported_context(Verification)
     for sop_class in STORAGE_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -37,6 +38,7 @@ from ich_node.queue.layout import (
     OutsideStorage,
     StorageLayout,
     is_temp,
+    path_part,
     spool_key,
 )
 
@@ -245,6 +247,8 @@ class Spool:
         self.store = store
         self.min_free_bytes = min_free_mb * 1024 * 1024
         self.free_space = free_space
+        # Digests of new instances, computed beside their write and fsync (see save).
+        self._hasher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-digest")
 
     def recover(self) -> Recovery:
         """Bring the spool and the store back in line after a crash; run before listening.
@@ -333,8 +337,6 @@ class Spool:
         SpoolError
             When the instance cannot be made durable; no partial file is left.
         """
-        digest = content_digest(data)
-        final = self.path_for(record, digest)
         series, sop = record.series_instance_uid, record.sop_instance_uid
         try:
             # A shared storage.dir (PostgreSQL) that is not mounted here: its empty
@@ -344,17 +346,28 @@ class Spool:
                     f"{STORE_ID_NAME} missing: the shared storage.dir is not mounted",
                     "storage_not_mounted",
                 )
-            if self.store.instance_digest(series, sop) == digest:
-                return Spooled(final, new=False, added=Added.DUPLICATE)
+            known = self.store.instance_digest(series, sop)
         except SpoolError:
             raise
         except Exception as exc:  # sqlite3.Error: cannot tell, so cannot answer Success
             raise SpoolError(f"{type(exc).__name__}: {exc}") from exc
-        tmp = f".{final.name}.{os.getpid()}.{id(data):x}.tmp"
+        hashing: Future[str] | None = None
+        if known is None:
+            # A new instance: its digest is computed while its bytes are written and
+            # fsync'ed (hashlib and fsync both release the GIL), off the latency of
+            # the acknowledgement; it names the file at the rename.
+            hashing = self._hasher.submit(content_digest, data)
+            digest = ""
+        else:  # a re-send: compared before anything is written
+            digest = content_digest(data)
+            if digest == known:
+                return Spooled(self.path_for(record, digest), new=False, added=Added.DUPLICATE)
+        folder_path = self.path_for(record, "").parent
+        tmp = f".{path_part(sop)}.{os.getpid()}.{id(data):x}.tmp"
         folder: int | None = None
         try:
-            folder = self._open_folder(final.parent)
-            free = self.free_space(final.parent)
+            folder = self._open_folder(folder_path)
+            free = self.free_space(folder_path)
             if free - len(data) < self.min_free_bytes:
                 raise SpoolError(
                     f"{free // 2**20} MiB free, storage.min_free_mb not met", "disk_low"
@@ -365,6 +378,9 @@ class Spool:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
+            if hashing is not None:
+                digest = hashing.result()
+            final = self.path_for(record, digest)
             os.replace(tmp, final.name, src_dir_fd=folder, dst_dir_fd=folder)
             os.fsync(folder)
             result = self.store.add_instance(record, final, len(data), now, digest)
