@@ -313,3 +313,20 @@ def test_command_writes_the_report_and_the_latest_copy(tmp_path: Path) -> None:
     )  # fmt: skip
     assert none.returncode == 1 and "no node store" in none.stderr
     assert not (tmp_path / "empty" / "node.sqlite3").exists()  # the audit created nothing
+
+
+def test_separated_classes_say_the_interval_has_no_width(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
+    from ich_node.audit.html import render_html
+    from ich_node.audit.report import summary_lines
+
+    store = open_store(tmp_path / "node")
+    _record(store, [_read(i, p, JAN + 60 * i) for i, p in enumerate((0.9, 0.8, 0.1, 0.2))])
+    rows = [{"accession_number": f"ACC{i:04d}", "ich": int(i < 2)} for i in range(4)]
+    path = _csv(tmp_path / "reads.csv", rows, ["accession_number", "ich"])
+    report = build_report(read_reads(path), store.reads())
+    assert report["labels"]["any"]["auc"]["degenerate"] is True
+    assert any(line.startswith("any ") and "1.000 (separated: no width)" in line
+               for line in summary_lines(report))  # fmt: skip
+    assert "classes separated: DeLong gives no width" in render_html(report)

@@ -261,6 +261,8 @@ def render_html(report: dict[str, Any]) -> str:
         auc_text = _num(auc["value"]) + (
             ""
             if auc["low"] is None
+            else " <span class=small>(classes separated: DeLong gives no width)</span>"
+            if auc["degenerate"]
             else f" <span class=small>({auc['low']:.3f}&ndash;{auc['high']:.3f})</span>"
         )
         out.append(

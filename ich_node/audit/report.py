@@ -520,7 +520,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             "n/a"
             if auc["value"] is None
             else f"{auc['value']:.3f}"
-            + ("" if auc["low"] is None else f" ({auc['low']:.3f}-{auc['high']:.3f})")
+            + (
+                ""
+                if auc["low"] is None
+                else " (separated: no width)"
+                if auc["degenerate"]
+                else f" ({auc['low']:.3f}-{auc['high']:.3f})"
+            )
         )
         prev = m["prevalence"]["value"]
         lines.append(
