@@ -285,6 +285,12 @@ class SeriesSection(_Section):
     exclude_description_patterns: tuple[Pattern, ...] = (
         r"(?i)\b(scout|localizer|topogram|surview|dose report)\b",
     )
+    # Read slices while the series arrives (a worker scores each as it is spooled);
+    # at completion only what needs the whole series is left. false: read at completion.
+    streaming: bool = True
+    # Positive slices in a row (spatial order, slices received so far) that make a
+    # series still arriving positive for an `early: true` notification target.
+    early_min_slices: Annotated[int, Field(ge=1, le=100)] = 2
 
 
 #: The model's labels (RSNA 2019 names), in its order: what ``model.thresholds`` and a
@@ -340,6 +346,9 @@ class _Target(_Section):
     timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
     # Also told in shadow mode (node.mode: shadow), e.g. the validation team's inbox.
     shadow: bool = False
+    # Also a preliminary alert while the series arrives, as soon as the slices so far
+    # are positive (series.early_min_slices in a row); the final or a correction follows.
+    early: bool = False
 
     @field_validator("labels", mode="before")
     @classmethod

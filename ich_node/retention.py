@@ -45,6 +45,7 @@ from typing import Final
 import structlog
 
 from ich_node.queue.backend import storage_ready
+from ich_node.queue.interface import job_of_record
 from ich_node.queue.layout import OutsideStorage, StorageLayout, is_temp, spool_key
 from ich_node.queue.store import Store
 
@@ -184,7 +185,8 @@ class Cleaner:
             alerts = self.layout.alerts
             if alerts.is_dir() and self._own(alerts):
                 for folder in alerts.iterdir():
-                    if self.store.results_expired(folder.name, cutoff):
+                    # A preliminary alert's folder goes with its version's job.
+                    if self.store.results_expired(job_of_record(folder.name), cutoff):
                         shutil.rmtree(folder, ignore_errors=True)
         except Exception as exc:  # log and go on; the next pass tries again
             log.error("retention.failed", error=type(exc).__name__)

@@ -118,13 +118,19 @@ def test_run_all_knows_every_benchmark() -> None:
 
 
 def test_alerts_quick(tmp_path: Path) -> None:
-    """Through `serve`: the ORU reaches python-hl7's MLLP server before the SR its PACS."""
+    """Through two `serve`s, with and without streaming: the preliminary ORU reaches
+    python-hl7's MLLP server, the final and the SR follow, and the findings agree."""
     from benchmarks import alerts
 
-    result = _run(alerts, tmp_path, "--peers", "pynetdicom")
-    (row,) = result["rows"]
-    assert row["to alert s"] > 0 and row["node's own s"] > 0
-    assert row["alert ahead of SR s"] > 0  # alert first: before the heatmaps and the SR
+    result = _run(alerts, tmp_path)
+    streaming, completion = result["rows"]
+    assert (streaming["mode"], completion["mode"]) == ("streaming", "at completion")
+    assert streaming["positive ack -> early alert s"] > 0
+    assert completion["positive ack -> early alert s"] is None  # no early target there
+    for row in (streaming, completion):
+        assert row["last ack -> final alert s"] > 0 and row["last ack -> SR s"] > 0
+    assert streaming["streamed slices"] >= 0 and completion["streamed slices"] is None
+    assert result["max_probability_difference"] <= 1e-6
 
 
 def test_store_backends_quick(tmp_path: Path) -> None:

@@ -58,6 +58,9 @@ def _config(tmp_path: Path, storage: Section) -> NodeConfig:
                 "database": storage(tmp_path / "node").database,
             },
             "queue": {"lease_seconds": 60.0, "max_attempts": 3, "retry_base_seconds": 1.0},
+            # The pipeline alone: queue_series leaves each series receiving, which a
+            # streaming worker would score beside its jobs (tests/test_streaming.py).
+            "series": {"streaming": False},
         }
     )
 

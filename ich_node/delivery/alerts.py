@@ -41,8 +41,11 @@ ALERT_PREFIX: Final = interface.ALERT_PREFIX
 #: Longest side of the email's key image, pixels.
 KEY_IMAGE_SIZE: Final = 256
 
-#: HL7 result status (table 0123) of a first alert and of a correction.
-ResultStatus = Literal["F", "C"]
+#: HL7 result status (table 0123): F final, C a correction, P preliminary (an early
+#: alert while the series was still arriving; ``notifications[].early``).
+ResultStatus = Literal["F", "C", "P"]
+PRELIMINARY_SUFFIX: Final = interface.PRELIMINARY_SUFFIX
+job_of_record = interface.job_of_record
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +92,10 @@ class Alert:
     ----------
     key : str
         Idempotency key: the same for every attempt and resend of this alert.
-    status : {"F", "C"}
-        ``F`` first result; ``C`` a correction of the alert named by ``supersedes``.
+    status : {"F", "C", "P"}
+        ``F`` final result; ``C`` a correction of the alert named by ``supersedes``
+        (also the final that withdraws a preliminary); ``P`` preliminary: sent while
+        the series was still arriving, on the ``n_slices`` received so far.
     positive : bool
         The series is positive for one of the target's labels.
     result_time : float
@@ -136,6 +141,19 @@ class Alert:
         return cls(**raw)
 
 
+def preliminary_job_id(job_id: str) -> str:
+    """The id a preliminary alert of ``job_id``'s series version is recorded under."""
+    return job_id + PRELIMINARY_SUFFIX
+
+
+def preliminary_text(alert: Alert) -> str:
+    """What a preliminary alert says about itself (HL7 NTE, webhook ``note``, email)."""
+    return (
+        f"PRELIMINARY: based on the {alert.n_slices} slices received so far; the series "
+        "was still arriving. The final result follows and may withdraw this alert."
+    )
+
+
 def alert_key(job_id: str, target: str) -> str:
     """The idempotency key of ``job_id``'s alert to ``target``: 32 hex digits, stable."""
     return hashlib.sha256(f"{job_id}\0{target}".encode()).hexdigest()[:32]
@@ -174,6 +192,31 @@ def decide(
     if previous is None:
         return "F" if labels or target.when == "always" else None
     return None if labels == previous.positive_labels else "C"
+
+
+def early_labels(findings: SeriesFindings, min_slices: int) -> tuple[str, ...]:
+    """Labels a series still arriving is positive for: the early rule.
+
+    A label is positive when ``min_slices`` slices in a row (spatial order, among
+    the slices received so far) reach its threshold (the thresholds of
+    ``findings``: the bundle's or the site's). As in the final read, a subtype
+    counts only when ``any`` is positive too. Returns them in :data:`LABELS` order.
+    """
+    if min_slices < 1:
+        raise ValueError(f"min_slices must be at least 1, got {min_slices!r}")
+
+    def runs(label: str) -> bool:
+        threshold, run = findings.series[label].threshold, 0
+        for s in findings.slices:
+            run = run + 1 if s.probabilities[label] >= threshold else 0
+            if run >= min_slices:
+                return True
+        return False
+
+    positive = {label for label in LABELS if runs(label)}
+    if "any" not in positive:
+        return ()
+    return tuple(label for label in LABELS if label in positive)
 
 
 def make_alert(

@@ -17,14 +17,14 @@ from email.message import EmailMessage
 from email.utils import formatdate
 
 from ich_node.config import EmailTarget
-from ich_node.delivery.alerts import Alert, AlertFailed, findings_text
+from ich_node.delivery.alerts import Alert, AlertFailed, findings_text, preliminary_text
 from ich_node.delivery.deadline import Deadline
 from ich_node.log import scrub_peer_text
 
 
 def subject(alert: Alert) -> str:
     """The subject line: answer and reference only, never patient data."""
-    head = "CORRECTED " if alert.status == "C" else ""
+    head = {"C": "CORRECTED ", "P": "Preliminary "}.get(alert.status, "")
     answer = "positive" if alert.positive else "negative"
     return f"{head}ICH AI triage alert: {answer} (ref {alert.key[:8]})"
 
@@ -38,6 +38,8 @@ def build_message(alert: Alert, target: EmailTarget, key_image: bytes | None) ->
     message["Date"] = formatdate(alert.result_time, usegmt=True)
     message["Message-ID"] = f"<{alert.key}@ich-node>"
     lines = [alert.notice, "", *findings_text(alert), ""]
+    if alert.status == "P":
+        lines += [preliminary_text(alert), ""]
     if alert.status == "C":
         lines += [f"This corrects the alert with reference {(alert.supersedes or '')[:8]}.", ""]
     lines += [

@@ -15,10 +15,13 @@ Segments (HL7 v2.5.1 ch. 7, ORU_R01):
 - ``PID`` the patient identifiers of the source (PID-3 ID^^^issuer, PID-5, -7, -8);
 - ``ORC``/``OBR`` the AccessionNumber as placer and filler order number, the
   priority (ORC-7/OBR-27 TQ component 6, and TQ1-9): ``priority_positive`` on a
-  positive result, R otherwise; OBR-25 result status F, or C for a correction;
+  positive result, R otherwise; OBR-25 result status F, C for a correction, P for
+  a preliminary result (sent while the series was still arriving);
 - ``NTE`` the notice ("AI result for triage support, not a diagnosis") with model
   name and version; a second ``NTE`` the thresholds in use and their source (the
   model bundle, or the site's ``model.thresholds``);
+  a preliminary result's third NTE says how many slices it rests on and that
+  the series was still arriving;
 - ``OBX`` the Study Instance UID, then one per label, coded as in the SR (SNOMED CT
   where certain), with the label's name as the text people read (OBX-3.2,
   :data:`ich_node.labels.LABEL_NAMES`: "Intraparenchymal hemorrhage" for SNOMED CT
@@ -37,7 +40,7 @@ import hl7
 from hl7.mllp import open_hl7_connection
 
 from ich_node.config import HL7Target
-from ich_node.delivery.alerts import Alert, AlertFailed, thresholds_line
+from ich_node.delivery.alerts import Alert, AlertFailed, preliminary_text, thresholds_line
 from ich_node.delivery.deadline import Deadline
 from ich_node.labels import LABEL_NAMES
 from ich_node.log import scrub_peer_text
@@ -132,6 +135,11 @@ def build_oru(alert: Alert, target: HL7Target) -> hl7.Message:
         ),
         # The operating point in use and its source (bundle or site configuration).
         _segment("NTE", "2", "L", _field(thresholds_line(alert))),
+        *(
+            [_segment("NTE", "3", "L", _field(preliminary_text(alert)))]
+            if alert.status == "P"
+            else []
+        ),
         _segment(
             "OBX",
             "1",

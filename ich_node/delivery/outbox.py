@@ -32,11 +32,14 @@ from ich_node.delivery.alerts import (
     Alert,
     AlertFailed,
     Previous,
+    ResultStatus,
     alert_key,
     answer,
     decide,
+    early_labels,
     key_image_png,
     make_alert,
+    preliminary_job_id,
     read_alert,
     wants_key_image,
     watched_labels,
@@ -197,6 +200,9 @@ def _prepare(
     key = study_key(header, findings.study_instance_uid)
     accession = str(header.get("AccessionNumber", "") or "").strip()
     done = store.decided_targets(job_id)  # decided by an earlier attempt
+    # A preliminary alert of this version (sent while it arrived) is followed by its
+    # final: F when the study's answer is the same, else C (which withdraws it).
+    preliminary = {a.target: a for a in store.alerts(preliminary_job_id(job_id))}
     last = store.last_received_at(uid, created_at) or created_at
     records: list[AlertRecord] = []
     alerts: list[Alert] = []
@@ -213,9 +219,14 @@ def _prepare(
         expected[target.name] = None if prev is None else prev.key
         if prev is None:  # alerts recorded before they were kept per study
             prev = store.previous_alert(uid, version, target.name)
-        status = decide(
-            target, labels, None if prev is None else Previous(prev.key, prev.positive_labels)
-        )
+        early = preliminary.get(target.name)
+        status: ResultStatus | None
+        if early is not None and prev is not None and prev.key == early.key:
+            status = "F" if labels == early.positive_labels else "C"
+        else:
+            status = decide(
+                target, labels, None if prev is None else Previous(prev.key, prev.positive_labels)
+            )
         if status is None:  # kept: other series of the study learn this one's answer
             records.append(
                 AlertRecord(
@@ -249,6 +260,115 @@ def _prepare(
         alerts.append(alert)
     store.record_alerts(records, ALERT_PREFIX, now, expected=expected)
     return alerts
+
+
+def prepare_preliminary_alerts(
+    store: Store,
+    storage_dir: Path,
+    targets: Sequence[NotificationTarget],
+    *,
+    job_id: str,
+    version: int,
+    findings: SeriesFindings,
+    min_slices: int,
+    header: pydicom.Dataset,
+    hu_of: Callable[[int], np.ndarray] | None,
+    last_received_at: float,
+    now: float,
+    mode: Literal["live", "shadow"] = "live",
+) -> list[Alert]:
+    """Preliminary alerts of a series still arriving; returns the new ones.
+
+    For each target with ``early: true`` (and told in ``mode``) that the slices
+    received so far make positive for one of its ``labels``
+    (:func:`~ich_node.delivery.alerts.early_labels`), an alert with status ``P`` is
+    written and recorded under :func:`preliminary_job_id` of the job the version
+    will have (``job_id``): at most one per target and series version. It carries
+    the study's answer (as :func:`prepare_alerts`: with the other series' answers)
+    and is sent only when that tells the target something new: not when its
+    latest alert about the study already named these labels. Nothing is recorded
+    once that job exists (the version is complete: its final alert decides). The
+    findings' series-level ``positive`` flags are the early rule's.
+
+    Parameters
+    ----------
+    findings
+        The slices received so far (:meth:`ich_node.model.inference.Classifier.findings_of`).
+    min_slices
+        ``series.early_min_slices``.
+    last_received_at
+        When the last of those slices arrived (seconds since the epoch).
+
+    Raises
+    ------
+    OSError, sqlite3.Error
+        When a record cannot be written (the stream tries again on its next pass).
+    """
+    early = [t for t in sent_in_mode(targets, mode) if t.early]
+    positive = early_labels(findings, min_slices) if early else ()
+    if not positive:
+        return []
+    uid = findings.series_instance_uid
+    record_id = preliminary_job_id(job_id)
+    key = study_key(header, findings.study_instance_uid)
+    accession = str(header.get("AccessionNumber", "") or "").strip()
+    done = store.decided_targets(record_id)
+    marked = dataclasses.replace(
+        findings,
+        series={
+            label: dataclasses.replace(f, positive=label in positive)
+            for label, f in findings.series.items()
+        },
+    )
+    records: list[AlertRecord] = []
+    alerts: list[Alert] = []
+    expected: dict[str, str | None] = {}
+    for target in early:
+        own = answer(marked, target)
+        if not own or target.name in done:
+            continue
+        others = _other_series(store, key, marked, target, accession)
+        labels = tuple(
+            label for label in LABELS if label in set(own).union(*(o for o, _ in others))
+        )
+        prev = store.previous_study_alert(key, target.name, record_id)
+        expected[target.name] = None if prev is None else prev.key
+        if prev is None:
+            prev = store.previous_alert(uid, version, target.name)
+        if prev is not None and set(labels) <= set(prev.positive_labels):
+            continue  # the target was told this already
+        alert = make_alert(
+            marked,
+            header,
+            target,
+            job_id=record_id,
+            version=version,
+            status="P",
+            supersedes=None,
+            result_time=now,
+            last_received_at=last_received_at,
+        )
+        alert = study_answer(alert, [(o, p) for o, p in others if o])
+        png = None
+        if wants_key_image(target) and alert.key_slice is not None and hu_of is not None:
+            png = key_image_png(hu_of(alert.key_slice.index), key_image_lines(alert))
+        write_alert(storage_dir, alert, png)
+        records.append(
+            AlertRecord(
+                record_id, target.name, uid, version, alert.key, alert.status, None,
+                alert.positive_labels, last_received_at, now, study_key=key,
+            )
+        )  # fmt: skip
+        alerts.append(alert)
+    if not records:
+        return []
+    # Recorded only while the version's job does not exist (one transaction with that
+    # check): a final decided without this preliminary is never followed by it. Another
+    # series' alert recorded meanwhile (AlertsChanged): the next pass decides again.
+    with contextlib.suppress(AlertsChanged):
+        if store.record_alerts(records, ALERT_PREFIX, now, expected=expected, unless_job=job_id):
+            return alerts
+    return []
 
 
 def target_of(destination: str, targets: Sequence[NotificationTarget]) -> NotificationTarget:

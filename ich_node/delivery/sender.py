@@ -46,7 +46,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 
 from ich_node.config import Destination, NotificationTarget, SenderSection
-from ich_node.delivery.alerts import ALERT_PREFIX, AlertFailed
+from ich_node.delivery.alerts import ALERT_PREFIX, PRELIMINARY_SUFFIX, AlertFailed
 from ich_node.delivery.deadline import Deadline
 from ich_node.log import handling_phi, phi_values_of_file, redact, scrub_peer_text
 from ich_node.metrics import Metrics
@@ -621,7 +621,9 @@ class Sender:
             reason=logged or None,
         )
         self._count(delivery.destination, state, time.perf_counter() - started)
-        if state == "done" and to_notification is not None and self.metrics is not None:
+        # Finals only: a preliminary alert's own time is in its log line.
+        final = not delivery.job_id.endswith(PRELIMINARY_SUFFIX)
+        if state == "done" and to_notification is not None and final and self.metrics is not None:
             with contextlib.suppress(Exception):
                 self.metrics.time_to_notification.labels(name).observe(to_notification)
         return DeliveryOutcome(

@@ -21,7 +21,7 @@ import urllib.parse
 from typing import Any, Final
 
 from ich_node.config import WebhookTarget
-from ich_node.delivery.alerts import Alert, AlertFailed
+from ich_node.delivery.alerts import Alert, AlertFailed, preliminary_text
 from ich_node.delivery.deadline import Deadline
 from ich_node.log import scrub_peer_text
 
@@ -37,7 +37,7 @@ def body(alert: Alert, *, include_patient: bool = False) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "idempotency_key": alert.key,
         "supersedes": alert.supersedes,
-        "status": "correction" if alert.status == "C" else "final",
+        "status": {"C": "correction", "P": "preliminary"}.get(alert.status, "final"),
         "positive": alert.positive,
         "positive_labels": list(alert.positive_labels),
         "study_instance_uid": alert.study_instance_uid,
@@ -66,6 +66,9 @@ def body(alert: Alert, *, include_patient: bool = False) -> dict[str, Any]:
         "notice": alert.notice,
         "result_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(alert.result_time)),
     }
+    if alert.status == "P":  # said only by a preliminary: how little it rests on
+        doc["n_slices"] = alert.n_slices
+        doc["note"] = preliminary_text(alert)
     if include_patient:
         p = alert.patient
         doc["patient"] = {"name": p.name, "id": p.id, "issuer": p.issuer,

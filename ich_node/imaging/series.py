@@ -30,7 +30,7 @@ import itertools
 import math
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
@@ -817,6 +817,8 @@ def read_series(
     max_tilt_deg: float = 30.0,
     preferred_kernels: Sequence[str] = DEFAULT_PREFERRED_KERNELS,
     max_gap_mm: float = DEFAULT_MAX_GAP_MM,
+    headers: MutableMapping[Path, list[_Header]] | None = None,
+    quiet: bool = False,
 ) -> CTSeries:
     """Read the headers of one series, keep what can be read, and order it.
 
@@ -835,6 +837,14 @@ def read_series(
     max_gap_mm : float
         A hole between slices larger than this makes the coverage incomplete
         (``series.max_gap_mm``); a negative result then says so.
+    headers : dict, optional
+        Headers already read, by path, reused and filled in: a series read again
+        as it grows (the worker's streaming read) reads each file's header once.
+        A spooled file's path names its content (:mod:`ich_node.ingest.spool`),
+        so a path's headers never change.
+    quiet : bool
+        Do not log the images left out and the notes (a partial read, logged
+        when the whole series is read).
 
     Returns
     -------
@@ -853,7 +863,7 @@ def read_series(
         series waits for its storage, none of it is left out.
     """
     record = _Record()
-    candidates = _candidates(paths, record)
+    candidates = _candidates(paths, record, headers)
     if not candidates:
         raise _nothing_usable(paths, record.dropped)
     series_uid = _one_series(candidates)
@@ -886,7 +896,7 @@ def read_series(
         for h, pos in usable
     )
     uids = [first.study_uid, series_uid, *(s.sop_instance_uid for s in slices)]
-    for d in record.dropped:
+    for d in () if quiet else record.dropped:
         log.info(
             "imaging.dropped",
             series_uid=series_uid,
@@ -894,7 +904,7 @@ def read_series(
             frame=d.frame_number,
             reason=d.reason,
         )
-    for note in record.notes:
+    for note in () if quiet else record.notes:
         log.info("imaging.note", series_uid=series_uid, kind=note.kind, note=note.text)
     return CTSeries(
         study_instance_uid=first.study_uid,
@@ -927,13 +937,21 @@ class _Record:
         self.notes.append(Note(kind, text))
 
 
-def _candidates(paths: Sequence[Path], record: _Record) -> list[_Header]:
+def _candidates(
+    paths: Sequence[Path],
+    record: _Record,
+    known: MutableMapping[Path, list[_Header]] | None = None,
+) -> list[_Header]:
     """Headers of the CT images (and frames) among ``paths``; the rest dropped."""
     candidates: list[_Header] = []
     seen: set[tuple[str, int | None]] = set()
     for path in sorted(dict.fromkeys(Path(p) for p in paths)):
         try:
-            headers = _headers(path)
+            headers = known.get(path) if known is not None else None
+            if headers is None:
+                headers = _headers(path)
+                if known is not None:
+                    known[path] = headers
         except ImagingError as exc:
             record.dropped.append(Dropped("", path, f"unreadable: {str(exc).split(': ', 1)[-1]}"))
             continue

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -55,6 +55,7 @@ from ich_node.imaging import CTSeries, ImagingError, load_series_hu, preprocess_
 from ich_node.imaging.pixels import check_hu_plausible
 from ich_node.imaging.preprocess import add_slice_context, context_channels, model_hu
 from ich_node.model.bundle import Bundle
+from ich_node.model.slice_cache import SliceCache, SliceRow, input_digest
 from ich_node.results.findings import ModelInfo, SeriesFindings, Thresholds, summarise
 
 log = structlog.get_logger(__name__)
@@ -309,6 +310,11 @@ class Classifier:
         )
         self.compiled = compile
         self._net: Any = torch.compile(net) if compile else net
+        # Forward passes are padded to at least this many slices: kernels are chosen by
+        # shape (oneDNN takes another path for one image, cuDNN picks per batch size),
+        # so padding is what makes a slice's outputs the same in any batch
+        # (fix_batch_numerics; the streaming read relies on it, ich_node.model.slice_cache).
+        self.min_batch = 1
         self.info = ModelInfo(
             name=self.card.name,
             version=self.card.version,
@@ -345,9 +351,14 @@ class Classifier:
 
     def _run(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         n = len(batch)
-        if self.compiled and n < self.batch_size:  # one shape, one compiled graph
-            pad = batch.new_zeros((self.batch_size - n, *batch.shape[1:]))
+        # compile: one shape, one compiled graph. min_batch: a slice's outputs do not
+        # depend on how many slices share its forward pass (see min_batch).
+        size = self.batch_size if self.compiled else self.min_batch
+        if n < size:
+            pad = batch.new_zeros((size - n, *batch.shape[1:]))
             batch = torch.cat([batch, pad])
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             out = self._net(batch)
         if len(out) == 3:
@@ -380,6 +391,75 @@ class Classifier:
         """(B, C, H, W) on the device -> (B, L) CNN probabilities, (B, L, h, w) CAMs or None."""
         out = self._outputs(batch)
         return _sigmoid(out.logits), out.cams
+
+    def outputs(
+        self,
+        images: np.ndarray,
+        cache: SliceCache | None = None,
+        *,
+        keys: Sequence[bytes] | None = None,
+    ) -> SliceOutputs:
+        """The CNN's outputs for one batch of slices, reusing those already in ``cache``.
+
+        Parameters
+        ----------
+        images : numpy.ndarray
+            (B, C, H, W) float32 in [0, 1], at most ``batch_size`` slices.
+        cache : SliceCache, optional
+            Outputs by input digest (:func:`ich_node.model.slice_cache.input_digest`):
+            slices found there are not run again, the others are run and added.
+        keys : sequence of bytes, optional
+            The slices' digests when the caller has them already.
+
+        Returns
+        -------
+        SliceOutputs
+            (B, L) logits, (B, D) embeddings, (B, L, h, w) CAMs or None, in the
+            order of ``images``.
+        """
+        if cache is None:
+            return self._outputs(self._to_device(images))
+        if keys is None:
+            keys = [input_digest(image) for image in images]
+        rows: list[SliceRow | None] = [cache.get(key) for key in keys]
+        missing = [i for i, row in enumerate(rows) if row is None]
+        if missing:
+            run = self._outputs(self._to_device(images[missing]))
+            for j, i in enumerate(missing):
+                row = SliceRow(
+                    run.logits[j], run.embeddings[j], None if run.cams is None else run.cams[j]
+                )
+                cache.put(keys[i], row)
+                rows[i] = row
+        return _stack_rows([r for r in rows if r is not None], len(self.card.labels))
+
+    def fix_batch_numerics(self) -> int:
+        """Choose :attr:`min_batch` so that a slice's outputs do not depend on its batch.
+
+        On CUDA every forward pass is padded to ``batch_size`` (cuDNN picks its
+        kernels per shape; a padded pass costs the GPU about the same). On the CPU,
+        where padding costs time, two random slices are run in a batch of 2 and in
+        one of ``min(batch_size, 5)``: when their outputs are bitwise equal (oneDNN
+        takes its one-image path only for a single image), ``min_batch`` is 2,
+        else ``batch_size``. Returns the value chosen.
+        """
+        if self.device.type != "cpu" or self.batch_size <= 2:
+            self.min_batch = self.batch_size
+            return self.min_batch
+        size = self.card.input_size
+        images = np.random.default_rng(0).random(
+            (min(self.batch_size, 5), self.in_channels, size, size), dtype=np.float32
+        )
+        self.min_batch = 2
+        two = self._outputs(self._to_device(images[:2]))
+        more = self._outputs(self._to_device(images))
+        pairs = [(two.logits, more.logits), (two.embeddings, more.embeddings)]
+        if two.cams is not None and more.cams is not None:
+            pairs.append((two.cams, more.cams))
+        same = all(np.array_equal(a, b[:2]) for a, b in pairs)
+        self.min_batch = 2 if same else self.batch_size
+        log.info("classifier.batch_numerics", min_batch=self.min_batch, pid=os.getpid())
+        return self.min_batch
 
     def _check_images(self, images: np.ndarray) -> None:
         if images.ndim != 4 or images.shape[1] != self.in_channels:
@@ -431,12 +511,20 @@ class Classifier:
         images = preprocess_hu(model_hu(series, hu), self.card.windows, self.card.input_size)
         return hu, add_slice_context(images, self.context)
 
-    def _prepare_chunk(self, series: CTSeries, start: int) -> tuple[np.ndarray, np.ndarray]:
-        end = min(len(series.slices), start + self.batch_size)
+    def prepare_run(self, series: CTSeries, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Slices ``start..end-1`` of ``series``: (S, H, W) HU and (S, C, size, size) input.
+
+        Decoded with up to ``context`` real neighbours on each side, so that each
+        slice's input is what :meth:`prepared_batches` gives it in the whole
+        ``series`` (only the series' own ends replicate).
+        """
         lo, hi = max(0, start - self.context), min(len(series.slices), end + self.context)
         hu, images = self.prepare(replace(series, slices=series.slices[lo:hi]))
-        keep = slice(start - lo, start - lo + end - start)
+        keep = slice(start - lo, end - lo)
         return hu[keep], images[keep]
+
+    def _prepare_chunk(self, series: CTSeries, start: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.prepare_run(series, start, min(len(series.slices), start + self.batch_size))
 
     def prepared_batches(self, series: CTSeries) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(HU, images) per batch of slices, decoded ahead in ``decode_threads`` threads.
@@ -470,12 +558,17 @@ class Classifier:
         return self.predict_prepared(series, self.prepared_batches(series))
 
     def predict_prepared(
-        self, series: CTSeries, batches: Iterable[tuple[np.ndarray, np.ndarray]]
+        self,
+        series: CTSeries,
+        batches: Iterable[tuple[np.ndarray, np.ndarray]],
+        cache: SliceCache | None = None,
     ) -> Prediction:
         """Classify ``series`` from its (HU, images) batches, in slice order.
 
         ``batches`` is :meth:`prepared_batches` of the series, possibly produced in
-        another thread (the worker's reader).
+        another thread (the worker's reader). With ``cache`` (the series' streaming
+        read, :mod:`ich_node.model.slice_cache`), the CNN runs only on the slices
+        whose input it does not hold; everything else is as without it.
         """
         hus: list[np.ndarray] = []
         inputs: list[np.ndarray] = []
@@ -488,13 +581,27 @@ class Classifier:
                 )
             hus.append(hu)
             inputs.append(images)
-            parts.append(self._outputs(self._to_device(images)))
+            parts.append(self.outputs(images, cache))
         if not parts:
             raise ImagingError(f"series {series.series_instance_uid}: no slices")
         hu_all = np.concatenate(hus)
         # A head CT's HU, or a refusal: never a confident answer on nonsense values.
         check_hu_plausible(hu_all, f"series {series.series_instance_uid}")
         outputs = _concat_outputs(parts, len(self.card.labels))
+        findings, cnn_probabilities = self._summary(series, outputs)
+        return Prediction(
+            series=series,
+            findings=findings,
+            hu=hu_all,
+            images=np.concatenate(inputs),
+            cams=outputs.cams,
+            cnn_probabilities=cnn_probabilities,
+        )
+
+    def _summary(
+        self, series: CTSeries, outputs: SliceOutputs
+    ) -> tuple[SeriesFindings, np.ndarray]:
+        """The findings from the slices' CNN outputs, and the CNN's (S, L) probabilities."""
         cnn_probabilities = _sigmoid(outputs.logits)
         # Two stages: the sequence model reads the whole series in spatial order.
         probabilities = (
@@ -512,14 +619,25 @@ class Classifier:
             model=self.info,
             source=series,
         )
-        return Prediction(
-            series=series,
-            findings=findings,
-            hu=hu_all,
-            images=np.concatenate(inputs),
-            cams=outputs.cams,
-            cnn_probabilities=cnn_probabilities,
-        )
+        return findings, cnn_probabilities
+
+    def findings_of(self, series: CTSeries, rows: Sequence[SliceRow]) -> SeriesFindings:
+        """Findings of ``series`` from each slice's CNN outputs (:class:`SliceRow`, in order).
+
+        What :meth:`predict_prepared` does after the CNN (the sequence stage over
+        the slices in spatial order, the series summary), for the streaming read's
+        slices received so far (:mod:`ich_node.service.stream_stage`).
+
+        Raises
+        ------
+        ValueError
+            When ``rows`` is not one row per slice.
+        """
+        if len(rows) != len(series.slices) or not rows:
+            raise ValueError(
+                f"rows must hold one row per slice ({len(series.slices)}), got {len(rows)}"
+            )
+        return self._summary(series, _stack_rows(list(rows), len(self.card.labels)))[0]
 
     def warmup(self) -> float:
         """Run one full batch of zeros (compiles the graph, picks kernels); returns seconds.
@@ -545,6 +663,18 @@ class Classifier:
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
     """(..., L) float logits -> float32 probabilities (torch's sigmoid, as training uses)."""
     return torch.sigmoid(torch.from_numpy(np.asarray(logits, np.float32))).numpy()
+
+
+def _stack_rows(rows: list[SliceRow], labels: int) -> SliceOutputs:
+    """Per-slice rows as one :class:`SliceOutputs`, in order."""
+    if not rows:
+        return SliceOutputs(np.empty((0, labels), np.float32), np.empty((0, 0), np.float32), None)
+    cams = [r.cams for r in rows if r.cams is not None]
+    return SliceOutputs(
+        logits=np.stack([r.logits for r in rows]),
+        embeddings=np.stack([r.embedding for r in rows]),
+        cams=np.stack(cams) if len(cams) == len(rows) else None,
+    )
 
 
 def _concat_outputs(parts: list[SliceOutputs], labels: int) -> SliceOutputs:

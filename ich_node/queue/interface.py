@@ -26,6 +26,15 @@ HEARTBEAT_STALE_SECONDS: Final = 15.0
 
 #: The prefix of an alert's delivery row (``alert:<target>``), apart from DICOM destinations.
 ALERT_PREFIX: Final = "alert:"
+#: What a preliminary alert's record adds to the job id of the version it anticipates
+#: (its folder, its delivery row and its idempotency key are its own).
+PRELIMINARY_SUFFIX: Final = "-p"
+
+
+def job_of_record(record_id: str) -> str:
+    """The job id an alert record's id belongs to (a preliminary's, or the job's own)."""
+    return record_id.removesuffix(PRELIMINARY_SUFFIX)
+
 
 #: The states of a series (see :mod:`ich_node.ingest.assemble`).
 SeriesState = Literal["receiving", "queued", "skipped", "capped", "purged"]
@@ -185,7 +194,8 @@ class AlertRecord:
     series_instance_uid: str
     version: int
     key: str  # idempotency key, repeated in every message
-    status: str  # F (first) | C (correction) | "" (nothing sent: the study's answer unchanged)
+    status: str  # F (first) | C (correction) | P (preliminary, while the series arrived)
+    # | "" (nothing sent: the study's answer unchanged)
     supersedes: str | None  # the key of the alert this one corrects
     positive_labels: tuple[str, ...]  # the answer this alert gave (empty: negative)
     last_received_at: float
@@ -198,6 +208,23 @@ class AlertRecord:
 
 class AlertsChanged(RuntimeError):
     """Another series of the study recorded an alert meanwhile: decide again."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLease:
+    """A series a worker reads while it arrives (``series.streaming``).
+
+    Held by one worker of the whole node (all hosts on PostgreSQL) until
+    ``lease_until``; the worker renews it while it keeps the series' slice outputs
+    in memory (:mod:`ich_node.service.stream_stage`). A worker that dies leaves it
+    to expire: nothing depends on it but speed, since the complete series is read
+    from the spool.
+    """
+
+    series_instance_uid: str
+    worker: str
+    lease_until: float
+    since: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,6 +526,18 @@ class DeliveryStore(Protocol):
     def refuse_path(self, exc: OutsideStorage, what: str) -> None: ...
 
 
+class StreamStore(Protocol):
+    """In-progress leases of series read while they arrive (:class:`StreamLease`)."""
+
+    def lease_stream(
+        self, series_instance_uid: str, worker: str, now: float, until: float
+    ) -> bool: ...
+
+    def release_stream(self, series_instance_uid: str, worker: str) -> None: ...
+
+    def streams(self) -> list[StreamLease]: ...
+
+
 class AlertStore(Protocol):
     """Alerts to notification targets (:mod:`ich_node.delivery.outbox`); their delivery
     rows are the outbox's (destination ``alert:<target>``)."""
@@ -519,6 +558,8 @@ class AlertStore(Protocol):
         prefix: str,
         now: float,
         expected: dict[str, str | None] | None = None,
+        *,
+        unless_job: str = "",
     ) -> int: ...
 
     def previous_study_alert(

@@ -32,6 +32,16 @@ from ich_node.queue.interface import (
 )
 from ich_node.queue.store import JobRecord, Store
 
+#: Seconds a new job is left to the worker that streamed its series (which holds
+#: the slices' outputs, :mod:`ich_node.service.stream_stage`) before any worker
+#: may take it.
+STREAM_AFFINITY_SECONDS = 10.0
+#: A runnable job not left to another worker's streaming read (SQL; parameters:
+#: the leasing worker, ``now``, ``now - STREAM_AFFINITY_SECONDS``).
+NOT_STREAMED_ELSEWHERE = """NOT EXISTS (SELECT 1 FROM streams s
+    WHERE s.series_instance_uid = jobs.series_instance_uid AND s.worker != ?
+    AND s.lease_until >= ? AND jobs.created_at > ?)"""
+
 
 @dataclass(frozen=True, slots=True)
 class Released:
@@ -111,14 +121,19 @@ class JobQueue:
         return self.config.retry_base_seconds * 2.0 ** max(attempts - 1, 0)
 
     def lease(self, worker: str, now: float) -> JobRecord | None:
-        """Take the oldest runnable job (queued, due retry, or expired lease)."""
+        """Take the oldest runnable job (queued, due retry, or expired lease).
+
+        A job whose series another live worker streamed is left to that worker for
+        its first :data:`STREAM_AFFINITY_SECONDS` (it runs the CNN on nothing again).
+        """
         with self.store.transaction() as db:
             while True:
                 row = db.execute(
-                    """SELECT * FROM jobs WHERE (state IN ('queued', 'retry') AND not_before <= ?)
-                        OR (state = 'leased' AND lease_until < ?)
+                    f"""SELECT * FROM jobs WHERE ((state IN ('queued', 'retry') AND not_before <= ?)
+                        OR (state = 'leased' AND lease_until < ?))
+                        AND {NOT_STREAMED_ELSEWHERE}
                     ORDER BY created_at LIMIT 1""",
-                    (now, now),
+                    (now, now, worker, now, now - STREAM_AFFINITY_SECONDS),
                 ).fetchone()
                 if row is None:
                     return None
@@ -311,6 +326,8 @@ class JobQueue:
                 WHERE state = 'leased' AND worker = ? ORDER BY created_at""",
                 (worker,),
             ).fetchall()
+            # Its streaming reads end with it (the series are read from the spool).
+            db.execute("DELETE FROM streams WHERE worker = ?", (worker,))
             stages = {str(r["stage"]) for r in rows}
             guilty = "model" if "model" in stages else "results"
             charged: list[str] = []

@@ -55,7 +55,7 @@ from ich_node.queue.interface import (
     JobRecord,
     StoreUnusable,
 )
-from ich_node.queue.jobs import JobQueue, Released
+from ich_node.queue.jobs import NOT_STREAMED_ELSEWHERE, STREAM_AFFINITY_SECONDS, JobQueue, Released
 from ich_node.queue.layout import StorageLayout
 from ich_node.queue.store import Store
 
@@ -257,6 +257,15 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE series_reads ADD COLUMN mode TEXT NOT NULL DEFAULT 'live';
     ALTER TABLE series_reads ADD COLUMN result_at DOUBLE PRECISION;
     CREATE INDEX series_reads_read_at ON series_reads(read_at);
+    """,
+    # 9: in-progress leases of series read while they arrive (series.streaming).
+    """
+    CREATE TABLE streams (
+        series_instance_uid TEXT PRIMARY KEY,
+        worker TEXT NOT NULL,
+        lease_until DOUBLE PRECISION NOT NULL,
+        since DOUBLE PRECISION NOT NULL
+    );
     """,
 )
 
@@ -767,6 +776,15 @@ class PgStore(Store):
     def forget_instance(self, path: str) -> None:
         super().forget_instance(self._relative(path))
 
+    def lease_stream(self, series_instance_uid: str, worker: str, now: float, until: float) -> bool:
+        # One atomic upsert: its row lock is enough, not the global write lock.
+        with self.row_transaction():
+            return super().lease_stream(series_instance_uid, worker, now, until)
+
+    def release_stream(self, series_instance_uid: str, worker: str) -> None:
+        with self.row_transaction():
+            super().release_stream(series_instance_uid, worker)
+
     def notify_jobs(self) -> None:
         """Wake idle workers (sent when the current transaction commits)."""
         with self.row_transaction() as db:
@@ -974,10 +992,11 @@ class PgJobQueue(JobQueue):
         while True:
             with self.store.row_transaction() as db:
                 row = db.execute(
-                    """SELECT * FROM jobs WHERE (state IN ('queued', 'retry') AND not_before <= ?)
-                        OR (state = 'leased' AND lease_until < ?)
+                    f"""SELECT * FROM jobs WHERE ((state IN ('queued', 'retry') AND not_before <= ?)
+                        OR (state = 'leased' AND lease_until < ?))
+                        AND {NOT_STREAMED_ELSEWHERE}
                     ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED""",
-                    (now, now),
+                    (now, now, worker, now, now - STREAM_AFFINITY_SECONDS),
                 ).fetchone()
                 if row is None:
                     return None

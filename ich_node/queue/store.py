@@ -47,6 +47,7 @@ from ich_node.queue.interface import (
     SeriesState,
     SrReference,
     StoreUnusable,
+    StreamLease,
 )
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "SeriesState",
     "SrReference",
     "Store",
+    "StreamLease",
 ]
 
 log = structlog.get_logger(__name__)
@@ -215,6 +217,14 @@ CREATE INDEX IF NOT EXISTS series_reads_read_at ON series_reads(read_at);
 CREATE INDEX IF NOT EXISTS series_reads_series ON series_reads(series_instance_uid, version);
 CREATE INDEX IF NOT EXISTS series_reads_study ON series_reads(study_instance_uid);
 CREATE INDEX IF NOT EXISTS series_reads_accession ON series_reads(accession_number);
+-- Series a worker reads while they arrive (series.streaming): one holder per series,
+-- renewed while it holds the slices' outputs (nothing else depends on it).
+CREATE TABLE IF NOT EXISTS streams (
+    series_instance_uid TEXT PRIMARY KEY,
+    worker TEXT NOT NULL,
+    lease_until REAL NOT NULL,
+    since REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS stage_times (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
@@ -1034,10 +1044,13 @@ class Store:
     def previous_alert(
         self, series_instance_uid: str, version: int, target: str
     ) -> AlertRecord | None:
-        """The latest alert to ``target`` of an earlier version of the series, or ``None``."""
+        """The latest alert to ``target`` of an earlier version of the series, or ``None``.
+
+        Of a version's preliminary alert and its final, the final (recorded later).
+        """
         rows = self._query(
             """SELECT * FROM alerts WHERE series_instance_uid = ? AND target = ? AND version < ?
-            AND status != '' ORDER BY version DESC LIMIT 1""",
+            AND status != '' ORDER BY version DESC, created_at DESC LIMIT 1""",
             (series_instance_uid, target, version),
         )
         return self._alert_record(rows[0]) if rows else None
@@ -1054,8 +1067,9 @@ class Store:
     def latest_alerts(self, study_key: str, target: str) -> dict[str, AlertRecord]:
         """The latest alert decision for ``target`` of each series of the study (sent or
         not: its answer), by SeriesInstanceUID."""
-        rows = self._query(
-            "SELECT * FROM alerts WHERE study_key = ? AND target = ? ORDER BY version",
+        rows = self._query(  # a version's final after its preliminary (created later)
+            """SELECT * FROM alerts WHERE study_key = ? AND target = ?
+            ORDER BY version, created_at""",
             (study_key, target),
         )
         return {str(r["series_instance_uid"]): self._alert_record(r) for r in rows}
@@ -1066,6 +1080,8 @@ class Store:
         prefix: str,
         now: float,
         expected: dict[str, str | None] | None = None,
+        *,
+        unless_job: str = "",
     ) -> int:
         """Record alerts and their delivery rows (``prefix + target``) in one transaction.
 
@@ -1074,7 +1090,8 @@ class Store:
         ``expected`` (target -> key of the study's latest alert the decision was
         made on, ``None`` for none) is checked in the same transaction, so that two
         series of one study read side by side never both send a first alert.
-        Returns how many were new.
+        With ``unless_job``, nothing is recorded when that job exists (a preliminary
+        alert of a version that is complete meanwhile). Returns how many were new.
 
         Raises
         ------
@@ -1084,6 +1101,11 @@ class Store:
         """
         n = 0
         with self.transaction() as db:
+            if (
+                unless_job
+                and db.execute("SELECT 1 FROM jobs WHERE job_id = ?", (unless_job,)).fetchone()
+            ):
+                return 0
             for a in alerts:
                 if expected is None or a.target not in expected or not a.study_key:
                     continue
@@ -1128,6 +1150,41 @@ class Store:
                 WHERE job_id = ? AND first_alert_at IS NULL""",
                 (now, job_id),
             )
+
+    # -- streaming reads -------------------------------------------------------------
+
+    def lease_stream(self, series_instance_uid: str, worker: str, now: float, until: float) -> bool:
+        """Take or renew the in-progress lease of a series for ``worker`` until ``until``.
+
+        Granted when no one holds it, when ``worker`` does, or when the holder's
+        lease ended before ``now``; one atomic statement, so two workers (two hosts
+        on PostgreSQL) never both get it. Returns whether ``worker`` holds it now.
+        """
+        with self.transaction() as db:
+            cur = db.execute(
+                """INSERT INTO streams (series_instance_uid, worker, lease_until, since)
+                VALUES (?, ?, ?, ?)
+                ON CONFLICT (series_instance_uid) DO UPDATE SET
+                    since = CASE WHEN streams.worker = excluded.worker THEN streams.since
+                        ELSE excluded.since END,
+                    worker = excluded.worker, lease_until = excluded.lease_until
+                WHERE streams.worker = excluded.worker OR streams.lease_until < ?""",
+                (series_instance_uid, worker, until, now, now),
+            )
+            return int(cur.rowcount) == 1
+
+    def release_stream(self, series_instance_uid: str, worker: str) -> None:
+        """End ``worker``'s in-progress lease of a series (nothing when another holds it)."""
+        with self.transaction() as db:
+            db.execute(
+                "DELETE FROM streams WHERE series_instance_uid = ? AND worker = ?",
+                (series_instance_uid, worker),
+            )
+
+    def streams(self) -> list[StreamLease]:
+        """Every in-progress lease, live or ended, oldest first."""
+        rows = self._query("SELECT * FROM streams ORDER BY since, series_instance_uid")
+        return [StreamLease(**dict(r)) for r in rows]
 
     # -- heartbeats and counts ---------------------------------------------------
 

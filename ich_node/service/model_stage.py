@@ -12,6 +12,7 @@ and never touches the model.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -37,12 +38,37 @@ class ModelStage:
         The node's store (alerts are recorded in it).
     classifier : ich_node.model.inference.Classifier
         The loaded model.
+    streams : ich_node.service.stream_stage.Streams, optional
+        The series this worker read while they arrived: the CNN's outputs kept for
+        their slices are used, the other slices are run (``series.streaming``).
+    lock : threading.Lock, optional
+        Held while the model runs (the stream stage runs it too).
     """
 
-    def __init__(self, config: NodeConfig, store: Store, classifier: Any) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        store: Store,
+        classifier: Any,
+        *,
+        streams: Any = None,
+        lock: threading.Lock | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.classifier = classifier
+        self.streams = streams
+        self.lock = lock if lock is not None else threading.Lock()
+
+    def cache(self, item: LeasedJob) -> Any:
+        """The streamed slices' outputs of ``item``'s series (a ``SliceCache``), or ``None``."""
+        if self.streams is None:
+            return None
+        return self.streams.cache(item.job.series_instance_uid)
+
+    def _reused(self, item: LeasedJob, cache: Any, hits: int) -> None:
+        if cache is not None:
+            item.times["streamed"] = float(cache.hits - hits)
 
     def alert(self, item: LeasedJob, prediction: Any) -> None:
         """Record this version's alerts as soon as its probabilities are known.
@@ -119,12 +145,17 @@ class ModelStage:
                 yield got
 
         t = time.perf_counter()
+        cache = self.cache(item)
+        hits = 0 if cache is None else cache.hits
         try:
-            prediction = self.classifier.predict_prepared(item.series, batches())
+            with self.lock:
+                prediction = self.classifier.predict_prepared(item.series, batches(), cache=cache)
+            self._reused(item, cache, hits)
             if not ended:  # the model stopped early: take the rest so the reader can go on
                 raise RuntimeError("the model stage did not read the whole series")
             self.alert(item, prediction)  # alert first: before heatmaps and the SR
-            explained = self.explain(prediction)
+            with self.lock:
+                explained = self.explain(prediction)
         except Exception as exc:
             item.cancel.set()
             if not ended:  # let the reader finish
@@ -138,8 +169,18 @@ class ModelStage:
         """One job in this thread (:meth:`ich_node.service.worker.Worker.process`): the
         classifier decodes ahead in threads of its own. Raises what the model raises."""
         t = time.perf_counter()
-        prediction = self.classifier.predict_series(item.series)
+        cache = self.cache(item)
+        hits = 0 if cache is None else cache.hits
+        with self.lock:
+            if cache is None:
+                prediction = self.classifier.predict_series(item.series)
+            else:
+                prediction = self.classifier.predict_prepared(
+                    item.series, self.classifier.prepared_batches(item.series), cache=cache
+                )
+        self._reused(item, cache, hits)
         self.alert(item, prediction)
-        explained = self.explain(prediction)
+        with self.lock:
+            explained = self.explain(prediction)
         item.times["infer_s"] = time.perf_counter() - t
         return explained

@@ -307,6 +307,7 @@ class ResultsStage:
             state=outcome.state,
             n_files=outcome.n_files,
             n_slices=int(times.get("n_slices", 0)),
+            streamed=int(times["streamed"]) if "streamed" in times else None,
             positive_labels=int(times.get("positive", 0)),
             read_s=round(times.get("read_s", 0.0), 3),
             infer_s=round(times.get("infer_s", 0.0), 3),

@@ -12,7 +12,9 @@ so each series version is delivered once.
 The pipeline's stages are modules of their own: :mod:`~ich_node.service.read_stage`
 (lease, headers, decoding ahead), :mod:`~ich_node.service.model_stage` (classify,
 alert, explain) and :mod:`~ich_node.service.results_stage` (write, complete, record
-failures). This module wires them into threads and runs the worker process.
+failures); with ``series.streaming``, :mod:`~ich_node.service.stream_stage` scores
+slices while their series arrives, so that a complete series leaves the model
+little to do. This module wires them into threads and runs the worker process.
 
 Run by :mod:`ich_node.service.serve` through ``multiprocessing`` (spawn); this is the
 only process of the node that imports torch.
@@ -40,6 +42,7 @@ from ich_node.service.model_stage import ModelStage
 from ich_node.service.read_stage import MAX_HELD_JOBS, LeasedJob, Leases, ReadStage
 from ich_node.service.results_stage import JobOutcome, ResultsStage
 from ich_node.service.spawn import WORKER_EXIT_BAD_DEVICE
+from ich_node.service.stream_stage import Streams, StreamStage
 
 log = structlog.get_logger(__name__)
 
@@ -99,6 +102,7 @@ class Worker:
     read_stage: type[ReadStage] = ReadStage
     model_stage: type[ModelStage] = ModelStage
     results_stage: type[ResultsStage] = ResultsStage
+    stream_stage: type[StreamStage] = StreamStage
 
     def __init__(
         self,
@@ -118,7 +122,20 @@ class Worker:
         self.reader = self.read_stage(
             config, name, store, self.leases, classifier, batches_ahead=batches_ahead
         )
-        self.model = self.model_stage(config, store, classifier)
+        # A slice's outputs must not depend on the batch it ran in: the streaming read
+        # keeps them, and the read at completion must equal one from scratch.
+        if getattr(classifier, "min_batch", None) == 1:
+            classifier.fix_batch_numerics()
+        self.model_lock = threading.Lock()  # one thread at a time runs the model
+        self.streams = Streams()
+        self.model = self.model_stage(
+            config, store, classifier, streams=self.streams, lock=self.model_lock
+        )
+        self.streamer = (
+            self.stream_stage(config, name, store, classifier, self.streams, self.model_lock)
+            if config.series.streaming
+            else None
+        )
         card = getattr(classifier, "card", None)
         self.results = self.results_stage(config, store, self.leases, card)
 
@@ -210,8 +227,18 @@ class Worker:
             name=f"results-{self.name}",
             daemon=True,
         )
+        streamer = None
+        if self.streamer is not None:
+            streamer = threading.Thread(
+                target=self.streamer.run,
+                args=(stop, lambda: not ready.empty(), clock),
+                name=f"stream-{self.name}",
+                daemon=True,
+            )
         reader.start()
         results.start()
+        if streamer is not None:
+            streamer.start()
         try:
             while (item := ready.get()) is not None:
                 if stop.is_set():
@@ -226,6 +253,8 @@ class Worker:
             finishing.put(None)
             results.join()
             reader.join()
+            if streamer is not None:
+                streamer.join()
 
 
 def lease_extend_seconds(lease_seconds: float) -> float:
