@@ -4,7 +4,9 @@ What goes, once it is older than the keep period:
 
 - the spooled instances of a series whose work is finished (skipped, or every
   job ``done`` and every delivery ``done``); the series row stays, state
-  ``purged``, with its UIDs, counts and times only (descriptions are blanked);
+  ``purged``, with its UIDs and times only (descriptions are blanked, counts start
+  again from zero: they count what the node holds; the results ledger keeps what
+  was read);
 - the ``results/<job_id>`` folder of a job that is ``done`` and delivered to
   every destination.
 
