@@ -152,11 +152,20 @@ class Cleaner:
         n_series = n_files = n_results = n_temp = 0
         try:
             for uid in self.store.expired_series(cutoff):
+                # The rows go first, in a transaction that checks the series is still
+                # expired (an instance recorded since keeps it whole); then the files.
+                # A re-send written meanwhile under the same name (a name is the
+                # content's digest) is newer than the cutoff and recorded anew: kept.
                 # Only paths inside spool/ come back (the store refuses the others).
-                paths = self.store.instance_paths(uid)
+                paths = self.store.purge_series(uid, now, cutoff)
+                if paths is None:
+                    continue
                 for path in paths:
-                    path.unlink(missing_ok=True)
-                    n_files += 1
+                    try:
+                        if _remove_if_old(path, cutoff):
+                            n_files += 1
+                    except FileNotFoundError:
+                        pass
                 spool = Path(os.path.realpath(self.layout.spool))
                 for folder in {p.parent for p in paths}:
                     for empty in (folder, folder.parent):
@@ -166,7 +175,6 @@ class Cleaner:
                             continue
                         with contextlib.suppress(OSError):
                             empty.rmdir()
-                self.store.purge_series(uid, now)
                 n_series += 1
             results = self.layout.results
             if results.is_dir() and self._own(results):
@@ -261,6 +269,9 @@ class Cleaner:
 
 def _remove_if_old(path: Path, before: float) -> bool:
     """Remove the unrecorded file ``path`` if it is a regular file last modified before ``before``.
+
+    Used for orphans and for the files of a series retention has just purged
+    (their rows gone first).
 
     The same name is written again when the same instance is re-sent (its name
     is its content digest), and then recorded. So that a copy written between

@@ -298,6 +298,17 @@ def _add_columns(db: sqlite3.Connection) -> None:
         db.execute("DROP TABLE instances_before_v2")
 
 
+#: A series retention may purge, for ``?`` = the cutoff (epoch s): last touched before
+#: it, skipped or read, and every job and delivery of it finished (parked work stays
+#: until an admin resends it). Shared by :meth:`Store.expired_series` and the
+#: re-check inside :meth:`Store.purge_series`.
+_EXPIRED: Final = """s.state IN ('queued', 'skipped', 'capped') AND s.last_at < ?
+    AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_instance_uid =
+        s.series_instance_uid AND j.state != 'done')
+    AND NOT EXISTS (SELECT 1 FROM deliveries d JOIN jobs j ON d.job_id = j.job_id
+        WHERE j.series_instance_uid = s.series_instance_uid AND d.state != 'done')"""
+
+
 class Store:
     """A connection to the node's SQLite database.
 
@@ -1406,24 +1417,46 @@ class Store:
         delivery ``done``. Parked work is kept until an admin resends it.
         """
         rows = self._query(
-            """SELECT s.series_instance_uid FROM series s
-            WHERE s.state IN ('queued', 'skipped', 'capped') AND s.last_at < ?
-            AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_instance_uid =
-                s.series_instance_uid AND j.state != 'done')
-            AND NOT EXISTS (SELECT 1 FROM deliveries d JOIN jobs j ON d.job_id = j.job_id
-                WHERE j.series_instance_uid = s.series_instance_uid AND d.state != 'done')""",
-            (cutoff,),
+            f"SELECT s.series_instance_uid FROM series s WHERE {_EXPIRED}", (cutoff,)
         )
         return [str(r["series_instance_uid"]) for r in rows]
 
-    def purge_series(self, series_instance_uid: str, now: float | None = None) -> None:
+    def purge_series(
+        self, series_instance_uid: str, now: float | None = None, cutoff: float | None = None
+    ) -> list[Path] | None:
         """Forget a purged series' instances; keep its UIDs, state and timings.
 
         Its counts start again from zero (they count the instances the node holds),
         and ``purged_at`` (``now``, else its last activity) marks that what comes
         next is a re-send of a series already answered (see the results ledger).
+
+        With ``cutoff``, the series is purged only if it is still expired at
+        ``cutoff`` (:meth:`expired_series`), checked in the transaction that purges
+        it: an instance recorded since the caller looked (a late instance, a
+        re-send) keeps the series and every row of it.
+
+        Returns
+        -------
+        list of Path or None
+            The files the forgotten rows named (inside the spool, see
+            :meth:`instance_paths`), for the caller to remove now that no row names
+            them; ``None`` when the series was not purged.
         """
         with self.transaction() as db:
+            if cutoff is not None:
+                still = db.execute(
+                    f"SELECT 1 FROM series s WHERE s.series_instance_uid = ? AND {_EXPIRED}",
+                    (series_instance_uid, cutoff),
+                ).fetchone()
+                if still is None:
+                    return None
+            recorded = [
+                str(r["path"])
+                for r in db.execute(
+                    "SELECT path FROM instances WHERE series_instance_uid = ?",
+                    (series_instance_uid,),
+                )
+            ]
             db.execute(
                 "DELETE FROM instances WHERE series_instance_uid = ?", (series_instance_uid,)
             )
@@ -1434,6 +1467,7 @@ class Store:
                 WHERE series_instance_uid = ?""",
                 (now, series_instance_uid),
             )
+        return self._confined([self._to_path(path) for path in sorted(recorded)])
 
     def results_expired(self, job_id: str, cutoff: float) -> bool:
         """Whether a job's results folder may go: done, delivered everywhere, old enough."""
