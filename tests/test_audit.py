@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import yaml
@@ -297,6 +298,32 @@ def test_command_writes_the_report_and_the_latest_copy(tmp_path: Path) -> None:
     assert page.count("data:image/png;base64,") == 3  # ROC, calibration, drift
     assert "MISSING-1" in page and "not a diagnosis" in page
     assert not [p for p in latest.iterdir() if p.name.endswith(".tmp")]
+
+    # The web console's Validation page shows this very report (the latest copy).
+    from ich_node.config import NodeConfig, WebSection
+    from ich_node.web.app import create_app
+    from ich_node.web.users import add_user
+    from tests.test_web import PASSWORD, VIEWER, _serve, login
+
+    add_user(tmp_path / "users", VIEWER, "viewer", PASSWORD)
+    web_config = NodeConfig.model_validate(
+        {"storage": {"dir": str(storage)}, "web": {"users_file": str(tmp_path / "users")}}
+    )
+    assert isinstance(web_config.web, WebSection)
+    app = create_app(web_config, secret=b"k" * 32)
+    url, stop = _serve(app)
+    try:
+        with httpx.Client(base_url=url, follow_redirects=False, timeout=30) as client:
+            login(client, VIEWER)
+            page = client.get("/validation").text
+            shown = client.get("/validation/report.json")
+            html = client.get("/validation/report.html")
+    finally:
+        stop()
+        app.state.web.console.close()
+    assert 'id="report-written"' in page and 'src="/validation/report.html"' in page
+    assert shown.status_code == 200 and shown.json() == report
+    assert html.status_code == 200 and "MISSING-1" in html.text
 
     # Bad input: one line and exit 2; no store: exit 1.
     bad = subprocess.run(

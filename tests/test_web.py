@@ -165,6 +165,9 @@ def build(storage: Path, store: object, now: float) -> Built:
     tally.add("10.1.2.3", "STRANGER", "calling_ae_not_recognised", now - 4)
     tally.add("10.9.9.9", None, "negotiation_timeout", now - 3)
     write_refusals(layout.refusals_file("node"), tally.rows(), now - 3600)
+    store.count_refusals(  # type: ignore[attr-defined]
+        {"disk_low": (3, "12 MiB free, storage.min_free_mb not met")}, now - 2
+    )
     return Built(
         storage, positive.series_instance_uid, job.job_id, parked.series_instance_uid,
         second.job_id, small.series_instance_uid, str(header.AccessionNumber),
@@ -418,6 +421,29 @@ def test_problems_and_refusals(console: Console) -> None:
                       r"<td>(\d+)</td>", page)  # fmt: skip
     assert rows == [("10.1.2.3", "STRANGER", "calling_ae_not_recognised", "2"),
                     ("10.9.9.9", "—", "negotiation_timeout", "1")]  # fmt: skip
+    # What the node itself refused, from the store (as `status` lists it).
+    found = re.findall(r'<tr class="store-refusal"><td>([^<]+)</td><td>(\d+)</td>.*?<td>([^<]*)</td></tr>',
+                       page)  # fmt: skip
+    assert found == [("disk_low", "3", "12 MiB free, storage.min_free_mb not met")]
+
+
+def test_shadow_mode_shows_on_every_page(console: Console) -> None:
+    """node.mode: shadow is said on the Overview (with what it means) and in every footer."""
+    node = console.config.node.model_copy(update={"mode": "shadow"})
+    config = console.config.model_copy(update={"node": node})
+    app = create_app(config, secret=b"k" * 32, clock=console.clock)
+    url, stop = _serve(app)
+    try:
+        with httpx.Client(base_url=url, follow_redirects=False, timeout=30) as client:
+            login(client, VIEWER)
+            overview = client.get("/").text
+            problems = client.get("/problems").text
+    finally:
+        stop()
+        app.state.web.console.close()
+    assert re.search(r'id="mode" class="mode-shadow">shadow<', overview)
+    assert "only destinations and targets marked shadow receive them" in overview
+    assert '<span id="footer-mode">shadow</span>' in problems
 
 
 def test_admin_resend_requeues_what_is_parked(console: Console) -> None:

@@ -35,6 +35,7 @@ from ich_node.queue.interface import (
     AlertRecord,
     DeliveryRecord,
     JobRecord,
+    RefusalCount,
     SeriesRead,
     SeriesRecord,
     StoreUnusable,
@@ -184,6 +185,9 @@ class Problems:
     deliveries: tuple[DeliveryRecord, ...]  # parked or retrying deliveries and alerts
     resendable: frozenset[str]  # job ids with something parked
     refusals: tuple[tuple[str, float, tuple[PeerRefusals, ...]], ...]  # per listener
+    #: What the node itself refused, by reason (C-STOREs while disk was low, paths
+    #: outside storage.dir, ...): the store's counts, as ``status`` shows them.
+    store_refusals: tuple[RefusalCount, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,8 +243,9 @@ class Console:
 
     @property
     def mode(self) -> str:
-        # node.mode (live | shadow) arrives with the audit work; live until then.
-        return str(getattr(self.config.node, "mode", "live"))
+        """``node.mode``: ``live``, or ``shadow`` (read and recorded, sent only to targets
+        marked ``shadow: true``)."""
+        return self.config.node.mode
 
     # -- files -------------------------------------------------------------------------
     def _confined(self, path: Path, under: Path) -> Path | None:
@@ -454,7 +459,7 @@ class Console:
             (name, started, tuple(rows))
             for name, started, rows in read_refusals(self.layout.refusals)
         )
-        return Problems(jobs, deliveries, resendable, refusals)
+        return Problems(jobs, deliveries, resendable, refusals, tuple(store.refusals().values()))
 
     def resend(self, job_id: str, now: float) -> Resent | None:
         """Re-queue a parked job and its parked deliveries (``ich-node resend``)."""
