@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import yaml
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -266,6 +267,21 @@ def run_multihost(
         report["acknowledged"] = len(acked)
         if acked - recorded:
             report["violations"].append(f"{len(acked - recorded)} acknowledged not recorded")
+        # The streaming read (series.streaming, on by default): which workers scored
+        # each series while it arrived, the split ones (both listeners) included.
+        streamed: dict[str, set[str]] = {}
+        for name in ("w1", "w2"):
+            for line in hosts[name].log.read_text(errors="replace").splitlines():
+                if '"stream.started"' in line:
+                    with contextlib.suppress(json.JSONDecodeError):
+                        uid = json.loads(line)["series_instance_uid"]
+                        streamed.setdefault(uid, set()).add(name)
+        split_uids = {
+            str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+            for files in series[:split]
+        }
+        report["streamed_series"] = len(streamed)
+        report["split_series_streamed"] = len(split_uids & streamed.keys())
         report["hosts_seen"] = sorted(store.heartbeats())
         from ich_node.queue.interface import HEARTBEAT_STALE_SECONDS
         from ich_node.service.ops import health

@@ -6,9 +6,11 @@
 4. The network path: starts ``ich-node serve`` and a receiving PACS (a pynetdicom
    storage SCP run by this script), sends held-back studies with DCMTK ``storescu``
    (pynetdicom when DCMTK is absent), waits until the SR and heatmaps arrive back at
-   the PACS and prints them, and prints the HL7 alert (ORU^R01) that a RIS stand-in
-   (python-hl7's MLLP server) received for the positive study, with how long before
-   (or after) the study's SR reached the PACS.
+   the PACS and prints them, and prints the HL7 alerts (ORU^R01) that a RIS stand-in
+   (python-hl7's MLLP server) received for the positive study: the preliminary one
+   (result status P, sent while the series was still arriving: the node reads slices
+   as they arrive) and the final, each with how long after the study was sent and
+   before (or after) the study's SR reached the PACS it arrived.
 5. The audit: the other held-back studies go through the node too, and
    ``ich-node audit`` compares the node's answers (its results ledger) with the
    phantoms' truth, written as a radiologists' reads CSV; it prints its summary and
@@ -412,7 +414,11 @@ def network_demo(bundle: Path) -> int:
                         "port": pacs.port,
                     }
                 ],
-                "series": {"stable_seconds": 2.0},
+                # A PACS that sends no image count: each series is complete this long
+                # after its last image (the node's default is 30 s). The node reads the
+                # slices while they arrive (series.streaming), so the RIS hears of the
+                # bleed before that: a preliminary alert (early: true), then the final.
+                "series": {"stable_seconds": 10.0},
                 "model": {"bundle": str(bundle), "device": "auto"},
                 "notifications": [
                     {
@@ -422,6 +428,7 @@ def network_demo(bundle: Path) -> int:
                         "port": ris.port,
                         "receiving_application": "DEMO_RIS",
                         "receiving_facility": "DEMO",
+                        "early": True,
                     }
                 ],
                 "storage": {"dir": str(net / "node"), "min_free_mb": 50},
@@ -460,14 +467,21 @@ def network_demo(bundle: Path) -> int:
         studies: dict[str, str] = {}
         send = net / "send"
         for path in sorted((HOLDOUT / "images").glob("*.dcm")):
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = pydicom.dcmread(path)
             (send / ds.SeriesInstanceUID).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, send / ds.SeriesInstanceUID / path.name)
+            # As most PACS send them: no image count that covers the whole series, so
+            # the node closes each series after its quiet period (series.stable_seconds).
+            for keyword in ("ImagesInAcquisition", "NumberOfSeriesRelatedInstances"):
+                if keyword in ds:
+                    delattr(ds, keyword)
+            ds.save_as(send / ds.SeriesInstanceUID / path.name, enforce_file_format=True)
             if ds.SeriesInstanceUID in (positive, negative):
                 studies[ds.SeriesInstanceUID] = ds.StudyInstanceUID
         start = time.monotonic()
+        sent_at: dict[str, float] = {}  # StudyInstanceUID -> perf_counter() when sent
         for series_uid in studies:
             print(f"Sending study ...{studies[series_uid][-12:]}")
+            sent_at[studies[series_uid]] = time.perf_counter()
             if isinstance(pacs, OrthancPacs):
                 pacs.send(send / series_uid)  # stored in Orthanc; its rule routes it
             else:
@@ -482,7 +496,7 @@ def network_demo(bundle: Path) -> int:
         time.sleep(2.0)  # let the heatmap association finish
         print(f"Results arrived {time.monotonic() - start:.0f} s after sending "
               "(including the quiet periods that close a series).\n")  # fmt: skip
-        _print_alerts(ris, {s: pacs.sr_arrival(s) for s in studies.values()})
+        _print_alerts(ris, {s: pacs.sr_arrival(s) for s in studies.values()}, sent_at)
         for series_uid, study_uid in studies.items():
             (sr,) = pacs.of_study(study_uid, "SR")[:1]
             heatmaps = pacs.of_study(study_uid, "OT") + pacs.of_study(study_uid, "SC")
@@ -580,10 +594,22 @@ def alert_lead(alert_at: float, sr_at: float | None) -> str:
     return f"{abs(lead):.1f} s {'before' if lead > 0 else 'after'} its SR reached the PACS"
 
 
-def _print_alerts(ris: object, sr_at: dict[str, float | None]) -> None:
-    """What the RIS received: one ORU^R01 for the positive study, none for the negative.
+#: What the demo says of each HL7 result status (OBR-25).
+RESULT_STATUS = {
+    "P": "P (preliminary: sent while the series was still arriving)",
+    "F": "F (final)",
+    "C": "C (correction)",
+}
 
-    ``sr_at``: StudyInstanceUID -> when its SR reached the PACS (see ``alert_lead``).
+
+def _print_alerts(
+    ris: object, sr_at: dict[str, float | None], sent_at: dict[str, float] | None = None
+) -> None:
+    """What the RIS received: for the positive study a preliminary and a final ORU^R01,
+    none for the negative.
+
+    ``sr_at``: StudyInstanceUID -> when its SR reached the PACS (see ``alert_lead``);
+    ``sent_at``: when the demo began sending the study (``time.perf_counter()``).
     """
     arrived = getattr(ris, "arrived", [])
     print(f"Alerts at the demo RIS (HL7 ORU^R01 over MLLP): {len(arrived)}")
@@ -597,13 +623,20 @@ def _print_alerts(ris: object, sr_at: dict[str, float | None]) -> None:
         priority = message.extract_field("ORC", 1, 7, 1, 6)
         # OBX-1's value (OBX-5) is the Study Instance UID (ich_node.delivery.hl7).
         study_uid = str(message.segments("OBX")[0](5))
+        status = message.extract_field("OBR", 1, 25)
+        since = (sent_at or {}).get(study_uid)
+        after = "" if since is None else f" ({alert_at - since:.1f} s after the study was sent)"
         print(f"  accession {accession}: priority {priority}, result status "
-              f"{message.extract_field('OBR', 1, 25)}; arrived "
-              f"{alert_lead(alert_at, sr_at.get(study_uid))}")  # fmt: skip
+              f"{RESULT_STATUS.get(status, status)}; arrived "
+              f"{alert_lead(alert_at, sr_at.get(study_uid))}{after}")  # fmt: skip
         for name, probability, flag in rows:
             print(f"    {name}: {probability}" + ("  <- flagged" if flag == "A" else ""))
-        print(f"  NTE: {message.extract_field('NTE', 1, 3)}")
-    print("  (a study the model reads as negative sends none: `when: positive`)")
+        for note in message.segments("NTE"):
+            print(f"  NTE: {message.unescape(str(note(3)))}")
+    print(
+        "  (a study the model reads as negative sends none: `when: positive`; the final\n"
+        "   follows a preliminary, or a correction that withdraws it)"
+    )
     print()
 
 

@@ -94,6 +94,32 @@ def test_alert_and_sr_arrivals_are_printed_in_order(
         ris.close()
 
 
+def test_a_preliminary_alert_and_its_final_are_told_apart(
+    demo: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo's node reads while the series arrives: its RIS gets P, then F."""
+    import time
+
+    ris = MLLPReceiver()
+    try:
+        target = _hl7_target(ris.port)
+        sent = time.perf_counter()
+        for status in ("P", "F"):
+            hl7_alert.send_oru(_alert(target, status=status), target)
+        study = _alert(target).study_instance_uid
+        demo._print_alerts(ris, {study: None}, {study: sent})
+        out = capsys.readouterr().out
+        assert "Alerts at the demo RIS (HL7 ORU^R01 over MLLP): 2" in out
+        first, second = (line for line in out.splitlines() if "result status" in line)
+        assert "result status P (preliminary: sent while the series was still arriving)" in first
+        assert "result status F (final)" in second
+        for line, (alert_at, _) in zip((first, second), ris.arrived, strict=True):
+            assert f"({alert_at - sent:.1f} s after the study was sent)" in line
+        assert "NTE: PRELIMINARY: based on the 6 slices received so far" in out
+    finally:
+        ris.close()
+
+
 @pytest.mark.skipif(orthanc_binary() is None, reason="Orthanc is not installed")
 def test_orthanc_pacs_sees_the_sr_arrive(demo: ModuleType, tmp_path: Path) -> None:
     from benchmarks.common import free_port

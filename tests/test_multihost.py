@@ -25,6 +25,9 @@ def test_two_listeners_two_workers_one_killed(
     assert report["killed"]["host"] == "w1" and report["listener_killed"] == "l2"
     assert report["series"] == 10 and report["jobs"] == 10
     assert report["srs_received"] == 10
+    # Series were read while they arrived (series.streaming), one whose slices went to
+    # both listeners among them, and still each version was read once (above).
+    assert report["streamed_series"] >= 1 and report["split_series_streamed"] >= 1
     # Every host registered under its own node id; `status` shows them all.
     hosts = {"l1.listener", "l2.listener", "w1.worker", "w2.worker", "w2.worker-0"}
     assert hosts <= set(report["status_heartbeats"])

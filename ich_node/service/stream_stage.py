@@ -65,6 +65,8 @@ POLL_SECONDS: Final = 0.2
 TAKE_EVERY_SECONDS: Final = 0.5
 #: Seconds a stream is kept after its series stopped arriving, for its job to read it.
 HOLD_SECONDS: Final = 60.0
+#: Seconds a pass waits for the model (held by a job's read) before it stops.
+LOCK_WAIT_SECONDS: Final = 0.05
 
 #: Where a slice is, as far as its model input is concerned: itself and its
 #: ``context`` neighbours on each side (the series' ends replicate), by (file, frame).
@@ -324,13 +326,19 @@ class StreamStage:
         todo = [i for i in todo if sigs[i] not in stream.failed]
         scored = 0
         for start, end in runs(todo, classifier.batch_size):
-            if give_way():
+            # A job on the model holds the lock for its whole read: this pass stops
+            # rather than wait for it (the leases are renewed meanwhile); the next goes on.
+            if give_way() or self.lock.locked():
                 break
             try:
                 _, images = classifier.prepare_run(series, start, end)
                 keys = [input_digest(image) for image in images]
-                with self.lock:
+                if not self.lock.acquire(timeout=LOCK_WAIT_SECONDS):
+                    break
+                try:
                     classifier.outputs(images, stream.cache, keys=keys)
+                finally:
+                    self.lock.release()
             except Exception as exc:  # the read at completion fails with its reason
                 stream.failed.update(sigs[start:end])
                 log.warning(
