@@ -245,6 +245,42 @@ def test_a_resent_slice_replaces_the_one_scored_before(
     assert_equal_to_scratch(findings, final, classifier)
 
 
+def test_a_late_instance_after_completion_is_streamed_into_a_new_version(
+    tmp_path: Path,
+    studies: list[PhantomSeries],
+    classifier: Classifier,
+    open_store: OpenStore,
+    storage_section: Section,
+) -> None:
+    config = _config(tmp_path, storage_section)
+    store = open_store(config.storage.dir)
+    worker = Worker(config, "w0", store, classifier)
+    assert worker.streamer is not None
+    paths = list(studies[0].paths)
+    clock = Clock()
+    for path in paths[:6]:
+        uid = receive(store, path)
+        worker.streamer.run_once(clock())
+    while worker.streamer.run_once(clock()):
+        pass
+    first = complete(worker, uid)
+    assert first["version"] == 1 and len(first["slices"]) == 6
+    worker.streamer.run_once(clock())  # its job is done: the stream ends
+    assert worker.streams.get(uid) is None and store.streams() == []
+    for path in paths[6:]:  # late instances: the series receives again
+        receive(store, path)
+        worker.streamer.run_once(clock())
+    while worker.streamer.run_once(clock()):
+        pass
+    stream = worker.streams.get(uid)
+    assert stream is not None and stream.series is not None
+    assert len(stream.series.slices) == len(paths)
+    second = complete(worker, uid)
+    assert second["version"] == 2
+    assert stream.cache.hits == len(paths)  # every slice of version 2 from the stream
+    assert_equal_to_scratch(second, paths, classifier)
+
+
 def test_one_worker_streams_a_series_and_its_job_waits_for_it(
     tmp_path: Path,
     studies: list[PhantomSeries],
