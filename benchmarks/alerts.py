@@ -77,7 +77,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--early-min-slices", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     p.add_argument("--bundle", type=Path, default=None, help="default: the demo model")
-    p.add_argument("--budget-seconds", type=float, default=3600.0)
+    p.add_argument("--budget-seconds", "--budget", type=float, default=3600.0)
     p.add_argument("--quick", action="store_true", help="12 slices of 128x128, resnet18 at 64")
     p.add_argument("--json", type=Path, default=None)
     return p

@@ -51,14 +51,46 @@ def best_of(fn: Callable[[], Any], repeats: int) -> float:
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """A Markdown table of ``rows`` (dicts) with the given columns."""
 
-    def fmt(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
-        return str(value)
-
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+class Budget:
+    """The seconds a benchmark's ``--budget`` leaves: it stops cleanly when they are spent.
+
+    Each benchmark asks :meth:`left` before a measurement and skips (saying so)
+    what no longer fits; nothing is killed half-way.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        if seconds <= 0:
+            raise ValueError(f"budget must be > 0 seconds, got {seconds!r}")
+        self.seconds = seconds
+        self.started = time.monotonic()
+
+    def left(self) -> float:
+        """Seconds left (negative once spent)."""
+        return self.seconds - (time.monotonic() - self.started)
+
+    def allows(self, estimate: float = 0.0) -> bool:
+        """Whether a step expected to take ``estimate`` seconds still fits."""
+        return self.left() > estimate
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def print_row(columns: Sequence[str], row: dict[str, Any] | None) -> None:
+    """Print one Markdown table row the moment it is measured (``None``: the header)."""
+    if row is None:
+        print("| " + " | ".join(columns) + " |", flush=True)
+        print("|" + "---|" * len(columns), flush=True)
+    else:
+        print("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |", flush=True)
 
 
 def write_json(path: Path | None, name: str, payload: dict[str, Any]) -> None:

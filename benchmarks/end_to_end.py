@@ -39,16 +39,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
+    Budget,
     dcmtk,
     free_port,
     load_average,
     nodelay_env,
     port_open,
+    print_row,
     random_bundle,
     restamp_series,
     send,
     stop,
-    table,
     wait_for,
     write_json,
 )
@@ -189,7 +190,11 @@ def _send(files: list[Path], port: int, nodelay: bool, calling: str = "PACS") ->
 
 
 def sender_rows(
-    files: list[Path], tmp: Path, repeats: int = 3, peers: str = "dcmtk"
+    files: list[Path],
+    tmp: Path,
+    repeats: int = 3,
+    peers: str = "dcmtk",
+    budget: Budget | None = None,
 ) -> list[dict[str, Any]]:
     """Send a job's outbox to DCMTK storescp: the node's sender, and with TCP_NODELAY."""
     from ich_node.config import Destination as DestinationConfig
@@ -207,6 +212,8 @@ def sender_rows(
     for name, fn in variants.items():
         best = float("inf")
         for _ in range(repeats):
+            if budget is not None and not budget.allows(5.0):
+                break
             pacs = Destination(Path(tempfile.mkdtemp(dir=tmp)), peers)
             try:
                 t = time.perf_counter()
@@ -214,16 +221,18 @@ def sender_rows(
                 best = min(best, time.perf_counter() - t)
             finally:
                 stop(pacs.process)
-        rows.append({"sender": name, "objects": len(files), "seconds": best,
-                     "objects/s": len(files) / best})  # fmt: skip
+        if best < float("inf"):
+            rows.append({"sender": name, "objects": len(files), "seconds": best,
+                         "objects/s": len(files) / best})  # fmt: skip
     return rows
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
-        "--models", nargs="+", default=["resnext101_32x8d:512", "resnet18:128"],
-        help="ARCH:INPUT_SIZE, random weights",
+        "--models", nargs="+", default=None,
+        help="ARCH:INPUT_SIZE, random weights (default: resnext101_32x8d:512, and on the "
+        "CPU also resnet18:128)",
     )  # fmt: skip
     p.add_argument("--slices", type=int, default=40)
     p.add_argument("--matrix", type=int, default=512)
@@ -238,8 +247,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="the PACS's storescu/storescp: DCMTK's, or pynetdicom's (auto: DCMTK if installed)",
     )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="12 slices of 128x128, resnet18 at 64")
+    p.add_argument("--budget", type=float, default=0.0, help="seconds (0: 90 GPU, 1200 CPU)")
     p.add_argument("--json", type=Path, default=None)
     return p
+
+
+COLUMNS = ["model", "completion", "seconds", "quiet s", "minus quiet", "read s", "infer s",
+           "results s", "job s", "objects"]  # fmt: skip
+SENDER_COLUMNS = ["sender", "objects", "seconds", "objects/s"]
 
 
 def measure_study(
@@ -260,7 +275,7 @@ def measure_study(
 
 
 def run_model(
-    args: argparse.Namespace, arch: str, size: int, tmp: Path
+    args: argparse.Namespace, arch: str, size: int, tmp: Path, budget: Budget
 ) -> tuple[list[dict[str, Any]], list[Path]]:
     import pydicom
 
@@ -294,8 +309,14 @@ def run_model(
         timeout = 60.0 + 60.0 * args.slices * (size / 128) ** 2 / 10
         warm = restamp_series(phantom.paths, folder / "warm", "warm-up")
         warm_study = str(pydicom.dcmread(warm[0]).StudyInstanceUID)
-        measure_study(node, pacs, warm, warm_study, timeout, args.peers)
+        measure_study(
+            node, pacs, warm, warm_study, min(timeout, max(1.0, budget.left())), args.peers
+        )
         for variant, drop in (("header count", False), ("quiet period", True)):
+            if not budget.allows(args.stable_seconds if drop else 1.0):
+                print(f"(budget: {arch} at {size}, {variant} skipped)", flush=True)
+                continue
+            timeout = min(timeout, max(1.0, budget.left()))
             files = restamp_series(phantom.paths, folder / variant, variant, drop_count=drop)
             study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
             series = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
@@ -320,6 +341,7 @@ def run_model(
                     "objects": got["received"],
                 }
             )
+            print_row(COLUMNS, rows[-1])
     finally:
         node.stop()
         stop(pacs.process)
@@ -330,31 +352,42 @@ def main(args: argparse.Namespace) -> int:
     if args.quick:
         args.models, args.slices, args.matrix = ["resnet18:64"], 12, 128
         args.stable_seconds = 1.0
+    gpu = args.device == "cuda"
+    if args.models is None:
+        args.models = ["resnext101_32x8d:512"] + ([] if gpu else ["resnet18:128"])
+    budget = Budget(args.budget or (90.0 if gpu else 1200.0))
     args.peers = resolve_peers(args.peers)
     rows: list[dict[str, Any]] = []
     senders: list[dict[str, Any]] = []
+    print(
+        f"{args.slices} slices of {args.matrix}x{args.matrix}, one worker on {args.device}, "
+        f"batch {args.batch_size}, precision {args.precision}, every slice explained, "
+        f"load {load_average()} at start",
+        flush=True,
+    )
+    print_row(COLUMNS, None)
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.models:
             arch, size = spec.split(":")
-            got, outbox = run_model(args, arch, int(size), Path(tmp))
+            if not budget.allows(20.0):
+                print(f"(budget: {spec} skipped, {budget.left():.0f} s left)", flush=True)
+                continue
+            try:
+                got, outbox = run_model(args, arch, int(size), Path(tmp), budget)
+            except TimeoutError as exc:  # the budget ran out while waiting for the SR
+                print(f"({spec}: {exc})", flush=True)
+                continue
             rows += got
-            if outbox and not senders:  # the sender's share, measured on a job's outbox
+            if outbox and not senders and budget.allows(10.0):
+                # The sender's share, measured on a job's outbox.
                 senders = sender_rows(
-                    outbox, Path(tmp), repeats=1 if args.quick else 3, peers=args.peers
-                )
-    print(
-        f"\n{args.slices} slices of {args.matrix}x{args.matrix}, one worker on {args.device}, "
-        f"batch {args.batch_size}, precision {args.precision}, every slice explained, "
-        f"load {load_average()}"
-    )
-    print(
-        table(
-            rows,
-            ["model", "completion", "seconds", "quiet s", "minus quiet", "read s", "infer s",
-             "results s", "job s", "objects"],
-        )
-    )  # fmt: skip
-    print(table(senders, ["sender", "objects", "seconds", "objects/s"]))
+                    outbox, Path(tmp), repeats=1 if args.quick else 3, peers=args.peers,
+                    budget=budget,
+                )  # fmt: skip
+                print_row(SENDER_COLUMNS, None)
+                for row in senders:
+                    print_row(SENDER_COLUMNS, row)
+    print(f"load {load_average()} at the end")
     write_json(
         args.json, "end_to_end" + ("_quick" if args.quick else ""),
         {"slices": args.slices, "matrix": args.matrix, "stable_seconds": args.stable_seconds,

@@ -14,11 +14,15 @@ by the slices is the cost per explained slice. Rows:
   carries the CAMs (label sums, scaling, resize);
 - *CAM shortcut, recomputed*: a prediction without CAMs (one forward pass of the
   explained slices);
-- *pytorch-grad-cam*: ``explain(method="gradcam")``, forward and backward passes.
+- *pytorch-grad-cam*: ``explain(method="gradcam")``, forward and backward passes;
+- *heatmap images*: what the worker's results thread adds before encoding
+  (``with_heatmap_images``): the head region (CPU) and the overlays rendered for the
+  series at once on the device.
 
 "extra per explained slice / forward" is the cost of the heatmap beyond the
 inference a slice gets anyway, as a multiple of one forward slice. The maps of the
 shortcut and of pytorch-grad-cam are compared (Pearson correlation, min over slices).
+Each row is printed when measured; ``--budget`` seconds end the run cleanly.
 """
 
 from __future__ import annotations
@@ -35,12 +39,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import best_of, load_average, table, write_json
-from benchmarks.inference import interleaved
+from benchmarks.common import Budget, best_of, load_average, print_row, write_json
 from ich_node.imaging import read_series
 from ich_node.labels import LABELS
 from ich_node.model.bundle import Bundle, ModelCard
-from ich_node.model.explain import explain
+from ich_node.model.explain import explain, explain_series
+from ich_node.model.heatmaps import with_heatmap_images
 from ich_node.model.inference import Classifier, resolve_device
 from ich_node.model.networks import build_model
 from training.phantom import write_series
@@ -56,8 +60,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"))
     p.add_argument("--repeats", type=int, default=0, help="0: 2 on CPU, 5 on GPU")
     p.add_argument("--quick", action="store_true", help="resnet18 at 128 px")
+    p.add_argument("--budget", type=float, default=0.0, help="seconds (0: 60 GPU, 600 CPU)")
     p.add_argument("--json", type=Path, default=None)
     return p
+
+
+COLUMNS = ["path", "s/slice", "extra / forward"]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -68,6 +76,12 @@ def main(args: argparse.Namespace) -> int:
     slices = args.slices or (8 if args.quick else 4 if cpu else 64)
     batch = args.batch_size or (4 if cpu else 32)
     repeats = args.repeats or (2 if cpu else 5)
+    budget = Budget(args.budget or (600.0 if cpu else 60.0))
+    print(
+        f"{args.arch} at {args.size}x{args.size}, {slices} slices explained, batch {batch}, "
+        f"{args.precision}, device {device}, best of {repeats}, load {load_average()} at start",
+        flush=True,
+    )
     tmp = tempfile.TemporaryDirectory()  # the files are read again by every prediction
     phantom = write_series(
         Path(tmp.name) / "s", seed=2, subtypes=("subdural",), n_slices=slices, matrix=512
@@ -93,55 +107,52 @@ def main(args: argparse.Namespace) -> int:
 
         return run
 
-    best = interleaved(
-        {
-            "forward": timed(lambda: plain.predict_images(images)),
-            "forward+cams": timed(lambda: classifier.predict_images_with_cams(images)),
-            "cam": timed(lambda: explain(prediction, classifier)),
-            "cam recomputed": timed(lambda: explain(replace(prediction, cams=None), classifier)),
-        },
-        repeats,
-    )
-    gradcam = timed(lambda: explain(prediction, classifier, method="gradcam"))
-    gradcam()
-    best["gradcam"] = best_of(gradcam, max(1, repeats - 1))
-    per = {k: v / slices for k, v in best.items()}
-    forward = per["forward"]
-    rows = [
-        {"path": "forward, probabilities only", "s/slice": per["forward"]},
-        {
-            "path": "forward with CAMs (the node's inference pass)",
-            "s/slice": per["forward+cams"],
-            "extra / forward": (per["forward+cams"] - forward) / forward,
-        },
-        {
-            "path": "CAM shortcut from the prediction",
-            "s/slice": per["cam"],
-            "extra / forward": per["cam"] / forward,
-        },
-        {
-            "path": "CAM shortcut, recomputed (no CAMs in the prediction)",
-            "s/slice": per["cam recomputed"],
-            "extra / forward": per["cam recomputed"] / forward,
-        },
-        {
-            "path": "pytorch-grad-cam",
-            "s/slice": per["gradcam"],
-            "extra / forward": per["gradcam"] / forward,
-        },
+    print_row(COLUMNS, None)
+    forward = best_of(timed(lambda: plain.predict_images(images)), 1) / slices  # warm-up too
+    steps: list[tuple[str, Any, bool]] = [
+        ("forward, probabilities only", lambda: plain.predict_images(images), False),
+        (
+            "forward with CAMs (the node's inference pass)",
+            lambda: classifier.predict_images_with_cams(images),
+            True,
+        ),
+        ("CAM shortcut from the prediction", lambda: explain(prediction, classifier), False),
+        (
+            "CAM shortcut, recomputed (no CAMs in the prediction)",
+            lambda: explain(replace(prediction, cams=None), classifier),
+            False,
+        ),
+        ("pytorch-grad-cam", lambda: explain(prediction, classifier, method="gradcam"), False),
+        (
+            "heatmap images, head region and rendering (with_heatmap_images)",
+            lambda: with_heatmap_images(explained, "positive", device),
+            False,
+        ),
     ]
-    shortcut = explain(prediction, classifier)
-    reference = explain(prediction, classifier, method="gradcam")
-    correlation = min(
-        float(np.corrcoef(a.cam.ravel(), b.cam.ravel())[0, 1])
-        for a, b in zip(shortcut, reference, strict=True)
-    )
-    print(
-        f"\n{args.arch} at {args.size}x{args.size}, {slices} slices explained, batch {batch}, "
-        f"{args.precision}, device {device}, best of {repeats}, load {load_average()}"
-    )
-    print(table(rows, ["path", "s/slice", "extra / forward"]))
-    print(f"shortcut vs pytorch-grad-cam: min correlation {correlation:.7f}")
+    explained = explain_series(prediction, classifier, render=False)
+    rows: list[dict[str, Any]] = []
+    for name, fn, minus_forward in steps:
+        if not budget.allows(4 * forward * slices):
+            print(f"(budget: {name} skipped, {budget.left():.0f} s left)", flush=True)
+            continue
+        run = timed(fn)
+        run()
+        per = best_of(run, repeats) / slices
+        if name.startswith("forward, probabilities"):
+            forward = per
+        extra = (per - forward) / forward if minus_forward else per / forward
+        rows.append({"path": name, "s/slice": per, "extra / forward": "" if not rows else extra})
+        print_row(COLUMNS, rows[-1])
+    correlation = float("nan")
+    if budget.allows(4 * forward * slices):
+        shortcut = explain(prediction, classifier)
+        reference = explain(prediction, classifier, method="gradcam")
+        correlation = min(
+            float(np.corrcoef(a.cam.ravel(), b.cam.ravel())[0, 1])
+            for a, b in zip(shortcut, reference, strict=True)
+        )
+        print(f"shortcut vs pytorch-grad-cam: min correlation {correlation:.7f}", flush=True)
+    print(f"load {load_average()} at the end")
     write_json(
         args.json, "explain" + ("_quick" if args.quick else ""),
         {"arch": args.arch, "size": args.size, "slices": slices, "batch": batch,

@@ -387,8 +387,13 @@ def run_crash(
     seed: int = 0,
     gap: tuple[float, float] = (1.0, 6.0),
     settle_timeout: float = 300.0,
+    budget_s: float | None = None,
 ) -> CrashReport:
-    """Kill the node ``kills`` times while ``studies`` studies stream in; check everything."""
+    """Kill the node ``kills`` times while ``studies`` studies stream in; check everything.
+
+    With ``budget_s``, kills stop once 60% of it is spent (each kill printed as it
+    happens), and the rest is left to the node to settle.
+    """
     rng = random.Random(seed)
     started = time.monotonic()
     all_studies = make_studies(work / "studies", studies, n_slices, matrix, seed)
@@ -406,7 +411,11 @@ def run_crash(
     try:
         node.start()
         feeder.start()
-        for _ in range(kills):
+        for n in range(kills):
+            if budget_s is not None and time.monotonic() - started > 0.6 * budget_s:
+                print(f"(budget: stopped after {n} kills)", flush=True)
+                kills = n
+                break
             time.sleep(rng.uniform(*gap))
             store = node.store()
             try:
@@ -415,8 +424,11 @@ def run_crash(
                 store.close()
             node.kill()
             activity.update(doing)
+            print(f"kill {n + 1}: {', '.join(sorted(doing)) or 'idle'}", flush=True)
             time.sleep(rng.uniform(0.0, 0.5))
             node.start()
+        if budget_s is not None:
+            settle_timeout = max(30.0, budget_s - (time.monotonic() - started))
         feeder.join(settle_timeout)
         if feeder.is_alive():
             raise TimeoutError("the feeder did not get every instance acknowledged")
@@ -454,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="folder (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
+    parser.add_argument("--budget", type=float, default=None, help="seconds for the run")
     args = parser.parse_args(argv)
     import tempfile
 
@@ -467,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         n_slices=args.slices,
         matrix=args.matrix,
         seed=args.seed,
+        budget_s=args.budget,
     )
     out = asdict(report) | {"ok": report.ok}
     text = json.dumps(out, indent=2, sort_keys=True)

@@ -171,12 +171,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--code", type=Path, help="checkout whose listener is measured")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--budget", type=float, default=600.0, help="seconds for all attacks")
     args = parser.parse_args()
+    started = time.monotonic()
     if args.code:
         CODE[0] = str(args.code.resolve())
     results = {}
     with tempfile.TemporaryDirectory() as d:
         for attack in (tls_idle, slow_drip, garbage, oversized, even_context):
+            if time.monotonic() - started > args.budget:
+                print(f"(budget: {attack.__name__} skipped)", flush=True)
+                continue
             folder = Path(d) / attack.__name__
             folder.mkdir()
             results[attack.__name__] = attack(folder)

@@ -1,17 +1,24 @@
 """Inference benchmark: the worker path against the raw model, on the same device.
 
-    python benchmarks/inference.py                      # ResNeXt-101, 512x512, CPU or GPU
+    python benchmarks/inference.py                      # CPU: ResNeXt-101 at 512, 8 slices
+    python benchmarks/inference.py --device cuda        # GPU: 128 slices, bf16, ~60 s
+    python benchmarks/inference.py --device cuda --compile   # adds the compiled rows
+    python benchmarks/inference.py --arch resnet18 --size 64 --slices 64 \\
+        --precisions bf16 --memory cl --pools thread process   # the CPU target of #26
     python benchmarks/inference.py --quick              # resnet18, 128x128: CI smoke run
 
-    python benchmarks/inference.py --compile --slices 256   # on a GPU: adds torch.compile
-
-*raw model*: forward passes on ready (S, 3, H, W) tensors already on the device.
+*raw model*: forward passes on ready (S, C, H, W) tensors already on the device.
 *worker path*: what a job does (``Classifier.predict_series``): read the series'
-headers, decode the DICOM files, HU, windows, resize (the shared imaging code, the
-next batch decoded in a thread during this one's forward pass), the same forward
-passes, and the class activation maps the heatmaps are made from.
-Each is measured at each precision / memory-format setting; "vs raw" compares the
-worker path with the raw model at the same setting.
+headers, parse and decode the DICOM files in the decode pool (threads or processes),
+then on the model's device HU, orientation, windows, resize, the same forward passes
+and the class activation maps the heatmaps are made from. Raw and worker runs
+alternate so that load from other processes hits both; "vs raw" compares the worker
+path with the raw model at the same setting. Two more rows show the two halves of
+the preprocessing alone: the decode pool (CPU) and the device preprocessing.
+
+Every row is printed the moment it is measured. ``--budget`` seconds (default 60
+on a GPU, 900 on the CPU) end the run cleanly: settings that no longer fit are
+listed as skipped.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,23 +36,43 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import best_of, load_average, table, write_json
+from benchmarks.common import Budget, best_of, load_average, print_row, write_json
 from ich_node.imaging import read_series
+from ich_node.imaging.decode import DecodePool
+from ich_node.imaging.preprocess import series_reorientation
+from ich_node.imaging.tensors import model_input, stored_to_hu
 from ich_node.model.bundle import ModelCard, load_bundle, save_bundle
 from ich_node.model.inference import Classifier, resolve_device
 from ich_node.model.networks import build_model
 from training.phantom import write_series
+
+COLUMNS = ["path", "slices/s", "vs raw", "warm-up s", "load"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--arch", default="resnext101_32x8d")
     p.add_argument("--size", type=int, default=512, help="model input size")
-    p.add_argument("--slices", type=int, default=0, help="slices per series (0: by device)")
+    p.add_argument("--slices", type=int, default=0, help="slices per series (0: 128 GPU, 8 CPU)")
+    p.add_argument("--matrix", type=int, default=512, help="phantom slice matrix")
     p.add_argument("--batch-size", type=int, default=0, help="0: 32 on GPU, 8 on CPU")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--repeats", type=int, default=0, help="best of N (0: 1 on CPU, 5 on GPU)")
-    p.add_argument("--compile", action="store_true", help="also bf16 + torch.compile (GPU)")
+    p.add_argument("--repeats", type=int, default=0, help="best of N (0: 2 on CPU, 3 on GPU)")
+    p.add_argument(
+        "--precisions", nargs="+", choices=("fp32", "bf16"), default=None,
+        help="default: bf16 on GPU, fp32 and bf16 on the CPU",
+    )  # fmt: skip
+    p.add_argument(
+        "--memory", nargs="+", choices=("nchw", "cl"), default=None,
+        help="memory formats (cl: channels-last); default: cl on GPU, both on the CPU",
+    )  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="also bf16 + channels-last compiled")
+    p.add_argument(
+        "--pools", nargs="+", choices=("thread", "process"), default=["thread"],
+        help="decode pool kinds measured on the worker path",
+    )  # fmt: skip
+    p.add_argument("--decode-threads", type=int, default=0, help="decode pool size (0: cores)")
+    p.add_argument("--budget", type=float, default=0.0, help="seconds (0: 60 GPU, 900 CPU)")
     p.add_argument("--quick", action="store_true", help="resnet18 at 128 px, few slices")
     p.add_argument("--json", type=Path, default=None)
     return p
@@ -73,84 +101,138 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, f
     """Best wall time of each callable, run in turns (load on a shared machine hits all)."""
     best = dict.fromkeys(fns, float("inf"))
     for fn in fns.values():
-        fn()  # warm-up: allocator, kernels
+        fn()  # warm-up: allocator, kernels, decode pool
     for _ in range(repeats):
         for name, fn in fns.items():
             best[name] = min(best[name], best_of(fn, 1))
     return best
 
 
-def settings(device: torch.device, compile_too: bool) -> list[dict[str, Any]]:
-    """The (precision, channels-last, compile) combinations measured on ``device``."""
+def settings(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """The (precision, channels-last, compile) combinations measured."""
+    gpu = device.type == "cuda"
+    precisions = args.precisions or (["bf16"] if gpu else ["fp32", "bf16"])
+    memory = args.memory or (["cl"] if gpu else ["nchw", "cl"])
     out = [
-        {"precision": p, "channels_last": cl, "compile": False}
-        for p in ("fp32", "bf16")
-        for cl in (False, True)
+        {"precision": p, "channels_last": m == "cl", "compile": False}
+        for p in precisions
+        for m in memory
     ]
-    if compile_too:
+    if args.compile:
         out.append({"precision": "bf16", "channels_last": True, "compile": True})
     return out
 
 
 def main(args: argparse.Namespace) -> int:
     if args.quick:
-        args.arch, args.size = "resnet18", 128
+        args.arch, args.size, args.matrix = "resnet18", 128, 128
     device = resolve_device(args.device)
-    slices = args.slices or (16 if args.quick else 8 if device.type == "cpu" else 256)
-    batch = args.batch_size or (32 if device.type == "cuda" else 8)
-    repeats = args.repeats or (1 if args.quick else 2 if device.type == "cpu" else 5)
+    gpu = device.type == "cuda"
+    slices = args.slices or (16 if args.quick else 128 if gpu else 8)
+    batch = args.batch_size or (32 if gpu else 8)
+    repeats = args.repeats or (1 if args.quick else 3 if gpu else 2)
+    budget = Budget(args.budget or (60.0 if gpu else 900.0))
+    print(
+        f"{args.arch} at {args.size}x{args.size}, {slices} slices of {args.matrix}x{args.matrix}, "
+        f"batch {batch}, device {device}, best of {repeats}, load {load_average()} at start",
+        flush=True,
+    )
+    print_row(COLUMNS, None)
     rows: list[dict[str, Any]] = []
+
+    def emit(row: dict[str, Any]) -> None:
+        row["load"] = load_average()
+        rows.append(row)
+        print_row(COLUMNS, row)
+
     with tempfile.TemporaryDirectory() as tmp:
         phantom = write_series(
-            Path(tmp) / "series", seed=1, subtypes=("subdural",), n_slices=slices, matrix=512
-        )
+            Path(tmp) / "series", seed=1, subtypes=("subdural",), n_slices=slices,
+            matrix=args.matrix,
+        )  # fmt: skip
         paths = list(phantom.paths)
         torch.manual_seed(0)
         card = ModelCard(name="benchmark", version="0", arch=args.arch, input_size=args.size)
         bundle_path = Path(tmp) / "m.safetensors"
         save_bundle(bundle_path, build_model(args.arch), card)
-        decoder = Classifier(load_bundle(bundle_path), device="cpu")
-        decoder.prepare(read_series(paths))
-        prep = best_of(lambda: decoder.prepare(read_series(paths)), repeats)
-        rows.append({"path": "decode+preprocess only (CPU, 1 thread)", "slices/s": slices / prep})
-        for s in settings(device, args.compile):
+        series = read_series(paths)
+        for kind in args.pools:  # the CPU half: parse and decode in the pool
+            with DecodePool(args.decode_threads, kind) as pool:
+                pool.map(series.slices)
+                t = best_of(lambda p=pool: p.map(read_series(paths).slices), repeats)
+                emit(
+                    {
+                        "path": f"headers + decode pool only ({pool.workers} {kind}s)",
+                        "slices/s": slices / t,
+                    }
+                )
+        with DecodePool(args.decode_threads) as pool:  # the device half
+            decoded = pool.map(series.slices)
+        turn = series_reorientation(series)
+
+        def preprocess() -> None:
+            with torch.inference_mode():
+                for start in range(0, slices, batch):
+                    hu = stored_to_hu(decoded[start : start + batch], device)
+                    model_input(hu, card.windows, args.size, turn=turn)
+            if gpu:
+                torch.cuda.synchronize()
+
+        preprocess()
+        t = best_of(preprocess, repeats)
+        emit({"path": f"HU, windows, resize only ({device.type})", "slices/s": slices / t})
+        for s in settings(args, device):
             label = s["precision"] + (" channels-last" if s["channels_last"] else "")
             label += " compiled" if s["compile"] else ""
-            classifier = Classifier(
-                load_bundle(bundle_path), device=device.type, batch_size=batch,
-                precision=s["precision"], channels_last=s["channels_last"], compile=s["compile"],
-            )  # fmt: skip
-            warm = classifier.warmup() if s["compile"] else 0.0
-            _, ready = classifier.prepare(read_series(paths))
+            needed = 40.0 if s["compile"] else 3.0
+            if not budget.allows(needed):
+                print(f"(budget: {label} skipped, {budget.left():.0f} s left)", flush=True)
+                continue
+            options = {
+                "device": device.type,
+                "batch_size": batch,
+                "precision": s["precision"],
+                "channels_last": s["channels_last"],
+                "compile": s["compile"],
+                "decode_threads": args.decode_threads,
+            }
+            classifiers = {
+                kind: Classifier(load_bundle(bundle_path), decode_pool=kind, **options)
+                for kind in args.pools
+            }
+            first = next(iter(classifiers.values()))
+            warm = first.warmup() if s["compile"] else 0.0
+            for c in list(classifiers.values())[1:]:
+                c._net = first._net  # one compiled graph for all pools
+            _, ready = first.prepare(series)
             images = torch.from_numpy(ready).to(device)
             if s["channels_last"]:
                 images = images.contiguous(memory_format=torch.channels_last)
-            net = classifier._net if s["compile"] else classifier.model
-
-            def worker(c: Classifier = classifier) -> None:
-                c.predict_series(read_series(paths))
-
-            best = interleaved(
-                {"raw": raw_forward(net, images, batch, s["precision"]), "worker": worker},
-                repeats,
-            )
-            raw, rate = slices / best["raw"], slices / best["worker"]
-            rows.append({"path": f"raw model ({label})", "slices/s": raw, **s})
-            rows.append(
-                {
-                    "path": f"worker: decode+preprocess+infer+CAMs ({label})",
-                    "slices/s": rate,
-                    "vs raw": rate / raw,
-                    "warm-up s": warm,
-                    **s,
-                }
-            )
-            del classifier, images
-    print(
-        f"\n{args.arch} at {args.size}x{args.size}, {slices} slices of 512x512, "
-        f"batch {batch}, device {device}, best of {repeats}, load {load_average()}"
-    )
-    print(table(rows, ["path", "slices/s", "vs raw"]))
+            net = first._net if s["compile"] else first.model
+            fns: dict[str, Callable[[], None]] = {
+                "raw": raw_forward(net, images, batch, s["precision"])
+            }
+            for kind, c in classifiers.items():
+                fns[kind] = lambda c=c: c.predict_series(read_series(paths)) and None
+            best = interleaved(fns, repeats)
+            raw = slices / best["raw"]
+            emit({"path": f"raw model ({label})", "slices/s": raw, **s})
+            for kind in classifiers:
+                rate = slices / best[kind]
+                emit(
+                    {
+                        "path": f"worker path, {kind} pool ({label})",
+                        "slices/s": rate,
+                        "vs raw": rate / raw,
+                        "warm-up s": warm,
+                        "pool": kind,
+                        **s,
+                    }
+                )
+            for c in classifiers.values():
+                c.close()
+            del classifiers, first, images
+    print(f"load {load_average()} at the end, {time.strftime('%Y-%m-%d %H:%M')}")
     write_json(
         args.json, "inference" + ("_quick" if args.quick else ""),
         {"arch": args.arch, "size": args.size, "slices": slices, "batch": batch,

@@ -26,7 +26,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import children, load_average, restamp_series, rss_mb, table, write_json
+from benchmarks.common import (
+    Budget,
+    children,
+    load_average,
+    print_row,
+    restamp_series,
+    rss_mb,
+    table,
+    write_json,
+)
 from benchmarks.end_to_end import Destination, Node, make_bundle, measure_study
 
 
@@ -44,8 +53,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=int, default=12)
     p.add_argument("--every", type=int, default=20, help="sample RSS every N studies")
     p.add_argument("--quick", action="store_true", help="6 studies")
+    p.add_argument("--budget", type=float, default=3600.0, help="seconds for all studies")
     p.add_argument("--json", type=Path, default=None)
     return p
+
+
+COLUMNS = ["studies", "listener MB", "worker MB", "elapsed s"]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -73,8 +86,18 @@ def main(args: argparse.Namespace) -> int:
         }  # fmt: skip
         node = Node(tmp, config)
         started = time.perf_counter()
+        budget = Budget(args.budget)
+        print(
+            f"{args.studies} studies of {args.slices} slices 128x128, resnet18 at 64, "
+            f"load {load_average()} at start",
+            flush=True,
+        )
+        print_row(COLUMNS, None)
         try:
             for n in range(1, args.studies + 1):
+                if n > 1 and not budget.allows(3 * (time.perf_counter() - started) / (n - 1)):
+                    print(f"(budget: stopped after {n - 1} studies)", flush=True)
+                    break
                 files = restamp_series(phantom.paths, tmp / "study", f"memory-{n}")
                 study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
                 measure_study(node, pacs, files, study, timeout=120)
@@ -90,21 +113,19 @@ def main(args: argparse.Namespace) -> int:
                             "elapsed s": time.perf_counter() - started,
                         }
                     )
+                    print_row(COLUMNS, samples[-1])
         finally:
             node.stop()
             pacs.process.terminate()
             pacs.process.wait(10)
-    base = next(s for s in samples if s["studies"] >= max(1, args.studies // 10))
+    done = samples[-1]["studies"]
+    base = next(s for s in samples if s["studies"] >= max(1, done // 10))
     last = samples[-1]
     growth = {
         "listener growth %": 100 * (last["listener MB"] / base["listener MB"] - 1),
         "worker growth %": 100 * (last["worker MB"] / base["worker MB"] - 1),
     }
-    print(
-        f"\n{args.studies} studies of {args.slices} slices 128x128, resnet18 at 64, "
-        f"growth from study {base['studies']} to {last['studies']}, load {load_average()}"
-    )
-    print(table(samples, ["studies", "listener MB", "worker MB", "elapsed s"]))
+    print(f"growth from study {base['studies']} to {last['studies']}, load {load_average()}")
     print(table([growth], list(growth)))
     write_json(
         args.json, "memory" + ("_quick" if args.quick else ""),

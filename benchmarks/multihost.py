@@ -321,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database", required=True, help="postgresql://USER@HOST:PORT/DB")
     parser.add_argument("--folder", type=Path, default=Path("/tmp/ich-multihost"))
     parser.add_argument("--studies", type=int, default=10)
+    parser.add_argument("--budget", type=float, default=240.0, help="seconds to settle in")
     args = parser.parse_args(argv)
-    report = run_multihost(args.folder, args.database, studies=args.studies)
+    report = run_multihost(args.folder, args.database, studies=args.studies, timeout=args.budget)
     print(json.dumps(report, indent=2))
     return 0 if not report["violations"] else 1
 

@@ -26,6 +26,7 @@ BENCHMARKS = (
     "alerts",
     "sequence",
     "web",
+    "results_stage",
 )
 
 

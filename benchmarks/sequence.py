@@ -9,7 +9,8 @@ default). ``Classifier.predict_series`` (the worker's model stage: decode, HU,
 windows, resize, CNN with CAMs, then the sequence stage) is timed with each, best of
 ``--repeats``; the sequence stage alone (``Classifier.sequence_logits`` on the
 series' embeddings) is timed too. "seq share" = sequence stage alone / two-stage
-series time; that is what the stage adds to the worker's time per series.
+series time; that is what the stage adds to the worker's time per series. Each row
+is printed when measured; ``--budget`` seconds end the run cleanly.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import best_of, load_average, table, write_json
+from benchmarks.common import Budget, best_of, load_average, print_row, write_json
 from ich_node.imaging import read_series
 from ich_node.model.bundle import ModelCard, load_bundle, save_bundle
 from ich_node.model.inference import Classifier
@@ -42,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path)
     p.add_argument("--quick", action="store_true", help="resnet18, 16 slices at 128 px, once")
+    p.add_argument("--budget", type=float, default=600.0, help="seconds for the whole run")
     args = p.parse_args(argv)
+    budget = Budget(args.budget)
+    columns = ["arch", "size", "slices", "one-stage s", "two-stage s", "sequence s", "seq share %"]
     if args.quick:
         args.archs, args.slices, args.size, args.repeats = ["resnet18"], 16, 128, 1
     rows: list[dict[str, Any]] = []
@@ -50,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         ph = write_series(Path(tmp) / "s", seed=1, subtypes=("subdural",), n_slices=args.slices,
                           matrix=512)  # fmt: skip
         series = read_series(ph.paths)
+        print_row(columns, None)
         for arch in args.archs:
+            if rows and not budget.allows(3 * rows[-1]["two-stage s"] * (args.repeats + 1)):
+                print(f"(budget: {arch} skipped, {budget.left():.0f} s left)", flush=True)
+                continue
             torch.manual_seed(0)
             model = build_model(arch)
             card = ModelCard(name="bench", version="0", arch=arch, input_size=args.size,
@@ -72,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 "one-stage s": round(t1, 3), "two-stage s": round(t2, 3),
                 "sequence s": round(seq, 5), "seq share %": round(100 * seq / t2, 3),
             })  # fmt: skip
-            print(table(rows[-1:], list(rows[-1])))
-    print(table(rows, list(rows[0])))
+            print_row(columns, rows[-1])
     print(f"load average {load_average()}, torch threads {torch.get_num_threads()}")
     write_json(args.json, "sequence", {"rows": rows})
     return 0

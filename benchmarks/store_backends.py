@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import load_average, table, write_json
+from benchmarks.common import Budget, load_average, print_row, write_json
 from ich_node.config import QueueSection, StorageSection
 from ich_node.queue.backend import job_queue, open_store, wait_for_jobs
 from ich_node.queue.interface import InstanceRecord
@@ -162,14 +162,32 @@ def ingest_files_per_second(storage: StorageSection, n_files: int, n_listeners: 
     return n_files * n_listeners / seconds
 
 
-def run(storage: StorageSection, name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+COLUMNS = ["backend", "measure", "value", "runs"]
+
+
+def run(
+    storage: StorageSection, name: str, args: argparse.Namespace, budget: Budget
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+
+    def emit(row: dict[str, Any]) -> None:
+        rows.append(row)
+        print_row(COLUMNS, row)
+
+    def fits(what: str) -> bool:
+        if budget.allows(0.0):
+            return True
+        print(f"(budget: {name} {what} skipped)", flush=True)
+        return False
+
     for k in args.workers:
+        if not fits(f"jobs/s with {k} workers"):
+            continue
         rates = [
             jobs_per_second(storage, args.jobs, k, f"{k}{r}{int(time.time()) % 10000}")
             for r in range(args.repeat)
         ]
-        rows.append(
+        emit(
             {
                 "backend": name,
                 "measure": f"jobs/s, {k} workers",
@@ -177,24 +195,27 @@ def run(storage: StorageSection, name: str, args: argparse.Namespace) -> list[di
                 "runs": [round(r, 1) for r in rates],
             }
         )
-    waits = sorted(lease_latency(storage, args.latency_jobs))
-    rows.append(
-        {
-            "backend": name,
-            "measure": "lease-to-start median (ms)",
-            "value": round(1000 * statistics.median(waits), 1),
-        }
-    )
-    rows.append(
-        {
-            "backend": name,
-            "measure": "lease-to-start max (ms)",
-            "value": round(1000 * waits[-1], 1),
-        }
-    )
+    if fits("lease latency"):
+        waits = sorted(lease_latency(storage, args.latency_jobs))
+        emit(
+            {
+                "backend": name,
+                "measure": "lease-to-start median (ms)",
+                "value": round(1000 * statistics.median(waits), 1),
+            }
+        )
+        emit(
+            {
+                "backend": name,
+                "measure": "lease-to-start max (ms)",
+                "value": round(1000 * waits[-1], 1),
+            }
+        )
     for k in (1, 2):
+        if not fits(f"ingest with {k} listeners"):
+            continue
         rates = [ingest_files_per_second(storage, args.files, k) for _ in range(args.repeat)]
-        rows.append(
+        emit(
             {
                 "backend": name,
                 "measure": f"ingest files/s, {k} listeners",
@@ -214,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, default=300, help="files per listener")
     p.add_argument("--repeat", type=int, default=3, help="runs per throughput row (median shown)")
     p.add_argument("--quick", action="store_true", help="few jobs and files: a smoke run")
+    p.add_argument("--budget", type=float, default=1800.0, help="seconds for all rows")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.quick:
@@ -231,16 +253,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("PostgreSQL is not installed (apt-get install postgresql): SQLite only")
     load_before = load_average()
+    budget = Budget(args.budget)
+    print(f"load {load_before} at start", flush=True)
+    print_row(COLUMNS, None)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            rows = run(StorageSection(dir=Path(tmp) / "sqlite"), "sqlite", args)
+            rows = run(StorageSection(dir=Path(tmp) / "sqlite"), "sqlite", args, budget)
             if database is not None:
                 pg = StorageSection(dir=Path(tmp) / "pg", database=database)
-                rows += run(pg, "postgresql", args)
+                rows += run(pg, "postgresql", args, budget)
     finally:
         if cluster is not None:
             cluster.stop()
-    print(table(rows, ["backend", "measure", "value", "runs"]))
+    print(f"load {load_average()} at the end")
     write_json(
         args.json,
         "store_backends" + ("_quick" if args.quick else ""),

@@ -9,15 +9,16 @@
 Both modes run the node's own :class:`ich_node.worker.Worker` on a real store with
 the same queued phantom studies (512x512 DICOM CT), heatmaps and SR included:
 
-*one at a time*: ``Worker.run_once`` in a loop: read, decode (the next batch in a
-thread during this one's forward pass), infer, write results, complete; then the
-next job.
+*one at a time*: ``Worker.run_once`` in a loop: read, decode (in the decode pool,
+ahead of the forward passes; HU, windows and resize on the model's device), infer,
+write results, complete; then the next job.
 *pipeline*: ``Worker.run``: a reader thread leases the next job and decodes it
 ahead while the model runs, and a results thread writes heatmaps and the SR
 while the model already runs the next job.
 
 The time is from the first lease to the last job recorded done; the raw model
 row is forward passes on ready tensors at the same setting, the bound for both.
+Each row is printed when measured; ``--budget`` seconds end the run cleanly.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
+    Budget,
     load_average,
+    print_row,
     queue_series,
     random_bundle,
-    table,
     wait_for,
     write_json,
 )
@@ -62,12 +64,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--compile", action="store_true", help="torch.compile (paid at start)")
     p.add_argument("--quick", action="store_true", help="resnet18 at 128 px, 3 small studies")
+    p.add_argument("--budget", type=float, default=0.0, help="seconds (0: 60 GPU, 900 CPU)")
     p.add_argument("--json", type=Path, default=None)
     return p
 
 
+COLUMNS = ["mode", "seconds", "slices/s", "vs one at a time", "read_s", "infer_s", "results_s"]
+
+
 def _drain(
-    mode: str, classifier: Classifier, studies: list[PhantomSeries], root: Path
+    mode: str,
+    classifier: Classifier,
+    studies: list[PhantomSeries],
+    root: Path,
+    timeout: float = 3600.0,
 ) -> tuple[float, dict[str, float]]:
     """Seconds from the first lease to the last job done; mean stage seconds per job."""
     config = parse_config({"storage": {"dir": str(root / mode)}})
@@ -84,7 +94,7 @@ def _drain(
         wait_for(
             "every job done",
             lambda: all(store.job(j).state == "done" for j in jobs),  # type: ignore[union-attr]
-            timeout=3600,
+            timeout=timeout,
             every=0.005,
         )
         seconds = time.perf_counter() - started
@@ -112,6 +122,7 @@ def main(args: argparse.Namespace) -> int:
         args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
     batch = args.batch_size or (32 if device.type == "cuda" else 8)
+    budget = Budget(args.budget or (60.0 if device.type == "cuda" else 900.0))
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
         root = Path(tmp)
         bundle = random_bundle(
@@ -144,6 +155,14 @@ def main(args: argparse.Namespace) -> int:
             )
             for i in range(args.studies)
         ]
+        print(
+            f"{args.studies} studies of {args.slices} slices (512x512 DICOM), {args.arch} at "
+            f"{args.size}x{args.size}, batch {batch}, {classifier.precision}, device {device}, "
+            f"compile {args.compile}, load {load_average()} at start; stage columns: mean "
+            "seconds per job",
+            flush=True,
+        )
+        print_row(COLUMNS, None)
         _drain("warm-up", classifier, studies[:1], root)  # allocator, kernels, imports
         rows = []
         n_slices = args.studies * args.slices
@@ -159,9 +178,16 @@ def main(args: argparse.Namespace) -> int:
              "slices/s": round(n_slices / raw_s, 1), "vs one at a time": "",
              "read_s": "", "infer_s": "", "results_s": ""}
         )  # fmt: skip
+        print_row(COLUMNS, rows[-1])
         serial_s = 0.0
         for mode in ("one at a time", "pipeline"):
-            seconds, stages = _drain(mode.replace(" ", "-"), classifier, studies, root)
+            # Each mode takes about as long as the last; the first one runs anyway.
+            if serial_s and not budget.allows(1.2 * serial_s):
+                print(f"(budget: {mode} skipped, {budget.left():.0f} s left)", flush=True)
+                continue
+            seconds, stages = _drain(
+                mode.replace(" ", "-"), classifier, studies, root, max(1.0, budget.left())
+            )
             serial_s = serial_s or seconds
             rows.append(
                 {"mode": mode, "seconds": round(seconds, 2),
@@ -169,17 +195,9 @@ def main(args: argparse.Namespace) -> int:
                  "vs one at a time": f"{serial_s / seconds:.2f}x",
                  **{k: round(stages.get(k, 0.0), 3) for k in ("read_s", "infer_s", "results_s")}}
             )  # fmt: skip
-    print(
-        f"\n{args.studies} studies of {args.slices} slices (512x512 DICOM), {args.arch} at "
-        f"{args.size}x{args.size}, batch {batch}, {classifier.precision}, device {device}, "
-        f"compile {args.compile}, load {load_average()}; stage columns: mean seconds per job"
-    )
-    print(
-        table(
-            rows,
-            ["mode", "seconds", "slices/s", "vs one at a time", "read_s", "infer_s", "results_s"],
-        )
-    )
+            print_row(COLUMNS, rows[-1])
+        classifier.close()
+    print(f"load {load_average()} at the end")
     write_json(
         args.json, "worker" + ("_quick" if args.quick else ""),
         {"arch": args.arch, "size": args.size, "studies": args.studies, "slices": args.slices,

@@ -1,32 +1,36 @@
 #!/usr/bin/env bash
-# The GPU checks and measurements of the training (#5) and performance (#7) issues,
-# prepared here and run in one or two short calls on a GPU machine.
+# The GPU checks and measurements (#5, #7, #26), prepared here and run within one
+# lease of a GPU machine (15 minutes, start-up included).
 #
-#   scripts/gpu_check.sh prepare              # here: wheels for the GPU machine into .whl/
-#   scripts/gpu_check.sh run [STEP...]        # there, in the repository root
+#   scripts/gpu_check.sh prepare                        # here: wheels for the GPU machine
+#   scripts/gpu_check.sh run [OPTIONS] [STEP...]        # there, in the repository root
 #
-# STEPs, in this order by default (each under its own time limit, so that a slow
-# step cannot eat the others' time): env train infer worker e2e tests explain.
-# Within the device tool's 10-minute calls: `run env train infer`, then at once (the
-# machine stays warm) `run worker e2e tests explain alerts`.
-#   env      nvidia-smi, the torch build, the installed packages
-#   train    ResNeXt-101 32x8d at 512x512, bf16 + channels-last, batch 32, on phantoms:
-#            about 300 optimiser steps; training slices/s per epoch (docs/training.md)
-#   infer    benchmarks/inference.py: worker path vs raw model, eager and compiled
-#   worker   benchmarks/worker.py: 8 studies of 40 slices, one at a time vs the pipeline
-#   e2e      benchmarks/end_to_end.py: last instance acknowledged to results at the PACS,
-#            ResNeXt-101 at 512, 40 slices (pynetdicom as the PACS: no DCMTK there)
-#   tests    pytest -m gpu (tests/test_gpu.py, tests/test_predict.py)
-#   explain  benchmarks/explain.py: heatmap cost per explained slice
-#   alerts   benchmarks/alerts.py: last instance acknowledged to the HL7 alert at the RIS
-#   twostage the RSNA winners' recipe, short (#17): context phantoms (24 + 8 held out,
-#            28 slices, 256 px), ResNeXt-101 32x8d with 2.5D context (--context 1) at
-#            256 px for 6 epochs, then `fit-sequence` (embeddings extracted once, 3
-#            augmented passes, bi-GRU 30 epochs), then `evaluate` of both stages side
-#            by side on the held-out studies (REPORT.md: CNN vs CNN + sequence).
-#            Not in the default list: `run twostage` (about 3-4 minutes).
+# OPTIONS
+#   --deadline S   seconds for the whole run, summary included (default 480); each step
+#                  gets what is left, at most its own limit, and a step that no longer
+#                  fits is skipped and listed as such
+#   --device D     cuda (default) or cpu: `run --device cpu --small` checks the deadline
+#                  logic and every step's command on a machine without a GPU
+#   --small        small sizes (resnet18 at 64 px, few slices): a rehearsal, not a figure
+#
+# STEPs, in this priority order by default (a short deadline keeps the first ones):
+#   infer    benchmarks/inference.py: worker path vs raw model, bf16 channels-last,
+#            eager and compiled (ResNeXt-101 32x8d at 512, 128 slices)
+#   e2e      benchmarks/end_to_end.py: last instance acknowledged to the SR at the PACS,
+#            40 slices, every slice explained (pynetdicom as the PACS: no DCMTK there)
+#   tests    pytest -m gpu (device preprocessing and rendering equal to the CPU's,
+#            compiled bf16, the worker on the GPU, predict)
+#   explain  benchmarks/explain.py: heatmap cost per explained slice, rendering included
+#   train    ResNeXt-101 32x8d at 512, bf16 + channels-last, batch 32, on phantoms
+#   twostage the RSNA winners' recipe, short (#17): 2.5D CNN then the sequence stage,
+#            evaluated side by side (REPORT)
+#   worker   benchmarks/worker.py: studies one at a time vs the pipeline
+#   env      nvidia-smi, the torch build (run first, in a few seconds, when named)
+# Every benchmark prints each row the moment it is measured and stops at its --budget,
+# so a step cut short still leaves its rows in the log. The run ends with a summary
+# table: step, result (ok, failed, cut at its limit, skipped), seconds, headline figure.
 # Output: $OUT (the device tool's folder) or ./gpu-results: gpu_check.log, one JSON per
-# benchmark and the training run's metrics.jsonl (7 files; the device tool returns 8).
+# benchmark, the training runs' metrics.jsonl.
 #
 # The GPU machine has torch, torchvision, numpy, opencv, pillow, pyyaml, safetensors,
 # tqdm, prometheus-client, pytest and hypothesis (its Python is 3.12); `prepare`
@@ -62,23 +66,93 @@ prepare() {
 
 OUT=${OUT:-$PWD/gpu-results}
 LOG=$OUT/gpu_check.log
+SUMMARY=()
 
 # step NAME SECONDS COMMAND...: run under a time limit, log everything, never abort the rest.
 step() {
-    local name=$1 limit=$2 started rc
+    local name=$1 limit=$2 started rc result
     shift 2
     started=$(date +%s)
     echo "=== $name (limit ${limit} s): $*" | tee -a "$LOG"
-    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
-    rc=$?
-    echo "=== $name: exit $rc after $(($(date +%s) - started)) s" | tee -a "$LOG"
-    tail -n 12 "$LOG" | grep -v '^===' || true
+    # Live: every row a benchmark prints shows at once (and stays in the log if cut).
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG" | grep --line-buffered -v '\[debug'
+    rc=${PIPESTATUS[0]}
+    case $rc in
+    0) result=ok ;;
+    124 | 137) result="cut at ${limit} s" ;;
+    *) result="failed ($rc)" ;;
+    esac
+    echo "=== $name: $result after $(($(date +%s) - started)) s" | tee -a "$LOG"
+    LAST_RESULT=$result
+    LAST_SECONDS=$(($(date +%s) - started))
+}
+
+# budgeted NAME MIN MAX COMMAND...: a step under the run's deadline: skipped when fewer
+# than MIN seconds are left, else limited to MAX or what is left. BUDGET in the command
+# line is replaced by the benchmark's own budget (its limit less 15 s to write its JSON).
+budgeted() {
+    local name=$1 min=$2 max=$3 left limit args=() a
+    shift 3
+    left=$((DEADLINE_AT - $(date +%s) - 15))
+    if [ "$left" -lt "$min" ]; then
+        echo "=== $name: skipped (${left} s left, needs ${min})" | tee -a "$LOG"
+        SUMMARY+=("$name|skipped (deadline)|0|")
+        return
+    fi
+    limit=$((left < max ? left : max))
+    for a in "$@"; do args+=("${a//BUDGET/$((limit > 30 ? limit - 15 : limit))}"); done
+    step "$name" "$limit" "${args[@]}"
+    SUMMARY+=("$name|$LAST_RESULT|$LAST_SECONDS|$(figure "$name")")
+}
+
+# figure NAME: the step's headline, read from its JSON (empty when there is none).
+figure() {
+    python3 - "$1" "$OUT" <<'PY' 2>/dev/null
+import json, sys
+from pathlib import Path
+name, out = sys.argv[1], Path(sys.argv[2])
+def rows(f):
+    return json.loads((out / f).read_text()).get("rows", [])
+try:
+    if name == "infer":
+        got = [f"{r['path'].split(' (')[0].replace('worker path, ', '')}"
+               f" {r['slices/s']:.0f}/s" + (f" ({r['vs raw']:.2f} of raw)" if r.get("vs raw") else "")
+               for r in rows("inference.json") if "raw" in r["path"] or "worker" in r["path"]]
+        print("; ".join(got))
+    elif name == "e2e":
+        print("; ".join(f"{r['completion']} {r['seconds']:.2f} s (results {r['results s']} s)"
+                        for r in rows("end_to_end.json")))
+    elif name == "explain":
+        print("; ".join(f"{r['path'].split(' (')[0]} {1000 * r['s/slice']:.2f} ms/slice"
+                        for r in rows("explain.json")[-3:]))
+    elif name == "worker":
+        print("; ".join(f"{r['mode']} {r['slices/s']} slices/s" for r in rows("worker.json")))
+    elif name in ("train", "twostage"):
+        f = Path("/tmp/gpu-train" if name == "train" else "/tmp/gpu-2s-cnn") / "metrics.jsonl"
+        last = json.loads(f.read_text().splitlines()[-1])
+        print(f"epoch {last.get('epoch')}, {last.get('train_slices_per_s', 0):.0f} slices/s")
+    elif name == "tests":
+        text = (out / "gpu_check.log").read_text().splitlines()
+        print(next(l for l in reversed(text) if " passed" in l or " skipped" in l or " failed" in l))
+except Exception:
+    pass
+PY
 }
 
 run() {
-    local steps=("$@")
-    [ ${#steps[@]} -gt 0 ] || steps=(env train infer worker e2e tests explain)
+    local deadline=480 device=cuda small=0 steps=()
+    while [ $# -gt 0 ]; do
+        case $1 in
+        --deadline) deadline=$2; shift 2 ;;
+        --device) device=$2; shift 2 ;;
+        --small) small=1; shift ;;
+        *) steps+=("$1"); shift ;;
+        esac
+    done
+    [ ${#steps[@]} -gt 0 ] || steps=(infer e2e tests explain train twostage)
+    DEADLINE_AT=$(($(date +%s) + deadline))
     mkdir -p "$OUT"
+    : >"$LOG"
     export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
     if [ -d .whl ]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -87,63 +161,95 @@ run() {
     else
         export PYTHONPATH=$PWD
     fi
+    local py=${PYTHON:-python3}  # PYTHON=.venv/bin/python for a rehearsal here
+    # Sizes: the issue's on a GPU; --small rehearses every command in seconds.
+    local arch=resnext101_32x8d size=512 slices=128 e2e_slices=40 matrix=512 train_size=512
+    local studies=24 epochs=16 ctx_studies=24 ctx_epochs=6 ctx_size=256 batch=32 workers=8
+    if [ "$small" = 1 ]; then
+        arch=resnet18 size=64 slices=16 e2e_slices=12 matrix=128 train_size=64
+        studies=4 epochs=2 ctx_studies=4 ctx_epochs=1 ctx_size=64 batch=8 workers=1
+    fi
+    local amp=--amp compile=--compile
+    [ "$device" = cpu ] && amp=--no-amp && compile=
     local s
     for s in "${steps[@]}"; do
         case $s in
         env)
-            step nvidia_smi 30 nvidia-smi
-            step env 60 python3 -c "import torch, torchvision, pydicom, pynetdicom, highdicom, \
+            [ "$device" = cuda ] && step nvidia_smi 30 nvidia-smi
+            step env 60 "$py" -c "import torch, torchvision, pydicom, pynetdicom, highdicom, \
 pytorch_grad_cam, pydantic, structlog; print(torch.__version__, torchvision.__version__, \
 torch.cuda.is_available() and torch.cuda.get_device_name(0))" ;;
-        train)
-            step train_data 60 python3 -m training phantom --out /tmp/gpu-phantoms \
-                --studies 24 --matrix 512 --slices 28 28
-            step train 200 python3 -m training fit --images /tmp/gpu-phantoms/images \
-                --labels /tmp/gpu-phantoms/stage_2_train.csv --out /tmp/gpu-train \
-                --arch resnext101_32x8d --image-size 512 --batch-size 32 --epochs 16 \
-                --eval-every 8 --workers 8 --device cuda --amp --channels-last --no-progress
-            cp /tmp/gpu-train/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null ;;
         infer)
-            step infer 200 python3 benchmarks/inference.py --device cuda --slices 256 \
-                --batch-size 32 --compile --json "$OUT/inference_gpu.json" ;;
-        worker)
-            step worker 150 python3 benchmarks/worker.py --device cuda --batch-size 32 \
-                --studies 8 --slices 40 --json "$OUT/worker_gpu.json" ;;
+            budgeted infer 40 150 "$py" benchmarks/inference.py --device "$device" \
+                --arch "$arch" --size "$size" --slices "$slices" --matrix "$matrix" \
+                --batch-size "$batch" --precisions bf16 --memory cl $compile --budget BUDGET \
+                --json "$OUT/inference.json" ;;
         e2e)
-            step e2e 150 python3 benchmarks/end_to_end.py --device cuda --batch-size 32 \
-                --models resnext101_32x8d:512 --peers pynetdicom --json "$OUT/end_to_end_gpu.json" ;;
+            budgeted e2e 40 120 "$py" benchmarks/end_to_end.py --device "$device" \
+                --batch-size "$batch" --models "$arch:$size" --slices "$e2e_slices" \
+                --matrix "$matrix" --stable-seconds 2 --peers pynetdicom --budget BUDGET \
+                --json "$OUT/end_to_end.json" ;;
         tests)
-            step tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
+            budgeted tests 30 150 "$py" -m pytest -q -m gpu -p no:cacheprovider \
+                tests/test_gpu.py tests/test_tensors.py tests/test_heatmaps.py \
                 tests/test_predict.py ;;
-        twostage)
-            step twostage_data 90 python3 -c "from training.phantom import write_dataset; \
-write_dataset('/tmp/gpu-ctx', 24, seed=21, n_slices=28, matrix=256, context=True); \
-write_dataset('/tmp/gpu-ctx-test', 8, seed=22, n_slices=28, matrix=256, context=True)"
-            step twostage_cnn 200 python3 -m training fit --images /tmp/gpu-ctx/images \
-                --labels /tmp/gpu-ctx/stage_2_train.csv --out /tmp/gpu-2s-cnn \
-                --arch resnext101_32x8d --image-size 256 --context 1 --batch-size 32 \
-                --epochs 6 --val-fraction 0.25 --workers 8 --device cuda --amp \
-                --channels-last --no-progress
-            step twostage_seq 120 python3 -m training fit-sequence --run /tmp/gpu-2s-cnn \
-                --out /tmp/gpu-2s --epochs 30 --embed-passes 3 --device cuda --workers 8
-            step twostage_eval 90 python3 -m training evaluate --bundle /tmp/gpu-2s/model.safetensors \
-                --images /tmp/gpu-ctx-test/images --labels /tmp/gpu-ctx-test/stage_2_train.csv \
-                --out "$OUT/twostage_report.json" --device cuda
-            cp /tmp/gpu-2s-cnn/metrics.jsonl "$OUT/twostage_cnn_metrics.jsonl" 2>/dev/null
-            cp /tmp/gpu-2s/metrics.jsonl "$OUT/twostage_seq_metrics.jsonl" 2>/dev/null ;;
         explain)
-            step explain 90 python3 benchmarks/explain.py --device cuda --precision bf16 \
-                --json "$OUT/explain_gpu.json" ;;
+            budgeted explain 30 90 "$py" benchmarks/explain.py --device "$device" \
+                --arch "$arch" --size "$size" --precision bf16 --budget BUDGET \
+                --json "$OUT/explain.json" ;;
+        worker)
+            budgeted worker 40 120 "$py" benchmarks/worker.py --device "$device" \
+                --arch "$arch" --size "$size" --batch-size "$batch" --studies 4 \
+                --slices "$e2e_slices" --budget BUDGET --json "$OUT/worker.json" ;;
+        train)
+            budgeted train_data 20 60 "$py" -m training phantom --out /tmp/gpu-phantoms \
+                --studies "$studies" --matrix "$matrix" --slices 28 28
+            budgeted train 60 200 "$py" -m training fit --images /tmp/gpu-phantoms/images \
+                --labels /tmp/gpu-phantoms/stage_2_train.csv --out /tmp/gpu-train \
+                --arch "$arch" --image-size "$train_size" --batch-size "$batch" \
+                --epochs "$epochs" --eval-every 8 --workers "$workers" --device "$device" \
+                $amp --channels-last --no-progress
+            cp /tmp/gpu-train/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null ;;
+        twostage)
+            budgeted twostage_data 20 90 "$py" -c "from training.phantom import write_dataset; \
+write_dataset('/tmp/gpu-ctx', $ctx_studies, seed=21, n_slices=28, matrix=$((matrix / 2)), context=True); \
+write_dataset('/tmp/gpu-ctx-test', 8, seed=22, n_slices=28, matrix=$((matrix / 2)), context=True)"
+            budgeted twostage 60 200 "$py" -m training fit --images /tmp/gpu-ctx/images \
+                --labels /tmp/gpu-ctx/stage_2_train.csv --out /tmp/gpu-2s-cnn \
+                --arch "$arch" --image-size "$ctx_size" --context 1 --batch-size "$batch" \
+                --epochs "$ctx_epochs" --val-fraction 0.25 --workers "$workers" \
+                --device "$device" $amp --channels-last --no-progress
+            cp /tmp/gpu-2s-cnn/metrics.jsonl "$OUT/twostage_cnn_metrics.jsonl" 2>/dev/null
+            budgeted twostage_seq 30 120 "$py" -m training fit-sequence --run /tmp/gpu-2s-cnn \
+                --out /tmp/gpu-2s --epochs 30 --embed-passes 3 --device "$device" \
+                --workers "$workers"
+            budgeted twostage_eval 20 90 "$py" -m training evaluate \
+                --bundle /tmp/gpu-2s/model.safetensors --images /tmp/gpu-ctx-test/images \
+                --labels /tmp/gpu-ctx-test/stage_2_train.csv --out "$OUT/twostage_report.json" \
+                --device "$device"
+            cp /tmp/gpu-2s/metrics.jsonl "$OUT/twostage_seq_metrics.jsonl" 2>/dev/null ;;
         alerts)
-            step alerts 150 python3 benchmarks/alerts.py --device cuda --peers pynetdicom \
-                --json "$OUT/alerts_gpu.json" ;;
+            budgeted alerts 40 150 "$py" benchmarks/alerts.py --device "$device" \
+                --peers pynetdicom --budget BUDGET --json "$OUT/alerts.json" ;;
         *) echo "unknown step: $s" >&2; return 2 ;;
         esac
     done
+    {
+        echo
+        echo "## gpu_check summary: device $device$([ "$small" = 1 ] && echo ", small sizes"), deadline ${deadline} s, used $((deadline - DEADLINE_AT + $(date +%s))) s"
+        echo
+        echo "| step | result | seconds | figure |"
+        echo "|---|---|---|---|"
+        local line
+        for line in "${SUMMARY[@]}"; do
+            IFS='|' read -r n r t f <<<"$line"
+            echo "| $n | $r | $t | $f |"
+        done
+    } | tee -a "$LOG"
 }
 
 case ${1:-} in
 prepare) prepare ;;
 run) shift; run "$@" ;;
-*) sed -n '2,35p' "$0"; exit 2 ;;
+*) sed -n '2,44p' "$0"; exit 2 ;;
 esac

@@ -28,16 +28,39 @@ def test_inference_quick(tmp_path: Path) -> None:
     rows = {r["path"]: r for r in result["rows"]}
     for label in ("fp32", "fp32 channels-last", "bf16", "bf16 channels-last"):
         assert rows[f"raw model ({label})"]["slices/s"] > 0
-        worker = rows[f"worker: decode+preprocess+infer+CAMs ({label})"]
+        worker = rows[f"worker path, thread pool ({label})"]
         assert worker["slices/s"] > 0 and worker["vs raw"] > 0
+    assert any(p.startswith("headers + decode pool only") for p in rows)
+    assert rows["HU, windows, resize only (cpu)"]["slices/s"] > 0
     assert result["arch"] == "resnet18" and result["slices"] == 16
+
+
+def test_a_spent_budget_ends_a_benchmark_cleanly(tmp_path: Path, capsys: Any) -> None:
+    """--budget: what no longer fits is skipped and said; the run still ends with its JSON."""
+    from benchmarks import inference
+
+    result = _run(inference, tmp_path, "--budget", "0.001", "--pools", "thread")
+    paths = [r["path"] for r in result["rows"]]
+    assert not any(p.startswith(("raw model", "worker path")) for p in paths)
+    assert "(budget: fp32 skipped" in capsys.readouterr().out
+
+
+def test_results_stage_quick(tmp_path: Path) -> None:
+    from benchmarks import results_stage
+
+    result = _run(results_stage, tmp_path)
+    (row,) = result["rows"]
+    assert row["tree"] == "this tree" and row["matrix"] == 128 and row["heatmaps"] == 12
+    for part in ("explain s", "build s", "write s", "render s", "encode SC s", "SR s"):
+        assert row[part] > 0, part
 
 
 def test_explain_quick(tmp_path: Path) -> None:
     from benchmarks import explain
 
     result = _run(explain, tmp_path)
-    assert [r["path"] for r in result["rows"]][-1] == "pytorch-grad-cam"
+    paths = [r["path"] for r in result["rows"]]
+    assert "pytorch-grad-cam" in paths and paths[-1].startswith("heatmap images")
     assert all(r["s/slice"] > 0 for r in result["rows"])
     # The shortcut is Grad-CAM for this head: the maps must agree.
     assert result["min_correlation"] > 0.999

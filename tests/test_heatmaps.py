@@ -1,4 +1,5 @@
-"""Heatmap rendering: colour map, geometry of the cam on the source grid, burned-in text."""
+"""Heatmap rendering: the batched device renderer (model stage), the map's geometry on
+the source grid, the legend and burned-in text (results stage)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,32 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 from ich_node.card import ModelCard
 from ich_node.imaging import head_mask, read_series
 from ich_node.labels import LABELS
 from ich_node.model.bundle import Bundle, load_bundle
 from ich_node.model.explain import explain_series
+from ich_node.model.heatmaps import maps_to_source, render_overlays, with_heatmap_images
+from ich_node.model.heatmaps import turbo as turbo_tensor
 from ich_node.model.inference import Classifier
 from ich_node.results.build import ResultOptions, write_results
 from ich_node.results.build import build_results as encode
 from ich_node.results.common import cam_to_source
 from ich_node.results.findings import ExplainedSeries
-from ich_node.results.sc import ALPHA_MAX, CAM_FLOOR, render_overlay, slice_text, turbo
+from ich_node.results.sc import ALPHA_MAX, CAM_FLOOR, burn_in, render_overlay, slice_text, turbo
+from tests.preprocess_reference import overlay_reference
+
+
+def _overlay(hu: np.ndarray, cam: np.ndarray | None, text: list[str] | None = None) -> np.ndarray:
+    """One image through the node's two stages: rendered on the device, then text."""
+    (rgb,) = render_overlays(
+        torch.from_numpy(hu)[None],
+        None if cam is None else torch.from_numpy(cam)[None],
+        [cam is not None],
+    )
+    return burn_in(rgb, text or [])
 
 
 def test_turbo_runs_blue_to_red() -> None:
@@ -28,49 +43,61 @@ def test_turbo_runs_blue_to_red() -> None:
     assert ends.shape == (2, 3) and ends.dtype == np.float32
     assert ends[0, 2] > ends[0, 0]  # low end is blue-ish
     assert ends[1, 0] > ends[1, 2]  # high end is red-ish
+    x = np.linspace(0.0, 1.0, 101)
+    np.testing.assert_allclose(turbo_tensor(torch.from_numpy(x)).numpy(), turbo(x), atol=1e-5)
 
 
 def test_cam_maps_back_onto_a_non_square_slice() -> None:
     # A 100x60 slice was centred in a 100x100 square before resizing to 50x50.
     cam = np.zeros((50, 50), np.float32)
     cam[10:15, 30:35] = 1.0  # square pixels 20-30 (rows), 60-70 (columns)
-    out = cam_to_source(cam, 100, 60)
-    assert out.shape == (100, 60) and out.dtype == np.float32
-    row, col = np.unravel_index(np.argmax(out), out.shape)
-    assert 20 <= row <= 30 and 40 <= col <= 50  # columns shift by the 20 px left pad
+    for out in (cam_to_source(cam, 100, 60), maps_to_source(torch.from_numpy(cam)[None], 100, 60)):
+        out = np.asarray(out).reshape(100, 60)
+        assert out.shape == (100, 60) and out.dtype == np.float32
+        row, col = np.unravel_index(np.argmax(out), out.shape)
+        assert 20 <= row <= 30 and 40 <= col <= 50  # columns shift by the 20 px left pad
+    # The device path and the results stage's (PIL, for the parametric map) agree.
+    np.testing.assert_allclose(
+        maps_to_source(torch.from_numpy(cam)[None], 100, 60)[0].numpy(),
+        cam_to_source(cam, 100, 60),
+        atol=2e-3,
+    )
     with pytest.raises(ValueError, match="cam must have shape"):
         cam_to_source(np.zeros((4, 5), np.float32), 10, 10)
+    with pytest.raises(ValueError, match="maps must have shape"):
+        maps_to_source(torch.zeros((1, 4, 5)), 10, 10)
 
 
 def test_overlay_colours_only_where_the_cam_is_strong() -> None:
     hu = np.full((128, 128), 40.0, np.float32)  # mid grey in the brain window
     cam = np.zeros((128, 128), np.float32)
     cam[80:110, 20:50] = 1.0
-    plain = render_overlay(hu, None, [])
-    hot = render_overlay(hu, cam, [])
+    plain = _overlay(hu, None)
+    hot = _overlay(hu, cam)
     assert hot.shape == (128, 128, 3) and hot.dtype == np.uint8
     assert np.array_equal(hot[60:75, 20:50], plain[60:75, 20:50])  # cam 0: untouched
     patch = hot[85:105, 25:45].astype(int)
     assert np.ptp(patch, axis=-1).min() > 30  # coloured, no longer grey
-    with pytest.raises(ValueError, match="cam shape"):
-        render_overlay(hu, cam[:10], [])
+    with pytest.raises(ValueError, match="maps"):
+        render_overlays(torch.from_numpy(hu)[None], None, [True])
 
 
 def test_text_is_burned_in() -> None:
     hu = np.full((256, 256), -1000.0, np.float32)  # black
-    blank = render_overlay(hu, None, [])
-    text = render_overlay(hu, None, ["AI result - not for diagnosis"])
+    blank = render_overlay(hu, [])
+    text = render_overlay(hu, ["AI result - not for diagnosis"])
     changed = np.any(text != blank, axis=-1)
     rows = np.nonzero(changed.any(axis=1))[0]
     assert changed.sum() > 100 and rows.max() < 40  # text at the top left
+    assert np.array_equal(_overlay(hu, None, ["AI result - not for diagnosis"]), text)
 
 
 def test_overlay_stays_inside_the_head() -> None:
     hu = np.full((128, 128), -1000.0, np.float32)  # air
     hu[32:96, 32:96] = 40.0  # the head
     cam = np.ones((128, 128), np.float32)  # a map that spills everywhere
-    hot = render_overlay(hu, cam, [])
-    plain = render_overlay(hu, None, [])
+    hot = _overlay(hu, cam)
+    plain = _overlay(hu, None)
     assert np.array_equal(hot[100:128, 0:100], plain[100:128, 0:100])  # air stays black
     assert np.ptp(hot[40:90, 40:90].astype(int), axis=-1).min() > 30  # head coloured
 
@@ -81,8 +108,8 @@ def test_below_the_floor_the_overlay_is_the_plain_brain_window_image() -> None:
     hu = rng.uniform(0.0, 80.0, (192, 192)).astype(np.float32)  # brain-like texture
     cam = np.tile(np.linspace(0.0, 1.0, 192, dtype=np.float32), (192, 1))  # 0 left, 1 right
     text = ["Suspected: subdural p=0.91", "model 1.0", "AI result - not for diagnosis"]
-    plain = render_overlay(hu, None, text).astype(int)
-    hot = render_overlay(hu, cam, text).astype(int)
+    plain = _overlay(hu, None, text).astype(int)
+    hot = _overlay(hu, cam, text).astype(int)
     below = cam <= CAM_FLOOR
     assert below.any() and np.array_equal(hot[below], plain[below])
     # Above the floor: the further above, the further from the grey image.
@@ -94,6 +121,39 @@ def test_below_the_floor_the_overlay_is_the_plain_brain_window_image() -> None:
     grey = plain[150, -1, 0] / 255.0
     top = hot[150, -1] / 255.0
     assert np.all(np.abs(top - grey) <= ALPHA_MAX + 1 / 255)
+
+
+def test_batched_rendering_gives_the_former_pixels() -> None:
+    """A batch of slices rendered at once = each slice drawn alone by the former numpy
+    code (one grey level of float32 rounding at most), explained or not."""
+    rng = np.random.default_rng(1)
+    hu = rng.uniform(-1100.0, 200.0, (5, 96, 64)).astype(np.float32)
+    maps = rng.uniform(0.0, 1.0, (3, 24, 24)).astype(np.float32)
+    explained = [True, False, True, True, False]
+    head = hu > -300.0
+    got = render_overlays(
+        torch.from_numpy(hu), torch.from_numpy(maps), explained, torch.from_numpy(head)
+    )
+    m = 0
+    for i, has_map in enumerate(explained):
+        cam = cam_to_source(maps[m], 96, 64) if has_map else None
+        m += has_map
+        want = overlay_reference(hu[i], cam, head[i])
+        assert got[i].shape == (96, 64, 3) and got[i].dtype == np.uint8
+        assert np.abs(got[i].astype(int) - want.astype(int)).max() <= 1, i
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_the_gpu_renders_the_cpus_pixels() -> None:
+    rng = np.random.default_rng(2)
+    hu = torch.from_numpy(rng.uniform(-1100.0, 200.0, (4, 512, 512)).astype(np.float32))
+    maps = torch.from_numpy(rng.uniform(0.0, 1.0, (4, 64, 64)).astype(np.float32))
+    head = hu > -300.0
+    cpu = render_overlays(hu, maps, [True] * 4, head)
+    gpu = render_overlays(hu.cuda(), maps.cuda(), [True] * 4, head.cuda())
+    for a, b in zip(cpu, gpu, strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
 # ------------------------------------------------------- heatmaps inside the head
@@ -111,7 +171,10 @@ def _colour_outside(
     size = card.input_size
     spill = tuple(replace(e, cam=np.ones((size, size), np.float32)) for e in explained.explanations)
     assert spill, "the test needs explained slices"
-    explained = replace(explained, explanations=spill)
+    # Rendered again with these maps, as the worker's results thread renders them.
+    explained = with_heatmap_images(
+        replace(explained, explanations=spill, overlays={}, head=None), "positive", "cpu"
+    )
     results = encode(explained, card, ResultOptions(parametric_map=parametric_map))
     files = write_results(results, tmp_path)
     head = head_mask(explained.hu, explained.series.slices[0].pixel_spacing)
@@ -120,9 +183,7 @@ def _colour_outside(
         ds = pydicom.dcmread(path)
         i = int(ds.InstanceNumber) - 1
         e = next(e for e in spill if e.index == i)
-        plain = render_overlay(
-            explained.hu[i], None, slice_text(explained.findings, card, i, e.labels)
-        )
+        plain = render_overlay(explained.hu[i], slice_text(explained.findings, card, i, e.labels))
         coloured[i] = np.any(ds.pixel_array != plain, axis=-1)
     return coloured, head, files
 

@@ -137,3 +137,34 @@ def test_compiled_classifier_matches_eager(tiny_bundle: Path, phantom: Any) -> N
     )
     assert a.cams is not None and b.cams is not None
     np.testing.assert_allclose(a.cams, b.cams, rtol=1e-3, atol=1e-3)
+
+
+def test_compiled_classifier_compiles_once_for_series_of_any_length(tmp_path: Path) -> None:
+    """model.compile: series of 17, 40 and 63 slices (partial last batches of 1, 8, 15)
+    run on the one graph the warm-up compiled (torch._dynamo's counters)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from benchmarks.common import random_bundle
+    from training.phantom import write_series
+
+    bundle = load_bundle(random_bundle(tmp_path / "m.safetensors", name="t", input_size=64))
+    lengths = (17, 40, 63)
+    series = [
+        read_series(write_series(tmp_path / str(n), seed=n, n_slices=n, matrix=64).paths)
+        for n in lengths
+    ]
+    torch._dynamo.reset()
+    counters.clear()
+    c = Classifier(
+        bundle, device="cpu", batch_size=16, precision="fp32", compile=True,
+        compile_backend="eager",  # dynamo's guards and recompiles without inductor's codegen
+    )  # fmt: skip
+    assert c.warmup() > 0.0
+    assert counters["stats"]["unique_graphs"] == 1
+    for n, s in zip(lengths, series, strict=True):
+        prediction = c.predict_series(s)
+        assert prediction.findings.slice_probabilities().shape == (n, len(LABELS))
+        assert prediction.cams is not None and len(prediction.cams) == n  # padding dropped
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert counters["frames"]["total"] == 1, dict(counters["frames"])

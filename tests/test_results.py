@@ -51,6 +51,7 @@ def build_results(
         classifier,
         negative_top_slices=options.negative_top_slices,
         explain_slices=options.needs_explanations,
+        heatmaps=options.heatmaps,
     )
     return encode(explained, classifier.card, options)
 
@@ -421,8 +422,7 @@ def test_heatmaps_name_their_slice_in_the_srs_numbering(
     """Slice number and position are burned in (read back from the pixels) and in the tags."""
     import numpy as np
 
-    from ich_node.results.common import cam_to_source
-    from ich_node.results.sc import render_overlay, slice_label, slice_text
+    from ich_node.results.sc import burn_in, slice_label, slice_text
 
     results, _ = written
     classifier, prediction = positive
@@ -439,15 +439,15 @@ def test_heatmaps_name_their_slice_in_the_srs_numbering(
         label = slice_label(findings, i)
         assert label.startswith(f"Slice {i + 1} of {n} (inferior to superior), ")
         hu = prediction.hu[i]
-        cam = cam_to_source(cams[i].cam, *hu.shape)
+        base = explained.overlays[i]  # the model stage's rendering of this slice
         pixels = ds.pixel_array
-        expected = render_overlay(hu, cam, slice_text(findings, classifier.card, i, cams[i].labels))
+        expected = burn_in(base, slice_text(findings, classifier.card, i, cams[i].labels))
         assert np.array_equal(pixels, expected)  # the whole image, text included
         # The first text line is the slice's label: another slice's label reads differently.
         font_size = max(9, min(hu.shape) // 36)
         band = slice(max(2, font_size // 3), max(2, font_size // 3) + font_size + 2)
         other = slice_label(findings, (i + 1) % n)
-        mine = render_overlay(hu, cam, [label])[band]
-        theirs = render_overlay(hu, cam, [other])[band]
+        mine = burn_in(base, [label])[band]
+        theirs = burn_in(base, [other])[band]
         assert np.array_equal(pixels[band], mine)
         assert not np.array_equal(pixels[band], theirs)

@@ -276,7 +276,7 @@ def test_training_dataset_builds_the_same_context_as_the_node(tmp_path: Path) ->
     for uid in sorted({r.series_uid for r in index.records}):
         rows = [i for i, r in enumerate(index.records) if r.series_uid == uid]
         series = read_series([index.records[i].path for i in rows])
-        node = np.concatenate([imgs for _, imgs in clf.prepared_batches(series)])
+        node = np.concatenate([b.images.numpy() for b in clf.prepared_batches(series)])
         train = np.stack([ds[i][0].numpy() for i in rows])  # type: ignore[index]
         assert train.shape == node.shape == (5, 5, 64, 64)
         np.testing.assert_allclose(train, node, atol=1e-6)

@@ -349,7 +349,7 @@ def key_image_png(hu: np.ndarray, lines: Sequence[str]) -> bytes:
         (max(1, round(columns * scale)), max(1, round(rows * scale))), Image.Resampling.BILINEAR
     )
     # Text drawn on the small image, so that it stays readable after the resize.
-    rgb = render_overlay(np.asarray(small, dtype=np.float32), None, list(lines))
+    rgb = render_overlay(np.asarray(small, dtype=np.float32), list(lines))
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     return buffer.getvalue()

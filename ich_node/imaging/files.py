@@ -47,6 +47,10 @@ class ImagingError(ValueError):
         super().__init__(message)
         self.path = path
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Across a process decode pool: the path travels with the message.
+        return (type(self), (str(self), self.path))
+
     def refusal(self, series_instance_uid: str) -> Refusal:
         """This error as the typed record of a refused series (one line)."""
         return Refusal(series_instance_uid, one_line(str(self)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -56,27 +57,31 @@ class Reorientation:
         """True when slices are already in the reference orientation."""
         return not (self.transpose or self.flip_rows or self.flip_cols)
 
-    def apply(self, arr: np.ndarray) -> np.ndarray:
-        """(..., H, W) source -> (..., H', W') reference orientation (W, H when transposed)."""
-        out = np.asarray(arr)
-        if self.transpose:
-            out = np.swapaxes(out, -1, -2)
-        if self.flip_rows:
-            out = out[..., ::-1, :]
-        if self.flip_cols:
-            out = out[..., ::-1]
-        return np.ascontiguousarray(out)
+    def apply(self, arr: Any) -> Any:
+        """(..., H, W) source -> (..., H', W') reference orientation (W, H when transposed).
 
-    def invert(self, arr: np.ndarray) -> np.ndarray:
-        """(..., H', W') reference orientation -> (..., H, W) source: undoes :meth:`apply`."""
-        out = np.asarray(arr)
-        if self.flip_cols:
-            out = out[..., ::-1]
-        if self.flip_rows:
-            out = out[..., ::-1, :]
+        ``arr`` is a numpy array or a torch tensor (on any device); the result is
+        the same kind, contiguous.
+        """
+        out = _array(arr)
         if self.transpose:
-            out = np.swapaxes(out, -1, -2)
-        return np.ascontiguousarray(out)
+            out = out.swapaxes(-1, -2)
+        if self.flip_rows:
+            out = _flip(out, -2)
+        if self.flip_cols:
+            out = _flip(out, -1)
+        return _contiguous(out)
+
+    def invert(self, arr: Any) -> Any:
+        """(..., H', W') reference orientation -> (..., H, W) source: undoes :meth:`apply`."""
+        out = _array(arr)
+        if self.flip_cols:
+            out = _flip(out, -1)
+        if self.flip_rows:
+            out = _flip(out, -2)
+        if self.transpose:
+            out = out.swapaxes(-1, -2)
+        return _contiguous(out)
 
     def describe(self) -> str:
         """What is done, in words (for notes)."""
@@ -88,3 +93,23 @@ class Reorientation:
         if self.flip_cols:
             steps.append("flipped left to right")
         return ", ".join(steps) or "none"
+
+
+# numpy arrays and torch tensors alike (torch is never imported here: the listener
+# process reads orientations too).
+def _is_numpy(arr: Any) -> bool:
+    return isinstance(arr, np.ndarray)
+
+
+def _array(arr: Any) -> Any:
+    if isinstance(arr, np.ndarray) or not hasattr(arr, "swapaxes"):
+        return np.asarray(arr)
+    return arr  # a torch tensor
+
+
+def _flip(arr: Any, axis: int) -> Any:
+    return np.flip(arr, axis) if _is_numpy(arr) else arr.flip(axis)
+
+
+def _contiguous(arr: Any) -> Any:
+    return np.ascontiguousarray(arr) if _is_numpy(arr) else arr.contiguous()

@@ -26,7 +26,7 @@ import contextlib
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -266,10 +266,49 @@ def pixel_data_problem(ds: Dataset, n_frames: int = 1) -> str | None:
     return None
 
 
-def load_hu(
-    path_or_ds: Path | str | Dataset, frame: int | None = None, *, reorient: bool = False
-) -> np.ndarray:
-    """Decode one CT image (or one frame of a multi-frame one) to Hounsfield units.
+@dataclass(frozen=True, slots=True)
+class StoredSlice:
+    """One decoded image before any arithmetic: the stored values and how they become HU.
+
+    What the CPU part of reading a slice makes (parsing, pixel decoding): a decode
+    pool makes these in parallel, and :func:`ich_node.imaging.tensors.stored_to_hu`
+    turns a batch of them into HU on the model's device.
+
+    Attributes
+    ----------
+    stored : numpy.ndarray
+        (H, W) integer stored values as decoded (uint8/16, int8/16/32).
+    transform : HUTransform
+        Rescale (PS3.3 C.8.2.1.1) and the RSNA 12-bit fault flag.
+    padding : tuple of int or None
+        Inclusive range of stored values that are pixel padding (PixelPaddingValue,
+        PixelPaddingRangeLimit; PS3.3 C.7.5.1.1.2), or None.
+    unused_bits : tuple of (int, bool) or None
+        (BitsStored, signed) when BitsStored < BitsAllocated: the bits above
+        BitsStored in ``stored`` are as in the file (PS3.5 8.1.1: their values
+        cannot be assumed) and :func:`ich_node.imaging.tensors.stored_to_hu` masks
+        them (or extends the sign) with the rest of the arithmetic. None: nothing
+        to mask.
+    orientation : tuple of float or None
+        ImageOrientationPatient (from the Plane Orientation functional group for a
+        frame), or None when absent.
+    name : str
+        The file (and frame) for messages.
+    path : pathlib.Path or None
+        The file, for errors.
+    """
+
+    stored: np.ndarray
+    transform: HUTransform
+    padding: tuple[int, int] | None
+    orientation: tuple[float, ...] | None
+    name: str
+    path: Path | None
+    unused_bits: tuple[int, bool] | None = None
+
+
+def decode_stored(path_or_ds: Path | str | Dataset, frame: int | None = None) -> StoredSlice:
+    """Parse and decode one CT image (or one frame of a multi-frame one); no arithmetic.
 
     Parameters
     ----------
@@ -283,27 +322,17 @@ def load_hu(
         1-based frame number of an Enhanced / Legacy Converted Enhanced CT image
         (PS3.3 A.38, A.70); its rescale comes from the functional groups. None for
         a single-frame image.
-    reorient : bool
-        Turn the slice to the reference patient orientation from its
-        ImageOrientationPatient (:class:`~ich_node.imaging.orientation.Reorientation`),
-        as the model sees it; training reads single slices this way.
 
     Returns
     -------
-    numpy.ndarray
-        (H, W) float32, HU = stored value × RescaleSlope + RescaleIntercept, with
-        the RSNA 12-bit fault corrected (see :class:`HUTransform`). Pixel padding
-        (PixelPaddingValue, with PixelPaddingRangeLimit) and every value below
-        -1024 HU (sentinels such as -2000 or -3024 outside the reconstruction field
-        of view) become -1024 (air).
+    StoredSlice
 
     Raises
     ------
     ImagingError
         Naming the file: unreadable, no or corrupt/truncated pixel data, pixel data
         shorter than the header says, several frames (without ``frame``) or
-        samples, zero or non-finite slope or intercept; :class:`SeriesRefused` when
-        RescaleIntercept or RescaleSlope is missing and the values are not HU.
+        samples, zero or non-finite slope or intercept.
     """
     name = _describe(path_or_ds)
     path = Path(name) if not isinstance(path_or_ds, Dataset) else None
@@ -329,53 +358,191 @@ def load_hu(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
+            # The unused high bits are masked with the rest of the arithmetic
+            # (StoredSlice.unused_bits), and native data comes as a read-only view of
+            # the bytes read (view_only): no copy here, one into the batch later.
+            options: dict[str, Any] = {"correct_unused_bits": False, "view_only": True}
             if frame is None:
-                stored = ds.pixel_array
+                stored = pydicom.pixels.pixel_array(ds, **options)
             else:  # from the file when there is one: only that frame's bytes are read
                 src: Any = path if path is not None else ds
-                stored = pydicom.pixels.pixel_array(src, index=frame - 1)
+                stored = pydicom.pixels.pixel_array(src, index=frame - 1, **options)
     except Exception as exc:  # decoders raise ValueError, RuntimeError, ...; all mean corrupt
         raise storage_error(exc, path) or ImagingError(
             f"{name}: cannot decode the pixel data ({exc})", path
         ) from exc
     if stored.ndim != 2:
         raise ImagingError(f"{name}: pixel data has shape {stored.shape}, expected (H, W)", path)
+    if stored.dtype.kind not in "iu":
+        raise ImagingError(f"{name}: pixel data decoded as {stored.dtype}, not integers", path)
+    return _stored_slice(ds, stored, transform, frame, name, path)
 
-    values = stored.astype(np.float64)
-    if transform.signed_bits is not None:
-        # Read as two's complement only when the data show the fault: the wrapped
-        # values then put a head CT's air (at least 10% of the image) at -1000 HU.
-        bits = transform.signed_bits
-        wrapped = np.where(values >= (1 << (bits - 1)), values - (1 << bits), values)
-        air = wrapped * transform.slope + transform.intercept
-        if np.count_nonzero((air >= -1100) & (air <= -900)) >= _WRAP_AIR_SHARE * air.size:
-            values = wrapped
-    hu = values * transform.slope + transform.intercept
-    if transform.missing and not values_look_like_hu(hu):
-        raise SeriesRefused(
-            f"{name}: {' and '.join(transform.missing)} missing (Type 1, PS3.3 C.8.2.1) and "
-            f"the values ({hu.min():.0f}..{hu.max():.0f} with slope {transform.slope:g}, "
-            f"intercept {transform.intercept:g}) are not HU: no air near -1000",
-            path,
-        )
-    pad = _padding_mask(ds, stored)
-    if pad is not None:
-        hu[pad] = AIR_HU
-    # Nothing physical lies below air; scanners write -1500..-3024 outside the FOV.
-    np.maximum(hu, AIR_HU, out=hu)
-    out = hu.astype(np.float32)
-    if reorient:
-        iop = ds.get("ImageOrientationPatient")
-        plane = functional_group(ds, "PlaneOrientationSequence", (frame or 1) - 1)
-        if iop is None and plane is not None:
-            iop = plane.get("ImageOrientationPatient")
-        if iop is not None and len(iop) == 6:
-            out = Reorientation.from_orientation([float(v) for v in iop]).apply(out)
+
+def _stored_slice(
+    ds: Dataset,
+    stored: np.ndarray,
+    transform: HUTransform,
+    frame: int | None,
+    name: str,
+    path: Path | None,
+) -> StoredSlice:
+    """The :class:`StoredSlice` of decoded ``stored`` values, from its header ``ds``."""
+    iop = ds.get("ImageOrientationPatient")
+    plane = functional_group(ds, "PlaneOrientationSequence", (frame or 1) - 1)
+    if iop is None and plane is not None:
+        iop = plane.get("ImageOrientationPatient")
+    orientation = None
+    if iop is not None and len(iop) == 6:
+        with contextlib.suppress(TypeError, ValueError):
+            orientation = tuple(float(v) for v in iop)
+    bits_stored = _optional_int(ds, "BitsStored")
+    bits_allocated = _optional_int(ds, "BitsAllocated") or stored.dtype.itemsize * 8
+    unused = None
+    if bits_stored is not None and 0 < bits_stored < min(bits_allocated, stored.dtype.itemsize * 8):
+        unused = (bits_stored, stored.dtype.kind == "i")
+    return StoredSlice(
+        stored=stored,
+        transform=transform,
+        padding=_padding_range(ds),
+        orientation=orientation,
+        name=name,
+        path=path,
+        unused_bits=unused,
+    )
+
+
+#: Transfer syntaxes whose Pixel Data is the stored values themselves, little endian.
+_NATIVE_LITTLE_ENDIAN: Final = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
+
+
+@dataclass(frozen=True, slots=True)
+class NativePixels:
+    """Where an uncompressed image's stored values lie in its file (found by the header read).
+
+    With it, decoding is one read of ``rows x columns`` values at ``offset``: the
+    file is not parsed again (:func:`read_native`). Only for single-frame images
+    in Implicit or Explicit VR Little Endian with one sample of 8 or 16 bits.
+
+    Attributes
+    ----------
+    offset : int
+        Byte offset of the Pixel Data value in the file.
+    dtype : str
+        numpy dtype of the stored values (``"<u2"``, ``"<i2"``, ``"u1"``, ``"i1"``).
+    rows, columns : int
+        The matrix.
+    meta : StoredSlice
+        Everything else of the decoded slice (rescale, padding, unused bits,
+        orientation), with an empty ``stored``.
+    """
+
+    offset: int
+    dtype: str
+    rows: int
+    columns: int
+    meta: StoredSlice
+
+
+def native_pixels(ds: Dataset, path: Path) -> NativePixels | None:
+    """:class:`NativePixels` of a header read with :func:`read_dataset` ``(defer=True)``;
+    None when the image is compressed, big endian, multi-frame or anything unusual
+    (it is then decoded by pydicom, :func:`decode_stored`)."""
+    try:
+        meta = getattr(ds, "file_meta", None)
+        syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+        raw: Any = ds._dict.get(Tag(_PIXEL_DATA_TAG))
+        rows, columns = _optional_int(ds, "Rows"), _optional_int(ds, "Columns")
+        bits = _optional_int(ds, "BitsAllocated")
+        signed = (_optional_int(ds, "PixelRepresentation") or 0) == 1
+        if (
+            syntax not in _NATIVE_LITTLE_ENDIAN
+            or raw is None
+            or getattr(raw, "is_undefined_length", False)
+            or getattr(raw, "value_tell", None) is None
+            or not rows
+            or not columns
+            or bits not in (8, 16)
+            or (_optional_int(ds, "SamplesPerPixel") or 1) != 1
+            or (_optional_int(ds, "NumberOfFrames") or 1) != 1
+            or raw.length < rows * columns * bits // 8
+            or pixel_data_problem(ds, 1) is not None
+        ):
+            return None
+        dtype = ("i" if signed else "u") + str(bits // 8)
+        dtype = dtype if bits == 8 else "<" + dtype
+        name = str(path)
+        transform = hu_transform(ds, None, name=name, path=path)
+        empty = np.empty((0, 0), dtype=np.dtype(dtype))
+        stored_meta = _stored_slice(ds, empty, transform, None, name, path)
+        return NativePixels(int(raw.value_tell), dtype, rows, columns, stored_meta)
+    except Exception:  # anything odd: pydicom decodes it, and says what is wrong
+        return None
+
+
+def read_native(path: Path, where: NativePixels) -> StoredSlice | None:
+    """The stored values at ``where`` in ``path``, as :func:`decode_stored` gives them;
+    None when the file no longer holds them (then decode it with pydicom)."""
+    dtype = np.dtype(where.dtype)
+    count = where.rows * where.columns
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(where.offset)
+            data = fh.read(count * dtype.itemsize)
+    except OSError:
+        return None
+    if len(data) != count * dtype.itemsize:
+        return None
+    stored = np.frombuffer(data, dtype=dtype).reshape(where.rows, where.columns)
+    return replace(where.meta, stored=stored)
+
+
+def load_hu(
+    path_or_ds: Path | str | Dataset, frame: int | None = None, *, reorient: bool = False
+) -> np.ndarray:
+    """Decode one CT image (or one frame of a multi-frame one) to Hounsfield units.
+
+    :func:`decode_stored`, then :func:`ich_node.imaging.tensors.stored_to_hu` on the
+    CPU (torch, imported here lazily): the one HU conversion, also used on the
+    model's device.
+
+    Parameters
+    ----------
+    path_or_ds : pathlib.Path, str or pydicom.dataset.Dataset
+        See :func:`decode_stored`.
+    frame : int or None
+        See :func:`decode_stored`.
+    reorient : bool
+        Turn the slice to the reference patient orientation from its
+        ImageOrientationPatient (:class:`~ich_node.imaging.orientation.Reorientation`),
+        as the model sees it; training reads single slices this way.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) float32, HU = stored value × RescaleSlope + RescaleIntercept, with
+        the RSNA 12-bit fault corrected (see :class:`HUTransform`). Pixel padding
+        (PixelPaddingValue, with PixelPaddingRangeLimit) and every value below
+        -1024 HU (sentinels such as -2000 or -3024 outside the reconstruction field
+        of view) become -1024 (air).
+
+    Raises
+    ------
+    ImagingError
+        As :func:`decode_stored`; :class:`SeriesRefused` when RescaleIntercept or
+        RescaleSlope is missing and the values are not HU.
+    """
+    from ich_node.imaging.tensors import stored_to_hu  # torch: not in the listener
+
+    decoded = decode_stored(path_or_ds, frame)
+    out: np.ndarray = stored_to_hu([decoded]).numpy()[0]
+    if reorient and decoded.orientation is not None:
+        out = Reorientation.from_orientation(decoded.orientation).apply(out)
     return out
 
 
-def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
-    """Stored values that are padding, PS3.3 C.7.5.1.1.2; None when no padding tag."""
+def _padding_range(ds: Dataset) -> tuple[int, int] | None:
+    """Inclusive range of stored values that are padding, PS3.3 C.7.5.1.1.2; None when no
+    padding tag."""
     pad = _optional_int(ds, "PixelPaddingValue")
     if pad is None:
         return None
@@ -389,9 +556,9 @@ def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
 
     pad = as_signed(pad)
     if limit is None:
-        return stored == pad
+        return pad, pad
     limit = as_signed(limit)
-    return (stored >= min(pad, limit)) & (stored <= max(pad, limit))
+    return min(pad, limit), max(pad, limit)
 
 
 def check_hu_plausible(hu: np.ndarray, what: str) -> None:
@@ -415,12 +582,57 @@ def check_hu_plausible(hu: np.ndarray, what: str) -> None:
         With the shares of air, brain-range and dense voxels.
     """
     arr = np.asarray(hu)
-    n = arr.size
+    check_hu_counts(
+        HUCounts(
+            voxels=arr.size,
+            air=int(np.count_nonzero(arr <= -900)),
+            brain=int(np.count_nonzero((arr >= 0) & (arr <= 100))),
+            dense=int(np.count_nonzero(arr > 3000)),
+        ),
+        what,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HUCounts:
+    """Voxel counts of a series for :func:`check_hu_counts` (summed batch by batch).
+
+    Attributes
+    ----------
+    voxels : int
+        All voxels.
+    air, brain, dense : int
+        Voxels at or below -900 HU, in 0..100 HU, above 3000 HU.
+    """
+
+    voxels: int
+    air: int
+    brain: int
+    dense: int
+
+    def __add__(self, other: HUCounts) -> HUCounts:
+        return HUCounts(
+            self.voxels + other.voxels,
+            self.air + other.air,
+            self.brain + other.brain,
+            self.dense + other.dense,
+        )
+
+
+def check_hu_counts(counts: HUCounts, what: str) -> None:
+    """:func:`check_hu_plausible` on counts made elsewhere (on the model's device).
+
+    Raises
+    ------
+    ImagingError
+        No voxels.
+    SeriesRefused
+        With the shares of air, brain-range and dense voxels.
+    """
+    n = counts.voxels
     if n == 0:
         raise ImagingError(f"{what}: no pixels")
-    air = np.count_nonzero(arr <= -900) / n
-    brain = np.count_nonzero((arr >= 0) & (arr <= 100)) / n
-    dense = np.count_nonzero(arr > 3000) / n
+    air, brain, dense = counts.air / n, counts.brain / n, counts.dense / n
     if air < _MIN_AIR_SHARE or brain < _MIN_BRAIN_SHARE or dense > _MAX_DENSE_SHARE:
         raise SeriesRefused(
             f"{what}: HU not those of a head CT ({air:.1%} of voxels at air <= -900 HU, "

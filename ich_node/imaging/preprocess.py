@@ -3,14 +3,16 @@
 Step 4 of :mod:`ich_node.imaging`, the one preprocessing shared by the node and
 training: :func:`model_hu` turns slices to one patient orientation
 (:class:`~ich_node.imaging.orientation.Reorientation`), then :func:`preprocess_hu`
-windows, pads and resizes. Must not import torch at import time: :func:`resize`
-imports it lazily.
+windows, pads and resizes. The arithmetic is :mod:`ich_node.imaging.tensors` (torch,
+on any device); the functions here are its numpy face on the CPU, for training's
+DataLoader workers and for tools. Must not import torch at import time: each
+function imports it lazily.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -60,11 +62,12 @@ DEFAULT_WINDOWS: Final[tuple[Window, ...]] = (
 
 
 def apply_windows(hu: np.ndarray, windows: Sequence[Window] = DEFAULT_WINDOWS) -> np.ndarray:
-    """Map HU to one [0, 1] channel per window.
+    """Map HU to one [0, 1] channel per window (numpy in and out).
 
     ``(HU - (center - width / 2)) / width``, clipped to [0, 1]: a plain linear
     ramp, not PS3.3 C.11.2.1.2.1's ``center - 0.5`` / ``width - 1`` display rule,
-    so that HU 40 in the (40, 80) brain window is exactly 0.5.
+    so that HU 40 in the (40, 80) brain window is exactly 0.5. Runs
+    :func:`ich_node.imaging.tensors.apply_windows` on the CPU.
 
     Parameters
     ----------
@@ -78,22 +81,21 @@ def apply_windows(hu: np.ndarray, windows: Sequence[Window] = DEFAULT_WINDOWS) -
     numpy.ndarray
         (..., C, H, W) float32 in [0, 1], ``C = len(windows)``.
     """
-    if not windows:
-        raise ValueError("windows must not be empty")
-    arr = np.asarray(hu, dtype=np.float32)
+    import torch  # lazily: not in the listener process
+
+    from ich_node.imaging import tensors
+
+    arr = np.ascontiguousarray(hu, dtype=np.float32)
     if arr.ndim < 2:
         raise ValueError(f"hu must have shape (..., H, W), got {arr.shape}")
-    out = np.empty((*arr.shape[:-2], len(windows), *arr.shape[-2:]), dtype=np.float32)
-    for c, w in enumerate(windows):
-        channel = out[..., c, :, :]
-        np.subtract(arr, np.float32(w.center - w.width / 2), out=channel)
-        np.divide(channel, np.float32(w.width), out=channel)
-        np.clip(channel, 0.0, 1.0, out=channel)
+    out: np.ndarray = tensors.apply_windows(torch.from_numpy(arr), windows).numpy()
     return out
 
 
 def resize(images: np.ndarray, size: int) -> np.ndarray:
-    """Pad to a square with 0, then resize (bilinear, antialiased).
+    """Pad to a square with 0, then resize (bilinear, antialiased); numpy in and out.
+
+    Runs :func:`ich_node.imaging.tensors.pad_and_resize` on the CPU.
 
     Parameters
     ----------
@@ -108,42 +110,24 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
         (S, C, size, size) float32. Non-square images are centred in an
         ``max(H, W)`` square of zeros first, keeping their aspect ratio.
     """
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
-    arr = np.asarray(images, dtype=np.float32)
+    import torch
+
+    from ich_node.imaging import tensors
+
+    arr = np.ascontiguousarray(images, dtype=np.float32)
     if arr.ndim != 4:
         raise ValueError(f"images must have shape (S, C, H, W), got {arr.shape}")
-    s, c, h, w = arr.shape
-    if h != w:
-        side = max(h, w)
-        square = np.zeros((s, c, side, side), dtype=np.float32)
-        top, left = (side - h) // 2, (side - w) // 2
-        square[:, :, top : top + h, left : left + w] = arr
-        arr = square
-    if arr.shape[-1] == size or s == 0:
-        return np.ascontiguousarray(arr) if s else np.zeros((0, c, size, size), np.float32)
-
-    import torch  # lazily: the listener process imports this module without torch
-    import torch.nn.functional as F
-
     with torch.no_grad():
-        tensor = torch.from_numpy(np.ascontiguousarray(arr))
-        out = F.interpolate(
-            tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-        )
-    return out.numpy().astype(np.float32, copy=False)
-
-
-def _chunks(n: int, step: int) -> Iterator[slice]:
-    for start in range(0, n, step):
-        yield slice(start, min(n, start + step))
+        out: np.ndarray = tensors.pad_and_resize(torch.from_numpy(arr), size).numpy()
+    return out
 
 
 def preprocess_hu(hu: np.ndarray, windows: Sequence[Window], size: int) -> np.ndarray:
-    """The model input: ``resize(apply_windows(hu, windows), size)``.
+    """The model input: windows, pad and resize, clip (numpy in and out).
 
-    Both the node's worker and training call this, so they cannot drift. Works
-    on chunks of slices to bound memory on long series.
+    Runs :func:`ich_node.imaging.tensors.model_input` on the CPU: the function the
+    node's worker runs on the model's device, so training (which calls this in its
+    DataLoader workers) and the node cannot drift.
 
     Parameters
     ----------
@@ -159,17 +143,15 @@ def preprocess_hu(hu: np.ndarray, windows: Sequence[Window], size: int) -> np.nd
     numpy.ndarray
         (S, C, size, size) float32 in [0, 1].
     """
-    arr = np.asarray(hu)
+    import torch
+
+    from ich_node.imaging import tensors
+
+    arr = np.ascontiguousarray(hu, dtype=np.float32)
     if arr.ndim != 3:
         raise ValueError(f"hu must have shape (S, H, W), got {arr.shape}")
-    if not windows:
-        raise ValueError("windows must not be empty")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
-    out = np.empty((arr.shape[0], len(windows), size, size), dtype=np.float32)
-    for part in _chunks(arr.shape[0], 16):
-        out[part] = resize(apply_windows(arr[part], windows), size)
-    np.clip(out, 0.0, 1.0, out=out)  # float rounding in the filter must not leave [0, 1]
+    with torch.no_grad():
+        out: np.ndarray = tensors.model_input(torch.from_numpy(arr), windows, size).numpy()
     return out
 
 
@@ -236,11 +218,12 @@ def context_channels(windows: Sequence[Window], context: int) -> int:
 
 
 def add_slice_context(images: np.ndarray, context: int) -> np.ndarray:
-    """2.5D input: append the neighbours' brain-window channel to each slice.
+    """2.5D input: append the neighbours' brain-window channel to each slice (numpy).
 
-    The one implementation of slice context, used by training
+    Runs :func:`ich_node.imaging.tensors.add_slice_context` on the CPU, the one
+    implementation of slice context, used by training
     (:class:`training.data.SliceDataset`), ``ich-node predict`` and the node's worker
-    (:class:`ich_node.inference.Classifier`).
+    (:class:`ich_node.model.inference.Classifier`, on the model's device).
 
     Parameters
     ----------
@@ -257,23 +240,18 @@ def add_slice_context(images: np.ndarray, context: int) -> np.ndarray:
         (S, C + 2 x context, H, W) float32: channels ``0..C-1`` are the slice's own
         windows, then for ``k = 1..context`` the :data:`CONTEXT_CHANNEL` of slice
         ``s - k`` and of slice ``s + k``. Edges are replicated: the first slice's
-        "below" neighbour is itself (``numpy.pad`` mode ``edge``), so a series of one
-        slice gets its own brain window three times.
+        "below" neighbour is itself, so a series of one slice gets its own brain
+        window three times.
     """
-    arr = np.asarray(images, dtype=np.float32)
+    import torch
+
+    from ich_node.imaging import tensors
+
+    arr = np.ascontiguousarray(images, dtype=np.float32)
     if arr.ndim != 4:
         raise ValueError(f"images must have shape (S, C, H, W), got {arr.shape}")
     context_channels((), context)
     if context == 0:
         return arr
-    s = arr.shape[0]
-    out = np.empty((s, arr.shape[1] + 2 * context, *arr.shape[2:]), dtype=np.float32)
-    out[:, : arr.shape[1]] = arr
-    if s == 0:
-        return out
-    brain = arr[:, CONTEXT_CHANNEL]
-    padded = np.pad(brain, ((context, context), (0, 0), (0, 0)), mode="edge")
-    for k in range(1, context + 1):
-        out[:, arr.shape[1] + 2 * (k - 1)] = padded[context - k : context - k + s]
-        out[:, arr.shape[1] + 2 * (k - 1) + 1] = padded[context + k : context + k + s]
+    out: np.ndarray = tensors.add_slice_context(torch.from_numpy(arr), context).numpy()
     return out

@@ -42,7 +42,16 @@ from pydicom.uid import RE_VALID_UID, UID
 
 from ich_node.imaging.files import ImagingError, _optional_int, _uid, read_dataset
 from ich_node.imaging.orientation import Reorientation
-from ich_node.imaging.pixels import functional_group, hu_transform, load_hu, pixel_data_problem
+from ich_node.imaging.pixels import (
+    NativePixels,
+    StoredSlice,
+    decode_stored,
+    functional_group,
+    hu_transform,
+    native_pixels,
+    pixel_data_problem,
+    read_native,
+)
 from ich_node.imaging.records import (
     LOSSY_TRANSFER_SYNTAXES,
     Coverage,
@@ -159,6 +168,9 @@ class CTSlice:
     slice_thickness_mm: float | None = None
     # Lossy-compressed on the way (LossyImageCompression "01" or a lossy transfer syntax).
     lossy: LossyCompression | None = None
+    # Where an uncompressed image's values lie in the file, from the header read: then
+    # decode_slice reads them without parsing the file again (None: pydicom decodes).
+    native: NativePixels | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +355,7 @@ class _Header:
     hu_note: tuple[str, str] | None = None  # (kind, text) of a correction to note
     syntax_note: str | None = None
     lossy: LossyCompression | None = None
+    native: NativePixels | None = None
     normal: Any = field(default=None, compare=False)  # np.ndarray once placed
 
 
@@ -489,6 +502,7 @@ def _headers(path: Path) -> list[_Header]:
                 thickness=thickness[0] if thickness else None,
                 pixel_problem=problem,
                 hu_note=_hu_note(ds, None, path),
+                native=native_pixels(ds, path) if problem is None else None,
             )
         ]
 
@@ -892,6 +906,7 @@ def read_series(
             frame_number=h.frame_number,
             slice_thickness_mm=h.thickness,
             lossy=h.lossy,
+            native=h.native,
         )
         for h, pos in usable
     )
@@ -1152,8 +1167,54 @@ def _nothing_usable(paths: Sequence[Path], dropped: list[Dropped]) -> ImagingErr
     )
 
 
+def check_matrix(series: CTSeries) -> None:
+    """Raise :class:`ImagingError` when the slices of ``series`` differ in matrix size."""
+    if not series.slices:
+        raise ImagingError(f"series {series.series_instance_uid}: no slices")
+    first = series.slices[0]
+    for s in series.slices[1:]:
+        if (s.rows, s.columns) != (first.rows, first.columns):
+            raise ImagingError(
+                f"{s.path}: matrix {s.rows}x{s.columns} differs from {first.path} "
+                f"({first.rows}x{first.columns}) in one series",
+                s.path,
+            )
+
+
+def decode_slice(s: CTSlice) -> StoredSlice:
+    """Decode one slice of a series to its stored values.
+
+    An uncompressed image whose header read found its values (``CTSlice.native``)
+    is one read at that offset (:func:`ich_node.imaging.pixels.read_native`): the
+    file is not parsed twice; anything else goes through pydicom
+    (:func:`ich_node.imaging.pixels.decode_stored`). The CPU part of reading a
+    slice, what a decode pool runs in parallel
+    (:class:`ich_node.imaging.decode.DecodePool`); picklable, no torch.
+
+    Raises
+    ------
+    ImagingError
+        As :func:`decode_stored`, or when the pixel data's shape differs from the
+        header's Rows and Columns.
+    """
+    decoded = read_native(s.path, s.native) if s.native is not None else None
+    if decoded is None:  # compressed, unusual, or the file changed: pydicom decodes it
+        decoded = decode_stored(s.path, s.frame_number)
+    if decoded.stored.shape != (s.rows, s.columns):
+        raise ImagingError(
+            f"{s.path}: pixel data is {decoded.stored.shape}, header says {(s.rows, s.columns)}",
+            s.path,
+        )
+    return decoded
+
+
 def load_series_hu(series: CTSeries) -> np.ndarray:
-    """Decode every slice of a series to HU.
+    """Decode every slice of a series to HU, on the CPU, one slice after the other.
+
+    :func:`decode_slice` for each slice, then
+    :func:`ich_node.imaging.tensors.stored_to_hu` (torch, imported lazily). The
+    node's worker does the same with a decode pool and on the model's device
+    (:meth:`ich_node.model.inference.Classifier.prepared_batches`).
 
     Parameters
     ----------
@@ -1169,24 +1230,11 @@ def load_series_hu(series: CTSeries) -> np.ndarray:
     Raises
     ------
     ImagingError
-        When slices differ in matrix size, or any slice fails :func:`load_hu`.
+        When slices differ in matrix size, or any slice fails :func:`decode_slice`;
+        :class:`SeriesRefused` as :func:`ich_node.imaging.load_hu`.
     """
-    if not series.slices:
-        raise ImagingError(f"series {series.series_instance_uid}: no slices")
-    first = series.slices[0]
-    for s in series.slices[1:]:
-        if (s.rows, s.columns) != (first.rows, first.columns):
-            raise ImagingError(
-                f"{s.path}: matrix {s.rows}x{s.columns} differs from {first.path} "
-                f"({first.rows}x{first.columns}) in one series",
-                s.path,
-            )
-    out = np.empty((len(series.slices), first.rows, first.columns), dtype=np.float32)
-    for i, s in enumerate(series.slices):
-        hu = load_hu(s.path, s.frame_number)
-        if hu.shape != out.shape[1:]:
-            raise ImagingError(
-                f"{s.path}: pixel data is {hu.shape}, header says {out.shape[1:]}", s.path
-            )
-        out[i] = hu
+    from ich_node.imaging.tensors import stored_to_hu  # torch: not in the listener
+
+    check_matrix(series)
+    out: np.ndarray = stored_to_hu([decode_slice(s) for s in series.slices]).numpy()
     return out

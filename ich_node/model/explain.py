@@ -21,7 +21,8 @@ Two implementations give the same maps:
   (:func:`ich_node.inference.cam_head` is ``None``).
 
 Both scale each map as pytorch-grad-cam does: ReLU, minus its minimum, divided by
-its maximum (plus 1e-7), then a bilinear resize (OpenCV) to the input size.
+its maximum (plus 1e-7), then a bilinear resize to the input size (OpenCV's in
+pytorch-grad-cam; the same filter as a batched tensor operation here).
 """
 
 from __future__ import annotations
@@ -29,15 +30,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import cv2
 import numpy as np
 import structlog
 import torch
+import torch.nn.functional as F
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from ich_node.imaging.preprocess import series_reorientation
 from ich_node.labels import LABELS
+from ich_node.model.heatmaps import with_heatmap_images
 from ich_node.model.inference import Classifier, Prediction
 from ich_node.results.common import source_header
 from ich_node.results.findings import ExplainedSeries, SeriesFindings, SliceExplanation
@@ -102,41 +104,47 @@ def slices_to_explain(
 Method = Literal["auto", "cam", "gradcam"]
 
 
-def scale_maps(maps: np.ndarray, size: int) -> np.ndarray:
+def scale_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
     """pytorch-grad-cam's scaling: ReLU, min-max to [0, 1] per map, bilinear resize.
+
+    The whole batch at once, on ``maps``' device.
 
     Parameters
     ----------
-    maps : numpy.ndarray
-        (N, h, w) float32 weighted sums of feature maps (any sign).
+    maps : torch.Tensor
+        (N, h, w) weighted sums of feature maps (any sign).
     size : int
         Output side, pixels (the model input size).
 
     Returns
     -------
-    numpy.ndarray
-        (N, size, size) float32 in [0, 1].
+    torch.Tensor
+        (N, size, size) float32 in [0, 1]. The resize is OpenCV's ``INTER_LINEAR``
+        as pytorch-grad-cam uses it (half-pixel centres, edges clamped), i.e.
+        torch's bilinear with ``align_corners=False``.
     """
-    out = np.empty((len(maps), size, size), dtype=np.float32)
-    for n, m in enumerate(np.maximum(np.asarray(maps, dtype=np.float32), 0.0)):
-        m = m - m.min()
-        m = m / (1e-7 + m.max())
-        out[n] = cv2.resize(m, (size, size))  # INTER_LINEAR, as pytorch-grad-cam
-    return np.clip(np.nan_to_num(out, nan=0.0), 0.0, 1.0)
+    m = maps.to(torch.float32).clamp_min(0.0)
+    m = m - m.amin(dim=(1, 2), keepdim=True)
+    m = m / (1e-7 + m.amax(dim=(1, 2), keepdim=True))
+    out = F.interpolate(m[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    return torch.nan_to_num(out, nan=0.0).clamp_(0.0, 1.0)
 
 
 def _cam_maps(
-    cams: np.ndarray, wanted: Sequence[tuple[int, tuple[str, ...]]], size: int
-) -> np.ndarray:
+    cams: torch.Tensor, wanted: Sequence[tuple[int, tuple[str, ...]]], size: int
+) -> torch.Tensor:
     """(S, L, h, w) CAMs -> (len(wanted), size, size) maps of each slice's label sum.
 
     Grad-CAM of a sum of logits is the CAM of the summed weights: the sum of the
     labels' maps (before the ReLU).
     """
     index_of = {label: j for j, label in enumerate(LABELS)}
-    summed = np.stack(
-        [cams[i, [index_of[label] for label in labels]].sum(axis=0) for i, labels in wanted]
-    )
+    weights = torch.zeros((len(wanted), len(LABELS)), dtype=torch.float32)
+    for n, (_, labels) in enumerate(wanted):
+        for label in labels:
+            weights[n, index_of[label]] = 1.0
+    rows = torch.as_tensor([i for i, _ in wanted], device=cams.device)
+    summed = torch.einsum("nl,nlhw->nhw", weights.to(cams.device), cams[rows].to(torch.float32))
     return scale_maps(summed, size)
 
 
@@ -188,8 +196,8 @@ def explain(
     Parameters
     ----------
     prediction : Prediction
-        From :meth:`Classifier.predict_series`; ``prediction.images`` is the
-        (S, 3, size, size) float32 model input in [0, 1], ``prediction.cams`` the
+        From :meth:`Classifier.predict_series`; ``prediction.inputs`` is the
+        (S, C, size, size) float32 model input in [0, 1], ``prediction.cams`` the
         class activation maps of the inference pass (or ``None``).
     classifier : Classifier
         The classifier that made the prediction; its device runs what is needed,
@@ -218,25 +226,32 @@ def explain(
             "method='cam' needs a network ending in global average pooling and one "
             f"linear layer; {classifier.card.arch!r} as loaded does not (use 'auto')"
         )
+    size = int(prediction.inputs.shape[-1])
     if shortcut:
-        cams = prediction.cams
-        if cams is None:  # e.g. a prediction made without CAMs: one forward pass
-            indices = [i for i, _ in wanted]
-            _, computed = classifier.predict_images_with_cams(prediction.images[indices])
-            assert computed is not None
-            cams = np.zeros((len(prediction.images), *computed.shape[1:]), np.float32)
-            cams[indices] = computed
-        maps = list(_cam_maps(cams, wanted, prediction.images.shape[-1]))
-    else:
-        maps = _gradcam_maps(prediction, classifier, wanted)
+        with torch.inference_mode():
+            cams = prediction.cams_device
+            if cams is None and prediction.cams is not None:
+                cams = torch.from_numpy(prediction.cams).to(classifier.device)
+            if cams is None:  # e.g. a prediction made without CAMs: one forward pass
+                indices = [i for i, _ in wanted]
+                _, computed = classifier.predict_images_with_cams(prediction.images[indices])
+                assert computed is not None
+                cams = torch.zeros((len(prediction.inputs), *computed.shape[1:]))
+                cams[indices] = torch.from_numpy(computed)
+                cams = cams.to(classifier.device)
+            maps = _cam_maps(cams, wanted, size)
+    else:  # forward and backward passes: not in inference mode
+        maps = torch.from_numpy(np.stack(_gradcam_maps(prediction, classifier, wanted)))
+        maps = maps.to(classifier.device)
     # The model input was turned to the reference orientation: turn the maps back,
     # exactly (flips and transposes), so they lie on the source pixels.
     turn = series_reorientation(prediction.series)
     if not turn.identity:
-        maps = [turn.invert(m) for m in maps]
+        maps = turn.invert(maps)
+    host = maps.cpu().numpy()
     out = tuple(
-        SliceExplanation(index=i, labels=labels, cam=m)
-        for (i, labels), m in zip(wanted, maps, strict=True)
+        SliceExplanation(index=i, labels=labels, cam=host[n])
+        for n, (i, labels) in enumerate(wanted)
     )
     log.debug("explain.done", slices=len(out), method="cam" if shortcut else "gradcam")
     return out
@@ -248,6 +263,8 @@ def explain_series(
     *,
     negative_top_slices: int = 0,
     explain_slices: bool = True,
+    heatmaps: str = "positive",
+    render: bool = True,
 ) -> ExplainedSeries:
     """The model stage's hand-over to the results stage: plain data, no model.
 
@@ -265,27 +282,42 @@ def explain_series(
         See :func:`slices_to_explain`.
     explain_slices : bool
         False when no output needs the maps (no heatmaps, no parametric map).
+    heatmaps : {"positive", "all", "none"}
+        Which heatmap images to render (``results.heatmaps``): one per explained
+        slice, one per slice, none.
+    render : bool
+        Also render the heatmap images' pixels, for the whole series at once on the
+        model's device (:func:`ich_node.model.heatmaps.with_heatmap_images`). The
+        worker leaves that to its results thread (``False``), so that the head
+        region's CPU work never holds the model.
 
     Returns
     -------
     ExplainedSeries
-        Findings, (S, rows, columns) float32 HU, explanations and the first
-        slice's header.
+        Findings, (S, rows, columns) float32 HU, explanations, the first slice's
+        header and (``render``) the heatmap images and the head region.
 
     Raises
     ------
     OSError, pydicom.errors.InvalidDicomError
         When the first slice's header can no longer be read.
+    ValueError
+        ``heatmaps`` not one of the three.
     """
+    if heatmaps not in ("positive", "all", "none"):
+        raise ValueError(f"heatmaps must be 'positive', 'all' or 'none', got {heatmaps!r}")
     explanations = (
         explain(prediction, classifier, negative_top_slices=negative_top_slices)
         if explain_slices
         else ()
     )
-    return ExplainedSeries(
+    explained = ExplainedSeries(
         series=prediction.series,
         findings=prediction.findings,
         hu=prediction.hu,
         explanations=explanations,
         header=source_header(prediction.series),
     )
+    if not render:
+        return explained
+    return with_heatmap_images(explained, heatmaps, classifier.device, hu=prediction.hu_device)

@@ -6,15 +6,20 @@ training uses.
 
 Speed (measured in ``docs/performance.md``):
 
-- slices are classified in batches of ``batch_size``; while one batch runs on the
-  device, a background thread decodes and preprocesses the next one;
+- slices are parsed and decoded to their stored integers in a pool of
+  ``decode_threads`` threads (:class:`ich_node.imaging.decode.DecodePool`), a few
+  batches ahead; everything after (HU, orientation, windows, resize, slice context)
+  runs as tensor operations on the model's device (:mod:`ich_node.imaging.tensors`,
+  the same functions training runs on the CPU); slices are classified in batches of
+  ``batch_size``, and the outputs stay on the device until the series' last batch;
 - ``precision="auto"`` runs bf16 autocast on CUDA; ``precision="bf16"`` does the
   same on CPUs with native bf16 (AVX512-BF16 or AMX), about twice as fast as fp32
   there (opt-in: see :func:`resolve_precision`);
 - channels-last memory format (CUDA and CPU);
-- ``compile=True`` wraps the network in :func:`torch.compile`; :meth:`Classifier.warmup`
-  pays the compilation once at worker start, and batches are padded to
-  ``batch_size`` so that one graph serves every series;
+- ``compile=True`` wraps the network in :func:`torch.compile` (``dynamic=False``);
+  :meth:`Classifier.warmup` pays the compilation once at worker start, and batches
+  are padded to ``batch_size`` (also on a GPU without compile, for cuDNN's kernel
+  choice) so that one graph serves every series;
 - for a network ending in global average pooling and a linear layer (the ResNet
   family of :mod:`ich_node.model.networks`), the same forward pass that gives the
   probabilities also gives each label's class activation map (the label's ``fc``
@@ -38,11 +43,10 @@ Speed (measured in ``docs/performance.md``):
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -51,9 +55,19 @@ import torch
 import torchvision
 from torch import nn
 
-from ich_node.imaging import CTSeries, ImagingError, load_series_hu, preprocess_hu
-from ich_node.imaging.pixels import check_hu_plausible
-from ich_node.imaging.preprocess import add_slice_context, context_channels, model_hu
+from ich_node.imaging import CTSeries, CTSlice, ImagingError
+from ich_node.imaging.decode import DEFAULT_KIND, DecodePool, PoolKind
+from ich_node.imaging.orientation import Reorientation
+from ich_node.imaging.pixels import check_hu_counts
+from ich_node.imaging.preprocess import context_channels, series_reorientation
+from ich_node.imaging.series import check_matrix, decode_slice
+from ich_node.imaging.tensors import (
+    CPU_CHUNK,
+    add_slice_context,
+    counts_record,
+    hu_counts,
+    prepare_slices,
+)
 from ich_node.model.bundle import Bundle
 from ich_node.model.slice_cache import SliceCache, SliceRow, input_digest
 from ich_node.results.findings import ModelInfo, SeriesFindings, Thresholds, summarise
@@ -187,21 +201,84 @@ class SliceOutputs:
 
 
 @dataclass(frozen=True, slots=True)
+class _DeviceOutputs:
+    """:class:`SliceOutputs` still on the model's device (float32 tensors)."""
+
+    logits: torch.Tensor
+    embeddings: torch.Tensor
+    cams: torch.Tensor | None
+
+    def numpy(self) -> SliceOutputs:
+        return SliceOutputs(
+            logits=self.logits.cpu().numpy(),
+            embeddings=self.embeddings.cpu().numpy(),
+            cams=None if self.cams is None else self.cams.cpu().numpy(),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedBatch:
+    """A batch of consecutive slices, preprocessed on the model's device.
+
+    Made by :meth:`Classifier.prepared_batches` (in the worker's reader thread),
+    consumed by :meth:`Classifier.predict_prepared` (the model thread).
+
+    Attributes
+    ----------
+    hu : torch.Tensor
+        (B, H, W) float32 HU, source orientation, on the model's device.
+    images : torch.Tensor
+        (B, C, size, size) float32 in [0, 1], the model input (reference
+        orientation, slice context included), on the model's device.
+    counts : torch.Tensor
+        (4,) int64 voxel counts of ``hu`` for the plausibility check
+        (:func:`ich_node.imaging.tensors.hu_counts`).
+    series_hu : torch.Tensor or None
+        (S, H, W) HU of the whole series, filled batch by batch (``hu`` is a view of
+        it): complete once the last batch is made, so the series' HU are never
+        concatenated (a copy of a whole series, ~1 MB a slice).
+    """
+
+    hu: torch.Tensor
+    images: torch.Tensor
+    counts: torch.Tensor
+    series_hu: torch.Tensor | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Unit:
+    """A few consecutive slices decoded and preprocessed by a CPU pool thread (no context)."""
+
+    images: torch.Tensor  # (n, C, size, size) float32
+    counts: torch.Tensor  # (n, 4) int64 per-slice counts (ich_node.imaging.tensors.hu_counts)
+
+
+@dataclass(frozen=True, slots=True)
 class Prediction:
     """A series' findings with the arrays they came from (for explanations and rendering).
 
     ``cams`` holds, per slice and label, the class activation map computed in the
     inference pass (``fc`` weights x last-stage features, before ReLU and scaling),
     or ``None`` when the network's head does not allow the shortcut
-    (:func:`cam_head`); :func:`ich_node.explain.explain` then runs Grad-CAM.
+    (:func:`cam_head`); :func:`ich_node.model.explain.explain` then runs Grad-CAM.
+    The ``*_device`` tensors are the same arrays on the model's device, where the
+    model stage renders the heatmaps (:mod:`ich_node.model.heatmaps`).
     """
 
     series: CTSeries
     findings: SeriesFindings
     hu: np.ndarray  # (S, H, W) float32 HU, series order
-    images: np.ndarray  # (S, C, size, size) float32 in [0, 1], model input (reference orientation)
+    inputs: torch.Tensor  # (S, C, size, size) float32 in [0, 1], model input, on the device
     cams: np.ndarray | None = None  # (S, L, h, w) float32, h = w = size / 32 for ResNets
     cnn_probabilities: np.ndarray | None = None  # (S, L) the CNN stage alone (two-stage bundles)
+    hu_device: torch.Tensor | None = None  # ``hu`` on the model's device
+    cams_device: torch.Tensor | None = None  # ``cams`` on the model's device
+
+    @property
+    def images(self) -> np.ndarray:
+        """(S, C, size, size) float32 in [0, 1]: the model input, on the CPU (a copy from a GPU)."""
+        out: np.ndarray = self.inputs.cpu().numpy()
+        return out
 
 
 class Classifier:
@@ -210,7 +287,7 @@ class Classifier:
     Parameters
     ----------
     bundle
-        A verified bundle from :func:`ich_node.bundle.load_bundle`.
+        A verified bundle from :func:`ich_node.model.bundle.load_bundle`.
     device
         ``auto``, ``cpu`` or ``cuda``.
     batch_size
@@ -220,15 +297,19 @@ class Classifier:
         (see :func:`resolve_precision`).
     compile
         Wrap the network in :func:`torch.compile`; call :meth:`warmup` at start so the
-        first study does not pay for the compilation.
+        first study does not pay for the compilation. Every batch is padded to
+        ``batch_size`` (padded outputs dropped): one graph for every series length.
     cams
         Compute class activation maps in the inference pass when the head allows
         it (:func:`cam_head`).
     prefetch
-        Decode the next batches' slices in background threads during the forward pass.
+        Decode the next slices in the decode pool during the forward pass (False:
+        decode each batch in the calling thread, one slice after the other).
     decode_threads
-        Threads decoding ahead; 0: one on the CPU (the forward pass needs the cores),
-        ``min(4, cores / 2)`` with CUDA, where decoding is the slower side.
+        Size of the decode pool (:class:`ich_node.imaging.decode.DecodePool`); 0:
+        the cores this process may use.
+    decode_pool
+        ``thread`` or ``process`` (:data:`ich_node.imaging.decode.DEFAULT_KIND`).
     channels_last
         NHWC memory format; ``None``: yes (cuDNN's bf16 and oneDNN's fp32 and bf16
         convolutions all ran faster in it, ``docs/performance.md``).
@@ -243,6 +324,9 @@ class Classifier:
         The site's thresholds (``model.thresholds``: label -> value in (0, 1]) that
         replace the bundle's for the labels named; the findings say which came from
         where (:class:`ich_node.results.findings.Thresholds`).
+    compile_backend
+        :func:`torch.compile`'s backend (``inductor``; tests count recompilations
+        with ``eager``).
 
     Raises
     ------
@@ -251,11 +335,14 @@ class Classifier:
 
     Notes
     -----
-    One thread runs a classifier's model: the worker's model stage makes both the
-    predictions and the Grad-CAM maps (:func:`ich_node.explain.explain_series`),
-    and the encoders get plain arrays. pytorch-grad-cam's hooks on the shared
-    model would otherwise see another thread's forward pass, so no lock is needed
-    as long as that holds.
+    The slices' integers are decoded in the pool on the CPU; everything after
+    (HU, orientation, windows, resize, slice context) runs on the model's device
+    (:mod:`ich_node.imaging.tensors`), in the thread that iterates
+    :meth:`prepared_batches`. One thread runs a classifier's model: the worker's
+    model stage makes both the predictions and the Grad-CAM maps
+    (:func:`ich_node.model.explain.explain_series`), and the encoders get plain
+    arrays. pytorch-grad-cam's hooks on the shared model would otherwise see
+    another thread's forward pass, so no lock is needed as long as that holds.
     """
 
     def __init__(
@@ -270,9 +357,11 @@ class Classifier:
         prefetch: bool = True,
         channels_last: bool | None = None,
         decode_threads: int = 0,
+        decode_pool: PoolKind = DEFAULT_KIND,
         tta: bool = False,
         sequence: bool = True,
         thresholds: Mapping[str, float] | None = None,
+        compile_backend: str = "inductor",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
@@ -282,12 +371,8 @@ class Classifier:
         self.precision = resolve_precision(precision, self.device)
         self.batch_size = batch_size
         self.prefetch = prefetch
-        if decode_threads < 0:
-            raise ValueError(f"decode_threads must be >= 0, got {decode_threads!r}")
-        if decode_threads == 0:
-            cores = os.cpu_count() or 1
-            decode_threads = 1 if self.device.type == "cpu" else max(1, min(4, cores // 2))
-        self.decode_threads = decode_threads
+        self.pool = DecodePool(decode_threads, decode_pool)  # started at the first series
+        self.decode_threads = self.pool.workers
         if channels_last is None:
             channels_last = True
         self.channels_last = channels_last
@@ -309,7 +394,15 @@ class Classifier:
             else _LogitsAndEmbeddings(self.model)
         )
         self.compiled = compile
-        self._net: Any = torch.compile(net) if compile else net
+        # One input shape (dynamic=False; partial batches are padded, see _run): the
+        # graph compiled at warm-up serves every series, whatever its length.
+        self._net: Any = (
+            torch.compile(net, dynamic=False, backend=compile_backend) if compile else net
+        )
+        # Padding also spares cuDNN's autotuning (cudnn.benchmark) a new batch size
+        # per series length on a GPU; on the CPU, eager batches are padded to
+        # min_batch only.
+        self.pads_batches = compile or self.device.type == "cuda"
         # Forward passes are padded to at least this many slices: kernels are chosen by
         # shape (oneDNN takes another path for one image, cuDNN picks per batch size),
         # so padding is what makes a slice's outputs the same in any batch
@@ -330,6 +423,10 @@ class Classifier:
         """Whether predictions carry class activation maps (see :func:`cam_head`)."""
         return self.cam_head is not None
 
+    def close(self) -> None:
+        """Stop the decode pool (a later series starts it again)."""
+        self.pool.close()
+
     def _autocast(self) -> torch.autocast | nullcontext[None]:
         # bf16: same decisions for this task, about twice the speed (GPU and bf16 CPUs).
         if self.precision == "bf16":
@@ -341,24 +438,31 @@ class Classifier:
         for start in range(0, len(images), self.batch_size):
             yield start, self._to_device(images[start : start + self.batch_size])
 
-    def _to_device(self, images: np.ndarray) -> torch.Tensor:
-        batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-        if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
+    def _to_device(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            batch = images.to(self.device, dtype=torch.float32, non_blocking=True)
+        else:
+            batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+            if self.device.type == "cuda":
+                batch = batch.pin_memory().to(self.device, non_blocking=True)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
 
     def _run(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         n = len(batch)
-        # compile: one shape, one compiled graph. min_batch: a slice's outputs do not
-        # depend on how many slices share its forward pass (see min_batch).
-        size = self.batch_size if self.compiled else self.min_batch
+        # Compiled or on a GPU: one shape, one graph, one kernel choice. min_batch: a
+        # slice's outputs do not depend on how many slices share its forward pass.
+        size = self.batch_size if self.pads_batches else self.min_batch
         if n < size:
             pad = batch.new_zeros((size - n, *batch.shape[1:]))
             batch = torch.cat([batch, pad])
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
+        if self.compiled and not batch.is_inference():
+            # The graph's guards tell inference tensors (what the device preprocessing
+            # makes) from ordinary ones: every batch is one, or it would compile twice.
+            batch = batch.clone()
         with self._autocast():
             out = self._net(batch)
         if len(out) == 3:
@@ -372,8 +476,9 @@ class Classifier:
         )
 
     @torch.inference_mode()
-    def _outputs(self, batch: torch.Tensor) -> SliceOutputs:
-        """(B, C, H, W) on the device -> the CNN's logits, embeddings and CAMs (TTA applied)."""
+    def _device_outputs(self, batch: torch.Tensor) -> _DeviceOutputs:
+        """(B, C, H, W) on the device -> the CNN's logits, embeddings and CAMs (TTA
+        applied), still on the device: nothing waits for the device here."""
         logits, cams, pooled = self._run(batch)
         if self.tta:
             f_logits, f_cams, f_pooled = self._run(batch.flip(-1))
@@ -381,11 +486,11 @@ class Classifier:
             pooled = (pooled + f_pooled) / 2
             if cams is not None and f_cams is not None:
                 cams = (cams + f_cams.flip(-1)) / 2
-        return SliceOutputs(
-            logits=logits.cpu().numpy(),
-            embeddings=pooled.cpu().numpy(),
-            cams=None if cams is None else cams.cpu().numpy(),
-        )
+        return _DeviceOutputs(logits=logits, embeddings=pooled, cams=cams)
+
+    def _outputs(self, batch: torch.Tensor) -> SliceOutputs:
+        """(B, C, H, W) on the device -> the CNN's outputs as numpy."""
+        return self._device_outputs(batch).numpy()
 
     def _forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """(B, C, H, W) on the device -> (B, L) CNN probabilities, (B, L, h, w) CAMs or None."""
@@ -503,53 +608,152 @@ class Classifier:
     def prepare(self, series: CTSeries) -> tuple[np.ndarray, np.ndarray]:
         """Decode and preprocess a series: (S, H, W) HU and (S, C, size, size) model input.
 
-        With slice context the neighbours are this run of slices' own (the ends
-        replicate): :meth:`prepared_batches` passes runs with the extra slices.
+        The same path as :meth:`predict_series` (:meth:`prepared_batches`), gathered
+        and copied to the CPU.
         """
-        hu = load_series_hu(series)
-        # The model sees one patient orientation; ``hu`` stays as stored (heatmaps).
-        images = preprocess_hu(model_hu(series, hu), self.card.windows, self.card.input_size)
-        return hu, add_slice_context(images, self.context)
+        batches = list(self.prepared_batches(series))
+        hu = torch.cat([b.hu for b in batches]).cpu().numpy()
+        return hu, torch.cat([b.images for b in batches]).cpu().numpy()
 
     def prepare_run(self, series: CTSeries, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """Slices ``start..end-1`` of ``series``: (S, H, W) HU and (S, C, size, size) input.
 
-        Decoded with up to ``context`` real neighbours on each side, so that each
-        slice's input is what :meth:`prepared_batches` gives it in the whole
-        ``series`` (only the series' own ends replicate).
+        Decoded with up to ``context`` real neighbours on each side and preprocessed
+        as :meth:`prepared_batches` does (the same functions, on the model's device),
+        so that each slice's input is what it gets in the whole ``series`` (only the
+        series' own ends replicate); returned on the CPU.
         """
-        lo, hi = max(0, start - self.context), min(len(series.slices), end + self.context)
-        hu, images = self.prepare(replace(series, slices=series.slices[lo:hi]))
+        n = len(series.slices)
+        if not 0 <= start < end <= n:
+            raise ValueError(f"slices {start}..{end} are not a run of {n}")
+        lo, hi = max(0, start - self.context), min(n, end + self.context)
+        turn = series_reorientation(series)
+        decoded = [
+            f.result() for f in [self._in_pool(decode_slice, s) for s in series.slices[lo:hi]]
+        ]
+        with torch.inference_mode():
+            hu, images = prepare_slices(
+                decoded,
+                self.card.windows,
+                self.card.input_size,
+                device=self.device,
+                turn=turn,
+                context=self.context,
+            )
         keep = slice(start - lo, end - lo)
-        return hu[keep], images[keep]
+        return hu[keep].cpu().numpy(), images[keep].cpu().numpy()
 
-    def _prepare_chunk(self, series: CTSeries, start: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.prepare_run(series, start, min(len(series.slices), start + self.batch_size))
+    def _in_pool(self, task: Any, *args: Any) -> Future[Any]:
+        """``task(*args)`` in the decode pool, or now in this thread without prefetch."""
+        if self.prefetch:
+            return self.pool.run(task, *args)
+        done: Future[Any] = Future()
+        try:
+            done.set_result(task(*args))
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
 
-    def prepared_batches(self, series: CTSeries) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(HU, images) per batch of slices, decoded ahead in ``decode_threads`` threads.
+    def _prepare_unit(
+        self, slices: Sequence[CTSlice], turn: Reorientation, hu_out: torch.Tensor
+    ) -> _Unit:
+        """A pool task on the CPU: decode a few slices and preprocess them, one torch
+        thread (the pool's threads share the cores with the model's); their HU go
+        into ``hu_out``, a view of the series' HU."""
+        decoded = [decode_slice(s) for s in slices]
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)  # this thread's parallel regions only (OpenMP)
+        try:
+            with torch.inference_mode():
+                hu, images = prepare_slices(
+                    decoded, self.card.windows, self.card.input_size, turn=turn
+                )
+                hu_out.copy_(hu)
+                return _Unit(images=images, counts=hu_counts(hu, per_slice=True))
+        finally:
+            torch.set_num_threads(previous)
+
+    def prepared_batches(self, series: CTSeries) -> Iterator[PreparedBatch]:
+        """The series in batches of ``batch_size`` slices, preprocessed on the model's device.
+
+        Slices are decoded in the decode pool, a few batches ahead of the one being
+        preprocessed (each slice once, also when the slice context needs it in two
+        batches); each batch then becomes HU and model input on the device
+        (:func:`ich_node.imaging.tensors.prepare_slices`), its slice context from the
+        real neighbours across batch borders. On the CPU with a thread pool, the pool's
+        threads also preprocess, a few slices per task with one torch thread each, so
+        that the preprocessing spreads over the cores beside the forward passes.
 
         :meth:`predict_series` consumes it; the worker runs it in its reader thread,
-        so that the next series decodes while this one is on the device.
+        so that the next batches are decoded and preprocessed while this one is on
+        the device.
+
+        Raises
+        ------
+        ImagingError
+            No slices, slices of different matrices, or a slice that cannot be
+            decoded (:func:`ich_node.imaging.series.decode_slice`); SeriesRefused
+            as :func:`~ich_node.imaging.tensors.stored_to_hu`.
         """
-        starts = list(range(0, len(series.slices), self.batch_size))
-        if not self.prefetch or len(starts) < 2:
-            for start in starts:
-                yield self._prepare_chunk(series, start)
-            return
-        # numpy, pydicom's pixel copy and torch's resize release the GIL for much of
-        # their time, as does the forward pass: threads overlap decoding with it.
-        ahead = self.decode_threads + 1
-        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
-            pending: deque[Future[tuple[np.ndarray, np.ndarray]]] = deque(
-                pool.submit(self._prepare_chunk, series, start) for start in starts[:ahead]
+        check_matrix(series)
+        slices, n, ctx = series.slices, len(series.slices), self.context
+        turn = series_reorientation(series)
+        in_pool = self.device.type == "cpu" and self.pool.kind == "thread" and self.prefetch
+        unit = CPU_CHUNK if in_pool else 1  # slices per pool task
+        # Slices in flight: enough for every decoder to have two, and the next batch.
+        ahead = max(2 * self.pool.workers * unit, self.batch_size) + self.batch_size + 2 * ctx
+        pending: dict[int, Future[Any]] = {}  # unit index -> its task
+        submitted = 0
+        with torch.inference_mode():
+            series_hu = torch.empty(
+                (n, slices[0].rows, slices[0].columns), dtype=torch.float32, device=self.device
             )
-            for start in starts[ahead:]:
-                ready = pending.popleft().result()
-                pending.append(pool.submit(self._prepare_chunk, series, start))
-                yield ready
-            while pending:
-                yield pending.popleft().result()
+
+        def task(k: int) -> Future[Any]:
+            part = slices[k * unit : (k + 1) * unit]
+            if in_pool:
+                out = series_hu[k * unit : k * unit + len(part)]
+                return self._in_pool(self._prepare_unit, part, turn, out)
+            return self._in_pool(decode_slice, part[0])
+
+        try:
+            for start in range(0, n, self.batch_size):
+                end = min(n, start + self.batch_size)
+                lo, hi = max(0, start - ctx), min(n, end + ctx)
+                while submitted * unit < min(n, hi + ahead):
+                    pending[submitted] = task(submitted)
+                    submitted += 1
+                first, last = lo // unit, (hi - 1) // unit
+                done = [pending[k].result() for k in range(first, last + 1)]
+                for k in [k for k in pending if (k + 1) * unit <= end - ctx]:  # not needed again
+                    del pending[k]
+                keep = slice(start - lo, end - lo)
+                with torch.inference_mode():
+                    if in_pool:
+                        cut = slice(lo - first * unit, hi - first * unit)
+                        images = add_slice_context(torch.cat([u.images for u in done])[cut], ctx)
+                        counts = torch.cat([u.counts for u in done])[cut][keep].sum(dim=0)
+                    else:
+                        hu, images = prepare_slices(
+                            done,
+                            self.card.windows,
+                            self.card.input_size,
+                            device=self.device,
+                            turn=turn,
+                            context=ctx,
+                        )
+                        series_hu[start:end].copy_(hu[keep])
+                        counts = hu_counts(hu[keep])
+                    batch = PreparedBatch(
+                        hu=series_hu[start:end],
+                        images=images[keep],
+                        counts=counts,
+                        series_hu=series_hu,
+                    )
+                yield batch
+        finally:
+            for f in pending.values():
+                f.cancel()
 
     def predict_series(self, series: CTSeries) -> Prediction:
         """Classify every slice of ``series`` and summarise the series."""
@@ -560,42 +764,73 @@ class Classifier:
     def predict_prepared(
         self,
         series: CTSeries,
-        batches: Iterable[tuple[np.ndarray, np.ndarray]],
+        batches: Iterable[PreparedBatch],
         cache: SliceCache | None = None,
     ) -> Prediction:
-        """Classify ``series`` from its (HU, images) batches, in slice order.
+        """Classify ``series`` from its :class:`PreparedBatch` es, in slice order.
 
         ``batches`` is :meth:`prepared_batches` of the series, possibly produced in
-        another thread (the worker's reader). With ``cache`` (the series' streaming
-        read, :mod:`ich_node.model.slice_cache`), the CNN runs only on the slices
-        whose input it does not hold; everything else is as without it.
+        another thread (the worker's reader). The outputs stay on the device until
+        the last batch: one wait for the device per series, not per batch. With
+        ``cache`` (the series' streaming read, :mod:`ich_node.model.slice_cache`), the
+        CNN runs only on the slices whose input it does not hold (the inputs are
+        then copied to the CPU to be hashed); everything else is as without it.
         """
-        hus: list[np.ndarray] = []
-        inputs: list[np.ndarray] = []
-        parts: list[SliceOutputs] = []
-        for hu, images in batches:
-            if hus and hu.shape[1:] != hus[0].shape[1:]:
+        hus: list[torch.Tensor] = []
+        inputs: list[torch.Tensor] = []
+        parts: list[_DeviceOutputs] = []
+        counts: torch.Tensor | None = None
+        for batch in batches:
+            if hus and batch.hu.shape[1:] != hus[0].shape[1:]:
                 raise ImagingError(
-                    f"series {series.series_instance_uid}: matrix {hu.shape[1:]} differs "
-                    f"from {hus[0].shape[1:]} in one series"
+                    f"series {series.series_instance_uid}: matrix {tuple(batch.hu.shape[1:])} "
+                    f"differs from {tuple(hus[0].shape[1:])} in one series"
                 )
-            hus.append(hu)
-            inputs.append(images)
-            parts.append(self.outputs(images, cache))
-        if not parts:
+            hus.append(batch.hu)
+            inputs.append(batch.images)
+            counts = batch.counts if counts is None else counts + batch.counts
+            if cache is None:
+                parts.append(self._device_outputs(self._to_device(batch.images)))
+            else:
+                got = self.outputs(batch.images.cpu().numpy(), cache)
+                parts.append(
+                    _DeviceOutputs(
+                        logits=torch.from_numpy(got.logits),
+                        embeddings=torch.from_numpy(got.embeddings),
+                        cams=None if got.cams is None else torch.from_numpy(got.cams),
+                    )
+                )
+        if not parts or counts is None:
             raise ImagingError(f"series {series.series_instance_uid}: no slices")
-        hu_all = np.concatenate(hus)
         # A head CT's HU, or a refusal: never a confident answer on nonsense values.
-        check_hu_plausible(hu_all, f"series {series.series_instance_uid}")
-        outputs = _concat_outputs(parts, len(self.card.labels))
+        check_hu_counts(counts_record(counts), f"series {series.series_instance_uid}")
+        with torch.inference_mode():
+            whole = batch.series_hu  # the last batch's: complete now
+            if whole is not None and sum(len(h) for h in hus) == len(whole):
+                hu_device = whole
+            else:
+                hu_device = torch.cat(hus)
+            device_cams = (
+                torch.cat([p.cams for p in parts])  # type: ignore[misc]
+                if all(p.cams is not None for p in parts)
+                else None
+            )
+            outputs = _DeviceOutputs(
+                logits=torch.cat([p.logits for p in parts]),
+                embeddings=torch.cat([p.embeddings for p in parts]),
+                cams=device_cams,
+            ).numpy()
+            hu_all = hu_device.cpu().numpy()
         findings, cnn_probabilities = self._summary(series, outputs)
         return Prediction(
             series=series,
             findings=findings,
             hu=hu_all,
-            images=np.concatenate(inputs),
+            inputs=torch.cat(inputs),
             cams=outputs.cams,
             cnn_probabilities=cnn_probabilities,
+            hu_device=hu_device,
+            cams_device=device_cams,
         )
 
     def _summary(
@@ -640,12 +875,14 @@ class Classifier:
         return self._summary(series, _stack_rows(list(rows), len(self.card.labels)))[0]
 
     def warmup(self) -> float:
-        """Run one full batch of zeros (compiles the graph, picks kernels); returns seconds.
+        """Run every input shape once (compiles the graph, picks kernels); returns seconds.
 
-        Call once when the worker starts so the first study is not slower than the rest.
-        On the CPU without ``compile`` it only costs time and is skipped.
+        Call once when the worker starts so the first study is not slower than the
+        rest. With padded batches (compiled, or on a GPU) there is one shape: a full
+        batch of zeros (with TTA its mirror too, the same shape). On the CPU without
+        ``compile`` it only costs time and is skipped.
         """
-        if not self.compiled and self.device.type == "cpu":
+        if not self.pads_batches:
             return 0.0
         import time
 

@@ -16,18 +16,20 @@ earlier outputs in the PACS instead of duplicating them.
 from __future__ import annotations
 
 import hashlib
+import os
 import traceback
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
 import pydicom
 import structlog
-from pydicom.uid import RE_VALID_UID
+from pydicom.uid import RE_VALID_UID, SecondaryCaptureImageStorage
 
 from ich_node.card import ModelCard
-from ich_node.durable import write_atomic
+from ich_node.durable import fsync_dir, write_atomic
 from ich_node.imaging import CTSeries
 from ich_node.labels import LABELS
 from ich_node.results.common import (
@@ -42,6 +44,7 @@ from ich_node.results.ko import build_key_objects
 from ich_node.results.pm import build_parametric_map
 from ich_node.results.sc import (
     build_heatmap_series,
+    heatmap_indices,
     png_bytes,
     render_heatmaps,
     series_head_mask,
@@ -333,91 +336,48 @@ def _build(
         inputs.header, series.study_instance_uid, series_uid=series.series_instance_uid
     )
     evidence = source_evidence(series, study.plain)
-    explanations = inputs.explanations
-    # The head region, once per series: heatmap colour and map values stay inside it.
-    wants_head = options.heatmaps != "none" or options.parametric_map
-    head = series_head_mask(inputs) if explanations and wants_head else None
-    images = render_heatmaps(inputs, card, which=options.heatmaps, head=head)
-    heatmaps = build_heatmap_series(
-        series,
-        images,
-        card,
-        study.plain,
-        series_instance_uid=uid("heatmap series"),
-        sop_instance_uids=[uid("heatmap", image.index) for image in images],
-    )
-    # Named by InstanceNumber, the slice's number in the SR's numbering.
-    previews = tuple((f"{image.index + 1}.png", png_bytes(image.rgb)) for image in images)
+    # The heatmaps are drawn and encoded in threads (numpy, PIL's text and zlib and
+    # pydicom's byte work release the GIL for much of it), a share of the images
+    # each, while this thread encodes the parametric map and the SR: the SR needs
+    # only the heatmaps' UIDs, which are known before any pixel is drawn.
+    indices = heatmap_indices(inputs, options.heatmaps)
+    heatmap_series = uid("heatmap series")
+    heatmap_uids = {i: uid("heatmap", i) for i in indices}
+    workers = min(encode_workers(), max(1, len(indices)))
+    shares = [indices[k::workers] for k in range(workers)] if indices else []
 
-    parametric_map = None
-    multi_frame = any(s.frame_number is not None for s in series.slices)
-    if options.parametric_map and explanations and multi_frame:
-        # highdicom's Parametric Map takes one multi-frame source with its functional
-        # groups, which the evidence references do not carry: not built (SR and
-        # heatmaps still reference the frames).
-        log.info("results.parametric_map_skipped", reason="multi-frame source image")
-    elif (
-        options.parametric_map
-        and explanations
-        and not _valid_uid(frame_uid := series.frame_of_reference_uid or "")
-    ):
-        # The map's frames are placed in the source's frame of reference (Type 1 in
-        # the Frame of Reference module): without a valid one there is no map, and
-        # the SR and heatmaps go out as usual.
-        log.warning(
-            "results.value_dropped",
-            series_uid=series.series_instance_uid,
-            keyword="FrameOfReferenceUID",
-            reason="absent" if not frame_uid else "not a valid UI value",
-            action="parametric map left out",
-        )
-    elif options.parametric_map and explanations:
-        parametric_map = build_parametric_map(
+    def encode_share(share: list[int]) -> list[tuple[pydicom.Dataset, tuple[str, bytes]]]:
+        images = render_heatmaps(inputs, card, which=options.heatmaps, indices=share)
+        datasets = build_heatmap_series(
             series,
-            explanations,
+            images,
             card,
-            evidence,
-            series_instance_uid=uid("parametric map series"),
-            sop_instance_uid=uid("parametric map"),
-            head=head,
+            study.plain,
+            series_instance_uid=heatmap_series,
+            sop_instance_uids=[heatmap_uids[image.index] for image in images],
         )
-    pm = [parametric_map] if parametric_map is not None else []
+        # Named by InstanceNumber, the slice's number in the SR's numbering.
+        previews = [(f"{image.index + 1}.png", png_bytes(image.rgb)) for image in images]
+        return list(zip(datasets, previews, strict=True))
 
-    sr = build_sr(
-        inputs.findings,
-        series,
-        card,
-        [*evidence, *heatmaps, *pm],
-        series_instance_uid=uid("sr series"),
-        sop_instance_uid=uid("sr"),
-        device_uid=name_uid("ich-node device", card.name, card.version, card.sha256),
-        tracking_uids=[uid("tracking", label) for label in LABELS],
-        previous_versions=() if previous_sr is None else (previous_sr,),
-    )
-    # The same report in the other SR classes asked for, each with its own SOP
-    # Instance UID (an instance's UID names one class); written by write_sr_alternatives.
-    alternatives = tuple(
-        (name, uid("sr", name))
-        for name in options.sr_classes
-        if name != "comprehensive3d" and fits_class(sr, name)
-    )
-    key_objects = None
-    if options.key_objects:
-        key_objects = build_key_objects(
-            inputs.findings,
-            card,
-            evidence,
-            series_instance_uid=uid("key object series"),
-            sop_instance_uid=uid("key objects"),
-            device_uid=name_uid("ich-node device", card.name, card.version, card.sha256),
+    with ThreadPoolExecutor(workers, thread_name_prefix="encode") as pool:
+        encoding = [pool.submit(encode_share, share) for share in shares]
+        sr, alternatives, parametric_map, key_objects = _encode_the_rest(
+            inputs, card, options, uid, evidence, heatmap_series, heatmap_uids, previous_sr
         )
+        encoded = sorted(
+            (pair for f in encoding for pair in f.result()), key=lambda p: int(p[0].InstanceNumber)
+        )
+    heatmaps = tuple(ds for ds, _ in encoded)
+    previews = tuple(preview for _, preview in encoded)
+    pm = [parametric_map] if parametric_map is not None else []
     ko = [key_objects] if key_objects is not None else []
     # A heatmap keeps its own source slice's compression (PS3.3 C.7.6.1.1.5: derived
     # images copy the source's method and ratio); the SR and map the series'.
     lossy_of = {
-        id(ds): series.slices[image.index].lossy
-        for ds, image in zip(heatmaps, images, strict=True)
-        if series.slices[image.index].lossy is not None
+        id(ds): series.slices[int(ds.InstanceNumber) - 1].lossy
+        for ds in heatmaps
+        if series.slices[int(ds.InstanceNumber) - 1].lossy is not None
     }
     for ds in (sr, *heatmaps, *pm, *ko):
         # The exact source values and their character set (see common.py).
@@ -450,6 +410,102 @@ def _build(
     )
 
 
+def _encode_the_rest(
+    inputs: ExplainedSeries,
+    card: ModelCard,
+    options: ResultOptions,
+    uid: _Uids,
+    evidence: list[pydicom.Dataset],
+    heatmap_series: str,
+    heatmap_uids: dict[int, str],
+    previous_sr: pydicom.Dataset | None,
+) -> tuple[
+    pydicom.Dataset,
+    tuple[tuple[str, str], ...],
+    pydicom.Dataset | None,
+    pydicom.Dataset | None,
+]:
+    """The SR (and its other classes), the parametric map and the key objects."""
+    series = inputs.series
+    explanations = inputs.explanations
+    parametric_map = None
+    multi_frame = any(s.frame_number is not None for s in series.slices)
+    if options.parametric_map and explanations and multi_frame:
+        # highdicom's Parametric Map takes one multi-frame source with its functional
+        # groups, which the evidence references do not carry: not built (SR and
+        # heatmaps still reference the frames).
+        log.info("results.parametric_map_skipped", reason="multi-frame source image")
+    elif (
+        options.parametric_map
+        and explanations
+        and not _valid_uid(frame_uid := series.frame_of_reference_uid or "")
+    ):
+        # The map's frames are placed in the source's frame of reference (Type 1 in
+        # the Frame of Reference module): without a valid one there is no map, and
+        # the SR and heatmaps go out as usual.
+        log.warning(
+            "results.value_dropped",
+            series_uid=series.series_instance_uid,
+            keyword="FrameOfReferenceUID",
+            reason="absent" if not frame_uid else "not a valid UI value",
+            action="parametric map left out",
+        )
+    elif options.parametric_map and explanations:
+        # The head region (map values stay inside it, as the heatmaps' colour does):
+        # the model stage's when it rendered heatmaps, else found here.
+        head = inputs.head if inputs.head is not None else series_head_mask(inputs)
+        parametric_map = build_parametric_map(
+            series,
+            explanations,
+            card,
+            evidence,
+            series_instance_uid=uid("parametric map series"),
+            sop_instance_uid=uid("parametric map"),
+            head=head,
+        )
+    pm = [parametric_map] if parametric_map is not None else []
+    # The heatmaps as the SR's evidence: their identifying UIDs (PS3.3 C.17.2.2).
+    heatmap_refs = []
+    for index, sop_uid in heatmap_uids.items():
+        ref = pydicom.Dataset()
+        ref.StudyInstanceUID = series.study_instance_uid
+        ref.SeriesInstanceUID = heatmap_series
+        ref.SOPClassUID = SecondaryCaptureImageStorage
+        ref.SOPInstanceUID = sop_uid
+        ref.InstanceNumber = index + 1
+        heatmap_refs.append(ref)
+
+    sr = build_sr(
+        inputs.findings,
+        series,
+        card,
+        [*evidence, *heatmap_refs, *pm],
+        series_instance_uid=uid("sr series"),
+        sop_instance_uid=uid("sr"),
+        device_uid=name_uid("ich-node device", card.name, card.version, card.sha256),
+        tracking_uids=[uid("tracking", label) for label in LABELS],
+        previous_versions=() if previous_sr is None else (previous_sr,),
+    )
+    # The same report in the other SR classes asked for, each with its own SOP
+    # Instance UID (an instance's UID names one class); written by write_sr_alternatives.
+    alternatives = tuple(
+        (name, uid("sr", name))
+        for name in options.sr_classes
+        if name != "comprehensive3d" and fits_class(sr, name)
+    )
+    key_objects = None
+    if options.key_objects:
+        key_objects = build_key_objects(
+            inputs.findings,
+            card,
+            evidence,
+            series_instance_uid=uid("key object series"),
+            sop_instance_uid=uid("key objects"),
+            device_uid=name_uid("ich-node device", card.name, card.version, card.sha256),
+        )
+    return sr, alternatives, parametric_map, key_objects
+
+
 def _write_atomic(path: Path, data: bytes | pydicom.Dataset) -> None:
     if isinstance(data, bytes):
         write_atomic(path, data)
@@ -457,41 +513,77 @@ def _write_atomic(path: Path, data: bytes | pydicom.Dataset) -> None:
         write_atomic(path, lambda handle: data.save_as(handle, enforce_file_format=True))
 
 
-def write_results(results: ResultSet, out_dir: Path) -> list[Path]:
-    """Write the results as files.
+def encode_workers() -> int:
+    """Threads that encode and write one job's results: the cores, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def _write_durable(path: Path, data: bytes | pydicom.Dataset) -> None:
+    """Write a new file and fsync it (no temporary name: the folder it is in is not
+    visible under its final name yet; its entry is made durable by the folder's fsync)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        if isinstance(data, bytes):
+            handle.write(data)
+        else:
+            data.save_as(handle, enforce_file_format=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_results(results: ResultSet, out_dir: Path, *, in_temp_folder: bool = False) -> list[Path]:
+    """Write the results as files, durably, several side by side.
 
     Layout: ``out_dir/sr.dcm``, ``out_dir/heatmaps/<n>.dcm`` with ``<n>.png``
     previews (n = InstanceNumber), ``out_dir/parametric_map.dcm``,
     ``out_dir/key_objects.dcm``.
 
+    Parameters
+    ----------
+    results : ResultSet
+        What to write.
+    out_dir : pathlib.Path
+        The folder (made if needed).
+    in_temp_folder : bool
+        ``out_dir`` lies in a folder that is renamed into place only after this
+        returns (the worker's results folder): each file is then written and
+        fsynced under its own name and each folder fsynced once at the end, half
+        the fsyncs of a temporary name per file. Otherwise each file is written
+        atomically (temporary file, fsync, rename, folder fsync).
+
     Returns
     -------
     list of pathlib.Path
-        The files written.
+        The files written, in that order.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
+    files: list[tuple[Path, bytes | pydicom.Dataset]] = []
+    folders = [out_dir]
     if results.heatmaps:
         folder = out_dir / "heatmaps"
         folder.mkdir(exist_ok=True)
+        folders.append(folder)
         for ds, (name, png) in zip(results.heatmaps, results.previews, strict=True):
-            path = folder / f"{int(ds.InstanceNumber)}.dcm"
-            _write_atomic(path, ds)
-            _write_atomic(folder / name, png)
-            written += [path, folder / name]
+            files += [(folder / f"{int(ds.InstanceNumber)}.dcm", ds), (folder / name, png)]
     if results.parametric_map is not None:
-        path = out_dir / "parametric_map.dcm"
-        _write_atomic(path, results.parametric_map)
-        written.append(path)
-    path = out_dir / "sr.dcm"
-    _write_atomic(path, results.sr)
-    written.append(path)
+        files.append((out_dir / "parametric_map.dcm", results.parametric_map))
+    files.append((out_dir / "sr.dcm", results.sr))
     if results.key_objects is not None:
-        path = out_dir / "key_objects.dcm"
-        _write_atomic(path, results.key_objects)
-        written.append(path)
-    return written
+        files.append((out_dir / "key_objects.dcm", results.key_objects))
+    write = _write_durable if in_temp_folder else _write_atomic
+    # Serialising, PNG bytes and fsync release the GIL for much of their time.
+    with ThreadPoolExecutor(encode_workers(), thread_name_prefix="write") as pool:
+        for done in [pool.submit(write, path, data) for path, data in files]:
+            done.result()
+    if in_temp_folder:
+        for folder in folders:
+            fsync_dir(folder)
+    return [path for path, _ in files]
 
 
 def write_sr_alternatives(results: ResultSet, out_dir: Path) -> list[Path]:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -462,6 +462,16 @@ class ExplainedSeries:
     header : pydicom.Dataset
         The first source slice's header without pixel data: the patient, study and
         equipment attributes the outputs copy.
+    overlays : dict of int to numpy.ndarray
+        Slice index -> (rows, columns, 3) uint8 RGB: the heatmap image of that slice
+        (brain window, map blended in where explained), rendered for the whole
+        series at once on the model's device (:mod:`ich_node.model.heatmaps`); the
+        results stage adds the legend and the text.
+    head : numpy.ndarray or None
+        (S, rows, columns) bool head region of the series
+        (:func:`ich_node.imaging.head_mask`), found when the heatmaps were rendered:
+        the heatmaps' colour and the parametric map's values stay inside it. None
+        when not found (the results stage finds it if it needs it).
     """
 
     series: CTSeries
@@ -469,3 +479,5 @@ class ExplainedSeries:
     hu: np.ndarray
     explanations: tuple[SliceExplanation, ...]
     header: pydicom.Dataset
+    overlays: dict[int, np.ndarray] = field(default_factory=dict)
+    head: np.ndarray | None = None

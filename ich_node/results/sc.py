@@ -4,14 +4,18 @@ Each image is the source slice at its own resolution in the brain window, with t
 Grad-CAM map blended in (yellow to red) only where it is above :data:`CAM_FLOOR` and
 inside the head (:func:`ich_node.imaging.head_mask`), a colour legend and burned-in
 text: the suspected subtype(s) with their probability on that slice, the model's name
-and version, and "AI result - not for diagnosis". Built with
+and version, and "AI result - not for diagnosis". The pixels of a series' images are
+rendered together in the model stage (:mod:`ich_node.model.heatmaps`, on the model's
+device); this module draws the legend and the text and encodes them. Built with
 highdicom's :class:`highdicom.sc.SCImage` (PS3.3 A.8.1 Secondary Capture Image IOD),
 which writes the modules the IOD needs and validates pixel encodings.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ich_node.card import ModelCard
 from ich_node.imaging import CTSeries, CTSlice, Window, head_mask
-from ich_node.results.common import MANUFACTURER, cam_to_source, contributing_equipment
+from ich_node.results.common import MANUFACTURER, contributing_equipment
 from ich_node.results.findings import ExplainedSeries, SeriesFindings
 
 #: The window the overlay's grey background is shown in.
@@ -40,7 +44,15 @@ CAM_FLOOR = 0.5
 ALPHA_MAX = 0.5
 #: The part of the turbo scale used above the floor (yellow-green to red): no blue
 #: or dark tints over the brain.
-_TURBO_RANGE = (0.55, 0.92)
+TURBO_RANGE = (0.55, 0.92)
+#: Mikhailov's degree-5 polynomial fit of Google's Turbo colour map: red, green and
+#: blue coefficients, constant term first (:func:`turbo`; the model stage's batched
+#: renderer, :mod:`ich_node.model.heatmaps`, evaluates the same polynomials).
+TURBO_COEFFICIENTS: tuple[tuple[float, ...], ...] = (
+    (0.13572138, 4.61539260, -42.66032258, 132.13108234, -152.94239396, 59.28637943),
+    (0.09140261, 2.19418839, 4.84296658, -14.18503333, 4.27729857, 2.82956604),
+    (0.10667330, 12.64194608, -60.58204836, 110.36276771, -89.90310912, 27.34824973),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,23 +88,28 @@ def turbo(x: np.ndarray) -> np.ndarray:
         (..., 3) float32 RGB in [0, 1].
     """
     t = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
-    r = 0.13572138 + t * (
-        4.61539260 + t * (-42.66032258 + t * (132.13108234 + t * (-152.94239396 + t * 59.28637943)))
-    )
-    g = 0.09140261 + t * (
-        2.19418839 + t * (4.84296658 + t * (-14.18503333 + t * (4.27729857 + t * 2.82956604)))
-    )
-    b = 0.10667330 + t * (
-        12.64194608 + t * (-60.58204836 + t * (110.36276771 + t * (-89.90310912 + t * 27.34824973)))
-    )
-    return np.clip(np.stack([r, g, b], axis=-1), 0.0, 1.0).astype(np.float32)
+    channels = []
+    for coefficients in TURBO_COEFFICIENTS:
+        value = np.full_like(t, coefficients[-1])
+        for c in coefficients[-2::-1]:  # Horner
+            value = value * t + c
+        channels.append(value)
+    return np.clip(np.stack(channels, axis=-1), 0.0, 1.0).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=16)
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow built without FreeType: fixed bitmap font
         return ImageFont.load_default()
+
+
+@functools.lru_cache(maxsize=1024)
+def _wrapped(text: str, font_size: int, width: int) -> tuple[str, ...]:
+    """:func:`_wrap` of a line, once per line, size and width (lines repeat per image)."""
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    return tuple(_wrap(draw, text, _font(font_size), width))
 
 
 def _wrap(
@@ -118,86 +135,146 @@ def _wrap(
 
 def _colour(level: np.ndarray) -> np.ndarray:
     """(...) level in [0, 1] above the floor -> (..., 3) float32 RGB, as in the legend."""
-    low, high = _TURBO_RANGE
+    low, high = TURBO_RANGE
     return turbo(low + (high - low) * np.asarray(level))
 
 
-def render_overlay(
-    hu: np.ndarray,
-    cam: np.ndarray | None,
-    text: Sequence[str],
-    *,
-    head: np.ndarray | None = None,
-) -> np.ndarray:
-    """Draw one heatmap image.
+def brain_window_rgb(hu: np.ndarray) -> np.ndarray:
+    """(rows, columns) HU -> (rows, columns, 3) uint8 grey in :data:`BRAIN_WINDOW`.
+
+    For images without a map (the alerts' key image); heatmaps come rendered from
+    the model stage (:func:`ich_node.model.heatmaps.render_overlays`).
+    """
+    hu = np.asarray(hu, dtype=np.float32)
+    if hu.ndim != 2:
+        raise ValueError(f"hu must have shape (rows, columns), got {hu.shape}")
+    low = BRAIN_WINDOW.center - BRAIN_WINDOW.width / 2
+    grey = np.round(np.clip((hu - low) / BRAIN_WINDOW.width, 0.0, 1.0) * 255.0)
+    return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _legend_ramp(bar_h: int, bar_w: int) -> np.ndarray:
+    """(bar_h, bar_w, 3) uint8 colour legend, 1 at the top (cached: one per image size)."""
+    ramp = _colour(np.linspace(1.0, 0.0, bar_h))[:, None, :].repeat(bar_w, axis=1)
+    return np.round(ramp * 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=1024)
+def _text_layer(
+    text: str, font_size: int, fill: tuple[int, int, int], stroke: bool
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """One line of text rasterised once: ((h, w, 3) uint8 colour, (h, w) float32 alpha).
+
+    Lines repeat from image to image (the model, the notice, "high", "low"); drawn
+    once on a transparent canvas and composited, they cost a copy instead of a
+    FreeType rendering per image.
+    """
+    font = _font(font_size)
+    probe = ImageDraw.Draw(Image.new("RGBA", (1, 1)))
+    stroke_width = 1 if stroke else 0
+    # Drawn at (1, 1): the outline may reach one pixel left of and above the origin;
+    # the caller pastes the layer at (x - 1, y - 1).
+    box = probe.textbbox((1, 1), text, font=font, stroke_width=stroke_width)
+    width, height = math.ceil(box[2]) + 2, math.ceil(box[3]) + 2
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return None
+    canvas = Image.new("RGBA", (width, height), (0, 0, 0, 0))
+    ImageDraw.Draw(canvas).text(
+        (1, 1),
+        text,
+        fill=(*fill, 255),
+        font=font,
+        stroke_width=stroke_width,
+        stroke_fill=(0, 0, 0, 255),
+    )
+    rgba = np.asarray(canvas)
+    return np.ascontiguousarray(rgba[..., :3]), rgba[..., 3].astype(np.float32) / 255.0
+
+
+def _paste(image: np.ndarray, layer: tuple[np.ndarray, np.ndarray] | None, x: int, y: int) -> None:
+    """Alpha-composite a :func:`_text_layer` onto ``image`` (rows, columns, 3) at (x, y),
+    clipped to the image."""
+    if layer is None:
+        return
+    colour, alpha = layer
+    dy, dx = max(0, -y), max(0, -x)  # rows and columns cut off at the top and left
+    y, x = y + dy, x + dx
+    h = min(alpha.shape[0] - dy, image.shape[0] - y)
+    w = min(alpha.shape[1] - dx, image.shape[1] - x)
+    if h <= 0 or w <= 0:
+        return
+    a = alpha[dy : dy + h, dx : dx + w, None]
+    region = image[y : y + h, x : x + w].astype(np.float32)
+    mixed = region * (1.0 - a) + colour[dy : dy + h, dx : dx + w] * a
+    image[y : y + h, x : x + w] = np.round(mixed).astype(np.uint8)
+
+
+def burn_in(rgb: np.ndarray, text: Sequence[str]) -> np.ndarray:
+    """Draw the colour legend and burned-in text on a rendered image.
+
+    Parameters
+    ----------
+    rgb : numpy.ndarray
+        (rows, columns, 3) uint8 RGB: a slice in the brain window, with or without
+        its map blended in (:func:`ich_node.model.heatmaps.render_overlays`).
+    text : sequence of str
+        Lines burned in at the top left (wrapped to the image width).
+
+    Returns
+    -------
+    numpy.ndarray
+        (rows, columns, 3) uint8 RGB, a new array.
+    """
+    image = np.array(rgb, dtype=np.uint8, copy=True)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"rgb must have shape (rows, columns, 3), got {image.shape}")
+    rows, columns = image.shape[:2]
+    font_size = max(9, min(rows, columns) // 36)
+    font = _font(font_size)
+    margin = max(2, font_size // 3)
+    # Colour legend: a vertical bar at the right edge, 1 at the top, outlined in white.
+    bar_w = max(4, columns // 48)
+    bar_h = rows // 3
+    x0, y0 = columns - bar_w - margin, margin + font_size + 2
+    if bar_h > 0 and x0 > 0:
+        image[y0 : y0 + bar_h, x0 : x0 + bar_w] = _legend_ramp(bar_h, bar_w)[: rows - y0]
+        top, bottom = max(0, y0 - 1), min(rows - 1, y0 + bar_h)
+        left, right = x0 - 1, min(columns - 1, x0 + bar_w)
+        image[top, left : right + 1] = 255
+        image[bottom, left : right + 1] = 255
+        image[top : bottom + 1, left] = 255
+        image[top : bottom + 1, right] = 255
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # text metrics only
+    for label, y in (("high", y0 - font_size - 1), ("low", y0 + bar_h + 2)):
+        x = int(columns - margin - draw.textlength(label, font=font))
+        _paste(image, _text_layer(label, font_size, (255, 255, 255), False), x - 1, y - 1)
+    # Burned-in text with a dark outline so it reads on any background.
+    y = margin
+    width = columns - bar_w - 3 * margin - int(draw.textlength("high", font=font))
+    for line in text:
+        for part in _wrapped(line, font_size, max(width, 40)):
+            _paste(image, _text_layer(part, font_size, (255, 255, 0), True), margin - 1, y - 1)
+            y += font_size + 2
+    return image
+
+
+def render_overlay(hu: np.ndarray, text: Sequence[str]) -> np.ndarray:
+    """One slice in the brain window with the legend and ``text`` burned in, no map.
 
     Parameters
     ----------
     hu : numpy.ndarray
-        (rows, columns) float32 HU of the source slice.
-    cam : numpy.ndarray or None
-        (rows, columns) float32 in [0, 1] on the same grid (see
-        :func:`cam_to_source`); None draws the brain window and text only.
+        (rows, columns) float32 HU.
     text : sequence of str
-        Lines burned in at the top left (wrapped to the image width).
-    head : numpy.ndarray, optional
-        (rows, columns) bool, the head region of this slice
-        (:func:`ich_node.imaging.head_mask` of the whole series, which tells the
-        head from its holder best); colour is drawn only there. Default: the
-        head mask of this slice alone, at 0.5 mm pixels.
+        Lines burned in at the top left.
 
     Returns
     -------
     numpy.ndarray
         (rows, columns, 3) uint8 RGB.
     """
-    hu = np.asarray(hu, dtype=np.float32)
-    rows, columns = hu.shape
-    low = BRAIN_WINDOW.center - BRAIN_WINDOW.width / 2
-    grey = np.clip((hu - low) / BRAIN_WINDOW.width, 0.0, 1.0)
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
-    if cam is not None:
-        if cam.shape != hu.shape:
-            raise ValueError(f"cam shape {cam.shape} differs from the slice's {hu.shape}")
-        if head is None:
-            head = head_mask(hu)
-        elif head.shape != hu.shape:
-            raise ValueError(f"head shape {head.shape} differs from the slice's {hu.shape}")
-        level = np.clip((cam - CAM_FLOOR) / (1.0 - CAM_FLOOR), 0.0, 1.0)
-        # Colour only the head: the upsampled map spills into the air, the table and
-        # the head holder, where it would suggest a finding outside the patient.
-        alpha = ALPHA_MAX * level * (cam > CAM_FLOOR) * head
-        rgb = (1.0 - alpha[..., None]) * rgb + alpha[..., None] * _colour(level)
-    image = Image.fromarray(np.round(rgb * 255.0).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    font_size = max(9, min(rows, columns) // 36)
-    font = _font(font_size)
-    margin = max(2, font_size // 3)
-    # Colour legend: a vertical bar at the right edge, 1 at the top.
-    bar_w = max(4, columns // 48)
-    bar_h = rows // 3
-    x0, y0 = columns - bar_w - margin, margin + font_size + 2
-    ramp = _colour(np.linspace(1.0, 0.0, bar_h))[:, None, :].repeat(bar_w, axis=1)
-    image.paste(Image.fromarray(np.round(ramp * 255).astype(np.uint8)), (x0, y0))
-    draw.rectangle((x0 - 1, y0 - 1, x0 + bar_w, y0 + bar_h), outline=(255, 255, 255))
-    for label, y in (("high", y0 - font_size - 1), ("low", y0 + bar_h + 2)):
-        w = draw.textlength(label, font=font)
-        draw.text((columns - margin - w, y), label, fill=(255, 255, 255), font=font)
-    # Burned-in text with a dark outline so it reads on any background.
-    y = margin
-    width = columns - bar_w - 3 * margin - int(draw.textlength("high", font=font))
-    for line in text:
-        for part in _wrap(draw, line, font, max(width, 40)):
-            draw.text(
-                (margin, y),
-                part,
-                fill=(255, 255, 0),
-                font=font,
-                stroke_width=1,
-                stroke_fill=(0, 0, 0),
-            )
-            y += font_size + 2
-    return np.asarray(image, dtype=np.uint8)
+    return burn_in(brain_window_rgb(hu), text)
 
 
 def slice_label(findings: SeriesFindings, index: int) -> str:
@@ -244,45 +321,62 @@ def series_head_mask(inputs: ExplainedSeries) -> np.ndarray:
     return head_mask(inputs.hu, spacing)
 
 
+def heatmap_indices(inputs: ExplainedSeries, which: str = "positive") -> list[int]:
+    """The slices the heatmap series shows, in series order (see :func:`render_heatmaps`)."""
+    if which not in ("positive", "all", "none"):
+        raise ValueError(f"which must be 'positive', 'all' or 'none', got {which!r}")
+    if which == "none":
+        return []
+    if which == "all":
+        return list(range(len(inputs.hu)))
+    return sorted(e.index for e in inputs.explanations)
+
+
 def render_heatmaps(
     inputs: ExplainedSeries,
     card: ModelCard,
     *,
     which: str = "positive",
-    head: np.ndarray | None = None,
+    indices: Sequence[int] | None = None,
 ) -> tuple[HeatmapImage, ...]:
-    """Render the images of the heatmap series, in series order.
+    """The images of the heatmap series, in series order: rendered pixels plus text.
 
     Parameters
     ----------
     inputs : ExplainedSeries
-        ``inputs.hu`` (S, rows, columns) float32 HU gives the background,
-        ``inputs.explanations`` the maps (from :func:`ich_node.explain.explain`).
+        ``inputs.overlays`` holds each image's pixels, rendered in the model stage
+        (:func:`ich_node.model.explain.explain_series`, the maps blended in on the
+        model's device); ``inputs.explanations`` say which labels each shows.
     card : ModelCard
         Names the model in the burned-in text.
     which : {"positive", "all", "none"}
         ``positive``: one image per explained slice; ``all``: one per slice
         (slices without an explanation get no overlay); ``none``: no images.
-    head : numpy.ndarray, optional
-        (S, rows, columns) bool head region of the series (:func:`series_head_mask`);
-        computed here when not given and a slice has an overlay.
+    indices : sequence of int, optional
+        Only these of the slices ``which`` names (a share of the work, when the
+        images are drawn in parallel).
+
+    Raises
+    ------
+    ValueError
+        When an image to draw was not rendered by the model stage (asked for with
+        another ``which``).
     """
-    if which not in ("positive", "all", "none"):
-        raise ValueError(f"which must be 'positive', 'all' or 'none', got {which!r}")
-    if which == "none":
-        return ()
+    chosen = heatmap_indices(inputs, which)
+    if indices is not None:
+        wanted = set(indices)
+        chosen = [i for i in chosen if i in wanted]
     by_index = {e.index: e for e in inputs.explanations}
-    if head is None and by_index:
-        head = series_head_mask(inputs)
-    indices = range(len(inputs.hu)) if which == "all" else sorted(by_index)
     out: list[HeatmapImage] = []
-    for i in indices:
-        hu = inputs.hu[i]
+    for i in chosen:
         e = by_index.get(i)
-        cam = cam_to_source(e.cam, *hu.shape) if e is not None else None
         labels = e.labels if e is not None else ()
-        text = slice_text(inputs.findings, card, i, labels)
-        rgb = render_overlay(hu, cam, text, head=head[i] if head is not None else None)
+        base = inputs.overlays.get(i)
+        if base is None:
+            raise ValueError(
+                f"slice {i} has no rendered image: explain_series(heatmaps={which!r}) renders it"
+            )
+        rgb = burn_in(base, slice_text(inputs.findings, card, i, labels))
         out.append(HeatmapImage(index=i, rgb=rgb, labels=labels))
     return tuple(out)
 

@@ -266,6 +266,7 @@ def _predict_dicom(
         classifier,
         negative_top_slices=options.negative_top_slices,
         explain_slices=options.needs_explanations,
+        heatmaps=options.heatmaps,
     )
     try:
         results = build_results(explained, classifier.card, options, when=when)

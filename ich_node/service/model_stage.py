@@ -120,6 +120,8 @@ class ModelStage:
             self.classifier,
             negative_top_slices=options.negative_top_slices,
             explain_slices=options.needs_explanations,
+            heatmaps=options.heatmaps,
+            render=False,  # the results thread renders the heatmaps (with_heatmap_images)
         )
 
     def infer(self, item: LeasedJob) -> tuple[Any, Exception | None]:

@@ -75,14 +75,19 @@ class ResultsStage:
         The worker's held jobs; a job reaching its recorded state is let go.
     card : ich_node.card.ModelCard
         The model's card, named in every result.
+    device : str or torch.device
+        Where the heatmap images are rendered (the model's device).
     """
 
-    def __init__(self, config: NodeConfig, store: Store, leases: Leases, card: Any) -> None:
+    def __init__(
+        self, config: NodeConfig, store: Store, leases: Leases, card: Any, device: Any = "cpu"
+    ) -> None:
         self.config = config
         self.store = store
         self.leases = leases
         self.queue = leases.queue
         self.card = card
+        self.device = device
 
     def write_outputs(
         self, job: JobRecord, explained: Any, folder: Path
@@ -117,11 +122,17 @@ class ResultsStage:
             previous_sr.SeriesInstanceUID = previous.series_instance_uid
             previous_sr.SOPClassUID = previous.sop_class_uid
             previous_sr.SOPInstanceUID = previous.sop_instance_uid
+        # The heatmaps' pixels, all at once on the model's device (and the head region,
+        # on the CPU): here, in the results thread, not in the model's.
+        from ich_node.model.heatmaps import with_heatmap_images
+
+        options = result_options(self.config)
+        explained = with_heatmap_images(explained, options.heatmaps, self.device)
         try:
             results = build_results(
                 explained,
                 self.card,
-                result_options(self.config),
+                options,
                 version=job.version,
                 previous_sr=previous_sr,
                 when=when,
@@ -129,7 +140,8 @@ class ResultsStage:
         except ResultsSkipped as exc:
             log.info("job.results_skipped", job_id=job.job_id, reason=str(exc))
             return 0, None
-        written = write_results(results, folder / "outbox")
+        # folder is the job's temporary results folder, renamed into place after.
+        written = write_results(results, folder / "outbox", in_temp_folder=True)
         write_sr_alternatives(results, folder / SR_CLASSES_DIR)
         sr = results.sr
         reference = SrReference(
@@ -220,6 +232,7 @@ class ResultsStage:
             )
             read = self.ledger_row(job, explained, sr, times.get("result_at"))
             shutil.rmtree(final, ignore_errors=True)  # a crashed earlier attempt's output
+            fsync_dir(tmp)  # its entries (outbox/, findings.json) before it is renamed
             os.replace(tmp, final)
             fsync_dir(final.parent)
             # Shadow mode: outbox rows only for the destinations that set `shadow: true`

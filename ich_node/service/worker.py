@@ -137,7 +137,8 @@ class Worker:
             else None
         )
         card = getattr(classifier, "card", None)
-        self.results = self.results_stage(config, store, self.leases, card)
+        device = getattr(classifier, "device", "cpu")
+        self.results = self.results_stage(config, store, self.leases, card, device)
 
     # -- leases (the heartbeat's view) ----------------------------------------
 

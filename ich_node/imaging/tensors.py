@@ -1,0 +1,451 @@
+"""The one preprocessing, as torch tensor operations on any device.
+
+Everything after the decoded integers happens here, on the CPU or on the model's
+GPU alike: the CT rescale to HU (PS3.3 C.8.2.1.1, with the RSNA 12-bit fault and
+pixel padding, :func:`stored_to_hu`), the turn to the reference orientation
+(:class:`~ich_node.imaging.orientation.Reorientation`), the display windows
+(:func:`apply_windows`), square padding and the antialiased resize
+(:func:`pad_and_resize`) and the 2.5D slice context (:func:`add_slice_context`);
+:func:`model_input` chains them. The node's worker runs them on the model's device,
+``ich-node predict`` too, and training runs them on the CPU in its DataLoader
+workers (through the numpy wrappers of :mod:`ich_node.imaging.preprocess` and
+:func:`ich_node.imaging.load_hu`), so the three cannot drift.
+
+This module imports torch: the listener process and ``results/`` never import it
+(``ich_node.imaging`` does not import it either; ``tests/test_layout.py``).
+
+Exactness: the rescale runs in float64 unless it is exact in float32 (slope 1, an
+integer intercept, 16-bit values), and every step is a plain IEEE operation, so
+the HU are the same bits on any device and the windowed images agree to ~1e-7
+(``tests/test_tensors.py`` checks CPU against GPU and both against the numpy
+reference kept in ``tests/preprocess_reference.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ich_node.imaging.files import ImagingError, SeriesRefused
+from ich_node.imaging.orientation import Reorientation
+from ich_node.imaging.pixels import (
+    _MAX_DENSE_SHARE,
+    _MIN_AIR_SHARE,
+    _WRAP_AIR_SHARE,
+    AIR_HU,
+    HUCounts,
+    StoredSlice,
+)
+from ich_node.imaging.preprocess import CONTEXT_CHANNEL, Window, context_channels
+
+#: Slices converted, windowed and resized at once on the CPU: a few, so that the
+#: full-resolution intermediates stay in the cache (measured: 2.6x faster than 16).
+CPU_CHUNK: Final[int] = 4
+#: The same on a GPU, where a larger chunk keeps the kernels busy.
+GPU_CHUNK: Final[int] = 64
+
+
+def _transfer_dtype(arrays: Sequence[np.ndarray]) -> np.dtype:
+    """The integer dtype a batch of stored values travels in (16 bits where it fits)."""
+    kinds = {a.dtype for a in arrays}
+    if all(d.itemsize <= 2 and (d.kind == "i" or d.itemsize == 1) for d in kinds):
+        return np.dtype(np.int16)  # int8/16, uint8: as int16
+    if all(d.itemsize <= 2 or d == np.int32 for d in kinds):
+        return np.dtype(np.int32)  # uint16 does not fit int16; torch lacks full uint16
+    return np.dtype(np.int64)
+
+
+def stored_to_hu(
+    slices: Sequence[StoredSlice], device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Stored values of a batch of slices -> Hounsfield units, on ``device``.
+
+    ``HU = v x RescaleSlope + RescaleIntercept`` per slice, ``v`` first read as a
+    two's complement number of BitsStored bits where the header has the RSNA
+    12-bit fault and, read so, at least 10% of the slice is air (-1100..-900 HU);
+    pixel padding (:attr:`StoredSlice.padding`) and everything below -1024 HU
+    become -1024 (air).
+
+    Parameters
+    ----------
+    slices : sequence of StoredSlice
+        From :func:`ich_node.imaging.pixels.decode_stored`; all of one matrix size.
+    device : torch.device or str, optional
+        Where to compute (default: the CPU). From the CPU, the integers travel in
+        pinned memory, 16 bits where they fit.
+
+    Returns
+    -------
+    torch.Tensor
+        (S, H, W) float32 HU on ``device``.
+
+    Raises
+    ------
+    ImagingError
+        No slices, or slices of different matrix sizes.
+    SeriesRefused
+        A slice without RescaleIntercept or RescaleSlope whose values are not HU
+        (no air near -1000 HU, or mostly above 3000 HU).
+    """
+    device = torch.device(device or "cpu")
+    if not slices:
+        raise ImagingError("no slices to convert to HU")
+    shape = slices[0].stored.shape
+    for s in slices[1:]:
+        if s.stored.shape != shape:
+            raise ImagingError(
+                f"{s.name}: pixel data is {s.stored.shape}, {slices[0].name} is {shape}: "
+                "one series has one matrix",
+                s.path,
+            )
+    dtype = _transfer_dtype([s.stored for s in slices])
+    # One copy into the batch (converting as it goes), pinned for an asynchronous
+    # transfer when the batch goes to a GPU.
+    stacked = torch.empty(
+        (len(slices), *shape),
+        dtype=_TORCH_INT[dtype],
+        pin_memory=device.type == "cuda" and torch.cuda.is_available(),
+    )
+    as_numpy = stacked.numpy()
+    for i, s in enumerate(slices):  # (decoded arrays may be read-only views of the file)
+        np.copyto(as_numpy[i], s.stored, casting="unsafe")
+    x = stacked.to(device, non_blocking=True)
+    unused = [s.unused_bits for s in slices]
+    if any(u is not None for u in unused):
+        x = _mask_unused_bits(x, unused)
+
+    slopes = [s.transform.slope for s in slices]
+    intercepts = [s.transform.intercept for s in slices]
+    # float32 is exact for 16-bit values, slope 1 and an integer intercept (nearly
+    # every CT): the same bits as float64, at half the memory traffic.
+    exact32 = (
+        dtype != np.int64
+        and all(v == 1.0 for v in slopes)
+        and all(float(b).is_integer() and abs(b) < 2**20 for b in intercepts)
+    )
+    ftype = torch.float32 if exact32 else torch.float64
+    n = len(slices)
+
+    def column(values: Sequence[float], kind: torch.dtype = ftype) -> torch.Tensor:
+        return torch.tensor(values, dtype=kind).view(n, 1, 1).to(device, non_blocking=True)
+
+    slope, intercept = column(slopes), column(intercepts)
+    bits = [s.transform.signed_bits or 0 for s in slices]
+    if exact32 and not any(bits):  # the usual case: one pass, integers in, HU out
+        hu = x + intercept
+        return _finish_hu(hu, x, slices, column)
+    v = x.to(ftype)
+    if any(bits):
+        # RSNA 2019 fault: wrapped values, kept where they put the head's air at air.
+        half = column([float(1 << (b - 1)) if b else float("inf") for b in bits])
+        full = column([float(1 << b) if b else 0.0 for b in bits])
+        wrapped = torch.where(v >= half, v - full, v)
+        air = wrapped * slope + intercept
+        share = ((air >= -1100) & (air <= -900)).sum(dim=(1, 2)) >= _WRAP_AIR_SHARE * air[0].numel()
+        use = share & column([bool(b) for b in bits], torch.bool).view(n)
+        v = torch.where(use.view(n, 1, 1), wrapped, v)
+    # v is a new tensor (x.to converts): the rescale runs in place, a multiplication
+    # then an addition, each rounded once, as the float64 reference does.
+    hu = v
+    if any(b != 1.0 for b in slopes):
+        hu.mul_(slope)
+    if any(intercepts):
+        hu.add_(intercept)
+    return _finish_hu(hu, x, slices, column)
+
+
+def _finish_hu(
+    hu: torch.Tensor,
+    x: torch.Tensor,
+    slices: Sequence[StoredSlice],
+    column: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    """The rescaled values ``hu`` (a new tensor) of stored ``x``: the missing-rescale
+    check, padding and sentinels to air, float32."""
+    for i, s in enumerate(slices):  # rare: a rescale attribute missing (Type 1)
+        if s.transform.missing and not _looks_like_hu(hu[i]):
+            raise SeriesRefused(
+                f"{s.name}: {' and '.join(s.transform.missing)} missing (Type 1, PS3.3 "
+                f"C.8.2.1) and the values ({float(hu[i].min()):.0f}..{float(hu[i].max()):.0f} "
+                f"with slope {s.transform.slope:g}, intercept {s.transform.intercept:g}) "
+                "are not HU: no air near -1000",
+                s.path,
+            )
+    ranges = [s.padding for s in slices]
+    if any(r is not None for r in ranges):
+        if all(r is not None and r[0] == r[1] for r in ranges):  # PixelPaddingValue alone
+            pad = x == column([r[0] for r in ranges if r], torch.int64)
+        else:
+            lo = column([r[0] if r else 1 for r in ranges], torch.int64)
+            hi = column([r[1] if r else 0 for r in ranges], torch.int64)
+            pad = (x >= lo) & (x <= hi)
+        hu.masked_fill_(pad, AIR_HU)
+    # Nothing physical lies below air; scanners write -1500..-3024 outside the FOV.
+    return hu.clamp_min_(AIR_HU).to(torch.float32)
+
+
+_TORCH_INT = {
+    np.dtype(np.int16): torch.int16,
+    np.dtype(np.int32): torch.int32,
+    np.dtype(np.int64): torch.int64,
+}
+
+
+def _mask_unused_bits(x: torch.Tensor, unused: Sequence[tuple[int, bool] | None]) -> torch.Tensor:
+    """Keep only each slice's BitsStored low bits (PS3.5 8.1.1), sign-extended when signed.
+
+    What pydicom's ``correct_unused_bits`` does on the CPU, for the whole batch at
+    once on its device: unsigned values are masked, signed ones shifted up and back.
+    """
+    n, width = len(unused), x.element_size() * 8
+    mask = [(1 << u[0]) - 1 if u and not u[1] else -1 for u in unused]
+    shift = [width - u[0] if u and u[1] else 0 for u in unused]
+    mask_t = torch.tensor(mask, dtype=x.dtype).view(n, 1, 1).to(x.device, non_blocking=True)
+    out = x & mask_t
+    if any(shift):
+        shift_t = torch.tensor(shift, dtype=x.dtype).view(n, 1, 1).to(x.device, non_blocking=True)
+        out = (out << shift_t) >> shift_t
+    return out
+
+
+def _looks_like_hu(hu: torch.Tensor) -> bool:
+    """:func:`ich_node.imaging.pixels.values_look_like_hu` for one slice on the device."""
+    n = hu.numel()
+    if n == 0:
+        return False
+    air = int(((hu >= -1200) & (hu <= -800)).sum())
+    dense = int((hu > 3000).sum())
+    return air >= _MIN_AIR_SHARE * n and dense < _MAX_DENSE_SHARE * n
+
+
+def hu_counts(hu: torch.Tensor, *, per_slice: bool = False) -> torch.Tensor:
+    """(voxels, air, brain, dense) counts of ``hu`` as int64 on its device.
+
+    Summed batch by batch without waiting for the device; :func:`counts_record`
+    turns the sum into :class:`~ich_node.imaging.pixels.HUCounts` once per series.
+
+    Parameters
+    ----------
+    hu : torch.Tensor
+        (S, H, W) HU.
+    per_slice : bool
+        (S, 4) counts, one row per slice, instead of the (4,) total.
+    """
+    if per_slice:
+        return torch.stack([hu_counts(h) for h in hu]) if len(hu) else hu.new_zeros((0, 4))
+    # count_nonzero: about 8 times faster than summing a boolean tensor on the CPU.
+    return torch.stack(
+        [
+            torch.tensor(hu.numel(), device=hu.device),
+            torch.count_nonzero(hu <= -900),
+            torch.count_nonzero((hu >= 0) & (hu <= 100)),
+            torch.count_nonzero(hu > 3000),
+        ]
+    )
+
+
+def counts_record(counts: torch.Tensor) -> HUCounts:
+    """A (4,) tensor of :func:`hu_counts` (or a sum of them) as ``HUCounts``."""
+    voxels, air, brain, dense = (int(v) for v in counts.cpu().tolist())
+    return HUCounts(voxels=voxels, air=air, brain=brain, dense=dense)
+
+
+def apply_windows(hu: torch.Tensor, windows: Sequence[Window]) -> torch.Tensor:
+    """Map HU to one [0, 1] channel per window.
+
+    ``(HU - (center - width / 2)) / width``, clipped to [0, 1]: a plain linear
+    ramp, not PS3.3 C.11.2.1.2.1's ``center - 0.5`` / ``width - 1`` display rule,
+    so that HU 40 in the (40, 80) brain window is exactly 0.5.
+
+    Parameters
+    ----------
+    hu : torch.Tensor
+        (..., H, W) HU, float32.
+    windows : sequence of Window
+        One output channel per window, in this order.
+
+    Returns
+    -------
+    torch.Tensor
+        (..., C, H, W) float32 in [0, 1] on ``hu``'s device, ``C = len(windows)``.
+    """
+    if not windows:
+        raise ValueError("windows must not be empty")
+    if hu.ndim < 2:
+        raise ValueError(f"hu must have shape (..., H, W), got {tuple(hu.shape)}")
+    hu = hu.to(torch.float32)
+    shape = (len(windows), 1, 1)
+    low = torch.tensor([w.center - w.width / 2 for w in windows], dtype=torch.float32)
+    width = torch.tensor([w.width for w in windows], dtype=torch.float32)
+    low, width = low.view(shape).to(hu.device), width.view(shape).to(hu.device)
+    return hu.unsqueeze(-3).sub(low).div_(width).clamp_(0.0, 1.0)
+
+
+def pad_and_resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Pad to a square with 0, then resize (bilinear, antialiased).
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        (S, C, H, W) float32.
+    size : int
+        Output height and width, pixels.
+
+    Returns
+    -------
+    torch.Tensor
+        (S, C, size, size) float32 on ``images``' device. Non-square images are
+        centred in a ``max(H, W)`` square of zeros first, keeping their aspect ratio.
+    """
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (S, C, H, W), got {tuple(images.shape)}")
+    s, c, h, w = images.shape
+    if h != w:
+        side = max(h, w)
+        top, left = (side - h) // 2, (side - w) // 2
+        images = F.pad(images, (left, side - w - left, top, side - h - top))
+    if images.shape[-1] == size or s == 0:
+        return images.contiguous() if s else images.new_zeros((0, c, size, size))
+    return F.interpolate(
+        images, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )
+
+
+def add_slice_context(images: torch.Tensor, context: int) -> torch.Tensor:
+    """2.5D input: append the neighbours' brain-window channel to each slice.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        (S, C, H, W) float32 model input of consecutive slices **in the series'
+        spatial order** (inferior -> superior).
+    context : int
+        Neighbours on each side (0: no context; 1: s-1 and s+1).
+
+    Returns
+    -------
+    torch.Tensor
+        (S, C + 2 x context, H, W) float32: channels ``0..C-1`` are the slice's own
+        windows, then for ``k = 1..context`` the :data:`CONTEXT_CHANNEL` of slice
+        ``s - k`` and of slice ``s + k``. Edges are replicated: the first slice's
+        "below" neighbour is itself, so a series of one slice gets its own brain
+        window three times.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (S, C, H, W), got {tuple(images.shape)}")
+    context_channels((), context)
+    if context == 0 or len(images) == 0:
+        if context == 0:
+            return images
+        return images.new_zeros((0, images.shape[1] + 2 * context, *images.shape[2:]))
+    s = len(images)
+    brain = images[:, CONTEXT_CHANNEL]
+    padded = torch.cat(
+        [brain[:1].expand(context, -1, -1), brain, brain[-1:].expand(context, -1, -1)]
+    )
+    extra = []
+    for k in range(1, context + 1):
+        extra += [padded[context - k : context - k + s], padded[context + k : context + k + s]]
+    return torch.cat([images, torch.stack(extra, dim=1)], dim=1)
+
+
+def model_input(
+    hu: torch.Tensor,
+    windows: Sequence[Window],
+    size: int,
+    *,
+    turn: Reorientation | None = None,
+    context: int = 0,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """The model input of a run of slices: turn, windows, pad and resize, clip, context.
+
+    Parameters
+    ----------
+    hu : torch.Tensor
+        (S, H, W) float32 HU in source orientation, consecutive slices in spatial
+        order (for the context).
+    windows : sequence of Window
+        Channels, in order.
+    size : int
+        Output side, pixels.
+    turn : Reorientation, optional
+        To the reference orientation (:func:`ich_node.imaging.preprocess.series_reorientation`).
+    context : int
+        Neighbour slices on each side (:func:`add_slice_context`); the run's ends
+        replicate.
+    chunk : int, optional
+        Slices windowed and resized at once (default :data:`CPU_CHUNK` or
+        :data:`GPU_CHUNK`); the result does not depend on it.
+
+    Returns
+    -------
+    torch.Tensor
+        (S, len(windows) + 2 x context, size, size) float32 in [0, 1], on ``hu``'s device.
+    """
+    if hu.ndim != 3:
+        raise ValueError(f"hu must have shape (S, H, W), got {tuple(hu.shape)}")
+    if not windows:
+        raise ValueError("windows must not be empty")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    if turn is not None and not turn.identity:
+        hu = turn.apply(hu)
+    step = chunk or (CPU_CHUNK if hu.device.type == "cpu" else GPU_CHUNK)
+    out = hu.new_empty((len(hu), len(windows), size, size), dtype=torch.float32)
+    for start in range(0, len(hu), step):
+        part = slice(start, start + step)
+        out[part] = pad_and_resize(apply_windows(hu[part], windows), size)
+    out.clamp_(0.0, 1.0)  # float rounding in the filter must not leave [0, 1]
+    return add_slice_context(out, context)
+
+
+def prepare_slices(
+    decoded: Sequence[StoredSlice],
+    windows: Sequence[Window],
+    size: int,
+    *,
+    device: torch.device | str | None = None,
+    turn: Reorientation | None = None,
+    context: int = 0,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded slices -> (HU, model input) on ``device``: :func:`stored_to_hu`, then
+    :func:`model_input`, a chunk of slices at a time (on the CPU the intermediates of
+    a chunk stay in the cache).
+
+    Parameters
+    ----------
+    decoded : sequence of StoredSlice
+        Consecutive slices of one series in spatial order.
+    windows, size, turn, context, chunk
+        As :func:`model_input`.
+    device : torch.device or str, optional
+        Where to compute (default: the CPU).
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        (S, H, W) float32 HU in source orientation and (S, C, size, size) float32
+        model input in [0, 1], both on ``device``.
+    """
+    device = torch.device(device or "cpu")
+    shapes = {s.stored.shape for s in decoded}
+    if len(shapes) > 1:
+        raise ImagingError(f"slices of matrix sizes {sorted(shapes)}: one series has one")
+    step = chunk or (CPU_CHUNK if device.type == "cpu" else GPU_CHUNK)
+    if len(decoded) <= step:
+        hu = stored_to_hu(decoded, device)
+        return hu, model_input(hu, windows, size, turn=turn, context=context, chunk=step)
+    hus, images = [], []
+    for start in range(0, len(decoded), step):
+        part = stored_to_hu(decoded[start : start + step], device)
+        hus.append(part)
+        images.append(model_input(part, windows, size, turn=turn, chunk=step))
+    return torch.cat(hus), add_slice_context(torch.cat(images), context)

@@ -1,0 +1,241 @@
+"""Heatmap overlays of a whole series, rendered at once on the model's device.
+
+The pixels of each heatmap image (the slice in the brain window, the Grad-CAM map
+blended in where it is above :data:`~ich_node.results.sc.CAM_FLOOR`, only inside
+the head region of :func:`ich_node.imaging.head_mask`) are a handful of tensor
+operations over all images of a series together: the maps taken back to each source
+slice's grid (the inverse of the square padding and resize of
+:func:`ich_node.imaging.tensors.pad_and_resize`), the brain window, the colour map,
+the blend. :func:`with_heatmap_images` runs on the worker's side, between the model
+stage and ``results/`` (in the worker's results thread, or in
+:func:`ich_node.model.explain.explain_series` for ``predict``), and hands
+``results/`` plain ``uint8`` arrays; ``results/`` adds the legend and the burned-in
+text and encodes them (:mod:`ich_node.results.sc`), never importing torch.
+
+The look is :mod:`ich_node.results.sc`'s constants (window, floor, opacity, the
+part of the Turbo colour map used, the head's HU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Final
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ich_node.imaging import head_mask
+from ich_node.results.findings import ExplainedSeries
+from ich_node.results.sc import (
+    ALPHA_MAX,
+    BRAIN_WINDOW,
+    CAM_FLOOR,
+    TURBO_COEFFICIENTS,
+    TURBO_RANGE,
+    heatmap_indices,
+)
+
+#: Images rendered at once (bounds the float32 intermediates: ~50 MB at 512 px).
+CHUNK: Final[int] = 16
+
+
+def turbo(x: torch.Tensor) -> torch.Tensor:
+    """Turbo-like colour map on a tensor: (...) in [0, 1] -> (..., 3) float32 RGB in [0, 1].
+
+    The polynomials of :func:`ich_node.results.sc.turbo` (which draws the legend).
+    """
+    t = x.to(torch.float32).clamp(0.0, 1.0)
+    channels = []
+    for coefficients in TURBO_COEFFICIENTS:
+        value = torch.full_like(t, coefficients[-1])
+        for c in coefficients[-2::-1]:  # Horner
+            value = value * t + c
+        channels.append(value)
+    return torch.stack(channels, dim=-1).clamp_(0.0, 1.0)
+
+
+def maps_to_source(maps: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """Maps at the model input size -> the source slices' grid (undoes pad and resize).
+
+    The slice was centred in a ``max(rows, columns)`` square and resized to the
+    model input; the map is resized back to that square (bilinear, as
+    :func:`ich_node.results.common.cam_to_source` does with PIL) and cropped.
+
+    Parameters
+    ----------
+    maps : torch.Tensor
+        (N, size, size) float32 in [0, 1], source orientation.
+    rows, columns : int
+        Source matrix.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, rows, columns) float32 in [0, 1], on ``maps``' device.
+    """
+    if maps.ndim != 3 or maps.shape[1] != maps.shape[2]:
+        raise ValueError(f"maps must have shape (N, size, size), got {tuple(maps.shape)}")
+    side = max(rows, columns)
+    # PIL's bilinear filter: when enlarging, plain bilinear with half-pixel centres
+    # (the same weights, edges included); when shrinking, its antialiased kernel.
+    square = F.interpolate(
+        maps[:, None].to(torch.float32),
+        size=(side, side),
+        mode="bilinear",
+        align_corners=False,
+        antialias=side < maps.shape[-1],
+    )[:, 0]
+    top, left = (side - rows) // 2, (side - columns) // 2
+    return square[:, top : top + rows, left : left + columns].clamp(0.0, 1.0)
+
+
+def _blend(grey: torch.Tensor, cam: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """(...) grey in [0, 1], map, where colour may go -> (..., 3) uint8 RGB.
+
+    The colour rises linearly from 0 at :data:`CAM_FLOOR` to :data:`ALPHA_MAX` at
+    the map's maximum, only where ``inside``.
+    """
+    level = ((cam - CAM_FLOOR) / (1.0 - CAM_FLOOR)).clamp_(0.0, 1.0)
+    alpha = (ALPHA_MAX * level * inside)[..., None]
+    lo, hi = TURBO_RANGE
+    rgb = (1.0 - alpha) * grey[..., None] + alpha * turbo(lo + (hi - lo) * level)
+    return (rgb * 255.0).round_().to(torch.uint8)
+
+
+def _render(hu: torch.Tensor, cam: torch.Tensor | None, head: torch.Tensor | None) -> torch.Tensor:
+    """(N, H, W) HU, maps (or None) and head region -> (N, H, W, 3) uint8 RGB on the device."""
+    low = BRAIN_WINDOW.center - BRAIN_WINDOW.width / 2
+    grey = ((hu - low) / BRAIN_WINDOW.width).clamp_(0.0, 1.0)
+    if cam is None or head is None:
+        return (grey * 255.0).round_().to(torch.uint8)[..., None].expand(*grey.shape, 3)
+    # Colour only the head, above the floor: the upsampled map spills into the air,
+    # the table and the head holder, where it would suggest a finding outside the
+    # patient.
+    inside = (cam > CAM_FLOOR) & head
+    if hu.device.type != "cpu":
+        return _blend(grey, cam, inside)  # every pixel at once: the GPU does not mind
+    # On the CPU, the colour map only where there is colour (a fraction of a slice);
+    # elsewhere the blend is the grey image itself (alpha 0).
+    out = (grey * 255.0).round_().to(torch.uint8)[..., None].expand(*grey.shape, 3).clone()
+    out[inside] = _blend(grey[inside], cam[inside], inside[inside])
+    return out
+
+
+def render_overlays(
+    hu: torch.Tensor,
+    maps: torch.Tensor | None,
+    explained: Sequence[bool],
+    head: torch.Tensor | None = None,
+) -> list[np.ndarray]:
+    """Render several heatmap images of one series at once.
+
+    Parameters
+    ----------
+    hu : torch.Tensor
+        (N, rows, columns) float32 HU of the slices to draw, source orientation, on
+        the device that renders.
+    maps : torch.Tensor or None
+        (M, size, size) float32 in [0, 1] maps at the model input size, source
+        orientation, one per explained slice in order (None when M is 0).
+    explained : sequence of bool
+        Per slice, whether it has a map (the next of ``maps``); the others are the
+        plain brain window.
+    head : torch.Tensor, optional
+        (N, rows, columns) bool head region (:func:`ich_node.imaging.head_mask` of the
+        whole series), where colour may go. Default: the head region of ``hu`` itself.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        One (rows, columns, 3) uint8 RGB per slice, on the CPU.
+    """
+    if len(hu) != len(explained):
+        raise ValueError(f"{len(hu)} slices but {len(explained)} explained flags")
+    n_maps = sum(explained)
+    if n_maps and (maps is None or len(maps) != n_maps):
+        raise ValueError(f"{n_maps} slices explained but {0 if maps is None else len(maps)} maps")
+    if head is not None and head.shape != hu.shape:
+        raise ValueError(f"head shape {tuple(head.shape)} differs from hu's {tuple(hu.shape)}")
+    if n_maps and head is None:
+        head = torch.from_numpy(head_mask(hu.cpu().numpy()))
+    rows, columns = int(hu.shape[1]), int(hu.shape[2])
+    map_at = np.cumsum([0, *explained])  # index into ``maps`` of each explained slice
+    out: list[np.ndarray] = []
+    with torch.inference_mode():
+        for start in range(0, len(hu), CHUNK):
+            part = range(start, min(len(hu), start + CHUNK))
+            slices = hu[start : part.stop]
+            with_map = [k for k in part if explained[k]]
+            if not with_map or maps is None or head is None:
+                rgb = _render(slices, None, None)
+            else:
+                cams = torch.zeros_like(slices)
+                chosen = maps[torch.as_tensor([int(map_at[k]) for k in with_map])]
+                at = torch.as_tensor([k - start for k in with_map], device=hu.device)
+                cams[at] = maps_to_source(chosen.to(hu.device), rows, columns)
+                rgb = _render(slices, cams, head[start : part.stop].to(hu.device))
+            out.extend(rgb.cpu().numpy())
+    return out
+
+
+def with_heatmap_images(
+    explained: ExplainedSeries,
+    which: str,
+    device: torch.device | str,
+    *,
+    hu: torch.Tensor | None = None,
+) -> ExplainedSeries:
+    """``explained`` with its heatmap images rendered and its head region found.
+
+    The worker-side step between the model stage and ``results/``: the head region
+    of the series (:func:`ich_node.imaging.head_mask`, CPU), then every image the
+    heatmap series shows (:func:`ich_node.results.sc.heatmap_indices`) rendered at
+    once on ``device`` (:func:`render_overlays`).
+
+    Parameters
+    ----------
+    explained : ExplainedSeries
+        From :func:`ich_node.model.explain.explain_series`.
+    which : {"positive", "all", "none"}
+        ``results.heatmaps``.
+    device : torch.device or str
+        Where to render (the model's device).
+    hu : torch.Tensor, optional
+        ``explained.hu`` already on ``device`` (the prediction's), to spare a copy.
+
+    Returns
+    -------
+    ExplainedSeries
+        With ``overlays`` (slice index -> (rows, columns, 3) uint8) and ``head``
+        ((S, rows, columns) bool, or None when no slice has a map).
+    """
+    indices = heatmap_indices(explained, which)
+    if not indices:
+        return explained
+    by_index = {e.index: e for e in explained.explanations}
+    flags = [i in by_index for i in indices]
+    head = None
+    if any(flags):
+        spacing = explained.series.slices[0].pixel_spacing if explained.series.slices else 0.5
+        head = head_mask(explained.hu, spacing)
+    device = torch.device(device)
+    rows = torch.as_tensor(indices)
+    with torch.inference_mode():
+        if hu is not None and hu.device == device:
+            chosen = hu[rows.to(device)]
+        else:
+            chosen = torch.from_numpy(np.ascontiguousarray(explained.hu[indices])).to(device)
+        maps = (
+            torch.from_numpy(np.stack([by_index[i].cam for i in indices if i in by_index]))
+            if any(flags)
+            else None
+        )
+        images = render_overlays(
+            chosen,
+            maps,
+            flags,
+            None if head is None else torch.from_numpy(np.ascontiguousarray(head[indices])),
+        )
+    return replace(explained, overlays=dict(zip(indices, images, strict=True)), head=head)
