@@ -405,6 +405,20 @@ _SHARED_PROCESSORS: list[structlog.types.Processor] = [
 ]
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, as logging's own
+    last-resort handler does: a process that replaces ``sys.stderr`` after logging was
+    configured (a daemon wrapper, a test runner capturing output) never has a record
+    written to a closed stream, which logging would report with a traceback."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+
 def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
     """Configure structlog, the standard library logging and ``warnings`` for this process.
 
@@ -447,7 +461,7 @@ def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler.setFormatter(formatter)
     handler.addFilter(_LibraryFilter())
     root = logging.getLogger()

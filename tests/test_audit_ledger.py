@@ -110,25 +110,36 @@ def test_an_older_sqlite_store_gains_the_columns(tmp_path: Path) -> None:
 
 
 def test_postgres_migration_adds_the_columns(pg_url: str, tmp_path: Path) -> None:
+    """A database at the schema before the audit's columns, with a ledger row in it, is
+    migrated by the next serve to the latest schema: the row gains the defaults."""
     import psycopg
 
     from ich_node.config import StorageSection
     from ich_node.queue import postgres
 
-    section = StorageSection(dir=tmp_path, database=pg_url)
     number = next(i + 1 for i, m in enumerate(postgres.MIGRATIONS) if "result_at" in m)
-    assert number == postgres.SCHEMA_VERSION  # the latest, so dropping it leaves a valid schema
-    store = postgres.PgStore(section)
-    _record(store, [_read(1, 10.0, mode="shadow")])
-    store.close()
-    with psycopg.connect(pg_url, autocommit=True) as conn:  # back to the schema before it
-        conn.execute("DROP INDEX series_reads_read_at")
-        for column in ("threshold_sources", "mode", "result_at"):
-            conn.execute(f"ALTER TABLE series_reads DROP COLUMN {column}")
-        conn.execute("DELETE FROM ich_schema_migrations WHERE version = %s", (number,))
-    store = postgres.PgStore(section)
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # as an older ich-node left it
+        conn.execute(
+            """CREATE TABLE ich_schema_migrations (
+                version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"""
+        )
+        for version in range(1, number):
+            conn.execute(postgres.MIGRATIONS[version - 1])
+            conn.execute("INSERT INTO ich_schema_migrations VALUES (%s, 0)", (version,))
+        conn.execute(
+            """INSERT INTO series_reads (job_id, study_instance_uid, series_instance_uid,
+                version, model_name, model_version, model_sha256, thresholds, probabilities,
+                coverage_complete, read_at)
+            VALUES ('job-1', '1.2.3', '1.2.3.4', 1, 'm', '1', %s, '{}', '{}', true, 10.0)""",
+            ("0" * 64,),
+        )
+    store = postgres.PgStore(StorageSection(dir=tmp_path, database=pg_url))
     try:
         (row,) = store.reads()
-        assert (row.mode, row.threshold_sources, row.result_at) == ("live", {}, None)
+        assert (row.job_id, row.mode, row.threshold_sources, row.result_at) == (
+            "job-1", "live", {}, None,
+        )  # fmt: skip
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            assert postgres.schema_version(conn) == postgres.SCHEMA_VERSION
     finally:
         store.close()

@@ -113,9 +113,18 @@ def test_notify_wakes_an_idle_worker(tmp_path: Path, pg_url: str) -> None:
     waiter, producer = _store(tmp_path, pg_url), _store(tmp_path, pg_url)
     assert waiter.wait_for_jobs(0.05) is False  # nothing queued: the wait times out
     woke: list[bool] = []
-    listening = threading.Thread(target=lambda: woke.append(waiter.wait_for_jobs(60.0)))
-    waiter.wait_for_jobs(0.0)  # LISTEN before the job is queued
+    ready = threading.Event()
+
+    def wait() -> None:
+        # Each thread listens on a connection of its own: LISTEN in the waiting
+        # thread before the job is queued, as a worker's loop does from its first wait.
+        waiter.wait_for_jobs(0.0)
+        ready.set()
+        woke.append(waiter.wait_for_jobs(60.0))
+
+    listening = threading.Thread(target=wait)
     listening.start()
+    assert ready.wait(30)
     producer.add_instance(_record("1.9.1", "1.9"), Path("/a.dcm"), 1, 0.0)
     producer.queue_series("1.9", 1, job_id_for, 0.0)
     listening.join(60)
