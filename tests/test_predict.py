@@ -233,3 +233,31 @@ def test_a_subtype_is_positive_only_in_a_series_positive_for_any() -> None:
     positive = summarise(probabilities=probabilities, **args)
     assert positive.positive_labels == ("any", "subdural")
     assert positive.positive_slices("subdural") == (1,)
+
+
+def test_predict_writes_results_for_bare_data_sets(tmp_path: Path, tiny_bundle: Path) -> None:
+    """Files without preamble, DICM or file meta (PS3.10 7.1 not followed) that the
+    imaging stage reads are read by every later stage too: the SR and heatmaps are
+    written, dated in the source's zone (read from the same bare header)."""
+    import pydicom
+
+    phantom = write_series(tmp_path / "src", seed=4, n_slices=6, matrix=128)
+    bare = tmp_path / "in"
+    bare.mkdir()
+    for i, p in enumerate(phantom.paths):
+        ds = pydicom.dcmread(p)
+        ds.TimezoneOffsetFromUTC = "+0900"
+        del ds.file_meta
+        ds.preamble = None
+        ds.save_as(bare / f"slice{i}", implicit_vr=True, little_endian=True)
+        assert (bare / f"slice{i}").read_bytes()[128:132] != b"DICM"
+    out = tmp_path / "out"
+    argv = ["predict", "--bundle", str(tiny_bundle), "--out", str(out), "--heatmaps", "all"]
+    assert main([*argv, str(bare)]) == 0
+    folder = out / phantom.series_instance_uid
+    sr = pydicom.dcmread(folder / "sr.dcm")
+    assert sr.StudyInstanceUID == phantom.study_instance_uid
+    assert sr.TimezoneOffsetFromUTC == "+0900"
+    heatmaps = sorted((folder / "heatmaps").glob("*.dcm"))
+    assert len(heatmaps) == 6
+    assert {pydicom.dcmread(p).TimezoneOffsetFromUTC for p in heatmaps} == {"+0900"}

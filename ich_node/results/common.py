@@ -35,6 +35,7 @@ from pydicom.valuerep import PersonName, validate_value
 
 from ich_node.card import ModelCard
 from ich_node.imaging import CTSeries
+from ich_node.imaging.files import read_dataset
 from ich_node.imaging.records import LossyCompression
 from ich_node.results.findings import OutputTime
 
@@ -232,16 +233,22 @@ def cam_to_source(cam: np.ndarray, rows: int, columns: int) -> np.ndarray:
 def source_header(series: CTSeries) -> pydicom.Dataset:
     """The first slice's header, without pixel data (what the outputs copy from).
 
+    Read by :func:`ich_node.imaging.files.read_dataset`, the reader the series was
+    read with, so a file the imaging stage accepted (a bare data set without file
+    meta, PS3.10 7.1 not followed) is accepted here too.
+
     Raises
     ------
-    OSError, pydicom.errors.InvalidDicomError
-        When the file can no longer be read.
+    ich_node.imaging.files.ImagingError
+        When the file is no longer readable DICOM.
+    ich_node.imaging.files.StorageUnavailable
+        When the operating system cannot read it.
     ValueError
         When the series has no slices.
     """
     if not series.slices:
         raise ValueError("series has no slices")
-    return pydicom.dcmread(series.slices[0].path, stop_before_pixels=True)
+    return read_dataset(series.slices[0].path, pixels=False)
 
 
 def character_set(header: pydicom.Dataset) -> tuple[str, ...] | None:
