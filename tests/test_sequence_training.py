@@ -115,39 +115,52 @@ def test_two_stage_pipeline_on_context_phantoms(
 #: CNN + sequence must reach at most this fraction of the CNN's weighted log loss
 #: on the held-out studies (measured 0.75; RSNA's 2nd place: 0.046 / 0.062 = 0.74).
 MAX_LOSS_RATIO = 0.85
+SEEDS = (0, 1, 2)
 
 
 def test_sequence_stage_beats_cnn_on_held_out_context_phantoms(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """32 context studies (24 train / 8 validation patients), ResNet-18 at 64 px without
-    slice context for 6 epochs, then the sequence stage (2 augmented embedding passes);
-    on 12 held-out studies CNN + sequence must be clearly below the CNN alone.
-    About 2.5 minutes with one thread on two busy cores."""
+    slice context for 6 epochs, then the sequence stage (2 augmented embedding passes),
+    three times with training seeds 0, 1 and 2; on 12 held-out studies CNN + sequence,
+    summed over the three runs, must be clearly below the CNN alone. One run is too
+    noisy at this size to judge the stage by (ratios 0.51 to 0.90 across seeds with
+    torch 2.14.1, docs/training.md). About 2 minutes with one thread on two cores."""
     from training.phantom import write_dataset
 
     train, test = tmp_path / "train", tmp_path / "test"
     write_dataset(train, 32, seed=31, n_slices=10, matrix=128, context=True)
     write_dataset(test, 12, seed=32, n_slices=10, matrix=128, context=True)
-    run = tmp_path / "cnn"
-    settings = resolve(
-        None, images=train / "images", labels=train / "stage_2_train.csv", out=run,
-        arch="resnet18", image_size=64, epochs=6, batch_size=16, lr=2e-3, warmup_epochs=0.5,
-        val_fraction=0.25, workers=0, progress=False, seed=0, rotate_deg=5.0, scale=0.1,
-        translate=0.05,
-    )  # fmt: skip
-    assert fit(settings, say=lambda _m: None).bundle_path is not None
-    seq = tmp_path / "seq"
-    assert train_cli(["fit-sequence", "--run", str(run), "--out", str(seq), "--epochs", "40",
-                      "--hidden", "32", "--embed-passes", "2", "--batch-series", "2",
-                      "--lr", "3e-3", "--device", "cpu"]) == 0  # fmt: skip
-    capsys.readouterr()
-    report = evaluate_bundle(
-        seq / "model.safetensors", test / "images", test / "stage_2_train.csv",
-        tmp_path / "REPORT.json", device="cpu",
-    )  # fmt: skip
-    cnn = report["stages"]["cnn"]["images"]["weighted_log_loss"]
-    both = report["stages"]["cnn+sequence"]["images"]["weighted_log_loss"]
+    losses: list[tuple[float, float]] = []
+    for seed in SEEDS:
+        run = tmp_path / f"cnn{seed}"
+        settings = resolve(
+            None, images=train / "images", labels=train / "stage_2_train.csv", out=run,
+            arch="resnet18", image_size=64, epochs=6, batch_size=16, lr=2e-3,
+            warmup_epochs=0.5, val_fraction=0.25, workers=0, progress=False, seed=seed,
+            rotate_deg=5.0, scale=0.1, translate=0.05,
+        )  # fmt: skip
+        assert fit(settings, say=lambda _m: None).bundle_path is not None
+        seq = tmp_path / f"seq{seed}"
+        assert train_cli(["fit-sequence", "--run", str(run), "--out", str(seq), "--epochs", "40",
+                          "--hidden", "32", "--embed-passes", "2", "--batch-series", "2",
+                          "--lr", "3e-3", "--device", "cpu"]) == 0  # fmt: skip
+        capsys.readouterr()
+        report = evaluate_bundle(
+            seq / "model.safetensors", test / "images", test / "stage_2_train.csv",
+            tmp_path / f"REPORT{seed}.json", device="cpu",
+        )  # fmt: skip
+        losses.append(
+            (
+                report["stages"]["cnn"]["images"]["weighted_log_loss"],
+                report["stages"]["cnn+sequence"]["images"]["weighted_log_loss"],
+            )
+        )
+    cnn = sum(c for c, _ in losses)
+    both = sum(b for _, b in losses)
+    runs = ", ".join(f"{b:.4f} vs {c:.4f}" for c, b in losses)
     assert both < MAX_LOSS_RATIO * cnn, (
-        f"the sequence stage does not help: weighted log loss {both:.4f} vs CNN {cnn:.4f}"
+        f"the sequence stage does not help: weighted log loss summed over seeds {both:.4f} "
+        f"vs CNN {cnn:.4f} ({runs})"
     )
