@@ -14,7 +14,7 @@ runs made under the same load (a shared machine's load moves between rounds):
   process of its own, logging configured as ``serve`` does, alone (no assembler,
   worker or sender): the ingest path. Success goes back only once each instance is
   written to a temporary file, fsync'ed, renamed, its folder fsync'ed and its row
-  committed (``synchronous=FULL``).
+  committed (``synchronous=FULL``; the folder's fsync and the commit side by side).
 - *pynetdicom storescp*: ``python -m pynetdicom storescp -od DIR`` (writes, no fsync).
 - *DCMTK storescp*: ``/usr/bin/storescp --fork -od DIR``, ``TCP_NODELAY=1`` (no fsync).
 
@@ -25,6 +25,8 @@ costs (they are measurements, not configurations to run):
   pending limits, deadlines or per-PDU checks, :mod:`ich_node.ingest.guard`);
 - *digest on the ack path*: a new instance's SHA-256 computed before it is written,
   as before, instead of beside its write and fsync;
+- *folder fsync, then commit*: the folder's fsync after the rename finishes before
+  the row is committed, as before, instead of beside the commit;
 - *max PDU 16 KiB*: ``node.max_pdu_kb: 16`` (pynetdicom's default), 32 PDUs per image.
 
 Sender, the same for all: DCMTK ``storescu`` processes with ``TCP_NODELAY=1``; one
@@ -78,14 +80,19 @@ variant = sys.argv[2]
 configure_logging(config.logging.format, config.logging.level)
 store = Store.open(config.storage.dir)
 spool = Spool(config.storage.dir, store, config.storage.min_free_mb)
-if variant == "digest on the ack path":
+if variant in ("digest on the ack path", "folder fsync, then commit"):
     from concurrent.futures import Future
+    from ich_node.ingest.spool import content_digest
+    inline = content_digest if variant == "digest on the ack path" else os.fsync
+    pool = spool._helper
     class Inline:
         def submit(self, fn, *args):
+            if fn is not inline:
+                return pool.submit(fn, *args)
             done = Future()
             done.set_result(fn(*args))
             return done
-    spool._hasher = Inline()
+    spool._helper = Inline()
 if variant == "guard off":
     from pynetdicom import evt
     ae = listener.build_ae(config)
@@ -107,6 +114,7 @@ NODE_VARIANTS: dict[str, dict[str, Any]] = {
     NODE: {},
     "node, guard off": {},
     "node, digest on the ack path": {},
+    "node, folder fsync, then commit": {},
     "node, max PDU 16 KiB": {"max_pdu_kb": 16},
 }
 

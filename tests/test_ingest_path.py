@@ -1,13 +1,17 @@
 """The acknowledgement path: what it does per image, through real associations.
 
 A new instance's digest is computed beside its write and fsync (not before), and
-still names its file and its row; the listener advertises ``node.max_pdu_kb`` as
+still names its file and its row; the folder's fsync after the rename runs beside
+the row's commit, and when it fails the C-STORE fails and nothing stays recorded;
+the listener advertises ``node.max_pdu_kb`` as
 its Maximum Length, so senders split an image into that many fewer PDUs. Both store
 backends where a store is involved.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,13 +55,14 @@ def test_new_instances_are_named_and_recorded_by_the_digest_computed_beside_the_
     port, store, spool = node
     paths = list(phantom_series.paths)
     computed: list[int] = []
-    submit = spool._hasher.submit
+    submit = spool._helper.submit
 
-    def counted(fn: Any, data: bytes) -> Any:
-        computed.append(len(data))
-        return submit(fn, data)
+    def counted(fn: Any, arg: Any) -> Any:
+        if fn is content_digest:
+            computed.append(len(arg))
+        return submit(fn, arg)
 
-    spool._hasher.submit = counted  # type: ignore[method-assign]
+    spool._helper.submit = counted  # type: ignore[method-assign]
     storescu(port, paths)
     assert len(computed) == len(paths)  # every new instance hashed beside its write
     files = store.instance_paths(phantom_series.series_instance_uid)
@@ -74,6 +79,49 @@ def test_new_instances_are_named_and_recorded_by_the_digest_computed_beside_the_
     storescu(port, paths)
     assert computed == [] and store.n_instances() == len(paths)
     assert sorted(store.instance_paths(phantom_series.series_instance_uid)) == sorted(files)
+
+
+def test_a_folder_fsync_that_fails_beside_the_commit_fails_the_c_store_and_undoes_the_row(
+    node: tuple[int, Store, Spool], phantom_series: Any
+) -> None:
+    """The row is committed while the folder's fsync runs; when that fsync fails
+    (EIO), the instance is not acknowledged (0xA700), its row and file are taken
+    back, and the sender's retry is written and recorded anew, not taken for a
+    duplicate of the copy whose rename was never made durable."""
+    port, store, spool = node
+    path = phantom_series.paths[0]
+    series, sop = phantom_series.series_instance_uid, phantom_series.sop_instance_uids[0]
+    submit = spool._helper.submit
+    folder_syncs: list[int] = []
+
+    def failing_folder_fsync(fd: int) -> None:
+        folder_syncs.append(fd)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def faulty(fn: Any, arg: Any) -> Any:
+        return submit(failing_folder_fsync if fn is os.fsync else fn, arg)
+
+    spool._helper.submit = faulty  # type: ignore[method-assign]
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ICH_NODE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        assoc.release()
+    assert status.Status == 0xA700
+    assert len(folder_syncs) == 1
+    assert store.instance_digest(series, sop) is None and store.n_instances() == 0
+    assert store.instance_paths(series) == []
+    study = phantom_series.study_instance_uid
+    folder = spool.layout.instance_file(study, series, sop, "").parent
+    assert not folder.is_dir() or [p.name for p in folder.iterdir()] == []
+    spool._helper.submit = submit  # type: ignore[method-assign]
+    storescu(port, [path])  # the retry: Success, written and recorded
+    (kept,) = store.instance_paths(series)
+    assert kept.is_file() and store.n_instances() == 1
+    assert content_digest(kept.read_bytes()) == store.instance_digest(series, sop)
 
 
 @pytest.mark.parametrize("kb", [None, 16, 1024])

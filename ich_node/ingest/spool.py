@@ -9,9 +9,10 @@ in another series is stored with that series, and logged as a warning.
 
 An instance is durable when its bytes are in a temporary file that was fsync'ed,
 renamed to its final name, its folder fsync'ed, and its row committed in the
-store. Only then may the listener answer Success: a crash at any point before
-leaves either nothing or an unreferenced file that a later identical C-STORE
-overwrites.
+store (the folder's fsync and the commit run at the same time; both must end).
+Only then may the listener answer Success: a crash at any point before leaves
+either nothing, an unreferenced file that a later identical C-STORE overwrites,
+or a row whose file is gone, which recovery forgets.
 """
 
 from __future__ import annotations
@@ -247,8 +248,9 @@ class Spool:
         self.store = store
         self.min_free_bytes = min_free_mb * 1024 * 1024
         self.free_space = free_space
-        # Digests of new instances, computed beside their write and fsync (see save).
-        self._hasher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-digest")
+        # Digests of new instances, computed beside their write and fsync, and folder
+        # fsyncs, run beside the commit (see save).
+        self._helper = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-helper")
 
     def recover(self) -> Recovery:
         """Bring the spool and the store back in line after a crash; run before listening.
@@ -315,6 +317,17 @@ class Spool:
             raise
         return fd
 
+    def _undo_add(self, final: Path) -> None:
+        """Take back a recorded instance whose rename could not be made durable.
+
+        Its C-STORE is answered with a failure, so the sender sends it again and it
+        is written and recorded anew (not taken for a duplicate of this copy).
+        """
+        with contextlib.suppress(Exception):
+            self.store.forget_instance(str(final))
+        with contextlib.suppress(OSError):
+            final.unlink()
+
     def path_for(self, record: InstanceRecord, digest: str) -> Path:
         """The spool file of ``record`` with content ``digest`` (hex)."""
         return self.layout.instance_file(
@@ -356,7 +369,7 @@ class Spool:
             # A new instance: its digest is computed while its bytes are written and
             # fsync'ed (hashlib and fsync both release the GIL), off the latency of
             # the acknowledgement; it names the file at the rename.
-            hashing = self._hasher.submit(content_digest, data)
+            hashing = self._helper.submit(content_digest, data)
             digest = ""
         else:  # a re-send: compared before anything is written
             digest = content_digest(data)
@@ -382,8 +395,18 @@ class Spool:
                 digest = hashing.result()
             final = self.path_for(record, digest)
             os.replace(tmp, final.name, src_dir_fd=folder, dst_dir_fd=folder)
-            os.fsync(folder)
-            result = self.store.add_instance(record, final, len(data), now, digest)
+            # The folder's fsync (the rename made durable) and the row's commit (the
+            # store's own fsync) overlap: Success waits for both. A crash in between
+            # leaves a row whose file is gone, which recover() forgets: it was never
+            # acknowledged.
+            syncing = self._helper.submit(os.fsync, folder)
+            try:
+                result = self.store.add_instance(record, final, len(data), now, digest)
+            finally:
+                synced = syncing.exception()  # waits: the folder stays open until then
+            if synced is not None:
+                self._undo_add(final)
+                raise synced
         except SpoolError:
             raise
         except Exception as exc:  # OSError, sqlite3.Error: the instance is not durable
