@@ -250,7 +250,7 @@ class Spool:
         self.free_space = free_space
         # Digests of new instances, computed beside their write and fsync, and folder
         # fsyncs, run beside the commit (see save).
-        self._helper = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-helper")
+        self._helper = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool-helper")
 
     def recover(self) -> Recovery:
         """Bring the spool and the store back in line after a crash; run before listening.
