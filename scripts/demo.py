@@ -687,6 +687,11 @@ def _sr_summary(sr: pydicom.Dataset) -> list[str]:
     return found
 
 
+#: Seconds per epoch of config/train_demo.yaml on this repository's 2 idle cores (AMD EPYC,
+#: torch 2.14.1): 23-31 s, measured 6 December 2026 (docs/training.md).
+IDLE_EPOCH_S = 25
+
+
 def training_notice(preset: Path, load: float) -> str:
     """What to expect before the demo trains: epochs, the idle pace, the present load.
 
@@ -703,9 +708,9 @@ def training_notice(preset: Path, load: float) -> str:
         else ""
     )
     return (
-        f"Training the demo model: {epochs} epochs, about 14 s each on 2 idle cores "
-        f"(about {epochs * 14 / 60:.0f} min){busy}. After the first epoch, training prints "
-        "an estimate for this machine."
+        f"Training the demo model: {epochs} epochs, about {IDLE_EPOCH_S} s each on 2 idle "
+        f"cores (about {epochs * IDLE_EPOCH_S / 60:.0f} min){busy}. After the first epoch, "
+        "training prints an estimate for this machine."
     )
 
 

@@ -272,7 +272,9 @@ def test_training_notice_before_the_demo_trains(demo: ModuleType) -> None:
 
     preset = REPO / "config" / "train_demo.yaml"
     quiet = demo.training_notice(preset, 0.1)
-    assert quiet.startswith("Training the demo model: 12 epochs, about 14 s each on 2 idle cores")
+    assert quiet.startswith(
+        "Training the demo model: 12 epochs, about 25 s each on 2 idle cores (about 5 min)"
+    )
     assert "estimate for this machine" in quiet and "load" not in quiet
     busy = demo.training_notice(preset, 10.0 * (os.cpu_count() or 1))
     assert "expect it to take longer" in busy
