@@ -8,7 +8,8 @@
   all gets a reason naming the class and the syntaxes, at the first attempt.
 - C-STORE warnings count as stored, the warning recorded (a pynetdicom SCP).
 - A hung destination beside a healthy one: the healthy one gets each study's
-  results within seconds of its job (each destination in its own lane).
+  results within seconds of its job (each destination in its own lane), through
+  the sender's lanes and through a whole ``serve``, which SIGTERM still stops.
 - DICOMweb (STOW-RS) into a real Orthanc with its DICOMweb plugin, and a
   token-checking proxy in front of it that refuses a wrong bearer token.
 """
@@ -415,3 +416,77 @@ def test_dicomweb_files_are_checked_at_start(tmp_path: Path) -> None:
         "destinations[3] (d)",
     ]
     assert "unreadable" in problems[0] and "empty" in problems[1] and "line 2" in problems[2]
+
+
+def test_a_served_node_with_a_hung_destination_delivers_to_the_healthy_one(tmp_path: Path) -> None:
+    """``serve`` (a subprocess) with a destination that accepts TCP and never answers,
+    beside DCMTK storescp: each of 3 studies' SR and heatmaps reach the healthy PACS
+    within 5 s of its job finishing; SIGTERM with the hung attempt in flight ends the
+    node within 15 s; the hung destination's deliveries stay due (never parked)."""
+    from benchmarks.end_to_end import _send
+    from tests.alert_servers import wait_for
+    from tests.test_alerts_node import ServedNode
+
+    bundle = random_bundle(tmp_path / "model.safetensors", name="hung test model",
+                           thresholds=dict.fromkeys(LABELS, 0.01))  # fmt: skip
+    hung, pacs = HungPeer(), Storescp(tmp_path / "pacs")
+    config = {
+        "node": {"ae_title": "ICH_NODE", "host": "127.0.0.1", "port": free_port(), "workers": 1},
+        "callers": [{"ae_title": "MODALITY"}],
+        "series": {"stable_seconds": 0.5, "min_slices": 8},
+        "model": {"bundle": str(bundle), "device": "cpu", "batch_size": 8},
+        "results": {"heatmaps": "positive"},
+        "sender": {"timeout_seconds": 30.0},
+        "storage": {"dir": str(tmp_path / "node"), "min_free_mb": 1},
+        "destinations": [
+            {"name": "hung", "ae_title": "HUNG", "host": "127.0.0.1", "port": hung.port},
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port},
+        ],
+    }  # fmt: skip
+    node = ServedNode(tmp_path, config)
+    try:
+        studies = [write_series(tmp_path / f"study{i}", seed=40 + i, subtypes=("subdural",),
+                                n_slices=10, matrix=128) for i in range(3)]  # fmt: skip
+        node.start()
+        for study in studies:
+            _send(list(study.paths), node.port, nodelay=True, calling="MODALITY")
+            time.sleep(1.0)
+        store = node.store()
+
+        def delivered() -> bool:
+            jobs = store.jobs()
+            return len(jobs) == 3 and all(
+                {d.destination: d.state for d in store.deliveries(j.job_id)}.get("pacs") == "done"
+                for j in jobs
+            )
+
+        assert wait_for(delivered, 240), node.log()[-3000:]
+        jobs = store.jobs()
+        assert sorted(j.series_instance_uid for j in jobs) == sorted(
+            s.series_instance_uid for s in studies
+        )
+        for job in jobs:
+            assert job.state == "done"
+            state = {d.destination: d for d in store.deliveries(job.job_id)}
+            assert state["pacs"].updated_at - job.updated_at < 5.0, (
+                state["pacs"].updated_at - job.updated_at
+            )
+            assert state["hung"].state in ("pending", "retry"), state["hung"]
+        srs = [c for c in _classes(pacs.folder) if c in SR_CLASSES.values()]
+        assert len(srs) == 3 and _classes(pacs.folder).count(SECONDARY_CAPTURE) == 30
+        assert hung.held  # an attempt to the hung destination is in flight
+        assert node.process is not None
+        node.process.terminate()
+        t = time.monotonic()
+        node.process.wait(60)
+        stopped_in = time.monotonic() - t
+        node.process = None
+        assert stopped_in < 15.0, stopped_in  # docs/admin.md: SIGTERM within 15 s
+        for job in store.jobs():
+            (cut,) = [d for d in store.deliveries(job.job_id) if d.destination == "hung"]
+            assert cut.state in ("pending", "retry"), cut  # due again after a restart
+        store.close()
+    finally:
+        node.stop()
+        hung.close()
+        pacs.stop()
