@@ -110,8 +110,10 @@ def _sender(config: NodeConfig, store: Any, holder: str = "") -> Sender:
 @pytest.mark.parametrize(
     ("end", "encoding", "msh18"),
     [("\n", "utf-8", ""), ("\r\n", "utf-8", ""), ("\r", "iso8859-1", ""),
-     ("\r\n", "iso8859-1", "8859/1"), ("\n", "utf-8", "UNICODE UTF-8")],
-    ids=["lf", "crlf", "latin1-without-msh18", "latin1-named", "utf8-named"],
+     ("\r\n", "iso8859-1", "8859/1"), ("\n", "utf-8", "UNICODE UTF-8"),
+     ("\r\n", "utf-8-sig", ""), ("\r", "utf-8-sig", "8859/1")],
+    ids=["lf", "crlf", "latin1-without-msh18", "latin1-named", "utf8-named", "utf8-bom",
+         "utf8-bom-misnamed"],
 )  # fmt: skip
 def test_ack_dialects_give_one_oru_recorded_delivered(
     tmp_path: Path, end: str, encoding: str, msh18: str

@@ -383,7 +383,8 @@ def test_delivery_imports_no_torch() -> None:
 
 
 def test_ack_charset_follows_msh18_and_falls_back_to_latin1() -> None:
-    """MSH-18 names the charset (HL7 table 0211); empty: UTF-8 when valid, else ISO 8859-1."""
+    """MSH-18 names the charset (HL7 table 0211); empty: UTF-8 when valid, else ISO 8859-1;
+    a UTF-8 byte order mark means UTF-8."""
     ack = "MSH|^~\\&|RIS|H|N|N|20260101||ACK|1|P|2.5.1||||||{}\rMSA|AE|k|Preis {}\r"
     cases = [
         (ack.format("8859/15", "10 €").encode("iso8859-15"), "10 €", "iso8859-15"),
@@ -391,6 +392,10 @@ def test_ack_charset_follows_msh18_and_falls_back_to_latin1() -> None:
         (ack.format("", "10 é").encode("iso8859-1"), "10 é", "iso8859-1"),
         (ack.format("UNICODE UTF-8", "10 é").encode("iso8859-1"), "10 é", "iso8859-1"),
         (ack.format("NO-SUCH-SET", "10 é").encode("iso8859-1"), "10 é", "iso8859-1"),
+        # A UTF-8 byte order mark before MSH: UTF-8, whatever MSH-18 says; not in the ID.
+        (ack.format("", "10 €").encode("utf-8-sig"), "10 €", "utf-8"),
+        (ack.format("8859/1", "10 é").encode("utf-8-sig"), "10 é", "utf-8"),
+        (b"\x0b" + ack.format("", "10 é").encode("utf-8-sig"), "10 é", "utf-8"),
     ]
     for raw, text, codec in cases:
         for end in (b"\r", b"\n", b"\r\n", b"\n\r", b"\r\r\n"):

@@ -32,6 +32,7 @@ Segments (HL7 v2.5.1 ch. 7, ORU_R01):
 from __future__ import annotations
 
 import asyncio
+import codecs
 import re
 import time
 from typing import Final
@@ -227,16 +228,21 @@ def decode_ack(block: bytes) -> tuple[hl7.Message, str]:
     bytes are decoded by MSH-18 (HL7 table 0211), with ISO 8859-1 when MSH-18 names
     no known charset or the bytes are not valid in it (every byte is valid there);
     an empty MSH-18 is read as UTF-8 when the bytes are valid UTF-8 (ASCII is), else
-    as ISO 8859-1. Segments ending in CR, LF or CR LF all become CR, then
-    :func:`hl7.parse` reads it.
+    as ISO 8859-1; a UTF-8 byte order mark before MSH means UTF-8 and is dropped.
+    Segments ending in CR, LF or CR LF all become CR, then :func:`hl7.parse` reads it.
 
     Raises
     ------
     hl7.exceptions.ParseException, ValueError
         When the text is no HL7 message.
     """
+    # A UTF-8 byte order mark before MSH (engines on .NET and Windows send one): the
+    # text is UTF-8 whatever MSH-18 says, and the mark is no part of the segment ID.
+    bom = block.lstrip(b" \t\r\n\x0b").startswith(codecs.BOM_UTF8)
+    if bom:
+        block = block.lstrip(b" \t\r\n\x0b")[len(codecs.BOM_UTF8) :]
     named = _msh18(block)
-    codec = CHARSETS.get(named.upper(), named) if named else "utf-8"
+    codec = "utf-8" if bom else CHARSETS.get(named.upper(), named) if named else "utf-8"
     try:
         text = block.decode(codec)
     except (LookupError, UnicodeDecodeError):
