@@ -142,6 +142,7 @@ class WebhookServer:
         self.secret = secret
         self.status = 200
         self.answer = b"ok"  # the body of every answer
+        self.headers: dict[str, str] = {}  # more header fields of every answer
         self.delay = 0.0  # seconds before answering (the request is in `arrived` at once)
         self.arrived: list[tuple[dict[str, str], bytes]] = []
         self.received: list[tuple[dict[str, str], bytes]] = []
@@ -165,6 +166,8 @@ class WebhookServer:
                 self.send_response(outer.status)
                 self.send_header("Content-Type", "text/plain; charset=utf-8")
                 self.send_header("Content-Length", str(len(outer.answer)))
+                for name, value in outer.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(outer.answer)
 

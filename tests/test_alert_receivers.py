@@ -134,6 +134,55 @@ def test_ack_dialects_give_one_oru_recorded_delivered(
         mllp.close()
 
 
+def test_a_rate_limited_webhook_is_tried_again_after_its_retry_after(
+    tmp_path: Path, ca: CertAuthority
+) -> None:
+    """A webhook answering 429 with Retry-After: 3 is not tried again before 3 s (the
+    backoff alone would be 0.2 s), then gets the alert once; the wait is capped by
+    sender.backoff_max_seconds."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    hook = WebhookServer(ca, SECRET)
+    hook.status, hook.headers = 429, {"Retry-After": "3"}
+    target = {"name": "oncall", "kind": "webhook", "url": hook.url, "secret_file": str(secret),
+              "ca_file": str(ca.ca), "timeout_seconds": 5.0}  # fmt: skip
+    try:
+        config = _config(tmp_path, [target])
+        config = config.model_copy(
+            update={"sender": config.sender.model_copy(update={"backoff_max_seconds": 10.0})}
+        )
+        store = Store.open(config.storage.dir)
+        _record(store, config)
+        sender = _sender(config, store)
+        start = time.time()
+        sender.run_once(start, alerts=True)
+        (delivery,) = store.deliveries("job-1")
+        assert delivery.state == "retry" and "Retry-After 3 s" in delivery.reason
+        assert delivery.next_at - start >= 3.0, delivery  # the pass's clock + 3 s
+        hook.status, hook.headers = 200, {}
+        sender.run_once(start + 2.0, alerts=True)  # not due yet: nothing sent
+        assert len(hook.arrived) == 1
+        sender.run_once(start + 3.5, alerts=True)
+        (delivery,) = store.deliveries("job-1")
+        assert delivery.state == "done" and delivery.attempts == 2
+        assert len(hook.arrived) == 2 and len(hook.received) == 1
+        store.close()
+        # A wait longer than backoff_max_seconds is cut to it (another node, same study).
+        second = config.storage.dir.parent / "second"
+        config = config.model_copy(
+            update={"storage": config.storage.model_copy(update={"dir": second})}
+        )
+        store = Store.open(second)
+        _record(store, config)
+        hook.status, hook.headers = 503, {"Retry-After": "3600"}
+        _sender(config, store).run_once(start + 4.0, alerts=True)
+        (late,) = store.deliveries("job-1")
+        assert late.state == "retry" and late.next_at - (start + 4.0) == pytest.approx(10.0), late
+        store.close()
+    finally:
+        hook.close()
+
+
 def test_a_wrong_control_id_is_not_a_success(tmp_path: Path) -> None:
     mllp = MLLPServer(ack=_ack("\r", "ascii", "", "ok", control="SOMETHING-ELSE"))
     try:

@@ -309,6 +309,36 @@ def test_webhook_tls_is_verified_and_errors_classified(tmp_path: Path, ca: CertA
         server.close()
 
 
+def test_webhook_retry_after_is_read_in_both_forms(tmp_path: Path, ca: CertAuthority) -> None:
+    """429 and 503 with Retry-After (RFC 9110 10.2.3, RFC 6585): delay-seconds or an
+    HTTP-date, given to the sender as ``retry_after``; none when absent or unreadable."""
+    import email.utils
+    import time
+
+    server = WebhookServer(ca, SECRET)
+    try:
+        target = _webhook_target(tmp_path, server.url, ca)
+        server.status, server.headers = 429, {"Retry-After": "120"}
+        with pytest.raises(AlertFailed) as info:
+            webhook.post(_alert(target), target)
+        assert not info.value.permanent and info.value.retry_after == 120.0
+        assert "HTTP 429, Retry-After 120 s" in str(info.value)
+        later = email.utils.formatdate(time.time() + 90, usegmt=True)
+        server.status, server.headers = 503, {"Retry-After": later}
+        with pytest.raises(AlertFailed) as info:
+            webhook.post(_alert(target), target)
+        assert info.value.retry_after is not None and 80.0 < info.value.retry_after <= 90.0
+        server.headers = {"Retry-After": "soon"}
+        with pytest.raises(AlertFailed) as info:
+            webhook.post(_alert(target), target)
+        assert info.value.retry_after is None and not info.value.permanent
+    finally:
+        server.close()
+    assert webhook.retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480.0) == 0.0
+    assert webhook.retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+    assert webhook.retry_after(" 0 ") == 0.0 and webhook.retry_after("-5") is None
+
+
 # -- email -----------------------------------------------------------------------
 
 

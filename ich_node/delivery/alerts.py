@@ -421,15 +421,25 @@ class AlertFailed(RuntimeError):
     """A target did not accept an alert.
 
     ``permanent`` failures (an HL7 AR or CR, an HTTP 4xx) are parked at once: sending
-    the same message again cannot change the answer. Others are retried.
+    the same message again cannot change the answer. Others are retried, not before
+    ``retry_after`` seconds when the peer asked for that (HTTP Retry-After).
     """
 
-    def __init__(self, message: str, *, permanent: bool = False, detail: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        permanent: bool = False,
+        detail: str = "",
+        retry_after: float | None = None,
+    ) -> None:
         # `message` is what logs say (no text from the peer, which may quote patient
-        # data); `detail` is the peer's own text, kept with the parked delivery.
+        # data); `detail` is the peer's own text, kept with the parked delivery;
+        # `retry_after` the seconds the peer asked to wait (HTTP Retry-After).
         super().__init__(message)
         self.permanent = permanent
         self.detail = detail
+        self.retry_after = retry_after
 
     @property
     def recorded(self) -> str:

@@ -607,6 +607,10 @@ class Sender:
                         reason, logged = f"{why}: {reason}", f"{why}: {logged}"
                     else:
                         state, next_at = "retry", now + self.backoff(attempt)
+                        asked = exc.retry_after if isinstance(exc, AlertFailed) else None
+                        if asked is not None:  # the receiver's Retry-After, up to the max
+                            wait = min(asked, self.config.backoff_max_seconds)
+                            next_at = max(next_at, now + wait)
                 recorded = self._record(delivery, state, reason, next_at)
         finally:
             self._done_with(deadline)

@@ -10,6 +10,8 @@ target sets ``include_patient: true``.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import hashlib
 import hmac
 import http.client
@@ -139,7 +141,8 @@ def post(alert: Alert, target: WebhookTarget, deadline: Deadline | None = None) 
     Raises
     ------
     AlertFailed
-        No connection, TLS failure, the deadline or 5xx/408/425/429 (retried); a 3xx
+        No connection, TLS failure, the deadline or 5xx/408/425/429 (retried, not
+        before the answer's Retry-After when it has one: ``retry_after``); a 3xx
         or any other 4xx is ``permanent`` (parked with the status and the start of
         the answer, scrubbed of the alert's patient values).
     """
@@ -171,13 +174,47 @@ def post(alert: Alert, target: WebhookTarget, deadline: Deadline | None = None) 
     if 200 <= status < 300:
         return status
     charset = response.headers.get_content_charset() or "utf-8"
+    permanent = 300 <= status < 500 and status not in _RETRY_STATUS
+    wait = None if permanent else retry_after(response.headers.get("Retry-After"))
     raise AlertFailed(
         f"{target.name} answered HTTP {status}"
         + (
             " (redirects are not followed: set url to the final address)"
             if 300 <= status < 400
             else ""
-        ),
-        permanent=300 <= status < 500 and status not in _RETRY_STATUS,
+        )
+        + (f", Retry-After {wait:g} s" if wait is not None else ""),
+        permanent=permanent,
         detail=scrub_peer_text(text.decode(charset, "replace")),
+        retry_after=wait,
     )
+
+
+def retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from an HTTP ``Retry-After`` value (RFC 9110 10.2.3).
+
+    Parameters
+    ----------
+    value : str or None
+        The header: delay-seconds (``"120"``) or an HTTP-date
+        (``"Wed, 21 Oct 2026 07:28:00 GMT"``).
+    now : float, optional
+        POSIX seconds the date is measured from; the current time by default.
+
+    Returns
+    -------
+    float or None
+        Seconds, at least 0; None when the header is absent or neither form.
+    """
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(int(text))
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is always GMT (RFC 9110 5.6.7)
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
