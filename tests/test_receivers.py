@@ -372,6 +372,52 @@ def test_a_token_protected_endpoint_parks_a_wrong_token_with_a_clear_reason(
         proxy.close()
 
 
+def test_a_busy_archive_is_tried_again_after_its_retry_after(
+    tmp_path: Path, template: Path
+) -> None:
+    """An archive answering STOW-RS with 503 and Retry-After: 30 (RFC 9110 10.2.3) is
+    not tried again before 30 s, though the backoff alone would be 0.1 s; the reason
+    says so. A wait longer than sender.backoff_max_seconds is cut to it."""
+    answers: list[int] = []
+
+    class Busy(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0) or 0)
+            answers.append(503)
+            body = b"busy"
+            self.send_response(503)
+            self.send_header("Retry-After", "30" if len(answers) == 1 else "3600")
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        _job(tmp_path / "a", template, ["web"])
+        before = time.time()
+        outcome, (delivery,) = _send(tmp_path / "a", _dicomweb("web", url),
+                                     backoff_base_seconds=0.1)  # fmt: skip
+        assert outcome.state == "retry" and delivery.state == "retry", outcome
+        assert "HTTP 503, Retry-After 30 s" in delivery.reason, delivery.reason
+        assert delivery.next_at >= before + 30.0
+        assert delivery.next_at <= time.time() + 30.0
+        _job(tmp_path / "b", template, ["web"])
+        before = time.time()
+        outcome, (delivery,) = _send(tmp_path / "b", _dicomweb("web", url),
+                                     backoff_base_seconds=0.1, backoff_max_seconds=20.0)  # fmt: skip
+        assert delivery.state == "retry" and before + 20.0 <= delivery.next_at <= time.time() + 20.0
+        assert answers == [503, 503]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_destination_keys_by_kind() -> None:
     from ich_node.config import ConfigError
 

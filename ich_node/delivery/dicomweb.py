@@ -32,6 +32,7 @@ from dicomweb_client.api import DICOMwebClient
 
 from ich_node.config import Destination
 from ich_node.delivery.deadline import Deadline
+from ich_node.delivery.waits import retry_after
 from ich_node.log import scrub_peer_text
 from ich_node.queue.layout import OutsideStorage
 from ich_node.results.sr import SR_CLASSES
@@ -46,12 +47,16 @@ class StowError(RuntimeError):
     """The archive did not store every object.
 
     ``permanent`` (HTTP 401/403: the credentials are refused) is parked at once:
-    sending again cannot change the answer until an admin fixes the file.
+    sending again cannot change the answer until an admin fixes the file. Others
+    are retried, not before ``retry_after`` seconds when the archive asked for that.
     """
 
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
+    def __init__(
+        self, message: str, *, permanent: bool = False, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.retry_after = retry_after  # seconds the archive asked to wait (Retry-After)
 
 
 def _read_token(destination: Destination) -> dict[str, str]:
@@ -240,10 +245,17 @@ def store_instances(
                     status = response.status_code if response is not None else 0
                     text = scrub_peer_text(response.text if response is not None else "")
                     hint = " (check token_file / credentials_file)" if status in (401, 403) else ""
+                    wait = (
+                        retry_after(response.headers.get("Retry-After"))
+                        if response is not None and status not in (401, 403)
+                        else None
+                    )
                     raise StowError(
                         f"{destination.name} answered HTTP {status}{hint}"
+                        + (f", Retry-After {wait:g} s" if wait is not None else "")
                         + (f": {text}" if text else ""),
                         permanent=status in (401, 403),
+                        retry_after=wait,
                     ) from None
             stored = _codes(answer, "ReferencedSOPSequence", "WarningReason")
             failed = _codes(answer, "FailedSOPSequence", "FailureReason")

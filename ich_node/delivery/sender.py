@@ -419,6 +419,15 @@ class Sender:
         delay = self.config.backoff_base_seconds * 2.0 ** max(attempts - 1, 0)
         return float(min(delay, self.config.backoff_max_seconds))
 
+    def _retry_at(self, now: float, attempt: int, exc: BaseException) -> float:
+        """When to try again after ``exc``: the backoff, or later when the receiver
+        asked for it (``retry_after``: HTTP Retry-After), at most backoff_max_seconds."""
+        at = now + self.backoff(attempt)
+        asked = getattr(exc, "retry_after", None)
+        if asked is not None:
+            at = max(at, now + min(float(asked), self.config.backoff_max_seconds))
+        return at
+
     # -- one attempt ---------------------------------------------------------------
 
     def _deadline(self, delivery: DeliveryRecord) -> Deadline:
@@ -465,7 +474,7 @@ class Sender:
                         state, next_at = "parked", now
                         reason = f"after {attempt} attempts: {reason}"[:REASON_CHARS]
                     else:
-                        state, next_at = "retry", now + self.backoff(attempt)
+                        state, next_at = "retry", self._retry_at(now, attempt, exc)
                 recorded = self._record(delivery, state, reason, next_at)
                 log.info(
                     "delivery.finished",
@@ -606,11 +615,7 @@ class Sender:
                         why = "refused" if permanent else f"after {attempt} attempts"
                         reason, logged = f"{why}: {reason}", f"{why}: {logged}"
                     else:
-                        state, next_at = "retry", now + self.backoff(attempt)
-                        asked = exc.retry_after if isinstance(exc, AlertFailed) else None
-                        if asked is not None:  # the receiver's Retry-After, up to the max
-                            wait = min(asked, self.config.backoff_max_seconds)
-                            next_at = max(next_at, now + wait)
+                        state, next_at = "retry", self._retry_at(now, attempt, exc)
                 recorded = self._record(delivery, state, reason, next_at)
         finally:
             self._done_with(deadline)

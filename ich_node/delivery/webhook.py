@@ -10,8 +10,6 @@ target sets ``include_patient: true``.
 
 from __future__ import annotations
 
-import datetime
-import email.utils
 import hashlib
 import hmac
 import http.client
@@ -25,6 +23,7 @@ from typing import Any, Final
 from ich_node.config import WebhookTarget
 from ich_node.delivery.alerts import Alert, AlertFailed, preliminary_text
 from ich_node.delivery.deadline import Deadline
+from ich_node.delivery.waits import retry_after
 from ich_node.log import scrub_peer_text
 
 SIGNATURE_HEADER: Final = "X-ICH-Signature"
@@ -188,33 +187,3 @@ def post(alert: Alert, target: WebhookTarget, deadline: Deadline | None = None) 
         detail=scrub_peer_text(text.decode(charset, "replace")),
         retry_after=wait,
     )
-
-
-def retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from an HTTP ``Retry-After`` value (RFC 9110 10.2.3).
-
-    Parameters
-    ----------
-    value : str or None
-        The header: delay-seconds (``"120"``) or an HTTP-date
-        (``"Wed, 21 Oct 2026 07:28:00 GMT"``).
-    now : float, optional
-        POSIX seconds the date is measured from; the current time by default.
-
-    Returns
-    -------
-    float or None
-        Seconds, at least 0; None when the header is absent or neither form.
-    """
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    if text.isdigit():
-        return float(int(text))
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:  # an HTTP-date is always GMT (RFC 9110 5.6.7)
-        when = when.replace(tzinfo=datetime.UTC)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
