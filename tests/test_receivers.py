@@ -200,6 +200,40 @@ def test_cstore_warnings_count_as_stored_and_are_recorded(tmp_path: Path, templa
     assert "stored with 3 warning(s)" in delivery.reason
 
 
+@pytest.mark.parametrize("which", ["called", "calling"])
+def test_a_rejected_association_names_the_peers_reason_and_the_setting(
+    tmp_path: Path, template: Path, which: str
+) -> None:
+    """A PACS that rejects the association (A-ASSOCIATE-RJ, PS3.8 9.3.4) because it does
+    not answer to the called AE title, or does not know the node's calling AE title:
+    the delivery's reason gives the result, the source, the reason and the key to
+    check, at the first attempt (a pynetdicom SCP that checks both titles)."""
+    from pynetdicom import AE, AllStoragePresentationContexts
+
+    _job(tmp_path / "node", template, ["pacs"])
+    scp = AE(ae_title="PACS")
+    scp.supported_contexts = AllStoragePresentationContexts
+    scp.require_called_aet = True
+    if which == "calling":
+        scp.require_calling_aet = ["ANOTHER_NODE"]
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False)
+    try:
+        title = "NOT_PACS" if which == "called" else "PACS"
+        destination = Destination(name="pacs", ae_title=title, host="127.0.0.1", port=port)
+        outcome, (delivery,) = _send(tmp_path / "node", destination)
+    finally:
+        server.shutdown()
+    assert outcome.state == "retry" and delivery.attempts == 1  # the PACS may be fixed
+    assert "association rejected (rejected permanent, service user: " in delivery.reason
+    if which == "called":
+        assert "Called AE title not recognised" in delivery.reason
+        assert "check destinations[].ae_title" in delivery.reason
+    else:
+        assert "Calling AE title not recognised" in delivery.reason
+        assert "node.ae_title" in delivery.reason
+
+
 def test_a_hung_destination_delays_only_itself(tmp_path: Path, template: Path) -> None:
     storage = tmp_path / "node"
     hung, pacs = HungPeer(), Storescp(tmp_path / "pacs")

@@ -109,6 +109,17 @@ class SendReport:
     substituted: tuple[str, ...] = ()
 
 
+def _rejection(answer: Any) -> str:
+    """An A-ASSOCIATE-RJ's result, source and reason in words (PS3.8 9.3.4), with a
+    hint at the setting to check when the peer did not recognise an AE title."""
+    words = f"{answer.result_str.lower()}, {answer.source_str.lower()}: {answer.reason_str}"
+    hint = {
+        (1, 3): "; the PACS does not know this node's AE title (node.ae_title): add it there",
+        (1, 7): "; the PACS does not answer to this AE title: check destinations[].ae_title",
+    }.get((int(answer.result_source or 0), int(answer.diagnostic or 0)), "")
+    return words + hint
+
+
 def _name(uid: str) -> str:
     """A UID's name from pydicom's dictionary ("CT Image Storage"), else the UID."""
     name = UID(uid).name
@@ -258,6 +269,13 @@ def send_files(
         if sock is not None:
             deadline.watch(sock)
 
+    answers: list[Any] = []  # the peer's A-ASSOCIATE response, for a rejection's reason
+
+    def on_acse(event: evt.Event) -> None:
+        primitive = getattr(event, "primitive", None)  # EVT_ACSE_RECV's ACSE primitive
+        if getattr(primitive, "result", None) in {0x01, 0x02}:
+            answers.append(primitive)
+
     tls_args = None
     if destination.tls is not None:
         tls_args = (client_context(destination.tls, destination.name), destination.host)
@@ -270,12 +288,14 @@ def send_files(
         tls_args=tls_args,
         # Without TCP_NODELAY each small PDU waits for a delayed ACK: 4.4x slower
         # sending of one job's objects (docs/performance.md).
-        evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+        evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse)],
     )
     if not assoc.is_established:
         if deadline.cut:
             raise DeliveryError(f"association with {where}: {deadline.reason()}")
         reason = "association rejected" if assoc.is_rejected else "no association"
+        if assoc.is_rejected and answers:
+            reason = f"association rejected ({_rejection(answers[-1])})"
         offers = "; ".join(
             f"{_name(c)} with {', '.join(_name(t) for t in s)}" for c, s in offered.items()
         )
