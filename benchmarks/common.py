@@ -336,5 +336,13 @@ class MLLPReceiver:
         return [t for t, m in self.arrived if str(m.segment("ORC")(2)) == accession]
 
     def close(self) -> None:
-        self.server.close()
+        import asyncio
+
+        async def shutdown() -> None:
+            # In the loop's thread: asyncio servers are not thread-safe, and closing
+            # from another thread raced a connection ending in the loop (both woke
+            # the server's waiters: TypeError in asyncio's Server._wakeup).
+            self.server.close()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
