@@ -211,13 +211,24 @@ def status_code(driver: object) -> int:
 
 def navigate(driver: object, action: object) -> None:
     """Do ``action`` (a click or a submit that loads a page) and wait for the new page."""
-    from selenium.webdriver.support import expected_conditions
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.wait import WebDriverWait
 
     old = driver.find_element("tag name", "html")  # type: ignore[attr-defined]
     action() if callable(action) else action.click()  # type: ignore[attr-defined]
+
+    def gone(_driver: object) -> bool:
+        # The old page's root is stale once the new page replaced it. While the page
+        # changes, chromedriver may answer "Node with given id does not belong to the
+        # document" (an unknown error) instead of a stale element: gone too.
+        try:
+            old.is_enabled()  # type: ignore[attr-defined]
+        except WebDriverException:
+            return True
+        return False
+
     wait = WebDriverWait(driver, 60)
-    wait.until(expected_conditions.staleness_of(old))
+    wait.until(gone)
     wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 
