@@ -246,11 +246,7 @@ def _prepare(
             result_time=now,
             last_received_at=last,
         )
-        alert = study_answer(alert, [(o, p) for o, p in others if o])
-        png = None
-        if wants_key_image(target) and alert.key_slice is not None and hu_of is not None:
-            png = key_image_png(hu_of(alert.key_slice.index), key_image_lines(alert))
-        write_alert(storage_dir, alert, png)
+        alert = _write_study_alert(storage_dir, alert, others, target, hu_of)
         records.append(
             AlertRecord(
                 job_id, target.name, uid, version, alert.key, alert.status, alert.supersedes,
@@ -260,6 +256,29 @@ def _prepare(
         alerts.append(alert)
     store.record_alerts(records, ALERT_PREFIX, now, expected=expected)
     return alerts
+
+
+def _write_study_alert(
+    storage_dir: Path,
+    alert: Alert,
+    others: Sequence[tuple[tuple[str, ...], dict[str, float]]],
+    target: NotificationTarget,
+    hu_of: Callable[[int], np.ndarray] | None,
+) -> Alert:
+    """``alert`` with the study's answer (the other series' answers in ``others``),
+    written with its key image when the target wants one; returns what was written.
+
+    Raises
+    ------
+    OSError
+        When the record cannot be written.
+    """
+    alert = study_answer(alert, [(o, p) for o, p in others if o])
+    png = None
+    if wants_key_image(target) and alert.key_slice is not None and hu_of is not None:
+        png = key_image_png(hu_of(alert.key_slice.index), key_image_lines(alert))
+    write_alert(storage_dir, alert, png)
+    return alert
 
 
 def prepare_preliminary_alerts(
@@ -348,11 +367,7 @@ def prepare_preliminary_alerts(
             result_time=now,
             last_received_at=last_received_at,
         )
-        alert = study_answer(alert, [(o, p) for o, p in others if o])
-        png = None
-        if wants_key_image(target) and alert.key_slice is not None and hu_of is not None:
-            png = key_image_png(hu_of(alert.key_slice.index), key_image_lines(alert))
-        write_alert(storage_dir, alert, png)
+        alert = _write_study_alert(storage_dir, alert, others, target, hu_of)
         records.append(
             AlertRecord(
                 record_id, target.name, uid, version, alert.key, alert.status, None,
