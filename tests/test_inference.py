@@ -69,6 +69,44 @@ def test_series_in_batches_with_prefetch_matches_whole_series(
         assert prediction.cams is not None and prediction.cams.shape == (7, len(LABELS), 2, 2)
 
 
+def test_on_the_cpu_preprocessing_and_forward_passes_take_turns(
+    tiny_bundle: Path, phantom: Any
+) -> None:
+    """With a thread pool on the CPU, every slice of a series (under CPU_TURN_SLICES) is
+    preprocessed before the first batch goes to the model: the pool's threads never
+    run beside the forward passes (performance.md: both at once stalled the model)."""
+    import threading
+    import time
+
+    from ich_node.imaging.tensors import CPU_CHUNK
+    from ich_node.model.inference import CPU_TURN_SLICES
+
+    series = read_series(list(phantom.paths))
+    assert len(series.slices) < CPU_TURN_SLICES
+    c = Classifier(
+        load_bundle(tiny_bundle), device="cpu", batch_size=2, precision="fp32", decode_threads=2
+    )
+    ends: list[float] = []
+    lock = threading.Lock()
+    prepare = c._prepare_unit
+
+    def timed(*args: Any) -> Any:
+        out = prepare(*args)
+        with lock:
+            ends.append(time.perf_counter())
+        return out
+
+    c._prepare_unit = timed  # type: ignore[method-assign]
+    batches = c.prepared_batches(series)
+    first = next(batches)
+    yielded = time.perf_counter()
+    rest = list(batches)
+    c.close()
+    assert len(first.images) == 2 and sum(len(b.images) for b in rest) == len(series.slices) - 2
+    units = -(-len(series.slices) // CPU_CHUNK)  # slices per pool task
+    assert len(ends) == units and max(ends) <= yielded
+
+
 def test_cams_average_to_the_logits(tiny_bundle: Path, phantom: Any) -> None:
     """GAP + linear: the spatial mean of a label's CAM plus its bias is its logit."""
     bundle = load_bundle(tiny_bundle)

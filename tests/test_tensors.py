@@ -291,3 +291,61 @@ def test_the_gpu_gives_the_cpus_results(kinds: dict[str, CTSeries], kind: str) -
     gpu_hu, gpu_images = _device_path(series, 48, context=1, device="cuda")
     np.testing.assert_allclose(gpu_hu, cpu_hu, rtol=0, atol=HU_TOLERANCE)
     np.testing.assert_allclose(gpu_images, cpu_images, rtol=0, atol=IMAGE_TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "side, size",
+    [(512, 64), (512, 128), (512, 256), (128, 64), (96, 32), (21, 7), (15, 5), (4, 2), (512, 1)],
+)
+def test_integer_shrinks_are_torchs_antialiased_bilinear(side: int, size: int) -> None:
+    """The row-sum shrink (even and odd factors, one-pixel outputs) is F.interpolate's filter."""
+    import torch.nn.functional as F
+
+    from ich_node.imaging.tensors import pad_and_resize
+
+    images = torch.rand((3, 2, side, side), generator=torch.Generator().manual_seed(side + size))
+    want = F.interpolate(
+        images, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )
+    got = pad_and_resize(images, size)
+    assert got.shape == want.shape and got.is_contiguous()
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=IMAGE_TOLERANCE)
+    # A slice's result does not depend on the slices beside it (the slice cache hashes it).
+    np.testing.assert_array_equal(pad_and_resize(images[1:2], size).numpy(), got[1:2].numpy())
+
+
+def test_sizes_that_are_not_a_multiple_use_interpolate_and_non_square_images_pad() -> None:
+    import torch.nn.functional as F
+
+    from ich_node.imaging.tensors import pad_and_resize
+
+    images = torch.rand((2, 3, 300, 512), generator=torch.Generator().manual_seed(3))
+    square = F.pad(images, (0, 0, 106, 106))  # centred in 512 x 512
+    for size in (64, 100):  # a multiple of 512, and not
+        want = F.interpolate(
+            square, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+        np.testing.assert_allclose(
+            pad_and_resize(images, size).numpy(), want.numpy(), rtol=0, atol=IMAGE_TOLERANCE
+        )
+
+
+def test_hu_counts_per_slice_add_up_and_match_torchs_comparisons(
+    kinds: dict[str, CTSeries],
+) -> None:
+    """The CPU counts (numpy's kernels) are the comparisons' exact counts, slice by slice."""
+    hu = stored_to_hu([decode_slice(s) for s in kinds["fractional rescale"].slices])
+    hu[0, :4, :4] = torch.tensor([-900.0, 0.0, 100.0, 3000.0])  # the limits themselves
+    hu[0, 4, :3] = torch.tensor([3000.5, -900.25, 100.5])
+    rows = hu_counts(hu, per_slice=True)
+    assert rows.shape == (len(hu), 4) and rows.dtype == torch.int64
+    for i, h in enumerate(hu):
+        want = [
+            h.numel(),
+            int((h <= -900).sum()),
+            int(((h >= 0) & (h <= 100)).sum()),
+            int((h > 3000).sum()),
+        ]
+        assert rows[i].tolist() == want
+    assert hu_counts(hu).tolist() == rows.sum(dim=0).tolist()
+    assert hu_counts(hu[:0], per_slice=True).shape == (0, 4)

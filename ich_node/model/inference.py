@@ -77,6 +77,11 @@ log = structlog.get_logger(__name__)
 Precision = Literal["auto", "fp32", "bf16"]
 
 
+#: Slices a CPU worker preprocesses in one turn before their forward passes
+#: (:meth:`Classifier.prepared_batches`): at 512 px, 1 GiB of HU and model input.
+CPU_TURN_SLICES = 256
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else the CPU; ``cuda`` without a GPU is an error."""
     if name == "auto":
@@ -681,8 +686,10 @@ class Classifier:
         batches); each batch then becomes HU and model input on the device
         (:func:`ich_node.imaging.tensors.prepare_slices`), its slice context from the
         real neighbours across batch borders. On the CPU with a thread pool, the pool's
-        threads also preprocess, a few slices per task with one torch thread each, so
-        that the preprocessing spreads over the cores beside the forward passes.
+        threads also preprocess, a few slices per task with one torch thread each, and
+        they take turns with the forward passes: up to :data:`CPU_TURN_SLICES` slices
+        are preprocessed on all the cores before the first of their batches is given
+        out (both at once stalled the model's OpenMP threads: docs/performance.md).
 
         :meth:`predict_series` consumes it; the worker runs it in its reader thread,
         so that the next batches are decoded and preprocessed while this one is on
@@ -702,6 +709,12 @@ class Classifier:
         unit = CPU_CHUNK if in_pool else 1  # slices per pool task
         # Slices in flight: enough for every decoder to have two, and the next batch.
         ahead = max(2 * self.pool.workers * unit, self.batch_size) + self.batch_size + 2 * ctx
+        if in_pool:
+            # On the CPU the pool's threads and the model's take turns for the cores:
+            # up to CPU_TURN_SLICES slices are preprocessed at once, then the forward
+            # passes run on them with no preprocessing beside (measured faster than
+            # both at once, which stalled the model's OpenMP threads: performance.md).
+            ahead = max(ahead, CPU_TURN_SLICES)
         pending: dict[int, Future[Any]] = {}  # unit index -> its task
         submitted = 0
         with torch.inference_mode():
@@ -724,6 +737,9 @@ class Classifier:
                     pending[submitted] = task(submitted)
                     submitted += 1
                 first, last = lo // unit, (hi - 1) // unit
+                if in_pool:  # this turn's preprocessing ends before the forward passes
+                    for future in list(pending.values()):
+                        future.result()
                 done = [pending[k].result() for k in range(first, last + 1)]
                 for k in [k for k in pending if (k + 1) * unit <= end - ctx]:  # not needed again
                     del pending[k]
