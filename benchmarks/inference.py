@@ -9,7 +9,8 @@
 
 *raw model*: forward passes on ready (S, C, H, W) tensors already on the device.
 *worker path*: what a job does (``Classifier.predict_series``): read the series'
-headers, parse and decode the DICOM files in the decode pool (threads or processes),
+headers (parsed in the classifier's header pool of processes, as the worker's read
+stage does), decode the DICOM files in the decode pool (threads or processes),
 then on the model's device HU, orientation, windows, resize, the same forward passes
 and the class activation maps the heatmaps are made from. Raw and worker runs
 alternate so that load from other processes hits both; "vs raw" compares the worker
@@ -156,6 +157,11 @@ def main(args: argparse.Namespace) -> int:
         bundle_path = Path(tmp) / "m.safetensors"
         save_bundle(bundle_path, build_model(args.arch), card)
         series = read_series(paths)
+        with DecodePool(args.decode_threads, "process") as parsers:  # headers alone
+            read_series(paths, pool=parsers)
+            for label, pool_arg in (("here", None), (f"{parsers.workers} processes", parsers)):
+                t = best_of(lambda p=pool_arg: read_series(paths, pool=p), repeats)
+                emit({"path": f"headers only, parsed {label}", "slices/s": slices / t})
         for kind in args.pools:  # the CPU half: parse and decode in the pool
             with DecodePool(args.decode_threads, kind) as pool:
                 pool.map(series.slices)
@@ -220,7 +226,10 @@ def main(args: argparse.Namespace) -> int:
                 fns: dict[str, Callable[[], None]] = {
                     "raw": raw_forward(net if s["compile"] else c.model, images, batch,
                                        s["precision"]),
-                    "worker": lambda c=c: c.predict_series(read_series(paths)) and None,
+                    "worker": lambda c=c: c.predict_series(
+                        read_series(paths, pool=c.header_pool)  # as the worker reads
+                    )
+                    and None,
                 }  # fmt: skip
                 best = interleaved(fns, repeats)
                 raw, rate = slices / best["raw"], slices / best["worker"]

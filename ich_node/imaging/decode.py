@@ -22,17 +22,30 @@ import multiprocessing
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import (
+    BrokenExecutor,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+)
+from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
+import structlog
+
 from ich_node.imaging.pixels import StoredSlice
-from ich_node.imaging.series import CTSlice, decode_slice
+from ich_node.imaging.series import CTSlice, decode_slice, headers_of
 
 PoolKind = Literal["thread", "process"]
+log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 #: What ``model.decode_threads`` pools are made of (measured: docs/performance.md).
 DEFAULT_KIND: Final[PoolKind] = "thread"
+#: Files a series needs for its headers to be parsed in a process pool: below, the
+#: tasks' round trips cost more than they save.
+MIN_PARALLEL_HEADERS: Final[int] = 16
 
 
 def pool_size(requested: int) -> int:
@@ -108,6 +121,31 @@ class DecodePool:
         executor = self.start()._executor
         assert executor is not None
         return executor.submit(task, *args)
+
+    def parse_headers(self, paths: Sequence[Path]) -> dict[Path, list[Any] | Exception]:
+        """Each file's headers (:func:`ich_node.imaging.series.headers_of`), parsed in
+        this pool's processes, a few files per task; what a file raised in its place.
+
+        pydicom's parser holds the GIL: threads parse no faster than one thread
+        (measured slower, docs/performance.md), so a thread pool, or fewer than
+        :data:`MIN_PARALLEL_HEADERS` files, gives ``{}`` and the caller parses them.
+        """
+        if self.kind != "process" or len(paths) < MIN_PARALLEL_HEADERS:
+            return {}
+        executor = self.start()._executor
+        assert executor is not None
+        size = max(1, -(-len(paths) // (2 * self.workers)))  # two tasks per process
+        chunks = [list(paths[i : i + size]) for i in range(0, len(paths), size)]
+        out: dict[Path, list[Any] | Exception] = {}
+        try:
+            futures = [executor.submit(headers_of, chunk) for chunk in chunks]
+            for chunk, future in zip(chunks, futures, strict=True):
+                out.update(zip(chunk, future.result(), strict=True))
+        except BrokenExecutor:  # a child died (killed, out of memory): parse them here
+            log.warning("decode_pool.broken", kind=self.kind, workers=self.workers)
+            self._executor = None  # the next series starts a new pool
+            return {}
+        return out
 
     def map(self, slices: Sequence[CTSlice]) -> list[StoredSlice]:
         """Decode ``slices``, in order (raises the first slice's error)."""

@@ -33,14 +33,20 @@ from collections import Counter, defaultdict
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import structlog
 from pydicom.dataset import Dataset
 from pydicom.uid import RE_VALID_UID, UID
 
-from ich_node.imaging.files import ImagingError, _optional_int, _uid, read_dataset
+from ich_node.imaging.files import (
+    ImagingError,
+    StorageUnavailable,
+    _optional_int,
+    _uid,
+    read_dataset,
+)
 from ich_node.imaging.orientation import Reorientation
 from ich_node.imaging.pixels import (
     NativePixels,
@@ -60,6 +66,9 @@ from ich_node.imaging.records import (
     Note,
     describe_lossy,
 )
+
+if TYPE_CHECKING:
+    from ich_node.imaging.decode import DecodePool
 
 log = structlog.get_logger(__name__)
 
@@ -507,6 +516,21 @@ def _headers(path: Path) -> list[_Header]:
         ]
 
 
+def headers_of(paths: Sequence[Path]) -> list[list[_Header] | Exception]:
+    """:func:`_headers` of each file, its ImagingError or StorageUnavailable in its place.
+
+    A decode pool's task (:meth:`ich_node.imaging.decode.DecodePool.parse_headers`):
+    picklable in and out, and one unreadable file does not stop the others.
+    """
+    out: list[list[_Header] | Exception] = []
+    for path in paths:
+        try:
+            out.append(_headers(path))
+        except (ImagingError, StorageUnavailable) as exc:
+            out.append(exc)
+    return out
+
+
 def _frame_headers(
     ds: Dataset, path: Path, common: dict[str, Any], image_type: tuple[str, ...]
 ) -> list[_Header]:
@@ -833,6 +857,7 @@ def read_series(
     max_gap_mm: float = DEFAULT_MAX_GAP_MM,
     headers: MutableMapping[Path, list[_Header]] | None = None,
     quiet: bool = False,
+    pool: DecodePool | None = None,
 ) -> CTSeries:
     """Read the headers of one series, keep what can be read, and order it.
 
@@ -859,6 +884,11 @@ def read_series(
     quiet : bool
         Do not log the images left out and the notes (a partial read, logged
         when the whole series is read).
+    pool : DecodePool, optional
+        Parse the headers in this pool's processes, a few files per task
+        (:meth:`~ich_node.imaging.decode.DecodePool.parse_headers`): pydicom's
+        parser holds the GIL, so only processes parse in parallel. Without it,
+        or for a few files, or with a thread pool, they are parsed here.
 
     Returns
     -------
@@ -877,7 +907,7 @@ def read_series(
         series waits for its storage, none of it is left out.
     """
     record = _Record()
-    candidates = _candidates(paths, record, headers)
+    candidates = _candidates(paths, record, headers, pool)
     if not candidates:
         raise _nothing_usable(paths, record.dropped)
     series_uid = _one_series(candidates)
@@ -956,15 +986,23 @@ def _candidates(
     paths: Sequence[Path],
     record: _Record,
     known: MutableMapping[Path, list[_Header]] | None = None,
+    pool: DecodePool | None = None,
 ) -> list[_Header]:
     """Headers of the CT images (and frames) among ``paths``; the rest dropped."""
     candidates: list[_Header] = []
     seen: set[tuple[str, int | None]] = set()
-    for path in sorted(dict.fromkeys(Path(p) for p in paths)):
+    ordered = sorted(dict.fromkeys(Path(p) for p in paths))
+    parsed: dict[Path, list[_Header] | Exception] = {}
+    if pool is not None:
+        parsed = pool.parse_headers([p for p in ordered if known is None or p not in known])
+    for path in ordered:
         try:
             headers = known.get(path) if known is not None else None
             if headers is None:
-                headers = _headers(path)
+                got = parsed.get(path)
+                if isinstance(got, Exception):
+                    raise got  # as _headers raised it in the pool's process
+                headers = got if got is not None else _headers(path)
                 if known is not None:
                     known[path] = headers
         except ImagingError as exc:

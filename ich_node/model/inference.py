@@ -315,6 +315,9 @@ class Classifier:
         the cores this process may use.
     decode_pool
         ``thread`` or ``process`` (:data:`ich_node.imaging.decode.DEFAULT_KIND`).
+        The headers are parsed in ``header_pool``, ``decode_threads`` processes
+        (the decode pool itself when it is one), started at the first series read
+        with it (``read_series(paths, pool=classifier.header_pool)``).
     channels_last
         NHWC memory format; ``None``: yes (cuDNN's bf16 and oneDNN's fp32 and bf16
         convolutions all ran faster in it, ``docs/performance.md``).
@@ -378,6 +381,11 @@ class Classifier:
         self.prefetch = prefetch
         self.pool = DecodePool(decode_threads, decode_pool)  # started at the first series
         self.decode_threads = self.pool.workers
+        # Headers parse in processes whatever decodes the pixels (pydicom's parser holds
+        # the GIL): read_series(paths, pool=classifier.header_pool).
+        self.header_pool = (
+            self.pool if decode_pool == "process" else DecodePool(decode_threads, "process")
+        )
         if channels_last is None:
             channels_last = True
         self.channels_last = channels_last
@@ -429,8 +437,9 @@ class Classifier:
         return self.cam_head is not None
 
     def close(self) -> None:
-        """Stop the decode pool (a later series starts it again)."""
+        """Stop the decode and header pools (a later series starts them again)."""
         self.pool.close()
+        self.header_pool.close()
 
     def _autocast(self) -> torch.autocast | nullcontext[None]:
         # bf16: same decisions for this task, about twice the speed (GPU and bf16 CPUs).

@@ -210,6 +210,7 @@ class ReadStage:
             max_tilt_deg=self.config.series.max_tilt_degrees,
             preferred_kernels=self.config.series.preferred_kernels,
             max_gap_mm=self.config.series.max_gap_mm,
+            pool=self.classifier.header_pool,
         )
         # What the reading did (images left out, notes): UIDs, counts and reasons only.
         log.info(

@@ -354,7 +354,9 @@ def worker_main(
         if device.type == "cpu":
             raise
         raise DeviceUnusable(" ".join(str(exc).split())[:300]) from exc
-    # Compilation and kernel selection are paid here, once, not by the first study.
+    # Compilation and kernel selection are paid here, once, not by the first study;
+    # so is the start of the header pool's processes (a second or two).
+    classifier.header_pool.start()
     warmup_s = classifier.warmup()
     worker = Worker(config, name, store, classifier)
     heartbeat.runner = worker
@@ -370,6 +372,7 @@ def worker_main(
         thresholds_source=classifier.thresholds.source,
     )
     worker.run(stop, poll_seconds)
+    classifier.close()  # the decode and header pools' threads and processes
     # Joined, not left to die with the interpreter: a daemon thread woken during
     # finalisation can abort the process ("terminate called without an active
     # exception", seen in the Docker image on Debian's Python 3.11).
