@@ -106,8 +106,12 @@ class DecodePool:
                     initializer=_quiet_child,
                 )
                 # Spawn them all now: the first study must not wait for it.
-                for f in [self._executor.submit(_ready) for _ in range(self.workers)]:
-                    f.result()
+                try:
+                    for f in [self._executor.submit(_ready) for _ in range(self.workers)]:
+                        f.result()
+                except BaseException:
+                    self.close()  # none half-started: a later call tries again
+                    raise
         return self
 
     def submit(self, s: CTSlice) -> Future[StoredSlice]:
@@ -132,18 +136,18 @@ class DecodePool:
         """
         if self.kind != "process" or len(paths) < MIN_PARALLEL_HEADERS:
             return {}
-        executor = self.start()._executor
-        assert executor is not None
         size = max(1, -(-len(paths) // (2 * self.workers)))  # two tasks per process
         chunks = [list(paths[i : i + size]) for i in range(0, len(paths), size)]
         out: dict[Path, list[Any] | Exception] = {}
         try:
+            executor = self.start()._executor
+            assert executor is not None
             futures = [executor.submit(headers_of, chunk) for chunk in chunks]
             for chunk, future in zip(chunks, futures, strict=True):
                 out.update(zip(chunk, future.result(), strict=True))
         except BrokenExecutor:  # a child died (killed, out of memory): parse them here
             log.warning("decode_pool.broken", kind=self.kind, workers=self.workers)
-            self._executor = None  # the next series starts a new pool
+            self.close()  # the next series starts a new pool
             return {}
         return out
 

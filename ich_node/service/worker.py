@@ -356,7 +356,10 @@ def worker_main(
         raise DeviceUnusable(" ".join(str(exc).split())[:300]) from exc
     # Compilation and kernel selection are paid here, once, not by the first study;
     # so is the start of the header pool's processes (a second or two).
-    classifier.header_pool.start()
+    try:
+        classifier.header_pool.start()
+    except Exception as exc:  # no processes here: headers are parsed in the reader thread
+        log.warning("worker.header_pool_unavailable", error=type(exc).__name__)
     warmup_s = classifier.warmup()
     worker = Worker(config, name, store, classifier)
     heartbeat.runner = worker
