@@ -581,15 +581,17 @@ def check_hu_plausible(hu: np.ndarray, what: str) -> None:
     SeriesRefused
         With the shares of air, brain-range and dense voxels.
     """
+    check_hu_counts(count_hu(hu), what)
+
+
+def count_hu(hu: np.ndarray) -> HUCounts:
+    """The :class:`HUCounts` of HU values of any shape (float or integer), counted exactly."""
     arr = np.asarray(hu)
-    check_hu_counts(
-        HUCounts(
-            voxels=arr.size,
-            air=int(np.count_nonzero(arr <= -900)),
-            brain=int(np.count_nonzero((arr >= 0) & (arr <= 100))),
-            dense=int(np.count_nonzero(arr > 3000)),
-        ),
-        what,
+    return HUCounts(
+        voxels=arr.size,
+        air=int(np.count_nonzero(arr <= -900)),
+        brain=int(np.count_nonzero((arr >= 0) & (arr <= 100))),
+        dense=int(np.count_nonzero(arr > 3000)),
     )
 
 

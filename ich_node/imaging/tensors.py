@@ -23,6 +23,7 @@ reference kept in ``tests/preprocess_reference.py``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -39,6 +40,7 @@ from ich_node.imaging.pixels import (
     AIR_HU,
     HUCounts,
     StoredSlice,
+    count_hu,
 )
 from ich_node.imaging.preprocess import CONTEXT_CHANNEL, Window, context_channels
 
@@ -228,9 +230,9 @@ def hu_counts(hu: torch.Tensor, *, per_slice: bool = False) -> torch.Tensor:
     Air is ``HU <= -900``, brain ``0 <= HU <= 100``, dense ``HU > 3000``
     (:class:`~ich_node.imaging.pixels.HUCounts`). Summed batch by batch without
     waiting for the device; :func:`counts_record` turns the sum into ``HUCounts``
-    once per series. On the CPU the same comparisons run as numpy's kernels on the
-    tensor's memory (no copy): exact integer counts, measured 4x faster than torch's
-    comparisons there (docs/performance.md); on a GPU, torch's.
+    once per series. On the CPU :func:`~ich_node.imaging.pixels.count_hu` counts on
+    the tensor's memory (numpy's comparisons, no copy): exact integer counts, 4x
+    faster than torch's comparisons there (docs/performance.md); on a GPU, torch's.
 
     Parameters
     ----------
@@ -240,16 +242,9 @@ def hu_counts(hu: torch.Tensor, *, per_slice: bool = False) -> torch.Tensor:
         (S, 4) counts, one row per slice, instead of the (4,) total.
     """
     if hu.device.type == "cpu":
-        flat = hu.detach().reshape(len(hu), hu[0].numel() if len(hu) else 0).numpy()
-        rows = [
-            (
-                part.size,
-                np.count_nonzero(part <= -900),
-                np.count_nonzero((part >= 0) & (part <= 100)),
-                np.count_nonzero(part > 3000),
-            )
-            for part in (flat if per_slice else [flat])
-        ]
+        arr = hu.detach().numpy()
+        counts = [count_hu(part) for part in (arr if per_slice else [arr])]
+        rows = [(c.voxels, c.air, c.brain, c.dense) for c in counts]
         out = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 4)
         return out if per_slice else out[0]
     if per_slice:
@@ -308,10 +303,11 @@ def pad_and_resize(images: torch.Tensor, size: int) -> torch.Tensor:
     The filter is torch's (and PIL's) antialiased bilinear one: each output pixel a
     normalised triangle-weighted mean over ``2 x scale`` input pixels per axis, the
     weights renormalised where the image ends. When the square's side is an integer
-    multiple ``f >= 2`` of ``size`` (512 -> 64, 128, 256), it is computed by
-    :func:`_shrink_rows` along each axis: the same weights as sums of whole rows,
-    2.6x faster on the CPU than ``F.interpolate`` (docs/performance.md) and equal to
-    it within 3e-7 (``tests/test_tensors.py``). Other sizes use ``F.interpolate``.
+    multiple ``f >= 2`` of ``size`` (512 -> 64, 128, 256), the rows are shrunk first by
+    :func:`_shrink_rows` (the same weights as sums of whole rows), then the columns
+    of the ``f`` times smaller result by ``F.interpolate``: about 2x faster on the CPU
+    than ``F.interpolate`` alone (docs/performance.md) and equal to it within 3e-7
+    (``tests/test_tensors.py``). Other sizes use ``F.interpolate`` alone.
 
     Parameters
     ----------
@@ -345,7 +341,8 @@ def pad_and_resize(images: torch.Tensor, size: int) -> torch.Tensor:
     )
 
 
-def _row_weights(factor: int) -> tuple[list[tuple[int, int, float]], float, float]:
+@functools.cache
+def _row_weights(factor: int) -> tuple[tuple[tuple[int, int, float], ...], float, float]:
     """The antialiased bilinear filter of an integer shrink ``factor`` by blocks.
 
     Output row ``i`` is the weighted sum of input rows ``j`` around block ``i`` (rows
@@ -359,7 +356,7 @@ def _row_weights(factor: int) -> tuple[list[tuple[int, int, float]], float, floa
     lo, hi = int(centre - factor + 0.5), int(centre + factor + 0.5)
     raw = [(j, max(0.0, 1.0 - abs((j - centre + 0.5) / factor))) for j in range(lo, hi)]
     total = sum(w for _, w in raw)
-    taps = [(j // factor - 1, j % factor, w / total) for j, w in raw if w > 0.0]
+    taps = tuple((j // factor - 1, j % factor, w / total) for j, w in raw if w > 0.0)
     first = sum(w for block, _, w in taps if block >= 0)
     last = sum(w for block, _, w in taps if block <= 0)
     return taps, first, last
