@@ -161,3 +161,31 @@ def test_wrong_values_get_a_documented_status(target, tmp_path_factory, keyword,
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+@pytest.mark.parametrize("uid", [b"\x00\x00", b"\x00\x00\x00\x00"])
+def test_a_store_request_without_a_usable_instance_uid_is_answered(target, tmp_path, uid) -> None:  # type: ignore[no-untyped-def]
+    """A C-STORE-RQ whose Affected SOP Instance UID is NUL bytes is not a valid
+    request to pynetdicom, which ignored it: the peer waited for its own timeout. The
+    node answers 0xC210 with its reason at once, and the association goes on."""
+    from io import BytesIO
+
+    port, _, _, good, _ = target
+    ds = pydicom.dcmread(BytesIO(good))
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3"
+    ds.data_element("SOPInstanceUID")._value = uid
+    path = tmp_path / "case.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    ae = AE(ae_title="FUZZ")
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)
+    ae.dimse_timeout = 20  # the answer comes at once; pynetdicom alone never sent one
+    assoc = ae.associate("127.0.0.1", port, ae_title="ICH_NODE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(path)
+        assert status.Status == 0xC210
+        assert "command set" in str(status.ErrorComment)
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()

@@ -38,6 +38,8 @@ from pydicom.uid import (
 )
 from pydicom.uid import JPEGLossless as JPEGLosslessP14
 from pynetdicom import AE, evt
+from pynetdicom._handlers import standard_dimse_recv_handler
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -239,6 +241,53 @@ def handle_store(
 _LOG_LIMIT: Final = RateLimit()
 
 
+def _without_dimse_logger(event: evt.Event) -> None:
+    """EVT_CONN_OPEN: unbind pynetdicom's own EVT_DIMSE_RECV logger from the association.
+
+    It runs before the node's handlers and raises on a request missing a command
+    element, which ends the event's handlers before :func:`answer_invalid_store`;
+    it only logs at debug level, which the node does not use.
+    """
+    with contextlib.suppress(Exception):
+        event.assoc.unbind(evt.EVT_DIMSE_RECV, standard_dimse_recv_handler)
+
+
+def answer_invalid_store(
+    event: evt.Event, refusals: StoreRefusals | None = None, limit: RateLimit | None = None
+) -> None:
+    """EVT_DIMSE_RECV: answer a C-STORE request pynetdicom would ignore; never raises.
+
+    A C-STORE-RQ whose command set lacks a required element, or holds one that is
+    not valid (an Affected SOP Instance UID of NUL bytes: PS3.7 9.3.1.1), is not
+    a valid request to pynetdicom: it logs it and sends nothing, and the peer
+    waits for its own timeout. Here it gets a C-STORE-RSP with 0xC210 (cannot
+    understand) and an Error Comment at once, and the refusal is counted and logged
+    like the others.
+    """
+    try:
+        message = event.message
+        if message.command_set is None or message.command_set.CommandField != 0x0001:
+            return  # not a C-STORE-RQ
+        request = message.message_to_primitive()
+        if not isinstance(request, C_STORE) or request.is_valid_request:
+            return
+        if request.MessageID is None:
+            return  # nothing to answer to: pynetdicom's timeouts end it
+        answer = _answer(
+            CANNOT_UNDERSTAND, "the C-STORE request's command set is incomplete or invalid"
+        )
+        response = C_STORE()
+        response.MessageIDBeingRespondedTo = request.MessageID
+        response.AffectedSOPClassUID = request.AffectedSOPClassUID
+        response.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
+        response.Status = CANNOT_UNDERSTAND
+        response.ErrorComment = str(answer.ErrorComment)  # type: ignore[assignment]
+        event.assoc.dimse.send_msg(response, cast(int, message.context_id))
+        _refused(event, refusals, limit or _LOG_LIMIT, "invalid_command", answer)
+    except Exception as exc:  # the handler never raises: at worst pynetdicom's behaviour
+        log.warning("store.invalid_command_unanswered", error=type(exc).__name__)
+
+
 def _refused(
     event: evt.Event,
     refusals: StoreRefusals | None,
@@ -397,6 +446,8 @@ def start_listener(
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [spool, clock, metrics, refusals, RateLimit()]),
+        (evt.EVT_DIMSE_RECV, answer_invalid_store, [refusals, RateLimit()]),
+        (evt.EVT_CONN_OPEN, _without_dimse_logger),
         (evt.EVT_CONN_OPEN, set_nodelay),
         (evt.EVT_REQUESTED, on_requested, [guard, ae._require_calling_aet]),
         (evt.EVT_REJECTED, on_rejected, [guard]),
