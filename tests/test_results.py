@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import subprocess
 import sys
 from dataclasses import replace
@@ -451,3 +453,74 @@ def test_heatmaps_name_their_slice_in_the_srs_numbering(
         theirs = burn_in(base, [other])[band]
         assert np.array_equal(pixels[band], mine)
         assert not np.array_equal(pixels[band], theirs)
+
+
+def _part10(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _without_dimension_uids(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """A copy with every Dimension Organization UID (0020,9164) emptied."""
+    out = copy.deepcopy(ds)
+    for elem in out.iterall():
+        if elem.tag == 0x00209164:
+            elem.value = ""
+    return out
+
+
+def test_pixels_drawn_beside_the_sr_and_previews_after_give_the_same_files(
+    positive: tuple[Classifier, Prediction], tmp_path: Path
+) -> None:
+    """The worker's way (render inside build_results while the SR is encoded, the
+    PNG previews written after the hand-over) makes byte for byte what rendering
+    first and encoding everything at once makes, the SR naming the parametric map."""
+    from ich_node.model.heatmaps import with_heatmap_images
+    from ich_node.results.build import write_previews
+    from ich_node.results.common import output_time
+
+    classifier, prediction = positive
+    options = ResultOptions(parametric_map=True, key_objects=True)
+    plain = explain_series(prediction, classifier, render=False)
+    when = output_time(plain.header)
+    first = encode(
+        with_heatmap_images(plain, "positive", "cpu"), classifier.card, options, when=when
+    )
+    drawn: list[int] = []
+
+    def render(e: Any) -> Any:
+        drawn.append(len(e.overlays))
+        return with_heatmap_images(e, "positive", "cpu")
+
+    second = encode(plain, classifier.card, options, when=when, render=render, previews=False)
+    assert drawn == [0]  # the pixels were drawn inside, once, from none
+    assert len(first.heatmaps) == len(second.heatmaps) == 12
+    assert second.previews == ()
+    assert [_part10(ds) for ds in second.heatmaps] == [_part10(ds) for ds in first.heatmaps]
+    assert first.parametric_map is not None and second.parametric_map is not None
+    # highdicom draws a random Dimension Organization UID for each map: not compared.
+    assert _part10(_without_dimension_uids(second.parametric_map)) == _part10(
+        _without_dimension_uids(first.parametric_map)
+    )
+    assert _part10(second.sr) == _part10(first.sr)
+    assert first.key_objects is not None and second.key_objects is not None
+    assert _part10(second.key_objects) == _part10(first.key_objects)
+    # The SR's evidence names the map as it was built (class, series, instance).
+    pm = second.parametric_map
+    named = {
+        (series.SeriesInstanceUID, ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID)
+        for study in second.sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert (pm.SeriesInstanceUID, pm.SOPClassUID, pm.SOPInstanceUID) in named
+
+    out = tmp_path / "outbox"
+    files = write_results(second, out)
+    assert not list((out / "heatmaps").glob("*.png"))
+    assert len(files) == 12 + 3  # heatmaps, map, SR, key objects
+    previews = write_previews(second, out)
+    assert [p.name for p in previews] == [name for name, _ in first.previews]
+    assert [p.read_bytes() for p in previews] == [png for _, png in first.previews]
+    assert write_previews(second, out) == []  # those present are left as they are

@@ -16,7 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pydicom
 import pytest
+from PIL import Image
 
 from benchmarks.common import queue_series
 from ich_node.config import NodeConfig, parse_config
@@ -111,6 +114,13 @@ def test_pipeline_gives_each_job_the_findings_of_its_series_alone(
             assert got["probabilities"] == pytest.approx(want.probabilities, abs=1e-5)
         assert list((folder / "outbox").rglob("*.dcm")), "no DICOM results written"
         assert not list(folder.parent.glob(f".{job.job_id}.*.tmp"))
+        # The PNG previews, written after the hand-over: one per heatmap, its pixels.
+        heatmaps = sorted((folder / "outbox" / "heatmaps").glob("*.dcm"))
+        assert heatmaps, "no heatmaps"
+        for path in heatmaps:
+            ds = pydicom.dcmread(path)
+            with Image.open(path.with_suffix(".png")) as png:
+                assert np.array_equal(np.asarray(png), ds.pixel_array)
 
 
 def test_next_job_is_on_the_model_while_the_last_ones_results_are_written(

@@ -19,14 +19,16 @@ import hashlib
 import os
 import traceback
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
+import numpy as np
 import pydicom
 import structlog
-from pydicom.uid import RE_VALID_UID, SecondaryCaptureImageStorage
+from pydicom.uid import RE_VALID_UID, ParametricMapStorage, SecondaryCaptureImageStorage
 
 from ich_node.card import ModelCard
 from ich_node.durable import fsync_dir, write_atomic
@@ -272,6 +274,8 @@ def build_results(
     version: int = 1,
     previous_sr: pydicom.Dataset | None = None,
     when: OutputTime | None = None,
+    render: Callable[[ExplainedSeries], ExplainedSeries] | None = None,
+    previews: bool = True,
 ) -> ResultSet:
     """Build the SR, the heatmap series and (optionally) the parametric map.
 
@@ -294,6 +298,14 @@ def build_results(
         series dates and times, and TimezoneOffsetFromUTC); by default now, in the
         source's zone when it has TimezoneOffsetFromUTC, else the system's
         (:func:`ich_node.results.common.output_time`).
+    render : callable, optional
+        ``inputs`` -> ``inputs`` with its heatmap images and head region (the
+        worker passes :func:`ich_node.model.heatmaps.with_heatmap_images`), called
+        in this thread while the SR is encoded in another, so that drawing the
+        pixels and encoding the report overlap. ``None``: ``inputs`` has them.
+    previews : bool
+        Also encode the PNG previews (``ResultSet.previews``). The worker leaves
+        them for after the job is handed to the senders (:func:`write_previews`).
 
     Returns
     -------
@@ -308,7 +320,16 @@ def build_results(
     """
     try:
         when = output_time(inputs.header) if when is None else when
-        return _build(inputs, card, options, version=version, previous_sr=previous_sr, when=when)
+        return _build(
+            inputs,
+            card,
+            options,
+            version=version,
+            previous_sr=previous_sr,
+            when=when,
+            render=render,
+            previews=previews,
+        )
     except (ResultsSkipped, MemoryError):
         raise
     except Exception as exc:
@@ -328,6 +349,8 @@ def _build(
     version: int,
     previous_sr: pydicom.Dataset | None,
     when: OutputTime,
+    render: Callable[[ExplainedSeries], ExplainedSeries] | None,
+    previews: bool,
 ) -> ResultSet:
     series = inputs.series
     check_source(series)
@@ -336,40 +359,48 @@ def _build(
         inputs.header, series.study_instance_uid, series_uid=series.series_instance_uid
     )
     evidence = source_evidence(series, study.plain)
-    # The heatmaps are drawn and encoded in threads (numpy, PIL's text and zlib and
-    # pydicom's byte work release the GIL for much of it), a share of the images
-    # each, while this thread encodes the parametric map and the SR: the SR needs
-    # only the heatmaps' UIDs, which are known before any pixel is drawn.
+    # Three things run side by side: the SR (and its other classes and the KOS) in
+    # a thread of its own, from the findings and the heatmaps' UIDs, which are known
+    # before any pixel is drawn; in this thread meanwhile, the heatmap pixels and the
+    # head region when ``render`` is given (numpy, scipy and torch release the GIL for
+    # most of it) and then the parametric map; the heatmaps' text, Secondary Capture
+    # encoding and PNG previews in threads, a share of the images each.
     indices = heatmap_indices(inputs, options.heatmaps)
     heatmap_series = uid("heatmap series")
     heatmap_uids = {i: uid("heatmap", i) for i in indices}
-    workers = min(encode_workers(), max(1, len(indices)))
-    shares = [indices[k::workers] for k in range(workers)] if indices else []
-
-    def encode_share(share: list[int]) -> list[tuple[pydicom.Dataset, tuple[str, bytes]]]:
-        images = render_heatmaps(inputs, card, which=options.heatmaps, indices=share)
-        datasets = build_heatmap_series(
-            series,
-            images,
+    pm_ref = _planned_parametric_map(inputs, options, uid)
+    with ThreadPoolExecutor(1, thread_name_prefix="sr") as reports:
+        reporting = reports.submit(
+            _encode_reports,
+            inputs,
             card,
-            study.plain,
-            series_instance_uid=heatmap_series,
-            sop_instance_uids=[heatmap_uids[image.index] for image in images],
+            options,
+            uid,
+            evidence,
+            heatmap_series,
+            heatmap_uids,
+            pm_ref,
+            previous_sr,
         )
-        # Named by InstanceNumber, the slice's number in the SR's numbering.
-        previews = [(f"{image.index + 1}.png", png_bytes(image.rgb)) for image in images]
-        return list(zip(datasets, previews, strict=True))
-
-    with ThreadPoolExecutor(workers, thread_name_prefix="encode") as pool:
-        encoding = [pool.submit(encode_share, share) for share in shares]
-        sr, alternatives, parametric_map, key_objects = _encode_the_rest(
-            inputs, card, options, uid, evidence, heatmap_series, heatmap_uids, previous_sr
-        )
-        encoded = sorted(
-            (pair for f in encoding for pair in f.result()), key=lambda p: int(p[0].InstanceNumber)
-        )
+        try:
+            if render is not None and (indices or pm_ref is not None):
+                inputs = render(inputs)
+            encoded, parametric_map = _encode_images(
+                inputs,
+                card,
+                options,
+                study.plain,
+                evidence,
+                heatmap_series,
+                heatmap_uids,
+                pm_ref,
+                previews=previews,
+            )
+        finally:  # the SR thread's error, if any, is raised by result() below
+            reporting.exception()
+        sr, alternatives, key_objects = reporting.result()
     heatmaps = tuple(ds for ds, _ in encoded)
-    previews = tuple(preview for _, preview in encoded)
+    pngs = tuple(preview for _, preview in encoded if preview is not None)
     pm = [parametric_map] if parametric_map is not None else []
     ko = [key_objects] if key_objects is not None else []
     # A heatmap keeps its own source slice's compression (PS3.3 C.7.6.1.1.5: derived
@@ -404,42 +435,31 @@ def _build(
         sr=sr,
         heatmaps=heatmaps,
         parametric_map=parametric_map,
-        previews=previews,
+        previews=pngs,
         key_objects=key_objects,
         sr_alternatives=alternatives,
     )
 
 
-def _encode_the_rest(
-    inputs: ExplainedSeries,
-    card: ModelCard,
-    options: ResultOptions,
-    uid: _Uids,
-    evidence: list[pydicom.Dataset],
-    heatmap_series: str,
-    heatmap_uids: dict[int, str],
-    previous_sr: pydicom.Dataset | None,
-) -> tuple[
-    pydicom.Dataset,
-    tuple[tuple[str, str], ...],
-    pydicom.Dataset | None,
-    pydicom.Dataset | None,
-]:
-    """The SR (and its other classes), the parametric map and the key objects."""
+def _planned_parametric_map(
+    inputs: ExplainedSeries, options: ResultOptions, uid: _Uids
+) -> pydicom.Dataset | None:
+    """The parametric map's identifying UIDs when one will be built, else ``None``.
+
+    Decided before anything is encoded, so that the SR (encoded meanwhile) can name
+    the map in its evidence (PS3.3 C.17.2.2) by these UIDs alone.
+    """
     series = inputs.series
-    explanations = inputs.explanations
-    parametric_map = None
-    multi_frame = any(s.frame_number is not None for s in series.slices)
-    if options.parametric_map and explanations and multi_frame:
+    if not (options.parametric_map and inputs.explanations):
+        return None
+    if any(s.frame_number is not None for s in series.slices):
         # highdicom's Parametric Map takes one multi-frame source with its functional
         # groups, which the evidence references do not carry: not built (SR and
         # heatmaps still reference the frames).
         log.info("results.parametric_map_skipped", reason="multi-frame source image")
-    elif (
-        options.parametric_map
-        and explanations
-        and not _valid_uid(frame_uid := series.frame_of_reference_uid or "")
-    ):
+        return None
+    frame_uid = series.frame_of_reference_uid or ""
+    if not _valid_uid(frame_uid):
         # The map's frames are placed in the source's frame of reference (Type 1 in
         # the Frame of Reference module): without a valid one there is no map, and
         # the SR and heatmaps go out as usual.
@@ -450,20 +470,94 @@ def _encode_the_rest(
             reason="absent" if not frame_uid else "not a valid UI value",
             action="parametric map left out",
         )
-    elif options.parametric_map and explanations:
-        # The head region (map values stay inside it, as the heatmaps' colour does):
-        # the model stage's when it rendered heatmaps, else found here.
-        head = inputs.head if inputs.head is not None else series_head_mask(inputs)
-        parametric_map = build_parametric_map(
+        return None
+    ref = pydicom.Dataset()
+    ref.StudyInstanceUID = series.study_instance_uid
+    ref.SeriesInstanceUID = uid("parametric map series")
+    ref.SOPClassUID = ParametricMapStorage
+    ref.SOPInstanceUID = uid("parametric map")
+    return ref
+
+
+def _encode_images(
+    inputs: ExplainedSeries,
+    card: ModelCard,
+    options: ResultOptions,
+    study: pydicom.Dataset,
+    evidence: list[pydicom.Dataset],
+    heatmap_series: str,
+    heatmap_uids: dict[int, str],
+    pm_ref: pydicom.Dataset | None,
+    *,
+    previews: bool,
+) -> tuple[list[tuple[pydicom.Dataset, tuple[str, bytes] | None]], pydicom.Dataset | None]:
+    """The heatmap images (with their previews) in threads, and the parametric map here.
+
+    Returns (Secondary Capture dataset, (file name, PNG bytes) or None) in
+    InstanceNumber order, and the parametric map (or None).
+    """
+    series = inputs.series
+    indices = list(heatmap_uids)
+    workers = min(encode_workers(), max(1, len(indices)))
+    shares = [indices[k::workers] for k in range(workers)] if indices else []
+
+    def encode_share(
+        share: list[int],
+    ) -> list[tuple[pydicom.Dataset, tuple[str, bytes] | None]]:
+        images = render_heatmaps(inputs, card, which=options.heatmaps, indices=share)
+        datasets = build_heatmap_series(
             series,
-            explanations,
+            images,
             card,
-            evidence,
-            series_instance_uid=uid("parametric map series"),
-            sop_instance_uid=uid("parametric map"),
-            head=head,
+            study,
+            series_instance_uid=heatmap_series,
+            sop_instance_uids=[heatmap_uids[image.index] for image in images],
         )
-    pm = [parametric_map] if parametric_map is not None else []
+        # Named by InstanceNumber, the slice's number in the SR's numbering.
+        pngs = [
+            (f"{image.index + 1}.png", png_bytes(image.rgb)) if previews else None
+            for image in images
+        ]
+        return list(zip(datasets, pngs, strict=True))
+
+    parametric_map = None
+    with ThreadPoolExecutor(workers, thread_name_prefix="encode") as pool:
+        encoding = [pool.submit(encode_share, share) for share in shares]
+        if pm_ref is not None:
+            # The head region (map values stay inside it, as the heatmaps' colour
+            # does): the one found when the heatmaps were rendered, else found here.
+            head = inputs.head if inputs.head is not None else series_head_mask(inputs)
+            parametric_map = build_parametric_map(
+                series,
+                inputs.explanations,
+                card,
+                evidence,
+                series_instance_uid=str(pm_ref.SeriesInstanceUID),
+                sop_instance_uid=str(pm_ref.SOPInstanceUID),
+                head=head,
+            )
+        encoded = sorted(
+            (pair for f in encoding for pair in f.result()), key=lambda p: int(p[0].InstanceNumber)
+        )
+    return encoded, parametric_map
+
+
+def _encode_reports(
+    inputs: ExplainedSeries,
+    card: ModelCard,
+    options: ResultOptions,
+    uid: _Uids,
+    evidence: list[pydicom.Dataset],
+    heatmap_series: str,
+    heatmap_uids: dict[int, str],
+    pm_ref: pydicom.Dataset | None,
+    previous_sr: pydicom.Dataset | None,
+) -> tuple[pydicom.Dataset, tuple[tuple[str, str], ...], pydicom.Dataset | None]:
+    """The SR (and which other classes it fits) and the key objects.
+
+    Needs only the UIDs of the heatmaps and of the parametric map, not their pixels.
+    """
+    series = inputs.series
     # The heatmaps as the SR's evidence: their identifying UIDs (PS3.3 C.17.2.2).
     heatmap_refs = []
     for index, sop_uid in heatmap_uids.items():
@@ -474,7 +568,7 @@ def _encode_the_rest(
         ref.SOPInstanceUID = sop_uid
         ref.InstanceNumber = index + 1
         heatmap_refs.append(ref)
-
+    pm = [pm_ref] if pm_ref is not None else []
     sr = build_sr(
         inputs.findings,
         series,
@@ -503,7 +597,7 @@ def _encode_the_rest(
             sop_instance_uid=uid("key objects"),
             device_uid=name_uid("ich-node device", card.name, card.version, card.sha256),
         )
-    return sr, alternatives, parametric_map, key_objects
+    return sr, alternatives, key_objects
 
 
 def _write_atomic(path: Path, data: bytes | pydicom.Dataset) -> None:
@@ -539,7 +633,8 @@ def write_results(results: ResultSet, out_dir: Path, *, in_temp_folder: bool = F
     """Write the results as files, durably, several side by side.
 
     Layout: ``out_dir/sr.dcm``, ``out_dir/heatmaps/<n>.dcm`` with ``<n>.png``
-    previews (n = InstanceNumber), ``out_dir/parametric_map.dcm``,
+    previews (n = InstanceNumber; when ``results`` holds them, else
+    :func:`write_previews` writes them later), ``out_dir/parametric_map.dcm``,
     ``out_dir/key_objects.dcm``.
 
     Parameters
@@ -568,8 +663,9 @@ def write_results(results: ResultSet, out_dir: Path, *, in_temp_folder: bool = F
         folder = out_dir / "heatmaps"
         folder.mkdir(exist_ok=True)
         folders.append(folder)
-        for ds, (name, png) in zip(results.heatmaps, results.previews, strict=True):
-            files += [(folder / f"{int(ds.InstanceNumber)}.dcm", ds), (folder / name, png)]
+        files += [(folder / f"{int(ds.InstanceNumber)}.dcm", ds) for ds in results.heatmaps]
+        # The previews when they were encoded (build_results(previews=True)), one per image.
+        files += [(folder / name, png) for name, png in results.previews]
     if results.parametric_map is not None:
         files.append((out_dir / "parametric_map.dcm", results.parametric_map))
     files.append((out_dir / "sr.dcm", results.sr))
@@ -584,6 +680,69 @@ def write_results(results: ResultSet, out_dir: Path, *, in_temp_folder: bool = F
         for folder in folders:
             fsync_dir(folder)
     return [path for path, _ in files]
+
+
+def preview_png(ds: pydicom.Dataset) -> bytes:
+    """The PNG preview of one heatmap: its Secondary Capture pixels, as they are sent.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        A heatmap image of :attr:`ResultSet.heatmaps` (RGB, 8 bits, interleaved,
+        uncompressed, as :func:`ich_node.results.sc.build_heatmap_series` encodes).
+
+    Returns
+    -------
+    bytes
+        PNG file bytes of the (Rows, Columns, 3) uint8 image.
+    """
+    rgb = np.frombuffer(ds.PixelData, dtype=np.uint8)[: ds.Rows * ds.Columns * 3]
+    return png_bytes(rgb.reshape(int(ds.Rows), int(ds.Columns), 3))
+
+
+def write_previews(results: ResultSet, out_dir: Path) -> list[Path]:
+    """Write the heatmaps' PNG previews as ``out_dir/heatmaps/<n>.png``, each atomically.
+
+    For results built with ``previews=False``: the worker writes them after the
+    job is handed to the senders, so that the PNG encoding (~8 ms an image at
+    512x512) does not delay the SR. The bytes are those :func:`build_results` would
+    have made (the same pixels, the same encoder). Previews already present are
+    left as they are.
+
+    Parameters
+    ----------
+    results : ResultSet
+        Its heatmaps (Secondary Capture images).
+    out_dir : pathlib.Path
+        The outbox folder that holds ``heatmaps/``.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The previews written, in InstanceNumber order.
+
+    Raises
+    ------
+    OSError
+        When a preview cannot be written (the ones before it stay).
+    """
+    folder = Path(out_dir) / "heatmaps"
+    todo = [
+        (folder / f"{int(ds.InstanceNumber)}.png", ds)
+        for ds in results.heatmaps
+        if not (folder / f"{int(ds.InstanceNumber)}.png").exists()
+    ]
+    if not todo:
+        return []
+
+    def write(path: Path, ds: pydicom.Dataset) -> None:
+        _write_atomic(path, preview_png(ds))
+
+    # zlib and the file writes release the GIL.
+    with ThreadPoolExecutor(min(encode_workers(), len(todo)), thread_name_prefix="preview") as pool:
+        for done in [pool.submit(write, path, ds) for path, ds in todo]:
+            done.result()
+    return [path for path, _ in todo]
 
 
 def write_sr_alternatives(results: ResultSet, out_dir: Path) -> list[Path]:

@@ -88,6 +88,8 @@ class ResultsStage:
         self.queue = leases.queue
         self.card = card
         self.device = device
+        # The ResultSet of the job being finished, until its previews are written.
+        self.results: Any = None
 
     def write_outputs(
         self, job: JobRecord, explained: Any, folder: Path
@@ -123,11 +125,13 @@ class ResultsStage:
             previous_sr.SOPClassUID = previous.sop_class_uid
             previous_sr.SOPInstanceUID = previous.sop_instance_uid
         # The heatmaps' pixels, all at once on the model's device (and the head region,
-        # on the CPU): here, in the results thread, not in the model's.
+        # on the CPU): here, in the results thread, not in the model's, while the SR
+        # is encoded beside them (build_results' render).
         from ich_node.model.heatmaps import with_heatmap_images
 
         options = result_options(self.config)
-        explained = with_heatmap_images(explained, options.heatmaps, self.device)
+        device = self.device
+        self.results = None
         try:
             results = build_results(
                 explained,
@@ -136,10 +140,13 @@ class ResultsStage:
                 version=job.version,
                 previous_sr=previous_sr,
                 when=when,
+                render=lambda e: with_heatmap_images(e, options.heatmaps, device),
+                previews=False,  # written after the hand-over: write_previews
             )
         except ResultsSkipped as exc:
             log.info("job.results_skipped", job_id=job.job_id, reason=str(exc))
             return 0, None
+        self.results = results
         # folder is the job's temporary results folder, renamed into place after.
         written = write_results(results, folder / "outbox", in_temp_folder=True)
         write_sr_alternatives(results, folder / SR_CLASSES_DIR)
@@ -242,6 +249,7 @@ class ResultsStage:
                 job, [d.name for d in destinations], n_files, clock(), sr=sr, read=read
             )
             outcome = JobOutcome(job.job_id, "done", n_files, "")
+            self.write_previews(final, times)
         except Exception as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             outcome = self._failed(job, exc, clock)
@@ -249,6 +257,25 @@ class ResultsStage:
             self.leases.let_go(item)
         self.report(item, outcome, clock)
         return outcome
+
+    def write_previews(self, final: Path, times: dict[str, float]) -> None:
+        """The heatmaps' PNG previews, once the job is done and its SR on its way.
+
+        A convenience for the web console and non-DICOM readers, kept off the path
+        to the PACS. Never raises: a preview that cannot be written is logged (the
+        DICOM results and the job's state are not touched).
+        """
+        from ich_node.results.build import write_previews
+
+        results, self.results = self.results, None
+        if results is None or not results.heatmaps:
+            return
+        t = time.perf_counter()
+        try:
+            write_previews(results, final / "outbox")
+        except Exception as exc:
+            log.warning("job.previews_not_written", error=type(exc).__name__)
+        times["previews_s"] = time.perf_counter() - t
 
     def _failed(self, job: JobRecord, exc: Exception, clock: Callable[[], float]) -> JobOutcome:
         """Record ``exc`` as the job's retry or parking reason (or find the lease lost)."""
@@ -325,6 +352,7 @@ class ResultsStage:
             read_s=round(times.get("read_s", 0.0), 3),
             infer_s=round(times.get("infer_s", 0.0), 3),
             results_s=round(times.get("results_s", 0.0), 3),
+            previews_s=round(times["previews_s"], 3) if "previews_s" in times else None,
             alert_s=round(times["alert_s"], 3) if "alert_s" in times else None,
             total_s=round(total_s, 3),
             reason=outcome.reason or None,
