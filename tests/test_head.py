@@ -148,3 +148,42 @@ def test_the_support_leaves_head_and_noise_as_they_were() -> None:
     assert np.array_equal(plain.tissue[held.tissue != SUPPORT], held.tissue[held.tissue != SUPPORT])
     assert (held.tissue == SUPPORT).any() and not (plain.tissue == SUPPORT).any()
     assert (held.tissue == CSF_VENTRICLE).sum() == (plain.tissue == CSF_VENTRICLE).sum()
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 9), (5, 16, 12), (3, 40, 33)])
+def test_the_in_plane_steps_equal_scipy_ndimage(shape: tuple[int, int, int]) -> None:
+    """OpenCV over stacked slices gives scipy.ndimage's filters and labels exactly:
+    the same values, zeros outside each slice, labels numbered in the same raster
+    order, nothing reaching from one slice into the next."""
+    from scipy import ndimage
+
+    from ich_node.imaging.head import (
+        _IN_PLANE_4,
+        _IN_PLANE_8,
+        _components,
+        _dilate,
+        _erode,
+        _in_plane,
+    )
+
+    rng = np.random.default_rng(sum(shape))
+    for density in (0.2, 0.5, 0.8):
+        grid = rng.random(shape) < density
+        grid[:, 0, :] |= density > 0.5  # pieces on the edges, where the slices meet
+        as_u8 = grid.view(np.uint8)
+        for ky, kx in ((1, 1), (3, 3), (5, 3), (7, 7)):
+            assert np.array_equal(
+                _in_plane(_erode, as_u8, ky, kx),
+                ndimage.minimum_filter(as_u8, size=(1, ky, kx), mode="constant"),
+            )
+            assert np.array_equal(
+                _in_plane(_dilate, as_u8, ky, kx),
+                ndimage.maximum_filter(as_u8, size=(1, ky, kx), mode="constant"),
+            )
+        for connectivity, structure in ((4, _IN_PLANE_4), (8, _IN_PLANE_8)):
+            want, n_want = ndimage.label(grid, structure=structure)
+            got, n_got, where = _components(grid, connectivity)
+            assert n_got == n_want
+            assert np.array_equal(got, want)
+            assert where is not None
+            assert where.tolist() == [box[0].start for box in ndimage.find_objects(want)]

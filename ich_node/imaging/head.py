@@ -31,14 +31,18 @@ cost to a fraction of a second for a 40-slice 512x512 series.
 
 Shared by the node's results stage and by anyone rendering maps on CT slices; it
 works on HU arrays (:func:`ich_node.imaging.load_series_hu`), so it knows nothing
-of DICOM. ``scipy.ndimage`` is imported when the function is called, not with the
-package, so the listener (which reads headers through this package) stays light.
+of DICOM. The in-plane steps (filters, per-slice labelling) are OpenCV calls over
+all slices stacked into one image with rows of zeros between them (the result of
+``scipy.ndimage`` with ``mode="constant"``, checked equal in ``tests/test_head.py``);
+the 3-D labelling is ``scipy.ndimage``'s. Both are imported when the function is
+called, not with the package, so the listener (which reads headers through this
+package) stays light.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import numpy as np
@@ -126,10 +130,9 @@ def head_mask(
     body &= ~support
     ky = 2 * round(OPENING_RADIUS_MM / (spacing[0] * fy)) + 1
     kx = 2 * round(OPENING_RADIUS_MM / (spacing[1] * fx)) + 1
-    # Opening with a square, in each slice: min then max filters (separable, so the
-    # cost does not grow with the square). Outside the image counts as air.
-    opened = ndimage.minimum_filter(body.view(np.uint8), size=(1, ky, kx), mode="constant")
-    opened = ndimage.maximum_filter(opened, size=(1, ky, kx), mode="constant")
+    # Opening with a square, in each slice: erosion then dilation. Outside the image
+    # counts as air.
+    opened = _in_plane(_dilate, _in_plane(_erode, body.view(np.uint8), ky, kx), ky, kx)
     labels, n = ndimage.label(opened)  # 6-connected in 3-D
     if n == 0:  # everything was thinner than the opening: no head to show
         return np.zeros(arr.shape, dtype=bool)
@@ -137,14 +140,81 @@ def head_mask(
     sizes[0] = 0
     head = (labels == int(sizes.argmax())).view(np.uint8)
     # One grid step back (the samples are f pixels apart), then to full resolution.
-    head = ndimage.maximum_filter(head, size=(1, 3, 3), mode="constant").view(bool)
-    out = _full(head, fy, fx, rows, columns) & tissue & ~_full(support, fy, fx, rows, columns)
+    head = _in_plane(_dilate, head, 3, 3).view(bool)
+    # Replication to full resolution commutes with the pixelwise operations: done once.
+    out = _full(head & ~support, fy, fx, rows, columns) & tissue
     return out[0] if arr.ndim == 2 else out
 
 
 def _full(grid: np.ndarray, fy: int, fx: int, rows: int, columns: int) -> np.ndarray:
     """(S, h, w) grid samples -> (S, rows, columns), each sample over its f x f block."""
-    return np.repeat(np.repeat(grid, fy, axis=1), fx, axis=2)[:, :rows, :columns]
+    s, h, w = grid.shape
+    blocks = np.broadcast_to(grid[:, :, None, :, None], (s, h, fy, w, fx))
+    return blocks.reshape(s, h * fy, w * fx)[:, :rows, :columns]
+
+
+def _stacked(grid: np.ndarray, pad: int) -> np.ndarray:
+    """(S, h, w) uint8 -> (S * (h + pad), w): the slices one under another, ``pad`` rows
+    of 0 after each, so that a 2-D operation with a reach of at most ``pad`` rows
+    treats each slice as an image with zeros around it."""
+    s, h, w = grid.shape
+    out = np.zeros((s, h + pad, w), dtype=np.uint8)
+    out[:, :h] = grid
+    return out.reshape(s * (h + pad), w)
+
+
+def _erode(image: np.ndarray, ky: int, kx: int) -> np.ndarray:
+    import cv2  # OpenCV (opencv-python-headless, installed with grad-cam)
+
+    kernel = np.ones((ky, kx), dtype=np.uint8)
+    return cv2.erode(image, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def _dilate(image: np.ndarray, ky: int, kx: int) -> np.ndarray:
+    import cv2
+
+    kernel = np.ones((ky, kx), dtype=np.uint8)
+    return cv2.dilate(image, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def _in_plane(
+    op: Callable[[np.ndarray, int, int], np.ndarray], grid: np.ndarray, ky: int, kx: int
+) -> np.ndarray:
+    """A ky x kx (odd) minimum or maximum filter of each slice of an (S, h, w) uint8
+    array, zeros outside each slice: ``scipy.ndimage.minimum_filter`` (or maximum)
+    with ``size=(1, ky, kx), mode="constant"``, as one OpenCV call over the stacked
+    slices (SIMD, and the GIL released once, not once a slice)."""
+    s, h, w = grid.shape
+    pad = ky // 2
+    out = op(_stacked(grid, pad), ky, kx)
+    return np.ascontiguousarray(out.reshape(s, h + pad, w)[:, :h])
+
+
+def _components(
+    mask: np.ndarray, connectivity: int, *, where: bool = True
+) -> tuple[np.ndarray, int, np.ndarray | None]:
+    """Connected components of each slice of an (S, h, w) bool array (none across slices).
+
+    Returns (labels, n, slice_of): (S, h, w) int32 labels 1..n numbered in raster
+    order of each component's first pixel (as ``scipy.ndimage.label`` numbers them),
+    0 outside; and (n,) the slice each component lies in (``None`` unless
+    ``where``). OpenCV's Wu (SAUF) labelling, one call over the stacked slices.
+    """
+    import cv2
+
+    s, h, w = mask.shape
+    stacked = _stacked(mask.view(np.uint8), 1)
+    slice_of = None
+    if where:
+        n, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+            stacked, connectivity, cv2.CV_32S, cv2.CCL_WU
+        )
+        slice_of = stats[1:, cv2.CC_STAT_TOP] // (h + 1)
+    else:
+        n, labels = cv2.connectedComponentsWithAlgorithm(
+            stacked, connectivity, cv2.CV_32S, cv2.CCL_WU
+        )
+    return np.ascontiguousarray(labels.reshape(s, h + 1, w)[:, :h]), n - 1, slice_of
 
 
 def _supports(hu: np.ndarray, body: np.ndarray, reach: int) -> np.ndarray:
@@ -154,17 +224,15 @@ def _supports(hu: np.ndarray, body: np.ndarray, reach: int) -> np.ndarray:
     air around the patient is the air of each slice connected to the image's edge
     (the air of the sinuses is enclosed, so bone walls next to it stay).
     """
-    from scipy import ndimage
-
-    air, n_air = ndimage.label(~body, structure=_IN_PLANE_4)
+    air, n_air, _ = _components(~body, 4, where=False)
     edge = np.zeros(n_air + 1, dtype=bool)
     for side in (air[:, 0, :], air[:, -1, :], air[:, :, 0], air[:, :, -1]):
         edge[side] = True
     edge[0] = False
-    side = 2 * reach + 1
-    near = ndimage.maximum_filter(edge[air].view(np.uint8), size=(1, side, side)).view(bool)
-    dense, n_dense = ndimage.label(hu > SUPPORT_MIN_HU, structure=_IN_PLANE_8)
-    if n_dense == 0:
+    span = 2 * reach + 1
+    near = _in_plane(_dilate, edge[air].view(np.uint8), span, span).view(bool)
+    dense, n_dense, where = _components(hu > SUPPORT_MIN_HU, 8)
+    if n_dense == 0 or where is None:
         return np.zeros(body.shape, dtype=bool)
     chosen = np.zeros(n_dense + 1, dtype=bool)
     chosen[dense[near]] = True
@@ -172,11 +240,10 @@ def _supports(hu: np.ndarray, body: np.ndarray, reach: int) -> np.ndarray:
     # Never the largest dense piece of a slice: the skull, where the scalp is thin.
     # Pieces are in-plane, so each lies in one slice: sort by (slice, size).
     sizes = np.bincount(dense.ravel(), minlength=n_dense + 1)[1:]
-    where = np.array([box[0].start for box in ndimage.find_objects(dense)])
     order = np.lexsort((sizes, where))
     last = np.r_[where[order][1:] != where[order][:-1], True]  # the largest of its slice
     chosen[order[last] + 1] = False
     support = chosen[dense]
     # The partial-volume rim (pixels between the dense core and air or skin).
-    rim = ndimage.maximum_filter(support.view(np.uint8), size=(1, 3, 3), mode="constant")
+    rim = _in_plane(_dilate, support.view(np.uint8), 3, 3)
     return rim.view(bool) & body
