@@ -251,3 +251,29 @@ def test_no_colour_outside_the_head_of_the_real_ge_series(
         assert not (colour & ~head[i]).any(), f"slice {i + 1}: colour outside the head"
         assert not (colour & holder[i]).any(), f"slice {i + 1}: colour on the holder"
         assert colour[head[i]].mean() > 0.9  # the head itself is coloured
+
+
+def test_the_cpus_blend_of_the_coloured_pixels_alone_equals_blending_every_pixel() -> None:
+    """The CPU blends only the pixels that get colour (gathered and scattered by
+    index); blending every pixel, as on a GPU, gives the same bytes, with maps on
+    some slices of a chunk, on all, or on none."""
+    from ich_node.model.heatmaps import BRAIN_WINDOW, _blend, _render
+
+    rng = np.random.default_rng(3)
+    hu = torch.from_numpy(rng.uniform(-1100.0, 200.0, (6, 80, 72)).astype(np.float32))
+    head = hu > -300.0
+    low = BRAIN_WINDOW.center - BRAIN_WINDOW.width / 2
+    grey = ((hu - low) / BRAIN_WINDOW.width).clamp(0.0, 1.0)
+    for explained in ([True] * 6, [False, True, False, True, True, False]):
+        maps = torch.from_numpy(rng.uniform(0.0, 1.0, (sum(explained), 16, 16)).astype(np.float32))
+        got = render_overlays(hu, maps, explained, head)
+        cam = torch.zeros_like(hu)
+        cam[torch.as_tensor(explained)] = maps_to_source(maps, 80, 72)
+        every = _blend(grey, cam, (cam > CAM_FLOOR) & head)
+        assert torch.equal(_render(hu, cam, head), every)
+        assert all(np.array_equal(g, e) for g, e in zip(got, every.numpy(), strict=True))
+    none = render_overlays(hu, None, [False] * 6)
+    assert all(
+        np.array_equal(n, e)
+        for n, e in zip(none, _blend(grey, grey * 0, head).numpy(), strict=True)
+    )

@@ -117,9 +117,16 @@ def _render(hu: torch.Tensor, cam: torch.Tensor | None, head: torch.Tensor | Non
     if hu.device.type != "cpu":
         return _blend(grey, cam, inside)  # every pixel at once: the GPU does not mind
     # On the CPU, the colour map only where there is colour (a fraction of a slice);
-    # elsewhere the blend is the grey image itself (alpha 0).
-    out = (grey * 255.0).round_().to(torch.uint8)[..., None].expand(*grey.shape, 3).clone()
-    out[inside] = _blend(grey[inside], cam[inside], inside[inside])
+    # elsewhere the blend is the grey image itself (alpha 0). The coloured pixels are
+    # found once (their flat indices) and gathered and scattered by index.
+    out = torch.empty((*grey.shape, 3), dtype=torch.uint8)
+    out.copy_(grey.mul(255.0).round_().to(torch.uint8)[..., None].expand(*grey.shape, 3))
+    where = inside.view(-1).nonzero().view(-1)
+    if len(where):
+        coloured = _blend(
+            grey.view(-1)[where], cam.view(-1)[where], torch.ones((), dtype=torch.bool)
+        )
+        out.view(-1, 3)[where] = coloured
     return out
 
 
@@ -171,10 +178,15 @@ def render_overlays(
             if not with_map or maps is None or head is None:
                 rgb = _render(slices, None, None)
             else:
-                cams = torch.zeros_like(slices)
                 chosen = maps[torch.as_tensor([int(map_at[k]) for k in with_map])]
-                at = torch.as_tensor([k - start for k in with_map], device=hu.device)
-                cams[at] = maps_to_source(chosen.to(hu.device), rows, columns)
+                on_source = maps_to_source(chosen.to(hu.device), rows, columns)
+                if len(with_map) == len(slices):  # every slice has its map
+                    cams = on_source.contiguous()
+                else:
+                    cams = torch.zeros_like(slices)
+                    cams[torch.as_tensor([k - start for k in with_map], device=hu.device)] = (
+                        on_source
+                    )
                 rgb = _render(slices, cams, head[start : part.stop].to(hu.device))
             out.extend(rgb.cpu().numpy())
     return out
