@@ -126,6 +126,13 @@ def measure(matrix: int, slices: int, size: int, device: str, repeats: int) -> d
         # As the worker builds them, where supported: the pixels drawn while the SR
         # is encoded (build_results' render), the PNG previews after the hand-over.
         overlap = "render" in inspect.signature(build.build_results).parameters
+        process = None
+        if "reports" in inspect.signature(build.build_results).parameters:
+            from ich_node.results.reports import ReportProcess
+
+            process = ReportProcess("console", "WARNING")  # started before the timing
+            process.start()
+        extra = {"reports": process} if process is not None else {}
         for n in range(repeats + 1):  # the first run warms caches (fonts, allocator)
             spent.clear()
             t0 = time.perf_counter()
@@ -140,6 +147,7 @@ def measure(matrix: int, slices: int, size: int, device: str, repeats: int) -> d
                     build.ResultOptions(),
                     render=lambda e: with_heatmap_images(e, "positive", classifier.device),
                     previews=False,
+                    **extra,
                 )
             else:
                 explained = explain_series(prediction, classifier)
@@ -164,6 +172,8 @@ def measure(matrix: int, slices: int, size: int, device: str, repeats: int) -> d
             }
             if run["total s"] < best.get("total s", float("inf")):
                 best = run
+        if process is not None:
+            process.close()
     return best
 
 

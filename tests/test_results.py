@@ -524,3 +524,48 @@ def test_pixels_drawn_beside_the_sr_and_previews_after_give_the_same_files(
     assert [p.name for p in previews] == [name for name, _ in first.previews]
     assert [p.read_bytes() for p in previews] == [png for _, png in first.previews]
     assert write_previews(second, out) == []  # those present are left as they are
+
+
+def test_the_sr_encoded_in_the_report_process_is_the_same_and_survives_its_death(
+    positive: tuple[Classifier, Prediction], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SR and key objects encoded in the report process are, once written, the
+    bytes encoded in a thread; a process killed mid-way leaves the job to encode
+    them itself (same bytes), and the next use after the pause starts a new one."""
+    import os
+    import signal
+
+    import ich_node.results.reports as reports_module
+    from ich_node.results.common import output_time
+    from ich_node.results.reports import ReportProcess
+
+    classifier, prediction = positive
+    options = ResultOptions(parametric_map=True, key_objects=True, sr_classes=("enhanced",))
+    explained = explain_series(prediction, classifier)
+    when = output_time(explained.header)
+    here = encode(explained, classifier.card, options, when=when)
+    process = ReportProcess("console", "WARNING")
+    try:
+        pid = process.start()
+        assert pid != os.getpid()
+        there = encode(explained, classifier.card, options, when=when, reports=process)
+        assert process.starts == 1
+        assert there.sr_alternatives == here.sr_alternatives
+        assert here.key_objects is not None and there.key_objects is not None
+        for a, b in ((here.sr, there.sr), (here.key_objects, there.key_objects)):
+            assert _part10(b) == _part10(a)
+        assert [_part10(ds) for ds in there.heatmaps] == [_part10(ds) for ds in here.heatmaps]
+        written = write_results(there, tmp_path / "there")
+        assert (tmp_path / "there" / "sr.dcm").read_bytes() == _part10(here.sr)
+        assert len(written) == 12 * 2 + 3  # heatmaps and previews, map, SR, key objects
+
+        os.kill(pid, signal.SIGKILL)  # the process dies: the SR is encoded in this one
+        again = encode(explained, classifier.card, options, when=when, reports=process)
+        assert _part10(again.sr) == _part10(here.sr)
+        assert process.submit(os.getpid) is None  # paused after the loss
+        monkeypatch.setattr(reports_module, "RETRY_SECONDS", 0.0)  # no pause now
+        process.lost(RuntimeError("the pause, shortened"))
+        assert process.start() not in (pid, os.getpid())
+        assert process.starts == 2
+    finally:
+        process.close()

@@ -16,14 +16,15 @@ earlier outputs in the PACS instead of duplicating them.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import traceback
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 import pydicom
@@ -33,15 +34,17 @@ from pydicom.uid import RE_VALID_UID, ParametricMapStorage, SecondaryCaptureImag
 from ich_node.card import ModelCard
 from ich_node.durable import fsync_dir, write_atomic
 from ich_node.imaging import CTSeries
+from ich_node.imaging.records import LossyCompression
 from ich_node.labels import LABELS
 from ich_node.results.common import (
+    CopiedAttributes,
     apply_study,
     mark_lossy,
     output_time,
     stamp_output_time,
     study_attributes,
 )
-from ich_node.results.findings import ExplainedSeries, OutputTime
+from ich_node.results.findings import ExplainedSeries, OutputTime, SeriesFindings
 from ich_node.results.ko import build_key_objects
 from ich_node.results.pm import build_parametric_map
 from ich_node.results.sc import (
@@ -52,6 +55,9 @@ from ich_node.results.sc import (
     series_head_mask,
 )
 from ich_node.results.sr import build_sr, fits_class, relabelled
+
+if TYPE_CHECKING:
+    from ich_node.results.reports import ReportProcess
 
 log = structlog.get_logger(__name__)
 
@@ -276,6 +282,7 @@ def build_results(
     when: OutputTime | None = None,
     render: Callable[[ExplainedSeries], ExplainedSeries] | None = None,
     previews: bool = True,
+    reports: ReportProcess | None = None,
 ) -> ResultSet:
     """Build the SR, the heatmap series and (optionally) the parametric map.
 
@@ -306,6 +313,11 @@ def build_results(
     previews : bool
         Also encode the PNG previews (``ResultSet.previews``). The worker leaves
         them for after the job is handed to the senders (:func:`write_previews`).
+    reports : ReportProcess, optional
+        Encode the SR and the key objects in this process
+        (:mod:`ich_node.results.reports`) while this thread draws and encodes the
+        images; ``None``, or a process that is gone: in a thread of this process.
+        The outputs are the same bytes either way.
 
     Returns
     -------
@@ -329,6 +341,7 @@ def build_results(
             when=when,
             render=render,
             previews=previews,
+            reports=reports,
         )
     except (ResultsSkipped, MemoryError):
         raise
@@ -351,6 +364,7 @@ def _build(
     when: OutputTime,
     render: Callable[[ExplainedSeries], ExplainedSeries] | None,
     previews: bool,
+    reports: ReportProcess | None,
 ) -> ResultSet:
     series = inputs.series
     check_source(series)
@@ -360,28 +374,33 @@ def _build(
     )
     evidence = source_evidence(series, study.plain)
     # Three things run side by side: the SR (and its other classes and the KOS) in
-    # a thread of its own, from the findings and the heatmaps' UIDs, which are known
-    # before any pixel is drawn; in this thread meanwhile, the heatmap pixels and the
-    # head region when ``render`` is given (numpy, scipy and torch release the GIL for
-    # most of it) and then the parametric map; the heatmaps' text, Secondary Capture
-    # encoding and PNG previews in threads, a share of the images each.
+    # the report process (``reports``) or a thread of its own, from the findings and
+    # the outputs' UIDs, which are known before any pixel is drawn; in this thread
+    # meanwhile, the heatmap pixels and the head region when ``render`` is given
+    # (numpy, OpenCV and torch release the GIL for most of it) and then the
+    # parametric map; the heatmaps' text, Secondary Capture encoding and PNG
+    # previews in threads, a share of the images each.
     indices = heatmap_indices(inputs, options.heatmaps)
     heatmap_series = uid("heatmap series")
     heatmap_uids = {i: uid("heatmap", i) for i in indices}
     pm_ref = _planned_parametric_map(inputs, options, uid)
-    with ThreadPoolExecutor(1, thread_name_prefix="sr") as reports:
-        reporting = reports.submit(
-            _encode_reports,
-            inputs,
-            card,
-            options,
-            uid,
-            evidence,
-            heatmap_series,
-            heatmap_uids,
-            pm_ref,
-            previous_sr,
-        )
+    report_args = (
+        inputs.findings,
+        series,
+        card,
+        options,
+        uid,
+        evidence,
+        heatmap_series,
+        heatmap_uids,
+        pm_ref,
+        previous_sr,
+        study,
+        when,
+    )
+    elsewhere = None if reports is None else reports.submit(encode_reports_part10, *report_args)
+    with ThreadPoolExecutor(1, thread_name_prefix="sr") as thread:
+        reporting = None if elsewhere is not None else thread.submit(_encode_reports, *report_args)
         try:
             if render is not None and (indices or pm_ref is not None):
                 inputs = render(inputs)
@@ -396,33 +415,30 @@ def _build(
                 pm_ref,
                 previews=previews,
             )
-        finally:  # the SR thread's error, if any, is raised by result() below
-            reporting.exception()
-        sr, alternatives, key_objects = reporting.result()
+        finally:  # the SR's error, if any, is raised by result() below
+            for running in (elsewhere, reporting):
+                if running is not None:
+                    running.exception()
+        if elsewhere is not None:
+            try:
+                sr, alternatives, key_objects = _read_reports(elsewhere.result())
+            except BrokenExecutor as exc:  # the process died: encoded here instead
+                assert reports is not None
+                reports.lost(exc)
+                sr, alternatives, key_objects = _encode_reports(*report_args)
+        else:
+            assert reporting is not None
+            sr, alternatives, key_objects = reporting.result()
     heatmaps = tuple(ds for ds, _ in encoded)
     pngs = tuple(preview for _, preview in encoded if preview is not None)
     pm = [parametric_map] if parametric_map is not None else []
-    ko = [key_objects] if key_objects is not None else []
     # A heatmap keeps its own source slice's compression (PS3.3 C.7.6.1.1.5: derived
-    # images copy the source's method and ratio); the SR and map the series'.
-    lossy_of = {
-        id(ds): series.slices[int(ds.InstanceNumber) - 1].lossy
-        for ds in heatmaps
-        if series.slices[int(ds.InstanceNumber) - 1].lossy is not None
-    }
-    for ds in (sr, *heatmaps, *pm, *ko):
-        # The exact source values and their character set (see common.py).
-        apply_study(ds, study)
-        # Made now, in the study's zone (or node.timezone), the zone named.
-        stamp_output_time(ds, when)
-        # From lossy-compressed images: the images and the SR say so (not the KOS,
-        # a list of references), with the method and ratio.
-        if ds is not key_objects:
-            mark_lossy(ds, lossy_of.get(id(ds), series.lossy))
-        # General Series module: SeriesDate/Time are optional, but PACS and viewers
-        # (Orthanc Explorer among them) group and sort series by them.
-        if "SeriesDate" not in ds and "ContentDate" in ds:
-            ds.SeriesDate, ds.SeriesTime = ds.ContentDate, ds.ContentTime
+    # images copy the source's method and ratio); the map the series'.
+    for ds in heatmaps:
+        own = series.slices[int(ds.InstanceNumber) - 1].lossy
+        _finish(ds, study, when, own if own is not None else series.lossy)
+    for ds in pm:
+        _finish(ds, study, when, series.lossy)
     log.info(
         "results.built",
         series_uid=series.series_instance_uid,
@@ -542,8 +558,32 @@ def _encode_images(
     return encoded, parametric_map
 
 
+def _finish(
+    ds: pydicom.Dataset,
+    study: CopiedAttributes,
+    when: OutputTime,
+    lossy: LossyCompression | None,
+    *,
+    images: bool = True,
+) -> None:
+    """The attributes every output gets once it is built."""
+    # The exact source values and their character set (see common.py).
+    apply_study(ds, study)
+    # Made now, in the study's zone (or node.timezone), the zone named.
+    stamp_output_time(ds, when)
+    # From lossy-compressed images: the images and the SR say so (not the KOS, a
+    # list of references), with the method and ratio.
+    if images:
+        mark_lossy(ds, lossy)
+    # General Series module: SeriesDate/Time are optional, but PACS and viewers
+    # (Orthanc Explorer among them) group and sort series by them.
+    if "SeriesDate" not in ds and "ContentDate" in ds:
+        ds.SeriesDate, ds.SeriesTime = ds.ContentDate, ds.ContentTime
+
+
 def _encode_reports(
-    inputs: ExplainedSeries,
+    findings: SeriesFindings,
+    series: CTSeries,
     card: ModelCard,
     options: ResultOptions,
     uid: _Uids,
@@ -552,12 +592,13 @@ def _encode_reports(
     heatmap_uids: dict[int, str],
     pm_ref: pydicom.Dataset | None,
     previous_sr: pydicom.Dataset | None,
+    study: CopiedAttributes,
+    when: OutputTime,
 ) -> tuple[pydicom.Dataset, tuple[tuple[str, str], ...], pydicom.Dataset | None]:
-    """The SR (and which other classes it fits) and the key objects.
+    """The SR (and which other classes it fits) and the key objects, finished.
 
     Needs only the UIDs of the heatmaps and of the parametric map, not their pixels.
     """
-    series = inputs.series
     # The heatmaps as the SR's evidence: their identifying UIDs (PS3.3 C.17.2.2).
     heatmap_refs = []
     for index, sop_uid in heatmap_uids.items():
@@ -570,7 +611,7 @@ def _encode_reports(
         heatmap_refs.append(ref)
     pm = [pm_ref] if pm_ref is not None else []
     sr = build_sr(
-        inputs.findings,
+        findings,
         series,
         card,
         [*evidence, *heatmap_refs, *pm],
@@ -590,14 +631,50 @@ def _encode_reports(
     key_objects = None
     if options.key_objects:
         key_objects = build_key_objects(
-            inputs.findings,
+            findings,
             card,
             evidence,
             series_instance_uid=uid("key object series"),
             sop_instance_uid=uid("key objects"),
             device_uid=name_uid("ich-node device", card.name, card.version, card.sha256),
         )
+        if key_objects is not None:
+            _finish(key_objects, study, when, None, images=False)
+    # The SR rests on the images: it says when they were lossy-compressed.
+    _finish(sr, study, when, series.lossy)
     return sr, alternatives, key_objects
+
+
+def _part10(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def encode_reports_part10(
+    *args: Any,
+) -> tuple[bytes, tuple[tuple[str, str], ...], bytes | None]:
+    """:func:`_encode_reports` in the report process: the SR and KOS as Part 10 bytes.
+
+    Parameters are :func:`_encode_reports`' (plain records and small datasets,
+    pickled to the process); the pixels never travel.
+    """
+    sr, alternatives, key_objects = _encode_reports(*args)
+    return _part10(sr), alternatives, None if key_objects is None else _part10(key_objects)
+
+
+def _read_reports(
+    encoded: tuple[bytes, tuple[tuple[str, str], ...], bytes | None],
+) -> tuple[pydicom.Dataset, tuple[tuple[str, str], ...], pydicom.Dataset | None]:
+    """The report process's bytes read back as datasets (writing them again gives
+    the same bytes: pydicom keeps the encoded values)."""
+    sr, alternatives, key_objects = encoded
+    read = pydicom.dcmread(io.BytesIO(sr))
+    return (
+        read,
+        alternatives,
+        None if key_objects is None else pydicom.dcmread(io.BytesIO(key_objects)),
+    )
 
 
 def _write_atomic(path: Path, data: bytes | pydicom.Dataset) -> None:

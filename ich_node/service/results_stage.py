@@ -90,6 +90,9 @@ class ResultsStage:
         self.device = device
         # The ResultSet of the job being finished, until its previews are written.
         self.results: Any = None
+        # ich_node.results.reports.ReportProcess: the SR encoded on another core
+        # (worker_main sets it); None: in a thread of this process.
+        self.reports: Any = None
 
     def write_outputs(
         self, job: JobRecord, explained: Any, folder: Path
@@ -142,6 +145,7 @@ class ResultsStage:
                 when=when,
                 render=lambda e: with_heatmap_images(e, options.heatmaps, device),
                 previews=False,  # written after the hand-over: write_previews
+                reports=self.reports,
             )
         except ResultsSkipped as exc:
             log.info("job.results_skipped", job_id=job.job_id, reason=str(exc))

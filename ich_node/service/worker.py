@@ -362,6 +362,16 @@ def worker_main(
         log.warning("worker.header_pool_unavailable", error=type(exc).__name__)
     warmup_s = classifier.warmup()
     worker = Worker(config, name, store, classifier)
+    # The SR is encoded in a process of its own, on another core than the heatmaps
+    # (ich_node.results.reports); started here, not by the first study.
+    from ich_node.results.reports import ReportProcess
+
+    reports = ReportProcess(config.logging.format, config.logging.level)
+    try:
+        reports.start()
+        worker.results.reports = reports
+    except Exception as exc:  # encoded in the results thread instead
+        log.warning("worker.report_process_unavailable", error=type(exc).__name__)
     heartbeat.runner = worker
     log.info(
         "worker.ready",
@@ -376,6 +386,7 @@ def worker_main(
     )
     worker.run(stop, poll_seconds)
     classifier.close()  # the decode and header pools' threads and processes
+    reports.close()
     # Joined, not left to die with the interpreter: a daemon thread woken during
     # finalisation can abort the process ("terminate called without an active
     # exception", seen in the Docker image on Debian's Python 3.11).
