@@ -132,9 +132,13 @@ def measure(matrix: int, slices: int, size: int, device: str, repeats: int) -> d
 
             process = ReportProcess("console", "WARNING")  # started before the timing
             process.start()
-        extra = {"reports": process} if process is not None else {}
+        extra: dict[str, Any] = {"reports": process} if process is not None else {}
+        # Written while built (each heatmap as soon as it is encoded), where supported.
+        written_in_build = "out_dir" in inspect.signature(build.build_results).parameters
         for n in range(repeats + 1):  # the first run warms caches (fonts, allocator)
             spent.clear()
+            if written_in_build:
+                extra["out_dir"] = folder / f"out{n}"
             t0 = time.perf_counter()
             if overlap:
                 from ich_node.model.heatmaps import with_heatmap_images
@@ -154,7 +158,8 @@ def measure(matrix: int, slices: int, size: int, device: str, repeats: int) -> d
                 t1 = time.perf_counter()
                 results = build.build_results(explained, classifier.card, build.ResultOptions())
             t2 = time.perf_counter()
-            build.write_results(results, folder / f"out{n}", **write_options)
+            if not written_in_build:
+                build.write_results(results, folder / f"out{n}", **write_options)
             t3 = time.perf_counter()
             if overlap:
                 build.write_previews(results, folder / f"out{n}")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import yaml
+from pydicom.errors import InvalidDicomError
 
 from benchmarks import common
 from ich_node.config import NodeConfig, load_config
@@ -56,8 +57,15 @@ class Pacs:
             self.process = None
 
     def received(self) -> list[pydicom.Dataset]:
-        files = sorted(p for p in self.folder.iterdir() if p.is_file())
-        return [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
+        """The instances storescp has written; a file it is still writing is left for
+        the next look (the sender sends the SR last, so once the SR reads, all do)."""
+        out = []
+        for path in sorted(p for p in self.folder.iterdir() if p.is_file()):
+            try:
+                out.append(pydicom.dcmread(path, stop_before_pixels=True))
+            except (InvalidDicomError, EOFError, OSError):
+                continue
+        return out
 
 
 @pytest.fixture

@@ -493,7 +493,10 @@ def test_pixels_drawn_beside_the_sr_and_previews_after_give_the_same_files(
         drawn.append(len(e.overlays))
         return with_heatmap_images(e, "positive", "cpu")
 
-    second = encode(plain, classifier.card, options, when=when, render=render, previews=False)
+    out = tmp_path / "outbox"
+    second = encode(
+        plain, classifier.card, options, when=when, render=render, previews=False, out_dir=out
+    )
     assert drawn == [0]  # the pixels were drawn inside, once, from none
     assert len(first.heatmaps) == len(second.heatmaps) == 12
     assert second.previews == ()
@@ -516,10 +519,14 @@ def test_pixels_drawn_beside_the_sr_and_previews_after_give_the_same_files(
     }
     assert (pm.SeriesInstanceUID, pm.SOPClassUID, pm.SOPInstanceUID) in named
 
-    out = tmp_path / "outbox"
-    files = write_results(second, out)
-    assert not list((out / "heatmaps").glob("*.png"))
+    # Written while built: the files write_results writes, the same bytes, no previews.
+    again = tmp_path / "again"
+    files = write_results(second, again)
     assert len(files) == 12 + 3  # heatmaps, map, SR, key objects
+    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(again).as_posix() for p in files)
+    for path in files:
+        assert (out / path.relative_to(again)).read_bytes() == path.read_bytes(), path
     previews = write_previews(second, out)
     assert [p.name for p in previews] == [name for name, _ in first.previews]
     assert [p.read_bytes() for p in previews] == [png for _, png in first.previews]

@@ -20,7 +20,7 @@ import io
 import os
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import BrokenExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,6 +283,7 @@ def build_results(
     render: Callable[[ExplainedSeries], ExplainedSeries] | None = None,
     previews: bool = True,
     reports: ReportProcess | None = None,
+    out_dir: Path | None = None,
 ) -> ResultSet:
     """Build the SR, the heatmap series and (optionally) the parametric map.
 
@@ -318,6 +319,11 @@ def build_results(
         (:mod:`ich_node.results.reports`) while this thread draws and encodes the
         images; ``None``, or a process that is gone: in a thread of this process.
         The outputs are the same bytes either way.
+    out_dir : pathlib.Path, optional
+        Also write the results there, as ``write_results(results, out_dir,
+        in_temp_folder=True)`` would (the worker's temporary results folder: each
+        file fsynced under its name, the folders once at the end), each heatmap as
+        soon as it is encoded, while the SR is still being encoded.
 
     Returns
     -------
@@ -342,6 +348,7 @@ def build_results(
             render=render,
             previews=previews,
             reports=reports,
+            out_dir=None if out_dir is None else Path(out_dir),
         )
     except (ResultsSkipped, MemoryError):
         raise
@@ -365,6 +372,7 @@ def _build(
     render: Callable[[ExplainedSeries], ExplainedSeries] | None,
     previews: bool,
     reports: ReportProcess | None,
+    out_dir: Path | None,
 ) -> ResultSet:
     series = inputs.series
     check_source(series)
@@ -373,6 +381,10 @@ def _build(
         inputs.header, series.study_instance_uid, series_uid=series.series_instance_uid
     )
     evidence = source_evidence(series, study.plain)
+    # Every value read once here (pydicom converts raw values on first access, in
+    # place): the threads below then only read the copied attributes.
+    for _ in (*study.exact, *study.plain):
+        pass
     # Three things run side by side: the SR (and its other classes and the KOS) in
     # the report process (``reports``) or a thread of its own, from the findings and
     # the outputs' UIDs, which are known before any pixel is drawn; in this thread
@@ -414,6 +426,9 @@ def _build(
                 heatmap_uids,
                 pm_ref,
                 previews=previews,
+                copied=study,
+                when=when,
+                out_dir=out_dir,
             )
         finally:  # the SR's error, if any, is raised by result() below
             for running in (elsewhere, reporting):
@@ -431,14 +446,8 @@ def _build(
             sr, alternatives, key_objects = reporting.result()
     heatmaps = tuple(ds for ds, _ in encoded)
     pngs = tuple(preview for _, preview in encoded if preview is not None)
-    pm = [parametric_map] if parametric_map is not None else []
-    # A heatmap keeps its own source slice's compression (PS3.3 C.7.6.1.1.5: derived
-    # images copy the source's method and ratio); the map the series'.
-    for ds in heatmaps:
-        own = series.slices[int(ds.InstanceNumber) - 1].lossy
-        _finish(ds, study, when, own if own is not None else series.lossy)
-    for ds in pm:
-        _finish(ds, study, when, series.lossy)
+    if parametric_map is not None:
+        _finish(parametric_map, study, when, series.lossy)
     log.info(
         "results.built",
         series_uid=series.series_instance_uid,
@@ -447,7 +456,7 @@ def _build(
         parametric_map=parametric_map is not None,
         key_objects=key_objects is not None,
     )
-    return ResultSet(
+    results = ResultSet(
         sr=sr,
         heatmaps=heatmaps,
         parametric_map=parametric_map,
@@ -455,6 +464,11 @@ def _build(
         key_objects=key_objects,
         sr_alternatives=alternatives,
     )
+    if out_dir is not None:  # the rest: the map, the SR, the key objects; the folders
+        folder = out_dir / "heatmaps"
+        early = {path for ds, png in encoded for path, _ in _heatmap_files(folder, ds, png)}
+        _write_files(results, out_dir, in_temp_folder=True, written=early)
+    return results
 
 
 def _planned_parametric_map(
@@ -506,13 +520,20 @@ def _encode_images(
     pm_ref: pydicom.Dataset | None,
     *,
     previews: bool,
+    copied: CopiedAttributes,
+    when: OutputTime,
+    out_dir: Path | None,
 ) -> tuple[list[tuple[pydicom.Dataset, tuple[str, bytes] | None]], pydicom.Dataset | None]:
     """The heatmap images (with their previews) in threads, and the parametric map here.
 
     Returns (Secondary Capture dataset, (file name, PNG bytes) or None) in
-    InstanceNumber order, and the parametric map (or None).
+    InstanceNumber order, each finished (:func:`_finish`), and the parametric map
+    (or None, not finished). With ``out_dir``, each image's files are written
+    there (fsynced under their names) as soon as it is encoded.
     """
     series = inputs.series
+    if out_dir is not None and heatmap_uids:
+        (out_dir / "heatmaps").mkdir(parents=True, exist_ok=True)
     indices = list(heatmap_uids)
     workers = min(encode_workers(), max(1, len(indices)))
     shares = [indices[k::workers] for k in range(workers)] if indices else []
@@ -534,6 +555,15 @@ def _encode_images(
             (f"{image.index + 1}.png", png_bytes(image.rgb)) if previews else None
             for image in images
         ]
+        for ds in datasets:
+            # A heatmap keeps its own source slice's compression (PS3.3 C.7.6.1.1.5:
+            # derived images copy the source's method and ratio).
+            own = series.slices[int(ds.InstanceNumber) - 1].lossy
+            _finish(ds, copied, when, own if own is not None else series.lossy)
+        if out_dir is not None:  # written now, while the SR may still be encoding
+            for ds, preview in zip(datasets, pngs, strict=True):
+                for path, data in _heatmap_files(out_dir / "heatmaps", ds, preview):
+                    _write_durable(path, data)
         return list(zip(datasets, pngs, strict=True))
 
     parametric_map = None
@@ -732,7 +762,29 @@ def write_results(results: ResultSet, out_dir: Path, *, in_temp_folder: bool = F
     list of pathlib.Path
         The files written, in that order.
     """
-    out_dir = Path(out_dir)
+    return _write_files(results, Path(out_dir), in_temp_folder=in_temp_folder)
+
+
+def _heatmap_files(
+    folder: Path, ds: pydicom.Dataset, preview: tuple[str, bytes] | None
+) -> list[tuple[Path, bytes | pydicom.Dataset]]:
+    """A heatmap's file (named by InstanceNumber, the SR's numbering) and its preview."""
+    files: list[tuple[Path, bytes | pydicom.Dataset]] = [
+        (folder / f"{int(ds.InstanceNumber)}.dcm", ds)
+    ]
+    if preview is not None:
+        files.append((folder / preview[0], preview[1]))
+    return files
+
+
+def _write_files(
+    results: ResultSet,
+    out_dir: Path,
+    *,
+    in_temp_folder: bool,
+    written: Collection[Path] = (),
+) -> list[Path]:
+    """:func:`write_results`, leaving out the files in ``written`` (already there)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files: list[tuple[Path, bytes | pydicom.Dataset]] = []
     folders = [out_dir]
@@ -740,18 +792,22 @@ def write_results(results: ResultSet, out_dir: Path, *, in_temp_folder: bool = F
         folder = out_dir / "heatmaps"
         folder.mkdir(exist_ok=True)
         folders.append(folder)
-        files += [(folder / f"{int(ds.InstanceNumber)}.dcm", ds) for ds in results.heatmaps]
         # The previews when they were encoded (build_results(previews=True)), one per image.
-        files += [(folder / name, png) for name, png in results.previews]
+        pngs: list[tuple[str, bytes] | None] = (
+            list(results.previews) if results.previews else [None] * len(results.heatmaps)
+        )
+        for ds, preview in zip(results.heatmaps, pngs, strict=True):
+            files += _heatmap_files(folder, ds, preview)
     if results.parametric_map is not None:
         files.append((out_dir / "parametric_map.dcm", results.parametric_map))
     files.append((out_dir / "sr.dcm", results.sr))
     if results.key_objects is not None:
         files.append((out_dir / "key_objects.dcm", results.key_objects))
     write = _write_durable if in_temp_folder else _write_atomic
+    todo = [(path, data) for path, data in files if path not in written]
     # Serialising, PNG bytes and fsync release the GIL for much of their time.
     with ThreadPoolExecutor(encode_workers(), thread_name_prefix="write") as pool:
-        for done in [pool.submit(write, path, data) for path, data in files]:
+        for done in [pool.submit(write, path, data) for path, data in todo]:
             done.result()
     if in_temp_folder:
         for folder in folders:

@@ -105,7 +105,6 @@ class ResultsStage:
         from ich_node.results.build import (
             ResultsSkipped,
             build_results,
-            write_results,
             write_sr_alternatives,
         )
         from ich_node.results.findings import write_findings
@@ -146,13 +145,14 @@ class ResultsStage:
                 render=lambda e: with_heatmap_images(e, options.heatmaps, device),
                 previews=False,  # written after the hand-over: write_previews
                 reports=self.reports,
+                # folder is the job's temporary results folder, renamed into place
+                # after: each heatmap is written as soon as it is encoded.
+                out_dir=folder / "outbox",
             )
         except ResultsSkipped as exc:
             log.info("job.results_skipped", job_id=job.job_id, reason=str(exc))
             return 0, None
         self.results = results
-        # folder is the job's temporary results folder, renamed into place after.
-        written = write_results(results, folder / "outbox", in_temp_folder=True)
         write_sr_alternatives(results, folder / SR_CLASSES_DIR)
         sr = results.sr
         reference = SrReference(
@@ -161,7 +161,7 @@ class ResultsStage:
             str(sr.SOPClassUID),
             str(sr.SOPInstanceUID),
         )
-        return sum(1 for p in written if p.suffix == ".dcm"), reference
+        return len(results.datasets()), reference
 
     def ledger_row(
         self,
