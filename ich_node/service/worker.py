@@ -372,6 +372,9 @@ def worker_main(
         worker.results.reports = reports
     except Exception as exc:  # encoded in the results thread instead
         log.warning("worker.report_process_unavailable", error=type(exc).__name__)
+    # The encoders (highdicom: about a second to import) here, not in the first study.
+    import ich_node.model.heatmaps
+    import ich_node.results.build  # noqa: F401
     heartbeat.runner = worker
     log.info(
         "worker.ready",
