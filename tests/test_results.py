@@ -576,3 +576,39 @@ def test_the_sr_encoded_in_the_report_process_is_the_same_and_survives_its_death
         assert process.starts == 2
     finally:
         process.close()
+
+
+def test_inputs_that_cannot_travel_to_the_report_process_are_encoded_here(
+    positive: tuple[Classifier, Prediction],
+) -> None:
+    """What cannot be sent to the process (here a predecessor SR's dataset carrying
+    a Python attribute that does not pickle) is encoded in the job's own process,
+    the same bytes, and the process is kept."""
+    from ich_node.results.common import output_time
+    from ich_node.results.reports import ReportProcess
+
+    classifier, prediction = positive
+    explained = explain_series(prediction, classifier)
+    when = output_time(explained.header)
+    previous = pydicom.Dataset()
+    previous.StudyInstanceUID = prediction.series.study_instance_uid
+    previous.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    previous.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.34"
+    previous.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.2"
+    here = encode(explained, classifier.card, previous_sr=previous, when=when)
+    object.__setattr__(previous, "on_read", lambda: None)  # pickle refuses a lambda
+    process = ReportProcess("console", "WARNING")
+    try:
+        pid = process.start()
+        with structlog.testing.capture_logs() as logs:
+            there = encode(
+                explained, classifier.card, previous_sr=previous, when=when, reports=process
+            )
+        assert _part10(there.sr) == _part10(here.sr)
+        assert "PredecessorDocumentsSequence" in there.sr
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+            "results.report_process_failed"
+        ]
+        assert process.start() == pid and process.starts == 1  # the same process
+    finally:
+        process.close()

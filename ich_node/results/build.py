@@ -21,7 +21,7 @@ import os
 import traceback
 import uuid
 from collections.abc import Callable, Collection
-from concurrent.futures import BrokenExecutor, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, CancelledError, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -431,15 +431,19 @@ def _build(
                 out_dir=out_dir,
             )
         finally:  # the SR's error, if any, is raised by result() below
-            for running in (elsewhere, reporting):
-                if running is not None:
-                    running.exception()
+            wait([f for f in (elsewhere, reporting) if f is not None])
         if elsewhere is not None:
             try:
                 sr, alternatives, key_objects = _read_reports(elsewhere.result())
-            except BrokenExecutor as exc:  # the process died: encoded here instead
+            except Exception as exc:
+                # Encoded here instead: the process died (it is let go), or the inputs
+                # or the bytes did not travel. An error of the encoding itself comes
+                # back here too, and is then the job's error.
                 assert reports is not None
-                reports.lost(exc)
+                if isinstance(exc, BrokenExecutor | CancelledError):
+                    reports.lost(exc)
+                else:
+                    log.warning("results.report_process_failed", error=type(exc).__name__)
                 sr, alternatives, key_objects = _encode_reports(*report_args)
         else:
             assert reporting is not None
