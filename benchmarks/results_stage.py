@@ -9,19 +9,23 @@ heatmap: the worst case) is classified once; then, ``--repeats`` times, what a j
 does after the probabilities are known:
 
 - *explain*: the model stage's hand-over (:func:`ich_node.model.explain.explain_series`):
-  the Grad-CAM maps and, in this tree, the heatmap pixels rendered for the series at
-  once on the model's device;
-- *build*: :func:`ich_node.results.build.build_results`: text and legend burned in,
-  Secondary Capture images, PNG previews, the SR (in this tree: images encoded in
-  threads while the SR is encoded);
-- *write*: :func:`ich_node.results.build.write_results` (in this tree as the worker
-  calls it: each file fsynced under its name in the temporary results folder, the
-  folders fsynced once; before: temp file, fsync, rename, folder fsync per file).
+  the Grad-CAM maps (in trees before the worker drew the pixels in ``build``, also the
+  heatmap pixels);
+- *build*: :func:`ich_node.results.build.build_results` as the worker calls it where
+  the tree supports it: the head region and the heatmap pixels drawn
+  (``render=``) while the SR is encoded in the report process (``reports=``), text
+  and legend burned in, Secondary Capture images encoded and each written into the
+  results folder as soon as it is encoded (``out_dir=``), then the SR;
+- *write*: :func:`ich_node.results.build.write_results`, in trees that write after
+  building (blank where *build* writes);
+- *total*: until the hand-over to the senders; *previews after*: the PNG previews
+  the worker writes after it (:func:`ich_node.results.build.write_previews`).
 
 Inside *build* (and *write*), the time spent in each part is summed over threads
 (so with threads the parts may add up to more than the wall time): render =
-``render_heatmaps``, encode SC = ``build_heatmap_series``, PNG = ``png_bytes``,
-SR = ``build_sr``, files = ``_write_atomic`` / ``_write_durable``.
+``render_heatmaps`` (text and legend), encode SC = ``build_heatmap_series``, PNG =
+``png_bytes`` (the previews after the hand-over included), SR = ``build_sr`` (blank
+when it runs in the report process), files = ``_write_atomic`` / ``_write_durable``.
 
 ``--baseline REV`` extracts that commit's ``ich_node`` (``git archive``) into a temporary
 folder and measures it in a subprocess the same way, alternating with this tree, so
@@ -175,6 +179,10 @@ def measure(matrix: int, slices: int, size: int, device: str, repeats: int) -> d
                 **{name + " s": spent.get(name, 0.0) for name, _ in PARTS},
                 "heatmaps": float(len(results.heatmaps)),
             }
+            if written_in_build:  # the files are written inside build
+                run["write s"] = ""
+            if process is not None:  # the SR is encoded in the report process: not timed here
+                run["SR s"] = ""
             if run["total s"] < best.get("total s", float("inf")):
                 best = run
         if process is not None:

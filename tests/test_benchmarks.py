@@ -51,8 +51,11 @@ def test_results_stage_quick(tmp_path: Path) -> None:
     result = _run(results_stage, tmp_path)
     (row,) = result["rows"]
     assert row["tree"] == "this tree" and row["matrix"] == 128 and row["heatmaps"] == 12
-    for part in ("explain s", "build s", "write s", "render s", "encode SC s", "SR s"):
+    # The worker's way: files written inside build, the SR in the report process.
+    for part in ("explain s", "build s", "render s", "encode SC s", "files s", "total s"):
         assert row[part] > 0, part
+    assert row["write s"] == "" and row["SR s"] == ""
+    assert row["previews after s"] > 0  # the PNG previews, after the hand-over
 
 
 def test_explain_quick(tmp_path: Path) -> None:
