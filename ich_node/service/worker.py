@@ -375,6 +375,7 @@ def worker_main(
     # The encoders (highdicom: about a second to import) here, not in the first study.
     import ich_node.model.heatmaps
     import ich_node.results.build  # noqa: F401
+
     heartbeat.runner = worker
     log.info(
         "worker.ready",
