@@ -60,13 +60,14 @@ def pool_size(requested: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _quiet_child() -> None:
+def quiet_child() -> None:
     """Process pool initializer: no library warnings (they may quote header values)."""
     warnings.simplefilter("ignore")
     logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
-def _ready() -> int:
+def child_pid() -> int:
+    """A pool child's process id: a no-op task that waits for the child to start."""
     return os.getpid()
 
 
@@ -103,11 +104,11 @@ class DecodePool:
                 self._executor = ProcessPoolExecutor(
                     self.workers,
                     mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_quiet_child,
+                    initializer=quiet_child,
                 )
                 # Spawn them all now: the first study must not wait for it.
                 try:
-                    for f in [self._executor.submit(_ready) for _ in range(self.workers)]:
+                    for f in [self._executor.submit(child_pid) for _ in range(self.workers)]:
                         f.result()
                 except BaseException:
                     self.close()  # none half-started: a later call tries again

@@ -420,13 +420,12 @@ def _build(
                 inputs,
                 card,
                 options,
-                study.plain,
+                study,
                 evidence,
                 heatmap_series,
                 heatmap_uids,
                 pm_ref,
                 previews=previews,
-                copied=study,
                 when=when,
                 out_dir=out_dir,
             )
@@ -517,14 +516,13 @@ def _encode_images(
     inputs: ExplainedSeries,
     card: ModelCard,
     options: ResultOptions,
-    study: pydicom.Dataset,
+    study: CopiedAttributes,
     evidence: list[pydicom.Dataset],
     heatmap_series: str,
     heatmap_uids: dict[int, str],
     pm_ref: pydicom.Dataset | None,
     *,
     previews: bool,
-    copied: CopiedAttributes,
     when: OutputTime,
     out_dir: Path | None,
 ) -> tuple[list[tuple[pydicom.Dataset, tuple[str, bytes] | None]], pydicom.Dataset | None]:
@@ -550,7 +548,7 @@ def _encode_images(
             series,
             images,
             card,
-            study,
+            study.plain,
             series_instance_uid=heatmap_series,
             sop_instance_uids=[heatmap_uids[image.index] for image in images],
         )
@@ -563,7 +561,7 @@ def _encode_images(
             # A heatmap keeps its own source slice's compression (PS3.3 C.7.6.1.1.5:
             # derived images copy the source's method and ratio).
             own = series.slices[int(ds.InstanceNumber) - 1].lossy
-            _finish(ds, copied, when, own if own is not None else series.lossy)
+            _finish(ds, study, when, own if own is not None else series.lossy)
         if out_dir is not None:  # written now, while the SR may still be encoding
             for ds, preview in zip(datasets, pngs, strict=True):
                 for path, data in _heatmap_files(out_dir / "heatmaps", ds, preview):
@@ -864,11 +862,8 @@ def write_previews(results: ResultSet, out_dir: Path) -> list[Path]:
         When a preview cannot be written (the ones before it stay).
     """
     folder = Path(out_dir) / "heatmaps"
-    todo = [
-        (folder / f"{int(ds.InstanceNumber)}.png", ds)
-        for ds in results.heatmaps
-        if not (folder / f"{int(ds.InstanceNumber)}.png").exists()
-    ]
+    named = [(folder / f"{int(ds.InstanceNumber)}.png", ds) for ds in results.heatmaps]
+    todo = [(path, ds) for path, ds in named if not path.exists()]
     if not todo:
         return []
 

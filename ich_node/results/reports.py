@@ -17,17 +17,16 @@ thread; a new process is tried again a minute later.
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
-import os
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Final
 
 import structlog
+
+from ich_node.imaging.decode import child_pid, quiet_child
 
 log = structlog.get_logger(__name__)
 
@@ -41,13 +40,8 @@ def _start_child(fmt: str, level: str) -> None:
 
     configure_logging(fmt, level)
     # Library warnings may quote header values; the parent counts its own per job.
-    warnings.simplefilter("ignore")
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    quiet_child()
     import ich_node.results.build  # noqa: F401  (highdicom: a second, paid here)
-
-
-def _ready() -> int:
-    return os.getpid()
 
 
 class ReportProcess:
@@ -99,7 +93,7 @@ class ReportProcess:
         if executor is None:
             raise RuntimeError("the report process failed recently; it is tried again later")
         try:
-            return int(executor.submit(_ready).result(timeout))
+            return int(executor.submit(child_pid).result(timeout))
         except Exception as exc:
             self.lost(exc)
             raise RuntimeError(f"the report process did not start: {type(exc).__name__}") from exc

@@ -88,19 +88,19 @@ class ResultsStage:
         self.queue = leases.queue
         self.card = card
         self.device = device
-        # The ResultSet of the job being finished, until its previews are written.
-        self.results: Any = None
         # ich_node.results.reports.ReportProcess: the SR encoded on another core
         # (worker_main sets it); None: in a thread of this process.
         self.reports: Any = None
 
     def write_outputs(
         self, job: JobRecord, explained: Any, folder: Path
-    ) -> tuple[int, SrReference | None]:
+    ) -> tuple[int, SrReference | None, Any]:
         """``findings.json`` and the DICOM results into ``folder``.
 
-        Returns the number of DICOM objects written and the UIDs of the SR (which
-        a later version of the series names as its predecessor).
+        Returns the number of DICOM objects written, the UIDs of the SR (which a
+        later version of the series names as its predecessor) and the
+        :class:`~ich_node.results.build.ResultSet` (its previews are written after
+        the job is done), or ``None`` when no DICOM results were built.
         """
         from ich_node.results.build import (
             ResultsSkipped,
@@ -133,7 +133,6 @@ class ResultsStage:
 
         options = result_options(self.config)
         device = self.device
-        self.results = None
         try:
             results = build_results(
                 explained,
@@ -151,8 +150,7 @@ class ResultsStage:
             )
         except ResultsSkipped as exc:
             log.info("job.results_skipped", job_id=job.job_id, reason=str(exc))
-            return 0, None
-        self.results = results
+            return 0, None, None
         write_sr_alternatives(results, folder / SR_CLASSES_DIR)
         sr = results.sr
         reference = SrReference(
@@ -161,7 +159,7 @@ class ResultsStage:
             str(sr.SOPClassUID),
             str(sr.SOPInstanceUID),
         )
-        return len(results.datasets()), reference
+        return len(results.datasets()), reference, results
 
     def ledger_row(
         self,
@@ -236,7 +234,7 @@ class ResultsStage:
             layout.own_dir(layout.results)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            n_files, sr = self.write_outputs(job, explained, tmp)
+            n_files, sr, results = self.write_outputs(job, explained, tmp)
             times["results_s"] = time.perf_counter() - t
             times["positive"] = float(
                 sum(1 for f in explained.findings.series.values() if f.positive)
@@ -253,7 +251,7 @@ class ResultsStage:
                 job, [d.name for d in destinations], n_files, clock(), sr=sr, read=read
             )
             outcome = JobOutcome(job.job_id, "done", n_files, "")
-            self.write_previews(final, times)
+            self.write_previews(results, final, times)
         except Exception as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             outcome = self._failed(job, exc, clock)
@@ -262,7 +260,7 @@ class ResultsStage:
         self.report(item, outcome, clock)
         return outcome
 
-    def write_previews(self, final: Path, times: dict[str, float]) -> None:
+    def write_previews(self, results: Any, final: Path, times: dict[str, float]) -> None:
         """The heatmaps' PNG previews, once the job is done and its SR on its way.
 
         A convenience for the web console and non-DICOM readers, kept off the path
@@ -271,7 +269,6 @@ class ResultsStage:
         """
         from ich_node.results.build import write_previews
 
-        results, self.results = self.results, None
         if results is None or not results.heatmaps:
             return
         t = time.perf_counter()
