@@ -71,6 +71,25 @@ def _padding(ds: pydicom.Dataset, i: int) -> None:
         ds.RescaleIntercept = "-3024"  # sentinels far below air: clamped to -1024
 
 
+def _signed_padding_below_air(ds: pydicom.Dataset, i: int) -> None:
+    _signed(ds, i)
+    hu = np.frombuffer(ds.PixelData, dtype=np.int16).reshape(ds.Rows, ds.Columns).copy()
+    hu[:4, :] = -2000  # padding far below air's stored value (-1024 with intercept 0)
+    hu[4, :6] = -1500  # below air, not padding: clamped to air
+    ds.PixelData = hu.tobytes()
+    ds.add_new("PixelPaddingValue", "SS", -2000)
+
+
+def _padding_range_across_air(ds: pydicom.Dataset, i: int) -> None:
+    _signed(ds, i)
+    hu = np.frombuffer(ds.PixelData, dtype=np.int16).reshape(ds.Rows, ds.Columns).copy()
+    hu[:2, :] = -1100  # the range -1100..-1000 holds air's stored value, -1024
+    hu[2, :8] = [-1000, -1024, -1050, -999, -3000, -1101, -900, -1000]
+    ds.PixelData = hu.tobytes()
+    ds.add_new("PixelPaddingValue", "SS", -1100)
+    ds.add_new("PixelPaddingRangeLimit", "SS", -1000)
+
+
 def _garbage_above_bits_stored(ds: pydicom.Dataset, i: int) -> None:
     stored = ds.pixel_array.astype(np.uint16)  # HU + 1024 in 12 bits
     rng = np.random.default_rng(i)
@@ -111,6 +130,8 @@ KINDS: dict[str, Callable[[pydicom.Dataset, int], None]] = {
     "fractional rescale": _fractional,
     "rsna 12-bit wrap": _rsna_wrap,
     "padding and sentinels": _padding,
+    "signed, padding below air": _signed_padding_below_air,
+    "padding range across air": _padding_range_across_air,
     "junk above BitsStored": _garbage_above_bits_stored,
     "signed 12-bit, junk above": _signed_12_bits,
     "missing rescale, HU values": _missing_rescale,
@@ -187,6 +208,20 @@ def test_the_kinds_are_what_they_say(kinds: dict[str, CTSeries]) -> None:
     padded = stored_to_hu([first["padding and sentinels"]]).numpy()[0]
     assert (padded[:3] == -1024).all() and (padded[3, :5] == -1024).all()
     assert padded.min() == -1024.0
+    below = stored_to_hu([first["signed, padding below air"]]).numpy()[0]
+    assert first["signed, padding below air"].padding == (-2000, -2000)
+    assert (below[:5, :6] == -1024).all() and below.min() == -1024.0
+    across = stored_to_hu([first["padding range across air"]]).numpy()[0]
+    assert first["padding range across air"].padding == (-1100, -1000)
+    assert across[2, :8].tolist() == [-1024, -1024, -1024, -999, -1024, -1024, -900, -1024]
+    # Unsigned values with 12 of 16 bits stored travel as int16, masked by the copy.
+    from ich_node.imaging.tensors import _transfer_dtype
+
+    assert _transfer_dtype([first["junk above BitsStored"]]) == np.int16
+    assert _transfer_dtype([first["unsigned"]]) == np.int16  # the phantom: 12 of 16 bits
+    full = replace(first["unsigned"], unused_bits=None)  # 16 of 16 bits: int32
+    assert _transfer_dtype([full]) == np.int32
+    np.testing.assert_array_equal(stored_to_hu([full]).numpy()[0], plain)
 
 
 def test_uncompressed_slices_are_read_in_place_as_pydicom_decodes_them(
@@ -349,3 +384,37 @@ def test_hu_counts_per_slice_add_up_and_match_torchs_comparisons(
         assert rows[i].tolist() == want
     assert hu_counts(hu).tolist() == rows.sum(dim=0).tolist()
     assert hu_counts(hu[:0], per_slice=True).shape == (0, 4)
+
+
+@pytest.mark.parametrize("shape, size", [((512, 512), 64), ((96, 96), 12), ((300, 512), 64),
+                                         ((96, 96), 96), ((64, 64), 100)])  # fmt: skip
+def test_model_input_is_the_windows_then_the_resize(shape: tuple[int, int], size: int) -> None:
+    """model_input resizes the clipped HU and maps the windows after (the resize is
+    linear, its weights sum to 1): the same as windowing first, to float32 rounding;
+    and a slice's input does not depend on the slices beside it (the slice cache)."""
+    from ich_node.imaging.tensors import apply_windows, pad_and_resize
+
+    gen = torch.Generator().manual_seed(size)
+    hu = torch.rand((5, *shape), generator=gen) * 4200 - 1100  # air to dense bone
+    hu[:, : shape[0] // 4] = torch.randint(-40, 120, (5, shape[0] // 4, shape[1]), generator=gen)
+    want = pad_and_resize(apply_windows(hu, WINDOWS), size).clamp_(0, 1)
+    got = model_input(hu, WINDOWS, size, chunk=2)
+    assert got.shape == want.shape == (5, len(WINDOWS), size, size)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=IMAGE_TOLERANCE)
+    assert got.min() >= 0 and got.max() <= 1
+    np.testing.assert_array_equal(model_input(hu[3:4], WINDOWS, size).numpy(), got[3:4].numpy())
+
+
+def test_the_series_buffer_is_plain_memory() -> None:
+    """empty_large: a writable, contiguous tensor of the shape asked for, in huge-page
+    advised memory from 2 MiB on, that lives as long as its views."""
+    from ich_node.imaging.tensors import empty_large
+
+    big = empty_large((9, 256, 256))  # 2.25 MiB: mapped
+    small = empty_large((2, 8, 8), torch.int16)
+    assert big.shape == (9, 256, 256) and big.dtype == torch.float32 and big.is_contiguous()
+    assert small.dtype == torch.int16 and small.shape == (2, 8, 8)
+    view = big[3]
+    del big
+    view.fill_(7.0)  # the mapping outlives the tensor it was made for
+    assert float(view.sum()) == 7.0 * 256 * 256

@@ -23,7 +23,10 @@ reference kept in ``tests/preprocess_reference.py``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
+import mmap
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -51,18 +54,76 @@ CPU_CHUNK: Final[int] = 4
 GPU_CHUNK: Final[int] = 64
 
 
-def _transfer_dtype(arrays: Sequence[np.ndarray]) -> np.dtype:
-    """The integer dtype a batch of stored values travels in (16 bits where it fits)."""
-    kinds = {a.dtype for a in arrays}
-    if all(d.itemsize <= 2 and (d.kind == "i" or d.itemsize == 1) for d in kinds):
-        return np.dtype(np.int16)  # int8/16, uint8: as int16
-    if all(d.itemsize <= 2 or d == np.int32 for d in kinds):
-        return np.dtype(np.int32)  # uint16 does not fit int16; torch lacks full uint16
+#: CPU buffers from this size on are mapped in transparent huge pages (:func:`empty_large`).
+HUGE_PAGE_BYTES: Final[int] = 2 << 20
+
+
+def empty_large(
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """An uninitialised tensor for a series-sized buffer (a series' HU, say).
+
+    On the CPU, from :data:`HUGE_PAGE_BYTES` on, the memory is an anonymous mapping
+    advised for transparent huge pages (``madvise(MADV_HUGEPAGE)``, Linux): its first
+    touch faults 2 MiB pages instead of 4 KiB ones. A 64-slice series' HU (64 MiB)
+    took 28-32 ms to allocate and fill with 4 KiB pages, 6-8 ms in huge pages, here
+    (docs/performance.md). Where the kernel gives no huge pages (THP ``never``, or
+    another OS) it is an ordinary mapping. On other devices: ``torch.empty``.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        The tensor's shape.
+    dtype : torch.dtype
+        Its dtype (default float32).
+    device : torch.device or str, optional
+        Where (default: the CPU).
+
+    Returns
+    -------
+    torch.Tensor
+        ``shape``, ``dtype`` on ``device``, contiguous; it keeps its mapping alive
+        and unmaps it when the last reference goes.
+    """
+    device = torch.device(device or "cpu")
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if device.type != "cpu" or nbytes < HUGE_PAGE_BYTES or advice is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):  # THP not built in: 4 KiB pages, as torch.empty
+        mapping.madvise(advice)
+    return torch.frombuffer(mapping, dtype=dtype).view(shape)
+
+
+def _transfer_dtype(slices: Sequence[StoredSlice]) -> np.dtype:
+    """The integer dtype a batch of stored values travels in (16 bits where it fits).
+
+    Unsigned 16-bit values with at most 15 bits stored (12 of 16, the usual CT)
+    fit int16 once the bits above BitsStored are masked, which the copy does.
+    """
+
+    def fits16(s: StoredSlice) -> bool:
+        d = s.stored.dtype
+        if d.itemsize <= 2 and (d.kind == "i" or d.itemsize == 1):
+            return True  # int8/16, uint8
+        u = s.unused_bits
+        return d == np.uint16 and u is not None and not u[1] and u[0] <= 15
+
+    if all(fits16(s) for s in slices):
+        return np.dtype(np.int16)
+    if all(s.stored.dtype.itemsize <= 2 or s.stored.dtype == np.int32 for s in slices):
+        return np.dtype(np.int32)  # full uint16 does not fit int16; torch lacks uint16
     return np.dtype(np.int64)
 
 
 def stored_to_hu(
-    slices: Sequence[StoredSlice], device: torch.device | str | None = None
+    slices: Sequence[StoredSlice],
+    device: torch.device | str | None = None,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stored values of a batch of slices -> Hounsfield units, on ``device``.
 
@@ -79,16 +140,21 @@ def stored_to_hu(
     device : torch.device or str, optional
         Where to compute (default: the CPU). From the CPU, the integers travel in
         pinned memory, 16 bits where they fit.
+    out : torch.Tensor, optional
+        (S, H, W) float32 on ``device`` (a view of a series' HU, say): the HU are
+        written there and ``out`` is returned; in the usual case (16-bit values,
+        slope 1, an integer intercept) computed in place, with no new tensor.
 
     Returns
     -------
     torch.Tensor
-        (S, H, W) float32 HU on ``device``.
+        (S, H, W) float32 HU on ``device`` (``out`` when given).
 
     Raises
     ------
     ImagingError
-        No slices, or slices of different matrix sizes.
+        No slices, slices of different matrix sizes, or ``out`` of another shape,
+        dtype or device.
     SeriesRefused
         A slice without RescaleIntercept or RescaleSlope whose values are not HU
         (no air near -1000 HU, or mostly above 3000 HU).
@@ -104,21 +170,35 @@ def stored_to_hu(
                 "one series has one matrix",
                 s.path,
             )
-    dtype = _transfer_dtype([s.stored for s in slices])
-    # One copy into the batch (converting as it goes), pinned for an asynchronous
-    # transfer when the batch goes to a GPU.
+    if out is not None and (
+        tuple(out.shape) != (len(slices), *shape)
+        or out.dtype != torch.float32
+        or out.device.type != device.type
+    ):
+        raise ImagingError(
+            f"out is {tuple(out.shape)} {out.dtype} on {out.device}: "
+            f"{(len(slices), *shape)} float32 on {device} needed"
+        )
+    dtype = _transfer_dtype(slices)
+    # One copy into the batch (converting as it goes, unsigned values masked to their
+    # BitsStored bits on the way), pinned for an asynchronous transfer to a GPU.
     stacked = torch.empty(
         (len(slices), *shape),
         dtype=_TORCH_INT[dtype],
         pin_memory=device.type == "cuda" and torch.cuda.is_available(),
     )
     as_numpy = stacked.numpy()
+    signed_bits: list[int] = []  # BitsStored of signed values with bits above, else 0
     for i, s in enumerate(slices):  # (decoded arrays may be read-only views of the file)
-        np.copyto(as_numpy[i], s.stored, casting="unsafe")
+        u = s.unused_bits
+        if u is not None and not u[1]:  # PS3.5 8.1.1: only the BitsStored low bits
+            np.bitwise_and(s.stored, (1 << u[0]) - 1, out=as_numpy[i], casting="unsafe")
+        else:
+            np.copyto(as_numpy[i], s.stored, casting="unsafe")
+        signed_bits.append(u[0] if u is not None and u[1] else 0)
     x = stacked.to(device, non_blocking=True)
-    unused = [s.unused_bits for s in slices]
-    if any(u is not None for u in unused):
-        x = _mask_unused_bits(x, unused)
+    if any(signed_bits):
+        x = _sign_extend(x, signed_bits)
 
     slopes = [s.transform.slope for s in slices]
     intercepts = [s.transform.intercept for s in slices]
@@ -137,9 +217,12 @@ def stored_to_hu(
 
     slope, intercept = column(slopes), column(intercepts)
     bits = [s.transform.signed_bits or 0 for s in slices]
-    if exact32 and not any(bits):  # the usual case: one pass, integers in, HU out
-        hu = x + intercept
-        return _finish_hu(hu, x, slices, column)
+    if exact32 and not any(bits):  # the usual case: integers in, HU out
+        floor = _integer_floor(x, intercepts, slices)
+        if floor is not None and not _all_at_least(slices, floor):
+            x.clamp_min_(floor)  # air's floor on the integers: half the bytes of HU
+        hu = x + intercept if out is None else torch.add(x, intercept, out=out)
+        return _finish_hu(hu, x, slices, column, floored=floor is not None)
     v = x.to(ftype)
     if any(bits):
         # RSNA 2019 fault: wrapped values, kept where they put the head's air at air.
@@ -157,7 +240,32 @@ def stored_to_hu(
         hu.mul_(slope)
     if any(intercepts):
         hu.add_(intercept)
-    return _finish_hu(hu, x, slices, column)
+    done = _finish_hu(hu, x, slices, column)
+    return done if out is None else out.copy_(done)
+
+
+def _integer_floor(
+    x: torch.Tensor, intercepts: Sequence[float], slices: Sequence[StoredSlice]
+) -> int | None:
+    """The stored value of -1024 HU, when every slice of the batch shares one integer
+    intercept (slope 1) and clamping the integers there gives the same HU as clamping
+    the HU: not when a rescale attribute is missing (that check needs the values as
+    stored) or the value does not fit ``x``'s dtype.
+
+    Padding is unaffected: a padding value below the floor becomes the floor, and
+    -1024 HU, either way; one above it is still found.
+    """
+    if len(set(intercepts)) != 1 or any(s.transform.missing for s in slices):
+        return None
+    floor = int(AIR_HU - intercepts[0])
+    info = torch.iinfo(x.dtype)
+    return floor if info.min <= floor <= info.max else None
+
+
+def _all_at_least(slices: Sequence[StoredSlice], floor: int) -> bool:
+    """Whether every stored value is known to be ``>= floor`` from its type alone
+    (unsigned values and a floor of 0 or below: the usual intercept of -1024)."""
+    return floor <= 0 and all(s.stored.dtype.kind == "u" for s in slices)
 
 
 def _finish_hu(
@@ -165,9 +273,12 @@ def _finish_hu(
     x: torch.Tensor,
     slices: Sequence[StoredSlice],
     column: Callable[..., torch.Tensor],
+    *,
+    floored: bool = False,
 ) -> torch.Tensor:
     """The rescaled values ``hu`` (a new tensor) of stored ``x``: the missing-rescale
-    check, padding and sentinels to air, float32."""
+    check, padding and sentinels to air, float32. ``floored``: ``x`` was clamped to
+    air's stored value already (:func:`_integer_floor`), so ``hu`` needs no clamp."""
     for i, s in enumerate(slices):  # rare: a rescale attribute missing (Type 1)
         if s.transform.missing and not _looks_like_hu(hu[i]):
             raise SeriesRefused(
@@ -187,7 +298,9 @@ def _finish_hu(
             pad = (x >= lo) & (x <= hi)
         hu.masked_fill_(pad, AIR_HU)
     # Nothing physical lies below air; scanners write -1500..-3024 outside the FOV.
-    return hu.clamp_min_(AIR_HU).to(torch.float32)
+    if not floored:
+        hu.clamp_min_(AIR_HU)
+    return hu.to(torch.float32)  # (float32 stays itself)
 
 
 _TORCH_INT = {
@@ -197,21 +310,16 @@ _TORCH_INT = {
 }
 
 
-def _mask_unused_bits(x: torch.Tensor, unused: Sequence[tuple[int, bool] | None]) -> torch.Tensor:
-    """Keep only each slice's BitsStored low bits (PS3.5 8.1.1), sign-extended when signed.
-
-    What pydicom's ``correct_unused_bits`` does on the CPU, for the whole batch at
-    once on its device: unsigned values are masked, signed ones shifted up and back.
+def _sign_extend(x: torch.Tensor, bits: Sequence[int]) -> torch.Tensor:
+    """Signed values of ``bits[i]`` bits stored (PS3.5 8.1.1), sign-extended over the
+    bits above them, whatever those held; 0: the slice as it is. In place (``x`` is
+    the batch's own copy of the stored values), for the whole batch on its device.
+    (Unsigned values are masked as they are copied: :func:`stored_to_hu`.)
     """
-    n, width = len(unused), x.element_size() * 8
-    mask = [(1 << u[0]) - 1 if u and not u[1] else -1 for u in unused]
-    shift = [width - u[0] if u and u[1] else 0 for u in unused]
-    mask_t = torch.tensor(mask, dtype=x.dtype).view(n, 1, 1).to(x.device, non_blocking=True)
-    out = x & mask_t
-    if any(shift):
-        shift_t = torch.tensor(shift, dtype=x.dtype).view(n, 1, 1).to(x.device, non_blocking=True)
-        out = (out << shift_t) >> shift_t
-    return out
+    n, width = len(bits), x.element_size() * 8
+    shift = torch.tensor([width - b if b else 0 for b in bits], dtype=x.dtype)
+    shift = shift.view(n, 1, 1).to(x.device, non_blocking=True)
+    return x.bitwise_left_shift_(shift).bitwise_right_shift_(shift)
 
 
 def _looks_like_hu(hu: torch.Tensor) -> bool:
@@ -362,30 +470,43 @@ def _row_weights(factor: int) -> tuple[tuple[tuple[int, int, float], ...], float
     return taps, first, last
 
 
-def _shrink_rows(x: torch.Tensor, factor: int) -> torch.Tensor:
+def _shrink_rows(
+    x: torch.Tensor, factor: int, clip: tuple[float, float] | None = None
+) -> torch.Tensor:
     """(..., H, W) -> (..., H / factor, W): the antialiased bilinear filter along H.
 
     Whole rows are scaled and added (16 vectorised passes for 512 -> 64), not each
     output pixel gathered as ``F.interpolate`` does on the CPU; every pixel is the
-    same elementwise sum on any device and in any batch.
+    same elementwise sum on any device and in any batch. Row ``r`` of every block is
+    taken once and added to each output row it is a tap of (its own block's and a
+    neighbour's).
+
+    ``clip=(low, high)``: the filter of ``x.clamp(low, high)`` without the full-size
+    clipped copy: each row is clipped into a buffer of ``1 / factor`` of ``x`` and
+    added while it is in the cache, so ``x`` is read once and nothing of its size
+    written (the windows of :func:`_windowed_resize`).
     """
     n = x.shape[-2] // factor
     blocks = x.reshape(*x.shape[:-2], n, factor, x.shape[-1])
     taps, first, last = _row_weights(factor)
-    out: torch.Tensor | None = None
+    weights: dict[int, list[tuple[int, float]]] = {}
     for block, row, weight in taps:
-        if block != 0:
-            continue
+        weights.setdefault(row, []).append((block, weight))
+    out = x.new_zeros((*x.shape[:-2], n, x.shape[-1]))
+    clipped = None if clip is None else x.new_empty(out.shape)
+    for row in sorted(weights):
         part = blocks[..., :, row, :]
-        out = part * weight if out is None else out.add_(part, alpha=weight)
-    assert out is not None
+        if clip is not None:
+            part = torch.clamp(part, *clip, out=clipped)
+        for block, weight in weights[row]:
+            if block == 0:
+                out.add_(part, alpha=weight)
+            elif n > 1 and block < 0:  # the block below: rows i - 1, for outputs 1..n-1
+                out[..., 1:, :].add_(part[..., :-1, :], alpha=weight)
+            elif n > 1:  # the block above: rows i + 1, for outputs 0..n-2
+                out[..., :-1, :].add_(part[..., 1:, :], alpha=weight)
     if n == 1:  # one output row: its own block alone, renormalised
         return out.div_(sum(w for block, _, w in taps if block == 0))
-    for block, row, weight in taps:
-        if block < 0:  # the block below: rows i - 1, for outputs 1..n-1
-            out[..., 1:, :].add_(blocks[..., :-1, row, :], alpha=weight)
-        elif block > 0:  # the block above: rows i + 1, for outputs 0..n-2
-            out[..., :-1, :].add_(blocks[..., 1:, row, :], alpha=weight)
     out[..., 0, :] /= first  # the first and last rows lack a neighbour block
     out[..., -1, :] /= last
     return out
@@ -475,9 +596,60 @@ def model_input(
     out = hu.new_empty((len(hu), len(windows), size, size), dtype=torch.float32)
     for start in range(0, len(hu), step):
         part = slice(start, start + step)
-        out[part] = pad_and_resize(apply_windows(hu[part], windows), size)
+        out[part] = _windowed_resize(hu[part], windows, size)
     out.clamp_(0.0, 1.0)  # float rounding in the filter must not leave [0, 1]
     return add_slice_context(out, context)
+
+
+def _windowed_resize(hu: torch.Tensor, windows: Sequence[Window], size: int) -> torch.Tensor:
+    """``pad_and_resize(apply_windows(hu, windows), size)``, with a fraction of the traffic.
+
+    Each window is a clip of the HU to ``[low, low + width]`` followed by the affine
+    map ``(v - low) / width``; the resize is linear with weights that sum to 1 at
+    every output pixel, so the affine map commutes with it. Here the clipped HU
+    (padded with ``low``, which the map takes to 0) are resized one window at a
+    time, and the map runs on the small result: one read of the full-size slices
+    per window instead of three passes. Square slices shrunk by an integer factor
+    (512 -> 64, the usual case) are clipped row by row inside the shrink
+    (:func:`_shrink_rows` with ``clip``: nothing of full size written); other sizes go
+    through one full-size buffer (docs/performance.md). Equal to the composition
+    within float32 rounding (``tests/test_tensors.py``).
+
+    (S, H, W) float32 HU -> (S, C, size, size) float32, not yet clipped to [0, 1].
+    """
+    n, rows, cols = hu.shape
+    side = max(rows, cols)
+    top, left = (side - rows) // 2, (side - cols) // 2
+    shrink = side % size == 0 and side // size >= 2  # rows by whole-row sums first
+    lows = [window.center - window.width / 2 for window in windows]
+    widths = [window.width for window in windows]
+    clipped: torch.Tensor | None = None  # the full-size buffer, where one is needed
+    parts = []
+    for low, width in zip(lows, widths, strict=True):
+        if rows == cols and shrink:  # clipped row by row inside the shrink
+            parts.append(_shrink_rows(hu, side // size, clip=(low, low + width)))
+            continue
+        if clipped is None:
+            clipped = hu.new_empty((n, side, side), dtype=torch.float32)
+        if rows != cols:
+            clipped.fill_(low)  # the square's padding: 0 once mapped
+        inner = clipped[:, top : top + rows, left : left + cols]
+        torch.clamp(hu, low, low + width, out=inner)
+        if side == size:
+            parts.append(clipped.clone())
+        elif shrink:
+            parts.append(_shrink_rows(clipped, side // size))  # (S, size, side), new
+        else:
+            parts.append(pad_and_resize(clipped.unsqueeze(1), size)[:, 0])
+    small = torch.stack(parts, dim=1)
+    if shrink:  # the columns of all windows at once
+        small = F.interpolate(
+            small, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+    shape = (1, len(windows), 1, 1)
+    low_t = torch.tensor(lows, dtype=torch.float32).view(shape).to(hu.device)
+    width_t = torch.tensor(widths, dtype=torch.float32).view(shape).to(hu.device)
+    return small.sub_(low_t).div_(width_t)
 
 
 def prepare_slices(
@@ -489,6 +661,7 @@ def prepare_slices(
     turn: Reorientation | None = None,
     context: int = 0,
     chunk: int | None = None,
+    hu_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoded slices -> (HU, model input) on ``device``: :func:`stored_to_hu`, then
     :func:`model_input`, a chunk of slices at a time (on the CPU the intermediates of
@@ -502,12 +675,21 @@ def prepare_slices(
         As :func:`model_input`.
     device : torch.device or str, optional
         Where to compute (default: the CPU).
+    hu_out : torch.Tensor, optional
+        (S, H, W) float32 on ``device``: the HU are written there (as
+        :func:`stored_to_hu`'s ``out``) and it is returned, with no new tensor for them.
 
     Returns
     -------
     tuple of torch.Tensor
-        (S, H, W) float32 HU in source orientation and (S, C, size, size) float32
-        model input in [0, 1], both on ``device``.
+        (S, H, W) float32 HU in source orientation (``hu_out`` when given) and
+        (S, C, size, size) float32 model input in [0, 1], both on ``device``.
+
+    Raises
+    ------
+    ImagingError
+        Slices of different matrix sizes, or ``hu_out`` of the wrong shape;
+        as :func:`stored_to_hu`.
     """
     device = torch.device(device or "cpu")
     shapes = {s.stored.shape for s in decoded}
@@ -515,11 +697,14 @@ def prepare_slices(
         raise ImagingError(f"slices of matrix sizes {sorted(shapes)}: one series has one")
     step = chunk or (CPU_CHUNK if device.type == "cpu" else GPU_CHUNK)
     if len(decoded) <= step:
-        hu = stored_to_hu(decoded, device)
+        hu = stored_to_hu(decoded, device, out=hu_out)
         return hu, model_input(hu, windows, size, turn=turn, context=context, chunk=step)
     hus, images = [], []
     for start in range(0, len(decoded), step):
-        part = stored_to_hu(decoded[start : start + step], device)
-        hus.append(part)
-        images.append(model_input(part, windows, size, turn=turn, chunk=step))
-    return torch.cat(hus), add_slice_context(torch.cat(images), context)
+        part = slice(start, start + step)
+        into = None if hu_out is None else hu_out[part]
+        hu = stored_to_hu(decoded[part], device, out=into)
+        hus.append(hu)
+        images.append(model_input(hu, windows, size, turn=turn, chunk=step))
+    whole = torch.cat(hus) if hu_out is None else hu_out
+    return whole, add_slice_context(torch.cat(images), context)

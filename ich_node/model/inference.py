@@ -65,6 +65,7 @@ from ich_node.imaging.tensors import (
     CPU_CHUNK,
     add_slice_context,
     counts_record,
+    empty_large,
     hu_counts,
     prepare_slices,
 )
@@ -680,9 +681,8 @@ class Classifier:
         try:
             with torch.inference_mode():
                 hu, images = prepare_slices(
-                    decoded, self.card.windows, self.card.input_size, turn=turn
+                    decoded, self.card.windows, self.card.input_size, turn=turn, hu_out=hu_out
                 )
-                hu_out.copy_(hu)
                 return _Unit(images=images, counts=hu_counts(hu, per_slice=True))
         finally:
             torch.set_num_threads(previous)
@@ -727,8 +727,8 @@ class Classifier:
         pending: dict[int, Future[Any]] = {}  # unit index -> its task
         submitted = 0
         with torch.inference_mode():
-            series_hu = torch.empty(
-                (n, slices[0].rows, slices[0].columns), dtype=torch.float32, device=self.device
+            series_hu = empty_large(  # in huge pages on the CPU: 4x cheaper first touch
+                (n, slices[0].rows, slices[0].columns), torch.float32, self.device
             )
 
         def task(k: int) -> Future[Any]:
