@@ -182,8 +182,30 @@ def test_the_in_plane_steps_equal_scipy_ndimage(shape: tuple[int, int, int]) -> 
             )
         for connectivity, structure in ((4, _IN_PLANE_4), (8, _IN_PLANE_8)):
             want, n_want = ndimage.label(grid, structure=structure)
-            got, n_got, where = _components(grid, connectivity)
+            got, n_got, where, areas = _components(grid, connectivity)
             assert n_got == n_want
             assert np.array_equal(got, want)
-            assert where is not None
+            assert where is not None and areas is not None
             assert where.tolist() == [box[0].start for box in ndimage.find_objects(want)]
+            assert areas.tolist() == np.bincount(want.ravel(), minlength=n_want + 1)[1:].tolist()
+
+
+@pytest.mark.parametrize(
+    "shape, fy, fx, rows, columns",
+    [((3, 5, 4), 2, 2, 10, 8), ((2, 7, 6), 3, 2, 19, 11), ((4, 9, 9), 1, 1, 9, 9),
+     ((2, 4, 5), 4, 3, 13, 15), ((300, 256, 4), 2, 1, 511, 4)],
+)  # fmt: skip
+def test_grid_samples_go_back_to_full_resolution_block_by_block(
+    shape: tuple[int, int, int], fy: int, fx: int, rows: int, columns: int
+) -> None:
+    """_full (OpenCV's exact nearest resize over the stacked slices) puts each grid
+    sample on its f x f block, cropped to the image, nothing spilling into the next
+    slice; a stack taller than 32767 rows included."""
+    from ich_node.imaging.head import _full
+
+    grid = np.random.default_rng(fy * 10 + fx).random(shape) < 0.5
+    want = np.broadcast_to(grid[:, :, None, :, None], (*shape[:2], fy, shape[2], fx))
+    want = want.reshape(shape[0], shape[1] * fy, shape[2] * fx)[:, :rows, :columns]
+    got = _full(grid, fy, fx, rows, columns)
+    assert got.dtype == bool and got.shape == (shape[0], rows, columns)
+    assert np.array_equal(got, want)

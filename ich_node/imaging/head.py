@@ -147,10 +147,16 @@ def head_mask(
 
 
 def _full(grid: np.ndarray, fy: int, fx: int, rows: int, columns: int) -> np.ndarray:
-    """(S, h, w) grid samples -> (S, rows, columns), each sample over its f x f block."""
+    """(S, h, w) bool grid samples -> (S, rows, columns) bool, each sample over its
+    f x f block: OpenCV's exact nearest-neighbour resize of the stacked slices (for an
+    integer factor, sample ``y // fy, x // fx``), 10x faster than numpy's copy of a
+    broadcast view (22 -> 2 ms for 40 slices of 512, docs/performance.md)."""
+    import cv2
+
     s, h, w = grid.shape
-    blocks = np.broadcast_to(grid[:, :, None, :, None], (s, h, fy, w, fx))
-    return blocks.reshape(s, h * fy, w * fx)[:, :rows, :columns]
+    stacked = np.ascontiguousarray(grid).view(np.uint8).reshape(s * h, w)
+    out = cv2.resize(stacked, (w * fx, s * h * fy), interpolation=cv2.INTER_NEAREST_EXACT)
+    return out.reshape(s, h * fy, w * fx)[:, :rows, :columns].view(bool)
 
 
 def _stacked(grid: np.ndarray, pad: int) -> np.ndarray:
@@ -192,29 +198,31 @@ def _in_plane(
 
 def _components(
     mask: np.ndarray, connectivity: int, *, where: bool = True
-) -> tuple[np.ndarray, int, np.ndarray | None]:
+) -> tuple[np.ndarray, int, np.ndarray | None, np.ndarray | None]:
     """Connected components of each slice of an (S, h, w) bool array (none across slices).
 
-    Returns (labels, n, slice_of): (S, h, w) int32 labels 1..n numbered in raster
-    order of each component's first pixel (as ``scipy.ndimage.label`` numbers them),
-    0 outside; and (n,) the slice each component lies in (``None`` unless
+    Returns (labels, n, slice_of, areas): (S, h, w) int32 labels 1..n numbered in
+    raster order of each component's first pixel (as ``scipy.ndimage.label`` numbers
+    them), 0 outside (a view into the stacked slices, not contiguous); and (n,) the
+    slice each component lies in and (n,) its pixel count (both ``None`` unless
     ``where``). OpenCV's Wu (SAUF) labelling, one call over the stacked slices.
     """
     import cv2
 
     s, h, w = mask.shape
     stacked = _stacked(mask.view(np.uint8), 1)
-    slice_of = None
+    slice_of = areas = None
     if where:
         n, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
             stacked, connectivity, cv2.CV_32S, cv2.CCL_WU
         )
         slice_of = stats[1:, cv2.CC_STAT_TOP] // (h + 1)
+        areas = stats[1:, cv2.CC_STAT_AREA]
     else:
         n, labels = cv2.connectedComponentsWithAlgorithm(
             stacked, connectivity, cv2.CV_32S, cv2.CCL_WU
         )
-    return np.ascontiguousarray(labels.reshape(s, h + 1, w)[:, :h]), n - 1, slice_of
+    return labels.reshape(s, h + 1, w)[:, :h], n - 1, slice_of, areas
 
 
 def _supports(hu: np.ndarray, body: np.ndarray, reach: int) -> np.ndarray:
@@ -224,22 +232,21 @@ def _supports(hu: np.ndarray, body: np.ndarray, reach: int) -> np.ndarray:
     air around the patient is the air of each slice connected to the image's edge
     (the air of the sinuses is enclosed, so bone walls next to it stay).
     """
-    air, n_air, _ = _components(~body, 4, where=False)
+    air, n_air, _, _ = _components(~body, 4, where=False)
     edge = np.zeros(n_air + 1, dtype=bool)
     for side in (air[:, 0, :], air[:, -1, :], air[:, :, 0], air[:, :, -1]):
         edge[side] = True
     edge[0] = False
     span = 2 * reach + 1
     near = _in_plane(_dilate, edge[air].view(np.uint8), span, span).view(bool)
-    dense, n_dense, where = _components(hu > SUPPORT_MIN_HU, 8)
-    if n_dense == 0 or where is None:
+    dense, n_dense, where, sizes = _components(hu > SUPPORT_MIN_HU, 8)
+    if n_dense == 0 or where is None or sizes is None:
         return np.zeros(body.shape, dtype=bool)
     chosen = np.zeros(n_dense + 1, dtype=bool)
     chosen[dense[near]] = True
     chosen[0] = False
     # Never the largest dense piece of a slice: the skull, where the scalp is thin.
     # Pieces are in-plane, so each lies in one slice: sort by (slice, size).
-    sizes = np.bincount(dense.ravel(), minlength=n_dense + 1)[1:]
     order = np.lexsort((sizes, where))
     last = np.r_[where[order][1:] != where[order][:-1], True]  # the largest of its slice
     chosen[order[last] + 1] = False
