@@ -612,3 +612,80 @@ def test_inputs_that_cannot_travel_to_the_report_process_are_encoded_here(
         assert process.start() == pid and process.starts == 1  # the same process
     finally:
         process.close()
+
+
+def test_heatmaps_built_before_their_pixels_are_what_highdicom_builds_from_them(
+    positive: tuple[Classifier, Prediction],
+) -> None:
+    """The Secondary Capture images are built (highdicom) while their pixels are
+    drawn, then given them: byte for byte what highdicom builds from the drawn
+    pixels; and pixels of another size, or an encapsulated image, are refused."""
+    import numpy as np
+
+    from ich_node.results.build import _finish
+    from ich_node.results.common import output_time, study_attributes
+    from ich_node.results.sc import (
+        HeatmapImage,
+        build_heatmap_series,
+        render_heatmaps,
+        set_heatmap_pixels,
+    )
+
+    classifier, prediction = positive
+    explained = explain_series(prediction, classifier)  # overlays drawn
+    series = explained.series
+    images = render_heatmaps(explained, classifier.card)
+    assert len(images) == 12 and any(image.rgb.any() for image in images)
+    attributes = study_attributes(explained.header, series.study_instance_uid)
+    study, when = attributes.plain, output_time(explained.header)
+    uids = [f"2.25.{100 + k}" for k in range(len(images))]
+    common: dict[str, Any] = {"series_instance_uid": "2.25.99", "sop_instance_uids": uids}
+    drawn = build_heatmap_series(series, images, classifier.card, study, **common)
+    blank = [replace(image, rgb=np.zeros_like(image.rgb)) for image in images]
+    early = build_heatmap_series(series, blank, classifier.card, study, **common)
+    assert _part10(early[0]) != _part10(drawn[0])
+    for ds, image in zip(early, images, strict=True):
+        set_heatmap_pixels(ds, image.rgb)
+    for ds in (*early, *drawn):  # as build_results does: one output time for all
+        _finish(ds, attributes, when, series.lossy)
+    assert [_part10(ds) for ds in early] == [_part10(ds) for ds in drawn]
+    with pytest.raises(ValueError, match="the image holds"):
+        set_heatmap_pixels(early[0], images[0].rgb[:-1])
+    with pytest.raises(ValueError, match="the image holds"):
+        set_heatmap_pixels(early[0], images[0].rgb.astype(np.uint16))
+    compressed = copy.deepcopy(early[0])
+    compressed.file_meta.TransferSyntaxUID = pydicom.uid.RLELossless
+    with pytest.raises(ValueError, match="native"):
+        set_heatmap_pixels(compressed, images[0].rgb)
+    assert isinstance(images[0], HeatmapImage)
+
+
+def test_heatmaps_built_ahead_or_after_the_drawing_are_the_same_files(
+    positive: tuple[Classifier, Prediction], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether the Secondary Capture images are built while the pixels are drawn
+    (images of AHEAD_MIN_PIXELS and more) or after, the files are the same bytes."""
+    import ich_node.results.build as build
+    from ich_node.model.heatmaps import with_heatmap_images
+    from ich_node.results.common import output_time
+
+    classifier, prediction = positive
+    plain = explain_series(prediction, classifier, render=False)
+    when = output_time(plain.header)
+    drawn = []
+    for limit in (1, 10**12):  # ahead, after
+        monkeypatch.setattr(build, "AHEAD_MIN_PIXELS", limit)
+        drawn.append(
+            encode(
+                plain,
+                classifier.card,
+                ResultOptions(),
+                when=when,
+                render=lambda e: with_heatmap_images(e, "positive", "cpu"),
+                previews=False,
+            )
+        )
+    ahead, after = drawn
+    assert len(ahead.heatmaps) == len(after.heatmaps) == 12
+    assert [_part10(ds) for ds in ahead.heatmaps] == [_part10(ds) for ds in after.heatmaps]
+    assert _part10(ahead.sr) == _part10(after.sr)

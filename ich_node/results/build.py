@@ -21,7 +21,7 @@ import os
 import traceback
 import uuid
 from collections.abc import Callable, Collection
-from concurrent.futures import BrokenExecutor, CancelledError, ThreadPoolExecutor, wait
+from concurrent.futures import BrokenExecutor, CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -48,11 +48,13 @@ from ich_node.results.findings import ExplainedSeries, OutputTime, SeriesFinding
 from ich_node.results.ko import build_key_objects
 from ich_node.results.pm import build_parametric_map
 from ich_node.results.sc import (
+    HeatmapImage,
     build_heatmap_series,
     heatmap_indices,
     png_bytes,
     render_heatmaps,
     series_head_mask,
+    set_heatmap_pixels,
 )
 from ich_node.results.sr import build_sr, fits_class, relabelled
 
@@ -390,8 +392,9 @@ def _build(
     # the outputs' UIDs, which are known before any pixel is drawn; in this thread
     # meanwhile, the heatmap pixels and the head region when ``render`` is given
     # (numpy, OpenCV and torch release the GIL for most of it) and then the
-    # parametric map; the heatmaps' text, Secondary Capture encoding and PNG
-    # previews in threads, a share of the images each.
+    # parametric map; the heatmaps' Secondary Capture images in threads, a share of
+    # the images each: built with blank pixels while the pixels are drawn, then the
+    # text burned in, the pixels set, the PNG previews and the files.
     indices = heatmap_indices(inputs, options.heatmaps)
     heatmap_series = uid("heatmap series")
     heatmap_uids = {i: uid("heatmap", i) for i in indices}
@@ -414,8 +417,6 @@ def _build(
     with ThreadPoolExecutor(1, thread_name_prefix="sr") as thread:
         reporting = None if elsewhere is not None else thread.submit(_encode_reports, *report_args)
         try:
-            if render is not None and (indices or pm_ref is not None):
-                inputs = render(inputs)
             encoded, parametric_map = _encode_images(
                 inputs,
                 card,
@@ -428,6 +429,7 @@ def _build(
                 previews=previews,
                 when=when,
                 out_dir=out_dir,
+                render=render,
             )
         finally:  # the SR's error, if any, is raised by result() below
             wait([f for f in (elsewhere, reporting) if f is not None])
@@ -525,8 +527,16 @@ def _encode_images(
     previews: bool,
     when: OutputTime,
     out_dir: Path | None,
+    render: Callable[[ExplainedSeries], ExplainedSeries] | None = None,
 ) -> tuple[list[tuple[pydicom.Dataset, tuple[str, bytes] | None]], pydicom.Dataset | None]:
     """The heatmap images (with their previews) in threads, and the parametric map here.
+
+    The Secondary Capture images are built (highdicom) in threads with blank pixels:
+    for images of :data:`AHEAD_MIN_PIXELS` and more from the start, while this
+    thread draws the pixels (``render``: the head region and the heatmaps; numpy,
+    OpenCV and torch release the GIL for most of it), for smaller ones after; then,
+    a share of the images per thread, the text is burned in and each image's pixels
+    are set (:func:`ich_node.results.sc.set_heatmap_pixels`).
 
     Returns (Secondary Capture dataset, (file name, PNG bytes) or None) in
     InstanceNumber order, each finished (:func:`_finish`), and the parametric map
@@ -539,29 +549,41 @@ def _encode_images(
     indices = list(heatmap_uids)
     workers = min(encode_workers(), max(1, len(indices)))
     shares = [indices[k::workers] for k in range(workers)] if indices else []
+    labels = {e.index: e.labels for e in inputs.explanations}
+    first = series.slices[0] if series.slices else None  # (one series, one matrix)
+    rows, columns = (first.rows, first.columns) if first is not None else (0, 0)
 
-    def encode_share(
-        share: list[int],
-    ) -> list[tuple[pydicom.Dataset, tuple[str, bytes] | None]]:
-        images = render_heatmaps(inputs, card, which=options.heatmaps, indices=share)
+    def blank_share(share: list[int]) -> tuple[pydicom.Dataset, ...]:
+        """The share's images with all but their pixels: what does not wait for them."""
+        pixels = np.zeros((rows, columns, 3), np.uint8)  # read only, by highdicom
+        blank = [HeatmapImage(index=i, rgb=pixels, labels=labels.get(i, ())) for i in share]
         datasets = build_heatmap_series(
             series,
-            images,
+            blank,
             card,
             study.plain,
             series_instance_uid=heatmap_series,
-            sop_instance_uids=[heatmap_uids[image.index] for image in images],
+            sop_instance_uids=[heatmap_uids[i] for i in share],
         )
-        # Named by InstanceNumber, the slice's number in the SR's numbering.
-        pngs = [
-            (f"{image.index + 1}.png", png_bytes(image.rgb)) if previews else None
-            for image in images
-        ]
         for ds in datasets:
             # A heatmap keeps its own source slice's compression (PS3.3 C.7.6.1.1.5:
             # derived images copy the source's method and ratio).
             own = series.slices[int(ds.InstanceNumber) - 1].lossy
             _finish(ds, study, when, own if own is not None else series.lossy)
+        return datasets
+
+    def encode_share(
+        drawn: ExplainedSeries, share: list[int], blanks: Future[tuple[pydicom.Dataset, ...]]
+    ) -> list[tuple[pydicom.Dataset, tuple[str, bytes] | None]]:
+        images = render_heatmaps(drawn, card, which=options.heatmaps, indices=share)
+        datasets = blanks.result()
+        for ds, image in zip(datasets, images, strict=True):
+            set_heatmap_pixels(ds, image.rgb)
+        # Named by InstanceNumber, the slice's number in the SR's numbering.
+        pngs = [
+            (f"{image.index + 1}.png", png_bytes(image.rgb)) if previews else None
+            for image in images
+        ]
         if out_dir is not None:  # written now, while the SR may still be encoding
             for ds, preview in zip(datasets, pngs, strict=True):
                 for path, data in _heatmap_files(out_dir / "heatmaps", ds, preview):
@@ -569,8 +591,23 @@ def _encode_images(
         return list(zip(datasets, pngs, strict=True))
 
     parametric_map = None
+    drawing = render if render is not None and (indices or pm_ref is not None) else None
     with ThreadPoolExecutor(workers, thread_name_prefix="encode") as pool:
-        encoding = [pool.submit(encode_share, share) for share in shares]
+
+        def start_blanks() -> list[Future[tuple[pydicom.Dataset, ...]]]:
+            return [pool.submit(blank_share, share) for share in shares]
+
+        # Large images are built while their pixels are drawn (AHEAD_MIN_PIXELS).
+        ahead = drawing is not None and rows * columns >= AHEAD_MIN_PIXELS
+        blanks = start_blanks() if ahead else []
+        if drawing is not None:
+            inputs = drawing(inputs)
+        if not ahead:
+            blanks = start_blanks()
+        encoding = [
+            pool.submit(encode_share, inputs, share, blank)
+            for share, blank in zip(shares, blanks, strict=True)
+        ]
         if pm_ref is not None:
             # The head region (map values stay inside it, as the heatmaps' colour
             # does): the one found when the heatmaps were rendered, else found here.
@@ -714,6 +751,15 @@ def _write_atomic(path: Path, data: bytes | pydicom.Dataset) -> None:
         write_atomic(path, data)
     else:
         write_atomic(path, lambda handle: data.save_as(handle, enforce_file_format=True))
+
+
+#: Images of at least this many pixels (256 x 256) have their Secondary Capture
+#: images built while their pixels are drawn: drawing them is long numeric work that
+#: leaves the GIL free. Smaller ones are drawn first: there the drawing is mostly
+#: torch's dispatch, which then waited for the GIL behind the builders (128 px:
+#: 0.275 of before drawn first, 0.295-0.308 built ahead; 512 px: 0.308-0.333 and
+#: 0.283-0.318; docs/performance.md).
+AHEAD_MIN_PIXELS: Final[int] = 256 * 256
 
 
 def encode_workers() -> int:

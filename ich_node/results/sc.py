@@ -497,6 +497,29 @@ def build_heatmap_series(
     return tuple(out)
 
 
+def set_heatmap_pixels(ds: pydicom.Dataset, rgb: np.ndarray) -> None:
+    """Put a heatmap's pixels into its Secondary Capture image, built before they were
+    drawn (:func:`build_heatmap_series` with blank images of the same size).
+
+    Pixel Data is then what highdicom writes for these pixels: the native encoding
+    of (rows, columns, 3) uint8 RGB, pixel by pixel (PlanarConfiguration 0, PS3.3
+    C.7.6.3.1.3). Nothing else of the image depends on the pixel values.
+
+    Raises
+    ------
+    ValueError
+        ``rgb`` is not (Rows, Columns, 3) uint8, or the image's transfer syntax is
+        not native (its frames would need encoding).
+    """
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_encapsulated:
+        raise ValueError(f"{syntax.name}: only a native encoding takes the pixels as they are")
+    want = (int(ds.Rows), int(ds.Columns), 3)
+    if rgb.shape != want or rgb.dtype != np.uint8:
+        raise ValueError(f"pixels are {rgb.shape} {rgb.dtype}; the image holds {want} uint8")
+    ds.PixelData = rgb.tobytes()  # C order: highdicom's encode_frame, native
+
+
 def png_bytes(rgb: np.ndarray) -> bytes:
     """(rows, columns, 3) uint8 RGB -> PNG file bytes (previews for non-DICOM users)."""
     buffer = io.BytesIO()
