@@ -49,6 +49,7 @@ from ich_node.imaging.files import (
 )
 from ich_node.imaging.orientation import Reorientation
 from ich_node.imaging.pixels import (
+    HUTransform,
     NativePixels,
     StoredSlice,
     decode_stored,
@@ -396,11 +397,24 @@ def _text(ds: Dataset | None, keyword: str) -> str:
     return str(value).strip()
 
 
-def _hu_note(ds: Dataset, frame_index: int | None, path: Path) -> tuple[str, str] | None:
+def _hu_transform_of(ds: Dataset, frame_index: int | None, path: Path) -> HUTransform | None:
+    """:func:`hu_transform`, or None where it raises (it raises again, with its
+    reason, when the pixels are read)."""
     try:
-        t = hu_transform(ds, frame_index, name=str(path), path=path)
+        return hu_transform(ds, frame_index, name=str(path), path=path)
     except ImagingError:
-        return None  # raised again, with its reason, when the pixels are read
+        return None
+
+
+def _hu_note(ds: Dataset, frame_index: int | None, path: Path) -> tuple[str, str] | None:
+    return _hu_note_of(_hu_transform_of(ds, frame_index, path))
+
+
+def _hu_note_of(t: HUTransform | None) -> tuple[str, str] | None:
+    """The note a series gets for an image's rescale (the RSNA 12-bit fault, missing
+    rescale attributes), or None."""
+    if t is None:
+        return None
     if t.signed_bits is not None:
         return (
             "pixel_correction",
@@ -497,6 +511,7 @@ def _headers(path: Path) -> list[_Header]:
         except ImagingError:
             thickness = None
         problem = pixel_data_problem(ds, n_frames)
+        transform = _hu_transform_of(ds, None, path)  # read once: the note and the pixels
         if problem is None and n_frames != 1:
             problem = f"{n_frames} frames in a single-frame CT image"
         return [
@@ -510,8 +525,13 @@ def _headers(path: Path) -> list[_Header]:
                 kernel=_text(ds, "ConvolutionKernel").upper(),
                 thickness=thickness[0] if thickness else None,
                 pixel_problem=problem,
-                hu_note=_hu_note(ds, None, path),
-                native=native_pixels(ds, path) if problem is None else None,
+                hu_note=_hu_note_of(transform),
+                # (its Pixel Data checked above, for one frame: not again)
+                native=(
+                    native_pixels(ds, path, transform=transform, checked=True)
+                    if problem is None and transform is not None
+                    else None
+                ),
             )
         ]
 
