@@ -660,6 +660,76 @@ def test_heatmaps_built_before_their_pixels_are_what_highdicom_builds_from_them(
     assert isinstance(images[0], HeatmapImage)
 
 
+def test_a_heatmap_file_serialised_around_blank_pixels_is_what_pydicom_writes(
+    positive: tuple[Classifier, Prediction],
+) -> None:
+    """pixel_template: a heatmap image's file written before its pixels are drawn,
+    then given them, is byte for byte pydicom's file of the finished image, in
+    Explicit and Implicit VR Little Endian and with an odd-length Pixel Data (its
+    padding byte); where the bytes of Pixel Data are not the file's last bytes as
+    they are (an element after it, a deflated or encapsulated syntax) there is no
+    template, and pixels of another size are refused."""
+    import numpy as np
+
+    from ich_node.results.common import study_attributes
+    from ich_node.results.sc import (
+        build_heatmap_series,
+        pixel_template,
+        render_heatmaps,
+        set_heatmap_pixels,
+    )
+
+    classifier, prediction = positive
+    explained = explain_series(prediction, classifier)
+    series = explained.series
+    images = render_heatmaps(explained, classifier.card)[:2]
+    study = study_attributes(explained.header, series.study_instance_uid).plain
+    blank = [replace(image, rgb=np.zeros_like(image.rgb)) for image in images]
+    common: dict[str, Any] = {"series_instance_uid": "2.25.99"}
+    early = build_heatmap_series(
+        series, blank, classifier.card, study, sop_instance_uids=["2.25.1", "2.25.2"], **common
+    )
+
+    def finished(ds: pydicom.Dataset, rgb: np.ndarray) -> bytes:
+        done = copy.deepcopy(ds)
+        set_heatmap_pixels(done, rgb)
+        return _part10(done)
+
+    def written(template: Any, rgb: np.ndarray) -> bytes:
+        return b"".join(bytes(piece) for piece in template.chunks(rgb))
+
+    syntaxes = (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian)
+    for ds, image in zip(early, images, strict=True):
+        for syntax in syntaxes:
+            ds.file_meta.TransferSyntaxUID = syntax
+            template = pixel_template(ds)
+            assert template is not None and template.tail == b""
+            assert written(template, image.rgb) == finished(ds, image.rgb)
+            assert written(template, image.rgb) != _part10(ds)  # the pixels did change
+    # An odd number of pixel bytes (3 x 5 x 3): pydicom pads the value with one zero.
+    odd = copy.deepcopy(early[0])
+    odd.Rows, odd.Columns = 3, 5
+    odd.PixelData = bytes(45)
+    rgb = np.arange(45, dtype=np.uint8).reshape(3, 5, 3)
+    for syntax in syntaxes:
+        odd.file_meta.TransferSyntaxUID = syntax
+        template = pixel_template(odd)
+        assert template is not None and template.tail == b"\x00" and template.length == 45
+        assert written(template, rgb) == finished(odd, rgb)
+    with pytest.raises(ValueError, match="contiguous bytes needed"):
+        template.chunks(rgb[:, :4])
+    with pytest.raises(ValueError, match="contiguous bytes needed"):
+        template.chunks(rgb.astype(np.uint16))
+    # No template where the value is not the file's last bytes, as they are.
+    trailing = copy.deepcopy(early[0])
+    trailing.DataSetTrailingPadding = b"\x00\x00"
+    assert pixel_template(trailing) is None
+    for syntax in (pydicom.uid.DeflatedExplicitVRLittleEndian, pydicom.uid.RLELossless):
+        other = copy.deepcopy(early[0])
+        other.file_meta.TransferSyntaxUID = syntax
+        assert pixel_template(other) is None
+
+
 def test_heatmaps_built_ahead_or_after_the_drawing_are_the_same_files(
     positive: tuple[Classifier, Prediction], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -49,8 +49,10 @@ from ich_node.results.ko import build_key_objects
 from ich_node.results.pm import build_parametric_map
 from ich_node.results.sc import (
     HeatmapImage,
+    PixelTemplate,
     build_heatmap_series,
     heatmap_indices,
+    pixel_template,
     png_bytes,
     render_heatmaps,
     series_head_mask,
@@ -553,8 +555,10 @@ def _encode_images(
     first = series.slices[0] if series.slices else None  # (one series, one matrix)
     rows, columns = (first.rows, first.columns) if first is not None else (0, 0)
 
-    def blank_share(share: list[int]) -> tuple[pydicom.Dataset, ...]:
-        """The share's images with all but their pixels: what does not wait for them."""
+    def blank_share(share: list[int]) -> tuple[tuple[pydicom.Dataset, PixelTemplate | None], ...]:
+        """The share's images with all but their pixels: what does not wait for them.
+        Each with its file serialised around its blank pixels when it is written
+        here (:func:`ich_node.results.sc.pixel_template`)."""
         pixels = np.zeros((rows, columns, 3), np.uint8)  # read only, by highdicom
         blank = [HeatmapImage(index=i, rgb=pixels, labels=labels.get(i, ())) for i in share]
         datasets = build_heatmap_series(
@@ -570,13 +574,16 @@ def _encode_images(
             # derived images copy the source's method and ratio).
             own = series.slices[int(ds.InstanceNumber) - 1].lossy
             _finish(ds, study, when, own if own is not None else series.lossy)
-        return datasets
+        return tuple((ds, pixel_template(ds) if out_dir is not None else None) for ds in datasets)
 
     def encode_share(
-        drawn: ExplainedSeries, share: list[int], blanks: Future[tuple[pydicom.Dataset, ...]]
+        drawn: ExplainedSeries,
+        share: list[int],
+        blanks: Future[tuple[tuple[pydicom.Dataset, PixelTemplate | None], ...]],
     ) -> list[tuple[pydicom.Dataset, tuple[str, bytes] | None]]:
         images = render_heatmaps(drawn, card, which=options.heatmaps, indices=share)
-        datasets = blanks.result()
+        built = blanks.result()
+        datasets = [ds for ds, _ in built]
         for ds, image in zip(datasets, images, strict=True):
             set_heatmap_pixels(ds, image.rgb)
         # Named by InstanceNumber, the slice's number in the SR's numbering.
@@ -585,16 +592,21 @@ def _encode_images(
             for image in images
         ]
         if out_dir is not None:  # written now, while the SR may still be encoding
-            for ds, preview in zip(datasets, pngs, strict=True):
+            for (ds, template), image, preview in zip(built, images, pngs, strict=True):
                 for path, data in _heatmap_files(out_dir / "heatmaps", ds, preview):
-                    _write_durable(path, data)
+                    if data is ds and template is not None:  # serialised already
+                        _write_durable(path, template.chunks(np.ascontiguousarray(image.rgb)))
+                    else:
+                        _write_durable(path, data)
         return list(zip(datasets, pngs, strict=True))
 
     parametric_map = None
     drawing = render if render is not None and (indices or pm_ref is not None) else None
     with ThreadPoolExecutor(workers, thread_name_prefix="encode") as pool:
 
-        def start_blanks() -> list[Future[tuple[pydicom.Dataset, ...]]]:
+        def start_blanks() -> list[
+            Future[tuple[tuple[pydicom.Dataset, PixelTemplate | None], ...]]
+        ]:
             return [pool.submit(blank_share, share) for share in shares]
 
         # Large images are built while their pixels are drawn (AHEAD_MIN_PIXELS).
@@ -771,13 +783,19 @@ def encode_workers() -> int:
     return max(1, min(8, cores))
 
 
-def _write_durable(path: Path, data: bytes | pydicom.Dataset) -> None:
+def _write_durable(
+    path: Path, data: bytes | pydicom.Dataset | tuple[bytes | memoryview, ...]
+) -> None:
     """Write a new file and fsync it (no temporary name: the folder it is in is not
-    visible under its final name yet; its entry is made durable by the folder's fsync)."""
+    visible under its final name yet; its entry is made durable by the folder's fsync).
+    ``data``: the bytes, a dataset to serialise, or pieces written one after another."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
         if isinstance(data, bytes):
             handle.write(data)
+        elif isinstance(data, tuple):
+            for piece in data:
+                handle.write(piece)
         else:
             data.save_as(handle, enforce_file_format=True)
         handle.flush()
