@@ -731,10 +731,12 @@ def test_a_heatmap_file_serialised_around_blank_pixels_is_what_pydicom_writes(
 
 
 def test_heatmaps_built_ahead_or_after_the_drawing_are_the_same_files(
-    positive: tuple[Classifier, Prediction], monkeypatch: pytest.MonkeyPatch
+    positive: tuple[Classifier, Prediction], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Whether the Secondary Capture images are built while the pixels are drawn
-    (images of AHEAD_MIN_PIXELS and more) or after, the files are the same bytes."""
+    (images of AHEAD_MIN_PIXELS and more) or after, the files are the same bytes;
+    written as they are encoded (their files serialised around the blank pixels),
+    each file is pydicom's file of the finished image."""
     import ich_node.results.build as build
     from ich_node.model.heatmaps import with_heatmap_images
     from ich_node.results.common import output_time
@@ -753,9 +755,14 @@ def test_heatmaps_built_ahead_or_after_the_drawing_are_the_same_files(
                 when=when,
                 render=lambda e: with_heatmap_images(e, "positive", "cpu"),
                 previews=False,
+                out_dir=tmp_path / str(limit),
             )
         )
     ahead, after = drawn
     assert len(ahead.heatmaps) == len(after.heatmaps) == 12
     assert [_part10(ds) for ds in ahead.heatmaps] == [_part10(ds) for ds in after.heatmaps]
     assert _part10(ahead.sr) == _part10(after.sr)
+    for limit, results in ((1, ahead), (10**12, after)):
+        for ds in results.heatmaps:
+            path = tmp_path / str(limit) / "heatmaps" / f"{int(ds.InstanceNumber)}.dcm"
+            assert path.read_bytes() == _part10(ds), path
