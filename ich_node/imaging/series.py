@@ -406,10 +406,6 @@ def _hu_transform_of(ds: Dataset, frame_index: int | None, path: Path) -> HUTran
         return None
 
 
-def _hu_note(ds: Dataset, frame_index: int | None, path: Path) -> tuple[str, str] | None:
-    return _hu_note_of(_hu_transform_of(ds, frame_index, path))
-
-
 def _hu_note_of(t: HUTransform | None) -> tuple[str, str] | None:
     """The note a series gets for an image's rescale (the RSNA 12-bit fault, missing
     rescale attributes), or None."""
@@ -603,7 +599,7 @@ def _frame_headers(
                 kernel=kernel.upper(),
                 thickness=thickness[0] if thickness else None,
                 pixel_problem=problem,
-                hu_note=_hu_note(ds, index, path),
+                hu_note=_hu_note_of(_hu_transform_of(ds, index, path)),
             )
         )
     return out

@@ -497,20 +497,17 @@ def _shrink_rows(
     sources: list[tuple[float, float] | None] = [None] if clips is None else list(clips)
     out = x.new_empty((len(sources), *x.shape[:-2], n, x.shape[-1]))
     clipped = None if clips is None else x.new_empty(out.shape[1:])
-    rows = sorted(weights)
-    fresh = weights[rows[0]][0][0] == 0  # the first tap taken is a whole output's
-    if not fresh:
-        out.zero_()
-    written = [not fresh] * len(sources)
-    for row in rows:
+    # Row 0 of a block is first a tap of its own block (the taps start inside block 0,
+    # in block order): that product is written, every other tap added to it.
+    assert weights[0][0][0] == 0
+    for row in sorted(weights):
         source = blocks[..., :, row, :]
         for k, clip in enumerate(sources):
             part = source if clip is None else torch.clamp(source, *clip, out=clipped)
             o = out[k]
             for block, weight in weights[row]:
-                if block == 0 and not written[k]:
+                if block == 0 and row == 0:
                     torch.mul(part, weight, out=o)
-                    written[k] = True
                 elif block == 0:
                     o.add_(part, alpha=weight)
                 elif n > 1 and block < 0:  # the block below: rows i - 1, for outputs 1..n-1
@@ -625,8 +622,8 @@ def _windowed_resize(hu: torch.Tensor, windows: Sequence[Window], size: int) -> 
     per window instead of three passes. Square slices shrunk by an integer factor
     (512 -> 64, the usual case) are clipped row by row inside one shrink for all the
     windows (:func:`_shrink_rows` with ``clips``: each row read once, nothing of full
-    size written); other sizes go
-    through one full-size buffer (docs/performance.md). Equal to the composition
+    size written); other sizes go through one full-size buffer (docs/performance.md).
+    Equal to the composition
     within float32 rounding (``tests/test_tensors.py``).
 
     (S, H, W) float32 HU -> (S, C, size, size) float32, not yet clipped to [0, 1].
@@ -637,8 +634,6 @@ def _windowed_resize(hu: torch.Tensor, windows: Sequence[Window], size: int) -> 
     shrink = side % size == 0 and side // size >= 2  # rows by whole-row sums first
     lows = [window.center - window.width / 2 for window in windows]
     widths = [window.width for window in windows]
-    clipped: torch.Tensor | None = None  # the full-size buffer, where one is needed
-    parts = []
     if rows == cols and shrink:  # every window clipped row by row inside one shrink
         clips = [(low, low + width) for low, width in zip(lows, widths, strict=True)]
         rowwise = _shrink_rows(hu, side // size, clips=clips)  # (C, S, size, side)
@@ -649,6 +644,8 @@ def _windowed_resize(hu: torch.Tensor, windows: Sequence[Window], size: int) -> 
             lows,
             widths,
         )
+    clipped: torch.Tensor | None = None  # the full-size buffer
+    parts = []
     for low, width in zip(lows, widths, strict=True):
         if clipped is None:
             clipped = hu.new_empty((n, side, side), dtype=torch.float32)
