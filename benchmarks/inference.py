@@ -14,7 +14,9 @@ stage does), decode the DICOM files in the decode pool (threads or processes),
 then on the model's device HU, orientation, windows, resize, the same forward passes
 and the class activation maps the heatmaps are made from. Raw and worker runs
 alternate so that load from other processes hits both; "vs raw" compares the worker
-path with the raw model at the same setting. Two more rows show the two halves of
+path with the raw model at the same setting (the best time of each), "vs raw, paired"
+is the median over the rounds of the same ratio within a round (raw and worker back
+to back, in one state of the machine). Two more rows show the two halves of
 the preprocessing alone: the decode pool (CPU) and the device preprocessing.
 
 Every row is printed the moment it is measured. ``--budget`` seconds (default 60
@@ -25,6 +27,7 @@ listed as skipped.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -47,7 +50,7 @@ from ich_node.model.inference import Classifier, resolve_device
 from ich_node.model.networks import build_model
 from training.phantom import write_series
 
-COLUMNS = ["path", "slices/s", "vs raw", "warm-up s", "load"]
+COLUMNS = ["path", "slices/s", "vs raw", "vs raw, paired", "warm-up s", "load"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -98,15 +101,28 @@ def raw_forward(
     return run
 
 
-def interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Best wall time of each callable, run in turns (load on a shared machine hits all)."""
+def interleaved(
+    fns: dict[str, Callable[[], None]], repeats: int
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Best wall time of each callable, run in turns (load on a shared machine hits
+    all), and each round's times: ``(best, rounds)``, seconds."""
     best = dict.fromkeys(fns, float("inf"))
+    rounds: list[dict[str, float]] = []
     for fn in fns.values():
         fn()  # warm-up: allocator, kernels, decode pool
     for _ in range(repeats):
-        for name, fn in fns.items():
-            best[name] = min(best[name], best_of(fn, 1))
-    return best
+        rounds.append({name: best_of(fn, 1) for name, fn in fns.items()})
+        for name, t in rounds[-1].items():
+            best[name] = min(best[name], t)
+    return best, rounds
+
+
+def paired_ratio(rounds: list[dict[str, float]], top: str, bottom: str) -> float:
+    """The median over rounds of ``rounds[k][bottom] / rounds[k][top]``: the two
+    measured back to back, in the same state of the machine (on this 2-core VM a
+    core's speed changes by up to 3x for seconds at a time, docs/performance.md), so
+    that one lucky round of either side does not set the ratio of the bests."""
+    return float(statistics.median(r[bottom] / r[top] for r in rounds))
 
 
 def settings(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
@@ -231,7 +247,7 @@ def main(args: argparse.Namespace) -> int:
                     )
                     and None,
                 }  # fmt: skip
-                best = interleaved(fns, repeats)
+                best, rounds = interleaved(fns, repeats)
                 raw, rate = slices / best["raw"], slices / best["worker"]
                 emit({"path": f"raw model ({label}; beside the {kind} pool)", "slices/s": raw,
                       **s})  # fmt: skip
@@ -240,6 +256,7 @@ def main(args: argparse.Namespace) -> int:
                         "path": f"worker path, {kind} pool ({label})",
                         "slices/s": rate,
                         "vs raw": rate / raw,
+                        "vs raw, paired": paired_ratio(rounds, "worker", "raw"),
                         "warm-up s": warm,
                         "pool": kind,
                         **s,

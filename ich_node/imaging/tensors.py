@@ -221,7 +221,11 @@ def stored_to_hu(
         floor = _integer_floor(x, intercepts, slices)
         if floor is not None and not _all_at_least(slices, floor):
             x.clamp_min_(floor)  # air's floor on the integers: half the bytes of HU
-        hu = x + intercept if out is None else torch.add(x, intercept, out=out)
+        # Converted, then the intercept added in place: the same float32 sums as one
+        # mixed int16 + float32 addition, which on the CPU runs 1.5x slower (a
+        # casting loop, not the vectorised one; docs/performance.md).
+        hu = x.to(torch.float32) if out is None else out.copy_(x)
+        hu.add_(intercept)
         return _finish_hu(hu, x, slices, column, floored=floor is not None)
     v = x.to(ftype)
     if any(bits):
@@ -497,23 +501,31 @@ def _shrink_rows(
     sources: list[tuple[float, float] | None] = [None] if clips is None else list(clips)
     out = x.new_empty((len(sources), *x.shape[:-2], n, x.shape[-1]))
     clipped = None if clips is None else x.new_empty(out.shape[1:])
+    # The views the taps read and write, made once (not once a row: the Python of
+    # making a view is a good part of a small chunk's time, with the GIL held).
+    # (whole, outputs 1..n-1, outputs 0..n-2) of each output and of the clip buffer.
+    outs = [(o, o[..., 1:, :], o[..., :-1, :]) for o in out]
+    cut = None if clipped is None else (clipped, clipped[..., :-1, :], clipped[..., 1:, :])
     # Row 0 of a block is first a tap of its own block (the taps start inside block 0,
     # in block order): that product is written, every other tap added to it.
     assert weights[0][0][0] == 0
     for row in sorted(weights):
         source = blocks[..., :, row, :]
-        for k, clip in enumerate(sources):
-            part = source if clip is None else torch.clamp(source, *clip, out=clipped)
-            o = out[k]
+        for (o, o_after, o_before), clip in zip(outs, sources, strict=True):
+            if clip is None or cut is None:
+                part, below, above = source, source[..., :-1, :], source[..., 1:, :]
+            else:
+                torch.clamp(source, *clip, out=cut[0])
+                part, below, above = cut
             for block, weight in weights[row]:
                 if block == 0 and row == 0:
                     torch.mul(part, weight, out=o)
                 elif block == 0:
                     o.add_(part, alpha=weight)
                 elif n > 1 and block < 0:  # the block below: rows i - 1, for outputs 1..n-1
-                    o[..., 1:, :].add_(part[..., :-1, :], alpha=weight)
+                    o_after.add_(below, alpha=weight)
                 elif n > 1:  # the block above: rows i + 1, for outputs 0..n-2
-                    o[..., :-1, :].add_(part[..., 1:, :], alpha=weight)
+                    o_before.add_(above, alpha=weight)
     if n == 1:  # one output row: its own block alone, renormalised
         out.div_(sum(w for block, _, w in taps if block == 0))
     else:
