@@ -42,6 +42,9 @@ def _start_child(fmt: str, level: str) -> None:
     # Library warnings may quote header values; the parent counts its own per job.
     quiet_child()
     import ich_node.results.build  # noqa: F401  (highdicom: a second, paid here)
+    from ich_node.results import sc
+
+    sc.warm_up()  # highdicom's IOD tables, read on first use: here, not in the first SR
 
 
 class ReportProcess:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -23,6 +24,7 @@ from typing import Final
 import highdicom as hd
 import numpy as np
 import pydicom
+import pydicom.uid
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.tag import Tag
 
@@ -599,3 +601,35 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     # almost half of a study's results time (docs/performance.md).
     Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+def warm_up() -> float:
+    """Load what the encoders load on their first use, before any study needs it.
+
+    highdicom reads its tables of the IODs' modules (a JSON file) the first time it
+    builds an object: about 0.3 s of Python, and on a worker's first study the
+    encode threads each paid it at once, beside the drawing (the results stage of
+    that study took 1.5-2 s longer than the next one's; docs/performance.md). One
+    throwaway 8x8 Secondary Capture image built here loads them; the image is not
+    kept. Called when the worker and its report process start.
+
+    Returns
+    -------
+    float
+        Seconds it took.
+    """
+    started = time.perf_counter()
+    hd.sc.SCImage(
+        pixel_array=np.zeros((8, 8, 3), np.uint8),
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        study_instance_uid=pydicom.uid.generate_uid(),
+        series_instance_uid=pydicom.uid.generate_uid(),
+        sop_instance_uid=pydicom.uid.generate_uid(),
+        series_number=1,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        patient_orientation=("L", "P"),
+    )
+    return time.perf_counter() - started

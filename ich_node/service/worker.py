@@ -372,9 +372,14 @@ def worker_main(
         worker.results.reports = reports
     except Exception as exc:  # encoded in the results thread instead
         log.warning("worker.report_process_unavailable", error=type(exc).__name__)
-    # The encoders (highdicom: about a second to import) here, not in the first study.
+    # The encoders (highdicom: about a second to import) here, not in the first study,
+    # and what they and the drawing load on first use (highdicom's IOD tables, the
+    # head region's libraries): one tiny synthetic heatmap drawn and encoded.
     import ich_node.model.heatmaps
-    import ich_node.results.build  # noqa: F401
+    import ich_node.results.build
+    from ich_node.results import sc
+
+    results_warmup_s = ich_node.model.heatmaps.warm_up(classifier.device) + sc.warm_up()
 
     heartbeat.runner = worker
     log.info(
@@ -384,6 +389,7 @@ def worker_main(
         version=bundle.card.version,
         device=str(classifier.device),
         warmup_s=round(warmup_s, 2),
+        results_warmup_s=round(results_warmup_s, 2),
         mode=config.node.mode,
         thresholds=classifier.thresholds.values,
         thresholds_source=classifier.thresholds.source,
