@@ -105,13 +105,18 @@ def interleaved(
     fns: dict[str, Callable[[], None]], repeats: int
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Best wall time of each callable, run in turns (load on a shared machine hits
-    all), and each round's times: ``(best, rounds)``, seconds."""
+    all), and each round's times: ``(best, rounds)``, seconds.
+
+    The order turns round every round, so that no callable always runs right after
+    the same other one (after forward passes the OpenMP threads spin for a few
+    milliseconds: what follows them pays it, docs/performance.md)."""
     best = dict.fromkeys(fns, float("inf"))
     rounds: list[dict[str, float]] = []
     for fn in fns.values():
         fn()  # warm-up: allocator, kernels, decode pool
-    for _ in range(repeats):
-        rounds.append({name: best_of(fn, 1) for name, fn in fns.items()})
+    for k in range(repeats):
+        order = list(fns.items()) if k % 2 == 0 else list(fns.items())[::-1]
+        rounds.append({name: best_of(fn, 1) for name, fn in order})
         for name, t in rounds[-1].items():
             best[name] = min(best[name], t)
     return best, rounds
