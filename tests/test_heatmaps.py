@@ -226,6 +226,38 @@ def test_no_colour_on_the_table_or_head_holder_of_a_phantom(
         assert np.array_equal(frame > 0, head[i]) and frame.max() == pytest.approx(1.0)
 
 
+def test_heatmap_images_are_the_same_whichever_way_the_slices_are_taken(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """Consecutive slices (every slice of a series) reach the renderer as views of the
+    series' HU and head region, others as copies, a read-only HU array as a copy: the
+    images are the same each way, and the series' HU are left as they were."""
+    import warnings
+
+    from training.phantom import write_series
+
+    phantom = write_series(tmp_path / "src", seed=5, subtypes=("subdural",), n_slices=6, matrix=64)
+    explained, _ = _explained(tiny_bundle, list(phantom.paths))
+    base = replace(explained, overlays={}, head=None)
+    before = base.hu.copy()
+    every = with_heatmap_images(base, "positive", "cpu")
+    assert sorted(every.overlays) == list(range(6))
+    chosen = tuple(e for e in base.explanations if e.index in (0, 2, 5))
+    some = with_heatmap_images(replace(base, explanations=chosen), "positive", "cpu")
+    assert sorted(some.overlays) == [0, 2, 5]
+    frozen = base.hu.copy()
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on a read-only array it shares
+        read_only = with_heatmap_images(replace(base, hu=frozen), "positive", "cpu")
+    for i in (0, 2, 5):
+        assert np.array_equal(some.overlays[i], every.overlays[i]), i
+    for i in range(6):
+        assert np.array_equal(read_only.overlays[i], every.overlays[i]), i
+    assert np.array_equal(base.hu, before)
+    assert every.head is not None and np.array_equal(every.head, some.head)
+
+
 def test_no_colour_outside_the_head_of_the_real_ge_series(
     real_ct: Path, tiny_bundle: Path, tmp_path: Path
 ) -> None:

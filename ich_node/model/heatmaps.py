@@ -199,6 +199,22 @@ def render_overlays(
     return out
 
 
+def _consecutive(indices: Sequence[int]) -> slice | None:
+    """``indices`` as a slice when they are consecutive (every slice of a series, the
+    usual case, or one run of them), else None: then ``stack[run]`` is a view where
+    ``stack[indices]`` copies (40 slices of 512 x 512 HU: 42 MB, about 9 ms)."""
+    if len(indices) and list(indices) == list(range(indices[0], indices[0] + len(indices))):
+        return slice(indices[0], indices[0] + len(indices))
+    return None
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A C-contiguous array as a CPU tensor, sharing its memory where torch allows
+    (a read-only array is copied: torch has no read-only tensors)."""
+    array = np.ascontiguousarray(array)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
 def with_heatmap_images(
     explained: ExplainedSeries,
     which: str,
@@ -240,12 +256,13 @@ def with_heatmap_images(
         spacing = explained.series.slices[0].pixel_spacing if explained.series.slices else 0.5
         head = head_mask(explained.hu, spacing)
     device = torch.device(device)
-    rows = torch.as_tensor(indices)
+    run = _consecutive(indices)
+    rows = run if run is not None else indices
     with torch.inference_mode():
         if hu is not None and hu.device == device:
-            chosen = hu[rows.to(device)]
+            chosen = hu[run] if run is not None else hu[torch.as_tensor(indices, device=device)]
         else:
-            chosen = torch.from_numpy(np.ascontiguousarray(explained.hu[indices])).to(device)
+            chosen = _tensor(explained.hu[rows]).to(device)
         maps = (
             torch.from_numpy(np.stack([by_index[i].cam for i in indices if i in by_index]))
             if any(flags)
@@ -255,7 +272,7 @@ def with_heatmap_images(
             chosen,
             maps,
             flags,
-            None if head is None else torch.from_numpy(np.ascontiguousarray(head[indices])),
+            None if head is None else _tensor(head[rows]),
         )
     return replace(explained, overlays=dict(zip(indices, images, strict=True)), head=head)
 
