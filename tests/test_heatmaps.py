@@ -258,6 +258,26 @@ def test_heatmap_images_are_the_same_whichever_way_the_slices_are_taken(
     assert every.head is not None and np.array_equal(every.head, some.head)
 
 
+def test_small_slices_are_drawn_on_one_thread_and_the_settings_come_back() -> None:
+    """Below 256 x 256 pixels torch (this thread) and OpenCV draw sequentially; their
+    thread settings are restored after, also after an error; larger slices keep them."""
+    import cv2
+
+    from ich_node.model.heatmaps import ONE_THREAD_BELOW_PIXELS, _drawing_threads
+
+    before = (torch.get_num_threads(), cv2.getNumThreads())
+    with _drawing_threads(128 * 128):
+        small = (torch.get_num_threads(), cv2.getNumThreads())
+    assert small == (1, 1)
+    assert (torch.get_num_threads(), cv2.getNumThreads()) == before
+    with pytest.raises(ValueError, match="drawing failed"), _drawing_threads(96 * 64):
+        raise ValueError("drawing failed")
+    assert (torch.get_num_threads(), cv2.getNumThreads()) == before
+    with _drawing_threads(ONE_THREAD_BELOW_PIXELS):
+        large = (torch.get_num_threads(), cv2.getNumThreads())
+    assert large == before
+
+
 def test_no_colour_outside_the_head_of_the_real_ge_series(
     real_ct: Path, tiny_bundle: Path, tmp_path: Path
 ) -> None:

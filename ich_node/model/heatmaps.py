@@ -18,8 +18,9 @@ part of the Turbo colour map used, the head's HU).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Final
 
@@ -40,6 +41,13 @@ from ich_node.results.sc import (
 
 #: Images rendered at once (bounds the float32 intermediates: ~50 MB at 512 px).
 CHUNK: Final[int] = 16
+#: Slices of fewer pixels than this (256 x 256) are drawn on the calling thread
+#: alone: their operations are too small for torch's and OpenCV's thread pools to
+#: pay, and the pools' threads spin between them on a core the SR's process needs
+#: (128 px, 40 slices, 25 side-by-side runs: the stage's median 0.388 -> 0.254 s,
+#: its process's CPU 0.318 -> 0.213 s; at 512 px the pools halve the drawing;
+#: docs/performance.md).
+ONE_THREAD_BELOW_PIXELS: Final[int] = 256 * 256
 
 
 def turbo(x: torch.Tensor) -> torch.Tensor:
@@ -215,6 +223,26 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
+@contextlib.contextmanager
+def _drawing_threads(pixels: int) -> Iterator[None]:
+    """One thread for torch (this thread's OpenMP regions) and OpenCV (process-wide:
+    only the results stage draws with it) while slices of ``pixels`` pixels are
+    drawn, below :data:`ONE_THREAD_BELOW_PIXELS`; the settings are restored after."""
+    if pixels >= ONE_THREAD_BELOW_PIXELS:
+        yield
+        return
+    import cv2  # (opencv-python-headless: the head region's and the drawing's)
+
+    before = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(0)  # 0: OpenCV's functions run sequentially
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        cv2.setNumThreads(before[1])
+
+
 def with_heatmap_images(
     explained: ExplainedSeries,
     which: str,
@@ -227,7 +255,8 @@ def with_heatmap_images(
     The worker-side step between the model stage and ``results/``: the head region
     of the series (:func:`ich_node.imaging.head_mask`, CPU), then every image the
     heatmap series shows (:func:`ich_node.results.sc.heatmap_indices`) rendered at
-    once on ``device`` (:func:`render_overlays`).
+    once on ``device`` (:func:`render_overlays`). Slices smaller than
+    :data:`ONE_THREAD_BELOW_PIXELS` are drawn on this thread alone.
 
     Parameters
     ----------
@@ -249,13 +278,23 @@ def with_heatmap_images(
     indices = heatmap_indices(explained, which)
     if not indices:
         return explained
+    with _drawing_threads(int(np.prod(explained.hu.shape[1:]))):
+        return _drawn(explained, indices, torch.device(device), hu)
+
+
+def _drawn(
+    explained: ExplainedSeries,
+    indices: list[int],
+    device: torch.device,
+    hu: torch.Tensor | None,
+) -> ExplainedSeries:
+    """:func:`with_heatmap_images` of the slices ``indices`` (not empty)."""
     by_index = {e.index: e for e in explained.explanations}
     flags = [i in by_index for i in indices]
     head = None
     if any(flags):
         spacing = explained.series.slices[0].pixel_spacing if explained.series.slices else 0.5
         head = head_mask(explained.hu, spacing)
-    device = torch.device(device)
     run = _consecutive(indices)
     rows = run if run is not None else indices
     with torch.inference_mode():
