@@ -51,11 +51,47 @@ def test_results_stage_quick(tmp_path: Path) -> None:
     result = _run(results_stage, tmp_path)
     (row,) = result["rows"]
     assert row["tree"] == "this tree" and row["matrix"] == 128 and row["heatmaps"] == 12
+    assert row["runs"] == 1 and "vs baseline" not in row
     # The worker's way: files written inside build, the SR in the report process.
     for part in ("explain s", "build s", "render s", "encode SC s", "files s", "total s"):
         assert row[part] > 0, part
     assert row["write s"] == "" and row["SR s"] == ""
     assert row["previews after s"] > 0  # the PNG previews, after the hand-over
+
+
+def test_a_spent_budget_ends_the_results_stage_benchmark_cleanly(
+    tmp_path: Path, capsys: Any
+) -> None:
+    from benchmarks import results_stage
+
+    result = _run(results_stage, tmp_path, "--budget", "0.5")
+    assert result["rows"] == []
+    assert "(128 px not measured: no answer in" in capsys.readouterr().out
+
+
+def test_results_stage_takes_turns_with_a_baseline(tmp_path: Path) -> None:
+    """With --baseline, both trees are measured in turns (each in its own process)
+    and this tree's row has both ratios."""
+    import subprocess
+
+    from benchmarks import results_stage
+
+    root = Path(results_stage.__file__).resolve().parents[1]
+    head = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--verify", "HEAD"], capture_output=True, text=True
+    )
+    if head.returncode != 0:
+        pytest.skip("not a git checkout: no commit to measure against")
+    result = _run(results_stage, tmp_path, "--baseline", head.stdout.strip())
+    rows = {r["tree"].split()[0]: r for r in result["rows"]}
+    assert set(rows) == {"baseline", "this"}
+    for row in rows.values():
+        assert row["runs"] == 1 and row["total s"] > 0 and row["first total s"] > 0
+    assert rows["this"]["vs baseline"] == pytest.approx(
+        rows["this"]["total s"] / rows["baseline"]["total s"]
+    )
+    # One round: the paired ratio is that round's ratio, the same as the bests'.
+    assert rows["this"]["vs baseline, paired"] == pytest.approx(rows["this"]["vs baseline"])
 
 
 def test_explain_quick(tmp_path: Path) -> None:
