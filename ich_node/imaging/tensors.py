@@ -27,7 +27,7 @@ import contextlib
 import functools
 import math
 import mmap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final
 
 import numpy as np
@@ -56,6 +56,23 @@ GPU_CHUNK: Final[int] = 64
 
 #: CPU buffers from this size on are mapped in transparent huge pages (:func:`empty_large`).
 HUGE_PAGE_BYTES: Final[int] = 2 << 20
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Torch's parallel regions of the calling thread on that thread alone while the
+    block runs; its former setting restored after, also after an error.
+
+    With torch's OpenMP backend the thread count is each thread's own, so threads
+    that share the cores with the model's (the decode pool, the drawing of small
+    heatmaps) run their operations sequentially without changing the model's.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def empty_large(

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ich_node.imaging import head_mask
+from ich_node.imaging.tensors import one_torch_thread
 from ich_node.results.findings import ExplainedSeries
 from ich_node.results.sc import (
     ALPHA_MAX,
@@ -233,14 +234,13 @@ def _drawing_threads(pixels: int) -> Iterator[None]:
         return
     import cv2  # (opencv-python-headless: the head region's and the drawing's)
 
-    before = torch.get_num_threads(), cv2.getNumThreads()
-    torch.set_num_threads(1)
+    before = cv2.getNumThreads()
     cv2.setNumThreads(0)  # 0: OpenCV's functions run sequentially
     try:
-        yield
+        with one_torch_thread():
+            yield
     finally:
-        torch.set_num_threads(before[0])
-        cv2.setNumThreads(before[1])
+        cv2.setNumThreads(before)
 
 
 def with_heatmap_images(

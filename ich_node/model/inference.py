@@ -67,6 +67,7 @@ from ich_node.imaging.tensors import (
     counts_record,
     empty_large,
     hu_counts,
+    one_torch_thread,
     prepare_slices,
 )
 from ich_node.model.bundle import Bundle
@@ -676,16 +677,11 @@ class Classifier:
         thread (the pool's threads share the cores with the model's); their HU go
         into ``hu_out``, a view of the series' HU."""
         decoded = [decode_slice(s) for s in slices]
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)  # this thread's parallel regions only (OpenMP)
-        try:
-            with torch.inference_mode():
-                hu, images = prepare_slices(
-                    decoded, self.card.windows, self.card.input_size, turn=turn, hu_out=hu_out
-                )
-                return _Unit(images=images, counts=hu_counts(hu, per_slice=True))
-        finally:
-            torch.set_num_threads(previous)
+        with one_torch_thread(), torch.inference_mode():
+            hu, images = prepare_slices(
+                decoded, self.card.windows, self.card.input_size, turn=turn, hu_out=hu_out
+            )
+            return _Unit(images=images, counts=hu_counts(hu, per_slice=True))
 
     def prepared_batches(self, series: CTSeries) -> Iterator[PreparedBatch]:
         """The series in batches of ``batch_size`` slices, preprocessed on the model's device.
