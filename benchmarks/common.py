@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +47,14 @@ def best_of(fn: Callable[[], Any], repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def paired_ratio(rounds: list[dict[str, float]], top: str, bottom: str) -> float:
+    """The median over rounds of ``rounds[k][bottom] / rounds[k][top]``: the two
+    measured back to back, in the same state of the machine (on this 2-core VM a
+    core's speed changes by up to 3x for seconds at a time, docs/performance.md), so
+    that one lucky round of either side does not set the ratio of the bests."""
+    return float(statistics.median(r[bottom] / r[top] for r in rounds))
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

@@ -27,7 +27,6 @@ listed as skipped.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -40,7 +39,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Budget, best_of, load_average, print_row, write_json
+from benchmarks.common import (
+    Budget,
+    best_of,
+    load_average,
+    paired_ratio,
+    print_row,
+    write_json,
+)
 from ich_node.imaging import read_series
 from ich_node.imaging.decode import DecodePool
 from ich_node.imaging.preprocess import series_reorientation
@@ -120,14 +126,6 @@ def interleaved(
         for name, t in rounds[-1].items():
             best[name] = min(best[name], t)
     return best, rounds
-
-
-def paired_ratio(rounds: list[dict[str, float]], top: str, bottom: str) -> float:
-    """The median over rounds of ``rounds[k][bottom] / rounds[k][top]``: the two
-    measured back to back, in the same state of the machine (on this 2-core VM a
-    core's speed changes by up to 3x for seconds at a time, docs/performance.md), so
-    that one lucky round of either side does not set the ratio of the bests."""
-    return float(statistics.median(r[bottom] / r[top] for r in rounds))
 
 
 def settings(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:

@@ -52,7 +52,6 @@ import json
 import os
 import queue
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -68,7 +67,14 @@ if __name__ == "__main__" and os.environ.get("ICH_BENCH_ROOT"):
     sys.path.insert(0, os.environ["ICH_BENCH_ROOT"])  # a baseline's ich_node first
 sys.path.insert(1 if os.environ.get("ICH_BENCH_ROOT") else 0, str(ROOT))
 
-from benchmarks.common import Budget, load_average, machine, print_row, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Budget,
+    load_average,
+    machine,
+    paired_ratio,
+    print_row,
+    write_json,
+)
 
 PARTS = (
     ("render", "render_heatmaps"),
@@ -312,42 +318,45 @@ class Child:
 
 def measure(
     trees: dict[str, Path], args: argparse.Namespace, matrix: int, budget: Budget
-) -> dict[str, dict[str, Any]]:
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, float]]]:
     """Each tree's best run of ``args.repeats`` (after its first, a worker's first
     study), measured in turns: one run of each tree per round, the order turning
     round every round, so that the machine's slow and fast spells (on this VM a
     core's speed changes by up to 3x for seconds at a time) fall on both alike.
 
-    Returns tree name -> the best run's figures, with "first total s", "start
-    warm-up s" and "rounds" (the runs of each tree's totals, for the paired ratio).
+    Returns ``(best, rounds)``: tree name -> its best run's figures, with "first
+    total s" and "start warm-up s"; and each measured round's totals by tree name
+    (for :func:`benchmarks.common.paired_ratio`).
     """
     children: dict[str, Child] = {}
-    out: dict[str, dict[str, Any]] = {}
+    best: dict[str, dict[str, Any]] = {}
+    rounds: list[dict[str, float]] = []
     finished = False
     try:
         for name, root in trees.items():
             children[name] = Child(root, args, matrix)
         for name, child in children.items():
-            out[name] = {"start warm-up s": child.answer(budget.left())["start warm-up s"]}
-            out[name]["totals"] = []
+            best[name] = {"start warm-up s": child.answer(budget.left())["start warm-up s"]}
         for k in range(args.repeats + 1):
             if budget.left() <= 0:
                 print(f"(budget spent at {matrix} px after {max(0, k - 1)} rounds)", flush=True)
                 break
             order = list(children.items())
-            for name, child in order if k % 2 == 0 else order[::-1]:
-                run = child.run(budget.left())
+            runs = {
+                name: child.run(budget.left()) for name, child in order[:: 1 if k % 2 == 0 else -1]
+            }
+            for name, run in runs.items():
                 if k == 0:
-                    out[name]["first total s"] = run["total s"]
-                    continue
-                out[name]["totals"].append(run["total s"])
-                if run["total s"] < out[name].get("total s", float("inf")):
-                    out[name] = {**out[name], **run}
+                    best[name]["first total s"] = run["total s"]
+                elif run["total s"] < best[name].get("total s", float("inf")):
+                    best[name] = {**best[name], **run}
+            if k > 0:
+                rounds.append({name: run["total s"] for name, run in runs.items()})
         finished = True
     finally:
         for child in children.values():
             child.close(30.0 if finished else 0.0)
-    return {name: got for name, got in out.items() if "total s" in got}
+    return {name: got for name, got in best.items() if "total s" in got}, rounds
 
 
 def _baseline_tree(rev: str, into: Path) -> Path:
@@ -390,18 +399,16 @@ def main(args: argparse.Namespace) -> int:
                 print(f"(budget spent: {matrix} px skipped)", flush=True)
                 continue
             try:
-                measured = measure(trees, args, matrix, budget)
+                measured, rounds = measure(trees, args, matrix, budget)
             except RuntimeError as exc:
                 print(f"({matrix} px not measured: {exc})", flush=True)
                 continue
-            totals = {name: got.pop("totals") for name, got in measured.items()}
             base_name = "baseline " + str(args.baseline)
             for name, got in measured.items():
-                row = {"tree": name, "matrix": matrix, "runs": len(totals[name]), **got}
+                row = {"tree": name, "matrix": matrix, "runs": len(rounds), **got}
                 if name == "this tree" and base_name in measured:
                     row["vs baseline"] = got["total s"] / measured[base_name]["total s"]
-                    pairs = zip(totals[name], totals[base_name], strict=False)
-                    row["vs baseline, paired"] = statistics.median(t / b for t, b in pairs)
+                    row["vs baseline, paired"] = paired_ratio(rounds, base_name, name)
                 rows.append(row)
                 print_row(COLUMNS, row)
     print(f"load {load_average()} at the end")
