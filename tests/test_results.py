@@ -791,6 +791,133 @@ def test_a_heatmap_file_serialised_around_blank_pixels_is_what_pydicom_writes(
         assert pixel_template(other) is None
 
 
+def _varied_geometry(series: Any) -> Any:
+    """The series with three geometries among its slices: slices 4-7 another pixel
+    spacing, slices 8-11 another orientation (rows along -x: patient orientation
+    "R" first) and slices 6 and 10 lossy-compressed."""
+    from ich_node.imaging.records import LossyCompression
+
+    lossy = LossyCompression(methods=("ISO_10918_1",), ratios=("8.5",), transfer_syntax="")
+    slices = []
+    for i, src in enumerate(series.slices):
+        if 4 <= i < 8:
+            src = replace(src, pixel_spacing=(0.625, 0.625))
+        if i >= 8:
+            src = replace(src, image_orientation=(-1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
+        if i in (6, 10):
+            src = replace(src, lossy=lossy)
+        slices.append(src)
+    return replace(series, slices=tuple(slices))
+
+
+def test_heatmap_images_copied_from_highdicom_s_are_what_highdicom_builds_for_each(
+    positive: tuple[Classifier, Prediction], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build_heatmap_series builds one image per geometry with highdicom and copies
+    the others from it: each image is byte for byte the one highdicom builds for it
+    alone (with the same finishing), over slices of three pixel spacings and
+    orientations, some lossy-compressed; and no two images share a sequence, an
+    item or a value list."""
+    import highdicom as hd
+
+    from ich_node.results import sc
+    from ich_node.results.build import _finish
+    from ich_node.results.common import output_time, study_attributes
+
+    classifier, prediction = positive
+    explained = explain_series(prediction, classifier)
+    series = _varied_geometry(explained.series)
+    images = sc.render_heatmaps(explained, classifier.card)
+    attributes = study_attributes(explained.header, series.study_instance_uid)
+    when = output_time(explained.header)
+
+    def finish(ds: pydicom.Dataset, source: Any) -> None:  # (the slice's own compression)
+        _finish(ds, attributes, when, source.lossy)
+
+    built = 0
+    highdicom_sc = hd.sc.SCImage
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal built
+        built += 1
+        return highdicom_sc(*args, **kwargs)
+
+    monkeypatch.setattr(hd.sc, "SCImage", counted)
+    uids = [f"2.25.{100 + k}" for k in range(len(images))]
+    common: dict[str, Any] = {"series_instance_uid": "2.25.99", "finish": finish}
+    together = sc.build_heatmap_series(
+        series, images, classifier.card, attributes.plain, sop_instance_uids=uids, **common
+    )
+    # Geometries: 0-3, 4-5 and 7, 6 (lossy), 8-9 and 11, 10 (lossy).
+    assert built == 5
+    alone = [
+        sc.build_heatmap_series(
+            series, [image], classifier.card, attributes.plain, sop_instance_uids=[uid], **common
+        )[0]
+        for image, uid in zip(images, uids, strict=True)
+    ]
+    assert built == 5 + len(images)
+    assert [_part10(ds) for ds in together] == [_part10(ds) for ds in alone]
+    assert together[8].PatientOrientation == ["R", "P"] and together[4].PixelSpacing == [
+        0.625,
+        0.625,
+    ]
+    assert together[6].LossyImageCompression == "01" and "LossyImageCompression" not in together[5]
+    # Each image its own: changing one changes no other.
+    before = [_part10(together[0]), _part10(together[1])]
+    together[2].ContributingEquipmentSequence[0].Manufacturer = "changed"
+    together[2].ImageType[2] = "CHANGED"
+    together[2].file_meta.ImplementationVersionName = "CHANGED"
+    assert [_part10(together[0]), _part10(together[1])] == before
+
+
+def test_heatmap_files_serialised_together_are_what_pydicom_writes_for_each(
+    positive: tuple[Classifier, Prediction],
+) -> None:
+    """pixel_templates: the files of a series' images, their elements alike
+    encoded once, are byte for byte pixel_template's (pydicom's) for each image:
+    in Explicit and Implicit VR, with a Latin-1 patient name; an image whose
+    decimal strings are equal to the first's but written otherwise ("0.50"), one in
+    another character set and one in another transfer syntax in between; and no
+    template where pixel_template has none."""
+    import numpy as np
+
+    from ich_node.results import sc
+    from ich_node.results.common import study_attributes
+
+    classifier, prediction = positive
+    explained = explain_series(prediction, classifier)
+    series = _varied_geometry(explained.series)
+    images = sc.render_heatmaps(explained, classifier.card)
+    study = study_attributes(explained.header, series.study_instance_uid).plain
+    study.PatientName = "Müller^Jürgen"
+    blank = [replace(image, rgb=np.zeros_like(image.rgb)) for image in images]
+    uids = [f"2.25.{100 + k}" for k in range(len(images))]
+    early = sc.build_heatmap_series(
+        series, blank, classifier.card, study, series_instance_uid="2.25.99", sop_instance_uids=uids
+    )
+    for ds in early:
+        ds.SpecificCharacterSet = "ISO_IR 100"
+    early[2].PixelSpacing = ["0.50", "0.50"]  # equal to the first's 0.5, written otherwise
+    early[3].SpecificCharacterSet = "ISO_IR 192"
+    early[4].file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    early[5].file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    for syntax in (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian):
+        early[0].file_meta.TransferSyntaxUID = syntax
+        together = sc.pixel_templates(early)
+        one_by_one = [sc.pixel_template(ds) for ds in early]
+        assert together[5] is None and one_by_one[5] is None
+        for ds, mine, theirs, image in zip(early, together, one_by_one, images, strict=True):
+            if theirs is None:
+                continue
+            assert mine is not None
+            assert (mine.head, mine.length, mine.tail) == (theirs.head, theirs.length, theirs.tail)
+            done = copy.deepcopy(ds)
+            done.PixelData = image.rgb.tobytes()
+            assert b"".join(bytes(piece) for piece in mine.chunks(image.rgb)) == _part10(done)
+    assert b"M\xfcller" in together[0].head  # Latin-1, as the character set says
+
+
 def test_heatmaps_built_ahead_or_after_the_drawing_are_the_same_files(
     positive: tuple[Classifier, Prediction], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -33,7 +33,7 @@ from pydicom.uid import RE_VALID_UID, ParametricMapStorage, SecondaryCaptureImag
 
 from ich_node.card import ModelCard
 from ich_node.durable import fsync_dir, write_atomic
-from ich_node.imaging import CTSeries
+from ich_node.imaging import CTSeries, CTSlice
 from ich_node.imaging.records import LossyCompression
 from ich_node.labels import LABELS
 from ich_node.results.common import (
@@ -52,7 +52,7 @@ from ich_node.results.sc import (
     PixelTemplate,
     build_heatmap_series,
     heatmap_indices,
-    pixel_template,
+    pixel_templates,
     png_bytes,
     render_heatmaps,
     series_head_mask,
@@ -558,9 +558,16 @@ def _encode_images(
     def blank_share(share: list[int]) -> tuple[tuple[pydicom.Dataset, PixelTemplate | None], ...]:
         """The share's images with all but their pixels: what does not wait for them.
         Each with its file serialised around its blank pixels when it is written
-        here (:func:`ich_node.results.sc.pixel_template`)."""
+        here (:func:`ich_node.results.sc.pixel_templates`)."""
         pixels = np.zeros((rows, columns, 3), np.uint8)  # read only, by highdicom
         blank = [HeatmapImage(index=i, rgb=pixels, labels=labels.get(i, ())) for i in share]
+
+        def finish(ds: pydicom.Dataset, source: CTSlice) -> None:
+            # A heatmap keeps its own source slice's compression (PS3.3 C.7.6.1.1.5:
+            # derived images copy the source's method and ratio).
+            own = source.lossy
+            _finish(ds, study, when, own if own is not None else series.lossy)
+
         datasets = build_heatmap_series(
             series,
             blank,
@@ -568,13 +575,10 @@ def _encode_images(
             study.plain,
             series_instance_uid=heatmap_series,
             sop_instance_uids=[heatmap_uids[i] for i in share],
+            finish=finish,
         )
-        for ds in datasets:
-            # A heatmap keeps its own source slice's compression (PS3.3 C.7.6.1.1.5:
-            # derived images copy the source's method and ratio).
-            own = series.slices[int(ds.InstanceNumber) - 1].lossy
-            _finish(ds, study, when, own if own is not None else series.lossy)
-        return tuple((ds, pixel_template(ds) if out_dir is not None else None) for ds in datasets)
+        templates = pixel_templates(datasets) if out_dir is not None else [None] * len(datasets)
+        return tuple(zip(datasets, templates, strict=True))
 
     def encode_share(
         drawn: ExplainedSeries,

@@ -8,25 +8,36 @@ and version, and "AI result - not for diagnosis". The pixels of a series' images
 rendered together in the model stage (:mod:`ich_node.model.heatmaps`, on the model's
 device); this module draws the legend and the text and encodes them. Built with
 highdicom's :class:`highdicom.sc.SCImage` (PS3.3 A.8.1 Secondary Capture Image IOD),
-which writes the modules the IOD needs and validates pixel encodings.
+which writes the modules the IOD needs and validates pixel encodings: one image per
+geometry, the series' others copied from it (the same data sets, a quarter of the
+Python), and their files serialised by pydicom with the elements they share encoded
+once (:func:`pixel_templates`).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pydicom.uid
 from PIL import Image, ImageDraw, ImageFont
-from pydicom.tag import Tag
+from pydicom.charset import default_encoding
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import correct_ambiguous_vr, write_data_element, write_file_meta_info
+from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag, Tag
+from pydicom.valuerep import VR
 
 from ich_node.card import ModelCard
 from ich_node.imaging import CTSeries, CTSlice, Window, head_mask
@@ -407,8 +418,16 @@ def build_heatmap_series(
     series_instance_uid: str,
     sop_instance_uids: Sequence[str],
     series_number: int = 9901,
+    finish: Callable[[pydicom.Dataset, CTSlice], None] | None = None,
 ) -> tuple[pydicom.Dataset, ...]:
     """Encode rendered heatmaps as Secondary Capture images of the source study.
+
+    highdicom builds the first image of each geometry (pixel spacing, patient
+    orientation, matrix and source compression); the series' other images of that
+    geometry are copies of it with their own SOP Instance UID, Instance Number and
+    pixels (:func:`_sibling`), the same data sets highdicom builds for them at a
+    quarter of the Python. Then each image gets its own source reference, comments
+    and slice location.
 
     Parameters
     ----------
@@ -430,68 +449,88 @@ def build_heatmap_series(
         One new SOP Instance UID per image.
     series_number : int
         SeriesNumber (0020,0011).
+    finish : callable, optional
+        ``finish(image, source_slice)``: what the caller adds to every image (the
+        study's exact values, the output time, the source's compression), applied
+        to each image highdicom builds before it is copied, so that its copies
+        have it too. It must depend on the source slice only through its
+        compression (:attr:`CTSlice.lossy`).
 
     Returns
     -------
     tuple of pydicom.Dataset
-        Secondary Capture Image Storage instances.
+        Secondary Capture Image Storage instances, each its own: no element,
+        sequence or value list is shared between two of them.
     """
     if len(sop_instance_uids) != len(images):
         raise ValueError(
             f"sop_instance_uids has {len(sop_instance_uids)} UIDs for {len(images)} images"
         )
+    equipment = contributing_equipment(card)
+    built: dict[tuple[object, ...], pydicom.Dataset] = {}
     out: list[pydicom.Dataset] = []
     for image, uid in zip(images, sop_instance_uids, strict=True):
         src = series.slices[image.index]
         # The SR's numbering: slice i of the series (spatial order) is image i + 1.
         number = image.index + 1
-        sc = hd.sc.SCImage(
-            pixel_array=image.rgb,
-            photometric_interpretation="RGB",
-            bits_allocated=8,
-            coordinate_system="PATIENT",
-            study_instance_uid=str(study.StudyInstanceUID),
-            series_instance_uid=series_instance_uid,
-            series_number=series_number,
-            sop_instance_uid=uid,
-            instance_number=number,
-            manufacturer=MANUFACTURER,
-            patient_id=study.get("PatientID"),
-            patient_name=study.get("PatientName"),
-            patient_birth_date=study.get("PatientBirthDate"),
-            patient_sex=study.get("PatientSex") or None,
-            accession_number=study.get("AccessionNumber"),
-            study_id=study.get("StudyID"),
-            study_date=study.get("StudyDate") or None,
-            study_time=study.get("StudyTime") or None,
-            referring_physician_name=study.get("ReferringPhysicianName"),
-            pixel_spacing=src.pixel_spacing,
-            patient_orientation=_patient_orientation(src),
-            series_description=SERIES_DESCRIPTION,
-            manufacturer_model_name=card.name[:64],
-            software_versions=card.version[:64],
-            contributing_equipment=[contributing_equipment(card)],
-        )
-        # General Image (PS3.3 C.7.6.1): the text and colours are part of the pixels.
-        sc.BurnedInAnnotation = "YES"
-        # General Series (PS3.3 C.7.3.1): Laterality is Type 2C, required only for a
-        # paired body part; naming the (unpaired) head says why it is absent.
-        sc.BodyPartExamined = "HEAD"
-        sc.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
-        sc.DerivationDescription = (
-            f"Grad-CAM of {card.name} {card.version} on the brain window "
-            f"(C{BRAIN_WINDOW.center:g}/W{BRAIN_WINDOW.width:g})"
-        )[:1024]
+        orientation = _patient_orientation(src)
+        # What highdicom is given that is not the same for every image of the series.
+        geometry = (src.pixel_spacing, orientation, image.rgb.shape, image.rgb.dtype.str, src.lossy)
+        first = built.get(geometry)
+        sc: pydicom.Dataset
+        if first is None:
+            sc = hd.sc.SCImage(
+                pixel_array=image.rgb,
+                photometric_interpretation="RGB",
+                bits_allocated=8,
+                coordinate_system="PATIENT",
+                study_instance_uid=str(study.StudyInstanceUID),
+                series_instance_uid=series_instance_uid,
+                series_number=series_number,
+                sop_instance_uid=uid,
+                instance_number=number,
+                manufacturer=MANUFACTURER,
+                patient_id=study.get("PatientID"),
+                patient_name=study.get("PatientName"),
+                patient_birth_date=study.get("PatientBirthDate"),
+                patient_sex=study.get("PatientSex") or None,
+                accession_number=study.get("AccessionNumber"),
+                study_id=study.get("StudyID"),
+                study_date=study.get("StudyDate") or None,
+                study_time=study.get("StudyTime") or None,
+                referring_physician_name=study.get("ReferringPhysicianName"),
+                pixel_spacing=src.pixel_spacing,
+                patient_orientation=orientation,
+                series_description=SERIES_DESCRIPTION,
+                manufacturer_model_name=card.name[:64],
+                software_versions=card.version[:64],
+                contributing_equipment=[equipment],
+            )
+            # General Image (PS3.3 C.7.6.1): the text and colours are part of the pixels.
+            sc.BurnedInAnnotation = "YES"
+            # General Series (PS3.3 C.7.3.1): Laterality is Type 2C, required only for a
+            # paired body part; naming the (unpaired) head says why it is absent.
+            sc.BodyPartExamined = "HEAD"
+            sc.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
+            sc.DerivationDescription = (
+                f"Grad-CAM of {card.name} {card.version} on the brain window "
+                f"(C{BRAIN_WINDOW.center:g}/W{BRAIN_WINDOW.width:g})"
+            )[:1024]
+            # SC Image module (PS3.3 C.8.6.2): the source pixel spacing, so measuring works.
+            sc.NominalScannedPixelSpacing = sc.PixelSpacing
+            sc.PixelSpacingCalibrationType = "GEOMETRY"
+            sc.PixelSpacingCalibrationDescription = "Pixel spacing of the source CT slice"
+            if finish is not None:
+                finish(sc, src)
+            built[geometry] = sc
+        else:
+            sc = _sibling(first, sop_instance_uid=uid, instance_number=number, rgb=image.rgb)
         source = pydicom.Dataset()
         source.ReferencedSOPClassUID = src.sop_class_uid
         source.ReferencedSOPInstanceUID = src.sop_instance_uid
         if src.frame_number is not None:  # a frame of an Enhanced CT image (PS3.3 C.7.6.1.1.3)
             source.ReferencedFrameNumber = src.frame_number
         sc.SourceImageSequence = [source]
-        # SC Image module (PS3.3 C.8.6.2): the source pixel spacing, so measuring works.
-        sc.NominalScannedPixelSpacing = sc.PixelSpacing
-        sc.PixelSpacingCalibrationType = "GEOMETRY"
-        sc.PixelSpacingCalibrationDescription = "Pixel spacing of the source CT slice"
         sc.ImageComments = ", ".join(image.labels) if image.labels else "no overlay"
         # Image Plane's SliceLocation (PS3.3 C.7.6.2.1.2): the position along the
         # normal, as burned in; the Secondary Capture IOD has no Image Plane module,
@@ -499,6 +538,41 @@ def build_heatmap_series(
         sc.SliceLocation = round(src.position_mm, 3)
         out.append(sc)
     return tuple(out)
+
+
+def _detached(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """A copy of ``ds`` that shares no element, sequence or item with it: each
+    element copied (its value, a string or a number, shared), each sequence and
+    multi-valued value new. Costs a fifth of building the image again."""
+    elements: dict[BaseTag, DataElement | RawDataElement] = {}
+    for elem in ds:  # (a Dataset iterates over its elements, in tag order)
+        copied = copy.copy(elem)
+        if elem.VR == VR.SQ:
+            copied.value = [_detached(item) for item in cast(Sequence[pydicom.Dataset], elem.value)]
+        elif isinstance(elem.value, MultiValue):
+            copied.value = list(elem.value)
+        elements[elem.tag] = copied
+    return pydicom.Dataset(elements)
+
+
+def _sibling(
+    first: pydicom.Dataset, *, sop_instance_uid: str, instance_number: int, rgb: np.ndarray
+) -> pydicom.Dataset:
+    """The Secondary Capture image highdicom builds for ``rgb`` when it built
+    ``first`` for another image of the same geometry and series, copied from it.
+
+    Everything highdicom writes is the same for both but the SOP Instance UID (also
+    in the file meta), the Instance Number and the pixels, which are set here (Pixel
+    Data as highdicom encodes (rows, columns, 3) uint8 RGB natively: the bytes in C
+    order, PS3.3 C.7.6.3.1.3). ContentDate and ContentTime are ``first``'s, made a
+    moment earlier. A test compares every element with highdicom's own image.
+    """
+    ds = _detached(first)
+    ds.file_meta = FileMetaDataset(_detached(first.file_meta))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(sop_instance_uid)
+    ds.InstanceNumber = instance_number
+    ds.PixelData = np.ascontiguousarray(rgb).tobytes()
+    return ds
 
 
 def set_heatmap_pixels(ds: pydicom.Dataset, rgb: np.ndarray) -> None:
@@ -529,6 +603,11 @@ def set_heatmap_pixels(ds: pydicom.Dataset, rgb: np.ndarray) -> None:
 _VERBATIM_SYNTAXES: Final[frozenset[str]] = frozenset(
     {pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRLittleEndian}
 )
+_PIXEL_DATA: Final = Tag(0x7FE0, 0x0010)
+_PLAIN_TYPES: Final = (str, int, bytes, pydicom.uid.UID)
+_CHARACTER_SET: Final = Tag(0x0008, 0x0005)
+#: Stands for an absent Specific Character Set in :func:`pixel_templates`' check.
+_NO_CHARACTER_SET: Final = DataElement(_CHARACTER_SET, "CS", None)
 
 
 @dataclass(frozen=True)
@@ -583,7 +662,7 @@ def pixel_template(ds: pydicom.Dataset) -> PixelTemplate | None:
     pixels = ds.get("PixelData")
     if syntax not in _VERBATIM_SYNTAXES or not isinstance(pixels, bytes) or not pixels:
         return None
-    if max(ds.keys()) != Tag(0x7FE0, 0x0010):  # (nothing after Pixel Data)
+    if max(ds.keys()) != _PIXEL_DATA:  # (nothing after Pixel Data)
         return None
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
@@ -592,6 +671,128 @@ def pixel_template(ds: pydicom.Dataset) -> PixelTemplate | None:
     tail = b"\x00" if length % 2 else b""
     end = len(blob) - len(tail)
     return PixelTemplate(head=blob[: end - length], length=length, tail=tail)
+
+
+def _alike(a: DataElement | RawDataElement, b: DataElement | RawDataElement) -> bool:
+    """Whether pydicom encodes ``a`` and ``b`` to the same bytes (in one transfer
+    syntax and character set) because they hold the same values: the same tag, VR
+    and length form, and values that are one object, or equal plain strings,
+    integers or bytes (:func:`_same_value`), each value of a multi-valued element,
+    each element of each sequence item."""
+    if not isinstance(a, DataElement) or not isinstance(b, DataElement):
+        return False
+    if a.tag != b.tag or a.VR != b.VR or a.is_undefined_length != b.is_undefined_length:
+        return False
+    va, vb = a.value, b.value
+    if a.VR == VR.SQ:
+        return va is vb or (len(va) == len(vb) and all(map(_items_alike, va, vb)))
+    if isinstance(va, MultiValue) and isinstance(vb, MultiValue):
+        return len(va) == len(vb) and all(map(_same_value, va, vb))
+    return _same_value(va, vb)
+
+
+def _same_value(x: object, y: object) -> bool:
+    """One object, or equal values of a type whose encoding is its value alone
+    (str, int, bytes, UID). Equal values of other types are not enough: the decimal
+    strings "0.50" and "0.5" are equal and written differently, so are a person's
+    name read in two character sets, and 0.0 and -0.0."""
+    return x is y or (type(x) is type(y) and type(x) in _PLAIN_TYPES and x == y)
+
+
+def _items_alike(x: pydicom.Dataset, y: pydicom.Dataset) -> bool:
+    tags = x.keys()  # (iterating a Dataset gives its elements, not its tags)
+    return (
+        getattr(x, "is_undefined_length_sequence_item", False)
+        == getattr(y, "is_undefined_length_sequence_item", False)
+        and tags == y.keys()
+        and all(_alike(x.get_item(tag), y.get_item(tag)) for tag in tags)
+    )
+
+
+def _encoded(elem: DataElement, implicit: bool, encoding: str | list[str]) -> bytes:
+    """One data element as pydicom's writer encodes it in a little endian data set."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, implicit
+    write_data_element(fp, elem, encoding)
+    return fp.getvalue()
+
+
+def pixel_templates(datasets: Sequence[pydicom.Dataset]) -> list[PixelTemplate | None]:
+    """:func:`pixel_template` of each image of a series built together
+    (:func:`build_heatmap_series`), the same bytes for a fraction of the Python.
+
+    A data set is its elements' encodings one after another in tag order (PS3.5
+    7.1), so each file here is assembled from the preamble, its File Meta
+    Information (encoded for each image, as ``save_as`` does) and its elements, of
+    which those that hold the very same values as the first image's (:func:`_alike`:
+    all but the few each image has of its own) are encoded once. Each element is
+    encoded by pydicom (:func:`pydicom.filewriter.write_data_element`), after its
+    ambiguous VRs are resolved as ``save_as`` does. An image in another transfer
+    syntax or character set than the first, or whose file meta does not name it,
+    gets :func:`pixel_template`'s. For images built here, not read from files.
+    """
+    out: list[PixelTemplate | None] = []
+    first: pydicom.Dataset | None = None
+    shared: dict[BaseTag, tuple[DataElement, bytes]] = {}
+    pixel_heads: dict[tuple[str, int, bool], bytes] = {}
+    for ds in datasets:
+        meta: FileMetaDataset = getattr(ds, "file_meta", None) or FileMetaDataset()
+        syntax = meta.get("TransferSyntaxUID")
+        pixels = ds.get("PixelData")
+        preamble = getattr(ds, "preamble", None) or bytes(128)
+        if (
+            syntax not in _VERBATIM_SYNTAXES
+            or len(preamble) != 128
+            or not isinstance(pixels, bytes)
+            or not pixels
+            or max(ds.keys()) != _PIXEL_DATA
+            or meta.get("MediaStorageSOPClassUID") != ds.get("SOPClassUID")
+            or meta.get("MediaStorageSOPInstanceUID") != ds.get("SOPInstanceUID")
+        ):
+            out.append(pixel_template(ds))
+            continue
+        correct_ambiguous_vr(ds, True)  # as save_as does for a data set built in memory
+        if first is None:
+            first = ds
+        elif syntax != first.file_meta.TransferSyntaxUID or not _alike(
+            ds.get_item(_CHARACTER_SET) if _CHARACTER_SET in ds else _NO_CHARACTER_SET,
+            first.get_item(_CHARACTER_SET) if _CHARACTER_SET in first else _NO_CHARACTER_SET,
+        ):
+            out.append(pixel_template(ds))
+            continue
+        implicit = syntax == pydicom.uid.ImplicitVRLittleEndian
+        encoding = ds.get("SpecificCharacterSet", default_encoding)
+        file = DicomBytesIO()
+        file.is_little_endian, file.is_implicit_VR = True, False
+        file.write(preamble)
+        file.write(b"DICM")
+        write_file_meta_info(file, copy.deepcopy(meta), enforce_standard=True)
+        for tag in sorted(ds.keys(), key=int):  # (int: the tags' order, in C)
+            if tag.element == 0 and tag.group > 6:  # no retired group lengths (PS3.5 7.2)
+                continue
+            elem = ds.get_item(tag)
+            if tag == _PIXEL_DATA:
+                break
+            known = shared.get(tag)
+            if known is not None and _alike(known[0], elem):
+                file.write(known[1])
+                continue
+            data = _encoded(cast(DataElement, elem), implicit, encoding)
+            if ds is first:
+                shared[tag] = (cast(DataElement, elem), data)
+            file.write(data)
+        # Pixel Data's tag, VR and length: the same for values of one length.
+        length, vr = len(pixels), ds.get_item(_PIXEL_DATA).VR
+        tail = b"\x00" if length % 2 else b""
+        if (vr, length, implicit) not in pixel_heads:
+            blank = _encoded(DataElement(_PIXEL_DATA, vr, bytes(length)), implicit, encoding)
+            pixel_heads[vr, length, implicit] = blank[: len(blank) - length - len(tail)]
+        out.append(
+            PixelTemplate(
+                head=file.getvalue() + pixel_heads[vr, length, implicit], length=length, tail=tail
+            )
+        )
+    return out
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
