@@ -27,6 +27,7 @@ BENCHMARKS = (
     "sequence",
     "web",
     "results_stage",
+    "gc_pauses",
 )
 
 

@@ -59,6 +59,22 @@ def test_results_stage_quick(tmp_path: Path) -> None:
     assert row["previews after s"] > 0  # the PNG previews, after the hand-over
 
 
+def test_gc_pauses_quick(tmp_path: Path) -> None:
+    """Both modes run their studies; in the frozen one the worker and the report
+    process froze their start-up objects, in the other nothing is frozen."""
+    from benchmarks import gc_pauses
+
+    result = _run(gc_pauses, tmp_path)
+    collected, frozen = result["rows"]
+    assert (collected["mode"], frozen["mode"]) == ("collected", "frozen")
+    assert collected["studies"] == frozen["studies"] == 4
+    assert collected["objects frozen (worker, report)"] == "0, 0"
+    worker, report = map(int, frozen["objects frozen (worker, report)"].split(", "))
+    assert worker > 100_000 and report > 10_000
+    for row in (collected, frozen):
+        assert row["study median s"] > 0 and row["worker full collections"] >= 0
+
+
 def test_a_spent_budget_ends_the_results_stage_benchmark_cleanly(
     tmp_path: Path, capsys: Any
 ) -> None:

@@ -517,6 +517,9 @@ def test_worker_killed_holding_three_jobs_charges_only_the_job_on_the_model(
     lines = [json.loads(line) for line in node.config_path.parent.joinpath("node.log").open()
              if line.startswith("{")]  # fmt: skip
     (died,) = [line for line in lines if line.get("event") == "worker.died"]
+    # Each worker started froze what it loaded (out of the collector's full collections).
+    ready = [line for line in lines if line.get("event") == "worker.ready"]
+    assert len(ready) == 2 and all(line["gc_frozen"] > 100_000 for line in ready)
     charged = died["charged_job"]
     assert charged in {j.job_id for j in held}
     assert died["released_jobs"] >= 2 and charged not in died["given_back_jobs"]

@@ -384,6 +384,57 @@ def test_the_report_process_reads_highdicoms_tables_when_it_starts() -> None:
         process.close()
 
 
+def test_the_report_process_freezes_what_it_loaded_when_it_starts() -> None:
+    """After its warm-up the SR process keeps its modules and tables out of the
+    collector's full collections (gc.freeze); SRs are still encoded."""
+    import gc
+
+    from ich_node.results.reports import ReportProcess
+
+    process = ReportProcess("console", "WARNING")
+    try:
+        process.start()
+        future = process.submit(gc.get_freeze_count)
+        assert future is not None
+        assert future.result(timeout=60) > 10_000  # pydicom, highdicom, their tables
+    finally:
+        process.close()
+
+
+def test_a_frozen_heap_still_frees_what_comes_after() -> None:
+    """freeze_startup_heap, in a fresh interpreter: it collects first (a cycle
+    dropped before it is freed, not frozen), freezes what is alive, and cycles made
+    after it are still collected."""
+    import json
+
+    script = """
+import gc, json
+from ich_node.results.reports import freeze_startup_heap
+class Node:
+    pass
+def cycle():
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+cycle()  # garbage before the freeze
+gc.disable()  # (nothing collects it but freeze_startup_heap's own collection)
+frozen = freeze_startup_heap()
+gc.enable()
+before = sum(isinstance(o, Node) for o in gc.get_objects())
+cycle()
+made = sum(isinstance(o, Node) for o in gc.get_objects())
+collected = gc.collect()
+after = sum(isinstance(o, Node) for o in gc.get_objects())
+print(json.dumps([frozen, gc.get_freeze_count(), before, made, collected, after]))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    frozen, count, before, made, collected, after = json.loads(out.stdout.splitlines()[-1])
+    assert frozen == count > 1_000
+    assert before == 0  # the cycle dropped before was collected, not frozen
+    assert made == 2 and collected >= 2 and after == 0
+
+
 def test_frame_of_reference_absent_or_invalid_leaves_out_only_the_map(
     positive: tuple[Classifier, Prediction],
 ) -> None:
