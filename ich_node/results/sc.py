@@ -9,8 +9,8 @@ rendered together in the model stage (:mod:`ich_node.model.heatmaps`, on the mod
 device); this module draws the legend and the text and encodes them. Built with
 highdicom's :class:`highdicom.sc.SCImage` (PS3.3 A.8.1 Secondary Capture Image IOD),
 which writes the modules the IOD needs and validates pixel encodings: one image per
-geometry, the series' others copied from it (the same data sets, a quarter of the
-Python), and their files serialised by pydicom with the elements they share encoded
+geometry, the series' others copied from it (the same data sets, about a third of
+the Python), and their files serialised by pydicom with the elements they share encoded
 once (:func:`pixel_templates`).
 """
 
@@ -425,8 +425,8 @@ def build_heatmap_series(
     highdicom builds the first image of each geometry (pixel spacing, patient
     orientation, matrix and source compression); the series' other images of that
     geometry are copies of it with their own SOP Instance UID, Instance Number and
-    pixels (:func:`_sibling`), the same data sets highdicom builds for them at a
-    quarter of the Python. Then each image gets its own source reference, comments
+    pixels (:func:`_sibling`), the same data sets highdicom builds for them at about
+    a third of the Python. Then each image gets its own source reference, comments
     and slice location.
 
     Parameters
@@ -543,7 +543,7 @@ def build_heatmap_series(
 def _detached(ds: pydicom.Dataset) -> pydicom.Dataset:
     """A copy of ``ds`` that shares no element, sequence or item with it: each
     element copied (its value, a string or a number, shared), each sequence and
-    multi-valued value new. Costs a fifth of building the image again."""
+    multi-valued value new. About a third of the cost of building the image again."""
     elements: dict[BaseTag, DataElement | RawDataElement] = {}
     for elem in ds:  # (a Dataset iterates over its elements, in tag order)
         copied = copy.copy(elem)
