@@ -605,9 +605,6 @@ _VERBATIM_SYNTAXES: Final[frozenset[str]] = frozenset(
 )
 _PIXEL_DATA: Final = Tag(0x7FE0, 0x0010)
 _PLAIN_TYPES: Final = (str, int, bytes, pydicom.uid.UID)
-_CHARACTER_SET: Final = Tag(0x0008, 0x0005)
-#: Stands for an absent Specific Character Set in :func:`pixel_templates`' check.
-_NO_CHARACTER_SET: Final = DataElement(_CHARACTER_SET, "CS", None)
 
 
 @dataclass(frozen=True)
@@ -645,6 +642,19 @@ class PixelTemplate:
         return self.head, rgb.data.cast("B"), self.tail
 
 
+def _verbatim_pixels(ds: pydicom.Dataset) -> bytes | None:
+    """Pixel Data's value when the image's file holds it as these bytes, last: a
+    transfer syntax that stores values verbatim (:data:`_VERBATIM_SYNTAXES`) and
+    nothing after Pixel Data; None otherwise."""
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    pixels = ds.get("PixelData")
+    if syntax not in _VERBATIM_SYNTAXES or not isinstance(pixels, bytes) or not pixels:
+        return None
+    if max(ds.keys()) != _PIXEL_DATA:  # (nothing after Pixel Data)
+        return None
+    return pixels
+
+
 def pixel_template(ds: pydicom.Dataset) -> PixelTemplate | None:
     """:class:`PixelTemplate` of a heatmap image built with blank pixels, to be
     written once its pixels are drawn without serialising it again (pydicom's
@@ -658,11 +668,8 @@ def pixel_template(ds: pydicom.Dataset) -> PixelTemplate | None:
     Explicit VR Little Endian). Nothing else of the image depends on the pixel
     values. None otherwise (then write the finished dataset).
     """
-    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    pixels = ds.get("PixelData")
-    if syntax not in _VERBATIM_SYNTAXES or not isinstance(pixels, bytes) or not pixels:
-        return None
-    if max(ds.keys()) != _PIXEL_DATA:  # (nothing after Pixel Data)
+    pixels = _verbatim_pixels(ds)
+    if pixels is None:
         return None
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
@@ -736,32 +743,28 @@ def pixel_templates(datasets: Sequence[pydicom.Dataset]) -> list[PixelTemplate |
     shared: dict[BaseTag, tuple[DataElement, bytes]] = {}
     pixel_heads: dict[tuple[str, int, bool], bytes] = {}
     for ds in datasets:
-        meta: FileMetaDataset = getattr(ds, "file_meta", None) or FileMetaDataset()
-        syntax = meta.get("TransferSyntaxUID")
-        pixels = ds.get("PixelData")
+        pixels = _verbatim_pixels(ds)
         preamble = getattr(ds, "preamble", None) or bytes(128)
         if (
-            syntax not in _VERBATIM_SYNTAXES
+            pixels is None
             or len(preamble) != 128
-            or not isinstance(pixels, bytes)
-            or not pixels
-            or max(ds.keys()) != _PIXEL_DATA
-            or meta.get("MediaStorageSOPClassUID") != ds.get("SOPClassUID")
-            or meta.get("MediaStorageSOPInstanceUID") != ds.get("SOPInstanceUID")
+            or ds.file_meta.get("MediaStorageSOPClassUID") != ds.get("SOPClassUID")
+            or ds.file_meta.get("MediaStorageSOPInstanceUID") != ds.get("SOPInstanceUID")
         ):
             out.append(pixel_template(ds))
             continue
+        meta, syntax = ds.file_meta, ds.file_meta.TransferSyntaxUID
+        # The text's encoding follows from the character set's value alone.
+        encoding = ds.get("SpecificCharacterSet", default_encoding)
         correct_ambiguous_vr(ds, True)  # as save_as does for a data set built in memory
         if first is None:
             first = ds
-        elif syntax != first.file_meta.TransferSyntaxUID or not _alike(
-            ds.get_item(_CHARACTER_SET) if _CHARACTER_SET in ds else _NO_CHARACTER_SET,
-            first.get_item(_CHARACTER_SET) if _CHARACTER_SET in first else _NO_CHARACTER_SET,
+        elif syntax != first.file_meta.TransferSyntaxUID or encoding != first.get(
+            "SpecificCharacterSet", default_encoding
         ):
             out.append(pixel_template(ds))
             continue
         implicit = syntax == pydicom.uid.ImplicitVRLittleEndian
-        encoding = ds.get("SpecificCharacterSet", default_encoding)
         file = DicomBytesIO()
         file.is_little_endian, file.is_implicit_VR = True, False
         file.write(preamble)
@@ -770,9 +773,9 @@ def pixel_templates(datasets: Sequence[pydicom.Dataset]) -> list[PixelTemplate |
         for tag in sorted(ds.keys(), key=int):  # (int: the tags' order, in C)
             if tag.element == 0 and tag.group > 6:  # no retired group lengths (PS3.5 7.2)
                 continue
-            elem = ds.get_item(tag)
             if tag == _PIXEL_DATA:
                 break
+            elem = ds.get_item(tag)
             known = shared.get(tag)
             if known is not None and _alike(known[0], elem):
                 file.write(known[1])
