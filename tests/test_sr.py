@@ -1,13 +1,26 @@
-"""SR building blocks: the plain-text summary and the codes."""
+"""SR building blocks: the plain-text summary, the codes, and the document highdicom builds."""
 
 from __future__ import annotations
 
-import numpy as np
+import copy
+import io
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pydicom
+import pytest
+
+from ich_node.imaging import CTSeries, read_series
 from ich_node.labels import LABELS
 from ich_node.model.bundle import ModelCard
+from ich_node.results import sr
+from ich_node.results.build import source_evidence
+from ich_node.results.common import study_attributes
 from ich_node.results.findings import ModelInfo, summarise
-from ich_node.results.sr import FINDING_CODES, slices_phrase, summary_text
+from ich_node.results.sr import FINDING_CODES, SR_CLASSES, slices_phrase, summary_text
+from training.phantom import write_series
 
 
 def _findings(p: np.ndarray, demo: bool = False):
@@ -67,3 +80,130 @@ def test_every_label_has_a_code() -> None:
     assert set(FINDING_CODES) == set(LABELS)
     assert FINDING_CODES["any"].value == "1386000"
     assert all(c.scheme_designator in ("SCT", "99ICH") for c in FINDING_CODES.values())
+
+
+def _phantom_series(tmp_path: Path, n: int = 10) -> tuple[CTSeries, pydicom.Dataset]:
+    """A phantom series whose slices 4-7 are frames 1-4 of one multi-frame image."""
+    phantom = write_series(tmp_path / "s", seed=3, n_slices=n, matrix=64)
+    series = read_series(list(phantom.paths))
+    shared = series.slices[4].sop_instance_uid
+    slices = tuple(
+        replace(s, sop_instance_uid=shared, frame_number=i - 3) if 4 <= i <= 7 else s
+        for i, s in enumerate(series.slices)
+    )
+    return replace(series, slices=slices), pydicom.dcmread(phantom.paths[0])
+
+
+def _reference_documents(
+    series: CTSeries, header: pydicom.Dataset, p: np.ndarray, sop_class: str, **kwargs: Any
+) -> tuple[pydicom.Dataset, pydicom.Dataset]:
+    """build_sr's document, and the one highdicom's constructor builds from the whole tree."""
+    info = ModelInfo(name="m", version="1.2", arch="resnet18", sha256="x", demo=True)
+    findings = summarise(
+        study_instance_uid=series.study_instance_uid,
+        series_instance_uid=series.series_instance_uid,
+        sop_instance_uids=tuple(s.sop_instance_uid for s in series.slices),
+        positions_mm=tuple(s.position_mm for s in series.slices),
+        probabilities=p,
+        thresholds=dict.fromkeys(LABELS, 0.5),
+        model=info,
+        source=series,
+    )
+    card = ModelCard(name="m", version="1.2", arch="resnet18", input_size=64, demo=True)
+    study = study_attributes(header, series.study_instance_uid)
+    evidence = source_evidence(series, study.plain)
+    args = dict(
+        series_instance_uid="2.25.1",
+        sop_instance_uid="2.25.2",
+        device_uid="2.25.3",
+        tracking_uids=[f"2.25.{10 + i}" for i in range(len(LABELS))],
+        sop_class=sop_class,
+        **kwargs,
+    )
+    ours = sr.build_sr(findings, series, card, evidence, **args)
+    whole = sr._document
+    try:  # highdicom's constructor given the whole tree, as build_sr called it before
+        sr._document = lambda sr_type, root, **kw: sr_type(content=root, **kw)
+        theirs = sr.build_sr(findings, series, card, evidence, **args)
+    finally:
+        sr._document = whole
+    # highdicom's clock, read once per document.
+    for keyword in ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime"):
+        if keyword in theirs:
+            ours[keyword] = copy.deepcopy(theirs[keyword])
+    for mine, its in zip(
+        ours.ContributingEquipmentSequence, theirs.ContributingEquipmentSequence, strict=True
+    ):
+        if "ContributionDateTime" in its:
+            mine.ContributionDateTime = its.ContributionDateTime
+    return ours, theirs
+
+
+def _part10(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("sop_class", sorted(SR_CLASSES))
+def test_the_sr_is_what_highdicom_builds_from_the_whole_tree(
+    tmp_path: Path, sop_class: str
+) -> None:
+    """highdicom's constructor given only the root container, the tree set after: the
+    same document, byte for byte, and the same ``content`` view, for positive findings
+    on single-frame images and on frames of a multi-frame image, for a negative series,
+    with and without a predecessor."""
+    series, header = _phantom_series(tmp_path)
+    positive = np.full((10, 6), 0.1)
+    positive[2:7, 0] = positive[2:7, 5] = 0.9  # any and subdural: slices 3-7, two of them frames
+    positive[6, 2] = 0.8
+    previous = pydicom.Dataset()
+    previous.StudyInstanceUID = series.study_instance_uid
+    previous.SeriesInstanceUID = "2.25.7"
+    previous.SOPClassUID = SR_CLASSES["comprehensive3d"]
+    previous.SOPInstanceUID = "2.25.8"
+    for p, kwargs in (
+        (positive, {}),
+        (positive, {"previous_versions": (previous,)}),
+        (np.full((10, 6), 0.1), {}),
+    ):
+        ours, theirs = _reference_documents(series, header, p, sop_class, **kwargs)
+        assert _part10(ours) == _part10(theirs)
+        assert len(ours.content) == 1 and ours.content[0] == theirs.content[0]
+        assert type(ours.content[0]) is type(theirs.content[0])
+        images = sr.referenced_instances(ours.ContentSequence)
+        if p is positive:  # 5 slices, 3 of them frames of one image: 3 instances
+            assert len(images) == 3
+            assert series.slices[4].sop_instance_uid in images
+        else:
+            assert images == set()
+
+
+def test_an_sr_referencing_an_image_outside_its_evidence_is_refused(tmp_path: Path) -> None:
+    """The check highdicom's constructor makes on the whole tree, made on its UIDs."""
+    series, header = _phantom_series(tmp_path)
+    p = np.full((10, 6), 0.1)
+    p[8, 0] = 0.9
+    info = ModelInfo(name="m", version="1.2", arch="resnet18", sha256="x", demo=False)
+    findings = summarise(
+        study_instance_uid=series.study_instance_uid,
+        series_instance_uid=series.series_instance_uid,
+        sop_instance_uids=tuple(s.sop_instance_uid for s in series.slices),
+        positions_mm=tuple(s.position_mm for s in series.slices),
+        probabilities=p,
+        thresholds=dict.fromkeys(LABELS, 0.5),
+        model=info,
+        source=series,
+    )
+    card = ModelCard(name="m", version="1.2", arch="resnet18", input_size=64)
+    evidence = source_evidence(series, study_attributes(header, series.study_instance_uid).plain)
+    kwargs = dict(
+        series_instance_uid="2.25.1",
+        sop_instance_uid="2.25.2",
+        device_uid="2.25.3",
+        tracking_uids=[f"2.25.{10 + i}" for i in range(len(LABELS))],
+    )
+    assert sr.build_sr(findings, series, card, evidence, **kwargs).SOPInstanceUID == "2.25.2"
+    missing = series.slices[8].sop_instance_uid
+    with pytest.raises(ValueError, match=f'referenced in the document content: "{missing}"'):
+        sr.build_sr(findings, series, card, evidence[:8] + evidence[9:], **kwargs)
