@@ -206,3 +206,37 @@ def test_compiled_classifier_compiles_once_for_series_of_any_length(tmp_path: Pa
         assert prediction.cams is not None and len(prediction.cams) == n  # padding dropped
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert counters["frames"]["total"] == 1, dict(counters["frames"])
+
+
+def test_a_series_buffer_used_again_never_changes_an_earlier_prediction(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """The series' HU buffer is used again only once the prediction holding it is gone:
+    a prediction kept while others run keeps its HU, and one made in a used buffer has
+    the HU of its own series (the reference reader's)."""
+    import gc
+
+    from ich_node.imaging import load_series_hu, tensors
+    from training.phantom import write_series
+
+    series = [
+        read_series(list(write_series(tmp_path / f"s{k}", seed=k, n_slices=12, matrix=256).paths))
+        for k in range(3)
+    ]
+    assert tensors.HUGE_PAGE_BYTES <= 12 * 256 * 256 * 4  # in a mapping, not torch.empty
+    c = Classifier(load_bundle(tiny_bundle), device="cpu", batch_size=4)
+    try:
+        kept = c.predict_series(series[0])
+        hu_before = kept.hu.copy()
+        reused = tensors._MAPPINGS.reused
+        second = c.predict_series(series[1])
+        np.testing.assert_array_equal(kept.hu, hu_before)  # not written over
+        assert not np.shares_memory(kept.hu, second.hu)
+        np.testing.assert_array_equal(second.hu, load_series_hu(series[1]))
+        del kept, second
+        gc.collect()
+        third = c.predict_series(series[2])
+        assert tensors._MAPPINGS.reused > reused  # a freed buffer was used again
+        np.testing.assert_array_equal(third.hu, load_series_hu(series[2]))
+    finally:
+        c.close()

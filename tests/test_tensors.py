@@ -418,3 +418,45 @@ def test_the_series_buffer_is_plain_memory() -> None:
     del big
     view.fill_(7.0)  # the mapping outlives the tensor it was made for
     assert float(view.sum()) == 7.0 * 256 * 256
+
+
+def test_a_free_series_buffer_is_used_again_and_a_held_one_never() -> None:
+    """BufferMappings: a mapping comes back only when its last view (a numpy array
+    too) is gone; a buffer taken meanwhile is other memory; kept mappings stay within
+    their budget, the oldest let go first."""
+    import gc
+
+    from ich_node.imaging.tensors import BufferMappings
+
+    mib = 1 << 20
+    pool = BufferMappings(keep_bytes=16 * mib)
+    first = torch.frombuffer(pool.buffer(4 * mib), dtype=torch.float32)
+    address = first.data_ptr()
+    held = first[1:].numpy()  # a numpy view keeps the mapping
+    held[:] = 7.0
+    del first
+    gc.collect()
+    assert pool.kept_bytes() == 0
+    other = torch.frombuffer(pool.buffer(4 * mib), dtype=torch.float32)
+    assert other.data_ptr() != address and pool.reused == 0
+    other.fill_(1.0)
+    assert float(held.min()) == float(held.max()) == 7.0  # untouched by the other buffer
+    del held
+    assert pool.kept_bytes() == 4 * mib
+    again = torch.frombuffer(pool.buffer(3 * mib), dtype=torch.float32)  # fits in it
+    assert again.data_ptr() == address and pool.reused == 1 and pool.kept_bytes() == 0
+    assert again.numel() * 4 == 3 * mib
+    bigger = pool.buffer(5 * mib)  # no kept mapping holds it: a new one
+    assert pool.reused == 1 and len(bigger) == 5 * mib
+    del again, other, bigger
+    assert pool.kept_bytes() == 4 * mib + 4 * mib + 5 * mib
+
+    small = BufferMappings(keep_bytes=6 * mib)
+    a, b = small.buffer(4 * mib), small.buffer(4 * mib)
+    del a
+    del b  # over the budget with both: the older one is let go
+    assert small.kept_bytes() == 4 * mib
+    none = BufferMappings(keep_bytes=0)
+    c = none.buffer(4 * mib)
+    del c
+    assert none.kept_bytes() == 0

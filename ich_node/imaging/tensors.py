@@ -27,6 +27,8 @@ import contextlib
 import functools
 import math
 import mmap
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Final
 
@@ -56,6 +58,79 @@ GPU_CHUNK: Final[int] = 64
 
 #: CPU buffers from this size on are mapped in transparent huge pages (:func:`empty_large`).
 HUGE_PAGE_BYTES: Final[int] = 2 << 20
+#: Free series buffers kept for the next series, at most this many bytes in all
+#: (:class:`BufferMappings`): a few series' HU (512 MiB: a 512-slice 512x512 series).
+KEEP_FREE_BYTES: Final[int] = 512 << 20
+
+
+class BufferMappings:
+    """Anonymous memory mappings for series-sized CPU buffers, used again once free.
+
+    A new mapping's pages are faulted in by their first touch, and the kernel zeroes
+    each: for a 64-slice series' HU (64 MiB, in huge pages) 5-12 ms, most of it while
+    the decode pool's two threads write the HU, which then went no faster than one
+    thread (docs/performance.md, "The series buffer used again"). When the last
+    tensor on a buffer is gone (every view and numpy array: the memoryview the tensor
+    was made from is finalised then), its mapping is kept, while the kept ones hold
+    at most ``keep_bytes`` (the oldest let go first), and the next buffer that fits
+    is cut from it, its pages already in place. A buffer is uninitialised either way:
+    it may hold an earlier series' values.
+
+    Thread-safe: buffers are taken in any thread and given back in whichever thread
+    drops the last reference.
+
+    Parameters
+    ----------
+    keep_bytes : int
+        The most bytes of free mappings kept (0: none kept, every buffer is new).
+    """
+
+    def __init__(self, keep_bytes: int = KEEP_FREE_BYTES) -> None:
+        self._keep = keep_bytes
+        self._lock = threading.Lock()
+        self._free: list[mmap.mmap] = []  # oldest first
+        self.reused = 0  # buffers cut from a kept mapping (tests)
+
+    def buffer(self, nbytes: int) -> memoryview:
+        """``nbytes`` of writable memory, uninitialised, page-aligned.
+
+        From the smallest kept mapping that holds ``nbytes``, or a new mapping
+        (advised for transparent huge pages where Linux has them).
+        """
+        with self._lock:
+            fits = [m for m in self._free if len(m) >= nbytes]
+            mapping = min(fits, key=len) if fits else None
+            if mapping is not None:
+                self._free.remove(mapping)
+                self.reused += 1
+        if mapping is None:
+            mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            advice = getattr(mmap, "MADV_HUGEPAGE", None)
+            if advice is not None:
+                with contextlib.suppress(OSError):  # THP not built in: 4 KiB pages
+                    mapping.madvise(advice)
+        view = memoryview(mapping)[:nbytes]
+        weakref.finalize(view, self._give_back, mapping).atexit = False
+        return view
+
+    def kept_bytes(self) -> int:
+        """Bytes of free mappings kept now."""
+        with self._lock:
+            return sum(len(m) for m in self._free)
+
+    def _give_back(self, mapping: mmap.mmap) -> None:
+        """The last view of ``mapping`` is gone: keep it, within ``keep_bytes``."""
+        with self._lock:
+            self._free.append(mapping)
+            let_go = []
+            while self._free and sum(len(m) for m in self._free) > self._keep:
+                let_go.append(self._free.pop(0))
+        for old in let_go:
+            with contextlib.suppress(BufferError):  # still exported: freed when unreferenced
+                old.close()
+
+
+_MAPPINGS = BufferMappings()
 
 
 @contextlib.contextmanager
@@ -87,7 +162,9 @@ def empty_large(
     touch faults 2 MiB pages instead of 4 KiB ones. A 64-slice series' HU (64 MiB)
     took 28-32 ms to allocate and fill with 4 KiB pages, 6-8 ms in huge pages, here
     (docs/performance.md). Where the kernel gives no huge pages (THP ``never``, or
-    another OS) it is an ordinary mapping. On other devices: ``torch.empty``.
+    another OS) it is an ordinary mapping. A mapping whose tensors are all gone is
+    used again for a later buffer (:class:`BufferMappings`: no new page faults). On
+    other devices: ``torch.empty``.
 
     Parameters
     ----------
@@ -101,18 +178,15 @@ def empty_large(
     Returns
     -------
     torch.Tensor
-        ``shape``, ``dtype`` on ``device``, contiguous; it keeps its mapping alive
-        and unmaps it when the last reference goes.
+        ``shape``, ``dtype`` on ``device``, contiguous, uninitialised; it keeps its
+        mapping alive, and gives it back to be used again when the last reference
+        (any view, any numpy array on it) goes.
     """
     device = torch.device(device or "cpu")
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if device.type != "cpu" or nbytes < HUGE_PAGE_BYTES or advice is None:
+    if device.type != "cpu" or nbytes < HUGE_PAGE_BYTES or not hasattr(mmap, "MAP_ANONYMOUS"):
         return torch.empty(shape, dtype=dtype, device=device)
-    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(OSError):  # THP not built in: 4 KiB pages, as torch.empty
-        mapping.madvise(advice)
-    return torch.frombuffer(mapping, dtype=dtype).view(shape)
+    return torch.frombuffer(_MAPPINGS.buffer(nbytes), dtype=dtype).view(shape)
 
 
 def _transfer_dtype(slices: Sequence[StoredSlice]) -> np.dtype:
