@@ -3,12 +3,13 @@
 Encoding the TID 1500 SR is highdicom building a content tree and pydicom writing
 it: about 0.08 s of pure Python for a 40-slice series (0.16 s before
 :func:`ich_node.results.sr.build_sr` kept highdicom from copying the tree), all of
-it under the GIL. In a thread it only takes turns with the rest of the results stage (the heatmap
-images, their Secondary Capture encoding), which is Python too. In a process of
-its own it runs on another core: :func:`ich_node.results.build.build_results` sends
-it the findings, the source references and the outputs' UIDs (tens of kB, never
-the pixels) and gets Part 10 bytes back, which it reads as the SR (reading and
-writing them again costs about a millisecond: pydicom keeps the encoded values).
+it under the GIL. In a thread it only takes turns with the rest of the results
+stage (the heatmap images, their Secondary Capture encoding), which is Python too.
+In a process of its own it runs on another core:
+:func:`ich_node.results.build.build_results` sends it the findings, the source
+references and the outputs' UIDs (tens of kB, never the pixels) and gets Part 10
+bytes back, which it reads as the SR (reading and writing them again costs about a
+millisecond: pydicom keeps the encoded values).
 
 One process, started with ``spawn`` (the worker holds threads and torch: no
 ``fork``), imports the encoders when it starts. When it dies or cannot start,
