@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,9 @@ from ich_node.imaging import CTSeries, read_series
 from ich_node.labels import LABELS
 from ich_node.model.bundle import ModelCard
 from ich_node.results import sr
-from ich_node.results.build import source_evidence
+from ich_node.results.build import _part10, source_evidence
 from ich_node.results.common import study_attributes
-from ich_node.results.findings import ModelInfo, summarise
+from ich_node.results.findings import ModelInfo, SeriesFindings, summarise
 from ich_node.results.sr import FINDING_CODES, SR_CLASSES, slices_phrase, summary_text
 from training.phantom import write_series
 
@@ -94,11 +93,20 @@ def _phantom_series(tmp_path: Path, n: int = 10) -> tuple[CTSeries, pydicom.Data
     return replace(series, slices=slices), pydicom.dcmread(phantom.paths[0])
 
 
-def _reference_documents(
-    series: CTSeries, header: pydicom.Dataset, p: np.ndarray, sop_class: str, **kwargs: Any
-) -> tuple[pydicom.Dataset, pydicom.Dataset]:
-    """build_sr's document, and the one highdicom's constructor builds from the whole tree."""
-    info = ModelInfo(name="m", version="1.2", arch="resnet18", sha256="x", demo=True)
+#: build_sr's UIDs in these tests.
+_SR_UIDS: dict[str, Any] = dict(
+    series_instance_uid="2.25.1",
+    sop_instance_uid="2.25.2",
+    device_uid="2.25.3",
+    tracking_uids=[f"2.25.{10 + i}" for i in range(len(LABELS))],
+)
+
+
+def _sr_inputs(
+    series: CTSeries, header: pydicom.Dataset, p: np.ndarray, *, demo: bool
+) -> tuple[SeriesFindings, ModelCard, list[pydicom.Dataset]]:
+    """Findings of (S, 6) probabilities ``p`` on ``series``, the model card, the evidence."""
+    info = ModelInfo(name="m", version="1.2", arch="resnet18", sha256="x", demo=demo)
     findings = summarise(
         study_instance_uid=series.study_instance_uid,
         series_instance_uid=series.series_instance_uid,
@@ -109,17 +117,17 @@ def _reference_documents(
         model=info,
         source=series,
     )
-    card = ModelCard(name="m", version="1.2", arch="resnet18", input_size=64, demo=True)
-    study = study_attributes(header, series.study_instance_uid)
-    evidence = source_evidence(series, study.plain)
-    args = dict(
-        series_instance_uid="2.25.1",
-        sop_instance_uid="2.25.2",
-        device_uid="2.25.3",
-        tracking_uids=[f"2.25.{10 + i}" for i in range(len(LABELS))],
-        sop_class=sop_class,
-        **kwargs,
-    )
+    card = ModelCard(name="m", version="1.2", arch="resnet18", input_size=64, demo=demo)
+    evidence = source_evidence(series, study_attributes(header, series.study_instance_uid).plain)
+    return findings, card, evidence
+
+
+def _reference_documents(
+    series: CTSeries, header: pydicom.Dataset, p: np.ndarray, sop_class: str, **kwargs: Any
+) -> tuple[pydicom.Dataset, pydicom.Dataset]:
+    """build_sr's document, and the one highdicom's constructor builds from the whole tree."""
+    findings, card, evidence = _sr_inputs(series, header, p, demo=True)
+    args = dict(_SR_UIDS, sop_class=sop_class, **kwargs)
     ours = sr.build_sr(findings, series, card, evidence, **args)
     whole = sr._document
     try:  # highdicom's constructor given the whole tree, as build_sr called it before
@@ -137,12 +145,6 @@ def _reference_documents(
         if "ContributionDateTime" in its:
             mine.ContributionDateTime = its.ContributionDateTime
     return ours, theirs
-
-
-def _part10(ds: pydicom.Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("sop_class", sorted(SR_CLASSES))
@@ -184,26 +186,8 @@ def test_an_sr_referencing_an_image_outside_its_evidence_is_refused(tmp_path: Pa
     series, header = _phantom_series(tmp_path)
     p = np.full((10, 6), 0.1)
     p[8, 0] = 0.9
-    info = ModelInfo(name="m", version="1.2", arch="resnet18", sha256="x", demo=False)
-    findings = summarise(
-        study_instance_uid=series.study_instance_uid,
-        series_instance_uid=series.series_instance_uid,
-        sop_instance_uids=tuple(s.sop_instance_uid for s in series.slices),
-        positions_mm=tuple(s.position_mm for s in series.slices),
-        probabilities=p,
-        thresholds=dict.fromkeys(LABELS, 0.5),
-        model=info,
-        source=series,
-    )
-    card = ModelCard(name="m", version="1.2", arch="resnet18", input_size=64)
-    evidence = source_evidence(series, study_attributes(header, series.study_instance_uid).plain)
-    kwargs = dict(
-        series_instance_uid="2.25.1",
-        sop_instance_uid="2.25.2",
-        device_uid="2.25.3",
-        tracking_uids=[f"2.25.{10 + i}" for i in range(len(LABELS))],
-    )
-    assert sr.build_sr(findings, series, card, evidence, **kwargs).SOPInstanceUID == "2.25.2"
+    findings, card, evidence = _sr_inputs(series, header, p, demo=False)
+    assert sr.build_sr(findings, series, card, evidence, **_SR_UIDS).SOPInstanceUID == "2.25.2"
     missing = series.slices[8].sop_instance_uid
     with pytest.raises(ValueError, match=f'referenced in the document content: "{missing}"'):
-        sr.build_sr(findings, series, card, evidence[:8] + evidence[9:], **kwargs)
+        sr.build_sr(findings, series, card, evidence[:8] + evidence[9:], **_SR_UIDS)

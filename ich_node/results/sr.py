@@ -203,18 +203,20 @@ def fits_class(sr: pydicom.Dataset, sop_class: str) -> bool:
     """
     if sop_class not in SR_CLASSES:
         raise ValueError(f"sop_class must be one of {sorted(SR_CLASSES)}, got {sop_class!r}")
+    for item in content_items(sr.get("ContentSequence", [])):
+        if item.get("ValueType") == "SCOORD3D" and sop_class != "comprehensive3d":
+            return False
+        if "ReferencedContentItemIdentifier" in item and sop_class == "enhanced":
+            return False
+    return True
 
-    def fits(items: Sequence[pydicom.Dataset]) -> bool:
-        for item in items:
-            if item.get("ValueType") == "SCOORD3D" and sop_class != "comprehensive3d":
-                return False
-            if "ReferencedContentItemIdentifier" in item and sop_class == "enhanced":
-                return False
-            if not fits(item.get("ContentSequence", [])):
-                return False
-        return True
 
-    return fits(sr.get("ContentSequence", []))
+def content_items(items: Sequence[pydicom.Dataset]) -> Iterator[pydicom.Dataset]:
+    """Every content item of a tree, depth first: ``items`` (a Content Sequence) and
+    their descendants (PS3.3 C.17.3)."""
+    for item in items:
+        yield item
+        yield from content_items(item.get("ContentSequence", []))
 
 
 @contextlib.contextmanager
@@ -349,14 +351,11 @@ def referenced_instances(items: Sequence[pydicom.Dataset]) -> set[str]:
     ``items``: content items (a Content Sequence), searched with their descendants
     (PS3.3 C.17.3, Referenced SOP Sequence of C.18.3 and C.18.4).
     """
-    found: set[str] = set()
-    stack = list(items)
-    while stack:
-        item = stack.pop()
-        if item.get("ValueType") in _REFERENCE_TYPES:
-            found.add(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-        stack.extend(item.get("ContentSequence", ()))
-    return found
+    return {
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in content_items(items)
+        if item.get("ValueType") in _REFERENCE_TYPES
+    }
 
 
 def _document(
